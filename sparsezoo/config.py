@@ -1,0 +1,144 @@
+"""Typed attention configs: from a dataclass, a dict, or a YAML file (safe_load only).
+
+Every variant has a dataclass subclass of `AttentionConfig`. Unknown fields, unknown variants and bad
+values raise `ConfigError` naming the valid choices. `shape: m3` (or m2) pulls a layer shape from
+configs/shapes/ and explicit keys override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class AttentionConfig:
+    variant: str = "dense"
+    d_model: int = 256
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    rope_theta: float = 10000.0
+    backend: str = "auto"
+
+    # field name -> allowed values, checked on validate()
+    CHOICES: ClassVar[dict[str, tuple]] = {"backend": ("auto", "reference", "flex", "sdpa", "triton")}
+    POSITIVE: ClassVar[tuple[str, ...]] = ("d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            _check_type(type(self).__name__, f.name, getattr(self, f.name), hints[f.name])
+        for name, allowed in self.all_choices().items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{type(self).__name__}.{name} = {getattr(self, name)!r}; "
+                                  f"choose one of {list(allowed)}")
+        for name in self.all_positive():
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{type(self).__name__}.{name} must be > 0, got {value!r}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    @classmethod
+    def all_choices(cls) -> dict[str, tuple]:
+        merged: dict[str, tuple] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(getattr(klass, "CHOICES", {}) if "CHOICES" in vars(klass) else {})
+        return merged
+
+    @classmethod
+    def all_positive(cls) -> tuple[str, ...]:
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            if "POSITIVE" in vars(klass):
+                names.extend(vars(klass)["POSITIVE"])
+        return tuple(names)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "AttentionConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_type(owner: str, name: str, value: Any, hint: Any) -> None:
+    origin = typing.get_origin(hint)
+    allowed = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+    for t in allowed:
+        if t is type(None) and value is None:
+            return
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if t in (str, bool) and isinstance(value, t):
+            return
+        if typing.get_origin(t) in (list, tuple) and isinstance(value, (list, tuple)):
+            return
+    names = [getattr(t, "__name__", str(t)) for t in allowed]
+    raise ConfigError(f"{owner}.{name} must be {' or '.join(names)}, got {value!r}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def shape_names() -> list[str]:
+    folder = resources.files("sparsezoo.configs.shapes")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_shape(name: str) -> dict[str, Any]:
+    if name not in shape_names():
+        raise ConfigError(f"unknown layer shape {name!r}; choose one of {shape_names()}")
+    text = resources.files("sparsezoo.configs.shapes").joinpath(f"{name}.yaml").read_text()
+    data = yaml.safe_load(text)
+    data.pop("description", None)
+    return data
+
+
+def normalize(config: Any) -> dict[str, Any] | AttentionConfig:
+    """A YAML path, a dict or a dataclass -> a dict with shapes resolved, or the dataclass itself."""
+    if isinstance(config, AttentionConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        config = read_yaml(config)
+    if not isinstance(config, dict):
+        raise ConfigError(f"a config is a YAML path, a dict or an AttentionConfig, got {type(config).__name__}")
+    config = dict(config)
+    shape = config.pop("shape", None)
+    if shape is not None:
+        config = {**load_shape(shape), **config}
+    return config
+
+
+def build_config(config_class: type[AttentionConfig], data: dict[str, Any]) -> AttentionConfig:
+    unknown = sorted(set(data) - set(config_class.field_names()))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {unknown} for variant {data.get('variant')!r}; "
+                          f"valid fields: {config_class.field_names()}")
+    return config_class(**data)

@@ -1,0 +1,123 @@
+"""MiniMax Sparse Attention (MSA v1), exactly as ../shared/docs/msa_spec.md defines it.
+
+Index branch: one index query per GQA group (H_i = Hkv heads of dim D_i) and one shared index-key
+head; scores are max-pooled per KV block and each query token keeps its top k-1 earlier blocks plus
+its local block. Sparse branch: exact softmax attention over the selected real K/V blocks; all heads
+of a group share the selection. The index branch learns only from the sparse KL (`aux_loss`); its
+input is detached by default so no index gradient reaches the main branch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import AttentionConfig, ConfigError
+from ..registry import register_variant
+from ..rope import apply_rope
+from .base import AttentionLayer, selection_token_mask
+
+
+@dataclass
+class MSAConfig(AttentionConfig):
+    variant: str = "msa"
+    block_size: int = 128
+    topk: int = 16
+    index_dim: int = 128
+    index_scale: float | None = None  # default 1 / sqrt(index_dim)
+    index_rope: bool = False
+    index_norm: bool = False
+    routing: str = "sparse"  # "dense" = warm-up: dense attention, index branch trains by KL
+    warmup_steps: int = 0  # trainer switches routing to "sparse" after this many steps
+    kl_coeff: float = 1.0
+    kl_temperature: float = 1.0
+    detach_index_input: bool = True
+    select_backend: str = "auto"
+
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        "backend": ("auto", "reference", "flex", "triton"),
+        "select_backend": ("auto", "reference", "triton"),
+        "routing": ("sparse", "dense"),
+    }
+    POSITIVE: ClassVar[tuple[str, ...]] = ("block_size", "topk", "index_dim", "index_scale", "kl_temperature")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.warmup_steps < 0 or self.kl_coeff < 0:
+            raise ConfigError(f"warmup_steps and kl_coeff must be >= 0, got {self.warmup_steps}, {self.kl_coeff}")
+        if self.backend == "flex" and self.block_size % 16:
+            raise ConfigError(f"backend 'flex' needs block_size to be a multiple of 16 (the kernel tile), "
+                              f"got {self.block_size}")
+
+
+@register_variant("msa")
+class MSAAttention(AttentionLayer):
+    config_class = MSAConfig
+
+    def __init__(self, config: MSAConfig):
+        super().__init__(config)
+        c = config
+        self.index_q = nn.Linear(c.d_model, c.n_kv_heads * c.index_dim, bias=False)
+        self.index_k = nn.Linear(c.d_model, c.index_dim, bias=False)
+        self.index_q_norm = nn.RMSNorm(c.index_dim) if c.index_norm else None
+        self.index_k_norm = nn.RMSNorm(c.index_dim) if c.index_norm else None
+        self.index_scale = c.index_scale or 1.0 / math.sqrt(c.index_dim)
+        self.routing = c.routing
+        self.last_selection: torch.Tensor | None = None
+
+    def set_routing(self, routing: str) -> None:
+        """"dense" (warm-up) or "sparse"."""
+        if routing not in ("dense", "sparse"):
+            raise ValueError(f"routing must be 'dense' or 'sparse', got {routing!r}")
+        self.routing = routing
+
+    def index_projections(self, x, positions, cache):
+        """q_idx [B, H_i, T, D_i] for the new tokens, k_idx [B, S, D_i] including the cache."""
+        c = self.config
+        B, T, _ = x.shape
+        xi = x.detach() if c.detach_index_input else x
+        q_idx = self.index_q(xi).view(B, T, c.n_kv_heads, c.index_dim).transpose(1, 2)
+        k_idx = self.index_k(xi)
+        if self.index_q_norm is not None:
+            q_idx, k_idx = self.index_q_norm(q_idx), self.index_k_norm(k_idx)
+        if c.index_rope:
+            q_idx = apply_rope(q_idx, positions, c.rope_theta)
+            k_idx = apply_rope(k_idx[:, None], positions, c.rope_theta)[:, 0]
+        if cache is not None:
+            k_idx = cache.append("k_idx", k_idx, seq_dim=1)
+        return q_idx, k_idx
+
+    def select(self, q_idx, k_idx):
+        c = self.config
+        return ops.msa_select(q_idx, k_idx, block_size=c.block_size, topk=c.topk, scale=self.index_scale,
+                              backend=c.select_backend)
+
+    def attend(self, x, q, k, v, positions, cache):
+        c = self.config
+        q_idx, k_idx = self.index_projections(x, positions, cache)
+        with torch.no_grad():
+            sel = self.select(q_idx.detach(), k_idx.detach())
+        self.last_selection = sel
+        if self.routing == "dense":
+            out = ops.dense_attention(q, k, v, scale=self.scale)
+        else:
+            out = ops.block_sparse_attention(q, k, v, sel, block_size=c.block_size, scale=self.scale,
+                                             backend=c.backend)
+        if self.training and torch.is_grad_enabled():
+            self.aux_loss = ops.msa_index_kl(
+                q, k, q_idx, k_idx, None if self.routing == "dense" else sel, block_size=c.block_size,
+                scale=self.scale, index_scale=self.index_scale, coeff=c.kl_coeff, temperature=c.kl_temperature)
+        return out
+
+    @torch.no_grad()
+    def kv_pattern(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        positions = torch.arange(T, device=x.device)
+        q_idx, k_idx = self.index_projections(x, positions, None)
+        sel = self.select(q_idx, k_idx)
+        return selection_token_mask(sel, T, self.config.block_size, self.n_heads)
