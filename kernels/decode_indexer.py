@@ -1,0 +1,188 @@
+"""Triton MSA decode indexer over a paged index-key cache (msa_spec.md, "Decode").
+
+For each request b, index head h and new query t (query t of Q new tokens sits at position
+len - Q + t), score the index keys of every full block before the query's local block, max-pool per
+block, keep the best k - 1 (ties to the smaller id) and append the local block. Output: int32
+[B, H_i, Q, k] in the standard selection format (valid ids first, best score first, then the local
+block, then -1 padding).
+
+Two kernels:
+1. `_index_split_kernel`, grid (B, n_splits): each program streams a contiguous range of blocks of
+   one request, loads every 128-token page of index keys once for all H_i x Q query rows (one
+   tensor-core dot), fuses the block max and keeps a running top-(k-1) per row in registers. Scores
+   never reach memory; each split writes only its (k-1) best (score, id) per row.
+2. `_index_merge_kernel`, grid (B, H_i * Q): picks the global top-(k-1) from the n_splits * (k-1)
+   candidates and writes the final selection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# Index-key scale modes (fp8 caches); 0 = unscaled keys.
+SCALE_NONE, SCALE_PAGE, SCALE_TOKEN = 0, 1, 2
+_SCALE_MODES = {None: SCALE_NONE, "page": SCALE_PAGE, "token": SCALE_TOKEN}
+
+
+@triton.jit
+def _index_split_kernel(
+    q_ptr, kidx_ptr, kscale_ptr, pt_ptr, lens_ptr, part_s_ptr, part_i_ptr,
+    stride_qb, stride_qh, stride_qt,
+    stride_kp, stride_kt,
+    stride_ptb,
+    blocks_per_split, n_splits, sm_scale,
+    H: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    K1: tl.constexpr, K1P: tl.constexpr, ROWS: tl.constexpr, SCALE_MODE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    seq_len = tl.load(lens_ptr + b)
+    # Candidates of the last query: every block before its local block (all of them full).
+    n_cand = (seq_len - 1) // PAGE
+    start = s * blocks_per_split
+    end = tl.minimum(start + blocks_per_split, n_cand)
+
+    rows = tl.arange(0, ROWS)
+    h = rows // Q
+    t = rows % Q
+    row_ok = rows < H * Q
+    local = (seq_len - Q + t) // PAGE  # local block per query row
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+
+    slot = tl.arange(0, K1P)
+    # Padding slots (>= K1) hold +inf so they are never the eviction candidate.
+    top_s = tl.where(slot[None, :] < K1, float("-inf"), float("inf")) + tl.zeros([ROWS, K1P], tl.float32)
+    top_i = tl.zeros([ROWS, K1P], tl.int32) - 1
+    tok = tl.arange(0, PAGE)
+
+    for j in range(start, end):
+        page = tl.load(pt_ptr + b * stride_ptb + j).to(tl.int64)
+        k = tl.load(kidx_ptr + page * stride_kp + tok[:, None] * stride_kt + d[None, :])
+        if IEEE:
+            sc = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+        else:
+            sc = tl.dot(q, tl.trans(k.to(q.dtype)))
+        if SCALE_MODE == 2:
+            sc = sc * tl.load(kscale_ptr + page * PAGE + tok)[None, :]
+        m = tl.max(sc, axis=1)
+        if SCALE_MODE == 1:
+            m = m * tl.load(kscale_ptr + page)
+        m = tl.where(j < local, m * sm_scale, float("-inf"))
+        # Evict the worst slot: lowest score, and among equal scores the largest id (ids arrive in
+        # ascending order, so a newcomer that only ties the worst slot loses the tie).
+        worst = tl.min(top_s, axis=1)
+        key = tl.where(top_s == worst[:, None], top_i * K1P + slot[None, :], -2147483647)
+        evict_key = tl.max(key, axis=1)
+        evict = (key == evict_key[:, None]) & (m > worst)[:, None]
+        top_s = tl.where(evict, m[:, None], top_s)
+        top_i = tl.where(evict, j, top_i)
+
+    out = ((b * n_splits + s) * (H * Q) + rows[:, None]) * K1 + slot[None, :]
+    ok = row_ok[:, None] & (slot[None, :] < K1)
+    tl.store(part_s_ptr + out, top_s, mask=ok)
+    tl.store(part_i_ptr + out, top_i, mask=ok)
+
+
+@triton.jit
+def _index_merge_kernel(
+    part_s_ptr, part_i_ptr, lens_ptr, sel_ptr,
+    stride_sb, stride_sh, stride_st,
+    n_splits,
+    H: tl.constexpr, Q: tl.constexpr, PAGE: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
+    NC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    row = tl.program_id(1)
+    h = row // Q
+    t = row % Q
+    seq_len = tl.load(lens_ptr + b)
+    local = (seq_len - Q + t) // PAGE
+    n_valid = tl.minimum(local, K1)
+
+    c = tl.arange(0, NC)
+    ok = c < n_splits * K1
+    src = ((b * n_splits + c // K1) * (H * Q) + row) * K1 + c % K1
+    sc = tl.load(part_s_ptr + src, mask=ok, other=float("-inf"))
+    ids = tl.load(part_i_ptr + src, mask=ok, other=2147483647)
+    ids = tl.where(ids < 0, 2147483647, ids)
+
+    kk = tl.arange(0, KP)
+    out = tl.zeros([KP], tl.int32) - 1
+    for r in tl.static_range(K1):
+        best = tl.max(sc, axis=0)
+        pick = tl.min(tl.where(sc == best, ids, 2147483647), axis=0)
+        out = tl.where((kk == r) & (r < n_valid), pick, out)
+        taken = ids == pick
+        sc = tl.where(taken, float("-inf"), sc)
+        ids = tl.where(taken, 2147483647, ids)
+    out = tl.where(kk == n_valid, local, out)
+    tl.store(sel_ptr + b * stride_sb + h * stride_sh + t * stride_st + kk, out, mask=kk < K1 + 1)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def plan_splits(batch: int, max_blocks: int, num_sms: int, min_blocks: int = 8,
+                programs_per_sm: int = 4) -> tuple[int, int]:
+    """(blocks_per_split, n_splits) so the grid fills the card about `programs_per_sm` times."""
+    max_blocks = max(1, max_blocks)
+    target = max(1, num_sms * programs_per_sm // max(1, batch))
+    per = max(min_blocks, math.ceil(max_blocks / target))
+    return per, math.ceil(max_blocks / per)
+
+
+def index_workspace(batch: int, q_len: int, heads: int, topk: int, n_splits: int, device):
+    """Scratch for the split kernel: (k-1) best scores and ids per split and query row."""
+    k1 = max(1, topk - 1)
+    return (torch.empty((batch, n_splits, heads * q_len, k1), dtype=torch.float32, device=device),
+            torch.empty((batch, n_splits, heads * q_len, k1), dtype=torch.int32, device=device))
+
+
+def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: torch.Tensor | None,
+                  scale_mode: str | None, page_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                  topk: int, scale: float, blocks_per_split: int, n_splits: int,
+                  out: torch.Tensor, workspace: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Launch split + merge. q_idx [B, H_i, Q, D_i]; k_idx_cache [P, page, D_i]; page_table int32
+    [B, n_pages]; seq_lens int32 [B] (lengths including the Q new tokens); out int32 [B, H_i, Q, k].
+    No host syncs: capturable in a CUDA graph."""
+    B, H, Q, D = q_idx.shape
+    page = k_idx_cache.shape[1]
+    if topk < 2:
+        raise ValueError(f"decode indexer needs topk >= 2 (k-1 ranked blocks + the local one), got {topk}")
+    if q_idx.stride(-1) != 1 or k_idx_cache.stride(-1) != 1:
+        raise ValueError("q_idx and the index-key cache need a unit stride on the last dim")
+    if D < 16 or D & (D - 1) or page < 16 or page & (page - 1):
+        raise ValueError(f"index dim ({D}) and page size ({page}) must be powers of two >= 16")
+    mode = _SCALE_MODES[scale_mode]
+    if mode != SCALE_NONE and k_idx_scale is None:
+        raise ValueError(f"scale mode {scale_mode!r} needs k_idx_scale")
+    k1 = topk - 1
+    part_s, part_i = workspace
+    rows = max(16, _next_pow2(H * Q))
+    scale_arg = k_idx_scale if k_idx_scale is not None else part_s
+    _index_split_kernel[(B, n_splits)](
+        q_idx, k_idx_cache, scale_arg, page_table, seq_lens, part_s, part_i,
+        q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
+        k_idx_cache.stride(0), k_idx_cache.stride(1),
+        page_table.stride(0),
+        blocks_per_split, n_splits, scale,
+        H=H, Q=Q, D=D, PAGE=page, K1=k1, K1P=_next_pow2(k1), ROWS=rows, SCALE_MODE=mode,
+        IEEE=q_idx.dtype == torch.float32, num_warps=4, num_stages=3,
+    )
+    nc = _next_pow2(n_splits * k1)
+    _index_merge_kernel[(B, H * Q)](
+        part_s, part_i, seq_lens, out,
+        out.stride(0), out.stride(1), out.stride(2),
+        n_splits,
+        H=H, Q=Q, PAGE=page, K1=k1, KP=_next_pow2(topk), NC=nc,
+        num_warps=4 if nc <= 2048 else 8,
+    )
+    return out

@@ -1,0 +1,250 @@
+"""MSA index-branch sparse KL (Triton): loss and its gradients w.r.t. q_idx and k_idx.
+
+Same semantics as sparsezoo.ops.reference.msa_index_kl_reference. Teacher P = group-mean main
+attention over the selected tokens M (detached, from the main LSE); student Q = softmax over M of
+z = index_scale / temperature * q_idx.k_idx. d loss / d z = coeff * (Q - P) / (B * H_i * T).
+
+Two kernels on the attention's tiling (TM tokens x G heads per tile, union of the tile's blocks):
+- query-major: pass 1 computes the index LSE over M, pass 2 the loss and dq_idx;
+- key-major (per key block, the tiles that chose it): dk_idx, one fp32 atomic add per segment.
+Rows are (token, head) pairs as in the attention; a token's index logits are computed once per
+row (G copies) so the group mean is a reshape-sum in registers. Memory: O(inputs), never O(T*S).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsezoo.kernels import sparse_attention_triton as sat
+
+
+@triton.jit
+def _group_mean(p, TM: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """p [TM*G, BN] (rows token-major) -> each row replaced by the mean over its token's G rows."""
+    m = tl.sum(tl.reshape(p, [TM, G, BN]), axis=1) / G
+    return tl.reshape(tl.broadcast_to(m[:, None, :], [TM, G, BN]), [TM * G, BN])
+
+
+@triton.jit
+def _group_mean_t(pt, TM: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """Transposed version: pt [BN, TM*G]."""
+    m = tl.sum(tl.reshape(pt, [BN, TM, G]), axis=2) / G
+    return tl.reshape(tl.broadcast_to(m[:, :, None], [BN, TM, G]), [BN, TM * G])
+
+
+@triton.jit
+def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, CNT, IDS, BITS, T, S, qk_scale, z_scale, gscale,
+                     sqb, sqh, sqt, sqd, skb, skh, sks, skd, sib, sih, sit, sid, sjb, sjs, sjd,
+                     slb, slh, slt, sab, sah, sat_, scb, sch, sct,
+                     TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+                     BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr,
+                     BDI: tl.constexpr, WITH_GRAD: tl.constexpr):
+    n_tiles = tl.num_programs(0)
+    tile = n_tiles - 1 - tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2)
+    tl_tok, head, t, row_ok, pos = sat._row_setup(tile, g, T, S, TM, G, BM)
+    d = tl.arange(0, BD)
+    di = tl.arange(0, BDI)
+    q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
+                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    qi = tl.load(QI + b * sib + g * sih + t[:, None] * sit + di[None, :] * sid,
+                 mask=row_ok[:, None] & (di[None, :] < DI), other=0.0)
+    lse2 = tl.load(L + b * slb + head * slh + t * slt, mask=row_ok, other=0.0) * 1.4426950408889634
+    u_base = b * scb + g * sch + tile * sct
+    n_u = tl.load(CNT + (b * tl.num_programs(1) + g) * n_tiles + tile)
+    kn = tl.arange(0, BN)
+    # pass 1: index LSE over M (natural log)
+    m_i = tl.zeros([BM], tl.float32) + float("-inf")
+    l_i = tl.zeros([BM], tl.float32)
+    for i in range(0, n_u):
+        u = tl.load(IDS + u_base + i)
+        member = ((tl.load(BITS + u_base + i) >> tl_tok) & 1) != 0
+        for sub in tl.static_range(BLOCK // BN):
+            keys = u * BLOCK + sub * BN + kn
+            kmask = keys < S
+            ki = tl.load(KI + b * sjb + keys[:, None] * sjs + di[None, :] * sjd,
+                         mask=kmask[:, None] & (di[None, :] < DI), other=0.0)
+            ok = (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
+            z = tl.where(ok, tl.dot(qi, tl.trans(ki)) * z_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(z - m_use[:, None]), axis=1)
+            m_i = m_new
+    lq = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+    tl.store(LQ + b * sab + g * sah + t * sat_, lq, mask=row_ok & (head % G == 0))
+    lq_use = tl.where(l_i > 0, lq, 0.0)
+    # pass 2: loss and dq_idx
+    loss = tl.zeros([BM], tl.float32)
+    dqi = tl.zeros([BM, BDI], tl.float32)
+    for i in range(0, n_u):
+        u = tl.load(IDS + u_base + i)
+        member = ((tl.load(BITS + u_base + i) >> tl_tok) & 1) != 0
+        for sub in tl.static_range(BLOCK // BN):
+            keys = u * BLOCK + sub * BN + kn
+            kmask = keys < S
+            ok = (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
+            kt = tl.load(K + b * skb + g * skh + keys[:, None] * sks + d[None, :] * skd,
+                         mask=kmask[:, None] & (d[None, :] < D), other=0.0)
+            ki = tl.load(KI + b * sjb + keys[:, None] * sjs + di[None, :] * sjd,
+                         mask=kmask[:, None] & (di[None, :] < DI), other=0.0)
+            p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(kt)) * qk_scale - lse2[:, None]), 0.0)
+            p = _group_mean(p, TM, G, BN)
+            log_q = tl.dot(qi, tl.trans(ki)) * z_scale - lq_use[:, None]
+            qq = tl.where(ok, tl.exp(log_q), 0.0)
+            loss += tl.sum(tl.where(ok & (p > 0), p * (tl.log(tl.where(p > 0, p, 1.0)) - log_q), 0.0), axis=1)
+            if WITH_GRAD:
+                dz = (qq - p) * gscale
+                dqi += tl.dot(dz.to(ki.dtype), ki)
+    tl.store(LOSS + (b * tl.num_programs(1) + g) * n_tiles + tile, tl.sum(loss) / G)
+    if WITH_GRAD:
+        dqi_tok = tl.sum(tl.reshape(dqi, [TM, G, BDI]), axis=1)  # [TM, BDI]
+        tt = tile * TM + tl.arange(0, TM)
+        tl.store(DQI + b * sib + g * sih + tt[:, None] * sit + di[None, :] * sid, dqi_tok,
+                 mask=(tt[:, None] < T) & (di[None, :] < DI))
+
+
+@triton.jit
+def _kl_key_kernel(Q, K, QI, KI, L, LQ, DKI, ITEMS, ILEN, ETILE, EBITS, T, S, HKV, qk_scale, z_scale, gscale,
+                   sqb, sqh, sqt, sqd, skb, skh, sks, skd, sib, sih, sit, sid, sjb, sjs, sjd,
+                   slb, slh, slt, sab, sah, sat_,
+                   TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+                   BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr,
+                   BDI: tl.constexpr):
+    item = tl.program_id(0)
+    sub = tl.program_id(1)
+    bh = tl.load(ITEMS + item * 3)
+    u = tl.load(ITEMS + item * 3 + 1)
+    start = tl.load(ITEMS + item * 3 + 2)
+    n = tl.load(ILEN + item)
+    b = bh // HKV
+    g = bh % HKV
+    d = tl.arange(0, BD)
+    di = tl.arange(0, BDI)
+    keys = u * BLOCK + sub * BN + tl.arange(0, BN)
+    kmask = keys < S
+    kt = tl.load(K + b * skb + g * skh + keys[:, None] * sks + d[None, :] * skd,
+                 mask=kmask[:, None] & (d[None, :] < D), other=0.0)
+    ki = tl.load(KI + b * sjb + keys[:, None] * sjs + di[None, :] * sjd,
+                 mask=kmask[:, None] & (di[None, :] < DI), other=0.0)
+    dki = tl.zeros([BN, BDI], tl.float32)
+    for i in range(0, n):
+        tile = tl.load(ETILE + start + i)
+        tl_tok, head, t, row_ok, pos = sat._row_setup(tile, g, T, S, TM, G, BM)
+        member = ((tl.load(EBITS + start + i) >> tl_tok) & 1) != 0
+        q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
+                    mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        qi = tl.load(QI + b * sib + g * sih + t[:, None] * sit + di[None, :] * sid,
+                     mask=row_ok[:, None] & (di[None, :] < DI), other=0.0)
+        lse2 = tl.load(L + b * slb + head * slh + t * slt, mask=row_ok, other=0.0) * 1.4426950408889634
+        lq = tl.load(LQ + b * sab + g * sah + t * sat_, mask=row_ok, other=0.0)
+        ok = (member & row_ok)[None, :] & (keys[:, None] <= pos[None, :]) & kmask[:, None]
+        pt = tl.where(ok, tl.exp2(tl.dot(kt, tl.trans(q)) * qk_scale - lse2[None, :]), 0.0)
+        pt = _group_mean_t(pt, TM, G, BN)
+        qt = tl.where(ok, tl.exp(tl.dot(ki, tl.trans(qi)) * z_scale - lq[None, :]), 0.0)
+        dzt = (qt - pt) * gscale
+        dki += tl.dot(dzt.to(qi.dtype), qi)
+    tl.atomic_add(DKI + b * sjb + keys[:, None] * sjs + di[None, :] * sjd, dki,
+                  mask=kmask[:, None] & (di[None, :] < DI))
+
+
+def _check_group(G: int) -> None:
+    if G & (G - 1):
+        raise ValueError(f"the triton sparse KL needs a power-of-two group size Hq/Hkv, got {G}; "
+                         f"use sparsezoo.ops.msa_index_kl (reference)")
+
+
+def index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_scale, coeff, temperature,
+                     main_lse=None, with_grad=True, config=None):
+    """Returns (loss scalar fp32, index LSE [B, H_i, T], dq_idx fp32 | None, dk_idx fp32 | None)."""
+    cfg = dict(sat.ATTN_CONFIG, **(config or {}))
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    DI = q_idx.shape[-1]
+    _check_group(G)
+    TM, BM, BN = sat._tiling(G, block_size, q.device, cfg)
+    block_idx = block_idx.to(torch.int32)
+    unions = sat.tile_unions(block_idx, TM)
+    if main_lse is None:
+        main_lse = sat._forward(q, k, k, block_idx, block_size, scale, True, cfg, unions)[1]
+    cnt, ids, bits = unions
+    NT = cnt.shape[-1]
+    z_scale = index_scale / temperature
+    gscale = coeff * z_scale / (B * Hkv * T)
+    lq = torch.empty((B, Hkv, T), dtype=torch.float32, device=q.device)
+    loss_parts = torch.empty((B, Hkv, NT), dtype=torch.float32, device=q.device)
+    dqi = torch.empty(q_idx.shape, dtype=torch.float32, device=q.device) if with_grad else lq
+    qi_strides = q_idx.stride()
+    if with_grad and dqi.stride() != qi_strides:
+        q_idx = q_idx.contiguous()
+        qi_strides = q_idx.stride()
+    BD, BDI = max(sat._pow2(D), 16), max(sat._pow2(DI), 16)
+    common = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD, DI=DI, BDI=BDI)
+    _kl_query_kernel[(NT, Hkv, B)](
+        q, k, q_idx, k_idx, main_lse, lq, dqi, loss_parts, cnt, ids, bits, T, S,
+        scale * sat.LOG2E, z_scale, gscale,
+        *q.stride(), *k.stride(), *qi_strides, *k_idx.stride(), *main_lse.stride(), *lq.stride(),
+        *ids.stride()[:3], WITH_GRAD=with_grad, **common,
+        num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+    loss = coeff * loss_parts.sum() / (B * Hkv * T)
+    if not with_grad:
+        return loss, lq, None, None
+    items, ilen, etile, ebits = sat.key_block_lists(cnt, ids, bits, triton.cdiv(S, block_size), cfg["SEG"])
+    dki = torch.zeros(k_idx.shape, dtype=torch.float32, device=q.device)
+    if dki.stride() != k_idx.stride():
+        k_idx = k_idx.contiguous()
+    if items.shape[0] > 0:
+        _kl_key_kernel[(items.shape[0], block_size // BN)](
+            q, k, q_idx, k_idx, main_lse, lq, dki, items, ilen, etile, ebits, T, S, Hkv,
+            scale * sat.LOG2E, z_scale, gscale,
+            *q.stride(), *k.stride(), *q_idx.stride(), *k_idx.stride(), *main_lse.stride(),
+            *lq.stride(), **common,
+            num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+    return loss, lq, dqi, dki
+
+
+class _IndexKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_idx, k_idx, q, k, block_idx, main_lse, block_size, scale, index_scale, coeff,
+                temperature, config):
+        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss, _, dqi, dki = index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_scale,
+                                             coeff, temperature, main_lse, with_grad, config)
+        if with_grad:
+            ctx.save_for_backward(dqi, dki)
+        ctx.dtypes = (q_idx.dtype, k_idx.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dqi, dki = ctx.saved_tensors
+        return ((dqi * grad).to(ctx.dtypes[0]), (dki * grad).to(ctx.dtypes[1]),
+                None, None, None, None, None, None, None, None, None, None)
+
+
+def msa_index_kl_triton(q, k, q_idx, k_idx, block_idx, block_size: int, scale: float, index_scale: float,
+                        coeff: float = 1.0, temperature: float = 1.0, main_lse=None, config=None):
+    """Sparse KL loss (scalar fp32), differentiable w.r.t. q_idx and k_idx only.
+
+    q [B, Hq, T, D], k [B, Hkv, S, D] (detached: teacher), q_idx [B, H_i=Hkv, T, D_i],
+    k_idx [B, S, D_i], block_idx int32 [B, Hkv, T, k] (None: every visible block, the dense
+    warm-up). main_lse [B, Hq, T] (natural log, from the attention forward) skips recomputing the
+    teacher's normaliser. The gradients are computed in the forward pass and scaled in backward.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if q.dtype == torch.float64:
+        raise ValueError("the triton sparse KL runs fp32/fp16/bf16; use the reference for fp64")
+    if block_idx is None:
+        from sparsezoo.ops.reference import full_selection
+
+        B, Hkv, T = q_idx.shape[:3]
+        block_idx = full_selection(T, k.shape[2], block_size, B, Hkv, q.device).contiguous()
+    q, k = q.detach(), k.detach()
+    if main_lse is not None:
+        main_lse = main_lse.detach().float()
+    return _IndexKL.apply(q_idx, k_idx, q, k, block_idx, main_lse, block_size, float(scale),
+                          float(index_scale), float(coeff), float(temperature), config)

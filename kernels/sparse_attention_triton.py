@@ -1,0 +1,358 @@
+"""Exact per-token MSA block-sparse attention (Triton), forward and backward.
+
+Tiling: one program owns TM consecutive query tokens x the G heads of one KV group (rows
+r = token r // G, head r % G), since the group's heads share the selection. It visits the union of
+its tokens' selected blocks, precomputed per tile together with a bitmask of which tokens chose each
+block; a row keeps a key only if its token chose the block and the key is causal. Each K/V block is
+loaded once per tile and feeds a [TM*G, block] tensor-core tile.
+
+Backward: delta = rowsum(dO * O) (minus dLSE), then
+- dQ: the forward's loop again (per query tile over its union);
+- dK/dV: the transposed lists (per key block, the query tiles whose union holds it, split into
+  segments of at most SEG tiles), accumulated in registers, one fp32 atomic add per segment.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# GPU tiling, tuned on H100 (docs/prefill.md). ROWS = tokens per tile x G.
+ATTN_CONFIG = {"ROWS": 128, "num_warps": 8, "num_stages": 2, "BN": 128, "SEG": 32,
+               "bwd_warps": 8, "bwd_stages": 1}
+_INTERPRET_ROWS = 16
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+# ----------------------------------------------------------------------------- tile unions
+
+def tile_unions(block_idx: torch.Tensor, TM: int, chunk_entries: int = 1 << 24):
+    """Per tile of TM tokens: the union of selected blocks and, per union entry, the bitmask of
+    the tile's tokens that chose it. block_idx [B, H, T, k] ->
+    (counts [B, H, NT] int32, ids [B, H, NT, W] int32, bits [B, H, NT, W] int32), W = TM * k.
+    Works in chunks of tiles so temporaries stay bounded."""
+    if TM > 31:
+        raise ValueError(f"tokens per tile must be <= 31 (int32 bitmask), got {TM}")
+    B, H, T, K = block_idx.shape
+    NT = triton.cdiv(T, TM)
+    W = TM * K
+    sel = block_idx
+    if NT * TM != T:
+        sel = torch.nn.functional.pad(sel, (0, 0, 0, NT * TM - T), value=-1)
+    sel = sel.reshape(B * H, NT, W)
+    counts = torch.empty(B * H, NT, dtype=torch.int32, device=sel.device)
+    ids = torch.empty(B * H, NT, W, dtype=torch.int32, device=sel.device)
+    bits = torch.empty(B * H, NT, W, dtype=torch.int32, device=sel.device)
+    big = torch.iinfo(torch.int32).max
+    step = max(1, chunk_entries // max(W * B * H, 1))
+    for n0 in range(0, NT, step):
+        n1 = min(NT, n0 + step)
+        x = sel[:, n0:n1].to(torch.int32)
+        key, order = torch.sort(torch.where(x >= 0, x, big), dim=-1)
+        real = key < big
+        first = real.clone()
+        first[..., 1:] &= key[..., 1:] != key[..., :-1]
+        run = torch.cumsum(first.to(torch.int32), -1) - 1
+        tok_bit = torch.bitwise_left_shift(torch.ones_like(order, dtype=torch.int32), (order // K).to(torch.int32))
+        slot_of_entry = torch.where(real, run, W).long()
+        ub = torch.zeros(*x.shape[:-1], W + 1, dtype=torch.int32, device=x.device)
+        ub.scatter_add_(-1, slot_of_entry, torch.where(real, tok_bit, 0))
+        ui = torch.zeros(*x.shape[:-1], W + 1, dtype=torch.int32, device=x.device)
+        ui.scatter_(-1, torch.where(first, run, W).long(), torch.where(first, key, 0))
+        counts[:, n0:n1] = first.sum(-1, dtype=torch.int32)
+        ids[:, n0:n1] = ui[..., :W]
+        bits[:, n0:n1] = ub[..., :W]
+    return counts.view(B, H, NT), ids.view(B, H, NT, W), bits.view(B, H, NT, W)
+
+
+def key_block_lists(counts, ids, bits, n_blocks: int, seg: int):
+    """Transpose tile unions into per-key-block work items for dK/dV.
+
+    Returns items [n_items, 3] int32 (flat (b, h) index, key block, start into the sorted
+    entries), item_len [n_items] int32, and sorted entries tiles/bits [n_entries] int32."""
+    BH, NT, W = ids.shape[0] * ids.shape[1], ids.shape[2], ids.shape[3]
+    dev = ids.device
+    valid = torch.arange(W, device=dev) < counts.reshape(BH, NT, 1)
+    bh = torch.arange(BH, device=dev).view(BH, 1, 1).expand(BH, NT, W)[valid]
+    tile = torch.arange(NT, device=dev, dtype=torch.int32).view(1, NT, 1).expand(BH, NT, W)[valid]
+    blk = ids.reshape(BH, NT, W)[valid].long()
+    ebits = bits.reshape(BH, NT, W)[valid]
+    key = bh * n_blocks + blk
+    order = torch.argsort(key * NT + tile.long())
+    key, tile, ebits = key[order], tile[order], ebits[order]
+    col_count = torch.bincount(key, minlength=BH * n_blocks)
+    col_start = torch.cumsum(col_count, 0) - col_count
+    n_seg = (col_count + seg - 1) // seg
+    col = torch.repeat_interleave(torch.arange(BH * n_blocks, device=dev), n_seg)
+    seg_no = torch.arange(col.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(n_seg, 0) - n_seg, n_seg)
+    start = col_start[col] + seg_no * seg
+    length = torch.minimum(col_count[col] - seg_no * seg, torch.full_like(start, seg))
+    items = torch.stack([col // n_blocks, col % n_blocks, start], 1).to(torch.int32).contiguous()
+    return items, length.to(torch.int32), tile.contiguous(), ebits.contiguous()
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _row_setup(tile, g, T, S, TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
+    r = tl.arange(0, BM)
+    tl_tok = r // G
+    head = g * G + r % G
+    t = tile * TM + tl_tok
+    row_ok = (r < TM * G) & (t < T)
+    pos = S - T + t
+    return tl_tok, head, t, row_ok, pos
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, L, CNT, IDS, BITS, T, S, W, qk_scale,
+                sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                sob, soh, sot, sod, slb, slh, slt, scb, sch, sct,
+                TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+                BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr):
+    n_tiles = tl.num_programs(0)
+    tile = n_tiles - 1 - tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2)
+    tl_tok, head, t, row_ok, pos = _row_setup(tile, g, T, S, TM, G, BM)
+    d = tl.arange(0, BD)
+    dmask = d[None, :] < D
+    q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
+                mask=row_ok[:, None] & dmask, other=0.0)
+    m_i = tl.zeros([BM], tl.float32) + float("-inf")
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    u_base = b * scb + g * sch + tile * sct
+    n_u = tl.load(CNT + (b * tl.num_programs(1) + g) * n_tiles + tile)
+    kn = tl.arange(0, BN)
+    for i in range(0, n_u):
+        u = tl.load(IDS + u_base + i)
+        member = ((tl.load(BITS + u_base + i) >> tl_tok) & 1) != 0
+        for sub in tl.static_range(BLOCK // BN):
+            keys = u * BLOCK + sub * BN + kn
+            kmask = keys < S
+            kt = tl.load(K + b * skb + g * skh + keys[:, None] * sks + d[None, :] * skd,
+                         mask=kmask[:, None] & dmask, other=0.0)
+            s = tl.dot(q, tl.trans(kt)) * qk_scale
+            ok = (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if not LSE_ONLY:
+                vt = tl.load(V + b * svb + g * svh + keys[:, None] * svs + d[None, :] * svd,
+                             mask=kmask[:, None] & dmask, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m_i = m_new
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("-inf"))
+    tl.store(L + b * slb + head * slh + t * slt, lse, mask=row_ok)
+    if not LSE_ONLY:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(O + b * sob + head[:, None] * soh + t[:, None] * sot + d[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, CNT, IDS, BITS, T, S, W, qk_scale, scale,
+                   sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                   slb, slh, slt, scb, sch, sct,
+                   TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+                   BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    # q, do, dq share strides (made contiguous by the wrapper); so do L and DELTA.
+    n_tiles = tl.num_programs(0)
+    tile = n_tiles - 1 - tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2)
+    tl_tok, head, t, row_ok, pos = _row_setup(tile, g, T, S, TM, G, BM)
+    d = tl.arange(0, BD)
+    dmask = d[None, :] < D
+    row_off = b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd
+    q = tl.load(Q + row_off, mask=row_ok[:, None] & dmask, other=0.0)
+    do = tl.load(DO + row_off, mask=row_ok[:, None] & dmask, other=0.0)
+    l_off = b * slb + head * slh + t * slt
+    lse2 = tl.load(L + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+    dq = tl.zeros([BM, BD], tl.float32)
+    u_base = b * scb + g * sch + tile * sct
+    n_u = tl.load(CNT + (b * tl.num_programs(1) + g) * n_tiles + tile)
+    kn = tl.arange(0, BN)
+    for i in range(0, n_u):
+        u = tl.load(IDS + u_base + i)
+        member = ((tl.load(BITS + u_base + i) >> tl_tok) & 1) != 0
+        for sub in tl.static_range(BLOCK // BN):
+            keys = u * BLOCK + sub * BN + kn
+            kmask = keys < S
+            kt = tl.load(K + b * skb + g * skh + keys[:, None] * sks + d[None, :] * skd,
+                         mask=kmask[:, None] & dmask, other=0.0)
+            vt = tl.load(V + b * svb + g * svh + keys[:, None] * svs + d[None, :] * svd,
+                         mask=kmask[:, None] & dmask, other=0.0)
+            s = tl.dot(q, tl.trans(kt)) * qk_scale
+            ok = (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
+            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(vt))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), kt)
+    tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & dmask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, ITEMS, ILEN, ETILE, EBITS, T, S, HKV, qk_scale, scale,
+                     sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                     slb, slh, slt, sdb, sdh, sds, sdd,
+                     TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+                     BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    item = tl.program_id(0)
+    sub = tl.program_id(1)
+    bh = tl.load(ITEMS + item * 3)
+    u = tl.load(ITEMS + item * 3 + 1)
+    start = tl.load(ITEMS + item * 3 + 2)
+    n = tl.load(ILEN + item)
+    b = bh // HKV
+    g = bh % HKV
+    d = tl.arange(0, BD)
+    dmask = d[None, :] < D
+    keys = u * BLOCK + sub * BN + tl.arange(0, BN)
+    kmask = keys < S
+    kt = tl.load(K + b * skb + g * skh + keys[:, None] * sks + d[None, :] * skd,
+                 mask=kmask[:, None] & dmask, other=0.0)
+    vt = tl.load(V + b * svb + g * svh + keys[:, None] * svs + d[None, :] * svd,
+                 mask=kmask[:, None] & dmask, other=0.0)
+    dk = tl.zeros([BN, BD], tl.float32)
+    dv = tl.zeros([BN, BD], tl.float32)
+    for i in range(0, n):
+        tile = tl.load(ETILE + start + i)
+        tl_tok, head, t, row_ok, pos = _row_setup(tile, g, T, S, TM, G, BM)
+        member = ((tl.load(EBITS + start + i) >> tl_tok) & 1) != 0
+        row_off = b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd
+        q = tl.load(Q + row_off, mask=row_ok[:, None] & dmask, other=0.0)
+        do = tl.load(DO + row_off, mask=row_ok[:, None] & dmask, other=0.0)
+        l_off = b * slb + head * slh + t * slt
+        lse2 = tl.load(L + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+        st = tl.dot(kt, tl.trans(q)) * qk_scale  # [BN, BM]
+        ok = (member & row_ok)[None, :] & (keys[:, None] <= pos[None, :]) & kmask[:, None]
+        pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)
+        dpt = tl.dot(vt, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q)
+    off = b * sdb + g * sdh + keys[:, None] * sds + d[None, :] * sdd
+    m = kmask[:, None] & dmask
+    tl.atomic_add(DK + off, dk * scale, mask=m)
+    tl.atomic_add(DV + off, dv, mask=m)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _tiling(G: int, block_size: int, device, cfg: dict):
+    rows = cfg["ROWS"] if device.type == "cuda" else _INTERPRET_ROWS
+    TM = 1 << (min(16, max(1, rows // G)).bit_length() - 1)  # power of two, <= 16
+    BM = max(_pow2(TM * G), 16)
+    if block_size & (block_size - 1) == 0:
+        BN = min(block_size, cfg["BN"])
+    elif block_size % cfg["BN"] == 0:
+        BN = cfg["BN"]
+    else:
+        raise ValueError(f"the triton sparse attention needs block_size to be a power of two or a "
+                         f"multiple of {cfg['BN']}, got {block_size}; use backend='reference' or 'flex'")
+    return TM, BM, BN
+
+
+def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, unions=None):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    TM, BM, BN = _tiling(G, block_size, q.device, cfg)
+    if unions is None:
+        unions = tile_unions(block_idx, TM)
+    cnt, ids, bits = unions
+    NT = cnt.shape[-1]
+    lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    out = lse if lse_only else torch.empty_like(q)
+    so = (0, 0, 0, 0) if lse_only else out.stride()
+    _fwd_kernel[(NT, Hkv, B)](
+        q, k, v, out, lse, cnt, ids, bits, T, S, ids.shape[-1], scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *so, *lse.stride(), *ids.stride()[:3],
+        TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), LSE_ONLY=lse_only,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return (None if lse_only else out), lse, unions
+
+
+def sparse_lse(q, k, block_idx, block_size: int, scale: float, config: dict | None = None):
+    """LSE only (natural log) of scale * q.k over each query's selected tokens; k [B, Hkv, S, D]."""
+    cfg = dict(ATTN_CONFIG, **(config or {}))
+    return _forward(q, k, k, block_idx, block_size, scale, True, cfg)[1]
+
+
+def _backward(q, k, v, out, lse, do, dlse, unions, block_size, scale, cfg):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    TM, BM, BN = _tiling(G, block_size, q.device, cfg)
+    cnt, ids, bits = unions
+    NT = cnt.shape[-1]
+    q, do = q.contiguous(), do.contiguous()
+    delta = (do.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    BD = max(_pow2(D), 16)
+    dq = torch.empty_like(q)
+    _bwd_dq_kernel[(NT, Hkv, B)](
+        q, k, v, do, dq, lse, delta, cnt, ids, bits, T, S, ids.shape[-1], scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *ids.stride()[:3],
+        TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD,
+        num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+    n_blocks = triton.cdiv(S, block_size)
+    items, ilen, etile, ebits = key_block_lists(cnt, ids, bits, n_blocks, cfg["SEG"])
+    dk = torch.zeros((B, Hkv, S, D), dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    if items.shape[0] > 0:
+        _bwd_dkdv_kernel[(items.shape[0], block_size // BN)](
+            q, k, v, do, dk, dv, lse, delta, items, ilen, etile, ebits, T, S, Hkv, scale * LOG2E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *dk.stride(),
+            TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD,
+            num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block_size, scale, cfg):
+        out, lse, unions = _forward(q, k, v, block_idx, block_size, scale, False, cfg)
+        ctx.save_for_backward(q, k, v, out, lse, *unions)
+        ctx.block_size, ctx.scale, ctx.cfg = block_size, scale, cfg
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cnt, ids, bits = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, (cnt, ids, bits), ctx.block_size,
+                               ctx.scale, ctx.cfg)
+        return dq, dk, dv, None, None, None, None
+
+
+def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: float,
+                                  return_lse: bool = False, config: dict | None = None):
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D], block_idx int32 [B, Hkv, T, k] -> out [B, Hq, T, D]
+    (and natural-log LSE [B, Hq, T] fp32). Differentiable w.r.t. q, k, v."""
+    if q.dtype == torch.float64:
+        raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
+    cfg = dict(ATTN_CONFIG, **(config or {}))
+    block_idx = block_idx.to(torch.int32)
+    out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), cfg)
+    return (out, lse) if return_lse else out

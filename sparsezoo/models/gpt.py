@@ -1,0 +1,262 @@
+"""A small, readable GPT whose attention layers come from the sparsezoo registry.
+
+RMSNorm, SwiGLU, GQA and tied embeddings; RoPE lives inside the attention layers. The config names
+the attention variant per layer:
+
+    GPTConfig(layers=["dense", "dense", "msa", "msa"])              # explicit list
+    GPTConfig(n_layers=4, attention="msa", dense_layers=2)          # same thing, M3 style
+    GPTConfig(..., attention_overrides={"block_size": 64, "msa": {"topk": 8}})
+
+`attention_overrides` holds variant config fields. A flat key applies to every layer whose variant
+config has that field (and must be known to at least one of them); a key that names a variant holds
+fields for that variant only. Generation uses one `sparsezoo.LayerCache` per layer, so each variant
+keeps its own extra decode state (index keys, compressed keys, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsezoo
+from sparsezoo.config import AttentionConfig, ConfigError, read_yaml
+
+DENSE = "dense"  # the baseline variant `dense_layers` falls back to
+MODEL_FIELDS = ("variant", "d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int | None = None  # defaults to len(layers), else 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # defaults to d_model // n_heads
+    ffn_hidden: int | None = None  # defaults to ~8/3 d_model, a multiple of 32
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    attention: str = DENSE  # variant of every layer not listed as dense ...
+    dense_layers: int = 0  # ... except the first `dense_layers`
+    layers: list[str] | None = None  # or name every layer explicitly
+    attention_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            self.layers = list(self.layers)
+            if self.n_layers is None:
+                self.n_layers = len(self.layers)
+            if len(self.layers) != self.n_layers:
+                raise ConfigError(f"layers names {len(self.layers)} layers but n_layers = {self.n_layers}")
+        if self.n_layers is None:
+            self.n_layers = 4
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_heads
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 32 * -(-(8 * self.d_model // 3) // 32)
+        if not 0 <= self.dense_layers <= self.n_layers:
+            raise ConfigError(f"dense_layers must be in [0, n_layers={self.n_layers}], got {self.dense_layers}")
+        if not isinstance(self.attention_overrides, dict):
+            raise ConfigError(f"attention_overrides must be a mapping, got {type(self.attention_overrides).__name__}")
+        self.attention_configs()  # validate every layer's attention config now
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GPTConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; valid fields: {names}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "GPTConfig":
+        """A YAML file holding the model fields, or a run config with a `model:` section."""
+        data = read_yaml(path)
+        return cls.from_dict(data.get("model", data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def layer_variants(self) -> list[str]:
+        names = self.layers if self.layers is not None else \
+            [DENSE] * self.dense_layers + [self.attention] * (self.n_layers - self.dense_layers)
+        valid = sparsezoo.list_variants()
+        for i, name in enumerate(names):
+            if name not in valid:
+                raise ConfigError(f"layer {i}: unknown attention variant {name!r}; choose one of {valid}")
+        return names
+
+    def attention_configs(self) -> list[AttentionConfig]:
+        """One typed attention config per layer (shared model dims + the applicable overrides)."""
+        variants = self.layer_variants()
+        registered = set(sparsezoo.list_variants())
+        flat = {k: v for k, v in self.attention_overrides.items() if k not in registered}
+        per_variant = {k: v for k, v in self.attention_overrides.items() if k in registered}
+        for name, section in per_variant.items():
+            if not isinstance(section, dict):
+                raise ConfigError(f"attention_overrides[{name!r}] must map config fields to values, got {section!r}")
+        for key in flat:
+            if key in MODEL_FIELDS:
+                raise ConfigError(f"attention_overrides may not set {key!r}: it comes from the model config")
+            fields_known = [v for v in set(variants) if key in sparsezoo.variant_class(v).config_class.field_names()]
+            if not fields_known:
+                raise ConfigError(f"attention_overrides key {key!r} is a field of none of this model's variants "
+                                  f"{sorted(set(variants))}; to configure one variant only, nest it under its name")
+        configs = []
+        for name in variants:
+            known = sparsezoo.variant_class(name).config_class.field_names()
+            data = {"variant": name, "d_model": self.d_model, "n_heads": self.n_heads,
+                    "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim, "rope_theta": self.rope_theta}
+            data.update({k: v for k, v in flat.items() if k in known})
+            data.update(per_variant.get(name, {}))
+            configs.append(sparsezoo.make_config(data))
+        return configs
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, attention: AttentionConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = sparsezoo.create_attention(attention)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.ffn_hidden)
+
+    def forward(self, x, positions=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), positions=positions, cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, a) for a in config.attention_configs())
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.caches: list[sparsezoo.LayerCache] | None = None
+        self._init_own_weights()
+
+    def _init_own_weights(self) -> None:
+        """nanoGPT-style init for the embedding and MLPs; attention layers keep their variant's init."""
+        std = self.config.init_std
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.mlp.gate.weight, std=std)
+            nn.init.normal_(block.mlp.up.weight, std=std)
+            nn.init.normal_(block.mlp.down.weight, std=std / (2 * self.config.n_layers) ** 0.5)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, use_cache: bool = False,
+                positions: torch.Tensor | None = None):
+        """idx [B, T] -> (logits [B, T, V], mean cross-entropy over targets != -100, or None).
+
+        use_cache=True continues the sequence held in the caches from `setup_cache`.
+        """
+        if use_cache and self.caches is None:
+            raise RuntimeError("use_cache=True needs setup_cache(batch, max_len) first")
+        caches = self.caches if use_cache else [None] * len(self.blocks)
+        x = self.tok_emb(idx)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, positions=positions, cache=cache)
+        logits = F.linear(self.norm(x), self.tok_emb.weight)  # tied embeddings
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the attention layers' auxiliary losses (e.g. MSA's index KL) from the last forward."""
+        return sparsezoo.aux_loss(self)
+
+    # -- routing schedule (MSA/DSA warm-up) ---------------------------------------------------
+    def routed_layers(self) -> list[nn.Module]:
+        return [b.attn for b in self.blocks if hasattr(b.attn, "set_routing")]
+
+    def apply_routing_schedule(self, step: int) -> str:
+        """Dense routing for layers still in their `warmup_steps`, then their configured routing.
+
+        Returns "warmup" while any layer is in warm-up, else "sparse" (or "n/a" with no routed layer).
+        """
+        layers = self.routed_layers()
+        warm = False
+        for attn in layers:
+            in_warmup = step < getattr(attn.config, "warmup_steps", 0)
+            attn.set_routing("dense" if in_warmup else getattr(attn.config, "routing", "sparse"))
+            warm |= in_warmup
+        return "n/a" if not layers else ("warmup" if warm else "sparse")
+
+    def max_warmup_steps(self) -> int:
+        return max([getattr(a.config, "warmup_steps", 0) for a in self.routed_layers()], default=0)
+
+    # -- generation -----------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        """One fresh LayerCache per layer (buffers are allocated on first use with the input's dtype)."""
+        self.caches = [sparsezoo.LayerCache(batch, max_len) for _ in self.blocks]
+
+    def clear_cache(self) -> None:
+        self.caches = None
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue idx [B, T] by max_new_tokens. With the cache: one prefill, then one token per step."""
+        was_training = self.training
+        self.eval()
+        try:
+            if not use_cache:
+                seq = idx
+                for _ in range(max_new_tokens):
+                    logits, _ = self(seq)
+                    seq = torch.cat([seq, self._pick(logits[:, -1], greedy, temperature, top_k, generator)], 1)
+                return seq
+            self.setup_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
+            logits, _ = self(idx, use_cache=True)
+            out = [idx]
+            for i in range(max_new_tokens):
+                nxt = self._pick(logits[:, -1], greedy, temperature, top_k, generator)
+                out.append(nxt)
+                if i + 1 < max_new_tokens:
+                    logits, _ = self(nxt, use_cache=True)
+            return torch.cat(out, 1)
+        finally:
+            self.clear_cache()
+            self.train(was_training)
+
+    @staticmethod
+    def _pick(logits, greedy, temperature, top_k, generator) -> torch.Tensor:
+        if greedy:
+            return logits.argmax(-1, keepdim=True)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling (use greedy=True instead), got {temperature}")
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+
+    # -- reporting ------------------------------------------------------------------------------
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        rows = [f"GPT: {n / 1e6:.2f}M parameters, d_model {self.config.d_model}, vocab {self.config.vocab_size}"]
+        for i, block in enumerate(self.blocks):
+            rows.append(f"  layer {i}: {block.attn.variant_name}")
+        return "\n".join(rows)

@@ -1,0 +1,48 @@
+"""CSA ops (DeepSeek-V4 compressed sparse attention): windowed token pooling into compressed
+entries, and the per-query key list "sliding window of raw tokens + selected compressed entries".
+
+Compressed entry i (ratio m, pooling width W = m, or 2m with overlapping windows) pools tokens
+[(i+1)m - W, (i+1)m) and ends at position (i+1)m - 1: a query at p sees it when (i+1)m - 1 <= p.
+Only complete entries exist: Sc = S // m.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def n_entries(S: int, ratio: int) -> int:
+    return S // ratio
+
+
+def entry_ends(n: int, ratio: int, device) -> torch.Tensor:
+    return (torch.arange(n, device=device) + 1) * ratio - 1
+
+
+def pool_windows(x: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Softmax-weighted pooling. x [B, H, S, D], logits [B, H, S] (per-token gate), bias [W]
+    (per slot in the window, W = len(bias) >= ratio) -> [B, H, S // ratio, D]. Window slots before
+    token 0 are excluded from the softmax."""
+    B, H, S, D = x.shape
+    W = bias.shape[0]
+    n = n_entries(S, ratio)
+    if n == 0:
+        return x.new_zeros(B, H, 0, D)
+    left = W - ratio
+    used = n * ratio
+    xw = F.pad(x[:, :, :used], (0, 0, left, 0)).unfold(2, W, ratio)  # [B, H, n, D, W]
+    lw = F.pad(logits[:, :, :used], (left, 0), value=float("-inf")).unfold(2, W, ratio)  # [B, H, n, W]
+    a = torch.softmax(lw.float() + bias.float(), dim=-1).to(x.dtype)
+    return torch.einsum("bhndw,bhnw->bhnd", xw, a)
+
+
+def window_plus_selected(sel: torch.Tensor, T: int, S: int, window: int) -> torch.Tensor:
+    """sel [B, Hs, T, k] (entry ids, -1 pad) -> int32 [B, Hs, T, window + k] ids into the
+    concatenation [raw tokens 0..S-1, compressed entries 0..Sc-1]: the query's last `window` raw
+    tokens (-1 before token 0), then S + each selected entry."""
+    pos = torch.arange(S - T, S, device=sel.device)
+    win = pos[:, None] - window + 1 + torch.arange(window, device=sel.device)[None, :]
+    win = torch.where(win >= 0, win, -1).expand(*sel.shape[:2], T, window)
+    ent = torch.where(sel >= 0, sel.long() + S, -1)
+    return torch.cat([win, ent], dim=-1).to(torch.int32)
