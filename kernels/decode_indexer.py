@@ -9,8 +9,9 @@ block, then -1 padding).
 Two kernels:
 1. `_index_split_kernel`, grid (B, n_splits): each program streams a contiguous range of blocks of
    one request, loads every 128-token page of index keys once for all H_i x Q query rows (one
-   tensor-core dot), fuses the block max and keeps a running top-(k-1) per row in registers. Scores
-   never reach memory; each split writes only its (k-1) best (score, id) per row.
+   tensor-core dot), fuses the block max and keeps a running top-(k-1) per row in registers, as
+   int64 keys that pack (score, smaller id first) so one reduction ranks. Scores never reach
+   memory; each split writes only its (k-1) best keys per row.
 2. `_index_merge_kernel`, grid (B, H_i * Q): picks the global top-(k-1) from the n_splits * (k-1)
    candidates and writes the final selection.
 """
@@ -29,8 +30,16 @@ _SCALE_MODES = {None: SCALE_NONE, "page": SCALE_PAGE, "token": SCALE_TOKEN}
 
 
 @triton.jit
+def _pack(score, block_id):
+    """int64 key ordered by score, then by the *smaller* block id: one max/min reduction ranks."""
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) + (0x7FFFFFFF - block_id)
+
+
+@triton.jit
 def _index_split_kernel(
-    q_ptr, kidx_ptr, kscale_ptr, pt_ptr, lens_ptr, part_s_ptr, part_i_ptr,
+    q_ptr, kidx_ptr, kscale_ptr, pt_ptr, lens_ptr, part_ptr,
     stride_qb, stride_qh, stride_qt,
     stride_kp, stride_kt,
     stride_ptb,
@@ -56,10 +65,11 @@ def _index_split_kernel(
     q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :],
                 mask=row_ok[:, None], other=0.0)
 
+    # Running top-(k-1) per row as packed keys. Empty slots hold distinct keys below any real one;
+    # padding slots (>= K1) hold the largest key so they are never evicted.
     slot = tl.arange(0, K1P)
-    # Padding slots (>= K1) hold +inf so they are never the eviction candidate.
-    top_s = tl.where(slot[None, :] < K1, float("-inf"), float("inf")) + tl.zeros([ROWS, K1P], tl.float32)
-    top_i = tl.zeros([ROWS, K1P], tl.int32) - 1
+    empty = tl.where(slot < K1, -9223372036854775807 + slot.to(tl.int64), 9223372036854775807)
+    top = empty[None, :] + tl.zeros([ROWS, K1P], tl.int64)
     tok = tl.arange(0, PAGE)
 
     for j in range(start, end):
@@ -74,25 +84,19 @@ def _index_split_kernel(
         m = tl.max(sc, axis=1)
         if SCALE_MODE == 1:
             m = m * tl.load(kscale_ptr + page)
-        m = tl.where(j < local, m * sm_scale, float("-inf"))
-        # Evict the worst slot: lowest score, and among equal scores the largest id (ids arrive in
-        # ascending order, so a newcomer that only ties the worst slot loses the tie).
-        worst = tl.min(top_s, axis=1)
-        key = tl.where(top_s == worst[:, None], top_i * K1P + slot[None, :], -2147483647)
-        evict_key = tl.max(key, axis=1)
-        evict = (key == evict_key[:, None]) & (m > worst)[:, None]
-        top_s = tl.where(evict, m[:, None], top_s)
-        top_i = tl.where(evict, j, top_i)
+        key = _pack(m * sm_scale, j)
+        # Evict the smallest key (lowest score; among equal scores the largest id) if beaten.
+        worst = tl.min(top, axis=1)
+        take = (key > worst) & (j < local)
+        top = tl.where((top == worst[:, None]) & take[:, None], key[:, None], top)
 
     out = ((b * n_splits + s) * (H * Q) + rows[:, None]) * K1 + slot[None, :]
-    ok = row_ok[:, None] & (slot[None, :] < K1)
-    tl.store(part_s_ptr + out, top_s, mask=ok)
-    tl.store(part_i_ptr + out, top_i, mask=ok)
+    tl.store(part_ptr + out, top, mask=row_ok[:, None] & (slot[None, :] < K1))
 
 
 @triton.jit
 def _index_merge_kernel(
-    part_s_ptr, part_i_ptr, lens_ptr, sel_ptr,
+    part_ptr, lens_ptr, sel_ptr,
     stride_sb, stride_sh, stride_st,
     n_splits,
     H: tl.constexpr, Q: tl.constexpr, PAGE: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
@@ -107,21 +111,16 @@ def _index_merge_kernel(
     n_valid = tl.minimum(local, K1)
 
     c = tl.arange(0, NC)
-    ok = c < n_splits * K1
     src = ((b * n_splits + c // K1) * (H * Q) + row) * K1 + c % K1
-    sc = tl.load(part_s_ptr + src, mask=ok, other=float("-inf"))
-    ids = tl.load(part_i_ptr + src, mask=ok, other=2147483647)
-    ids = tl.where(ids < 0, 2147483647, ids)
+    keys = tl.load(part_ptr + src, mask=c < n_splits * K1, other=-9223372036854775807)
 
     kk = tl.arange(0, KP)
     out = tl.zeros([KP], tl.int32) - 1
     for r in tl.static_range(K1):
-        best = tl.max(sc, axis=0)
-        pick = tl.min(tl.where(sc == best, ids, 2147483647), axis=0)
-        out = tl.where((kk == r) & (r < n_valid), pick, out)
-        taken = ids == pick
-        sc = tl.where(taken, float("-inf"), sc)
-        ids = tl.where(taken, 2147483647, ids)
+        best = tl.max(keys, axis=0)
+        block_id = 0x7FFFFFFF - (best & 0xFFFFFFFF).to(tl.int32)
+        out = tl.where((kk == r) & (r < n_valid), block_id, out)
+        keys = tl.where(keys == best, -9223372036854775807, keys)
     out = tl.where(kk == n_valid, local, out)
     tl.store(sel_ptr + b * stride_sb + h * stride_sh + t * stride_st + kk, out, mask=kk < K1 + 1)
 
@@ -140,16 +139,16 @@ def plan_splits(batch: int, max_blocks: int, num_sms: int, min_blocks: int = 8,
 
 
 def index_workspace(batch: int, q_len: int, heads: int, topk: int, n_splits: int, device):
-    """Scratch for the split kernel: (k-1) best scores and ids per split and query row."""
+    """Scratch for the split kernel: the (k-1) best packed (score, id) keys per split and query row."""
     k1 = max(1, topk - 1)
-    return (torch.empty((batch, n_splits, heads * q_len, k1), dtype=torch.float32, device=device),
-            torch.empty((batch, n_splits, heads * q_len, k1), dtype=torch.int32, device=device))
+    return torch.empty((batch, n_splits, heads * q_len, k1), dtype=torch.int64, device=device)
 
 
 def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: torch.Tensor | None,
                   scale_mode: str | None, page_table: torch.Tensor, seq_lens: torch.Tensor, *,
                   topk: int, scale: float, blocks_per_split: int, n_splits: int,
-                  out: torch.Tensor, workspace: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                  out: torch.Tensor, workspace: torch.Tensor, num_warps: int = 4,
+                  num_stages: int = 3) -> torch.Tensor:
     """Launch split + merge. q_idx [B, H_i, Q, D_i]; k_idx_cache [P, page, D_i]; page_table int32
     [B, n_pages]; seq_lens int32 [B] (lengths including the Q new tokens); out int32 [B, H_i, Q, k].
     No host syncs: capturable in a CUDA graph."""
@@ -165,21 +164,21 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
     if mode != SCALE_NONE and k_idx_scale is None:
         raise ValueError(f"scale mode {scale_mode!r} needs k_idx_scale")
     k1 = topk - 1
-    part_s, part_i = workspace
+    part = workspace
     rows = max(16, _next_pow2(H * Q))
-    scale_arg = k_idx_scale if k_idx_scale is not None else part_s
+    scale_arg = k_idx_scale if k_idx_scale is not None else q_idx
     _index_split_kernel[(B, n_splits)](
-        q_idx, k_idx_cache, scale_arg, page_table, seq_lens, part_s, part_i,
+        q_idx, k_idx_cache, scale_arg, page_table, seq_lens, part,
         q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
         k_idx_cache.stride(0), k_idx_cache.stride(1),
         page_table.stride(0),
         blocks_per_split, n_splits, scale,
         H=H, Q=Q, D=D, PAGE=page, K1=k1, K1P=_next_pow2(k1), ROWS=rows, SCALE_MODE=mode,
-        IEEE=q_idx.dtype == torch.float32, num_warps=4, num_stages=3,
+        IEEE=q_idx.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
     nc = _next_pow2(n_splits * k1)
     _index_merge_kernel[(B, H * Q)](
-        part_s, part_i, seq_lens, out,
+        part, seq_lens, out,
         out.stride(0), out.stride(1), out.stride(2),
         n_splits,
         H=H, Q=Q, PAGE=page, K1=k1, KP=_next_pow2(topk), NC=nc,

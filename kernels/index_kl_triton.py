@@ -73,7 +73,7 @@ def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, CNT, IDS, BITS, T, S, qk_sc
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(z - m_use[:, None]), axis=1)
             m_i = m_new
-    lq = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+    lq = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     tl.store(LQ + b * sab + g * sah + t * sat_, lq, mask=row_ok & (head % G == 0))
     lq_use = tl.where(l_i > 0, lq, 0.0)
     # pass 2: loss and dq_idx
@@ -173,7 +173,7 @@ def index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_sca
     cnt, ids, bits = unions
     NT = cnt.shape[-1]
     z_scale = index_scale / temperature
-    gscale = coeff * z_scale / (B * Hkv * T)
+    gscale = coeff * z_scale / (B * Hkv * T * G)  # each token appears in G rows
     lq = torch.empty((B, Hkv, T), dtype=torch.float32, device=q.device)
     loss_parts = torch.empty((B, Hkv, NT), dtype=torch.float32, device=q.device)
     dqi = torch.empty(q_idx.shape, dtype=torch.float32, device=q.device) if with_grad else lq

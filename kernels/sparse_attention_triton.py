@@ -106,7 +106,7 @@ def key_block_lists(counts, ids, bits, n_blocks: int, seg: int):
 def _row_setup(tile, g, T, S, TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
     r = tl.arange(0, BM)
     tl_tok = r // G
-    head = g * G + r % G
+    head = (g * G + r % G).to(tl.int64)  # head * stride overflows int32 at 1M tokens
     t = tile * TM + tl_tok
     row_ok = (r < TM * G) & (t < T)
     pos = S - T + t
@@ -155,7 +155,7 @@ def _fwd_kernel(Q, K, V, O, L, CNT, IDS, BITS, T, S, W, qk_scale,
                              mask=kmask[:, None] & dmask, other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_i = m_new
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(L + b * slb + head * slh + t * slt, lse, mask=row_ok)
     if not LSE_ONLY:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -160,7 +160,10 @@ class PagedKVCache:
 
         self.k[pages] = paged(k)
         self.v[pages] = paged(v)
-        ki = torch.nn.functional.pad(k_idx, (0, 0, 0, pad)).view(n, P, self.index_dim)
+        self._store_index(pages, torch.nn.functional.pad(k_idx, (0, 0, 0, pad)).view(n, P, self.index_dim))
+
+    def _store_index(self, pages: torch.Tensor, ki: torch.Tensor) -> None:
+        """Whole pages of index keys [n, page, D_i], quantised (with fresh scales) for fp8."""
         if self.index_dtype != FP8:
             self.k_idx[pages] = ki
             return
@@ -220,6 +223,23 @@ class PagedKVCache:
         self.k_idx_scale[page] = scale
         self.k_idx[page] = (old / scale[:, None, None]).to(FP8)
 
+    def with_index_dtype(self, index_dtype: torch.dtype, index_scale: str | None = None) -> "PagedKVCache":
+        """A cache sharing this one's K/V storage with the index keys re-stored in `index_dtype`
+        (e.g. fp8 e4m3 from bf16), page by page."""
+        other = PagedKVCache(1, self.num_kv_heads, self.head_dim, self.index_dim, page_size=self.page_size,
+                             dtype=self.dtype, index_dtype=index_dtype, index_scale=index_scale, device=self.device)
+        other.num_pages, other.k, other.v = self.num_pages, self.k, self.v
+        other.k_idx = torch.empty((self.num_pages, self.page_size, self.index_dim), dtype=index_dtype,
+                                  device=self.device)
+        if other.index_scale_mode is not None:
+            shape = (self.num_pages,) if other.index_scale_mode == "page" else (self.num_pages, self.page_size)
+            other.k_idx_scale = torch.ones(shape, dtype=torch.float32, device=self.device)
+        step = max(1, (1 << 24) // (self.page_size * self.index_dim))
+        for p0 in range(0, self.num_pages, step):
+            pages = torch.arange(p0, min(self.num_pages, p0 + step), device=self.device)
+            other._store_index(pages, self.index_keys(pages).to(torch.float32 if index_dtype == FP8 else index_dtype))
+        return other
+
     # ---- reads (reference path, tests) ------------------------------------------------------
     def gather(self, pages, length: int):
         """Contiguous (k [Hkv, S, D], v [Hkv, S, D], k_idx [S, D_i] dequantised) of one request."""
@@ -277,7 +297,7 @@ class MSADecoder:
 
     def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, index_dim: int,
                  block_size: int = 128, topk: int = 16, scale: float | None = None,
-                 index_scale: float | None = None, max_q_len: int = 16):
+                 index_scale: float | None = None, max_q_len: int = 16, index_config: dict | None = None):
         if num_q_heads % num_kv_heads:
             _err(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if topk < 2:
@@ -287,6 +307,12 @@ class MSADecoder:
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         self.index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else index_scale
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
+        # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages.
+        self.index_config = dict(programs_per_sm=4, min_blocks=8, num_warps=4, num_stages=3)
+        unknown = set(index_config or {}) - set(self.index_config)
+        if unknown:
+            _err(f"unknown index_config keys {sorted(unknown)}; valid: {sorted(self.index_config)}")
+        self.index_config.update(index_config or {})
 
     def plan(self, seq_lens: torch.Tensor, page_table: torch.Tensor, q_len: int, *,
              num_pages: int | None = None, check: bool = True) -> None:
@@ -329,7 +355,9 @@ class MSADecoder:
         self.page_table = torch.zeros((B, width), dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(B, dtype=torch.int32, device=device)
         self.selection = torch.full((B, self.hkv, q_len, self.topk), -1, dtype=torch.int32, device=device)
-        self.index_split = idx.plan_splits(B, width, sms, min_blocks=8 if device.type == "cuda" else 2)
+        cfg = self.index_config
+        self.index_split = idx.plan_splits(B, width, sms, min_blocks=cfg["min_blocks"] if device.type == "cuda" else 2,
+                                           programs_per_sm=cfg["programs_per_sm"])
         self.index_ws = idx.index_workspace(B, q_len, self.hkv, self.topk, self.index_split[1], device)
         self.attn_split = att.plan_splits(B * self.hkv * q_len, self.topk, sms)
         self.attn_ws = att.attention_workspace(B, self.hkv, q_len, self.hq // self.hkv, self.d,
@@ -339,42 +367,61 @@ class MSADecoder:
             return_lse: bool = False, out: torch.Tensor | None = None):
         """q [B, Hq, Q, D], q_idx [B, H_i = Hkv, Q, D_i] -> out [B, Hq, Q, D] (and the natural-log
         LSE [B, Hq, Q] when return_lse). Shape/dtype checks only: no host syncs."""
-        if self._key is None:
-            _err("call plan(seq_lens, page_table, q_len) before run()")
         self._check_run(q, q_idx, cache)
-        from sparsezoo.kernels import decode_attention as att
+        self.select(q_idx, cache, _checked=True)
+        out = self.attend(q, cache, return_lse=return_lse, out=out, _checked=True)
+        record("msa_decode", "triton")
+        return out
+
+    def select(self, q_idx: torch.Tensor, cache: PagedKVCache, *, _checked: bool = False) -> torch.Tensor:
+        """The indexer alone: fills and returns `self.selection` (int32 [B, H_i, Q, topk])."""
         from sparsezoo.kernels import decode_indexer as idx
 
-        idx.decode_select(q_idx, cache.k_idx, cache.k_idx_scale, cache.index_scale_mode, self.page_table,
-                          self.seq_lens, topk=self.topk, scale=self.index_scale,
-                          blocks_per_split=self.index_split[0], n_splits=self.index_split[1],
-                          out=self.selection, workspace=self.index_ws)
+        if not _checked:
+            self._check_run(None, q_idx, cache)
+        return idx.decode_select(q_idx, cache.k_idx, cache.k_idx_scale, cache.index_scale_mode, self.page_table,
+                                 self.seq_lens, topk=self.topk, scale=self.index_scale,
+                                 blocks_per_split=self.index_split[0], n_splits=self.index_split[1],
+                                 out=self.selection, workspace=self.index_ws,
+                                 num_warps=self.index_config["num_warps"], num_stages=self.index_config["num_stages"])
+
+    def attend(self, q: torch.Tensor, cache: PagedKVCache, *, return_lse: bool = False,
+               out: torch.Tensor | None = None, _checked: bool = False):
+        """Sparse attention alone, over the current `self.selection`."""
+        from sparsezoo.kernels import decode_attention as att
+
+        if not _checked:
+            self._check_run(q, None, cache)
         out = torch.empty_like(q) if out is None else out
+        if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+            _err(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} with unit last stride")
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
         att.decode_attention(q, cache.k, cache.v, self.page_table, self.seq_lens, self.selection,
                              scale=self.scale, blocks_per_split=self.attn_split[0],
                              n_splits=self.attn_split[1], out=out, workspace=self.attn_ws, lse=lse)
-        record("msa_decode", "triton")
         return (out, lse) if return_lse else out
 
     def _check_run(self, q, q_idx, cache):
         if not isinstance(cache, PagedKVCache):
             _err(f"cache must be a PagedKVCache, got {type(cache).__name__}")
-        want_q = (self.B, self.hq, self.q_len, self.d)
-        want_i = (self.B, self.hkv, self.q_len, self.di)
-        if tuple(q.shape) != want_q:
-            _err(f"q must be [B, Hq, q_len, D] = {want_q} (as planned), got {tuple(q.shape)}")
-        if tuple(q_idx.shape) != want_i:
-            _err(f"q_idx must be [B, H_i, q_len, D_i] = {want_i} (as planned), got {tuple(q_idx.shape)}")
-        if q.dtype != cache.dtype or q_idx.dtype != cache.dtype:
-            _err(f"q and q_idx must match the cache dtype {cache.dtype}, got {q.dtype} and {q_idx.dtype}")
+        if self._key is None:
+            _err("call plan(seq_lens, page_table, q_len) before run()")
+        want = {"q": (self.B, self.hq, self.q_len, self.d), "q_idx": (self.B, self.hkv, self.q_len, self.di)}
+        for name, t in (("q", q), ("q_idx", q_idx)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want[name]:
+                _err(f"{name} must have shape {want[name]} ([B, heads, q_len, dim] as planned), got "
+                     f"{tuple(getattr(t, 'shape', ()))}")
+            if t.dtype != cache.dtype:
+                _err(f"{name} must match the cache dtype {cache.dtype}, got {t.dtype}")
+            if t.device != cache.device or self.page_table.device != cache.device:
+                _err(f"{name}, the plan and the cache must share one device, got {t.device}, "
+                     f"{self.page_table.device}, {cache.device}")
+            if t.stride(-1) != 1:
+                _err(f"{name} needs a unit stride on the last dim")
         if (cache.num_kv_heads, cache.head_dim, cache.index_dim, cache.page_size) != (
                 self.hkv, self.d, self.di, self.block_size):
             _err(f"cache (Hkv={cache.num_kv_heads}, D={cache.head_dim}, D_i={cache.index_dim}, "
                  f"page={cache.page_size}) does not match the decoder (Hkv={self.hkv}, D={self.d}, "
                  f"D_i={self.di}, block={self.block_size})")
-        if q.device != cache.device or q_idx.device != cache.device or self.page_table.device != cache.device:
-            _err(f"q, q_idx, the plan and the cache must share one device, got {q.device}, {q_idx.device}, "
-                 f"{self.page_table.device}, {cache.device}")
-        if q.stride(-1) != 1 or q_idx.stride(-1) != 1:
-            _err("q and q_idx need a unit stride on the last dim")

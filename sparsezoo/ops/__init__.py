@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from . import checks, reference
-from .dispatch import implementations_used, last_implementation, record, resolve
+from .dispatch import implementations_used, last_implementation, record, resolve, track_implementations
 
 __all__ = [
     "msa_select", "block_sparse_attention", "dense_attention", "msa_index_kl",
-    "implementations_used", "last_implementation",
+    "implementations_used", "last_implementation", "track_implementations",
 ]
 
 

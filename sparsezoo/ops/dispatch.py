@@ -7,6 +7,7 @@ back silently.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 
@@ -17,10 +18,13 @@ log = logging.getLogger("sparsezoo")
 BACKENDS = ("auto", "reference", "flex", "sdpa", "triton")
 _last: dict[str, str] = {}
 _announced: set[tuple[str, str]] = set()
+_trackers: list[dict[str, str]] = []
 
 
 def record(op: str, impl: str) -> None:
     _last[op] = impl
+    for tracker in _trackers:
+        tracker[op] = impl
     if (op, impl) not in _announced:
         _announced.add((op, impl))
         log.info("sparsezoo: %s ran the %r implementation", op, impl)
@@ -29,6 +33,17 @@ def record(op: str, impl: str) -> None:
 def implementations_used() -> dict[str, str]:
     """The implementation that ran last, per op, e.g. {'block_sparse_attention': 'flex'}."""
     return dict(_last)
+
+
+@contextlib.contextmanager
+def track_implementations():
+    """`with track_implementations() as used:` collects {op: implementation} of calls inside."""
+    used: dict[str, str] = {}
+    _trackers.append(used)
+    try:
+        yield used
+    finally:
+        _trackers.remove(used)
 
 
 def last_implementation(op: str) -> str | None:

@@ -31,27 +31,28 @@ def compiled_flex():
     return _compiled
 
 
+MASK_KV_BLOCK = 128  # BlockMask KV granularity for selection blocks smaller than the kernel tile
+
+
 def check_flex_block_size(block_size: int) -> None:
-    if block_size % 16 != 0:
+    if block_size % MASK_KV_BLOCK and MASK_KV_BLOCK % block_size:
         raise ValueError(
-            f"the flex backend needs block_size to be a multiple of 16 (the kernel's tensor-core "
-            f"tile), got {block_size}; use backend='reference' for other sizes")
+            f"the flex backend needs block_size to divide, or be a multiple of, the kernel tile "
+            f"{MASK_KV_BLOCK}, got {block_size}; use backend='reference' for other sizes")
 
 
-def _kernel_options(block_size: int, device: torch.device):
-    # Flex's kernel tiles must divide the BlockMask's KV block; defaults assume 128.
-    if device.type != "cuda" or block_size >= 128:
-        return None
-    n = min(block_size, 64)
-    return {"BLOCK_N": n, "BLOCK_N1": n, "BLOCK_N2": n, "BLOCK_M1": n, "BLOCK_M2": n}
+def mask_kv_block(block_size: int) -> int:
+    """Selection blocks smaller than the tile are grouped into 128-token BlockMask blocks (the
+    mask_mod stays exact), so flex's default kernel tiles always divide the BlockMask block."""
+    return max(block_size, MASK_KV_BLOCK)
 
 
-def run_flex(q, k, v, block_mask, scale, return_lse, enable_gqa=False, kernel_options=None):
+def run_flex(q, k, v, block_mask, scale, return_lse, enable_gqa=False):
     if return_lse and q.device.type == "cpu":
         raise ValueError("compiled FlexAttention on the CPU cannot return the LSE; "
                          "use backend='reference' there")
     out = compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                          return_lse=return_lse, kernel_options=kernel_options)
+                          return_lse=return_lse)
     return out
 
 
@@ -107,8 +108,8 @@ def unfold_heads(x: torch.Tensor, n_q_heads: int) -> torch.Tensor:
     return x.view(B, Hkv, R // G, G, *rest).transpose(2, 3).reshape(B, n_q_heads, R // G, *rest)
 
 
-def tile_block_union(block_idx: torch.Tensor, G: int, q_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per folded-query tile, the union of its tokens' selected blocks.
+def tile_block_union(block_idx: torch.Tensor, G: int, q_tile: int, coarsen: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per folded-query tile, the union of its tokens' selected blocks (ids // coarsen).
 
     block_idx [B, Hkv, T, k] -> (counts [B, Hkv, n_tiles] int32, ids [B, Hkv, n_tiles, W] int32),
     ids sorted ascending with valid entries first; W = tokens per tile x k.
@@ -124,7 +125,7 @@ def tile_block_union(block_idx: torch.Tensor, G: int, q_tile: int) -> tuple[torc
     tok = torch.minimum(t_lo[:, None] + torch.arange(W, device=dev), t_hi[:, None])  # [n_tiles, W]
     ids = block_idx[:, :, tok.reshape(-1)].reshape(B, H, n_tiles, W * K).long()
     big = torch.iinfo(torch.int32).max
-    ids = torch.sort(torch.where(ids < 0, big, ids), dim=-1).values
+    ids = torch.sort(torch.where(ids < 0, big, ids // coarsen), dim=-1).values
     dup = torch.zeros_like(ids, dtype=torch.bool)
     dup[..., 1:] = ids[..., 1:] == ids[..., :-1]
     ids = torch.sort(torch.where(dup, big, ids), dim=-1).values
@@ -178,13 +179,14 @@ def msa_block_mask(block_idx: torch.Tensor, n_q_heads: int, S: int, block_size: 
     """Compact BlockMask on folded rows for the selections block_idx [B, Hkv, T, k]."""
     B, Hkv, T, K = block_idx.shape
     G = n_q_heads // Hkv
-    counts, ids = tile_block_union(block_idx, G, q_tile)
+    kv_block = mask_kv_block(block_size)
+    counts, ids = tile_block_union(block_idx, G, q_tile, coarsen=kv_block // block_size)
     mask = BlockMask.from_kv_blocks(
-        counts, ids, BLOCK_SIZE=(q_tile, block_size),
+        counts, ids, BLOCK_SIZE=(q_tile, kv_block),
         mask_mod=msa_mask_mod(block_idx.to(torch.int32).contiguous(), G, S - T, block_size),
         seq_lengths=(T * G, S), compute_q_blocks=False)
     if with_backward:
-        mask.q_num_blocks, mask.q_indices = transpose_compact(counts, ids, math.ceil(S / block_size))
+        mask.q_num_blocks, mask.q_indices = transpose_compact(counts, ids, math.ceil(S / kv_block))
     return mask
 
 
@@ -193,8 +195,7 @@ def block_sparse_attention_flex(q, k, v, block_idx, block_size: int, scale: floa
     check_flex_block_size(block_size)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     mask = msa_block_mask(block_idx, Hq, S, block_size, with_backward=needs_grad)
-    res = run_flex(fold_heads(q, Hkv), k, v, mask, scale, return_lse,
-                   kernel_options=_kernel_options(block_size, q.device))
+    res = run_flex(fold_heads(q, Hkv), k, v, mask, scale, return_lse)
     if return_lse:
         out, lse = res
         return unfold_heads(out, Hq), unfold_heads(lse, Hq)

@@ -50,9 +50,9 @@ class MSAConfig(AttentionConfig):
         super().validate()
         if self.warmup_steps < 0 or self.kl_coeff < 0:
             raise ConfigError(f"warmup_steps and kl_coeff must be >= 0, got {self.warmup_steps}, {self.kl_coeff}")
-        if self.backend == "flex" and self.block_size % 16:
-            raise ConfigError(f"backend 'flex' needs block_size to be a multiple of 16 (the kernel tile), "
-                              f"got {self.block_size}")
+        if self.backend == "flex" and self.block_size % 128 and 128 % self.block_size:
+            raise ConfigError(f"backend 'flex' needs block_size to divide, or be a multiple of, the kernel "
+                              f"tile 128, got {self.block_size}")
 
 
 @register_variant("msa")

@@ -1,0 +1,252 @@
+"""The main job: run every registered variant on the same inputs and compare them to dense.
+
+    sparsezoo-compare                                   # embedded CPU default, about a minute
+    sparsezoo-compare --config configs/compare_gpu.yaml # the same job on a GPU
+
+Every variant is built from its configs/<name>.yaml with the comparison's layer dims, and loads the
+dense layer's q/k/v/o weights, so differences come from the attention pattern alone. Reported per
+variant: relative error against dense, forward time (median), peak extra memory, the fraction of the
+visible KV each query reads, and which implementation ran. Writes a markdown table, JSON, a summary
+plot and one attention-pattern PNG per variant (attn-gym's visualiser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from . import ops
+from .config import read_yaml
+from .registry import create_attention, list_variants
+
+DEFAULTS = {
+    "device": "cpu",
+    "dtype": "float32",
+    "batch": 1,
+    "seq_len": 1024,
+    "d_model": 256,
+    "n_heads": 8,
+    "n_kv_heads": 2,
+    "head_dim": 32,
+    "repeats": 3,
+    "kv_fraction_len": 1024,  # kv_pattern is O(T^2): measured on a prefix of at most this length
+    "pattern_len": 1024,  # tokens shown in the pattern pictures
+    "seed": 0,
+    "out": "out/compare",
+    "variants": None,  # None = every registered variant
+    "overrides": {},  # {variant: {field: value}} on top of configs/<variant>.yaml
+}
+DIMS = ("d_model", "n_heads", "n_kv_heads", "head_dim")
+
+
+def load_job_config(path: str | None, **cli) -> dict:
+    cfg = dict(DEFAULTS)
+    if path:
+        data = read_yaml(path)
+        unknown = sorted(set(data) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown compare field(s) {unknown}; valid fields: {sorted(DEFAULTS)}")
+        cfg.update(data)
+    cfg.update({k: v for k, v in cli.items() if v is not None})
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the config asks for device 'cuda' but no CUDA device is visible")
+    return cfg
+
+
+def variant_config(name: str, cfg: dict) -> dict:
+    path = resources.files("sparsezoo.configs").joinpath(f"{name}.yaml")
+    base = yaml.safe_load(path.read_text()) if path.is_file() else {"variant": name}
+    return {**base, **{d: cfg[d] for d in DIMS}, **cfg["overrides"].get(name, {})}
+
+
+def median_ms(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up (compilation, autotuning)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn, device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.name == "[memory]" or e.self_cpu_memory_usage),
+                    key=lambda e: e.time_range.start)
+    running = peak = 0
+    for e in events:
+        running += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def kv_fraction(pattern: torch.Tensor) -> float:
+    """Mean over queries of (keys read) / (keys visible), for a square causal pattern."""
+    T = pattern.shape[-1]
+    visible = torch.arange(1, T + 1, device=pattern.device, dtype=torch.float64)
+    return (pattern.sum(-1).double() / visible).mean().item()
+
+
+def run(cfg: dict) -> list[dict]:
+    device, dtype = torch.device(cfg["device"]), getattr(torch, cfg["dtype"])
+    names = cfg["variants"] or list_variants()
+    unknown = sorted(set(names) - set(list_variants()))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {list_variants()}")
+    names = ["dense"] + [n for n in names if n != "dense"]
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    x = torch.randn(cfg["batch"], cfg["seq_len"], cfg["d_model"], generator=gen).to(device, dtype)
+    torch.manual_seed(cfg["seed"])
+    dense = create_attention(variant_config("dense", cfg)).to(device, dtype).eval()
+    shared = dense.state_dict()
+    rows, reference_out, layers = [], None, {}
+    for name in tqdm(names, desc="variants", unit="variant"):
+        torch.manual_seed(cfg["seed"] + 1)
+        layer = create_attention(variant_config(name, cfg)).to(device, dtype).eval()
+        missing = layer.load_state_dict(shared, strict=False).unexpected_keys
+        if missing:
+            raise RuntimeError(f"{name} lacks the shared dense weights {missing}")
+        layers[name] = layer
+        with torch.no_grad(), ops.track_implementations() as impls:
+            out = layer(x)
+            ms = median_ms(lambda: layer(x), cfg["repeats"], device)
+            peak = peak_extra_bytes(lambda: layer(x), device)
+            n = min(cfg["kv_fraction_len"], cfg["seq_len"])
+            frac = kv_fraction(layer.kv_pattern(x[:, :n]))
+        if reference_out is None:
+            reference_out = out.double()
+        err = ((out.double() - reference_out).norm() / reference_out.norm()).item()
+        rows.append({"variant": name, "rel_err_vs_dense": err, "forward_ms": ms, "peak_extra_mb": peak / 2**20,
+                     "kv_read_fraction": frac, "kv_fraction_len": n, "implementations": _ops_used(impls)})
+    Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
+    save_patterns(layers, x[:, :cfg["pattern_len"]], Path(cfg["out"]))
+    return rows
+
+
+def _ops_used(impls: dict) -> str:
+    return ", ".join(f"{op}={impl}" for op, impl in sorted(impls.items()))
+
+
+def save_patterns(layers: dict, x: torch.Tensor, out: Path) -> None:
+    """One attn-gym picture per variant (head 0), plus an overview grid of every variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from attn_gym import visualize_attention_scores
+
+    patterns = {}
+    for name, layer in tqdm(layers.items(), desc="patterns", unit="variant"):
+        with torch.no_grad():
+            pat = layer.kv_pattern(x)[0, 0].cpu()
+        patterns[name] = pat
+
+        def mask_mod(b, h, q_idx, kv_idx, pat=pat):
+            return pat[q_idx, kv_idx]
+
+        T = pat.shape[0]
+        dummy = torch.ones(1, 1, T, 8)
+        visualize_attention_scores(dummy, dummy, mask_mod=mask_mod, device="cpu", name=f"{name} pattern",
+                                   path=out / f"pattern_{name}")
+    cols = min(3, len(patterns))
+    rows = -(-len(patterns) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, pat) in zip(axes.flat, patterns.items()):
+        ax.imshow(pat.float().numpy(), cmap="Blues", interpolation="nearest")
+        ax.set_title(f"{name}: {pat.sum().item() / pat.tril().numel() * 2:.0%} of the square", fontsize=10)
+        ax.axis("on")
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    fig.suptitle("Which keys each query reads (head 0, first tokens)")
+    fig.tight_layout()
+    fig.savefig(out / "patterns.png", dpi=120)
+    plt.close(fig)
+
+
+def to_markdown(rows: list[dict], cfg: dict, device_name: str) -> str:
+    head = (f"Compared on {device_name}, torch {torch.__version__}, {cfg['dtype']}, batch {cfg['batch']}, "
+            f"T = {cfg['seq_len']}, d_model {cfg['d_model']}, heads {cfg['n_heads']}/{cfg['n_kv_heads']}, "
+            f"head dim {cfg['head_dim']}.\n\n")
+    lines = ["| variant | rel. error vs dense | forward ms | peak extra MB | KV read fraction | implementations |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['rel_err_vs_dense']:.3g} | {r['forward_ms']:.2f} | "
+                     f"{r['peak_extra_mb']:.1f} | {r['kv_read_fraction']:.3f} (T={r['kv_fraction_len']}) | "
+                     f"{r['implementations']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_summary(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in rows]
+    panels = [("rel_err_vs_dense", "relative error vs dense"), ("forward_ms", "forward time (ms)"),
+              ("peak_extra_mb", "peak extra memory (MB)"), ("kv_read_fraction", "fraction of KV read")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (key, label) in zip(axes, panels):
+        ax.bar(names, [r[key] for r in rows], color="tab:blue")
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML job config (fields: %s)" % ", ".join(sorted(DEFAULTS)))
+    p.add_argument("--out", help="output folder (default out/compare)")
+    p.add_argument("--seq-len", type=int, dest="seq_len")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    args = p.parse_args(argv)
+    cfg = load_job_config(args.config, out=args.out, seq_len=args.seq_len, device=args.device)
+    rows = run(cfg)
+    out, name = Path(cfg["out"]), device_name(cfg["device"])
+    table = to_markdown(rows, cfg, name)
+    (out / "compare.md").write_text(table)
+    (out / "compare.json").write_text(json.dumps({"device": name, "torch": torch.__version__, "config": cfg,
+                                                  "results": rows}, indent=2))
+    plot_summary(rows, out / "compare.png", f"{name}, T={cfg['seq_len']}, {cfg['dtype']}")
+    print(table)
+    print(f"wrote {out}/compare.md, compare.json, compare.png, patterns.png and pattern_<variant>.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

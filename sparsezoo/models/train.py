@@ -1,0 +1,364 @@
+"""Train the example GPT from a YAML config (one implementation; examples/train.py calls it).
+
+    python examples/train.py --config configs/gpt_tiny.yaml --set model.attention=msa
+    torchrun --nproc_per_node 2 examples/train.py --config configs/gpt_small.yaml   # DDP (gloo on CPU)
+
+A run config has three sections: `model` (GPTConfig), `data` (DataConfig) and `train` (TrainConfig).
+MSA/DSA layers (anything with `set_routing`) run dense routing for their `warmup_steps` while the
+index branch learns from its KL, then switch to sparse routing. The LM loss and the index loss
+(`sparsezoo.aux_loss`) are logged separately. Output folder: checkpoint/ (safetensors + config.yaml,
+resumable with --resume), metrics.jsonl, loss.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+import sparsezoo
+from sparsezoo.config import ConfigError, read_yaml
+
+from . import checkpoint as ckpt
+from .data import Data, DataConfig, score
+from .gpt import GPT, GPTConfig
+
+log = logging.getLogger("sparsezoo.train")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8  # per process
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    lr_warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 50  # 0 = only at the end
+    eval_batches: int = 4
+    eval_lengths: list[int] | None = None  # synthetic-task eval lengths; default [data.seq_len]
+    log_every: int = 10
+    out_dir: str = "runs/gpt"
+    init_from: str | None = None  # checkpoint folder to start from (may be another variant)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    progress: bool = True
+    find_unused_parameters: bool = False  # for DDP with variants that leave parameters unused
+    time_limit_s: float | None = None  # stop early (and say so in the summary) after this many seconds
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown train field(s) {unknown}; valid fields: {names}")
+        return cls(**data)
+
+
+SECTIONS = ("model", "data", "train")
+
+
+def load_run_config(path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A run config dict from YAML (safe_load) plus `section.field=value` overrides (values parsed as YAML)."""
+    run = read_yaml(path) if path else {}
+    unknown = sorted(set(run) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown run config section(s) {unknown}; valid sections: {list(SECTIONS)}")
+    for item in sets:
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or parts[0] not in SECTIONS:
+            raise ConfigError(f"--set expects section.field=value with section in {list(SECTIONS)}, got {item!r}")
+        node = run.setdefault(parts[0], {})
+        for p in parts[1:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return {s: dict(run.get(s) or {}) for s in SECTIONS}
+
+
+def build(run: dict[str, Any]) -> tuple[GPTConfig, DataConfig, TrainConfig]:
+    return GPTConfig.from_dict(run["model"]), DataConfig.from_dict(run["data"]), TrainConfig.from_dict(run["train"])
+
+
+# -- distributed ---------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_pref: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on CUDA, gloo on CPU. Single process otherwise."""
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(0, 1, torch.device("cuda" if use_cuda else "cpu"))
+    local = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+
+
+def _all_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(t)
+        t /= d.world
+    return t
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+def autocast_for(device: torch.device, dtype: str):
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.dtype = {dtype!r}; choose one of ['auto', 'bf16', 'fp32']")
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: GPT, data: Data, n_batches: int, batch_size: int, lengths: list[int] | None = None,
+             device=None, dtype: str = "auto") -> dict[str, dict[str, float]]:
+    """Per task (and per length for synthetic tasks): mean loss, token accuracy, exact-answer accuracy."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for task in sorted(data.tasks):
+            for length in ([data.config.seq_len] if task == "text" else (lengths or [data.config.seq_len])):
+                loss_sum, hit, n, exact, rows = 0.0, 0, 0, 0, 0
+                for x, y in data.eval_batches(task, n_batches, batch_size, length, device):
+                    with autocast_for(device, dtype):
+                        logits, loss = model(x, y)
+                    h, m, e, r = score(logits, y)
+                    loss_sum += float(loss) * m
+                    hit, n, exact, rows = hit + h, n + m, exact + e, rows + r
+                results[f"{task}@{length}"] = {"loss": loss_sum / max(n, 1), "token_acc": hit / max(n, 1),
+                                               "exact": exact / max(rows, 1), "tokens_scored": n}
+    finally:
+        model.train(was_training)
+    return results
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.lr_warmup:
+        return cfg.lr * (step + 1) / cfg.lr_warmup
+    progress = (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+
+
+def train(run: dict[str, Any], resume: bool = False) -> dict[str, Any]:
+    """Train from a run config dict (see load_run_config). Returns a summary (history, evals, paths)."""
+    model_cfg, data_cfg, cfg = build(run)
+    d = setup_distributed(cfg.device)
+    out = Path(cfg.out_dir)
+    ckpt_dir = out / "checkpoint"
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    model = GPT(model_cfg).to(d.device)
+    data = Data(data_cfg, model_cfg.vocab_size, seed=cfg.seed)
+    optimizer = make_optimizer(model, cfg, fused=d.device.type == "cuda")
+    start, history, evals = 0, [], []
+    if cfg.init_from and not resume:
+        report = ckpt.load_weights(model, Path(cfg.init_from) / ckpt.WEIGHTS)
+        _say(d, f"init_from {cfg.init_from}:\n{report}")
+    if resume:
+        if not (ckpt_dir / ckpt.TRAIN_STATE).is_file():
+            raise FileNotFoundError(f"--resume: no resumable checkpoint in {ckpt_dir}")
+        ckpt.load_weights(model, ckpt_dir / ckpt.WEIGHTS, strict=True)
+        state = ckpt.load_train_state(ckpt_dir, optimizer)
+        start, history, evals = state["step"], state["history"], state["evals"]
+        _say(d, f"resumed from {ckpt_dir} at step {start}")
+    _say(d, model.describe() + f"\ntasks: {sorted(data.weights)}; world size {d.world}; device {d.device}")
+
+    wrapped = model
+    if d.world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters)
+
+    def save(step: int) -> None:
+        if d.main:
+            ckpt.save_checkpoint(ckpt_dir, model, run, optimizer,
+                                 {"step": step, "history": history, "evals": evals})
+            plot_history(history, evals, out / "loss.png", model.max_warmup_steps())
+
+    def run_eval(step: int) -> None:
+        if d.main:
+            phase = model.apply_routing_schedule(step)  # evaluate with the routing the next step uses
+            res = evaluate(model, data, cfg.eval_batches, cfg.batch_size, cfg.eval_lengths, d.device, cfg.dtype)
+            evals.append({"step": step, "phase": phase, **res})
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(evals[-1]) + "\n")
+            _say(d, f"eval @ {step}: " + ", ".join(f"{k} loss {v['loss']:.3f} acc {v['exact']:.2f}"
+                                                     for k, v in res.items()))
+        if d.world > 1:
+            dist.barrier()
+
+    bar = None
+    if d.main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+    pending: list[tuple[int, str, str, torch.Tensor]] = []
+    tokens_per_step = cfg.batch_size * data_cfg.seq_len * d.world
+    t_last, steps_since = time.perf_counter(), 0
+    model.train()
+    t_start, stopped_at = time.perf_counter(), None
+    for step in range(start, cfg.steps):
+        check_time = cfg.time_limit_s is not None and (d.world == 1 or step % cfg.log_every == 0)
+        if check_time and _out_of_time(t_start, cfg.time_limit_s, d):
+            stopped_at = step
+            _say(d, f"time limit {cfg.time_limit_s}s reached: stopping at step {step} of {cfg.steps}")
+            run_eval(step)
+            save(step)
+            break
+        phase = model.apply_routing_schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        task, x, y = data.train_batch(step, cfg.batch_size, d.rank, d.device)
+        with autocast_for(d.device, cfg.dtype):
+            _, lm_loss = wrapped(x, y)
+        aux = sparsezoo.aux_loss(model)
+        loss = lm_loss if aux is None else lm_loss + aux.float()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        pending.append((step, task, phase, torch.stack([lm_loss.detach().float(),
+                                                         (aux if aux is not None else lm_loss.new_zeros(())).detach().float()])))
+        steps_since += 1
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.log_every == 0 or last:
+            values = _all_mean(torch.stack([p[3] for p in pending]), d).tolist()
+            now = time.perf_counter()
+            tok_s = tokens_per_step * steps_since / (now - t_last)
+            for (s, tk, ph, _), (lm, ix) in zip(pending, values):
+                if not (math.isfinite(lm) and math.isfinite(ix)):
+                    raise FloatingPointError(f"step {s}: non-finite loss (lm {lm}, index {ix})")
+                history.append({"step": s, "task": tk, "phase": ph, "lm_loss": lm, "index_loss": ix,
+                                "lr": lr_at(s, cfg), "tokens_per_s": tok_s})
+            if bar is not None:
+                bar.set_postfix(task=task, lm=f"{values[-1][0]:.3f}", idx=f"{values[-1][1]:.3f}", phase=phase,
+                                tok_s=f"{tok_s:.0f}")
+            pending, t_last, steps_since = [], now, 0
+        if bar is not None:
+            bar.update(1)
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+            run_eval(step + 1)
+            save(step + 1)
+            t_last = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    if start >= cfg.steps and not evals:
+        run_eval(start)
+        save(start)
+    summary = {"history": history, "evals": evals, "out_dir": str(out), "checkpoint": str(ckpt_dir),
+               "steps_done": stopped_at if stopped_at is not None else max(start, cfg.steps),
+               "implementations": sparsezoo.ops.implementations_used(), "world": d.world}
+    if d.world > 1:
+        summary["rank_max_param_diff"] = _rank_param_diff(model, d)
+        _say(d, f"DDP: max parameter difference between ranks {summary['rank_max_param_diff']:.2e}")
+    return summary
+
+
+def _rank_param_diff(model: GPT, d: Dist) -> float:
+    """Largest difference between any rank's parameters and rank 0's (0 when DDP kept them in sync)."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
+def _out_of_time(t_start: float, limit: float, d: Dist) -> bool:
+    late = time.perf_counter() - t_start > limit
+    if d.world == 1:
+        return late
+    flag = torch.tensor([float(late)], device=d.device)
+    return bool(_all_mean(flag, d).item() > 0)  # every rank stops at the same step
+
+
+def plot_history(history: list[dict], evals: list[dict], path: Path, warmup: int = 0) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lm, ax_idx) = plt.subplots(1, 2, figsize=(11, 4))
+    for task in sorted({h["task"] for h in history}):
+        pts = [(h["step"], h["lm_loss"]) for h in history if h["task"] == task]
+        ax_lm.plot(*zip(*pts), lw=0.8, alpha=0.7, label=f"train {task}")
+    for key in sorted({k for e in evals for k in e if "@" in k}):
+        pts = [(e["step"], e[key]["loss"]) for e in evals if key in e]
+        ax_lm.plot(*zip(*pts), "o--", ms=3, label=f"eval {key}")
+    ax_lm.set(xlabel="step", ylabel="LM loss (nats/token)", title="LM loss")
+    ax_lm.legend(fontsize=7)
+    idx = [(h["step"], h["index_loss"]) for h in history if h["index_loss"] > 0]
+    if idx:
+        ax_idx.semilogy(*zip(*idx), lw=0.8)
+    if warmup:
+        ax_idx.axvspan(0, warmup, color="orange", alpha=0.15, label="dense warm-up")
+        ax_idx.legend(fontsize=7)
+    ax_idx.set(xlabel="step", ylabel="index KL", title="index loss (sparsezoo.aux_loss)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _say(d: Dist, text: str) -> None:
+    if d.main:
+        print(text, flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="run config YAML (sections model, data, train)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field, e.g. --set model.attention=msa (value parsed as YAML)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    summary = train(load_run_config(args.config, args.set), resume=args.resume)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

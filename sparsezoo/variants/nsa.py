@@ -1,0 +1,150 @@
+"""DeepSeek Native Sparse Attention (NSA, arXiv 2502.11089), as ../shared/docs/variants.md describes.
+
+o = g_cmp * Attn(q, K_cmp, V_cmp) + g_slc * Attn(q, K_slc, V_slc) + g_win * Attn(q, K_win, V_win)
+- compression: blocks of l keys at stride d, each mapped to one key/value by a learnable MLP with an
+  intra-block position encoding; a query sees compressed blocks that end at or before it.
+- selection: blocks of l' tokens scored by the compression probabilities of overlapping compressed
+  blocks, summed over the GQA group (the group shares the selection); top n with block 0 and the two
+  local blocks forced. Exact attention over the selected raw blocks (the main K/V).
+- sliding window of w tokens. Gates: per-head sigmoid of a linear map of the hidden state.
+With `separate_kv` the compression and window branches own their K/V projections (the paper's
+choice). Compressed entries are recomputed from the cached per-token keys, so prefill, chunked
+prefill and decode agree. No auxiliary loss: selection learns through the compression branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import AttentionConfig, ConfigError
+from ..ops import nsa as nsa_ops
+from ..registry import register_variant
+from ..rope import apply_rope
+from .base import AttentionLayer, selection_token_mask
+
+
+@dataclass
+class NSAConfig(AttentionConfig):
+    variant: str = "nsa"
+    cmp_block: int = 32  # l
+    cmp_stride: int = 16  # d
+    sel_block: int = 64  # l'
+    sel_topk: int = 16  # n (includes block 0 and the 2 local blocks)
+    window: int = 512  # w
+    compressor_hidden: int = 128
+    separate_kv: bool = True
+
+    CHOICES: ClassVar[dict[str, tuple]] = {"backend": ("auto", "reference", "flex")}
+    POSITIVE: ClassVar[tuple[str, ...]] = ("cmp_block", "cmp_stride", "sel_block", "sel_topk", "window",
+                                           "compressor_hidden")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.cmp_stride > self.cmp_block:
+            raise ConfigError(f"cmp_stride ({self.cmp_stride}) must be <= cmp_block ({self.cmp_block})")
+        if self.sel_topk < 3:
+            raise ConfigError(f"sel_topk must be >= 3 (block 0 and the 2 local blocks are forced), got {self.sel_topk}")
+        if self.backend == "flex" and self.sel_block % 16:
+            raise ConfigError(f"backend 'flex' needs sel_block to be a multiple of 16, got {self.sel_block}")
+
+
+class BlockCompressor(nn.Module):
+    """[B, H, S, D] per-token keys (or values) -> [B, H, Sc, D]: each block of `block` tokens at
+    `stride`, plus a learned intra-block position encoding, through a 2-layer MLP."""
+
+    def __init__(self, block: int, stride: int, dim: int, hidden: int):
+        super().__init__()
+        self.block, self.stride = block, stride
+        self.pos_emb = nn.Parameter(torch.randn(block, dim) * 0.02)
+        self.mlp = nn.Sequential(nn.Linear(block * dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, S, D = x.shape
+        if nsa_ops.n_compressed(S, self.block, self.stride) == 0:
+            return x.new_zeros(B, H, 0, D)
+        blocks = x.unfold(2, self.block, self.stride).transpose(-1, -2) + self.pos_emb  # [B, H, Sc, l, D]
+        return self.mlp(blocks.flatten(-2))
+
+
+@register_variant("nsa")
+class NSAAttention(AttentionLayer):
+    config_class = NSAConfig
+
+    def __init__(self, config: NSAConfig):
+        super().__init__(config)
+        c = config
+        D = c.head_dim
+        self.compress_k = BlockCompressor(c.cmp_block, c.cmp_stride, D, c.compressor_hidden)
+        self.compress_v = BlockCompressor(c.cmp_block, c.cmp_stride, D, c.compressor_hidden)
+        self.gate_proj = nn.Linear(c.d_model, 3 * c.n_heads)
+        if c.separate_kv:
+            kv = lambda: nn.Linear(c.d_model, c.n_kv_heads * D, bias=False)
+            self.k_cmp, self.v_cmp, self.k_win, self.v_win = kv(), kv(), kv(), kv()
+        self.fixed_gates: tuple[float, float, float] | None = None  # (cmp, slc, win) override for ablations
+        self.last_selection: torch.Tensor | None = None
+
+    def branch_kv(self, x, positions, cache, name: str, k, v):
+        """The (k, v) a branch reads: its own projections with `separate_kv`, else the main ones."""
+        if not self.config.separate_kv:
+            return k, v
+        B, T, _ = x.shape
+        shape = lambda t: t.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        kb = apply_rope(shape(getattr(self, f"k_{name}")(x)), positions, self.config.rope_theta)
+        vb = shape(getattr(self, f"v_{name}")(x))
+        if cache is not None:
+            kb = cache.append(f"k_{name}", kb, seq_dim=2)
+            vb = cache.append(f"v_{name}", vb, seq_dim=2)
+        return kb, vb
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """[3, B, Hq, T, 1]: compression, selection, window gates per head and token."""
+        B, T, _ = x.shape
+        if self.fixed_gates is not None:
+            g = torch.tensor(self.fixed_gates, dtype=x.dtype, device=x.device)
+            return g.view(3, 1, 1, 1, 1).expand(3, B, self.n_heads, T, 1)
+        g = torch.sigmoid(self.gate_proj(x)).view(B, T, self.n_heads, 3)
+        return g.permute(3, 0, 2, 1)[..., None]
+
+    def branches(self, x, q, k, v, positions, cache):
+        """Compressed keys/values and the selection, shared by attend() and kv_pattern()."""
+        c = self.config
+        S = k.shape[2]
+        k_c, v_c = self.branch_kv(x, positions, cache, "cmp", k, v)
+        k_w, v_w = self.branch_kv(x, positions, cache, "win", k, v)
+        kc, vc = self.compress_k(k_c), self.compress_v(v_c)
+        sel = nsa_ops.nsa_select(q.detach(), kc.detach(), S=S, block_len=c.cmp_block, stride=c.cmp_stride,
+                                 sel_block=c.sel_block, topk=c.sel_topk, scale=self.scale)
+        return kc, vc, k_w, v_w, sel
+
+    def attend(self, x, q, k, v, positions, cache):
+        c = self.config
+        S = k.shape[2]
+        kc, vc, k_w, v_w, sel = self.branches(x, q, k, v, positions, cache)
+        self.last_selection = sel
+        o_cmp = nsa_ops.compressed_attention(q, kc, vc, S=S, block_len=c.cmp_block, stride=c.cmp_stride,
+                                             scale=self.scale, backend=c.backend)
+        o_slc = ops.block_sparse_attention(q, k, v, sel, block_size=c.sel_block, scale=self.scale,
+                                           backend=c.backend)
+        o_win = nsa_ops.window_attention(q, k_w, v_w, window=c.window, scale=self.scale, backend=c.backend)
+        g = self.gates(x)
+        return g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
+
+    @torch.no_grad()
+    def kv_pattern(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw keys each query reads at full resolution: its selected blocks and its window. The
+        compression branch reads every visible compressed entry (about S / cmp_stride of them, dense
+        over the compressed sequence) and is left out, so the map shows the sparse reads."""
+        c = self.config
+        B, T, _ = x.shape
+        positions = torch.arange(T, device=x.device)
+        q, k, v = self.project_qkv(x, positions)
+        sel = self.branches(x, q, k, v, positions, None)[-1]
+        hit = selection_token_mask(sel, T, c.sel_block, self.n_heads)
+        pos = torch.arange(T, device=x.device)
+        window = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - c.window)
+        return hit | window
