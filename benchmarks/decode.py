@@ -207,8 +207,12 @@ def run_config(name, shape, S, B, Q, args, env, bw):
     dense_impl = min(dense, key=dense.get)
     dense_ms = dense[dense_impl]
 
-    dec = MSADecoder(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, index_dim=di, block_size=blk, topk=topk)
-    dec.plan(lens, table, Q, num_pages=caches[0].num_pages)
+    decs = {}
+    for idt in ("bf16", "fp8"):
+        decs[idt] = MSADecoder(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, index_dim=di, block_size=blk,
+                               topk=topk, index_config=args.index_configs.get(idt))
+        decs[idt].plan(lens, table, Q, num_pages=caches[0].num_pages)
+    dec = decs["bf16"]
     outs = [torch.empty_like(x) for x in qs]
 
     # sanity line: our attention kernel over every block (dense-equivalent), Q = 1 only
@@ -236,20 +240,21 @@ def run_config(name, shape, S, B, Q, args, env, bw):
     for idx_name, cs in (("bf16", caches), ("fp8", caches8)):
         if cs is None:
             continue
+        dec = decs[idx_name]
         dec.run(qs[0], qis[0], cs[0], out=outs[0])
         check_msa(dec, caches, table, S, qs[0], qis[0], outs[0], shape, fp8_cache=None if idx_name == "bf16" else cs[0])
         sel_unique = torch.tensor([torch.unique(dec.selection[b, h][dec.selection[b, h] >= 0]).numel()
                                    for b in range(B) for h in range(hkv)]).sum().item()
 
-        def step(cs=cs):
+        def step(cs=cs, dec=dec):
             for i in range(n_rot):
                 dec.run(qs[i], qis[i], cs[i], out=outs[i])
 
-        def index_only(cs=cs):
+        def index_only(cs=cs, dec=dec):
             for i in range(n_rot):
                 dec.select(qis[i], cs[i])
 
-        def attn_only(cs=cs):
+        def attn_only(cs=cs, dec=dec):
             for i in range(n_rot):
                 dec.attend(qs[i], cs[i], out=outs[i])
 
@@ -276,54 +281,55 @@ def run_config(name, shape, S, B, Q, args, env, bw):
                    dense_gbps=round(kv_bytes / (dense_ms * 1e-3) / 1e9, 1),
                    sanity_full_ms=None if sanity_ms is None else round(sanity_ms, 4),
                    graphed=graphed, rotated_layers=n_rot, index_splits=list(dec.index_split),
-                   attn_splits=list(dec.attn_split),
+                   attn_splits=list(dec.attn_split), index_config=dict(dec.index_config),
                    peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), copy_gbps=round(bw, 1))
         records.append(rec)
         print(f"  {name} S={S} B={B} Q={Q} idx={idx_name}: dense {dense_ms:.4f} ms ({dense_impl}), MSA "
               f"{msa_ms:.4f} ms (index {index_ms:.4f} + attn {attn_ms:.4f}), {rec['speedup']}x, "
               f"limit fraction {rec['limit_fraction']}, sanity {sanity_ms}", flush=True)
-    del caches, caches8, qs, qis, outs, dec
+    del caches, caches8, qs, qis, outs, dec, decs
     torch.cuda.empty_cache()
     return records
 
 
 # ---- indexer tuning sweep ----
-def tune_indexer(args, env, bw):
-    """Indexer-only time over launch configs (printed; picks nothing by itself)."""
+def tune_indexer(args, configs=((1 << 20, 1), (1 << 20, 8))):
+    """Indexer-only time over launch configs; returns the best index_config per index dtype (by
+    the summed time over `configs`) and every measurement."""
     import itertools
 
     from sparsezoo.paged_cache import MSADecoder
 
     dev = torch.device("cuda")
     shape = SHAPES["m3"]
-    results = []
-    for S, B in ((1 << 20, 1), (1 << 20, 8), (1 << 17, 32)):
+    grid = [dict(programs_per_sm=pps, pages_per_step=nb, num_stages=ns)
+            for pps, nb, ns in itertools.product((2, 4, 8), (1, 2, 4), (3,))]
+    results, total = [], {}
+    for S, B in configs:
         caches, caches8, table = make_caches(shape, S, B, 1, dev, True, seed=0)
         qi = torch.randn(B, shape["hkv"], 1, shape["di"], device=dev, dtype=torch.bfloat16)
         lens = torch.full((B,), S, dtype=torch.int32, device=dev)
         for idt, c in (("bf16", caches[0]), ("fp8", caches8[0])):
             idx_bytes = B * S * shape["di"] * (2 if idt == "bf16" else 1)
-            for pps, mb, nw, ns in itertools.product((1, 2, 4, 8), (8,), (4, 8), (2, 3, 4)):
+            for i, cfg in enumerate(grid):
                 dec = MSADecoder(num_q_heads=shape["hq"], num_kv_heads=shape["hkv"], head_dim=shape["d"],
-                                 index_dim=shape["di"], index_config=dict(programs_per_sm=pps, min_blocks=mb,
-                                                                          num_warps=nw, num_stages=ns))
+                                 index_dim=shape["di"], index_config=cfg)
                 dec.plan(lens, table, 1)
                 try:
                     ms = bench(lambda: dec.select(qi, c))[0]
                 except Exception as exc:
-                    print(f"  tune S={S} B={B} {idt} pps={pps} mb={mb} nw={nw} ns={ns}: failed {exc!s:.80}")
-                    continue
-                results.append(dict(S=S, B=B, idx=idt, pps=pps, mb=mb, nw=nw, ns=ns, ms=round(ms, 4),
-                                    splits=dec.index_split, gbps=round(idx_bytes / ms / 1e6, 1)))
-            best = sorted((r for r in results if r["S"] == S and r["B"] == B and r["idx"] == idt),
-                          key=lambda r: r["ms"])[:6]
-            for r in best:
-                print("  tune", r, flush=True)
+                    print(f"  tune S={S} B={B} {idt} {cfg}: failed {exc!s:.80}")
+                    ms = float("inf")
+                total[(idt, i)] = total.get((idt, i), 0.0) + ms / B  # per request: b=1 counts as much as b=8
+                results.append(dict(S=S, B=B, idx=idt, **cfg, ms=round(ms, 4), splits=dec.index_split,
+                                    gbps=round(idx_bytes / ms / 1e6, 1)))
+                print("  tune", results[-1], flush=True)
         del caches, caches8
         torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "tune.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    best = {idt: dict(grid[min((i for (t, i) in total if t == idt), key=lambda i: total[(idt, i)])])
+            for idt in ("bf16", "fp8")}
+    print("  tuned index configs:", best, flush=True)
+    return best, results
 
 
 # ---- reports --------------------------------------------------------------------------------
@@ -395,7 +401,8 @@ def parse(argv=None):
     p.add_argument("--no-sanity", dest="sanity", action="store_false", help="skip the full-selection line")
     p.add_argument("--flex", default="m3:131072:8:1,m3:1048576:1:1",
                    help="shape:len:batch:q_len configs that also time compiled FlexAttention ('' = none)")
-    p.add_argument("--tune", action="store_true", help="sweep the indexer's launch config and exit")
+    p.add_argument("--tune", action="store_true",
+                   help="first sweep the indexer's launch config at m3 1M b=1/b=8 and use the best per index dtype")
     p.add_argument("--time-budget", type=float, default=420.0, help="stop starting new configs after this many s")
     args = p.parse_args(argv)
     if args.quick:
@@ -417,8 +424,12 @@ def main(argv=None):
     env = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     bw = copy_bandwidth()
     print(f"{env}; copy bandwidth {bw:.0f} GB/s", flush=True)
+    args.index_configs, tune_results = {}, []
     if args.tune:
-        return tune_indexer(args, env, bw)
+        args.index_configs, tune_results = tune_indexer(args)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "tune.json"), "w") as f:
+            json.dump(dict(best=args.index_configs, results=tune_results), f, indent=1)
     cmd = "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
     records, t0 = [], time.time()
     for name in args.shapes.split(","):

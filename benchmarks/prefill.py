@@ -139,7 +139,7 @@ def dense_fns(q, k, v, scale, with_flex):
     return fns
 
 
-def time_dense(q, k, v, scale, names, reps, train=False):
+def time_dense(q, k, v, scale, names, reps, train=False, warmup=1):
     res = {}
     fns = dense_fns(q, k, v, scale, "flex" in names)
     for name in names:
@@ -154,7 +154,7 @@ def time_dense(q, k, v, scale, names, reps, train=False):
                 out = f0()
                 torch.autograd.backward(out, go)
         try:
-            res[name] = bench(fn, reps)
+            res[name] = bench(fn, reps, warmup)
         except Exception as e:  # a backend the build lacks is reported, not silently replaced
             print(f"  dense {name}: unavailable ({type(e).__name__}: {str(e)[:120]})", flush=True)
         finally:
@@ -192,9 +192,8 @@ def run_length(T, sh, args, mm_rate, records, with_train):
     torch.cuda.synchronize()
     peak_extra = torch.cuda.max_memory_allocated() - base_mem - out.numel() * out.element_size()
     sel_err, att_err = check_prefill(q, k, v, q_idx, k_idx, sel, out, sh)
-    TM = 128 // (sh["Hq"] // sh["Hkv"])
-    cnt = sat.tile_unions(sel, TM)[0]
-    union = cnt.float().mean().item()
+    TM = sat._tiling(sh["Hq"] // sh["Hkv"], sh["block"], q.device, sat.ATTN_CONFIG)[0]
+    union = sat.tile_plan(sel, TM, sat.ATTN_CONFIG["WINDOW"])[1].float().mean().item()
     del out
     t_sel = bench(sel_fn, reps)
     t_probe = bench(probe_fn, reps)
@@ -202,7 +201,7 @@ def run_length(T, sh, args, mm_rate, records, with_train):
     t_total = bench(total_fn, reps)
     names = ["cudnn", "flash", "flex"] if T <= 128 * KB else ["cudnn"]
     dense_reps = None if T <= 128 * KB else 1
-    dense = time_dense(q, k, v, 1 / math.sqrt(sh["D"]), names, dense_reps)
+    dense = time_dense(q, k, v, 1 / math.sqrt(sh["D"]), names, dense_reps, warmup=0 if T > 512 * KB else 1)
     if not dense:
         dense = time_dense(q, k, v, 1 / math.sqrt(sh["D"]), ["flash"], dense_reps)
     best = min(dense, key=dense.get)
@@ -216,7 +215,8 @@ def run_length(T, sh, args, mm_rate, records, with_train):
                attention_tflops=sparse_flops(T, sh) / 2 / t_attn / 1e9,
                flop_limit=flop_limit(T, sh), limit_fraction=dense[best] / t_total / flop_limit(T, sh),
                union_blocks_per_tile=union, peak_extra_bytes=peak_extra, qkv_bytes=qkv_bytes,
-               peak_extra_over_qkv=peak_extra / qkv_bytes, sel_score_err=sel_err, attn_err=att_err)
+               peak_extra_over_qkv=peak_extra / qkv_bytes, sel_score_err=sel_err, attn_err=att_err,
+               tokens_per_tile=TM, attn_config=dict(sat.ATTN_CONFIG))
     if T <= 128 * KB:  # uncorrelated index queries: wider unions
         from sparsezoo.kernels import select_triton as st
 
@@ -225,7 +225,7 @@ def run_length(T, sh, args, mm_rate, records, with_train):
 
         sel_iid = st.msa_select_triton(qi_iid, k_idx, sh["block"], sh["topk"], 1 / math.sqrt(sh["Di"]))
         rec["attention_iid_ms"] = bench(lambda: attn_fn(sel_iid), reps)
-        rec["union_blocks_per_tile_iid"] = sat.tile_unions(sel_iid, TM)[0].float().mean().item()
+        rec["union_blocks_per_tile_iid"] = sat.tile_plan(sel_iid, TM, sat.ATTN_CONFIG["WINDOW"])[1].float().mean().item()
         del sel_iid, qi_iid
     if T <= 128 * KB:
         from sparsezoo.ops import block_sparse_attention
@@ -349,6 +349,52 @@ def sweep(sh, lengths):
         torch.cuda.empty_cache()
 
 
+def tune_attention(sh, T):
+    """Time a few attention tilings (fwd, then fwd+bwd) at length T and keep the fastest."""
+    from sparsezoo.kernels import select_triton as st
+    from sparsezoo.kernels import sparse_attention_triton as sat
+
+    q, k, v, q_idx, k_idx = make_inputs(T, sh)
+    sel = st.msa_select_triton(q_idx, k_idx, sh["block"], sh["topk"], 1 / math.sqrt(sh["Di"]))
+    scale = 1 / math.sqrt(sh["D"])
+    want = sat.block_sparse_attention_triton(q, k, v, sel, sh["block"], scale)
+    best = None
+    for rows, nw, ns in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2)]:
+        for window in (1, 256):
+            cfg = dict(ROWS=rows, num_warps=nw, num_stages=ns, WINDOW=window)
+            f = lambda: sat.block_sparse_attention_triton(q, k, v, sel, sh["block"], scale, config=cfg)
+            try:
+                err = (f().float() - want.float()).abs().max().item()
+            except Exception as e:  # e.g. out of shared memory: reported and skipped
+                print(f"  tune fwd rows={rows} w={nw} s={ns}: failed {type(e).__name__}", flush=True)
+                continue
+            assert err < 1e-2, f"tiling {cfg} disagrees ({err})"
+            ms = bench(f)
+            print(f"  tune fwd T={T} rows={rows} w={nw} s={ns} window={window}: {ms:7.2f} ms", flush=True)
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+    sat.ATTN_CONFIG.update(best[1])
+    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+    go = torch.randn_like(q)
+    bbest = None
+    for nw, ns in [(4, 2), (8, 1), (8, 2)]:
+        cfg = dict(bwd_warps=nw, bwd_stages=ns)
+
+        def f():
+            for x in (qq, kk, vv):
+                x.grad = None
+            out = sat.block_sparse_attention_triton(qq, kk, vv, sel, sh["block"], scale, config=cfg)
+            torch.autograd.backward(out, go)
+        ms = bench(f)
+        print(f"  tune fwd+bwd T={T} bwd_warps={nw} bwd_stages={ns}: {ms:7.2f} ms", flush=True)
+        if bbest is None or ms < bbest[0]:
+            bbest = (ms, cfg)
+    sat.ATTN_CONFIG.update(bbest[1])
+    print(f"  chosen attention config: {sat.ATTN_CONFIG}", flush=True)
+    del q, k, v, q_idx, k_idx, qq, kk, vv
+    torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def write_outputs(records, out_dir, card):
@@ -403,6 +449,7 @@ def main(argv=None):
     p.add_argument("--lengths", default="32,128,512,1024", help="prefill lengths in k tokens")
     p.add_argument("--train-lengths", default="32,128", help="fwd+bwd lengths in k tokens")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--tune", action="store_true", help="pick the attention tiling at 128k first (printed)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/prefill.py needs a CUDA GPU")
@@ -414,6 +461,8 @@ def main(argv=None):
         return
     mm = matmul_rate()
     print(f"bf16 matmul 8192^3: {mm:.0f} TFLOP/s", flush=True)
+    if args.tune:
+        tune_attention(sh, 128 * KB)
     train = {int(x) * KB for x in args.train_lengths.split(",") if x}
     records = []
     t0 = time.time()

@@ -74,7 +74,8 @@ def run_config(args, variant: str, backend: str) -> dict:
     model = {"vocab_size": 512, **MODELS[args.preset], "attention": variant, "dense_layers": args.dense_layers,
              "attention_overrides": {variant: variant_overrides(variant, args.preset, warmup, backend)}}
     data = {"task": "mix", "seq_len": args.train_len, "passkey_len": args.passkey_len, "n_pairs": args.n_pairs,
-            "n_queries": args.n_pairs, "text_path": args.text, "text_glob": args.text_glob}
+            "n_queries": args.n_pairs, "text_path": args.text, "text_glob": args.text_glob,
+            "mix": {k: float(w) for k, w in (item.split("=") for item in args.mix.split(","))}}
     train = {"steps": steps, "batch_size": args.batch, "lr": args.lr, "lr_warmup": max(1, steps // 20),
              "seed": args.seed, "eval_every": 0, "eval_batches": 2, "log_every": 10, "device": args.device,
              "out_dir": str(Path(args.out) / variant), "progress": False, "time_limit_s": args.time_limit}
@@ -104,7 +105,7 @@ def train_worker(spec: dict) -> dict:
     data = Data(DataConfig.from_dict(run["data"]), model.config.vocab_size, seed=run["train"]["seed"])
     results = {"variant": variant, "train_seconds": train_s, "steps_done": summary["steps_done"],
                "final_train_lm": _tail_mean(summary["history"]), "implementations_train": dict(train_impls),
-               "attention_config": eval_over, "accuracy": {}, "errors": {}}
+               "attention_config": run["model"]["attention_overrides"][variant], "accuracy": {}, "errors": {}}
     n_batches = max(1, args["eval_samples"] // args["eval_batch"])
     with sparsezoo.ops.track_implementations() as eval_impls:
         text = evaluate(model, _only(data, "text"), n_batches, args["eval_batch"], device=device) if "text" in data.tasks else {}
@@ -233,9 +234,16 @@ def launch(kind: str, spec_path: Path, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
 
 
-def run_jobs(kind: str, specs: dict[str, Path], out: Path, jobs: int, timeout: float) -> dict[str, dict]:
+def run_jobs(kind: str, specs: dict[str, Path], out: Path, jobs: int, timeout: float,
+             deadline: float = math.inf) -> dict[str, dict]:
+    """Run workers, `jobs` at a time; a worker past `timeout` is killed, and none starts after
+    `deadline` (time.perf_counter()); both are reported as failures."""
     pending, running, results = list(specs), {}, {}
     while pending or running:
+        if pending and time.perf_counter() > deadline:
+            for v in pending:
+                results[v] = {"variant": v, "failed": "skipped: the run's --deadline passed"}
+            pending = []
         while pending and len(running) < jobs:
             v = pending.pop(0)
             running[v] = (launch(kind, specs[v], out / v / f"{kind}.log"), time.perf_counter())
@@ -295,7 +303,7 @@ def write_report(out: Path, args, quality: dict, speed: dict, device_name: str) 
           f"Same GPT for every variant: {MODELS[args.preset]}, vocab 512, dense_layers {args.dense_layers}; "
           f"{args.steps} steps x batch {args.batch} x {args.train_len} tokens, lr {args.lr}, seed {args.seed}; "
           f"task mix = passkey ({args.passkey_len} tokens) + multi-query recall ({args.n_pairs} pairs) + byte-level "
-          f"text ({args.text}, {args.text_glob}). MSA/DSA: dense warm-up with the index KL for "
+          f"text ({args.text}, {args.text_glob}), weights {args.mix}. MSA/DSA: dense warm-up with the index KL for "
           f"{int(args.warmup_frac * args.steps)} steps, then sparse.\n\n"
           f"Accuracy = fraction of {args.eval_samples} held-out samples answered exactly (greedy). Lengths above "
           f"{args.train_len} are extrapolation (trained at {args.train_len}). KV read = mean fraction of the visible "
@@ -363,6 +371,7 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", default=str(REPO), help="local text file or folder for the LM task")
     p.add_argument("--text-glob", default="**/*.py")
+    p.add_argument("--mix", default="needle=2,recall=2,text=1", help="task weights of the training mix")
     p.add_argument("--backend", default="auto", help="attention backend for training")
     p.add_argument("--eval-backend", default="reference",
                    help="backend for long evals and decode (fixed-shape compiles would recompile per length)")
@@ -374,7 +383,9 @@ def parse(argv=None):
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--speed-warmup", type=int, default=3)
     p.add_argument("--speed-steps", type=int, default=5)
+    p.add_argument("--speed-timeout", type=float, default=300)
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--deadline", type=float, default=math.inf, help="start no speed worker after this many seconds")
     p.add_argument("--worker", choices=["train", "speed"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -410,7 +421,7 @@ def main(argv=None):
     speed = {}
     if not args.skip_speed:
         trained = {v: p for v, p in specs.items() if "failed" not in quality[v]}
-        speed = run_jobs("speed", trained, out, 1, args.worker_timeout)
+        speed = run_jobs("speed", trained, out, 1, args.speed_timeout, t0 + args.deadline)
     print(f"total: {time.perf_counter() - t0:.0f}s", flush=True)
     write_report(out, args, quality, speed, device_name)
 

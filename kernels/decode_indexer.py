@@ -46,7 +46,7 @@ def _index_split_kernel(
     blocks_per_split, n_splits, sm_scale,
     H: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     K1: tl.constexpr, K1P: tl.constexpr, ROWS: tl.constexpr, SCALE_MODE: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, FP8_KEYS: tl.constexpr, NB: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -64,6 +64,13 @@ def _index_split_kernel(
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :],
                 mask=row_ok[:, None], other=0.0)
+    q_unscale = 1.0
+    if FP8_KEYS:
+        # e4m3 keys convert exactly to fp16; scale q by a power of two into fp16's range (exact).
+        amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0)
+        q_scale = tl.minimum(tl.exp2(tl.floor(tl.log2(16384.0 / tl.maximum(amax, 1e-30)))), 1.0)
+        q = (q.to(tl.float32) * q_scale).to(tl.float16)
+        q_unscale = 1.0 / q_scale
 
     # Running top-(k-1) per row as packed keys. Empty slots hold distinct keys below any real one;
     # padding slots (>= K1) hold the largest key so they are never evicted.
@@ -71,24 +78,34 @@ def _index_split_kernel(
     empty = tl.where(slot < K1, -9223372036854775807 + slot.to(tl.int64), 9223372036854775807)
     top = empty[None, :] + tl.zeros([ROWS, K1P], tl.int64)
     tok = tl.arange(0, PAGE)
+    nb = tl.arange(0, NB)
 
-    for j in range(start, end):
-        page = tl.load(pt_ptr + b * stride_ptb + j).to(tl.int64)
-        k = tl.load(kidx_ptr + page * stride_kp + tok[:, None] * stride_kt + d[None, :])
+    for j0 in range(start, end, NB):  # NB pages per step: one [ROWS, NB*PAGE] dot
+        jj = j0 + nb
+        ok = jj < end
+        pages = tl.load(pt_ptr + b * stride_ptb + jj, mask=ok, other=0).to(tl.int64)
+        offs = pages[:, None, None] * stride_kp + tok[None, :, None] * stride_kt + d[None, None, :]
+        k = tl.load(kidx_ptr + offs, mask=ok[:, None, None], other=0.0)
+        k = tl.reshape(k, [NB * PAGE, D]).to(q.dtype)
         if IEEE:
-            sc = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
-            sc = tl.dot(q, tl.trans(k.to(q.dtype)))
+            sc = tl.dot(q, tl.trans(k))
         if SCALE_MODE == 2:
-            sc = sc * tl.load(kscale_ptr + page * PAGE + tok)[None, :]
-        m = tl.max(sc, axis=1)
+            tscale = tl.load(kscale_ptr + pages[:, None] * PAGE + tok[None, :], mask=ok[:, None], other=0.0)
+            sc = sc * tl.reshape(tscale, [NB * PAGE])[None, :]
+        m = tl.max(tl.reshape(sc, [ROWS, NB, PAGE]), axis=2)  # block max [ROWS, NB]
         if SCALE_MODE == 1:
-            m = m * tl.load(kscale_ptr + page)
-        key = _pack(m * sm_scale, j)
-        # Evict the smallest key (lowest score; among equal scores the largest id) if beaten.
-        worst = tl.min(top, axis=1)
-        take = (key > worst) & (j < local)
-        top = tl.where((top == worst[:, None]) & take[:, None], key[:, None], top)
+            m = m * tl.load(kscale_ptr + pages, mask=ok, other=0.0)[None, :]
+        keys = _pack(m * (sm_scale * q_unscale), jj[None, :])
+        takes = ok[None, :] & (jj[None, :] < local[:, None])
+        for i in tl.static_range(NB):  # insert in ascending block order (keeps the tie rule)
+            key = tl.max(tl.where(nb[None, :] == i, keys, -9223372036854775807), axis=1)
+            take = tl.max(tl.where(nb[None, :] == i, takes.to(tl.int32), 0), axis=1) > 0
+            # Evict the smallest key (lowest score; among equal scores the largest id) if beaten.
+            worst = tl.min(top, axis=1)
+            take = take & (key > worst)
+            top = tl.where((top == worst[:, None]) & take[:, None], key[:, None], top)
 
     out = ((b * n_splits + s) * (H * Q) + rows[:, None]) * K1 + slot[None, :]
     tl.store(part_ptr + out, top, mask=row_ok[:, None] & (slot[None, :] < K1))
@@ -148,7 +165,7 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
                   scale_mode: str | None, page_table: torch.Tensor, seq_lens: torch.Tensor, *,
                   topk: int, scale: float, blocks_per_split: int, n_splits: int,
                   out: torch.Tensor, workspace: torch.Tensor, num_warps: int = 4,
-                  num_stages: int = 3) -> torch.Tensor:
+                  num_stages: int = 3, pages_per_step: int = 2) -> torch.Tensor:
     """Launch split + merge. q_idx [B, H_i, Q, D_i]; k_idx_cache [P, page, D_i]; page_table int32
     [B, n_pages]; seq_lens int32 [B] (lengths including the Q new tokens); out int32 [B, H_i, Q, k].
     No host syncs: capturable in a CUDA graph."""
@@ -174,7 +191,9 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
         page_table.stride(0),
         blocks_per_split, n_splits, scale,
         H=H, Q=Q, D=D, PAGE=page, K1=k1, K1P=_next_pow2(k1), ROWS=rows, SCALE_MODE=mode,
-        IEEE=q_idx.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        IEEE=q_idx.dtype == torch.float32 and k_idx_cache.dtype == torch.float32,
+        FP8_KEYS=k_idx_cache.dtype == torch.float8_e4m3fn, NB=pages_per_step,
+        num_warps=num_warps, num_stages=num_stages,
     )
     nc = _next_pow2(n_splits * k1)
     _index_merge_kernel[(B, H * Q)](

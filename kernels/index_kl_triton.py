@@ -35,7 +35,7 @@ def _group_mean_t(pt, TM: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, CNT, IDS, BITS, T, S, qk_scale, z_scale, gscale,
+def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, TOK, CNT, IDS, BITS, T, S, qk_scale, z_scale, gscale,
                      sqb, sqh, sqt, sqd, skb, skh, sks, skd, sib, sih, sit, sid, sjb, sjs, sjd,
                      slb, slh, slt, sab, sah, sat_, scb, sch, sct,
                      TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
@@ -45,7 +45,8 @@ def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, CNT, IDS, BITS, T, S, qk_sc
     tile = n_tiles - 1 - tl.program_id(0)
     g = tl.program_id(1)
     b = tl.program_id(2)
-    tl_tok, head, t, row_ok, pos = sat._row_setup(tile, g, T, S, TM, G, BM)
+    tl_tok, head, t, row_ok, pos = sat._row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S,
+                                                  TM, G, BM)
     d = tl.arange(0, BD)
     di = tl.arange(0, BDI)
     q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
@@ -101,13 +102,13 @@ def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, CNT, IDS, BITS, T, S, qk_sc
     tl.store(LOSS + (b * tl.num_programs(1) + g) * n_tiles + tile, tl.sum(loss) / G)
     if WITH_GRAD:
         dqi_tok = tl.sum(tl.reshape(dqi, [TM, G, BDI]), axis=1)  # [TM, BDI]
-        tt = tile * TM + tl.arange(0, TM)
+        tt = tl.load(TOK + ((b * tl.num_programs(1) + g) * n_tiles + tile) * TM + tl.arange(0, TM))
         tl.store(DQI + b * sib + g * sih + tt[:, None] * sit + di[None, :] * sid, dqi_tok,
                  mask=(tt[:, None] < T) & (di[None, :] < DI))
 
 
 @triton.jit
-def _kl_key_kernel(Q, K, QI, KI, L, LQ, DKI, ITEMS, ILEN, ETILE, EBITS, T, S, HKV, qk_scale, z_scale, gscale,
+def _kl_key_kernel(Q, K, QI, KI, L, LQ, DKI, TOK, ITEMS, ILEN, ETILE, EBITS, T, S, HKV, NT, qk_scale, z_scale, gscale,
                    sqb, sqh, sqt, sqd, skb, skh, sks, skd, sib, sih, sit, sid, sjb, sjs, sjd,
                    slb, slh, slt, sab, sah, sat_,
                    TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
@@ -132,7 +133,7 @@ def _kl_key_kernel(Q, K, QI, KI, L, LQ, DKI, ITEMS, ILEN, ETILE, EBITS, T, S, HK
     dki = tl.zeros([BN, BDI], tl.float32)
     for i in range(0, n):
         tile = tl.load(ETILE + start + i)
-        tl_tok, head, t, row_ok, pos = sat._row_setup(tile, g, T, S, TM, G, BM)
+        tl_tok, head, t, row_ok, pos = sat._row_setup(TOK, bh, NT, tile, g, T, S, TM, G, BM)
         member = ((tl.load(EBITS + start + i) >> tl_tok) & 1) != 0
         q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
                     mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
@@ -167,10 +168,10 @@ def index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_sca
     _check_group(G)
     TM, BM, BN = sat._tiling(G, block_size, q.device, cfg)
     block_idx = block_idx.to(torch.int32)
-    unions = sat.tile_unions(block_idx, TM)
+    plan = sat.tile_plan(block_idx, TM, cfg["WINDOW"])
     if main_lse is None:
-        main_lse = sat._forward(q, k, k, block_idx, block_size, scale, True, cfg, unions)[1]
-    cnt, ids, bits = unions
+        main_lse = sat._forward(q, k, k, block_idx, block_size, scale, True, cfg, plan)[1]
+    tok, cnt, ids, bits = plan
     NT = cnt.shape[-1]
     z_scale = index_scale / temperature
     gscale = coeff * z_scale / (B * Hkv * T * G)  # each token appears in G rows
@@ -184,7 +185,7 @@ def index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_sca
     BD, BDI = max(sat._pow2(D), 16), max(sat._pow2(DI), 16)
     common = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD, DI=DI, BDI=BDI)
     _kl_query_kernel[(NT, Hkv, B)](
-        q, k, q_idx, k_idx, main_lse, lq, dqi, loss_parts, cnt, ids, bits, T, S,
+        q, k, q_idx, k_idx, main_lse, lq, dqi, loss_parts, tok, cnt, ids, bits, T, S,
         scale * sat.LOG2E, z_scale, gscale,
         *q.stride(), *k.stride(), *qi_strides, *k_idx.stride(), *main_lse.stride(), *lq.stride(),
         *ids.stride()[:3], WITH_GRAD=with_grad, **common,
@@ -198,7 +199,7 @@ def index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_sca
         k_idx = k_idx.contiguous()
     if items.shape[0] > 0:
         _kl_key_kernel[(items.shape[0], block_size // BN)](
-            q, k, q_idx, k_idx, main_lse, lq, dki, items, ilen, etile, ebits, T, S, Hkv,
+            q, k, q_idx, k_idx, main_lse, lq, dki, tok, items, ilen, etile, ebits, T, S, Hkv, NT,
             scale * sat.LOG2E, z_scale, gscale,
             *q.stride(), *k.stride(), *q_idx.stride(), *k_idx.stride(), *main_lse.stride(),
             *lq.stride(), **common,

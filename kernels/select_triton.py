@@ -22,7 +22,7 @@ import triton.language as tl
 
 from sparsezoo.ops.dispatch import record
 
-_BIG = 1 << 30
+_BIG = tl.constexpr(1 << 30)
 
 # Tiling for the GPU (rows = HEADS x TOKENS). Tuned on H100 (docs/prefill.md).
 SELECT_CONFIG = {"HG": 4, "TM": 32, "BN": 128, "num_warps": 8, "num_stages": 3}

@@ -24,8 +24,8 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # GPU tiling, tuned on H100 (docs/prefill.md). ROWS = tokens per tile x G.
-ATTN_CONFIG = {"ROWS": 128, "num_warps": 8, "num_stages": 2, "BN": 128, "SEG": 32,
-               "bwd_warps": 8, "bwd_stages": 1}
+ATTN_CONFIG = {"ROWS": 64, "num_warps": 4, "num_stages": 3, "BN": 128, "SEG": 32,
+               "bwd_warps": 8, "bwd_stages": 2, "WINDOW": 256}
 _INTERPRET_ROWS = 16
 
 
@@ -34,6 +34,34 @@ def _pow2(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------- tile unions
+
+def token_order(block_idx: torch.Tensor, TM: int, window: int) -> torch.Tensor:
+    """Token order for tiling: inside windows of `window` tokens, tokens are sorted by their first
+    two selected ids (the indexer emits best-first), so tokens with similar selections share a tile
+    and the tile unions shrink. Any order is exact; this one only saves work. -> int32
+    [B, H, NT*TM], padded with T."""
+    B, H, T, K = block_idx.shape
+    NT = triton.cdiv(T, TM)
+    t = torch.arange(T, device=block_idx.device)
+    if window > 1 and K >= 1:
+        nb = int(block_idx.max().item()) + 2
+        first = block_idx[..., 0].long() + 1
+        second = block_idx[..., 1].long() + 1 if K > 1 else torch.zeros_like(first)
+        key = (t // window) * (nb * nb) + first * nb + second
+        order = torch.argsort(key, dim=-1, stable=True).to(torch.int32)
+    else:
+        order = t.to(torch.int32).expand(B, H, T)
+    return torch.nn.functional.pad(order, (0, NT * TM - T), value=T).contiguous()
+
+
+def tile_plan(block_idx: torch.Tensor, TM: int, window: int):
+    """(token order, union counts, union ids, token bitmasks) for tiles of TM tokens."""
+    tok = token_order(block_idx, TM, window)
+    B, H, T, K = block_idx.shape
+    sel = torch.gather(block_idx, 2, tok.clamp(max=T - 1).long()[..., None].expand(B, H, tok.shape[-1], K))
+    sel = torch.where((tok < T)[..., None], sel, -1)
+    return (tok, *tile_unions(sel, TM))
+
 
 def tile_unions(block_idx: torch.Tensor, TM: int, chunk_entries: int = 1 << 24):
     """Per tile of TM tokens: the union of selected blocks and, per union entry, the bitmask of
@@ -103,18 +131,19 @@ def key_block_lists(counts, ids, bits, n_blocks: int, seg: int):
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _row_setup(tile, g, T, S, TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
+def _row_setup(TOK, bg, n_tiles, tile, g, T, S, TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
+    """Rows of one tile: its TM tokens (from the token order TOK) x the G heads of group g."""
     r = tl.arange(0, BM)
     tl_tok = r // G
     head = (g * G + r % G).to(tl.int64)  # head * stride overflows int32 at 1M tokens
-    t = tile * TM + tl_tok
+    t = tl.load(TOK + (bg * n_tiles + tile) * TM + tl_tok, mask=r < TM * G, other=T)
     row_ok = (r < TM * G) & (t < T)
     pos = S - T + t
     return tl_tok, head, t, row_ok, pos
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, L, CNT, IDS, BITS, T, S, W, qk_scale,
+def _fwd_kernel(Q, K, V, O, L, TOK, CNT, IDS, BITS, T, S, W, qk_scale,
                 sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                 sob, soh, sot, sod, slb, slh, slt, scb, sch, sct,
                 TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
@@ -123,7 +152,7 @@ def _fwd_kernel(Q, K, V, O, L, CNT, IDS, BITS, T, S, W, qk_scale,
     tile = n_tiles - 1 - tl.program_id(0)
     g = tl.program_id(1)
     b = tl.program_id(2)
-    tl_tok, head, t, row_ok, pos = _row_setup(tile, g, T, S, TM, G, BM)
+    tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S, TM, G, BM)
     d = tl.arange(0, BD)
     dmask = d[None, :] < D
     q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
@@ -164,7 +193,7 @@ def _fwd_kernel(Q, K, V, O, L, CNT, IDS, BITS, T, S, W, qk_scale,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, CNT, IDS, BITS, T, S, W, qk_scale, scale,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, CNT, IDS, BITS, T, S, W, qk_scale, scale,
                    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                    slb, slh, slt, scb, sch, sct,
                    TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
@@ -174,7 +203,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, CNT, IDS, BITS, T, S, W, qk_scale,
     tile = n_tiles - 1 - tl.program_id(0)
     g = tl.program_id(1)
     b = tl.program_id(2)
-    tl_tok, head, t, row_ok, pos = _row_setup(tile, g, T, S, TM, G, BM)
+    tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S, TM, G, BM)
     d = tl.arange(0, BD)
     dmask = d[None, :] < D
     row_off = b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd
@@ -207,7 +236,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, CNT, IDS, BITS, T, S, W, qk_scale,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, ITEMS, ILEN, ETILE, EBITS, T, S, HKV, qk_scale, scale,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, ITEMS, ILEN, ETILE, EBITS, T, S, HKV, NT, qk_scale, scale,
                      sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                      slb, slh, slt, sdb, sdh, sds, sdd,
                      TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
@@ -232,7 +261,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, ITEMS, ILEN, ETILE, EBITS, T
     dv = tl.zeros([BN, BD], tl.float32)
     for i in range(0, n):
         tile = tl.load(ETILE + start + i)
-        tl_tok, head, t, row_ok, pos = _row_setup(tile, g, T, S, TM, G, BM)
+        tl_tok, head, t, row_ok, pos = _row_setup(TOK, bh, NT, tile, g, T, S, TM, G, BM)
         member = ((tl.load(EBITS + start + i) >> tl_tok) & 1) != 0
         row_off = b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd
         q = tl.load(Q + row_off, mask=row_ok[:, None] & dmask, other=0.0)
@@ -269,24 +298,24 @@ def _tiling(G: int, block_size: int, device, cfg: dict):
     return TM, BM, BN
 
 
-def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, unions=None):
+def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     TM, BM, BN = _tiling(G, block_size, q.device, cfg)
-    if unions is None:
-        unions = tile_unions(block_idx, TM)
-    cnt, ids, bits = unions
+    if plan is None:
+        plan = tile_plan(block_idx, TM, cfg["WINDOW"])
+    tok, cnt, ids, bits = plan
     NT = cnt.shape[-1]
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     out = lse if lse_only else torch.empty_like(q)
     so = (0, 0, 0, 0) if lse_only else out.stride()
     _fwd_kernel[(NT, Hkv, B)](
-        q, k, v, out, lse, cnt, ids, bits, T, S, ids.shape[-1], scale * LOG2E,
+        q, k, v, out, lse, tok, cnt, ids, bits, T, S, ids.shape[-1], scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *so, *lse.stride(), *ids.stride()[:3],
         TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), LSE_ONLY=lse_only,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return (None if lse_only else out), lse, unions
+    return (None if lse_only else out), lse, plan
 
 
 def sparse_lse(q, k, block_idx, block_size: int, scale: float, config: dict | None = None):
@@ -295,12 +324,12 @@ def sparse_lse(q, k, block_idx, block_size: int, scale: float, config: dict | No
     return _forward(q, k, k, block_idx, block_size, scale, True, cfg)[1]
 
 
-def _backward(q, k, v, out, lse, do, dlse, unions, block_size, scale, cfg):
+def _backward(q, k, v, out, lse, do, dlse, plan, block_size, scale, cfg):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     TM, BM, BN = _tiling(G, block_size, q.device, cfg)
-    cnt, ids, bits = unions
+    tok, cnt, ids, bits = plan
     NT = cnt.shape[-1]
     q, do = q.contiguous(), do.contiguous()
     delta = (do.float() * out.float()).sum(-1)
@@ -311,7 +340,7 @@ def _backward(q, k, v, out, lse, do, dlse, unions, block_size, scale, cfg):
     BD = max(_pow2(D), 16)
     dq = torch.empty_like(q)
     _bwd_dq_kernel[(NT, Hkv, B)](
-        q, k, v, do, dq, lse, delta, cnt, ids, bits, T, S, ids.shape[-1], scale * LOG2E, scale,
+        q, k, v, do, dq, lse, delta, tok, cnt, ids, bits, T, S, ids.shape[-1], scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *ids.stride()[:3],
         TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD,
         num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
@@ -321,7 +350,7 @@ def _backward(q, k, v, out, lse, do, dlse, unions, block_size, scale, cfg):
     dv = torch.zeros_like(dk)
     if items.shape[0] > 0:
         _bwd_dkdv_kernel[(items.shape[0], block_size // BN)](
-            q, k, v, do, dk, dv, lse, delta, items, ilen, etile, ebits, T, S, Hkv, scale * LOG2E, scale,
+            q, k, v, do, dk, dv, lse, delta, tok, items, ilen, etile, ebits, T, S, Hkv, NT, scale * LOG2E, scale,
             *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *dk.stride(),
             TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD,
             num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
@@ -331,17 +360,17 @@ def _backward(q, k, v, out, lse, do, dlse, unions, block_size, scale, cfg):
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size, scale, cfg):
-        out, lse, unions = _forward(q, k, v, block_idx, block_size, scale, False, cfg)
-        ctx.save_for_backward(q, k, v, out, lse, *unions)
+        out, lse, plan = _forward(q, k, v, block_idx, block_size, scale, False, cfg)
+        ctx.save_for_backward(q, k, v, out, lse, *plan)
         ctx.block_size, ctx.scale, ctx.cfg = block_size, scale, cfg
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cnt, ids, bits = ctx.saved_tensors
+        q, k, v, out, lse, tok, cnt, ids, bits = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, (cnt, ids, bits), ctx.block_size,
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, (tok, cnt, ids, bits), ctx.block_size,
                                ctx.scale, ctx.cfg)
         return dq, dk, dv, None, None, None, None
 

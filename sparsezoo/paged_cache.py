@@ -308,7 +308,7 @@ class MSADecoder:
         self.index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else index_scale
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
         # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages.
-        self.index_config = dict(programs_per_sm=4, min_blocks=8, num_warps=4, num_stages=3)
+        self.index_config = dict(programs_per_sm=4, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2)
         unknown = set(index_config or {}) - set(self.index_config)
         if unknown:
             _err(f"unknown index_config keys {sorted(unknown)}; valid: {sorted(self.index_config)}")
@@ -383,7 +383,8 @@ class MSADecoder:
                                  self.seq_lens, topk=self.topk, scale=self.index_scale,
                                  blocks_per_split=self.index_split[0], n_splits=self.index_split[1],
                                  out=self.selection, workspace=self.index_ws,
-                                 num_warps=self.index_config["num_warps"], num_stages=self.index_config["num_stages"])
+                                 num_warps=self.index_config["num_warps"], num_stages=self.index_config["num_stages"],
+                                 pages_per_step=self.index_config["pages_per_step"])
 
     def attend(self, q: torch.Tensor, cache: PagedKVCache, *, return_lse: bool = False,
                out: torch.Tensor | None = None, _checked: bool = False):

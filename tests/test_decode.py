@@ -23,14 +23,14 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 # ---- helpers --------------------------------------------------------------------------------
 def build(lens, *, hq, hkv, d, di, page, dtype, device, index_dtype=None, index_scale=None, seed=0,
-          spare=3, width=None):
+          spare=3, width=None, page_seed=None):
     """A cache with shuffled physical pages holding random requests of the given lengths."""
     g = torch.Generator().manual_seed(seed)
     n_pages = sum(math.ceil(L / page) for L in lens) + spare
     cache = PagedKVCache(n_pages, hkv, d, di, page_size=page, dtype=dtype, index_dtype=index_dtype,
                          index_scale=index_scale, device=device)
     alloc = PageAllocator(n_pages, page)
-    random.Random(seed).shuffle(alloc._free)
+    random.Random(seed if page_seed is None else page_seed).shuffle(alloc._free)
     contig = []
     for b, L in enumerate(lens):
         k = torch.randn(hkv, L, d, generator=g).to(dtype).to(device)
@@ -71,7 +71,7 @@ def check_selection(sel_b, scores, local, topk, eps):
 
 
 def decode_case(lens, Q, *, hq, hkv, d, di, page, topk, dtype, device, index_dtype=None,
-                index_scale=None, seed=0):
+                index_scale=None, seed=0, index_config=None):
     cache, alloc, table, seq_lens, contig = build(lens, hq=hq, hkv=hkv, d=d, di=di, page=page, dtype=dtype,
                                                   device=device, index_dtype=index_dtype,
                                                   index_scale=index_scale, seed=seed)
@@ -79,7 +79,8 @@ def decode_case(lens, Q, *, hq, hkv, d, di, page, topk, dtype, device, index_dty
     B = len(lens)
     q = torch.randn(B, hq, Q, d, generator=g).to(dtype).to(device)
     q_idx = torch.randn(B, hkv, Q, di, generator=g).to(dtype).to(device)
-    dec = MSADecoder(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, index_dim=di, block_size=page, topk=topk)
+    dec = MSADecoder(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, index_dim=di, block_size=page, topk=topk,
+                     index_config=index_config)
     dec.plan(seq_lens, table, Q, num_pages=cache.num_pages)
     out, lse = dec.run(q, q_idx, cache, return_lse=True)
     return cache, alloc, contig, q, q_idx, dec, out, lse
@@ -123,14 +124,15 @@ def test_decode_matches_reference(lens, q_len, group, topk, dtype, seed):
                          sel_eps=1e-5 if exact else 5e-2, atol=1e-4 if exact else 3e-2, exact_sel=exact)
 
 
-@pytest.mark.parametrize("q_len", [1, 3])
-def test_local_block_boundary_and_short(q_len, device):
+@pytest.mark.parametrize("q_len,pages_per_step", [(1, 2), (3, 1), (2, 4)])
+def test_local_block_boundary_and_short(q_len, pages_per_step, device):
     """Queries straddling a block boundary get different candidate sets; tiny requests keep only
     their visible blocks."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     lens = [16 * 5 + 1, 16 * 5 + 2, q_len, 16 + q_len - 1, 16 * 7]
     args = dict(SMALL, hq=4, topk=4, dtype=dtype, device=device)
-    cache, alloc, _, q, q_idx, dec, out, lse = decode_case(lens, q_len, seed=3, **args)
+    cache, alloc, _, q, q_idx, dec, out, lse = decode_case(lens, q_len, seed=3, **args,
+                                                           index_config=dict(pages_per_step=pages_per_step))
     compare_to_reference(lens, q_len, cache, alloc, q, q_idx, dec, out, lse, topk=4,
                          sel_eps=1e-5 if device.type == "cpu" else 5e-2,
                          atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=device.type == "cpu")
@@ -320,7 +322,7 @@ def test_fp8_topk_overlap(data, mode):
     q8 = R.msa_select_reference(q, _fp8_roundtrip(ki, mode, page)[None], page, topk, scale)
     overlap = _overlap(ref, q8, (S - 1) // page)
     print(f"fp8 ({mode} scale) vs fp32 top-{topk} overlap on {data} keys: {overlap:.3f}")
-    assert overlap >= 0.85, overlap
+    assert overlap >= 0.9, overlap
 
 
 # ---- GPU: m3-like shapes in bf16, fp8, CUDA graphs --------------------------------------------
@@ -348,7 +350,7 @@ def test_gpu_cuda_graph_capture_and_replan(q_len):
     args = dict(M3, dtype=torch.bfloat16, device=dev)
     caches, alloc = [], None
     for layer in range(2):
-        c, alloc, table, _, _ = build(lens, seed=layer, spare=8, width=48, **args)
+        c, alloc, table, _, _ = build(lens, seed=layer, spare=8, width=48, page_seed=0, **args)
         caches.append(c)
     B = len(lens)
     dec = MSADecoder(num_q_heads=64, num_kv_heads=4, head_dim=128, index_dim=128)
@@ -388,6 +390,7 @@ def test_gpu_cuda_graph_capture_and_replan(q_len):
         sel = dec.selection.clone()
         for c, o in zip(caches, outs):  # eager re-run on the same (already appended) cache
             want = dec.run(static["q"], static["qi"], c)
+            assert torch.isfinite(want).all()
             torch.testing.assert_close(got[caches.index(c)], want, atol=0, rtol=0)
         # and the reference on the contiguous cache of the last layer
         for b in range(B):

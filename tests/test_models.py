@@ -81,7 +81,7 @@ def test_synthetic_tasks_score_only_the_answers():
     for row_x, row_y in zip(x, y):
         at = int((row_x == NEEDLE).nonzero()[0])
         assert row_y[-3:].tolist() == row_x[at + 1:at + 4].tolist()  # the answer is the passkey
-        assert (row_y[:-3] == -100).all() and row_x[-4] == QUERY
+        assert (row_y[:-3] == -100).all() and row_x[-3] == QUERY  # x = [..., QUERY, p1, p2]
     x, y = data.batch("recall", 2, 96, batch_generator(0, 1))
     for row_x, row_y in zip(x, y):
         scored = (row_y != -100).nonzero().flatten()
@@ -97,11 +97,11 @@ def test_synthetic_tasks_score_only_the_answers():
 def test_every_variant_trains_with_finite_decreasing_loss(variant):
     torch.manual_seed(0)
     model = GPT(tiny_config(variant))
-    data = text_data(96)
-    _, x, y = data.train_batch(0, 4)
+    data = text_data(64)
+    _, x, y = data.train_batch(0, 3)
     opt = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0), fused=False)
     losses, aux_seen = [], []
-    for step in range(8):
+    for step in range(6):
         model.apply_routing_schedule(step)  # MSA/DSA: dense warm-up for 3 steps, then sparse
         _, lm = model(x, y)
         aux = sparsezoo.aux_loss(model)
@@ -190,19 +190,20 @@ def tiny_run(out_dir: Path, steps: int, **train) -> dict:
     return load_run_config(REPO / "configs" / "gpt_tiny.yaml", [
         f"train.out_dir={out_dir}", f"train.steps={steps}", "train.batch_size=2", "train.eval_every=0",
         "train.eval_batches=1", "train.progress=false", "train.log_every=2", "data.seq_len=64",
-        "model.attention_overrides.msa.warmup_steps=2", *[f"train.{k}={v}" for k, v in train.items()]])
+        "model.attention_overrides.msa.warmup_steps=2", f"data.text_path={REPO / 'sparsezoo'}", *[f"train.{k}={v}" for k, v in train.items()]])
 
 
 def test_trainer_writes_outputs_and_resume_is_exact(tmp_path):
-    full = train(tiny_run(tmp_path / "full", 5))
+    const_lr = {"lr_warmup": 1, "min_lr_ratio": 1.0}  # so the schedule does not depend on train.steps
+    full = train(tiny_run(tmp_path / "full", 5, **const_lr))
     assert full["steps_done"] == 5 and len(full["history"]) == 5
     phases = [h["phase"] for h in full["history"]]
     assert phases[:2] == ["warmup", "warmup"] and phases[2:] == ["sparse"] * 3
     assert any(h["index_loss"] > 0 for h in full["history"])  # logged beside the LM loss
     for name in ("loss.png", "metrics.jsonl", "checkpoint/model.safetensors", "checkpoint/config.yaml"):
         assert (tmp_path / "full" / name).is_file(), name
-    train(tiny_run(tmp_path / "split", 3))
-    resumed = train(tiny_run(tmp_path / "split", 5), resume=True)
+    train(tiny_run(tmp_path / "split", 3, **const_lr))  # "interrupted" after 3 steps
+    resumed = train(tiny_run(tmp_path / "split", 5, **const_lr), resume=True)
     assert [h["step"] for h in resumed["history"]] == list(range(5))
     a, _ = load_model(tmp_path / "full" / "checkpoint")
     b, _ = load_model(tmp_path / "split" / "checkpoint")
@@ -212,11 +213,11 @@ def test_trainer_writes_outputs_and_resume_is_exact(tmp_path):
 
 def test_ddp_two_gloo_processes(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "examples" / "train.py"), "--config", str(REPO / "configs" / "gpt_tiny.yaml"),
            "--set", f"train.out_dir={out}", "--set", "train.steps=3", "--set", "train.batch_size=2",
            "--set", "train.eval_every=0", "--set", "train.eval_batches=1", "--set", "train.progress=false",
-           "--set", "data.seq_len=64"]
+           "--set", "data.seq_len=64", "--set", f"data.text_path={REPO / 'sparsezoo'}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

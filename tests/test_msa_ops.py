@@ -175,3 +175,14 @@ def test_reference_backward_matches_explicit_mask_gradients():
     want = torch.autograd.grad((explicit_mask_attention(q, k, v, allowed) * w).sum(), (q, k, v))
     for g_, w_ in zip(grads, want):
         torch.testing.assert_close(g_, w_, atol=1e-10, rtol=1e-9)
+
+
+@given(shapes, st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_low_precision_inputs_match_fp64_oracle(p, dtype):
+    T, q, k, v, q_idx, k_idx = _draw(p)
+    sel = ops.msa_select(q_idx, k_idx, block_size=p["block"], topk=p["topk"])
+    want = ops.block_sparse_attention(q, k, v, sel, block_size=p["block"])
+    got = ops.block_sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), sel, block_size=p["block"])
+    assert got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)

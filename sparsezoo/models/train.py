@@ -142,7 +142,7 @@ def autocast_for(device: torch.device, dtype: str):
 def evaluate(model: GPT, data: Data, n_batches: int, batch_size: int, lengths: list[int] | None = None,
              device=None, dtype: str = "auto") -> dict[str, dict[str, float]]:
     """Per task (and per length for synthetic tasks): mean loss, token accuracy, exact-answer accuracy."""
-    device = device or next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     results = {}

@@ -93,11 +93,11 @@ def compressed_attention_reference(q, kc, vc, S: int, block_len: int, stride: in
 def range_block_mask(lo: torch.Tensor, hi: torch.Tensor, T: int, S: int, mask_mod, with_backward: bool,
                      tile: int = FLEX_TILE) -> BlockMask:
     """BlockMask where query tile i visits key tiles lo[i] <= j < hi[i] (all partial: mask_mod decides),
-    built from per-tile ranges, never a T x S map."""
+    built from per-tile ranges: [n_q_tiles, n_kv_tiles] block indices, never a T x S map."""
     n_kv = max(1, math.ceil(S / tile))
     counts = (hi - lo).clamp_min(0)
-    width = max(int(counts.max().item()) if counts.numel() else 0, 1)
-    ids = torch.clamp(lo[:, None] + torch.arange(width, device=lo.device), 0, n_kv - 1)
+    # Full width n_kv (as flex.dense_causal_block_mask): flex infers the masked KV extent from it.
+    ids = torch.clamp(lo[:, None] + torch.arange(n_kv, device=lo.device), 0, n_kv - 1)
     counts = counts.to(torch.int32).view(1, 1, -1).contiguous()
     ids = ids.to(torch.int32).view(1, 1, *ids.shape).contiguous()
     mask = BlockMask.from_kv_blocks(counts, ids, BLOCK_SIZE=(tile, tile), mask_mod=mask_mod,
