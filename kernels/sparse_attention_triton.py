@@ -25,7 +25,7 @@ LN2 = 0.6931471805599453
 
 # GPU tiling, tuned on H100 (docs/prefill.md). ROWS = tokens per tile x G.
 ATTN_CONFIG = {"ROWS": 64, "num_warps": 4, "num_stages": 3, "BN": 128, "SEG": 32,
-               "bwd_warps": 8, "bwd_stages": 2, "WINDOW": 256}
+               "bwd_warps": 8, "bwd_stages": 2, "WINDOW": 1}
 _INTERPRET_ROWS = 16
 
 
@@ -58,6 +58,8 @@ def tile_plan(block_idx: torch.Tensor, TM: int, window: int):
     """(token order, union counts, union ids, token bitmasks) for tiles of TM tokens."""
     tok = token_order(block_idx, TM, window)
     B, H, T, K = block_idx.shape
+    if window <= 1:  # identity order: tile the selection as it is
+        return (tok, *tile_unions(block_idx, TM))
     sel = torch.gather(block_idx, 2, tok.clamp(max=T - 1).long()[..., None].expand(B, H, tok.shape[-1], K))
     sel = torch.where((tok < T)[..., None], sel, -1)
     return (tok, *tile_unions(sel, TM))
@@ -332,7 +334,9 @@ def _backward(q, k, v, out, lse, do, dlse, plan, block_size, scale, cfg):
     tok, cnt, ids, bits = plan
     NT = cnt.shape[-1]
     q, do = q.contiguous(), do.contiguous()
-    delta = (do.float() * out.float()).sum(-1)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    for h0 in range(0, Hq, 8):  # in head chunks: no fp32 copies of whole q-sized tensors
+        delta[:, h0:h0 + 8] = (do[:, h0:h0 + 8].float() * out[:, h0:h0 + 8].float()).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float()
     delta = delta.contiguous()

@@ -71,6 +71,16 @@ def test_tile_union_is_compact_and_covers_every_selection():
                 assert got == sorted(want)
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_msa_block_mask_width(device):
+    # G = 64 heads per group: a 128-row tile spans 3 tokens, so the union is far narrower than S / 128
+    sel = _selection(1, 1, 64, 64 * 128, 128, 2, seed=0).to(device)
+    mask = flex.msa_block_mask(sel, 64, 64 * 128, 128, with_backward=False)
+    width = mask.kv_indices.shape[-1]
+    # compact on the GPU path; padded to the KV block count on the CPU, whose flex template needs it
+    assert width == 64 if device == "cpu" else width == ((128 - 1) // 64 + 2) * 2
+
+
 def test_transpose_compact_inverts_rows_and_columns():
     g = torch.Generator().manual_seed(0)
     counts = torch.randint(0, 5, (2, 3, 7), generator=g, dtype=torch.int32)

@@ -168,6 +168,29 @@ def test_attention_empty_rows_and_dispatch():
     assert torch.equal(q.grad[:, :, 3], torch.zeros_like(q.grad[:, :, 3]))
 
 
+def test_attention_token_reordering_is_exact():
+    # tokens regrouped inside windows before tiling (config WINDOW) must not change any result
+    q, k, v, sel = _attention_case(1, 4, 2, 30, 40, 16, 4, 4, seed=9)
+    outs = []
+    for window in (1, 8):
+        out, lse = sparse_attention_triton.block_sparse_attention_triton(
+            q, k, v, sel, 4, 0.25, True, config={"WINDOW": window})
+        grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+        outs.append((out, lse, *grads))
+    rout, rlse = ref.block_sparse_attention_reference(q, k, v, sel, 4, 0.25, True)
+    torch.testing.assert_close(outs[1][0], rout, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[1][1], rlse, atol=1e-4, rtol=0)
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    q_idx = torch.randn(1, 2, 30, 8, device=DEV, requires_grad=True)
+    k_idx = torch.randn(1, 40, 8, device=DEV, requires_grad=True)
+    kl = index_kl_triton.msa_index_kl_triton(q, k, q_idx, k_idx, sel, 4, 0.25, 0.35, config={"WINDOW": 8})
+    want = ref.msa_index_kl_reference(q, k, q_idx, k_idx, sel, 4, 0.25, 0.35)
+    torch.testing.assert_close(kl, want, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(torch.autograd.grad(kl, (q_idx, k_idx)), torch.autograd.grad(want, (q_idx, k_idx))):
+        torch.testing.assert_close(g, rg, atol=1e-6, rtol=1e-4)
+
+
 def test_index_lse_matches_reference():
     gen = torch.Generator().manual_seed(5)
     q_idx = torch.randn(2, 2, 9, 16, generator=gen).to(DEV)

@@ -181,12 +181,16 @@ def msa_block_mask(block_idx: torch.Tensor, n_q_heads: int, S: int, block_size: 
     G = n_q_heads // Hkv
     kv_block = mask_kv_block(block_size)
     counts, ids = tile_block_union(block_idx, G, q_tile, coarsen=kv_block // block_size)
+    n_kv = math.ceil(S / kv_block)
+    if ids.device.type == "cpu" and ids.shape[-1] < n_kv:
+        # the CPU flex template reads the KV length off kv_indices' width; the GPU one does not
+        ids = torch.nn.functional.pad(ids, (0, n_kv - ids.shape[-1]))
     mask = BlockMask.from_kv_blocks(
         counts, ids, BLOCK_SIZE=(q_tile, kv_block),
         mask_mod=msa_mask_mod(block_idx.to(torch.int32).contiguous(), G, S - T, block_size),
         seq_lengths=(T * G, S), compute_q_blocks=False)
     if with_backward:
-        mask.q_num_blocks, mask.q_indices = transpose_compact(counts, ids, math.ceil(S / kv_block))
+        mask.q_num_blocks, mask.q_indices = transpose_compact(counts, ids, n_kv)
     return mask
 
 

@@ -8,7 +8,7 @@
 - Attention: one softmax over the selected compressed entries plus a sliding window of the last
   `window` raw tokens (the main K/V).
 Per-token compressor inputs and index keys are cached; compressed entries are recomputed from them,
-so prefill, chunked prefill and decode agree. aux_loss: None unless `index_kl` (KL from the main
+so prefill, chunked prefill and decode agree. aux_loss: the indexer KL when `index_kl` (default on; KL from the main
 attention over the selected entries to the indexer, as DSA's sparse phase).
 """
 
@@ -40,7 +40,7 @@ class CSAConfig(AttentionConfig):
     n_index_heads: int = 64
     index_dim: int = 128
     index_scale: float | None = None  # default 1 / sqrt(index_dim)
-    index_kl: bool = False  # train the indexer by KL (aux_loss); off: aux_loss is None
+    index_kl: bool = True  # train the indexer by KL (aux_loss); off: it never learns and aux_loss is None
     kl_coeff: float = 1.0
     kl_temperature: float = 1.0
     detach_index_input: bool = True
