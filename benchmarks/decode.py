@@ -363,27 +363,35 @@ def write_reports(records, out_dir, env, cmd):
 
 
 def plot(records, path, env):
+    """Speedup against context: one panel per shape; colour = batch, line = index dtype,
+    marker = q_len."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    series = {}
-    for r in records:
-        series.setdefault((r["shape"], r["batch"], r["q_len"], r["index_dtype"]), []).append((r["seq_len"], r["speedup"]))
-    for (shape, B, Q, idt), pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="-" if idt == "bf16" else "--",
-                label=f"{shape} b={B} q={Q} {idt}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("speedup over best dense decode")
-    ax.set_title(f"MSA decode step (indexer + attention), CUDA graphs\n{env['card']}, torch {env['torch']}, "
-                 f"triton {env['triton']}", fontsize=10)
-    ax.axhline(1, color="gray", lw=0.5)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    shapes = sorted({r["shape"] for r in records}, key=list(SHAPES).index)
+    fig, axes = plt.subplots(1, max(1, len(shapes)), figsize=(6.5 * max(1, len(shapes)), 5), squeeze=False)
+    colours = {1: "tab:blue", 8: "tab:orange", 32: "tab:green"}
+    for ax, shape in zip(axes[0], shapes):
+        series = {}
+        for r in records:
+            if r["shape"] == shape:
+                series.setdefault((r["batch"], r["q_len"], r["index_dtype"]), []).append((r["seq_len"], r["speedup"]))
+        for (B, Q, idt), pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colours.get(B, "gray"),
+                    ls="-" if idt == "bf16" else "--", marker="o" if Q == 1 else "s",
+                    label=f"b={B} q_len={Q} {idt} index keys")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("speedup over best dense decode")
+        ax.set_title(f"{shape}", fontsize=10)
+        ax.axhline(1, color="gray", lw=0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"MSA decode step (indexer + attention, CUDA graphs) vs dense: {env['card']}, "
+                 f"torch {env['torch']}, triton {env['triton']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -403,6 +411,7 @@ def parse(argv=None):
                    help="shape:len:batch:q_len configs that also time compiled FlexAttention ('' = none)")
     p.add_argument("--tune", action="store_true",
                    help="first sweep the indexer's launch config at m3 1M b=1/b=8 and use the best per index dtype")
+    p.add_argument("--replot", metavar="JSON", help="only redraw decode.png from an earlier decode.json")
     p.add_argument("--time-budget", type=float, default=420.0, help="stop starting new configs after this many s")
     args = p.parse_args(argv)
     if args.quick:
@@ -416,6 +425,10 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    if args.replot:
+        recs = [r for r in json.load(open(args.replot)) if "skipped" not in r]
+        os.makedirs(args.out, exist_ok=True)
+        return plot(recs, os.path.join(args.out, "decode.png"), recs[0])
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py times CUDA kernels: it needs a CUDA GPU "
                          "(the CPU suite in tests/test_decode.py covers correctness)")

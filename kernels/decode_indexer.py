@@ -147,7 +147,7 @@ def _next_pow2(n: int) -> int:
 
 
 def plan_splits(batch: int, max_blocks: int, num_sms: int, min_blocks: int = 8,
-                programs_per_sm: int = 4) -> tuple[int, int]:
+                programs_per_sm: int = 2) -> tuple[int, int]:
     """(blocks_per_split, n_splits) so the grid fills the card about `programs_per_sm` times."""
     max_blocks = max(1, max_blocks)
     target = max(1, num_sms * programs_per_sm // max(1, batch))

@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # GPU tiling, tuned on H100 (docs/prefill.md). ROWS = tokens per tile x G.
 ATTN_CONFIG = {"ROWS": 64, "num_warps": 4, "num_stages": 3, "BN": 128, "SEG": 32,

@@ -308,7 +308,7 @@ class MSADecoder:
         self.index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else index_scale
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
         # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages.
-        self.index_config = dict(programs_per_sm=4, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2)
+        self.index_config = dict(programs_per_sm=2, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2)
         unknown = set(index_config or {}) - set(self.index_config)
         if unknown:
             _err(f"unknown index_config keys {sorted(unknown)}; valid: {sorted(self.index_config)}")
@@ -426,3 +426,72 @@ class MSADecoder:
             _err(f"cache (Hkv={cache.num_kv_heads}, D={cache.head_dim}, D_i={cache.index_dim}, "
                  f"page={cache.page_size}) does not match the decoder (Hkv={self.hkv}, D={self.d}, "
                  f"D_i={self.di}, block={self.block_size})")
+
+
+class MSAPagedLayerCache:
+    """One MSA layer's cache kept in pages, so that its decode steps run the Triton kernels.
+
+    The model-facing twin of `sparsezoo.LayerCache` (same `pos` / `advance` contract) for a batch whose
+    requests advance together: request b owns pages b * pages_per_request ... onwards. Prefill fills
+    the pages; decode steps (q_len <= the decoder's max) append and run `MSADecoder`; a longer chunk
+    after the first is computed on a contiguous gather (the reference/flex path).
+    """
+
+    def __init__(self, config, max_batch_size: int, max_seq_len: int, index_dtype: torch.dtype | None = None,
+                 index_scale: str | None = None):
+        c = config
+        self.config, self.max_batch_size, self.max_seq_len = c, max_batch_size, max_seq_len
+        self.index_dtype, self.index_scale = index_dtype, index_scale
+        self.pages_per_request = pages_needed(max_seq_len, c.block_size)
+        self.decoder = MSADecoder(num_q_heads=c.n_heads, num_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
+                                  index_dim=c.index_dim, block_size=c.block_size, topk=c.topk,
+                                  index_scale=c.index_scale)
+        self.pos = 0
+        self.paged: PagedKVCache | None = None
+
+    def _allocate(self, B: int, dtype: torch.dtype, device: torch.device) -> None:
+        c = self.config
+        if B > self.max_batch_size:
+            _err(f"batch {B} exceeds the cache's max_batch_size {self.max_batch_size}")
+        self.paged = PagedKVCache(B * self.pages_per_request, c.n_kv_heads, c.head_dim, c.index_dim,
+                                  page_size=c.block_size, dtype=dtype, index_dtype=self.index_dtype,
+                                  index_scale=self.index_scale, device=device)
+        self.page_table = torch.arange(B * self.pages_per_request, dtype=torch.int32, device=device).view(B, -1)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, k_idx: torch.Tensor) -> None:
+        """The T new tokens: k, v [B, Hkv, T, D], k_idx [B, T, D_i]."""
+        B, T = k.shape[0], k.shape[2]
+        if self.pos + T > self.max_seq_len:
+            _err(f"cache overflow: {self.pos} + {T} tokens > max_seq_len {self.max_seq_len}")
+        if self.paged is None:
+            self._allocate(B, k.dtype, k.device)
+        if B != self.page_table.shape[0]:
+            _err(f"this cache holds a batch of {self.page_table.shape[0]}, got {B}")
+        if self.pos == 0:
+            for b in range(B):
+                self.paged.fill(self.page_table[b], k[b], v[b], k_idx[b])
+        else:
+            lens = torch.full((B,), self.pos + T, dtype=torch.int32, device=k.device)
+            self.paged.append(self.page_table, lens, k, v, k_idx)
+
+    def is_decode_step(self, T: int) -> bool:
+        return self.pos > 0 and T <= self.decoder.max_q_len
+
+    def decode(self, q: torch.Tensor, q_idx: torch.Tensor) -> torch.Tensor:
+        """Indexer + sparse attention for the T new queries (already written)."""
+        B, T = q.shape[0], q.shape[2]
+        lens = torch.full((B,), self.pos + T, dtype=torch.int32, device=q.device)
+        self.decoder.plan(lens, self.page_table, T, check=False)
+        return self.decoder.run(q, q_idx, self.paged)
+
+    def gather(self, length: int):
+        """Contiguous k, v [B, Hkv, L, D] and k_idx [B, L, D_i] of the first `length` tokens."""
+        parts = [self.paged.gather(self.page_table[b], length) for b in range(self.page_table.shape[0])]
+        k, v, ki = (torch.stack(p) for p in zip(*parts))
+        return k, v, ki.to(k.dtype)
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+    def reset(self) -> None:
+        self.pos = 0

@@ -123,7 +123,7 @@ def test_msa_flex_forward_backward_matches_reference_gpu(case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,S", [(512, 512), (200, 700)])
+@pytest.mark.parametrize("T,S", [(512, 512), (200, 700), (100, 700)])  # 100 x G=4 rows: decoding kernel
 def test_dense_flex_forward_backward_gpu(T, S):
     q, k, v = rand_qkv(1, 8, 2, T, S, 64, dtype=torch.float32, device="cuda", seed=2, requires_grad=True)
     out = ops.dense_attention(q, k, v, backend="flex")

@@ -499,11 +499,14 @@ def test_flex_forward_backward_equals_reference_gpu(name):
         outs.append(y)
         gs.append({n: p.grad for n, p in layer.named_parameters()})
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-4)
+    # some gradients are exactly zero in theory (a bias added to every compressed key shifts each
+    # softmax row by a constant): measure errors against the layer's largest gradient as a floor
+    floor = 1e-3 * max(g.abs().max() for g in gs[0].values() if g is not None)
     for n, g in gs[0].items():
         if g is None:
             assert gs[1][n] is None, n
             continue
-        err = (gs[1][n] - g).abs().max() / g.abs().max().clamp_min(1e-12)
+        err = (gs[1][n] - g).abs().max() / torch.maximum(g.abs().max(), floor)
         assert err < 5e-3, (n, float(err))
 
 

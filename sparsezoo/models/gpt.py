@@ -9,7 +9,7 @@ the attention variant per layer:
 
 `attention_overrides` holds variant config fields. A flat key applies to every layer whose variant
 config has that field (and must be known to at least one of them); a key that names a variant holds
-fields for that variant only. Generation uses one `sparsezoo.LayerCache` per layer, so each variant
+fields for that variant only. Generation uses one cache per layer (`make_cache`), so each variant
 keeps its own extra decode state (index keys, compressed keys, ...).
 """
 
@@ -151,7 +151,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, a) for a in config.attention_configs())
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.caches: list[sparsezoo.LayerCache] | None = None
+        self.caches: list | None = None
         self._init_own_weights()
 
     def _init_own_weights(self) -> None:
@@ -208,8 +208,10 @@ class GPT(nn.Module):
 
     # -- generation -----------------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int) -> None:
-        """One fresh LayerCache per layer (buffers are allocated on first use with the input's dtype)."""
-        self.caches = [sparsezoo.LayerCache(batch, max_len) for _ in self.blocks]
+        """One fresh cache per layer, chosen by the layer (`make_cache`): a LayerCache, or for MSA on a
+        GPU a paged cache whose decode steps run the Triton kernels."""
+        device = self.tok_emb.weight.device
+        self.caches = [block.attn.make_cache(batch, max_len, device) for block in self.blocks]
 
     def clear_cache(self) -> None:
         self.caches = None

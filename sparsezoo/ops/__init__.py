@@ -157,7 +157,8 @@ def _dense_sdpa(q, k, v, scale):
 
 def msa_index_kl(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
                  block_idx: torch.Tensor | None, *, block_size: int, scale: float | None = None,
-                 index_scale: float | None = None, coeff: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
+                 index_scale: float | None = None, coeff: float = 1.0, temperature: float = 1.0,
+                 backend: str = "auto") -> torch.Tensor:
     """MSA's sparse KL loss for the index branch (msa_spec.md, "Training the index branch").
 
     Teacher: group-mean main attention over the selected tokens (detached). Student: softmax of the
@@ -177,7 +178,25 @@ def msa_index_kl(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: t
         raise ValueError(f"temperature must be > 0, got {temperature}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     index_scale = 1.0 / math.sqrt(q_idx.shape[3]) if index_scale is None else index_scale
-    out = reference.msa_index_kl_reference(q, k, q_idx, k_idx, block_idx, block_size, scale,
-                                           index_scale, coeff, temperature)
-    record("msa_index_kl", "reference")
+    impl = resolve("msa_index_kl", backend, ("reference", "triton"), q.device, False,
+                   auto_order=_kl_auto_order(q, Hkv, block_size))
+    if impl == "triton":
+        from sparsezoo.kernels import index_kl_triton
+
+        out = index_kl_triton.msa_index_kl_triton(q, k, q_idx, k_idx, block_idx, block_size, scale,
+                                                  index_scale, coeff=coeff, temperature=temperature)
+    else:
+        out = reference.msa_index_kl_reference(q, k, q_idx, k_idx, block_idx, block_size, scale,
+                                               index_scale, coeff, temperature)
+    record("msa_index_kl", impl)
     return out
+
+
+def _kl_auto_order(q: torch.Tensor, n_kv_heads: int, block_size: int) -> tuple[str, ...]:
+    """The Triton KL serves CUDA fp32/fp16/bf16 with a power-of-two group and a power-of-two (or
+    multiple-of-128) block; anything else takes the reference."""
+    G = q.shape[1] // n_kv_heads
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0
+    fits = (q.device.type == "cuda" and q.dtype != torch.float64 and pow2(G)
+            and (pow2(block_size) or block_size % 128 == 0) and _has_kernel("index_kl_triton"))
+    return ("triton", "reference") if fits else ("reference",)

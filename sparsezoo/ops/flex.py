@@ -52,8 +52,18 @@ def run_flex(q, k, v, block_mask, scale, return_lse, enable_gqa=False):
         raise ValueError("compiled FlexAttention on the CPU cannot return the LSE; "
                          "use backend='reference' there")
     out = compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                          return_lse=return_lse)
+                          return_lse=return_lse, kernel_options=_kernel_options(q, k))
     return out
+
+
+def _kernel_options(q, k):
+    """Under 128 queries flex picks its decoding kernel, whose tile must hold T x G query rows and
+    divide the 128-row BlockMask tile: with T x G > 128 it finds no valid configuration (torch
+    2.11, seen on an H100). Ask for the main kernel there."""
+    T, G = q.shape[2], q.shape[1] // k.shape[1]
+    if q.device.type == "cuda" and T < 128 and T * G > 128:
+        return {"BACKEND": "TRITON"}
+    return None
 
 
 def causal_mask_mod(offset: int):

@@ -5,8 +5,9 @@
     layer.aux_loss                                # auxiliary loss of the last training forward, or None
 
 - `positions` ([T] or [B, T]) feed RoPE; by default they continue from the cache's position.
-- `cache` is a `sparsezoo.cache.LayerCache`; with it the same module serves prefill, chunked
-  prefill and decode: the T new tokens are the last T of the cache's S = pos + T tokens.
+- `cache` is what `layer.make_cache(batch, max_len, device)` returns (a `sparsezoo.LayerCache`, or
+  for MSA on a GPU a paged cache that decodes with the Triton kernels); with it the same module
+  serves prefill, chunked prefill and decode: the T new tokens are the last T of S = pos + T tokens.
 - `aux_loss` is set by every variant (None when it has none), so trainers collect it the same way
   for all: `sparsezoo.aux_loss(model)`.
 - `kv_pattern(x)` returns the boolean [B, Hq, T, S] map of which keys each query reads (small inputs
@@ -53,8 +54,7 @@ class AttentionLayer(nn.Module):
             positions = torch.arange(start, start + T, device=x.device)
         q, k, v = self.project_qkv(x, positions)
         if cache is not None:
-            k = cache.append("k", k, seq_dim=2)
-            v = cache.append("v", v, seq_dim=2)
+            k, v = self.cache_kv(cache, k, v)
         self.aux_loss = None
         out = self.attend(x, q, k, v, positions, cache)
         if cache is not None:
@@ -64,6 +64,15 @@ class AttentionLayer(nn.Module):
     def attend(self, x, q, k, v, positions, cache) -> torch.Tensor:
         """q [B, Hq, T, D], k/v [B, Hkv, S, D] (cache included) -> [B, Hq, T, D]."""
         raise NotImplementedError
+
+    # -- caches -------------------------------------------------------------------------------
+    def make_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device | str | None = None):
+        """The decode cache this layer wants (a contiguous LayerCache unless a variant says otherwise)."""
+        return LayerCache(max_batch_size, max_seq_len)
+
+    def cache_kv(self, cache, k: torch.Tensor, v: torch.Tensor):
+        """Add the new tokens' K/V to the cache; return the K/V the attention reads (cache included)."""
+        return cache.append("k", k, seq_dim=2), cache.append("v", v, seq_dim=2)
 
     # -- shared pieces ------------------------------------------------------------------------
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):

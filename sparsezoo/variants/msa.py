@@ -38,11 +38,15 @@ class MSAConfig(AttentionConfig):
     kl_temperature: float = 1.0
     detach_index_input: bool = True
     select_backend: str = "auto"
+    decode_backend: str = "auto"  # triton: paged cache + Triton decode kernels (auto: on CUDA)
+    decode_index_dtype: str = "model"  # index keys in the paged cache: model dtype, or fp8 e4m3 + scale
 
     CHOICES: ClassVar[dict[str, tuple]] = {
         "backend": ("auto", "reference", "flex", "triton"),
         "select_backend": ("auto", "reference", "triton"),
         "routing": ("sparse", "dense"),
+        "decode_backend": ("auto", "reference", "triton"),
+        "decode_index_dtype": ("model", "fp8"),
     }
     POSITIVE: ClassVar[tuple[str, ...]] = ("block_size", "topk", "index_dim", "index_scale", "kl_temperature")
 
@@ -97,9 +101,57 @@ class MSAAttention(AttentionLayer):
         return ops.msa_select(q_idx, k_idx, block_size=c.block_size, topk=c.topk, scale=self.index_scale,
                               backend=c.select_backend)
 
-    def attend(self, x, q, k, v, positions, cache):
+    # -- decode cache: paged + Triton kernels where they can run ---------------------------------
+    def paged_decode_unsupported(self, device: torch.device) -> str | None:
+        """Why the Triton decode path cannot serve this layer on `device` (None when it can)."""
+        from ..ops.dispatch import unavailable_reason
+
         c = self.config
-        q_idx, k_idx = self.index_projections(x, positions, cache)
+        why = unavailable_reason("triton", device, needs_grad=False)
+        if why:
+            return why
+        pow2 = lambda n: n >= 16 and n & (n - 1) == 0
+        if self.q_proj.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"the paged cache holds fp16, bf16 or fp32, not {self.q_proj.weight.dtype}"
+        if not all(pow2(n) for n in (c.head_dim, c.index_dim, c.block_size)) or c.topk < 2:
+            return (f"the decode kernels need head_dim, index_dim and block_size to be powers of two >= 16 "
+                    f"and topk >= 2, got {c.head_dim}, {c.index_dim}, {c.block_size}, {c.topk}")
+        return None
+
+    def make_cache(self, max_batch_size: int, max_seq_len: int, device=None):
+        c = self.config
+        device = torch.device(device if device is not None else self.q_proj.weight.device)
+        why = self.paged_decode_unsupported(device)
+        if c.decode_backend == "triton" and why:
+            raise ValueError(f"decode_backend='triton' cannot run here: {why}")
+        if c.decode_backend == "reference" or why or (c.decode_backend == "auto" and device.type != "cuda"):
+            return super().make_cache(max_batch_size, max_seq_len, device)
+        from ..paged_cache import FP8, MSAPagedLayerCache
+
+        fp8 = c.decode_index_dtype == "fp8"
+        return MSAPagedLayerCache(c, max_batch_size, max_seq_len, index_dtype=FP8 if fp8 else None,
+                                  index_scale="token" if fp8 else None)
+
+    def cache_kv(self, cache, k, v):
+        from ..paged_cache import MSAPagedLayerCache
+
+        if isinstance(cache, MSAPagedLayerCache):
+            return k, v  # written with the index keys in attend()
+        return super().cache_kv(cache, k, v)
+
+    def attend(self, x, q, k, v, positions, cache):
+        from ..paged_cache import MSAPagedLayerCache
+
+        c = self.config
+        paged = isinstance(cache, MSAPagedLayerCache)
+        q_idx, k_idx = self.index_projections(x, positions, None if paged else cache)
+        if paged:
+            cache.write(k, v, k_idx)
+            if cache.is_decode_step(q.shape[2]) and self.routing == "sparse":
+                out = cache.decode(q, q_idx)
+                self.last_selection = cache.decoder.selection
+                return out
+            k, v, k_idx = cache.gather(cache.pos + q.shape[2])
         with torch.no_grad():
             sel = self.select(q_idx.detach(), k_idx.detach())
         self.last_selection = sel

@@ -1,0 +1,39 @@
+"""The public ops reach the Triton kernels when asked (interpreter on a CPU, natively on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsezoo import ops
+
+
+def _inputs(dev):
+    g = torch.Generator().manual_seed(3)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dev)
+    q, k = mk(1, 4, 40, 16), mk(1, 2, 40, 16)
+    q_idx, k_idx = mk(1, 2, 40, 16).requires_grad_(), mk(1, 40, 16).requires_grad_()
+    return q, k, q_idx, k_idx
+
+
+@pytest.mark.parametrize("dense_warmup", [False, True])
+def test_msa_index_kl_triton_matches_reference(dense_warmup):
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    q, k, q_idx, k_idx = _inputs(dev)
+    sel = None if dense_warmup else ops.msa_select(q_idx.detach(), k_idx.detach(), block_size=16, topk=2,
+                                                   backend="reference")
+    losses, grads = [], []
+    for backend in ("triton", "reference"):
+        loss = ops.msa_index_kl(q, k, q_idx, k_idx, sel, block_size=16, coeff=0.5, backend=backend)
+        assert ops.last_implementation("msa_index_kl") == backend
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, (q_idx, k_idx)))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
+def test_auto_kl_uses_reference_off_cuda():
+    q, k, q_idx, k_idx = _inputs("cpu")
+    ops.msa_index_kl(q, k, q_idx, k_idx, None, block_size=16)
+    assert ops.last_implementation("msa_index_kl") == "reference"
