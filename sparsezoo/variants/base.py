@@ -91,6 +91,18 @@ class AttentionLayer(nn.Module):
         return causal.expand(B, self.n_heads, T, T)
 
 
+class WarmupRouting:
+    """Dense warm-up, then sparse routing: for variants whose index branch trains by KL (MSA, DSA)."""
+
+    routing: str = "sparse"
+
+    def set_routing(self, routing: str) -> None:
+        """"dense" (warm-up: dense attention, the index branch still trains) or "sparse"."""
+        if routing not in ("dense", "sparse"):
+            raise ValueError(f"routing must be 'dense' or 'sparse', got {routing!r}")
+        self.routing = routing
+
+
 def selection_token_mask(block_idx: torch.Tensor, S: int, block_size: int, n_heads: int) -> torch.Tensor:
     """int32 [B, Hsel, T, k] selections -> bool [B, n_heads, T, S] causal token map (small inputs)."""
     B, Hs, T, _ = block_idx.shape

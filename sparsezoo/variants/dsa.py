@@ -25,7 +25,7 @@ from ..config import AttentionConfig, ConfigError
 from ..ops import dsa as dsa_ops
 from ..registry import register_variant
 from ..rope import apply_rope
-from .base import AttentionLayer
+from .base import AttentionLayer, WarmupRouting
 
 
 @dataclass
@@ -84,7 +84,7 @@ class LightningIndexer(nn.Module):
 
 
 @register_variant("dsa")
-class DSAAttention(AttentionLayer):
+class DSAAttention(WarmupRouting, AttentionLayer):
     config_class = DSAConfig
 
     def __init__(self, config: DSAConfig):
@@ -95,12 +95,6 @@ class DSAAttention(AttentionLayer):
         self.index_scale = c.index_scale or 1.0 / math.sqrt(c.index_dim)
         self.routing = c.routing
         self.last_selection: torch.Tensor | None = None
-
-    def set_routing(self, routing: str) -> None:
-        """"dense" (warm-up) or "sparse"."""
-        if routing not in ("dense", "sparse"):
-            raise ValueError(f"routing must be 'dense' or 'sparse', got {routing!r}")
-        self.routing = routing
 
     def index_projections(self, x, positions, cache):
         xi = x.detach() if self.config.detach_index_input else x

@@ -20,7 +20,7 @@ from .. import ops
 from ..config import AttentionConfig, ConfigError
 from ..registry import register_variant
 from ..rope import apply_rope
-from .base import AttentionLayer, selection_token_mask
+from .base import AttentionLayer, WarmupRouting, selection_token_mask
 
 
 @dataclass
@@ -60,7 +60,7 @@ class MSAConfig(AttentionConfig):
 
 
 @register_variant("msa")
-class MSAAttention(AttentionLayer):
+class MSAAttention(WarmupRouting, AttentionLayer):
     config_class = MSAConfig
 
     def __init__(self, config: MSAConfig):
@@ -73,12 +73,6 @@ class MSAAttention(AttentionLayer):
         self.index_scale = c.index_scale or 1.0 / math.sqrt(c.index_dim)
         self.routing = c.routing
         self.last_selection: torch.Tensor | None = None
-
-    def set_routing(self, routing: str) -> None:
-        """"dense" (warm-up) or "sparse"."""
-        if routing not in ("dense", "sparse"):
-            raise ValueError(f"routing must be 'dense' or 'sparse', got {routing!r}")
-        self.routing = routing
 
     def index_projections(self, x, positions, cache):
         """q_idx [B, H_i, T, D_i] for the new tokens, k_idx [B, S, D_i] including the cache."""
