@@ -94,7 +94,8 @@ class Layout:
 
 def batch_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
     """The CPU generator for one batch: a pure function of its arguments."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + stream) * 1_000_003 + rank) * 1_000_003 + step)
+    key = ((seed * 1_000_003 + stream) * 1_000_003 + rank) * 1_000_003 + step
+    return torch.Generator().manual_seed(key % (2**63 - 1))  # manual_seed takes a 64-bit value
 
 
 def _randint(lo_hi: tuple[int, int], n: int, g: torch.Generator) -> torch.Tensor:
