@@ -37,3 +37,16 @@ def test_auto_kl_uses_reference_off_cuda():
     q, k, q_idx, k_idx = _inputs("cpu")
     ops.msa_index_kl(q, k, q_idx, k_idx, None, block_size=16)
     assert ops.last_implementation("msa_index_kl") == "reference"
+
+
+def test_auto_orders_follow_what_each_backend_can_serve():
+    from sparsezoo.ops import _sparse_auto_order
+
+    cpu = torch.zeros(1, 4, 8, 16)
+    assert _sparse_auto_order(cpu, 2, 128) == ("reference",)
+    # what auto would try on a CUDA device, decided from dtype, group and block size
+    assert _sparse_auto_order(cpu, 2, 128, "cuda") == ("triton", "flex", "reference")
+    assert _sparse_auto_order(cpu, 2, 64, "cuda") == ("triton", "flex", "reference")
+    assert _sparse_auto_order(cpu, 2, 24, "cuda") == ("reference",)  # neither kernel tiles 24
+    assert _sparse_auto_order(cpu, 3, 128, "cuda") == ("flex", "reference")  # group of 3: no triton
+    assert _sparse_auto_order(cpu.double(), 2, 128, "cuda") == ("flex", "reference")

@@ -55,7 +55,7 @@ def msa_select(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, top
         checks.check_finite("k_idx", k_idx)
     scale = 1.0 / math.sqrt(Di) if scale is None else scale
     impl = resolve("msa_select", backend, ("reference", "triton"), q_idx.device, False,
-                   auto_order=_select_auto_order(q_idx.device))
+                   auto_order=_select_auto_order(q_idx, block_size))
     if impl == "triton":
         from sparsezoo.kernels import select_triton
 
@@ -67,12 +67,21 @@ def msa_select(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, top
     return out
 
 
-def _select_auto_order(device: torch.device) -> tuple[str, ...]:
-    from .dispatch import triton_available
-
-    if device.type == "cuda" and triton_available() and _has_kernel("select_triton"):
+def _select_auto_order(q_idx: torch.Tensor, block_size: int) -> tuple[str, ...]:
+    if _triton_fits(q_idx, block_size) and _has_kernel("select_triton"):
         return ("triton", "reference")
     return ("reference",)
+
+
+def _triton_fits(x: torch.Tensor, block_size: int, group: int = 1, device_type: str | None = None) -> bool:
+    """The Triton prefill kernels serve CUDA fp32/fp16/bf16, power-of-two (or multiple-of-128)
+    blocks and power-of-two GQA groups; other inputs take the next backend under `auto`."""
+    from .dispatch import triton_available
+
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0
+    device_type = device_type or x.device.type
+    return (device_type == "cuda" and triton_available() and x.dtype != torch.float64 and pow2(group)
+            and (pow2(block_size) or block_size % 128 == 0))
 
 
 def _has_kernel(name: str) -> bool:
@@ -99,7 +108,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             checks.check_finite(name, t)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     impl = resolve("block_sparse_attention", backend, ("reference", "flex", "triton"), q.device,
-                   _needs_grad(q, k, v), auto_order=_sparse_auto_order(q.device))
+                   _needs_grad(q, k, v), auto_order=_sparse_auto_order(q, Hq // Hkv, block_size))
     if impl == "flex":
         from . import flex
 
@@ -114,12 +123,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     return out
 
 
-def _sparse_auto_order(device: torch.device) -> tuple[str, ...]:
-    if device.type == "cuda":
-        if _has_kernel("sparse_attention_triton"):
-            return ("triton", "flex", "reference")
-        return ("flex", "reference")
-    return ("reference",)
+def _sparse_auto_order(q: torch.Tensor, group: int, block_size: int,
+                       device_type: str | None = None) -> tuple[str, ...]:
+    device_type = device_type or q.device.type
+    if device_type != "cuda":
+        return ("reference",)
+    order = ("reference",)
+    if block_size % 128 == 0 or 128 % block_size == 0:  # flex's BlockMask tiling (ops/flex.py)
+        order = ("flex",) + order
+    if _triton_fits(q, block_size, group, device_type) and _has_kernel("sparse_attention_triton"):
+        order = ("triton",) + order
+    return order
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -193,10 +207,6 @@ def msa_index_kl(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: t
 
 
 def _kl_auto_order(q: torch.Tensor, n_kv_heads: int, block_size: int) -> tuple[str, ...]:
-    """The Triton KL serves CUDA fp32/fp16/bf16 with a power-of-two group and a power-of-two (or
-    multiple-of-128) block; anything else takes the reference."""
-    G = q.shape[1] // n_kv_heads
-    pow2 = lambda n: n > 0 and n & (n - 1) == 0
-    fits = (q.device.type == "cuda" and q.dtype != torch.float64 and pow2(G)
-            and (pow2(block_size) or block_size % 128 == 0) and _has_kernel("index_kl_triton"))
-    return ("triton", "reference") if fits else ("reference",)
+    if _triton_fits(q, block_size, q.shape[1] // n_kv_heads) and _has_kernel("index_kl_triton"):
+        return ("triton", "reference")
+    return ("reference",)
