@@ -74,8 +74,27 @@ def test_decode_backend_triton_refuses_unsupported_shapes():
         layer.make_cache(1, 64, "cpu")
 
 
+def test_fp8_index_keys_need_the_paged_cache():
+    layer = create_attention({**CFG, "decode_backend": "reference", "decode_index_dtype": "fp8"})
+    with pytest.raises(ValueError, match="fp8"):
+        layer.make_cache(1, 64, "cpu")
+
+
 def test_decode_backend_reference_keeps_the_contiguous_cache():
     from sparsezoo import LayerCache
 
     layer = create_attention({**CFG, "decode_backend": "reference"})
     assert isinstance(layer.make_cache(1, 64, "cpu"), LayerCache)
+
+
+def test_chunked_prefill_through_the_paged_cache():
+    dev = _device()
+    torch.manual_seed(1)
+    layer = create_attention(CFG).to(dev, torch.float32).eval()
+    x = torch.randn(1, 90, 64, device=dev)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.make_cache(1, 90, dev)
+        got = torch.cat([layer(x[:, :40], cache=cache), layer(x[:, 40:75], cache=cache),
+                         layer(x[:, 75:76], cache=cache), layer(x[:, 76:], cache=cache)], dim=1)
+    torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)

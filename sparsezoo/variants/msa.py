@@ -118,11 +118,16 @@ class MSAAttention(WarmupRouting, AttentionLayer):
         why = self.paged_decode_unsupported(device)
         if c.decode_backend == "triton" and why:
             raise ValueError(f"decode_backend='triton' cannot run here: {why}")
-        if c.decode_backend == "reference" or why or (c.decode_backend == "auto" and device.type != "cuda"):
+        contiguous = c.decode_backend == "reference" or why or (c.decode_backend == "auto" and device.type != "cuda")
+        fp8 = c.decode_index_dtype == "fp8"
+        if contiguous and fp8:
+            raise ValueError("decode_index_dtype='fp8' lives in the paged Triton decode cache, which does not "
+                             f"serve this layer on {device} ({why or 'decode_backend=' + c.decode_backend}); "
+                             "use decode_index_dtype='model'")
+        if contiguous:
             return super().make_cache(max_batch_size, max_seq_len, device)
         from ..paged_cache import FP8, MSAPagedLayerCache
 
-        fp8 = c.decode_index_dtype == "fp8"
         return MSAPagedLayerCache(c, max_batch_size, max_seq_len, index_dtype=FP8 if fp8 else None,
                                   index_scale="token" if fp8 else None)
 
@@ -145,7 +150,8 @@ class MSAAttention(WarmupRouting, AttentionLayer):
                 out = cache.decode(q, q_idx)
                 self.last_selection = cache.decoder.selection
                 return out
-            k, v, k_idx = cache.gather(cache.pos + q.shape[2])
+            if cache.pos > 0:  # a later prefill chunk reads the earlier tokens back from the pages
+                k, v, k_idx = cache.gather(cache.pos + q.shape[2])
         with torch.no_grad():
             sel = self.select(q_idx.detach(), k_idx.detach())
         self.last_selection = sel
