@@ -379,6 +379,8 @@ def parse(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="training workers at once (speed runs are always alone)")
     p.add_argument("--time-limit", type=float, default=None, help="per-variant training time limit (s)")
     p.add_argument("--worker-timeout", type=float, default=900)
+    p.add_argument("--reuse", action="store_true",
+                   help="keep variants whose earlier run in --out has the same run config and finished")
     p.add_argument("--decode-prompt", type=int, default=8192)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--speed-warmup", type=int, default=3)
@@ -391,6 +393,17 @@ def parse(argv=None):
     args = p.parse_args(argv)
     args.eval_lens = [int(x) for x in str(args.eval_lens).split(",") if x]
     return args
+
+
+def reuse_result(folder: Path, spec: dict) -> dict | None:
+    """The finished result of an earlier run in `folder` whose run config equals this one (--reuse)."""
+    old_spec, result = folder / "spec.json", folder / "train.json"
+    if not (old_spec.is_file() and result.is_file()):
+        return None
+    if json.loads(old_spec.read_text())["run"] != json.loads(json.dumps(spec["run"])):
+        return None
+    r = json.loads(result.read_text())
+    return r if r.get("steps_done") == spec["run"]["train"]["steps"] else None
 
 
 def main(argv=None):
@@ -407,16 +420,23 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose among {registered}")
     out = Path(args.out)
-    specs = {}
+    specs, reused = {}, {}
     for v in variants:
         (out / v).mkdir(parents=True, exist_ok=True)
         spec = {"run": run_config(args, v, args.backend), "args": vars(args)}
         specs[v] = out / v / "spec.json"
+        if args.reuse and (r := reuse_result(out / v, spec)) is not None:
+            reused[v] = r
+            continue
         specs[v].write_text(json.dumps(spec, indent=1))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device_name = torch.cuda.get_device_name() if cuda else "CPU"
     t0 = time.perf_counter()
-    quality = run_jobs("train", specs, out, args.jobs, args.worker_timeout)
+    for v in reused:
+        print(f"[train] {v}: reusing {out / v / 'train.json'} ({args.steps} steps)", flush=True)
+    todo = {v: p for v, p in specs.items() if v not in reused}
+    quality = {**reused, **run_jobs("train", todo, out, args.jobs, args.worker_timeout)}
+    quality = {v: quality[v] for v in variants}
     print(f"training phase: {time.perf_counter() - t0:.0f}s", flush=True)
     speed = {}
     if not args.skip_speed:
