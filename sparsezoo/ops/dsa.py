@@ -16,7 +16,7 @@ import torch
 from .dispatch import record
 from .flex import run_flex
 from .nsa import check_keys, needs_grad, resolve_backend
-from .reference import _CHUNK_ELEMENTS, _chunk_len, _compute_dtype, gather_rows, masked_softmax_lse, query_positions
+from .reference import upcast_grouped, _CHUNK_ELEMENTS, _chunk_len, _compute_dtype, gather_rows, masked_softmax_lse, query_positions
 
 
 def index_logits(q_i: torch.Tensor, w: torch.Tensor, k_i: torch.Tensor, scale: float) -> torch.Tensor:
@@ -93,8 +93,7 @@ def gather_attention_reference(q, k, v, idx, scale: float):
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], idx.shape[-1]
     G = Hq // Hkv
-    dt = _compute_dtype(q)
-    qg, kf, vf = q.to(dt).view(B, Hkv, G, T, D), k.to(dt), v.to(dt)
+    qg, kf, vf = upcast_grouped(q, k, v)
     outs = []
     step = _chunk_len(B * Hkv * K * max(D, G), T)
     for t0 in range(0, T, step):

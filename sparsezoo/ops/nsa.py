@@ -16,7 +16,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from . import checks
 from .dispatch import record, resolve
 from .flex import run_flex, transpose_compact
-from .reference import _chunk_len, _compute_dtype, masked_softmax_lse, query_positions
+from .reference import upcast_grouped, _chunk_len, _compute_dtype, masked_softmax_lse, query_positions
 
 FLEX_TILE = 128  # query rows and key columns per BlockMask tile of the NSA flex paths
 
@@ -75,10 +75,8 @@ def compressed_attention(q, kc, vc, *, S: int, block_len: int, stride: int, scal
 
 def compressed_attention_reference(q, kc, vc, S: int, block_len: int, stride: int, scale: float):
     B, Hq, T, D = q.shape
-    Hkv, Sc = kc.shape[1], kc.shape[2]
-    G = Hq // Hkv
-    dt = _compute_dtype(q)
-    qg, kf, vf = q.to(dt).view(B, Hkv, G, T, D), kc.to(dt), vc.to(dt)
+    Sc = kc.shape[2]
+    qg, kf, vf = upcast_grouped(q, kc, vc)
     outs = []
     step = _chunk_len(B * Hq * Sc, T)
     for t0 in range(0, T, step):
@@ -207,10 +205,8 @@ def window_attention(q, k, v, *, window: int, scale: float, backend: str = "auto
 
 def window_attention_reference(q, k, v, window: int, scale: float):
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    dt = _compute_dtype(q)
-    qg, kf, vf = q.to(dt).view(B, Hkv, G, T, D), k.to(dt), v.to(dt)
+    S = k.shape[2]
+    qg, kf, vf = upcast_grouped(q, k, v)
     outs = []
     step = max(1, min(T, _chunk_len(B * Hq * window, T), 4096))
     for t0 in range(0, T, step):

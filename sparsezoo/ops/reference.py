@@ -19,6 +19,14 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def upcast_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q [B, Hq, T, D] -> [B, Hkv, G, T, D], with q, k, v in the compute dtype (fp64 stays fp64)."""
+    dt = _compute_dtype(q)
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    return q.to(dt).view(B, Hkv, Hq // Hkv, T, D), k.to(dt), v.to(dt)
+
+
 def _chunk_len(per_query: int, total: int) -> int:
     return max(1, min(total, _CHUNK_ELEMENTS // max(per_query, 1)))
 
@@ -111,9 +119,7 @@ def block_sparse_attention_reference(q, k, v, block_idx, block_size: int, scale:
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     K = block_idx.shape[-1]
-    dt = _compute_dtype(q)
-    qg = q.to(dt).view(B, Hkv, G, T, D)
-    kf, vf = k.to(dt), v.to(dt)
+    qg, kf, vf = upcast_grouped(q, k, v)
     outs, lses = [], []
     step = _chunk_len(B * Hkv * K * block_size * max(D, G), T)
     for t0 in range(0, T, step):
@@ -142,11 +148,8 @@ def full_selection(T: int, S: int, block_size: int, batch: int, heads: int, devi
 def dense_attention_reference(q, k, v, scale: float, return_lse: bool = False):
     """Causal GQA softmax attention (queries are the last T of S), in query chunks."""
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    dt = _compute_dtype(q)
-    qg = q.to(dt).view(B, Hkv, G, T, D)
-    kf, vf = k.to(dt), v.to(dt)
+    S = k.shape[2]
+    qg, kf, vf = upcast_grouped(q, k, v)
     outs, lses = [], []
     step = _chunk_len(B * Hq * S, T)
     for t0 in range(0, T, step):
