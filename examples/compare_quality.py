@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 import sparsezoo
 
@@ -59,21 +60,62 @@ MODELS = {
 }
 
 
-def variant_overrides(variant: str, preset: str, warmup_steps: int, backend: str) -> dict:
+def parse_sets(items: list[str] | None) -> dict[str, dict]:
+    """['msa.topk=16', ...] -> {'msa': {'topk': 16}}; values are YAML scalars; fields are checked."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        variant, dot, field = name.partition(".")
+        if not (eq and dot and variant and field):
+            raise SystemExit(f"--set {item!r}: expected VARIANT.FIELD=VALUE, for example msa.topk=16")
+        fields = sparsezoo.variant_class(variant).config_class.field_names()
+        if field not in fields:
+            raise SystemExit(f"--set {item!r}: {variant} has no field {field!r}; valid fields: {sorted(fields)}")
+        out.setdefault(variant, {})[field] = yaml.safe_load(value)
+    return out
+
+
+def variant_overrides(variant: str, preset: str, warmup_steps: int, backend: str, sets: dict | None = None) -> dict:
     """The attention config fields this variant gets (only fields its config class has)."""
     fields = sparsezoo.variant_class(variant).config_class.field_names()
     common = {"warmup_steps": warmup_steps, "backend": backend}
     out = {k: v for k, v in common.items() if k in fields}
     out.update(BUDGETS[preset].get(variant, {}))
+    out.update((sets or {}).get(variant, {}))
     return out
+
+
+def parse_curriculum(text: str | None) -> tuple[int | None, int]:
+    """'LEN:STEPS' -> (LEN, STEPS); None -> no curriculum."""
+    if not text:
+        return None, 0
+    try:
+        length, steps = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--curriculum {text!r}: expected LEN:STEPS, for example 512:900") from None
+    return length, steps
+
+
+def check_data_config(data: dict) -> None:
+    """Fail before any worker starts on a data config the trainer would refuse (e.g. a bad curriculum)."""
+    from sparsezoo.config import ConfigError
+    from sparsezoo.models.data import DataConfig
+
+    try:
+        DataConfig.from_dict(data)
+    except ConfigError as e:
+        raise SystemExit(f"bad data settings: {e}") from None
 
 
 def run_config(args, variant: str, backend: str) -> dict:
     steps = args.steps
     warmup = int(args.warmup_frac * steps)
     model = {"vocab_size": 512, **MODELS[args.preset], "attention": variant, "dense_layers": args.dense_layers,
-             "attention_overrides": {variant: variant_overrides(variant, args.preset, warmup, backend)}}
-    data = {"task": "mix", "seq_len": args.train_len, "passkey_len": args.passkey_len, "n_pairs": args.n_pairs,
+             "attention_overrides": {variant: variant_overrides(variant, args.preset, warmup, backend,
+                                                                       parse_sets(args.set))}}
+    short_len, short_steps = parse_curriculum(args.curriculum)
+    data = {"task": "mix", "seq_len": args.train_len, "curriculum_len": short_len, "curriculum_steps": short_steps,
+            "passkey_len": args.passkey_len, "n_pairs": args.n_pairs,
             "n_queries": args.n_pairs, "text_path": args.text, "text_glob": args.text_glob,
             "mix": {k: float(w) for k, w in (item.split("=") for item in args.mix.split(","))}}
     train = {"steps": steps, "batch_size": args.batch, "lr": args.lr, "lr_warmup": max(1, steps // 20),
@@ -167,6 +209,9 @@ def kv_read_fraction(model, data, length: int, device) -> dict:
     return {"length": length, "per_layer": fractions, "mean": sum(fractions) / len(fractions)}
 
 
+SPEED_ARGS = ("device", "eval_backend", "decode_prompt", "decode_tokens", "speed_warmup", "speed_steps")
+
+
 def speed_worker(spec: dict) -> dict:
     from sparsezoo.models import load_model
     from sparsezoo.models.data import Data, DataConfig
@@ -181,7 +226,8 @@ def speed_worker(spec: dict) -> dict:
     # training throughput (sparse routing, training backend), same batch shape as training
     model, _ = load_model(ckpt, strict=True, device=device)
     model.apply_routing_schedule(10 ** 9)
-    data = Data(DataConfig.from_dict({**run["data"], "task": "needle"}), model.config.vocab_size)
+    data = Data(DataConfig.from_dict({**run["data"], "task": "needle", "curriculum_len": None, "curriculum_steps": 0}),
+                model.config.vocab_size)  # the final training shape
     opt = make_optimizer(model, TrainConfig.from_dict(run["train"]), fused=device.type == "cuda")
     _, x, y = data.train_batch(0, run["train"]["batch_size"], device=device)
     with sparsezoo.ops.track_implementations() as impls:
@@ -224,6 +270,7 @@ def speed_worker(spec: dict) -> dict:
     out["decode_tokens_per_s"] = n_new / (time.perf_counter() - t0)
     out["decode_at"] = args["decode_prompt"]
     out["implementations_decode"] = dict(impls)
+    out["speed_args"] = {k: args[k] for k in SPEED_ARGS}
     return out
 
 
@@ -273,6 +320,14 @@ def fmt(x, pattern="{:.2f}"):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else pattern.format(x)
 
 
+def curriculum_note(args) -> str:
+    short_len, short_steps = parse_curriculum(args.curriculum)
+    if short_len is None:
+        return ""
+    return (f" (the first {short_steps} steps at {short_len} tokens x batch {args.batch * args.train_len // short_len},"
+            f" the same tokens per step)")
+
+
 def write_report(out: Path, args, quality: dict, speed: dict, device_name: str) -> None:
     lens = args.eval_lens
     rows = []
@@ -301,7 +356,8 @@ def write_report(out: Path, args, quality: dict, speed: dict, device_name: str) 
     md = (f"# Quality comparison on {device_name}\n\n"
           f"Command: `{' '.join(sys.argv)}`\n\n"
           f"Same GPT for every variant: {MODELS[args.preset]}, vocab 512, dense_layers {args.dense_layers}; "
-          f"{args.steps} steps x batch {args.batch} x {args.train_len} tokens, lr {args.lr}, seed {args.seed}; "
+          f"{args.steps} steps x batch {args.batch} x {args.train_len} tokens{curriculum_note(args)}, lr {args.lr}, "
+          f"seed {args.seed}; "
           f"task mix = passkey ({args.passkey_len} tokens) + multi-query recall ({args.n_pairs} pairs) + byte-level "
           f"text ({args.text}, {args.text_glob}), weights {args.mix}. MSA/DSA: dense warm-up with the index KL for "
           f"{int(args.warmup_frac * args.steps)} steps, then sparse.\n\n"
@@ -366,6 +422,10 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup-frac", type=float, default=0.2, help="MSA/DSA dense warm-up, fraction of steps")
     p.add_argument("--dense-layers", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="VARIANT.FIELD=VALUE",
+                   help="change one attention config field of a variant's budget (repeatable), e.g. msa.topk=16")
+    p.add_argument("--curriculum", default=None,
+                   help="LEN:STEPS: the first STEPS steps train at LEN tokens (same tokens per step), then --train-len")
     p.add_argument("--passkey-len", type=int, default=4)
     p.add_argument("--n-pairs", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -380,7 +440,8 @@ def parse(argv=None):
     p.add_argument("--time-limit", type=float, default=None, help="per-variant training time limit (s)")
     p.add_argument("--worker-timeout", type=float, default=900)
     p.add_argument("--reuse", action="store_true",
-                   help="keep variants whose earlier run in --out has the same run config and finished")
+                   help="keep variants whose earlier run in --out has the same run config and finished "
+                        "(and their speed results, where measured with the same speed settings)")
     p.add_argument("--decode-prompt", type=int, default=8192)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--speed-warmup", type=int, default=3)
@@ -406,6 +467,16 @@ def reuse_result(folder: Path, spec: dict) -> dict | None:
     return r if r.get("steps_done") == spec["run"]["train"]["steps"] else None
 
 
+def reuse_speed(folder: Path, spec: dict) -> dict | None:
+    """The speed result of an earlier run in `folder` measured with this run's speed settings (--reuse
+    only calls it for variants whose training was reused)."""
+    path = folder / "speed.json"
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())
+    return r if r.get("speed_args") == {k: spec["args"][k] for k in SPEED_ARGS} else None
+
+
 def main(argv=None):
     args = parse(argv)
     if args.worker:
@@ -424,6 +495,7 @@ def main(argv=None):
     for v in variants:
         (out / v).mkdir(parents=True, exist_ok=True)
         spec = {"run": run_config(args, v, args.backend), "args": vars(args)}
+        check_data_config(spec["run"]["data"])
         specs[v] = out / v / "spec.json"
         if args.reuse and (r := reuse_result(out / v, spec)) is not None:
             reused[v] = r
@@ -441,7 +513,12 @@ def main(argv=None):
     speed = {}
     if not args.skip_speed:
         trained = {v: p for v, p in specs.items() if "failed" not in quality[v]}
-        speed = run_jobs("speed", trained, out, 1, args.speed_timeout, t0 + args.deadline)
+        for v in reused:
+            if (r := reuse_speed(out / v, {"args": vars(args)})) is not None:
+                speed[v] = r
+                print(f"[speed] {v}: reusing {out / v / 'speed.json'}", flush=True)
+        todo = {v: p for v, p in trained.items() if v not in speed}
+        speed.update(run_jobs("speed", todo, out, 1, args.speed_timeout, t0 + args.deadline))
     print(f"total: {time.perf_counter() - t0:.0f}s", flush=True)
     write_report(out, args, quality, speed, device_name)
 

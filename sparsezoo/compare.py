@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = run(cfg)
     out, name = Path(cfg["out"]), device_name(cfg["device"])
     table = to_markdown(rows, cfg, name)
-    (out / "compare.md").write_text(table)
+    command = shlex.join(["python", "-m", "sparsezoo.compare", *(sys.argv[1:] if argv is None else argv)])
+    (out / "compare.md").write_text(f"Command: `{command}`\n\n{table}")
     (out / "compare.json").write_text(json.dumps({"device": name, "torch": torch.__version__, "config": cfg,
                                                   "results": rows}, indent=2))
     plot_summary(rows, out / "compare.png", f"{name}, T={cfg['seq_len']}, {cfg['dtype']}")

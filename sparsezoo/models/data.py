@@ -45,8 +45,20 @@ class DataConfig:
     text_glob: str = "**/*"
     val_fraction: float = 0.1
     mix: dict[str, float] = field(default_factory=lambda: {"needle": 1.0, "recall": 1.0, "text": 1.0})
+    # length curriculum: the first `curriculum_steps` train at `curriculum_len` with the same tokens
+    # per step (batch x seq_len / curriculum_len rows), then at seq_len
+    curriculum_len: int | None = None
+    curriculum_steps: int = 0
 
     def __post_init__(self) -> None:
+        if self.curriculum_steps < 0:
+            raise ConfigError(f"data.curriculum_steps = {self.curriculum_steps}; must be >= 0")
+        if self.curriculum_steps and self.curriculum_len is None:
+            raise ConfigError("data.curriculum_steps needs data.curriculum_len")
+        if self.curriculum_len is not None and not (
+                0 < self.curriculum_len <= self.seq_len and self.seq_len % self.curriculum_len == 0):
+            raise ConfigError(f"data.curriculum_len = {self.curriculum_len} must divide seq_len = {self.seq_len} "
+                              f"(so every step trains on the same number of tokens)")
         if self.task not in TASKS:
             raise ConfigError(f"data.task = {self.task!r}; choose one of {list(TASKS)}")
         bad = sorted(set(self.mix) - {"needle", "recall", "text"})
@@ -234,11 +246,19 @@ class Data:
         x, y = seq[:, :-1], seq[:, 1:].masked_fill(~scored[:, 1:], -100)
         return x.to(device), y.to(device)
 
+    def train_shape(self, step: int, batch_size: int) -> tuple[int, int]:
+        """(rows, length) of a training step's batch: the curriculum's short length first, then seq_len."""
+        c = self.config
+        if c.curriculum_len is not None and step < c.curriculum_steps:
+            return batch_size * (c.seq_len // c.curriculum_len), c.curriculum_len
+        return batch_size, c.seq_len
+
     def train_batch(self, step: int, batch_size: int, rank: int = 0, device="cpu"):
         """(task name, x, y) for a training step; rank-specific, deterministic."""
         task = self.task_for_step(step)
         g = batch_generator(self.seed, step, rank)
-        return task, *self.batch(task, batch_size, self.config.seq_len, g, "train", device)
+        rows, length = self.train_shape(step, batch_size)
+        return task, *self.batch(task, rows, length, g, "train", device)
 
     def eval_batches(self, task: str, n_batches: int, batch_size: int, length: int | None = None, device="cpu"):
         """Fixed held-out batches (a separate seed stream; text comes from the val split)."""
