@@ -79,6 +79,15 @@ class AttentionConfig:
         return dataclasses.replace(self, **changes)
 
 
+def from_known_fields(cls: type, data: dict[str, Any], section: str):
+    """cls(**data) for a config dataclass; unknown keys raise a ConfigError naming them and the valid fields."""
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {section} field(s) {unknown}; valid fields: {names}")
+    return cls(**data)
+
+
 def _check_type(owner: str, name: str, value: Any, hint: Any) -> None:
     origin = typing.get_origin(hint)
     allowed = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)

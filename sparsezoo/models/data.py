@@ -17,14 +17,13 @@ Batches are a pure function of (seed, step, rank): resuming or adding ranks need
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sparsezoo.config import ConfigError
+from sparsezoo.config import ConfigError, from_known_fields
 
 N_BYTES = 256
 PAD, BOS, NEEDLE, QUERY = 256, 257, 258, 259
@@ -71,11 +70,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DataConfig":
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown data field(s) {unknown}; valid fields: {names}")
-        return cls(**data)
+        return from_known_fields(cls, data, "data")
 
 
 @dataclass(frozen=True)

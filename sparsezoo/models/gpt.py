@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsezoo
-from sparsezoo.config import AttentionConfig, ConfigError, read_yaml
+from sparsezoo.config import AttentionConfig, ConfigError, from_known_fields, read_yaml
 
 DENSE = "dense"  # the baseline variant `dense_layers` falls back to
 MODEL_FIELDS = ("variant", "d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta")
@@ -69,11 +69,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GPTConfig":
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; valid fields: {names}")
-        return cls(**data)
+        return from_known_fields(cls, data, "GPTConfig")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "GPTConfig":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import yaml
 
 import sparsezoo
-from sparsezoo.config import ConfigError, read_yaml
+from sparsezoo.config import ConfigError, from_known_fields, read_yaml
 
 from . import checkpoint as ckpt
 from .data import Data, DataConfig, score
@@ -62,11 +61,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown train field(s) {unknown}; valid fields: {names}")
-        return cls(**data)
+        return from_known_fields(cls, data, "train")
 
 
 SECTIONS = ("model", "data", "train")
