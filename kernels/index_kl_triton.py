@@ -49,10 +49,8 @@ def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, TOK, CNT, IDS, BITS, T, S, 
                                                   TM, G, BM)
     d = tl.arange(0, BD)
     di = tl.arange(0, BDI)
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
-                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-    qi = tl.load(QI + b * sib + g * sih + t[:, None] * sit + di[None, :] * sid,
-                 mask=row_ok[:, None] & (di[None, :] < DI), other=0.0)
+    q = sat._load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
+    qi = sat._load_rows(QI, b * sib + g * sih + t * sit, di, sid, row_ok, DI)
     lse2 = tl.load(L + b * slb + head * slh + t * slt, mask=row_ok, other=0.0) * 1.4426950408889634
     u_base = b * scb + g * sch + tile * sct
     n_u = tl.load(CNT + (b * tl.num_programs(1) + g) * n_tiles + tile)
@@ -62,14 +60,13 @@ def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, TOK, CNT, IDS, BITS, T, S, 
     l_i = tl.zeros([BM], tl.float32)
     for i in range(0, n_u):
         u = tl.load(IDS + u_base + i)
-        member = ((tl.load(BITS + u_base + i) >> tl_tok) & 1) != 0
+        member = sat._chose(BITS, u_base + i, tl_tok)
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
-            ki = tl.load(KI + b * sjb + keys[:, None] * sjs + di[None, :] * sjd,
-                         mask=kmask[:, None] & (di[None, :] < DI), other=0.0)
-            ok = (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
-            z = tl.where(ok, tl.dot(qi, tl.trans(ki)) * z_scale, float("-inf"))
+            ki = sat._load_rows(KI, b * sjb + keys * sjs, di, sjd, kmask, DI)
+            z = tl.where(sat._visible(member, row_ok, pos, keys, kmask), tl.dot(qi, tl.trans(ki)) * z_scale,
+                         float("-inf"))
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(z - m_use[:, None]), axis=1)
@@ -82,15 +79,13 @@ def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, TOK, CNT, IDS, BITS, T, S, 
     dqi = tl.zeros([BM, BDI], tl.float32)
     for i in range(0, n_u):
         u = tl.load(IDS + u_base + i)
-        member = ((tl.load(BITS + u_base + i) >> tl_tok) & 1) != 0
+        member = sat._chose(BITS, u_base + i, tl_tok)
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
-            ok = (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
-            kt = tl.load(K + b * skb + g * skh + keys[:, None] * sks + d[None, :] * skd,
-                         mask=kmask[:, None] & (d[None, :] < D), other=0.0)
-            ki = tl.load(KI + b * sjb + keys[:, None] * sjs + di[None, :] * sjd,
-                         mask=kmask[:, None] & (di[None, :] < DI), other=0.0)
+            ok = sat._visible(member, row_ok, pos, keys, kmask)
+            kt = sat._load_rows(K, b * skb + g * skh + keys * sks, d, skd, kmask, D)
+            ki = sat._load_rows(KI, b * sjb + keys * sjs, di, sjd, kmask, DI)
             p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(kt)) * qk_scale - lse2[:, None]), 0.0)
             p = _group_mean(p, TM, G, BN)
             log_q = tl.dot(qi, tl.trans(ki)) * z_scale - lq_use[:, None]
@@ -114,34 +109,24 @@ def _kl_key_kernel(Q, K, QI, KI, L, LQ, DKI, TOK, ITEMS, ILEN, ETILE, EBITS, T, 
                    TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                    BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr,
                    BDI: tl.constexpr):
-    item = tl.program_id(0)
+    bh, u, start, n, b, g = sat._key_item(ITEMS, ILEN, HKV)
     sub = tl.program_id(1)
-    bh = tl.load(ITEMS + item * 3)
-    u = tl.load(ITEMS + item * 3 + 1)
-    start = tl.load(ITEMS + item * 3 + 2)
-    n = tl.load(ILEN + item)
-    b = bh // HKV
-    g = bh % HKV
     d = tl.arange(0, BD)
     di = tl.arange(0, BDI)
     keys = u * BLOCK + sub * BN + tl.arange(0, BN)
     kmask = keys < S
-    kt = tl.load(K + b * skb + g * skh + keys[:, None] * sks + d[None, :] * skd,
-                 mask=kmask[:, None] & (d[None, :] < D), other=0.0)
-    ki = tl.load(KI + b * sjb + keys[:, None] * sjs + di[None, :] * sjd,
-                 mask=kmask[:, None] & (di[None, :] < DI), other=0.0)
+    kt = sat._load_rows(K, b * skb + g * skh + keys * sks, d, skd, kmask, D)
+    ki = sat._load_rows(KI, b * sjb + keys * sjs, di, sjd, kmask, DI)
     dki = tl.zeros([BN, BDI], tl.float32)
     for i in range(0, n):
         tile = tl.load(ETILE + start + i)
         tl_tok, head, t, row_ok, pos = sat._row_setup(TOK, bh, NT, tile, g, T, S, TM, G, BM)
-        member = ((tl.load(EBITS + start + i) >> tl_tok) & 1) != 0
-        q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
-                    mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-        qi = tl.load(QI + b * sib + g * sih + t[:, None] * sit + di[None, :] * sid,
-                     mask=row_ok[:, None] & (di[None, :] < DI), other=0.0)
+        member = sat._chose(EBITS, start + i, tl_tok)
+        q = sat._load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
+        qi = sat._load_rows(QI, b * sib + g * sih + t * sit, di, sid, row_ok, DI)
         lse2 = tl.load(L + b * slb + head * slh + t * slt, mask=row_ok, other=0.0) * 1.4426950408889634
         lq = tl.load(LQ + b * sab + g * sah + t * sat_, mask=row_ok, other=0.0)
-        ok = (member & row_ok)[None, :] & (keys[:, None] <= pos[None, :]) & kmask[:, None]
+        ok = sat._visible_t(member, row_ok, pos, keys, kmask)
         pt = tl.where(ok, tl.exp2(tl.dot(kt, tl.trans(q)) * qk_scale - lse2[None, :]), 0.0)
         pt = _group_mean_t(pt, TM, G, BN)
         qt = tl.where(ok, tl.exp(tl.dot(ki, tl.trans(qi)) * z_scale - lq[None, :]), 0.0)

@@ -144,6 +144,41 @@ def _row_setup(TOK, bg, n_tiles, tile, g, T, S, TM: tl.constexpr, G: tl.constexp
 
 
 @triton.jit
+def _load_rows(PTR, row_off, cols, s_col, rows_ok, n_cols):
+    """The tile PTR[row_off[r] + cols[c] * s_col]; 0 where not rows_ok[r] or cols[c] >= n_cols."""
+    return tl.load(PTR + row_off[:, None] + cols[None, :] * s_col,
+                   mask=rows_ok[:, None] & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _chose(BITS, at, tl_tok):
+    """Per row: whether the row's token (bit tl_tok of the tile entry BITS[at]) selected the entry's block."""
+    return ((tl.load(BITS + at) >> tl_tok) & 1) != 0
+
+
+@triton.jit
+def _visible(member, row_ok, pos, keys, kmask):
+    """[rows, keys]: the row's token selected the block, and the key is causal for it and inside S."""
+    return (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
+
+
+@triton.jit
+def _visible_t(member, row_ok, pos, keys, kmask):
+    """_visible laid out [keys, rows], for the key-major kernels."""
+    return (member & row_ok)[None, :] & (keys[:, None] <= pos[None, :]) & kmask[:, None]
+
+
+@triton.jit
+def _key_item(ITEMS, ILEN, HKV):
+    """The key-major work item of this program: (batch * HKV + group, block, first entry, entry count,
+    batch, group)."""
+    item = tl.program_id(0)
+    bh = tl.load(ITEMS + item * 3)
+    return (bh, tl.load(ITEMS + item * 3 + 1), tl.load(ITEMS + item * 3 + 2), tl.load(ILEN + item),
+            bh // HKV, bh % HKV)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, L, TOK, CNT, IDS, BITS, T, S, W, qk_scale,
                 sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                 sob, soh, sot, sod, slb, slh, slt, scb, sch, sct,
@@ -155,9 +190,7 @@ def _fwd_kernel(Q, K, V, O, L, TOK, CNT, IDS, BITS, T, S, W, qk_scale,
     b = tl.program_id(2)
     tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S, TM, G, BM)
     d = tl.arange(0, BD)
-    dmask = d[None, :] < D
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
-                mask=row_ok[:, None] & dmask, other=0.0)
+    q = _load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
     m_i = tl.zeros([BM], tl.float32) + float("-inf")
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
@@ -166,23 +199,20 @@ def _fwd_kernel(Q, K, V, O, L, TOK, CNT, IDS, BITS, T, S, W, qk_scale,
     kn = tl.arange(0, BN)
     for i in range(0, n_u):
         u = tl.load(IDS + u_base + i)
-        member = ((tl.load(BITS + u_base + i) >> tl_tok) & 1) != 0
+        member = _chose(BITS, u_base + i, tl_tok)
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
-            kt = tl.load(K + b * skb + g * skh + keys[:, None] * sks + d[None, :] * skd,
-                         mask=kmask[:, None] & dmask, other=0.0)
+            kt = _load_rows(K, b * skb + g * skh + keys * sks, d, skd, kmask, D)
             s = tl.dot(q, tl.trans(kt)) * qk_scale
-            ok = (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
-            s = tl.where(ok, s, float("-inf"))
+            s = tl.where(_visible(member, row_ok, pos, keys, kmask), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_use[:, None])
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if not LSE_ONLY:
-                vt = tl.load(V + b * svb + g * svh + keys[:, None] * svs + d[None, :] * svd,
-                             mask=kmask[:, None] & dmask, other=0.0)
+                vt = _load_rows(V, b * svb + g * svh + keys * svs, d, svd, kmask, D)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_i = m_new
     lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -190,7 +220,7 @@ def _fwd_kernel(Q, K, V, O, L, TOK, CNT, IDS, BITS, T, S, W, qk_scale,
     if not LSE_ONLY:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(O + b * sob + head[:, None] * soh + t[:, None] * sot + d[None, :] * sod,
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask)
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
 
 
 @triton.jit
@@ -206,10 +236,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, CNT, IDS, BITS, T, S, W, qk_s
     b = tl.program_id(2)
     tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S, TM, G, BM)
     d = tl.arange(0, BD)
-    dmask = d[None, :] < D
-    row_off = b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd
-    q = tl.load(Q + row_off, mask=row_ok[:, None] & dmask, other=0.0)
-    do = tl.load(DO + row_off, mask=row_ok[:, None] & dmask, other=0.0)
+    row_off = b * sqb + head * sqh + t * sqt
+    q = _load_rows(Q, row_off, d, sqd, row_ok, D)
+    do = _load_rows(DO, row_off, d, sqd, row_ok, D)
     l_off = b * slb + head * slh + t * slt
     lse2 = tl.load(L + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
@@ -219,21 +248,19 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, CNT, IDS, BITS, T, S, W, qk_s
     kn = tl.arange(0, BN)
     for i in range(0, n_u):
         u = tl.load(IDS + u_base + i)
-        member = ((tl.load(BITS + u_base + i) >> tl_tok) & 1) != 0
+        member = _chose(BITS, u_base + i, tl_tok)
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
-            kt = tl.load(K + b * skb + g * skh + keys[:, None] * sks + d[None, :] * skd,
-                         mask=kmask[:, None] & dmask, other=0.0)
-            vt = tl.load(V + b * svb + g * svh + keys[:, None] * svs + d[None, :] * svd,
-                         mask=kmask[:, None] & dmask, other=0.0)
+            kt = _load_rows(K, b * skb + g * skh + keys * sks, d, skd, kmask, D)
+            vt = _load_rows(V, b * svb + g * svh + keys * svs, d, svd, kmask, D)
             s = tl.dot(q, tl.trans(kt)) * qk_scale
-            ok = (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
-            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            p = tl.where(_visible(member, row_ok, pos, keys, kmask), tl.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vt))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kt.dtype), kt)
-    tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & dmask)
+    tl.store(DQ + row_off[:, None] + d[None, :] * sqd, (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (d[None, :] < D))
 
 
 @triton.jit
@@ -242,43 +269,33 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, ITEMS, ILEN, ETILE, EBI
                      slb, slh, slt, sdb, sdh, sds, sdd,
                      TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                      BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    item = tl.program_id(0)
+    bh, u, start, n, b, g = _key_item(ITEMS, ILEN, HKV)
     sub = tl.program_id(1)
-    bh = tl.load(ITEMS + item * 3)
-    u = tl.load(ITEMS + item * 3 + 1)
-    start = tl.load(ITEMS + item * 3 + 2)
-    n = tl.load(ILEN + item)
-    b = bh // HKV
-    g = bh % HKV
     d = tl.arange(0, BD)
-    dmask = d[None, :] < D
     keys = u * BLOCK + sub * BN + tl.arange(0, BN)
     kmask = keys < S
-    kt = tl.load(K + b * skb + g * skh + keys[:, None] * sks + d[None, :] * skd,
-                 mask=kmask[:, None] & dmask, other=0.0)
-    vt = tl.load(V + b * svb + g * svh + keys[:, None] * svs + d[None, :] * svd,
-                 mask=kmask[:, None] & dmask, other=0.0)
+    kt = _load_rows(K, b * skb + g * skh + keys * sks, d, skd, kmask, D)
+    vt = _load_rows(V, b * svb + g * svh + keys * svs, d, svd, kmask, D)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     for i in range(0, n):
         tile = tl.load(ETILE + start + i)
         tl_tok, head, t, row_ok, pos = _row_setup(TOK, bh, NT, tile, g, T, S, TM, G, BM)
-        member = ((tl.load(EBITS + start + i) >> tl_tok) & 1) != 0
-        row_off = b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd
-        q = tl.load(Q + row_off, mask=row_ok[:, None] & dmask, other=0.0)
-        do = tl.load(DO + row_off, mask=row_ok[:, None] & dmask, other=0.0)
+        member = _chose(EBITS, start + i, tl_tok)
+        row_off = b * sqb + head * sqh + t * sqt
+        q = _load_rows(Q, row_off, d, sqd, row_ok, D)
+        do = _load_rows(DO, row_off, d, sqd, row_ok, D)
         l_off = b * slb + head * slh + t * slt
         lse2 = tl.load(L + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
         st = tl.dot(kt, tl.trans(q)) * qk_scale  # [BN, BM]
-        ok = (member & row_ok)[None, :] & (keys[:, None] <= pos[None, :]) & kmask[:, None]
-        pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
+        pt = tl.where(_visible_t(member, row_ok, pos, keys, kmask), tl.exp2(st - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do)
         dpt = tl.dot(vt, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q)
     off = b * sdb + g * sdh + keys[:, None] * sds + d[None, :] * sdd
-    m = kmask[:, None] & dmask
+    m = kmask[:, None] & (d[None, :] < D)
     tl.atomic_add(DK + off, dk * scale, mask=m)
     tl.atomic_add(DV + off, dv, mask=m)
 
