@@ -34,6 +34,7 @@ class AttentionConfig:
     # field name -> allowed values, checked on validate()
     CHOICES: ClassVar[dict[str, tuple]] = {"backend": ("auto", "reference", "flex", "sdpa", "triton")}
     POSITIVE: ClassVar[tuple[str, ...]] = ("d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -50,6 +51,10 @@ class AttentionConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{type(self).__name__}.{name} must be > 0, got {value!r}")
+        for name in self.all_non_negative():
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{type(self).__name__}.{name} must be >= 0, got {value!r}")
         if self.n_heads % self.n_kv_heads != 0:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
 
@@ -62,10 +67,19 @@ class AttentionConfig:
 
     @classmethod
     def all_positive(cls) -> tuple[str, ...]:
+        return cls._declared_names("POSITIVE")
+
+    @classmethod
+    def all_non_negative(cls) -> tuple[str, ...]:
+        return cls._declared_names("NON_NEGATIVE")
+
+    @classmethod
+    def _declared_names(cls, attr: str) -> tuple[str, ...]:
+        """The field names each class of the MRO declares in its own `attr` tuple."""
         names: list[str] = []
         for klass in reversed(cls.__mro__):
-            if "POSITIVE" in vars(klass):
-                names.extend(vars(klass)["POSITIVE"])
+            if attr in vars(klass):
+                names.extend(vars(klass)[attr])
         return tuple(names)
 
     @classmethod

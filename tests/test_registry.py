@@ -112,6 +112,11 @@ def test_config_errors_name_the_choices(name):
         make_config(CONFIGS / f"{name}.yaml", n_heads=6, n_kv_heads=4)
     with pytest.raises(ConfigError, match="must be int"):
         make_config(CONFIGS / f"{name}.yaml", n_heads="8")
+    config_class = type(make_config(CONFIGS / f"{name}.yaml"))
+    for field in config_class.all_non_negative():
+        make_config(CONFIGS / f"{name}.yaml", **{field: 0})  # zero is allowed
+        with pytest.raises(ConfigError, match=f"{field} must be >= 0"):
+            make_config(CONFIGS / f"{name}.yaml", **{field: -1})
 
 
 def test_unknown_variant_names_the_choices():

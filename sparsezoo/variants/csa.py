@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import AttentionConfig, ConfigError
+from ..config import AttentionConfig
 from ..ops import csa as csa_ops
 from ..ops import dsa as dsa_ops
 from ..registry import register_variant
@@ -48,11 +48,7 @@ class CSAConfig(AttentionConfig):
     CHOICES: ClassVar[dict[str, tuple]] = {"backend": ("auto", "reference", "flex")}
     POSITIVE: ClassVar[tuple[str, ...]] = ("compress_ratio", "topk", "window", "n_index_heads", "index_dim",
                                            "index_scale", "kl_temperature")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.kl_coeff < 0:
-            raise ConfigError(f"kl_coeff must be >= 0, got {self.kl_coeff}")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("kl_coeff",)
 
 
 @register_variant("csa")

@@ -49,11 +49,10 @@ class DSAConfig(AttentionConfig):
         "routing": ("sparse", "dense"),
     }
     POSITIVE: ClassVar[tuple[str, ...]] = ("topk", "n_index_heads", "index_dim", "index_scale", "kl_temperature")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("warmup_steps", "kl_coeff")
 
     def validate(self) -> None:
         super().validate()
-        if self.warmup_steps < 0 or self.kl_coeff < 0:
-            raise ConfigError(f"warmup_steps and kl_coeff must be >= 0, got {self.warmup_steps}, {self.kl_coeff}")
         if self.select_per == "group" and self.n_index_heads % self.n_kv_heads:
             raise ConfigError(f"select_per 'group' splits the index heads over the KV groups: n_index_heads "
                               f"({self.n_index_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")

@@ -49,11 +49,10 @@ class MSAConfig(AttentionConfig):
         "decode_index_dtype": ("model", "fp8"),
     }
     POSITIVE: ClassVar[tuple[str, ...]] = ("block_size", "topk", "index_dim", "index_scale", "kl_temperature")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("warmup_steps", "kl_coeff")
 
     def validate(self) -> None:
         super().validate()
-        if self.warmup_steps < 0 or self.kl_coeff < 0:
-            raise ConfigError(f"warmup_steps and kl_coeff must be >= 0, got {self.warmup_steps}, {self.kl_coeff}")
         if self.backend == "flex" and self.block_size % 128 and 128 % self.block_size:
             raise ConfigError(f"backend 'flex' needs block_size to divide, or be a multiple of, the kernel "
                               f"tile 128, got {self.block_size}")
