@@ -31,11 +31,17 @@ def load_runs(paths: list[Path]) -> list[dict]:
     return runs
 
 
-def accuracy_table(runs: list[dict], task: str) -> dict[str, dict[str, dict[int, float]]]:
-    """{variant: {length: {seed: exact accuracy}}} over the variants every run trained."""
-    common = set.intersection(*(set(v for v, q in r["quality"].items() if "failed" not in q) for r in runs))
+def trained_by_all(runs: list[dict]) -> tuple[list[str], list[str]]:
+    """(variants every run trained, variants some run lacks or failed): only the first are aggregated."""
+    trained = [{v for v, q in r["quality"].items() if "failed" not in q} for r in runs]
+    common = set.intersection(*trained)
+    return sorted(common), sorted({v for r in runs for v in r["quality"]} - common)
+
+
+def accuracy_table(runs: list[dict], task: str, variants: list[str]) -> dict[str, dict[str, dict[int, float]]]:
+    """{variant: {length: {seed: exact accuracy}}} for the given variants."""
     out: dict = {}
-    for v in sorted(common):
+    for v in variants:
         for r in runs:
             for length, res in r["quality"][v].get("accuracy", {}).items():
                 if task in res:
@@ -59,7 +65,8 @@ def summarize(table: dict, baseline: str) -> dict:
     return out
 
 
-def write_markdown(path: Path, runs: list[dict], summary: dict, task: str, baseline: str) -> None:
+def write_markdown(path: Path, runs: list[dict], summary: dict, task: str, baseline: str,
+                   left_out: list[str]) -> None:
     args = runs[0]["args"]
     seeds = sorted(r["args"]["seed"] for r in runs)
     lengths = sorted({int(L) for v in summary.values() for L in v})
@@ -67,7 +74,8 @@ def write_markdown(path: Path, runs: list[dict], summary: dict, task: str, basel
              f"{len(runs)} runs of `examples/compare_quality.py` that differ only in --seed: {args['steps']} steps, "
              f"train length {args['train_len']} (curriculum {args.get('curriculum')}), {args['eval_samples']} eval "
              f"samples per length, attention overrides {args.get('set')}. Cells: per-seed exact accuracy; mean ± "
-             f"sample std; Δ = mean paired difference to {baseline} (same seed).", "",
+             f"sample std; Δ = mean paired difference to {baseline} (same seed)."
+             + (f" Left out, as not every run trained them: {', '.join(left_out)}." if left_out else ""), "",
              "| variant | length | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean ± std | Δ vs {baseline} |",
              "|---|---|" + "---|" * len(seeds) + "---|---|"]
     for v, by_len in summary.items():
@@ -114,14 +122,17 @@ def main(argv=None) -> None:
     p.add_argument("--baseline", default="dense")
     args = p.parse_args(argv)
     runs = load_runs(args.runs)
-    summary = summarize(accuracy_table(runs, args.task), args.baseline)
-    if not summary:
-        raise SystemExit("no variant was trained by every run")
+    variants, left_out = trained_by_all(runs)
+    if not variants:
+        raise SystemExit(f"no variant was trained by every run (seen: {left_out})")
+    if left_out:
+        print(f"left out, as not every run trained them: {', '.join(left_out)}")
+    summary = summarize(accuracy_table(runs, args.task, variants), args.baseline)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_markdown(args.out.with_suffix(".md"), runs, summary, args.task, args.baseline)
+    write_markdown(args.out.with_suffix(".md"), runs, summary, args.task, args.baseline, left_out)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"device": runs[0]["device"], "runs": [str(r) for r in args.runs], "task": args.task, "summary": summary},
-        indent=1))
+        {"device": runs[0]["device"], "runs": [str(r) for r in args.runs], "task": args.task, "summary": summary,
+         "left_out": left_out}, indent=1))
     plot(args.out.with_suffix(".png"), summary, args.task,
          f"{args.task} over {len(runs)} seeds, {runs[0]['device']}")
     print(args.out.with_suffix(".md").read_text())

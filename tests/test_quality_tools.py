@@ -91,6 +91,7 @@ def test_seed_aggregation_means_and_paired_differences(tmp_path):
     assert summary["msa"]["8192"]["paired_diff_vs_dense"] == pytest.approx(0.125)
     md = (tmp_path / "agg.md").read_text()
     assert "| msa | 8192 | 0.75 | 0.25 | 0.50 ± 0.35 | +0.12 |" in md
+    assert "Left out, as not every run trained them: nsa." in md
     assert (tmp_path / "agg.png").stat().st_size > 0
 
 
