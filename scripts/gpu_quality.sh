@@ -5,7 +5,7 @@
 # TRAIN_LEN (default 2048) and BATCH (default 4) set the final training shape; the curriculum's first
 # 1000 steps run at 512 tokens with the same tokens per step. EXTRA adds arguments (e.g. "--set msa.topk=16")
 # and TAG names such a run. Runs go to out/quality_gpu_$TRAIN_LEN[_$TAG].
-# Results: $OUT/quality.{md,json,png} and $OUT/quality_gpu_$TRAIN_LEN.tgz (specs, results, logs and loss curves;
+# Results: $OUT/quality.{md,json,png} and $OUT/<run folder>.tgz (specs, results, logs and loss curves;
 # unpack it into out/ to continue from another machine).
 source scripts/gpu_setup.sh
 export PYTHONUNBUFFERED=1
