@@ -133,7 +133,7 @@ def fold_out(o, B, Hq, Q, D):
 # ---- checks ---------------------------------------------------------------------------------
 def check_msa(dec, caches, table, S, q, q_idx, out, shape, fp8_cache=None):
     """Selection (ranking up to eps) and attention (vs the gather reference) for 2 requests."""
-    from sparsezoo.ops import reference as R
+    from sparsezoo.ops import references as R
 
     blk, topk, Q = shape["block"], shape["topk"], q.shape[2]
     c = caches[0] if fp8_cache is None else fp8_cache
@@ -163,7 +163,7 @@ def check_dense(o, q, k, v, Q):
     """Exact check for Q = 1 (the SDPA runs see every key, which is exact then)."""
     if Q != 1:
         return
-    from sparsezoo.ops import reference as R
+    from sparsezoo.ops import references as R
 
     ref = R.dense_attention_reference(q[:1].float(), k[:1].float(), v[:1].float(), 1 / math.sqrt(q.shape[-1]))
     err = (o[:1].float() - ref).abs().max().item()
@@ -174,7 +174,7 @@ def check_dense(o, q, k, v, Q):
 def run_config(name, shape, S, B, Q, args, env, bw):
     from sparsezoo.kernels import decode_attention as att
     from sparsezoo.paged_cache import MSADecoder
-    from sparsezoo.ops import reference as R
+    from sparsezoo.ops import references as R
 
     dev = torch.device("cuda")
     hq, hkv, d, di, blk, topk = (shape[x] for x in ("hq", "hkv", "d", "di", "block", "topk"))

@@ -52,7 +52,7 @@ def outside_error_band(q_idx, k_idx, k8, full, sel8, block_size) -> float:
     """Fraction of rows where fp8 picked a block whose full-precision score lies below the full
     selection's worst ranked score by more than that row's fp8 score error: a swap that fp8 rounding
     alone cannot explain (ties and near-ties are explained)."""
-    from sparsezoo.ops.reference import block_scores
+    from sparsezoo.ops.references import block_scores
 
     T, S = q_idx.shape[2], k_idx.shape[1]
     pos = torch.arange(S - T, S)

@@ -95,7 +95,7 @@ def flop_limit(N, sh):
 # ----------------------------------------------------------------------------- correctness gates
 
 def check_prefill(q, k, v, q_idx, k_idx, sel, out, sh, n_check=128):
-    from sparsezoo.ops import reference as ref
+    from sparsezoo.ops import references as ref
 
     S = k.shape[2]
     qi = q_idx[:, :, -n_check:].float()

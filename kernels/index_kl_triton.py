@@ -1,6 +1,6 @@
 """MSA index-branch sparse KL (Triton): loss and its gradients w.r.t. q_idx and k_idx.
 
-Same semantics as sparsezoo.ops.reference.msa_index_kl_reference. Teacher P = group-mean main
+Same semantics as the reference in sparsezoo.ops.index_kl.msa_reference. Teacher P = group-mean main
 attention over the selected tokens M (detached, from the main LSE); student Q = softmax over M of
 z = index_scale / temperature * q_idx.k_idx. d loss / d z = coeff * (Q - P) / (B * H_i * T).
 
@@ -211,24 +211,30 @@ class _IndexKL(torch.autograd.Function):
                 None, None, None, None, None, None, None, None, None, None)
 
 
+def _every_visible_block(B: int, H: int, T: int, S: int, block_size: int, device) -> torch.Tensor:
+    """int32 [B, H, T, n_blocks]: blocks 0 .. local for each query (the last T of S), then -1."""
+    local = (S - T + torch.arange(T, device=device)) // block_size
+    ids = torch.arange(triton.cdiv(S, block_size), device=device)
+    sel = torch.where(ids[None, :] <= local[:, None], ids[None, :], -1).to(torch.int32)
+    return sel.expand(B, H, T, ids.numel()).contiguous()
+
+
 def msa_index_kl_triton(q, k, q_idx, k_idx, block_idx, block_size: int, scale: float, index_scale: float,
                         coeff: float = 1.0, temperature: float = 1.0, main_lse=None, config=None):
     """Sparse KL loss (scalar fp32), differentiable w.r.t. q_idx and k_idx only.
 
     q [B, Hq, T, D], k [B, Hkv, S, D] (detached: teacher), q_idx [B, H_i=Hkv, T, D_i],
-    k_idx [B, S, D_i], block_idx int32 [B, Hkv, T, k] (None: every visible block, the dense
-    warm-up). main_lse [B, Hq, T] (natural log, from the attention forward) skips recomputing the
-    teacher's normaliser. The gradients are computed in the forward pass and scaled in backward.
+    k_idx [B, S, D_i], block_idx int32 [B, Hkv, T, k] (None: every visible
+    block, the dense warm-up). main_lse [B, Hq, T] (natural log, from the
+    attention forward) skips recomputing the teacher's normaliser. The gradients are computed in the forward pass and scaled in backward.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if q.dtype == torch.float64:
         raise ValueError("the triton sparse KL runs fp32/fp16/bf16; use the reference for fp64")
-    if block_idx is None:
-        from sparsezoo.ops.reference import full_selection
-
-        B, Hkv, T = q_idx.shape[:3]
-        block_idx = full_selection(T, k.shape[2], block_size, B, Hkv, q.device).contiguous()
+    if block_idx is None:  # dense warm-up: every visible block
+        block_idx = _every_visible_block(q_idx.shape[0], q_idx.shape[1], q_idx.shape[2], k.shape[2], block_size,
+                                         q.device)
     q, k = q.detach(), k.detach()
     if main_lse is not None:
         main_lse = main_lse.detach().float()

@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsezoo.ops.dispatch import record
 
 _BIG = tl.constexpr(1 << 30)
 
@@ -149,6 +148,4 @@ def msa_index_lse_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, block_idx: to
 
     B, H, T, D = q_idx.shape
     k_heads = k_idx[:, None].expand(B, H, k_idx.shape[1], D)
-    lse = sat.sparse_lse(q_idx, k_heads, block_idx, block_size, scale)
-    record("msa_index_lse", "triton")
-    return lse
+    return sat.sparse_lse(q_idx, k_heads, block_idx, block_size, scale)

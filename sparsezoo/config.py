@@ -32,7 +32,11 @@ class AttentionConfig:
     backend: str = "auto"
 
     # field name -> allowed values, checked on validate()
-    CHOICES: ClassVar[dict[str, tuple]] = {"backend": ("auto", "reference", "flex", "sdpa", "triton")}
+    CHOICES: ClassVar[dict[str, tuple]] = {}
+    # backend field -> the ops it drives. A backend names the implementation of every op of its field
+    # that offers it; the field's other ops choose by `auto` (ops.implementations_used() shows what
+    # ran). Its choices are "auto" plus the union of those ops' implementations.
+    BACKEND_OPS: ClassVar[dict[str, tuple[str, ...]]] = {"backend": ("dense_attention",)}
     POSITIVE: ClassVar[tuple[str, ...]] = ("d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ()
 
@@ -57,10 +61,48 @@ class AttentionConfig:
                 raise ConfigError(f"{type(self).__name__}.{name} must be >= 0, got {value!r}")
         if self.n_heads % self.n_kv_heads != 0:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        self.check_backends()
+
+    def op_params(self, op: str) -> dict[str, Any]:
+        """The static arguments this config passes to `op`, for the implementations' `supports` rules."""
+        return {}
+
+    def backend_for(self, op: str) -> str:
+        """The backend to request from `op`: its field's value where the op offers it, else "auto"."""
+        from . import ops
+
+        for name, op_names in self.BACKEND_OPS.items():
+            if op in op_names:
+                backend = getattr(self, name)
+                return backend if backend in ops.op(op).implementations else "auto"
+        return "auto"
+
+    def check_backends(self) -> None:
+        """Every explicitly named backend must be able to run this config's static shapes, by the same
+        `supports` rules `auto` uses at run time."""
+        from . import ops
+        from .ops.dispatch import Request
+
+        for name, op_names in self.BACKEND_OPS.items():
+            backend = getattr(self, name)
+            if backend == "auto":
+                continue
+            for op_name in op_names:
+                op = ops.op(op_name)
+                if backend not in op.implementations:
+                    continue
+                why = op.reason(backend, Request(params=self.op_params(op_name)))
+                if why is not None:
+                    raise ConfigError(f"{type(self).__name__}.{name} = {backend!r} cannot run {op_name}: {why}")
 
     @classmethod
     def all_choices(cls) -> dict[str, tuple]:
+        from . import ops
+
         merged: dict[str, tuple] = {}
+        for name, op_names in cls.BACKEND_OPS.items():
+            impls = [impl for op in op_names for impl in ops.op(op).implementations]
+            merged[name] = ("auto", *dict.fromkeys(impls))
         for klass in reversed(cls.__mro__):
             merged.update(getattr(klass, "CHOICES", {}) if "CHOICES" in vars(klass) else {})
         return merged

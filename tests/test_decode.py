@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsezoo.ops import reference as R
+from sparsezoo.ops import references as R
 from sparsezoo.paged_cache import FP8, MSADecoder, PageAllocator, PagedKVCache
 
 HAS_CUDA = torch.cuda.is_available()

@@ -39,14 +39,27 @@ def test_auto_kl_uses_reference_off_cuda():
     assert ops.last_implementation("msa_index_kl") == "reference"
 
 
-def test_auto_orders_follow_what_each_backend_can_serve():
-    from sparsezoo.ops import _sparse_auto_order
+def test_auto_follows_each_implementations_supports_rule():
+    from sparsezoo.ops.dispatch import Request
 
-    cpu = torch.zeros(1, 4, 8, 16)
-    assert _sparse_auto_order(cpu, 2, 128) == ("reference",)
-    # what auto would try on a CUDA device, decided from dtype, group and block size
-    assert _sparse_auto_order(cpu, 2, 128, "cuda") == ("triton", "flex", "reference")
-    assert _sparse_auto_order(cpu, 2, 64, "cuda") == ("triton", "flex", "reference")
-    assert _sparse_auto_order(cpu, 2, 24, "cuda") == ("reference",)  # neither kernel tiles 24
-    assert _sparse_auto_order(cpu, 3, 128, "cuda") == ("flex", "reference")  # group of 3: no triton
-    assert _sparse_auto_order(cpu.double(), 2, 128, "cuda") == ("flex", "reference")
+    op = ops.op("block_sparse_attention")
+
+    def auto(device, dtype=torch.float32, **kw):
+        params = dict(block_size=128, group=2, selection_heads=2, n_kv_heads=2, head_dim=16)
+        return op.choose("auto", Request(device, dtype, False, {**params, **kw}))
+
+    assert auto("cpu") == "reference"
+    assert auto("cuda") == "triton"
+    assert auto("cuda", block_size=64) == "triton"
+    assert auto("cuda", block_size=24) == "reference"  # neither kernel tiles 24
+    assert auto("cuda", group=3) == "flex"  # group of 3: no triton
+    assert auto("cuda", torch.float64) == "flex"
+
+
+def test_explicit_backend_that_cannot_run_raises_with_the_reason():
+    q, k, _, _ = _inputs("cpu")
+    sel = torch.zeros(1, 2, 40, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="flex needs block_size"):
+        ops.block_sparse_attention(q, k, k, sel, block_size=24, backend="flex")
+    with pytest.raises(ValueError, match="choose one of"):
+        ops.block_sparse_attention(q, k, k, sel, block_size=16, backend="sdpa")

@@ -86,7 +86,7 @@ def test_op_errors_are_clear():
         bsa(q, k.to("meta"), v, sel, block_size=8)
     with pytest.raises(ValueError, match="must be <= S"):
         bsa(q, k[:, :, :4], v[:, :, :4], sel, block_size=8)
-    with pytest.raises(ValueError, match=r"\[B=1, Hkv=2, T=8, k\]"):
+    with pytest.raises(ValueError, match=r"\[B=1, H=2 or 4, T=8, k\]"):
         bsa(q, k, v, sel[:, :1], block_size=8)
     with pytest.raises(ValueError, match="NaN"):
         bsa(q.clone().fill_(float("nan")), k, v, sel, block_size=8, check=True)

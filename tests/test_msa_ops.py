@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsezoo import ops
-from sparsezoo.ops import reference
+from sparsezoo.ops import references as reference
 from sparsezoo.variants.base import selection_token_mask
 from tests.helpers import causal_allowed, explicit_mask_attention, naive_select, rand_qkv
 

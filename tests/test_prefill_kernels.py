@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsezoo import ops
-from sparsezoo.ops import reference as ref
+from sparsezoo.ops import references as ref
 
 triton = pytest.importorskip("triton")
 

@@ -14,11 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsezoo import ConfigError, LayerCache, create_attention, list_variants
-from sparsezoo.ops import csa as csa_ops
-from sparsezoo.ops import dsa as dsa_ops
-from sparsezoo.ops import moba as moba_ops
-from sparsezoo.ops import nsa as nsa_ops
-from sparsezoo.ops import reference
+from sparsezoo import ops
+from sparsezoo.ops import entry_pooling
+from sparsezoo.ops import references as reference
+from sparsezoo.ops.compressed_attention import n_compressed
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = ("nsa", "dsa", "moba", "csa")
@@ -133,9 +132,9 @@ def test_nsa_select_matches_brute_force_and_forces_blocks(T, extra, topk, seed, 
     S = T + extra
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 4, T, 8, generator=g, dtype=F64)
-    Sc = nsa_ops.n_compressed(S, l, d)
+    Sc = n_compressed(S, l, d)
     kc = torch.randn(2, 2, Sc, 8, generator=g, dtype=F64)
-    sel = nsa_ops.nsa_select(q, kc, S=S, block_len=l, stride=d, sel_block=lsel, topk=topk, scale=0.3)
+    sel = ops.nsa_select(q, kc, S=S, block_len=l, stride=d, sel_block=lsel, topk=topk, scale=0.3)
     imp = brute_nsa_importance(q, kc, S, l, d, lsel, 0.3)
     pos = torch.arange(S - T, S)
     for b, h, t in [(b, h, t) for b in range(2) for h in range(2) for t in range(T)]:
@@ -155,10 +154,10 @@ def test_nsa_selection_shared_by_group():
     q = torch.randn(1, 8, 50, 16, dtype=F64)
     kc = torch.randn(1, 2, 20, 16, dtype=F64)
     args = dict(S=170, block_len=16, stride=8, sel_block=32, topk=5, scale=0.25)
-    sel = nsa_ops.nsa_select(q, kc, **args)
+    sel = ops.nsa_select(q, kc, **args)
     perm = torch.tensor([3, 1, 0, 2, 7, 4, 6, 5])
-    assert torch.equal(sel, nsa_ops.nsa_select(q[:, perm], kc, **args))
-    assert not torch.equal(sel, nsa_ops.nsa_select(q[:, [4, 5, 6, 7, 0, 1, 2, 3]], kc, **args))
+    assert torch.equal(sel, ops.nsa_select(q[:, perm], kc, **args))
+    assert not torch.equal(sel, ops.nsa_select(q[:, [4, 5, 6, 7, 0, 1, 2, 3]], kc, **args))
 
 
 @settings(max_examples=8, deadline=None)
@@ -168,7 +167,7 @@ def test_moba_select_brute_force_keeps_local_block(T, extra, topk, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 4, T, 8, generator=g, dtype=F64)
     k = torch.randn(1, 2, S, 8, generator=g, dtype=F64)
-    sel = moba_ops.moba_select(q, k, block_size=bs, topk=topk)
+    sel = ops.moba_select(q, k, block_size=bs, topk=topk)
     pos = torch.arange(S - T, S)
     for h in range(4):
         for t in range(T):
@@ -189,7 +188,7 @@ def test_indexer_topk_brute_force(T, extra, topk, seed, hs):
     q_i = torch.randn(1, hs, T, 3, 8, generator=g, dtype=F64)
     w = torch.randn(1, hs, T, 3, generator=g, dtype=F64)
     k_i = torch.randn(1, S, 8, generator=g, dtype=F64)
-    sel = dsa_ops.indexer_topk(q_i, w, k_i, torch.arange(S), S=S, topk=topk, scale=0.5)
+    sel = ops.indexer_topk(q_i, w, k_i, torch.arange(S), S=S, topk=topk, scale=0.5)
     logits = torch.einsum("bhtj,bhtjs->bhts", w, torch.relu(torch.einsum("bhtjd,bsd->bhtjs", q_i, k_i)))
     for h in range(hs):
         for t in range(T):
@@ -210,8 +209,8 @@ def test_indexer_agrees_with_attn_gym():
     w = torch.randn(2, T, J)
     for ratio in (1, 4):
         k_i = torch.randn(2, T // ratio, Di)
-        ends = csa_ops.entry_ends(T // ratio, ratio, "cpu")
-        ours = dsa_ops.indexer_topk(q_i.transpose(1, 2)[:, None].transpose(2, 3).reshape(2, 1, T, J, Di),
+        ends = entry_pooling.entry_ends(T // ratio, ratio, "cpu")
+        ours = ops.indexer_topk(q_i.transpose(1, 2)[:, None].transpose(2, 3).reshape(2, 1, T, J, Di),
                                     w[:, None], k_i, ends, S=T, topk=10, scale=1.0)[:, 0]
         theirs = lightning_indexer(q_i, k_i, w, 10, causal=True, compress_ratio=ratio, impl="reference")
         # Ties (e.g. several all-ReLU-zero scores) may break differently: compare the chosen scores.
@@ -232,7 +231,7 @@ def test_window_attention_brute_force(T, extra, window, seed):
     k, v = torch.randn(2, 1, 2, S, 8, generator=g, dtype=F64)
     pos = torch.arange(S - T, S)[:, None]
     allowed = brute_causal(T, S) & (torch.arange(S)[None, :] > pos - window)
-    out = nsa_ops.window_attention(q, k, v, window=window, scale=0.3, backend="reference")
+    out = ops.window_attention(q, k, v, window=window, scale=0.3, backend="reference")
     torch.testing.assert_close(out, brute_attention(q, k, v, allowed, 0.3))
 
 
@@ -243,12 +242,12 @@ def test_compressed_attention_brute_force(T, extra, seed, geometry):
     l, d = geometry
     S = T + extra
     g = torch.Generator().manual_seed(seed)
-    Sc = nsa_ops.n_compressed(S, l, d)
+    Sc = n_compressed(S, l, d)
     q = torch.randn(1, 4, T, 8, generator=g, dtype=F64)
     kc, vc = torch.randn(2, 1, 2, Sc, 8, generator=g, dtype=F64)
     ends = torch.arange(Sc) * d + l - 1
     allowed = ends[None, :] <= torch.arange(S - T, S)[:, None]
-    out = nsa_ops.compressed_attention(q, kc, vc, S=S, block_len=l, stride=d, scale=0.3, backend="reference")
+    out = ops.compressed_attention(q, kc, vc, S=S, block_len=l, stride=d, scale=0.3, backend="reference")
     torch.testing.assert_close(out, brute_attention(q, kc, vc, allowed, 0.3))
 
 
@@ -264,7 +263,7 @@ def test_gather_attention_brute_force(T, extra, K, seed):
     allowed = torch.zeros(2, 2, T, S + 1, dtype=torch.bool)
     allowed.scatter_(-1, torch.where(idx >= 0, idx, S), True)
     allowed = allowed[..., :S].repeat_interleave(2, 1)
-    out = dsa_ops.gather_attention(q, k, v, idx, scale=0.3, backend="reference")
+    out = ops.gather_attention(q, k, v, idx, scale=0.3, backend="reference")
     torch.testing.assert_close(out, brute_attention(q, k, v, allowed, 0.3))
     # Second opinion: token selections are block selections with block_size 1 (valid ids first).
     idx_sorted = torch.sort(torch.where(idx >= 0, idx, S + 1), -1).values
@@ -272,7 +271,7 @@ def test_gather_attention_brute_force(T, extra, K, seed):
     keep = idx_sorted <= torch.arange(S - T, S)[:, None]
     causal_idx = torch.sort(torch.where(keep & (idx_sorted >= 0), idx_sorted, S + 1), -1).values
     causal_idx = torch.where(causal_idx <= S, causal_idx, -1).to(torch.int32)
-    torch.testing.assert_close(dsa_ops.gather_attention(q, k, v, causal_idx, scale=0.3),
+    torch.testing.assert_close(ops.gather_attention(q, k, v, causal_idx, scale=0.3),
                                reference.block_sparse_attention_reference(q, k, v, causal_idx, 1, 0.3))
 
 
@@ -297,8 +296,8 @@ def test_index_kl_brute_force(sparse):
     w = torch.randn(B, 1, T, 3, dtype=F64)
     k_i = torch.randn(B, S, 8, dtype=F64)
     ends = torch.arange(S)
-    idx = dsa_ops.indexer_topk(q_i, w, k_i, ends, S=S, topk=7, scale=0.3) if sparse else None
-    loss = dsa_ops.index_kl(q, k, q_i, w, k_i, ends, idx, S=S, scale=0.35, index_scale=0.3)
+    idx = ops.indexer_topk(q_i, w, k_i, ends, S=S, topk=7, scale=0.3) if sparse else None
+    loss = ops.index_kl(q, k, q_i, w, k_i, ends, idx, S=S, scale=0.35, index_scale=0.3)
     allowed = brute_causal(T, S).expand(B, 1, T, S)
     if sparse:
         m = torch.zeros(B, 1, T, S + 1, dtype=torch.bool)
@@ -434,7 +433,7 @@ def test_csa_pooling_brute_force():
     x = torch.randn(1, 2, 23, 4, dtype=F64)
     logits = torch.randn(1, 2, 23, dtype=F64)
     bias = torch.randn(8, dtype=F64)
-    out = csa_ops.pool_windows(x, logits, bias, 4)
+    out = entry_pooling.pool_windows(x, logits, bias, 4)
     assert out.shape == (1, 2, 5, 4)
     for i in range(5):
         toks = [t for t in range((i + 1) * 4 - 8, (i + 1) * 4) if t >= 0]

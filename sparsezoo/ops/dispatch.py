@@ -1,27 +1,41 @@
-"""Backend choice and the record of which implementation actually ran.
+"""Backend choice, capability rules, and the record of which implementation ran.
 
-`auto` resolves to one named implementation per call, logged the first time it runs and recorded
-in `implementations_used()`. An explicitly requested backend that cannot run raises: nothing falls
-back silently.
+Every public op is an `Op`: an ordered list of implementations (modules beside its api module),
+each exposing `supports(request) -> reason | None` and `run(...)`. The same `supports` rule serves
+`auto`, explicit requests (which raise with the reason instead of falling back) and config
+validation (where the device and dtype are not known yet). `Op.run` records the implementation that
+ran, once per call: `implementations_used()` and `track_implementations()` read that record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 log = logging.getLogger("sparsezoo")
 
 BACKENDS = ("auto", "reference", "flex", "sdpa", "triton")
+FAST = ("flex", "triton")  # `auto` considers these on CUDA devices only
 _last: dict[str, str] = {}
 _announced: set[tuple[str, str]] = set()
 _trackers: list[dict[str, str]] = []
 
 
+def _compiling() -> bool:
+    return hasattr(torch, "compiler") and torch.compiler.is_compiling()
+
+
 def record(op: str, impl: str) -> None:
+    """Note that `impl` ran for `op` (logged at INFO the first time each pair runs)."""
+    if _compiling():
+        return
     _last[op] = impl
     for tracker in _trackers:
         tracker[op] = impl
@@ -54,35 +68,99 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve(op: str, backend: str, supported: tuple[str, ...], device: torch.device,
-            needs_grad: bool, auto_order: tuple[str, ...]) -> str:
-    """Pick the implementation for one call, or raise naming the valid choices."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} for {op}; choose one of {list(BACKENDS)}")
-    if backend != "auto" and backend not in supported:
-        raise ValueError(f"{op} has no {backend!r} backend; choose one of {['auto', *supported]}")
-    candidates = auto_order if backend == "auto" else (backend,)
-    reasons = []
-    for impl in candidates:
-        why = unavailable_reason(impl, device, needs_grad)
-        if why is None:
-            return impl
-        reasons.append(f"{impl}: {why}")
-    raise RuntimeError(f"{op}: no usable backend for request {backend!r} ({'; '.join(reasons)})")
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(impl: str, device: torch.device, needs_grad: bool) -> str | None:
-    if impl == "flex" and device.type == "cpu" and needs_grad:
-        return "compiled FlexAttention on the CPU runs forward only; use backend='reference' for gradients"
+def needs_grad(*ts: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What an implementation needs to know to say whether it can run a call.
+
+    device / dtype are None during config validation (not known yet): rules skip what they need
+    them for. `params` holds the op's static arguments (block_size, group, head_dim, ...).
+    """
+
+    device: str | None = None
+    dtype: torch.dtype | None = None
+    needs_grad: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.params[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.params.get(name, default)
+
+    @classmethod
+    def of(cls, x: torch.Tensor, grad: bool = False, **params) -> Request:
+        return cls(x.device.type, x.dtype, grad, params)
+
+
+def platform_reason(impl: str, req: Request) -> str | None:
+    """Limits shared by every op's implementation of one kind."""
     if impl == "triton":
         if not triton_available():
             return "triton is not installed"
-        if device.type != "cuda" and not _interpreting():
+        if req.device is not None and req.device != "cuda" and not interpreting():
             return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for testing)"
+        if req.dtype == torch.float64:
+            return "the Triton kernels run fp32/fp16/bf16, not fp64"
+    if impl == "flex":
+        if req.device == "cpu" and req.needs_grad:
+            return "compiled FlexAttention on the CPU runs forward only; use backend='reference' for gradients"
+        if req.device == "cpu" and req.get("return_lse"):
+            return "compiled FlexAttention on the CPU returns no LSE; use backend='reference'"
     return None
 
 
-def _interpreting() -> bool:
-    import os
+class Op:
+    """One public op: its implementations in `auto` preference order, fastest first."""
 
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    def __init__(self, name: str, package: str, implementations: tuple[str, ...], module_prefix: str = ""):
+        self.name = name
+        self.package = package
+        self.implementations = implementations
+        self.module_prefix = module_prefix  # for packages holding several ops: `{prefix}{impl}.py`
+
+    def module(self, impl: str):
+        return importlib.import_module(f"{self.package}.{self.module_prefix}{impl}")
+
+    def reason(self, impl: str, req: Request) -> str | None:
+        """Why `impl` cannot run `req`, or None when it can."""
+        why = platform_reason(impl, req)
+        if why is None:
+            why = self.module(impl).supports(req)
+        return why
+
+    def choose(self, backend: str, req: Request) -> str:
+        """The implementation for one call, or an error naming the valid choices and the reasons."""
+        self.check_backend_name(backend)
+        if backend != "auto":
+            why = self.reason(backend, req)
+            if why is not None:
+                raise ValueError(f"{self.name}: backend {backend!r} cannot run this call: {why}")
+            return backend
+        reasons = []
+        for impl in self.implementations:
+            why = "auto picks fast paths on CUDA devices only" if impl in FAST and req.device != "cuda" else None
+            why = why or self.reason(impl, req)
+            if why is None:
+                return impl
+            reasons.append(f"{impl}: {why}")
+        raise ValueError(f"{self.name}: no implementation can run this call ({'; '.join(reasons)})")
+
+    def check_backend_name(self, backend: str) -> None:
+        if backend not in ("auto", *self.implementations):
+            raise ValueError(f"{self.name} has no {backend!r} backend; choose one of "
+                             f"{['auto', *self.implementations]}")
+
+    def run(self, backend: str, req: Request, *args, **kwargs):
+        """Choose, run, and record the implementation."""
+        impl = self.choose(backend, req)
+        out = self.module(impl).run(*args, **kwargs)
+        record(self.name, impl)
+        return out

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..config import AttentionConfig
-from ..ops import csa as csa_ops
-from ..ops import dsa as dsa_ops
+from .. import ops
+from ..ops import entry_pooling
 from ..registry import register_variant
 from ..rope import apply_rope
 from .base import AttentionLayer
@@ -44,8 +44,10 @@ class CSAConfig(AttentionConfig):
     kl_coeff: float = 1.0
     kl_temperature: float = 1.0
     detach_index_input: bool = True
+    select_backend: str = "auto"
 
-    CHOICES: ClassVar[dict[str, tuple]] = {"backend": ("auto", "reference", "flex")}
+    BACKEND_OPS: ClassVar[dict[str, tuple[str, ...]]] = {"backend": ("gather_attention", "index_kl"),
+                                                         "select_backend": ("indexer_topk",)}
     POSITIVE: ClassVar[tuple[str, ...]] = ("compress_ratio", "topk", "window", "n_index_heads", "index_dim",
                                            "index_scale", "kl_temperature")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("kl_coeff",)
@@ -84,16 +86,16 @@ class CSAAttention(AttentionLayer):
             g_tok = cache.append("cmp_gate", g_tok, seq_dim=2)
             ki_tok = cache.append("k_idx", ki_tok, seq_dim=1)
         m = c.compress_ratio
-        kc = csa_ops.pool_windows(k_tok, g_tok, self.cmp_slot_bias, m)
-        vc = csa_ops.pool_windows(v_tok, g_tok, self.cmp_slot_bias, m)
-        ki = csa_ops.pool_windows(ki_tok[:, None], torch.zeros_like(ki_tok[:, None, :, 0]),
+        kc = entry_pooling.pool_windows(k_tok, g_tok, self.cmp_slot_bias, m)
+        vc = entry_pooling.pool_windows(v_tok, g_tok, self.cmp_slot_bias, m)
+        ki = entry_pooling.pool_windows(ki_tok[:, None], torch.zeros_like(ki_tok[:, None, :, 0]),
                                   torch.zeros_like(self.cmp_slot_bias), m)[:, 0]  # mean pooling
         return kc, vc, ki, q_i, w
 
     def select(self, q_i, w, ki, S: int):
-        ends = csa_ops.entry_ends(ki.shape[1], self.config.compress_ratio, ki.device)
-        return dsa_ops.indexer_topk(q_i.detach(), w.detach(), ki.detach(), ends, S=S, topk=self.config.topk,
-                                    scale=self.index_scale)
+        ends = entry_pooling.entry_ends(ki.shape[1], self.config.compress_ratio, ki.device)
+        return ops.indexer_topk(q_i.detach(), w.detach(), ki.detach(), ends, S=S, topk=self.config.topk,
+                                scale=self.index_scale, backend=self.config.backend_for("indexer_topk"))
 
     def attend(self, x, q, k, v, positions, cache):
         c = self.config
@@ -101,14 +103,14 @@ class CSAAttention(AttentionLayer):
         kc, vc, ki, q_i, w = self.compressed(x, positions, cache)
         sel = self.select(q_i, w, ki, S)  # [B, 1, T, topk] entry ids
         self.last_selection = sel
-        idx = csa_ops.window_plus_selected(sel, T, S, c.window)
-        out = dsa_ops.gather_attention(q, torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2), idx,
-                                       scale=self.scale, backend=c.backend)
+        idx = entry_pooling.window_plus_selected(sel, T, S, c.window)
+        out = ops.gather_attention(q, torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2), idx,
+                                   scale=self.scale, backend=c.backend_for("gather_attention"))
         if c.index_kl and self.training and torch.is_grad_enabled():
-            ends = csa_ops.entry_ends(kc.shape[2], c.compress_ratio, k.device)
-            self.aux_loss = dsa_ops.index_kl(q, kc, q_i, w, ki, ends, sel, S=S, scale=self.scale,
-                                             index_scale=self.index_scale, coeff=c.kl_coeff,
-                                             temperature=c.kl_temperature)
+            ends = entry_pooling.entry_ends(kc.shape[2], c.compress_ratio, k.device)
+            self.aux_loss = ops.index_kl(q, kc, q_i, w, ki, ends, sel, S=S, scale=self.scale,
+                                         index_scale=self.index_scale, coeff=c.kl_coeff,
+                                         temperature=c.kl_temperature, backend=c.backend_for("index_kl"))
         return out
 
     @torch.no_grad()

@@ -15,7 +15,6 @@ from .base import AttentionLayer
 class DenseConfig(AttentionConfig):
     variant: str = "dense"
 
-    CHOICES: ClassVar[dict[str, tuple]] = {"backend": ("auto", "reference", "sdpa", "flex")}
 
 
 @register_variant("dense")
@@ -23,4 +22,4 @@ class DenseAttention(AttentionLayer):
     config_class = DenseConfig
 
     def attend(self, x, q, k, v, positions, cache):
-        return ops.dense_attention(q, k, v, scale=self.scale, backend=self.config.backend)
+        return ops.dense_attention(q, k, v, scale=self.scale, backend=self.config.backend_for("dense_attention"))

@@ -22,7 +22,6 @@ from torch import nn
 
 from .. import ops
 from ..config import AttentionConfig, ConfigError
-from ..ops import dsa as dsa_ops
 from ..registry import register_variant
 from ..rope import apply_rope
 from .base import AttentionLayer, WarmupRouting
@@ -42,9 +41,11 @@ class DSAConfig(AttentionConfig):
     kl_coeff: float = 1.0
     kl_temperature: float = 1.0
     detach_index_input: bool = True
+    select_backend: str = "auto"
 
+    BACKEND_OPS: ClassVar[dict[str, tuple[str, ...]]] = {"backend": ("gather_attention", "index_kl"),
+                                                         "select_backend": ("indexer_topk",)}
     CHOICES: ClassVar[dict[str, tuple]] = {
-        "backend": ("auto", "reference", "flex"),
         "select_per": ("layer", "group"),
         "routing": ("sparse", "dense"),
     }
@@ -104,8 +105,9 @@ class DSAAttention(WarmupRouting, AttentionLayer):
 
     def select(self, q_i, w, k_i):
         S = k_i.shape[1]
-        return dsa_ops.indexer_topk(q_i.detach(), w.detach(), k_i.detach(), torch.arange(S, device=k_i.device),
-                                    S=S, topk=self.config.topk, scale=self.index_scale)
+        return ops.indexer_topk(q_i.detach(), w.detach(), k_i.detach(), torch.arange(S, device=k_i.device),
+                                S=S, topk=self.config.topk, scale=self.index_scale,
+                                backend=self.config.backend_for("indexer_topk"))
 
     def attend(self, x, q, k, v, positions, cache):
         c = self.config
@@ -116,11 +118,12 @@ class DSAAttention(WarmupRouting, AttentionLayer):
         if self.routing == "dense":
             out = ops.dense_attention(q, k, v, scale=self.scale)
         else:
-            out = dsa_ops.gather_attention(q, k, v, sel, scale=self.scale, backend=c.backend)
+            out = ops.gather_attention(q, k, v, sel, scale=self.scale, backend=c.backend_for("gather_attention"))
         if self.training and torch.is_grad_enabled():
-            self.aux_loss = dsa_ops.index_kl(
+            self.aux_loss = ops.index_kl(
                 q, k, q_i, w, k_i, torch.arange(S, device=k.device), None if self.routing == "dense" else sel,
-                S=S, scale=self.scale, index_scale=self.index_scale, coeff=c.kl_coeff, temperature=c.kl_temperature)
+                S=S, scale=self.scale, index_scale=self.index_scale, coeff=c.kl_coeff, temperature=c.kl_temperature,
+                backend=c.backend_for("index_kl"))
         return out
 
     @torch.no_grad()

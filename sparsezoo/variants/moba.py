@@ -13,8 +13,7 @@ from typing import ClassVar
 import torch
 
 from .. import ops
-from ..config import AttentionConfig, ConfigError
-from ..ops import moba as moba_ops
+from ..config import AttentionConfig
 from ..registry import register_variant
 from .base import AttentionLayer, selection_token_mask
 
@@ -25,13 +24,18 @@ class MoBAConfig(AttentionConfig):
     block_size: int = 4096
     topk: int = 12  # blocks per query head, the current block included
 
-    CHOICES: ClassVar[dict[str, tuple]] = {"backend": ("auto", "reference", "flex", "triton")}
-    POSITIVE: ClassVar[tuple[str, ...]] = ("block_size", "topk")
+    select_backend: str = "auto"
 
-    def validate(self) -> None:
-        super().validate()
-        if self.backend == "flex" and self.block_size % 16:
-            raise ConfigError(f"backend 'flex' needs block_size to be a multiple of 16, got {self.block_size}")
+    POSITIVE: ClassVar[tuple[str, ...]] = ("block_size", "topk")
+    BACKEND_OPS: ClassVar[dict[str, tuple[str, ...]]] = {"backend": ("block_sparse_attention",),
+                                                         "select_backend": ("moba_select",)}
+
+    def op_params(self, op: str) -> dict:
+        if op == "block_sparse_attention":  # one selection per query head
+            return {"block_size": self.block_size, "group": 1, "selection_heads": self.n_heads,
+                    "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim}
+        return {"block_size": self.block_size, "topk": self.topk, "group": self.n_heads // self.n_kv_heads,
+                "head_dim": self.head_dim}
 
 
 @register_variant("moba")
@@ -44,17 +48,15 @@ class MoBAAttention(AttentionLayer):
 
     def select(self, q, k):
         c = self.config
-        return moba_ops.moba_select(q.detach(), k.detach(), block_size=c.block_size, topk=c.topk)
+        return ops.moba_select(q.detach(), k.detach(), block_size=c.block_size, topk=c.topk,
+                               backend=c.backend_for("moba_select"))
 
     def attend(self, x, q, k, v, positions, cache):
         c = self.config
-        sel = self.select(q, k)  # [B, Hq, T, topk]
+        sel = self.select(q, k)  # [B, Hq, T, topk]: one selection per query head
         self.last_selection = sel
-        # Per-head selections: give every query head its own copy of its KV head (G = 1).
-        G = self.group_size
-        k_h, v_h = (k, v) if G == 1 else (k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1))
-        return ops.block_sparse_attention(q, k_h, v_h, sel, block_size=c.block_size, scale=self.scale,
-                                          backend=c.backend)
+        return ops.block_sparse_attention(q, k, v, sel, block_size=c.block_size, scale=self.scale,
+                                          backend=c.backend_for("block_sparse_attention"))
 
     @torch.no_grad()
     def kv_pattern(self, x: torch.Tensor) -> torch.Tensor:

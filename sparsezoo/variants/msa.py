@@ -42,20 +42,23 @@ class MSAConfig(AttentionConfig):
     decode_index_dtype: str = "model"  # index keys in the paged cache: model dtype, or fp8 e4m3 + scale
 
     CHOICES: ClassVar[dict[str, tuple]] = {
-        "backend": ("auto", "reference", "flex", "triton"),
-        "select_backend": ("auto", "reference", "triton"),
         "routing": ("sparse", "dense"),
         "decode_backend": ("auto", "reference", "triton"),
         "decode_index_dtype": ("model", "fp8"),
     }
     POSITIVE: ClassVar[tuple[str, ...]] = ("block_size", "topk", "index_dim", "index_scale", "kl_temperature")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("warmup_steps", "kl_coeff")
+    BACKEND_OPS: ClassVar[dict[str, tuple[str, ...]]] = {"backend": ("block_sparse_attention", "msa_index_kl"),
+                                                         "select_backend": ("msa_select",)}
 
-    def validate(self) -> None:
-        super().validate()
-        if self.backend == "flex" and self.block_size % 128 and 128 % self.block_size:
-            raise ConfigError(f"backend 'flex' needs block_size to divide, or be a multiple of, the kernel "
-                              f"tile 128, got {self.block_size}")
+    def op_params(self, op: str) -> dict:
+        G = self.n_heads // self.n_kv_heads
+        if op == "block_sparse_attention":
+            return {"block_size": self.block_size, "group": G, "selection_heads": self.n_kv_heads,
+                    "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim}
+        if op == "msa_select":
+            return {"block_size": self.block_size, "scale": self.index_scale or 1.0, "index_dim": self.index_dim}
+        return {"block_size": self.block_size, "group": G}
 
 
 @register_variant("msa")
@@ -92,15 +95,15 @@ class MSAAttention(WarmupRouting, AttentionLayer):
     def select(self, q_idx, k_idx):
         c = self.config
         return ops.msa_select(q_idx, k_idx, block_size=c.block_size, topk=c.topk, scale=self.index_scale,
-                              backend=c.select_backend)
+                              backend=c.backend_for("msa_select"))
 
     # -- decode cache: paged + Triton kernels where they can run ---------------------------------
     def paged_decode_unsupported(self, device: torch.device) -> str | None:
         """Why the Triton decode path cannot serve this layer on `device` (None when it can)."""
-        from ..ops.dispatch import unavailable_reason
+        from ..ops.dispatch import Request, platform_reason
 
         c = self.config
-        why = unavailable_reason("triton", device, needs_grad=False)
+        why = platform_reason("triton", Request(device.type))
         if why:
             return why
         pow2 = lambda n: n >= 16 and n & (n - 1) == 0
@@ -154,15 +157,21 @@ class MSAAttention(WarmupRouting, AttentionLayer):
         with torch.no_grad():
             sel = self.select(q_idx.detach(), k_idx.detach())
         self.last_selection = sel
+        train_index = self.training and torch.is_grad_enabled()
+        lse = None
         if self.routing == "dense":
             out = ops.dense_attention(q, k, v, scale=self.scale)
+        elif train_index:  # the KL's teacher normaliser is the attention's LSE over the same selection
+            out, lse = ops.block_sparse_attention(q, k, v, sel, block_size=c.block_size, scale=self.scale,
+                                                  backend=c.backend_for("block_sparse_attention"), return_lse=True)
         else:
             out = ops.block_sparse_attention(q, k, v, sel, block_size=c.block_size, scale=self.scale,
-                                             backend=c.backend)
-        if self.training and torch.is_grad_enabled():
+                                             backend=c.backend_for("block_sparse_attention"))
+        if train_index:
             self.aux_loss = ops.msa_index_kl(
                 q, k, q_idx, k_idx, None if self.routing == "dense" else sel, block_size=c.block_size,
-                scale=self.scale, index_scale=self.index_scale, coeff=c.kl_coeff, temperature=c.kl_temperature)
+                scale=self.scale, index_scale=self.index_scale, coeff=c.kl_coeff, temperature=c.kl_temperature,
+                main_lse=None if lse is None else lse.detach(), backend=c.backend_for("msa_index_kl"))
         return out
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import ops
 from ..config import AttentionConfig, ConfigError
-from ..ops import nsa as nsa_ops
+from ..ops.compressed_attention import n_compressed
 from ..registry import register_variant
 from ..rope import apply_rope
 from .base import AttentionLayer, selection_token_mask
@@ -38,8 +38,11 @@ class NSAConfig(AttentionConfig):
     window: int = 512  # w
     compressor_hidden: int = 128
     separate_kv: bool = True
+    select_backend: str = "auto"
 
-    CHOICES: ClassVar[dict[str, tuple]] = {"backend": ("auto", "reference", "flex")}
+    BACKEND_OPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "backend": ("compressed_attention", "block_sparse_attention", "window_attention"),
+        "select_backend": ("nsa_select",)}
     POSITIVE: ClassVar[tuple[str, ...]] = ("cmp_block", "cmp_stride", "sel_block", "sel_topk", "window",
                                            "compressor_hidden")
 
@@ -49,8 +52,16 @@ class NSAConfig(AttentionConfig):
             raise ConfigError(f"cmp_stride ({self.cmp_stride}) must be <= cmp_block ({self.cmp_block})")
         if self.sel_topk < 3:
             raise ConfigError(f"sel_topk must be >= 3 (block 0 and the 2 local blocks are forced), got {self.sel_topk}")
-        if self.backend == "flex" and self.sel_block % 16:
-            raise ConfigError(f"backend 'flex' needs sel_block to be a multiple of 16, got {self.sel_block}")
+
+    def op_params(self, op: str) -> dict:
+        G = self.n_heads // self.n_kv_heads
+        if op == "block_sparse_attention":
+            return {"block_size": self.sel_block, "group": G, "selection_heads": self.n_kv_heads,
+                    "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim}
+        if op == "nsa_select":
+            return {"block_len": self.cmp_block, "stride": self.cmp_stride, "sel_block": self.sel_block,
+                    "topk": self.sel_topk, "group": G, "head_dim": self.head_dim}
+        return {"window": self.window}
 
 
 class BlockCompressor(nn.Module):
@@ -65,7 +76,7 @@ class BlockCompressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, S, D = x.shape
-        if nsa_ops.n_compressed(S, self.block, self.stride) == 0:
+        if n_compressed(S, self.block, self.stride) == 0:
             return x.new_zeros(B, H, 0, D)
         blocks = x.unfold(2, self.block, self.stride).transpose(-1, -2) + self.pos_emb  # [B, H, Sc, l, D]
         return self.mlp(blocks.flatten(-2))
@@ -117,8 +128,9 @@ class NSAAttention(AttentionLayer):
         k_c, v_c = self.branch_kv(x, positions, cache, "cmp", k, v)
         k_w, v_w = self.branch_kv(x, positions, cache, "win", k, v)
         kc, vc = self.compress_k(k_c), self.compress_v(v_c)
-        sel = nsa_ops.nsa_select(q.detach(), kc.detach(), S=S, block_len=c.cmp_block, stride=c.cmp_stride,
-                                 sel_block=c.sel_block, topk=c.sel_topk, scale=self.scale)
+        sel = ops.nsa_select(q.detach(), kc.detach(), S=S, block_len=c.cmp_block, stride=c.cmp_stride,
+                             sel_block=c.sel_block, topk=c.sel_topk, scale=self.scale,
+                             backend=c.backend_for("nsa_select"))
         return kc, vc, k_w, v_w, sel
 
     def attend(self, x, q, k, v, positions, cache):
@@ -126,11 +138,12 @@ class NSAAttention(AttentionLayer):
         S = k.shape[2]
         kc, vc, k_w, v_w, sel = self.branches(x, q, k, v, positions, cache)
         self.last_selection = sel
-        o_cmp = nsa_ops.compressed_attention(q, kc, vc, S=S, block_len=c.cmp_block, stride=c.cmp_stride,
-                                             scale=self.scale, backend=c.backend)
+        o_cmp = ops.compressed_attention(q, kc, vc, S=S, block_len=c.cmp_block, stride=c.cmp_stride,
+                                         scale=self.scale, backend=c.backend_for("compressed_attention"))
         o_slc = ops.block_sparse_attention(q, k, v, sel, block_size=c.sel_block, scale=self.scale,
-                                           backend=c.backend)
-        o_win = nsa_ops.window_attention(q, k_w, v_w, window=c.window, scale=self.scale, backend=c.backend)
+                                           backend=c.backend_for("block_sparse_attention"))
+        o_win = ops.window_attention(q, k_w, v_w, window=c.window, scale=self.scale,
+                                     backend=c.backend_for("window_attention"))
         g = self.gates(x)
         return g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
 

@@ -1,5 +1,6 @@
-"""CSA ops (DeepSeek-V4 compressed sparse attention): windowed token pooling into compressed
-entries, and the per-query key list "sliding window of raw tokens + selected compressed entries".
+"""Compressed entries for CSA (DeepSeek-V4 compressed sparse attention): windowed token pooling, and
+the per-query key list "sliding window of raw tokens + selected compressed entries" that
+gather_attention reads. Layout helpers, no backends.
 
 Compressed entry i (ratio m, pooling width W = m, or 2m with overlapping windows) pools tokens
 [(i+1)m - W, (i+1)m) and ends at position (i+1)m - 1: a query at p sees it when (i+1)m - 1 <= p.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .common import compute_dtype
 
 
 def n_entries(S: int, ratio: int) -> int:
@@ -33,7 +36,8 @@ def pool_windows(x: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, rati
     used = n * ratio
     xw = F.pad(x[:, :, :used], (0, 0, left, 0)).unfold(2, W, ratio)  # [B, H, n, D, W]
     lw = F.pad(logits[:, :, :used], (left, 0), value=float("-inf")).unfold(2, W, ratio)  # [B, H, n, W]
-    a = torch.softmax(lw.float() + bias.float(), dim=-1).to(x.dtype)
+    dt = compute_dtype(x)
+    a = torch.softmax(lw.to(dt) + bias.to(dt), dim=-1).to(x.dtype)
     return torch.einsum("bhndw,bhnw->bhnd", xw, a)
 
 

@@ -1,10 +1,9 @@
-"""FlexAttention paths: dense causal, and MSA block-sparse with an exact per-query mask.
+"""FlexAttention plumbing shared by every flex implementation: one compiled flex_attention, BlockMasks
+built from per-tile lists or ranges (never a T x S map), and the compact transpose the backward needs.
 
-MSA's sparse prefill folds the G heads of a group into the query axis (row r = token r // G, head
-r % G), so a 128-row query tile spans 128 / G tokens and the union of their selections stays small.
-The BlockMask is compact: each tile lists only the union of its tokens' blocks (width <= tokens per
-tile x k), never [n_q_tiles, n_kv_blocks]. Inside a visited block the mask_mod keeps each query to
-its own k blocks and to causality, so the result is exact per query token.
+Folding: MSA-style selections shared by G query heads fold those heads into the query axis (row
+r = token r // G, head r % G), so a 128-row query tile spans 128 / G tokens and the union of their
+selections stays small.
 """
 
 from __future__ import annotations
@@ -34,11 +33,12 @@ def compiled_flex():
 MASK_KV_BLOCK = 128  # BlockMask KV granularity for selection blocks smaller than the kernel tile
 
 
-def check_flex_block_size(block_size: int) -> None:
+def block_size_reason(block_size: int) -> str | None:
+    """Flex's kernel tiles must divide the BlockMask block (see mask_kv_block)."""
     if block_size % MASK_KV_BLOCK and MASK_KV_BLOCK % block_size:
-        raise ValueError(
-            f"the flex backend needs block_size to divide, or be a multiple of, the kernel tile "
-            f"{MASK_KV_BLOCK}, got {block_size}; use backend='reference' for other sizes")
+        return (f"flex needs block_size to divide, or be a multiple of, the kernel tile {MASK_KV_BLOCK}, "
+                f"got {block_size}")
+    return None
 
 
 def mask_kv_block(block_size: int) -> int:
@@ -77,30 +77,6 @@ def causal_mask_mod(offset: int):
         return causal_mask(b, h, q_idx + offset, kv_idx)
 
     return causal_bottom_right
-
-
-def dense_causal_block_mask(T: int, S: int, device, q_block: int = 128, kv_block: int = 128) -> BlockMask:
-    """Causal BlockMask built analytically (no T x S mask), with fully visible blocks marked full."""
-    offset = S - T
-    n_q, n_kv = math.ceil(T / q_block), math.ceil(S / kv_block)
-    tiles = torch.arange(n_q, device=device)
-    first = offset + tiles * q_block
-    last = offset + torch.clamp((tiles + 1) * q_block, max=T) - 1
-    n_visible = last // kv_block + 1
-    n_full = torch.clamp((first + 1) // kv_block, max=S // kv_block)
-    cols = torch.arange(n_kv, device=device)
-    full_idx = cols.expand(n_q, n_kv)
-    part_idx = torch.clamp(n_full[:, None] + cols[None, :], max=n_kv - 1)
-    view = lambda x: x.to(torch.int32).view(1, 1, *x.shape).contiguous()
-    return BlockMask.from_kv_blocks(
-        view(n_visible - n_full), view(part_idx), view(n_full), view(full_idx),
-        BLOCK_SIZE=(q_block, kv_block), mask_mod=causal_mask_mod(offset), seq_lengths=(T, S))
-
-
-def dense_attention_flex(q, k, v, scale: float, return_lse: bool = False):
-    T, S = q.shape[2], k.shape[2]
-    mask = dense_causal_block_mask(T, S, q.device)
-    return run_flex(q, k, v, mask, scale, return_lse, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def fold_heads(q: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
@@ -168,49 +144,24 @@ def transpose_compact(counts: torch.Tensor, ids: torch.Tensor, n_cols: int) -> t
     return col_counts.view(B, H, n_cols).to(torch.int32), rows.view(B, H, n_cols, width)
 
 
-def msa_mask_mod(block_idx: torch.Tensor, G: int, offset: int, block_size: int):
-    """Exact per-query mask on folded rows: key s is visible to row r when s's block is one of
-    token r // G's selected blocks and s <= its position."""
-    T, K = block_idx.shape[2], block_idx.shape[3]
-
-    def msa_selected(b, h, q_idx, kv_idx):
-        t = torch.clamp(q_idx // G, max=T - 1)
-        blk = kv_idx // block_size
-        hit = block_idx[b, h, t, 0] == blk
-        for j in range(1, K):
-            hit = hit | (block_idx[b, h, t, j] == blk)
-        return hit & (kv_idx <= t + offset)
-
-    return msa_selected
-
-
-def msa_block_mask(block_idx: torch.Tensor, n_q_heads: int, S: int, block_size: int,
-                   with_backward: bool, q_tile: int = Q_TILE) -> BlockMask:
-    """Compact BlockMask on folded rows for the selections block_idx [B, Hkv, T, k]."""
-    B, Hkv, T, K = block_idx.shape
-    G = n_q_heads // Hkv
-    kv_block = mask_kv_block(block_size)
-    counts, ids = tile_block_union(block_idx, G, q_tile, coarsen=kv_block // block_size)
-    n_kv = math.ceil(S / kv_block)
-    if ids.device.type == "cpu" and ids.shape[-1] < n_kv:
-        # the CPU flex template reads the KV length off kv_indices' width; the GPU one does not
-        ids = torch.nn.functional.pad(ids, (0, n_kv - ids.shape[-1]))
-    mask = BlockMask.from_kv_blocks(
-        counts, ids, BLOCK_SIZE=(q_tile, kv_block),
-        mask_mod=msa_mask_mod(block_idx.to(torch.int32).contiguous(), G, S - T, block_size),
-        seq_lengths=(T * G, S), compute_q_blocks=False)
+def range_block_mask(lo: torch.Tensor, hi: torch.Tensor, T: int, S: int, mask_mod, with_backward: bool,
+                     tile: int = Q_TILE) -> BlockMask:
+    """BlockMask where query tile i visits key tiles lo[i] <= j < hi[i] (all partial: mask_mod decides),
+    built from per-tile ranges: [n_q_tiles, n_kv_tiles] block indices, never a T x S map."""
+    n_kv = max(1, math.ceil(S / tile))
+    counts = (hi - lo).clamp_min(0)
+    # Full width n_kv (as flex.dense_causal_block_mask): flex infers the masked KV extent from it.
+    ids = torch.clamp(lo[:, None] + torch.arange(n_kv, device=lo.device), 0, n_kv - 1)
+    counts = counts.to(torch.int32).view(1, 1, -1).contiguous()
+    ids = ids.to(torch.int32).view(1, 1, *ids.shape).contiguous()
+    mask = BlockMask.from_kv_blocks(counts, ids, BLOCK_SIZE=(tile, tile), mask_mod=mask_mod,
+                                    seq_lengths=(T, S), compute_q_blocks=False)
     if with_backward:
         mask.q_num_blocks, mask.q_indices = transpose_compact(counts, ids, n_kv)
     return mask
 
 
-def block_sparse_attention_flex(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False):
-    Hq, Hkv, S = q.shape[1], k.shape[1], k.shape[2]
-    check_flex_block_size(block_size)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    mask = msa_block_mask(block_idx, Hq, S, block_size, with_backward=needs_grad)
-    res = run_flex(fold_heads(q, Hkv), k, v, mask, scale, return_lse)
-    if return_lse:
-        out, lse = res
-        return unfold_heads(out, Hq), unfold_heads(lse, Hq)
-    return unfold_heads(res, Hq)
+def tile_last_positions(T: int, S: int, device, tile: int = Q_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, last) absolute query position of each query tile."""
+    tiles = torch.arange(math.ceil(T / tile), device=device)
+    return S - T + tiles * tile, S - T + torch.clamp((tiles + 1) * tile, max=T) - 1

@@ -1,0 +1,45 @@
+"""Plain-PyTorch block-sparse attention: chunked over queries, fp64 capable, autograd."""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import (chunk_len, gather_rows, gather_selected_tokens, masked_softmax_lse, query_positions, run_chunk,
+                      upcast_grouped)
+
+
+def supports(req) -> str | None:
+    return None
+
+
+def _chunk(qg, kf, vf, sel, pos, block_size: int, S: int, scale: float):
+    tok, ok = gather_selected_tokens(sel, pos, block_size, S)
+    s = torch.einsum("bhgtd,bhtnd->bhgtn", qg, gather_rows(kf, tok)) * scale
+    p, lse = masked_softmax_lse(s, ok[:, :, None])
+    return torch.einsum("bhgtn,bhtnd->bhgtd", p, gather_rows(vf, tok)), lse
+
+
+def block_sparse_attention_reference(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False):
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D], block_idx [B, Hs, T, k] (Hs = Hkv or Hq)."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    Hs, K = block_idx.shape[1], block_idx.shape[-1]
+    if Hs != Hkv:  # one selection per query head: give each its own copy of its KV head
+        k, v = k.repeat_interleave(Hs // Hkv, dim=1), v.repeat_interleave(Hs // Hkv, dim=1)
+    G = Hq // Hs
+    qg, kf, vf = upcast_grouped(q, k, v)
+    outs, lses = [], []
+    step = chunk_len(B * Hs * K * block_size * max(D, G), T)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        pos = query_positions(T, S, t0, t1, q.device)
+        o, lse = run_chunk(_chunk, qg[:, :, :, t0:t1], kf, vf, block_idx[:, :, t0:t1], pos, block_size, S, scale)
+        outs.append(o)
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(B, Hq, T, D).to(q.dtype)
+    if return_lse:
+        return out, torch.cat(lses, dim=3).reshape(B, Hq, T)
+    return out
+
+
+run = block_sparse_attention_reference

@@ -1,0 +1,40 @@
+"""Plain-PyTorch causal GQA attention in query chunks (fp64 capable, autograd)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import chunk_len, masked_softmax_lse, query_positions, run_chunk, upcast_grouped
+
+
+def supports(req) -> str | None:
+    return None
+
+
+def _chunk(qg, kf, vf, pos, scale: float):
+    s = torch.einsum("bhgtd,bhsd->bhgts", qg, kf) * scale
+    ok = torch.arange(kf.shape[2], device=kf.device)[None, :] <= pos[:, None]
+    p, lse = masked_softmax_lse(s, ok)
+    return torch.einsum("bhgts,bhsd->bhgtd", p, vf), lse
+
+
+def dense_attention_reference(q, k, v, scale: float, return_lse: bool = False):
+    """Causal GQA softmax attention (queries are the last T of S), in query chunks."""
+    B, Hq, T, D = q.shape
+    S = k.shape[2]
+    qg, kf, vf = upcast_grouped(q, k, v)
+    outs, lses = [], []
+    step = chunk_len(B * Hq * S, T)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        o, lse = run_chunk(_chunk, qg[:, :, :, t0:t1], kf, vf, query_positions(T, S, t0, t1, q.device), scale)
+        outs.append(o)
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(B, Hq, T, D).to(q.dtype)
+    if return_lse:
+        return out, torch.cat(lses, dim=3).reshape(B, Hq, T)
+    return out
+
+
+
+run = dense_attention_reference

@@ -1,0 +1,51 @@
+"""Gather attention through FlexAttention: each query becomes its own batch row against its gathered
+keys, chunked over queries (the gathered K/V copies are the chunk's memory)."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from ..common import CHUNK_ELEMENTS, expand_selection, gather_rows
+from ..flex_utils import run_flex
+
+
+def supports(req) -> str | None:
+    if req.get("return_lse"):
+        return "the flex gather path returns no LSE; use 'triton' or 'reference'"
+    return None
+
+
+def gather_attention_flex(q, k, v, idx, scale: float, return_lse: bool = False):
+    """Each query becomes its own batch row: q [B*Tc, Hq, 1, D] against its gathered keys
+    [B*Tc, Hkv, K, D]; a mask_mod drops the -1 slots. Chunked over queries."""
+    B, Hq, T, D = q.shape
+    Hkv, K = k.shape[1], idx.shape[-1]
+    idx = expand_selection(idx, Hkv)
+    G = Hq // Hkv
+    tile = 128
+    n_kv = -(-K // tile)
+    outs = []
+    step = max(1, min(T, CHUNK_ELEMENTS // max(B * Hkv * K * D, 1)))
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        R = B * (t1 - t0)
+        sel = idx[:, :, t0:t1].long()
+        ok = (sel >= 0).permute(0, 2, 1, 3).reshape(R, Hkv, K).contiguous()
+        fold = lambda x: x.permute(0, 2, 1, 3, 4).reshape(R, Hkv, K, D)
+        kg, vg = fold(gather_rows(k, sel.clamp_min(0))), fold(gather_rows(v, sel.clamp_min(0)))
+        qr = q[:, :, t0:t1].permute(0, 2, 1, 3).reshape(R, Hq, 1, D)
+
+        def selected(b, h, q_idx, kv_idx):
+            return ok[b, h // G, kv_idx]
+
+        counts = torch.full((R, 1, 1), n_kv, dtype=torch.int32, device=q.device)
+        ids = torch.arange(n_kv, dtype=torch.int32, device=q.device).expand(R, 1, 1, n_kv).contiguous()
+        mask = BlockMask.from_kv_blocks(counts, ids, BLOCK_SIZE=(tile, tile), mask_mod=selected,
+                                        seq_lengths=(1, K))
+        o = run_flex(qr, kg, vg, mask, scale, False, enable_gqa=G > 1)
+        outs.append(o.view(B, t1 - t0, Hq, D).permute(0, 2, 1, 3))
+    return torch.cat(outs, dim=2)
+
+
+run = gather_attention_flex

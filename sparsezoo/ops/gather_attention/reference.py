@@ -1,0 +1,41 @@
+"""Plain-PyTorch gather attention (the oracle): chunked over queries, fp64 capable, autograd."""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import chunk_len, expand_selection, gather_rows, masked_softmax_lse, run_chunk, upcast_grouped
+
+
+def supports(req) -> str | None:
+    return None
+
+
+def _chunk(qg, kf, vf, sel, scale: float):
+    sel = sel.long()
+    tok, ok = sel.clamp_min(0), sel >= 0
+    s = torch.einsum("bhgtd,bhtnd->bhgtn", qg, gather_rows(kf, tok)) * scale
+    p, lse = masked_softmax_lse(s, ok[:, :, None])
+    return torch.einsum("bhgtn,bhtnd->bhgtd", p, gather_rows(vf, tok)), lse
+
+
+def gather_attention_reference(q, k, v, idx, scale: float, return_lse: bool = False):
+    B, Hq, T, D = q.shape
+    Hkv, K = k.shape[1], idx.shape[-1]
+    G = Hq // Hkv
+    idx = expand_selection(idx, Hkv)
+    qg, kf, vf = upcast_grouped(q, k, v)
+    outs, lses = [], []
+    step = chunk_len(B * Hkv * K * max(D, G), T)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        o, lse = run_chunk(_chunk, qg[:, :, :, t0:t1], kf, vf, idx[:, :, t0:t1], scale)
+        outs.append(o)
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(B, Hq, T, D).to(q.dtype)
+    if return_lse:
+        return out, torch.cat(lses, dim=3).reshape(B, Hq, T)
+    return out
+
+
+run = gather_attention_reference

@@ -1,0 +1,17 @@
+"""MoBA selection through the Triton kernel (sparsezoo.kernels.moba_select_triton)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+def supports(req) -> str | None:
+    if importlib.util.find_spec("sparsezoo.kernels.moba_select_triton") is None:
+        return "the Triton MoBA selection kernel is not built into this install"
+    return None
+
+
+def run(q, k, block_size: int, topk: int):
+    from sparsezoo.kernels import moba_select_triton
+
+    return moba_select_triton.moba_select_triton(q, k, block_size, topk)
