@@ -1,0 +1,329 @@
+"""Token-gather sparse attention (Triton), forward and backward: each query attends, exactly, to the
+keys its own id list names (DSA's top-k tokens, CSA's window + compressed entries).
+
+Layout: q [B, Hq, T, D]; k, v [B, Hkv, N, D]; idx int32 [B, Hs, T, K] with Hs in {1, Hkv}: key ids
+into N, -1 = empty slot, in any order (valid ids and -1 may interleave). Query head h reads kv head
+h // G (G = Hq / Hkv) and the ids idx[:, h // G] (idx[:, 0] when Hs = 1). Causality is the
+selection's job. Ids outside [0, N) are masked (treated as empty): the kernels never read or write
+outside the tensors, whatever the caller passes.
+
+Forward, grid (T * splits, Hkv, B): one program owns one query token x the G heads of one KV group
+(rows padded to BM = max(16, pow2(G)) so a tile feeds a tensor-core dot). It walks the token's K
+slots BN at a time: loads BN ids, gathers the K and V rows by masked pointer loads ([BN, D] tiles,
+each row contiguous), and runs an exp2 online softmax over a [BM, BN] score tile. The G heads share
+the ids, so each gathered row is loaded once per group, not once per head. With G < 16 the padded
+rows are wasted MMA work (tokens do not share keys, so packing several tokens per program would not
+share loads either).
+
+Decode / few programs (flash-decoding): when B * Hkv * T programs cannot fill the GPU
+(< PROGRAMS_PER_SM * SMs), each query's slots are cut into `splits` ranges of a multiple of BN
+slots; each program writes a normalised fp32 partial output and its log2-LSE, and `_merge_kernel`
+LSE-merges them into the output and the LSE. The split count depends on shapes only: no host sync,
+so the launcher can be captured in a CUDA graph.
+
+Backward, one fused kernel on the forward's grid (without splits): delta = rowsum(dO * O) - dLSE,
+then per gathered tile p = exp2(s - lse), dp = dO.V^T, ds = p * (dp - delta); dQ accumulates in
+registers (ds.K), and the tile's dK = ds^T.Q and dV = p^T.dO are scattered into fp32 buffers with
+one atomic add per gathered row element, then cast. Cost: every (query, slot) pair costs 2 * D fp32
+atomics, B * Hkv * T * K * 2D in all (2.7e11 at T = 128k, K = 2048, Hkv = 4, D = 128), and
+popular keys (sinks, the local window) serialise at L2; this, not the dots, bounds the backward. The
+fp32 atomic sums make dK/dV run-to-run nondeterministic in the last bits. A key-major pass (transpose
+the selection, accumulate dK/dV in registers, as sparse_attention_triton does) would remove them.
+
+GPU bottleneck (forward): gathers. A row of K+V (4 * D bytes in bf16) feeds 4 * G * D flops, G = 16
+gives ~16 flop/byte, far below the tensor cores' balance point, so the kernel is bound by L2/HBM
+gather bandwidth; neighbouring tokens' programs run together (token is the fastest grid axis) so rows
+they share tend to hit L2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # host side: the kernels write log2(e) and ln(2) as literals (@jit reads no plain globals)
+
+# GPU tiling, an untimed first guess for the H200 (m3, bf16, D = 128, sm_90 builds with triton 3.9: forward
+# ~105 registers and 39 KB shared memory, backward ~100 registers with 8 warps, no spills). BN / bwd_BN:
+# gathered keys per tile; SPLITS: 0 = choose from the program count (flash-decoding), n >= 1 = force n.
+GATHER_CONFIG = {"BN": 64, "num_warps": 4, "num_stages": 3, "bwd_BN": 32, "bwd_warps": 8, "bwd_stages": 2,
+                 "SPLITS": 0, "PROGRAMS_PER_SM": 2, "merge_warps": 4}
+_INTERPRET_CONFIG = {"BN": 16, "bwd_BN": 16}  # small tiles for the CPU interpreter
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def split_plan(programs: int, K: int, BN: int, splits: int, n_sms: int, per_sm: int) -> tuple[int, int]:
+    """(slots per split, split count) for `programs` = B * Hkv * T query programs of K slots.
+    splits >= 1 forces that many (at most one per BN slots); 0 picks enough to give every SM per_sm
+    programs. Slots per split are a multiple of BN, and no split is empty."""
+    want = splits if splits > 0 else triton.cdiv(per_sm * n_sms, max(programs, 1))
+    per = BN * max(1, triton.cdiv(triton.cdiv(K, max(want, 1)), BN))
+    return per, max(1, triton.cdiv(K, per))
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _load_tile(PTR, row_off, d, s_d, rows_ok, D: tl.constexpr):
+    """PTR[row_off[r] + d[c] * s_d], 0 where not rows_ok[r] or d[c] >= D."""
+    return tl.load(PTR + row_off[:, None] + d[None, :] * s_d, mask=rows_ok[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _key_ids(IDX_ROW, slots, hi, N):
+    """The ids in slots [BN] (< hi) of one query's list -> (int64 ids, 0 where empty; valid mask).
+    Empty: -1 padding, slots past hi, and any id outside [0, N)."""
+    ids = tl.load(IDX_ROW + slots, mask=slots < hi, other=-1)
+    ok = (ids >= 0) & (ids < N)
+    return tl.where(ok, ids, 0).to(tl.int64), ok
+
+
+@triton.jit
+def _group_rows(G: tl.constexpr, BM: tl.constexpr):
+    """Rows of a program: the G query heads of KV group program_id(1), padded to BM."""
+    r = tl.arange(0, BM)
+    g = tl.program_id(1)
+    return r < G, (g * G + r).to(tl.int64), g.to(tl.int64)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, IDX, O, L, PO, PL, T, N, KS, PER, n_splits, qk_scale,
+                sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sib, sih, sit,
+                sob, soh, sot, sod, slb, slh, slt,
+                G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                SPLIT: tl.constexpr, PREC: tl.constexpr):
+    t = (tl.program_id(0) // n_splits).to(tl.int64)
+    sp = tl.program_id(0) % n_splits
+    b = tl.program_id(2).to(tl.int64)
+    row_ok, head, g = _group_rows(G, BM)
+    d = tl.arange(0, BD)
+    q = _load_tile(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
+    k_base = K + b * skb + g * skh
+    v_base = V + b * svb + g * svh
+    idx_row = IDX + b * sib + g * sih + t * sit
+    m_i = tl.zeros([BM], tl.float32) + float("-inf")
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    lo = sp * PER
+    hi = tl.minimum(lo + PER, KS)
+    kn = tl.arange(0, BN)
+    for start in range(lo, hi, BN):
+        ids, ok = _key_ids(idx_row, start + kn, hi, N)
+        kt = _load_tile(k_base, ids * skn, d, skd, ok, D)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = _load_tile(v_base, ids * svn, d, svd, ok, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    if SPLIT:  # partials [B, Hq, T, splits, D] and log2-LSEs [B, Hq, T, splits], fp32
+        prow = ((b * tl.num_programs(1) * G + head) * T + t) * n_splits + sp
+        tl.store(PO + prow[:, None] * D + d[None, :], out, mask=row_ok[:, None] & (d[None, :] < D))
+        tl.store(PL + prow, lse2, mask=row_ok)
+    else:
+        tl.store(O + b * sob + head[:, None] * soh + t * sot + d[None, :] * sod, out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (d[None, :] < D))
+        tl.store(L + b * slb + head * slh + t * slt, lse2 * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(PO, PL, O, L, T, n_splits, sob, soh, sot, sod, slb, slh, slt,
+                  G: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    row_ok, head, _ = _group_rows(G, BM)
+    d = tl.arange(0, BD)
+    d_ok = row_ok[:, None] & (d[None, :] < D)
+    prow = ((b * tl.num_programs(1) * G + head) * T + t) * n_splits
+    m = tl.zeros([BM], tl.float32) + float("-inf")
+    l = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    for sp in range(0, n_splits):
+        lse_s = tl.load(PL + prow + sp, mask=row_ok, other=float("-inf"))
+        m_new = tl.maximum(m, lse_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        w = tl.exp2(lse_s - m_use)
+        o_s = tl.load(PO + (prow + sp)[:, None] * D + d[None, :], mask=d_ok, other=0.0)
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        l = l * alpha + w
+        m = m_new
+    empty = l == 0.0
+    out = acc / tl.where(empty, 1.0, l)[:, None]
+    tl.store(O + b * sob + head[:, None] * soh + t * sot + d[None, :] * sod, out.to(O.dtype.element_ty), mask=d_ok)
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) * 0.6931471805599453)
+    tl.store(L + b * slb + head * slh + t * slt, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, L, DELTA, IDX, N, KS, qk_scale, scale,
+                sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sib, sih, sit,
+                slb, slh, slt, sdb, sdh, sdn, sdd,
+                G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                PREC: tl.constexpr):
+    # q, do, dq share strides (contiguous copies from the wrapper); so do L and DELTA, and DK and DV.
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    row_ok, head, g = _group_rows(G, BM)
+    d = tl.arange(0, BD)
+    row_off = b * sqb + head * sqh + t * sqt
+    q = _load_tile(Q, row_off, d, sqd, row_ok, D)
+    do = _load_tile(DO, row_off, d, sqd, row_ok, D)
+    l_off = b * slb + head * slh + t * slt
+    lse2 = tl.load(L + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+    k_base = K + b * skb + g * skh
+    v_base = V + b * svb + g * svh
+    dkv_off = b * sdb + g * sdh
+    idx_row = IDX + b * sib + g * sih + t * sit
+    dq = tl.zeros([BM, BD], tl.float32)
+    kn = tl.arange(0, BN)
+    for start in range(0, KS, BN):
+        ids, ok = _key_ids(idx_row, start + kn, KS, N)
+        kt = _load_tile(k_base, ids * skn, d, skd, ok, D)
+        vt = _load_tile(v_base, ids * svn, d, svd, ok, D)
+        live = row_ok[:, None] & ok[None, :]
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        p = tl.where(live, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+        ds = tl.where(live, p * (dp - delta[:, None]), 0.0)
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+        dv_t = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)  # [BN, BD]
+        dk_t = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        at = dkv_off + ids[:, None] * sdn + d[None, :] * sdd
+        at_ok = ok[:, None] & (d[None, :] < D)
+        tl.atomic_add(DK + at, dk_t * scale, mask=at_ok, sem="relaxed")
+        tl.atomic_add(DV + at, dv_t, mask=at_ok, sem="relaxed")
+    tl.store(DQ + row_off[:, None] + d[None, :] * sqd, (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (d[None, :] < D))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _group_tiling(q, k):
+    """(G, BM, D, BD, dot input precision) of a launch: exact fp32 dots (no TF32) for fp32 inputs."""
+    G, D = q.shape[1] // k.shape[1], q.shape[3]
+    return G, max(16, _pow2(G)), D, max(16, _pow2(D)), "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _idx_strides(idx):
+    """idx strides (b, selection head, t); the head stride is 0 when all KV groups share one list."""
+    return idx.stride(0), (idx.stride(1) if idx.shape[1] > 1 else 0), idx.stride(2)
+
+
+def _n_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _forward(q, k, v, idx, scale, cfg):
+    B, Hq, T, _ = q.shape
+    Hkv, N, KS = k.shape[1], k.shape[2], idx.shape[-1]
+    G, BM, D, BD, prec = _group_tiling(q, k)
+    BN = cfg["BN"]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    splits = cfg["SPLITS"]
+    if not splits and q.device.type != "cuda":
+        splits = 1  # the interpreter gains nothing from splitting
+    per, n_splits = split_plan(B * Hkv * T, KS, BN, splits, _n_sms(q.device), cfg["PROGRAMS_PER_SM"])
+    split = n_splits > 1
+    if split:
+        po = torch.empty((B, Hq, T, n_splits, D), dtype=torch.float32, device=q.device)
+        pl = torch.empty((B, Hq, T, n_splits), dtype=torch.float32, device=q.device)
+    else:
+        po = pl = lse
+    _fwd_kernel[(T * n_splits, Hkv, B)](
+        q, k, v, idx, out, lse, po, pl, T, N, KS, per, n_splits, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *out.stride(), *lse.stride(),
+        G=G, BM=BM, BN=BN, D=D, BD=BD, SPLIT=split, PREC=prec,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split:
+        _merge_kernel[(T, Hkv, B)](
+            po, pl, out, lse, T, n_splits, *out.stride(), *lse.stride(),
+            G=G, BM=BM, D=D, BD=BD, num_warps=cfg["merge_warps"])
+    return out, lse
+
+
+def _backward(q, k, v, idx, out, lse, do, dlse, scale, cfg):
+    B, Hq, T, _ = q.shape
+    Hkv, N, KS = k.shape[1], k.shape[2], idx.shape[-1]
+    G, BM, D, BD, prec = _group_tiling(q, k)
+    q, do = q.contiguous(), do.contiguous()
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    for h0 in range(0, Hq, 8):  # in head chunks: no fp32 copies of whole q-sized tensors
+        delta[:, h0:h0 + 8] = (do[:, h0:h0 + 8].float() * out[:, h0:h0 + 8].float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta, lse = delta.contiguous(), lse.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.zeros((B, Hkv, N, D), dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    _bwd_kernel[(T, Hkv, B)](
+        q, k, v, do, dq, dk, dv, lse, delta, idx, N, KS, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *lse.stride(), *dk.stride(),
+        G=G, BM=BM, BN=cfg["bwd_BN"], D=D, BD=BD, PREC=prec,
+        num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _GatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, scale, cfg):
+        out, lse = _forward(q, k, v, idx, scale, cfg)
+        ctx.save_for_backward(q, k, v, idx, out, lse)
+        ctx.scale, ctx.cfg = scale, cfg
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, idx, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward(q, k, v, idx, out, lse, dout, dlse, ctx.scale, ctx.cfg)
+        return dq, dk, dv, None, None, None
+
+
+def _check(q, k, v, idx):
+    if q.dtype == torch.float64:
+        raise ValueError("the triton gather attention runs fp32/fp16/bf16; use backend='reference' for fp64")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] \
+            or k.shape[3] != q.shape[3] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"need q [B, Hq, T, D], k = v [B, Hkv | Hq, N, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if idx.dim() != 4 or idx.shape[0] != q.shape[0] or idx.shape[1] not in (1, k.shape[1]) \
+            or idx.shape[2] != q.shape[2]:
+        raise ValueError(f"idx must be [B={q.shape[0]}, Hs in (1, {k.shape[1]}), T={q.shape[2]}, K], "
+                         f"got {tuple(idx.shape)}")
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise ValueError(f"idx must hold integer ids, got {idx.dtype}")
+
+
+def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False, config: dict | None = None):
+    """q [B, Hq, T, D], k/v [B, Hkv, N, D], idx int [B, Hs, T, K] (Hs in {1, Hkv}; -1 or any id
+    outside [0, N) = empty slot) -> out [B, Hq, T, D] (and natural-log LSE [B, Hq, T] fp32; a query
+    with no key gets out 0, LSE -inf). Differentiable w.r.t. q, k, v (through out and LSE)."""
+    _check(q, k, v, idx)
+    cfg = {**GATHER_CONFIG, **(_INTERPRET_CONFIG if q.device.type != "cuda" else {}), **(config or {})}
+    if q.numel() == 0 or k.shape[2] == 0 or idx.shape[-1] == 0:  # no key anywhere: nothing to launch
+        out = q * 0.0
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        return (out, lse) if return_lse else out
+    if idx.dtype == torch.int64:  # ids past int32 must not wrap into range: clamp to [-1, N] (N is masked)
+        idx = idx.clamp(-1, k.shape[2])
+    out, lse = _GatherAttention.apply(q, k, v, idx.to(torch.int32), float(scale), cfg)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,324 @@
+"""Triton token-gather sparse attention (kernels/gather_attention_triton.py) vs plain-PyTorch fp64 oracles:
+gather_attention_reference (sparsezoo.ops.dsa) for the output, and a dense masked softmax written here
+for the LSE. Forward (out, LSE) and gradients of loss = <out, w> + <LSE, u> over finite LSE entries (so
+dLSE enters the backward). On the CPU the kernels run in the Triton interpreter (fp32, tiny shapes);
+the bf16 tests at the m3 shapes run on the GPU (marked gpu).
+
+Tolerances: fp32 interpreter results within 1e-4 of the largest reference entry (per tensor); bf16 on
+the GPU within 2e-2 relative (norm of the error over norm of the reference).
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsezoo.ops.dsa import expand_selection, gather_attention_reference
+
+triton = pytest.importorskip("triton")
+
+from sparsezoo.kernels.gather_attention_triton import gather_attention_triton, split_plan  # noqa: E402
+
+from .helpers import rel_err  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = 1e-4
+
+
+# ----------------------------------------------------------------------------- inputs and oracles
+
+def random_selection(B, Hs, T, N, K, gen, empty_frac=0.35, empty_rows=True):
+    """Duplicate-free ids in [0, N) at random slots, -1 interleaved; some rows have no key at all."""
+    ids = torch.argsort(torch.rand(B, Hs, T, max(N, K), generator=gen), dim=-1)[..., :K]
+    ids = torch.where(ids < N, ids, -1)
+    ids = torch.where(torch.rand(B, Hs, T, K, generator=gen) < empty_frac, -1, ids)
+    if empty_rows and T > 1:
+        ids[:, :, T // 2] = -1
+    return ids.to(torch.int32)
+
+
+def random_inputs(B, Hq, Hkv, T, N, D, seed, dtype=torch.float32, device=DEV):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    return make(B, Hq, T, D), make(B, Hkv, N, D), make(B, Hkv, N, D), gen
+
+
+def dense_out_lse(q, k, v, idx, scale):
+    """Softmax over a dense mask built from the ids (out-of-range ids dropped): (out, LSE), any dtype."""
+    B, Hq, T, _ = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    sel = expand_selection(idx, Hkv).long()
+    ok = (sel >= 0) & (sel < N)
+    allowed = torch.zeros(B, Hkv, T, N + 1, dtype=torch.bool, device=q.device)
+    allowed.scatter_(-1, torch.where(ok, sel, N), True)
+    allowed = allowed[..., :N].repeat_interleave(Hq // Hkv, dim=1)
+    kk, vv = (x.repeat_interleave(Hq // Hkv, dim=1) for x in (k, v))
+    s = (torch.einsum("bhtd,bhnd->bhtn", q, kk) * scale).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return torch.einsum("bhtn,bhnd->bhtd", p, vv), lse
+
+
+def loss_of(out, lse, w, u):
+    return (out * w).sum() + torch.where(torch.isfinite(lse), lse * u, 0.0).sum()
+
+
+def kernel_run(q, k, v, idx, scale, w, u, config=None):
+    """The kernel's (out, LSE, dq, dk, dv) for loss_of."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out, lse = gather_attention_triton(q, k, v, idx, scale, return_lse=True, config=config)
+    loss_of(out, lse, w.to(out.dtype), u).backward()
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def oracle_run(q, k, v, idx, scale, w, u, dtype=torch.float64):
+    """(out, LSE, dq, dk, dv) of the oracles: out from gather_attention_reference (the library's
+    reference, which wants ids in [-1, N)), LSE from dense_out_lse."""
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    clean = torch.where((idx >= 0) & (idx < k.shape[2]), idx, -1)
+    out = gather_attention_reference(q, k, v, expand_selection(clean, k.shape[1]), scale)
+    lse = dense_out_lse(q, k, v, idx, scale)[1]
+    loss_of(out, lse, w.to(dtype), u.to(dtype)).backward()
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def assert_close(got, want, tol=TOL, what=""):
+    got, want = got.double(), want.double()
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    bound = tol * max(1.0, want.abs().max().item() if want.numel() else 0.0)
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def assert_lse_close(got, want, tol=TOL):
+    fin = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), fin), "the kernel's -inf LSE rows differ from the oracle's"
+    assert (got[~fin] == float("-inf")).all()
+    assert_close(got[fin], want[fin], tol, "lse")
+
+
+def check_against_oracle(B, Hq, Hkv, Hs, T, N, D, K, seed, config=None, scale=0.3, dtype=torch.float32, tol=TOL):
+    q, k, v, gen = random_inputs(B, Hq, Hkv, T, N, D, seed, dtype)
+    idx = random_selection(B, Hs, T, N, K, gen)
+    w = torch.randn(B, Hq, T, D, generator=gen, dtype=torch.float64)
+    u = torch.randn(B, Hq, T, generator=gen, dtype=torch.float64)
+    got = kernel_run(q, k, v, idx, scale, w, u, config)
+    want = oracle_run(q, k, v, idx, scale, w, u)
+    assert_close(got[0], want[0], tol, "out")
+    assert_lse_close(got[1], want[1], tol)
+    for name, g, r in zip(("dq", "dk", "dv"), got[2:], want[2:]):
+        assert_close(g, r, tol, name)
+
+
+# ----------------------------------------------------------------------------- the oracle itself
+
+def test_dense_oracle_matches_library_reference():
+    q, k, v, gen = random_inputs(2, 4, 2, 9, 30, 8, seed=1, dtype=torch.float64, device="cpu")
+    idx = random_selection(2, 1, 9, 30, 12, gen)
+    out, lse = dense_out_lse(q, k, v, idx, 0.4)
+    assert_close(out, gather_attention_reference(q, k, v, expand_selection(idx, 2), 0.4), 1e-12, "out")
+    assert torch.isinf(lse[:, :, 9 // 2]).all() and torch.isfinite(lse[:, :, 0]).all()
+
+
+# ----------------------------------------------------------------------------- prefill path
+
+@pytest.mark.parametrize("B, Hq, Hkv, Hs, T, N, D, K, BN", [
+    (1, 2, 2, 2, 9, 40, 16, 20, 16),    # G = 1, one list per KV group, two key tiles
+    (2, 4, 2, 1, 8, 60, 16, 33, 16),    # G = 2, one shared list, three key tiles (last partial)
+    (1, 4, 1, 1, 40, 200, 12, 70, 64),  # G = 4, D not a power of two
+    (2, 4, 1, 1, 5, 30, 16, 1, 16),     # G = 4, a single slot
+])
+def test_matches_reference(B, Hq, Hkv, Hs, T, N, D, K, BN):
+    check_against_oracle(B, Hq, Hkv, Hs, T, N, D, K, seed=B * 100 + K, config={"BN": BN, "bwd_BN": BN})
+
+
+def test_fp16_matches_reference():
+    """fp16 inputs (fp32 accumulation; P and dS rounded to fp16 for their dots): within 1e-2."""
+    check_against_oracle(1, 4, 2, 1, 6, 40, 16, 24, seed=7, config={"BN": 16, "bwd_BN": 16},
+                         dtype=torch.float16, tol=1e-2)
+
+
+@settings(max_examples=5)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 2, 4]), shared=st.booleans(),
+       T=st.integers(1, 6), N=st.integers(1, 50), K=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_matches_reference_random_shapes(B, Hkv, G, shared, T, N, K, seed):
+    check_against_oracle(B, Hkv * G, Hkv, 1 if shared else Hkv, T, N, 16, K, seed,
+                         config={"BN": 32, "bwd_BN": 16})
+
+
+def test_rows_without_keys_get_zero_output_and_no_gradient():
+    q, k, v, gen = random_inputs(1, 4, 2, 3, 10, 16, seed=5)
+    idx = torch.full((1, 1, 3, 17), -1, dtype=torch.int32)
+    idx[0, 0, 1, 5] = 7  # one key for the middle token only
+    w, u = torch.randn(1, 4, 3, 16, generator=gen), torch.randn(1, 4, 3, generator=gen)
+    out, lse, dq, dk, dv = kernel_run(q, k, v, idx, 0.5, w, u)
+    assert (out[:, :, [0, 2]] == 0).all() and (lse[:, :, [0, 2]] == float("-inf")).all()
+    assert (dq[:, :, [0, 2]] == 0).all()
+    assert (dk[:, :, :7] == 0).all() and (dv[:, :, 8:] == 0).all()
+    assert_close(out[:, :, 1], v[:, :, 7].repeat_interleave(2, dim=1), what="out of a single key")
+
+
+# ----------------------------------------------------------------------------- decode / split path
+
+@pytest.mark.parametrize("B, Hq, Hkv, Hs, T, K, splits", [
+    (2, 4, 2, 1, 1, 70, 3),   # decode: 3 splits of 32 slots (the last 6)
+    (1, 8, 2, 2, 1, 40, 8),   # more splits asked than tiles: capped at one per 16 slots
+    (2, 2, 1, 1, 3, 50, 4),   # a few tokens, 4 splits, one token without keys
+])
+def test_split_path_matches_reference(B, Hq, Hkv, Hs, T, K, splits):
+    check_against_oracle(B, Hq, Hkv, Hs, T, 90, 16, K, seed=splits + K,
+                         config={"BN": 16, "bwd_BN": 32, "SPLITS": splits})
+
+
+def test_split_with_an_empty_split():
+    """Split 0 holds only -1 slots: its partial (LSE -inf) must not disturb the merge."""
+    q, k, v, gen = random_inputs(1, 4, 2, 1, 30, 16, seed=9)
+    idx = torch.full((1, 1, 1, 48), -1, dtype=torch.int32)
+    ids = torch.randperm(30, generator=gen).to(torch.int32)
+    idx[0, 0, 0, 16:46] = torch.where(torch.rand(30, generator=gen) < 0.7, ids, -1)
+    w, u = torch.randn(1, 4, 1, 16, generator=gen), torch.randn(1, 4, 1, generator=gen)
+    got = kernel_run(q, k, v, idx, 0.3, w, u, config={"BN": 16, "SPLITS": 3})
+    want = oracle_run(q, k, v, idx, 0.3, w, u)
+    assert_close(got[0], want[0], what="out")
+    assert_lse_close(got[1], want[1])
+
+
+def test_split_plan():
+    assert split_plan(4, 2048, 64, 0, n_sms=132, per_sm=2) == (64, 32)  # decode B=1, Hkv=4: 128 programs
+    assert split_plan(128, 2048, 64, 0, n_sms=132, per_sm=2) == (704, 3)  # B=32: 384 programs
+    assert split_plan(4 * 4096, 2048, 64, 0, n_sms=132, per_sm=2) == (2048, 1)  # prefill: no split
+    assert split_plan(4, 640, 64, 0, n_sms=132, per_sm=2) == (64, 10)  # CSA 512 + 128: one tile per split
+    assert split_plan(1, 70, 16, 3, n_sms=1, per_sm=1) == (32, 3)  # forced
+    assert split_plan(1, 5, 16, 4, n_sms=1, per_sm=1) == (16, 1)  # at most one split per tile
+
+
+# ----------------------------------------------------------------------------- untrusted ids
+
+@pytest.mark.parametrize("Hs", [1, 2])
+def test_out_of_range_ids_are_empty(Hs):
+    """Ids >= N or < -1 (which would address the next/previous head or batch item if used as
+    offsets) count as empty: same out, LSE and gradients (of every batch item) as with -1 there."""
+    B, Hq, Hkv, T, N, D, K = 2, 4, 2, 4, 20, 16, 12
+    q, k, v, gen = random_inputs(B, Hq, Hkv, T, N, D, seed=11 + Hs)
+    clean = random_selection(B, Hs, T, N, K, gen, empty_frac=0.4, empty_rows=False)
+    bad = clean.clone()
+    bad[0, 0, :, -1] = N  # batch 0, group 0: ids past N land on group 1 / batch 1 rows
+    bad[0, 0, :, -2] = N + 3
+    bad[0, -1, :, -3] = 2 * N + 1
+    bad[1, -1, :, -1] = -2  # batch 1, last group: negative ids land on the rows before it
+    bad[1, -1, :, -2] = -N + 1
+    bad[1, 0, :, -3] = -(Hkv * N)
+    clean = torch.where(bad == clean, clean, -1)
+    w = torch.randn(B, Hq, T, D, generator=gen)
+    u = torch.randn(B, Hq, T, generator=gen)
+    got = kernel_run(q, k, v, bad, 0.3, w, u)
+    want = kernel_run(q, k, v, clean, 0.3, w, u)
+    ref = oracle_run(q, k, v, clean, 0.3, w.double(), u.double())
+    for name, a, b, r in zip(("out", "lse", "dq", "dk", "dv"), got, want, ref):
+        assert torch.equal(a, b), f"{name} changed by out-of-range ids"
+        if name != "lse":
+            assert_close(a, r, what=name)
+
+
+def test_int64_ids_past_int32_do_not_wrap():
+    q, k, v, gen = random_inputs(1, 2, 1, 2, 16, 16, seed=3)
+    idx = torch.tensor([[[[2, 5, 2**32 + 3], [2**33, 1, -1]]]], dtype=torch.int64)
+    out, lse = gather_attention_triton(q, k, v, idx, 0.3, return_lse=True)
+    want_out, want_lse = dense_out_lse(q.double(), k.double(), v.double(), idx, 0.3)
+    assert_close(out, want_out, what="out")
+    assert_lse_close(lse, want_lse)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+def test_lse_only_loss_and_no_lse_return():
+    q, k, v, gen = random_inputs(1, 2, 1, 4, 20, 16, seed=4)
+    idx = random_selection(1, 1, 4, 20, 8, gen, empty_rows=False)
+    qq = q.clone().requires_grad_()
+    _, lse = gather_attention_triton(qq, k, v, idx, 0.3, return_lse=True)
+    lse.sum().backward()  # dout is zero
+    qd = q.double().requires_grad_()
+    dense_out_lse(qd, k.double(), v.double(), idx, 0.3)[1].sum().backward()
+    assert_close(qq.grad, qd.grad, what="dq of an LSE-only loss")
+    out = gather_attention_triton(q, k, v, idx, 0.3)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
+
+
+def test_launcher_rejects_bad_inputs():
+    q, k, v, _ = random_inputs(1, 4, 2, 3, 8, 16, seed=0)
+    idx = torch.zeros(1, 1, 3, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="backend='reference'"):
+        gather_attention_triton(q.double(), k.double(), v.double(), idx, 0.3)
+    with pytest.raises(ValueError, match="Hs"):
+        gather_attention_triton(q, k, v, torch.zeros(1, 3, 3, 4, dtype=torch.int32), 0.3)
+    with pytest.raises(ValueError, match="Hkv"):
+        gather_attention_triton(q, k[:, :1].expand(1, 3, 8, 16), v[:, :1].expand(1, 3, 8, 16), idx, 0.3)
+
+
+def test_no_slots_at_all():
+    q, k, v, _ = random_inputs(1, 2, 1, 3, 8, 16, seed=0)
+    out, lse = gather_attention_triton(q, k, v, torch.zeros(1, 1, 3, 0, dtype=torch.int32), 0.3, return_lse=True)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+# ----------------------------------------------------------------------------- GPU, m3 shapes, bf16
+
+def causal_random_selection(B, T, S, K, gen_device):
+    """For query t (position S - T + t): min(pos + 1, K) distinct random visible ids, shuffled, -1 padded."""
+    pos = torch.arange(S - T, S, device=gen_device)
+    score = torch.rand(B, 1, T, S, device=gen_device)
+    score = score.masked_fill(torch.arange(S, device=gen_device)[None, :] > pos[:, None], -1.0)
+    top, ids = torch.topk(score, K, dim=-1)
+    ids = torch.where(top >= 0, ids, -1)
+    perm = torch.argsort(torch.rand(ids.shape, device=gen_device), dim=-1)
+    return torch.gather(ids, -1, perm).to(torch.int32)
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_bf16_m3():
+    """T = S = 4096, Hq 64, Hkv 4, D 128, K = 2048, one shared list: the whole output against the fp32
+    reference, gradients (through out and LSE) on 128 query tokens against the dense fp32 oracle."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, D, K = 1, 64, 4, 4096, 128, 2048
+    scale = D ** -0.5
+    q, k, v = (torch.randn(B, h, T, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    idx = causal_random_selection(B, T, T, K, "cuda")
+    sub = torch.randperm(T, device="cuda")[:128].sort().values
+    w = torch.zeros(B, Hq, T, D, device="cuda")
+    w[:, :, sub] = torch.randn(B, Hq, len(sub), D, device="cuda")
+    u = torch.zeros(B, Hq, T, device="cuda")
+    u[:, :, sub] = torch.randn(B, Hq, len(sub), device="cuda")
+    out, lse, dq, dk, dv = kernel_run(q, k, v, idx, scale, w, u)
+    with torch.no_grad():
+        want_out = gather_attention_reference(q.float(), k.float(), v.float(), expand_selection(idx, Hkv), scale)
+    assert rel_err(out, want_out) < 2e-2
+    qs, kf, vf = (x.float().requires_grad_() for x in (q[:, :, sub], k, v))
+    o_s, l_s = dense_out_lse(qs, kf, vf, idx[:, :, sub], scale)
+    assert rel_err(lse[:, :, sub], l_s) < 2e-2 and torch.isfinite(lse).all()
+    loss_of(o_s, l_s, w[:, :, sub], u[:, :, sub]).backward()
+    assert rel_err(dq[:, :, sub], qs.grad) < 2e-2
+    rest = torch.ones(T, dtype=torch.bool, device="cuda")
+    rest[sub] = False
+    assert (dq[:, :, rest] == 0).all()
+    assert rel_err(dk, kf.grad) < 2e-2 and rel_err(dv, vf.grad) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, K", [(1, 2048), (32, 2048), (4, 640)])
+def test_gpu_decode_bf16_m3_graph_capture(B, K):
+    """T = 1 (auto flash-decoding splits) against the fp32 reference, also replayed from a CUDA graph."""
+    torch.manual_seed(1)
+    Hq, Hkv, S, D = 64, 4, 8192, 128
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    idx = causal_random_selection(B, 1, S, K, "cuda")
+    want = gather_attention_reference(q.float(), k.float(), v.float(), expand_selection(idx, Hkv), 0.1)
+    out = gather_attention_triton(q, k, v, idx, 0.1)  # compiles outside the capture
+    assert rel_err(out, want) < 2e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gather_attention_triton(q, k, v, idx, 0.1)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = gather_attention_reference(q.float(), k.float(), v.float(), expand_selection(idx, Hkv), 0.1)
+    assert rel_err(captured, want) < 2e-2
