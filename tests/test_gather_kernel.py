@@ -1,5 +1,5 @@
 """Triton token-gather sparse attention (kernels/gather_attention_triton.py) vs plain-PyTorch fp64 oracles:
-gather_attention_reference (sparsezoo.ops.dsa) for the output, and a dense masked softmax written here
+gather_attention_reference (sparsezoo.ops.references) for the output, and a dense masked softmax written here
 for the LSE. Forward (out, LSE) and gradients of loss = <out, w> + <LSE, u> over finite LSE entries (so
 dLSE enters the backward). On the CPU the kernels run in the Triton interpreter (fp32, tiny shapes);
 the bf16 tests at the m3 shapes run on the GPU (marked gpu).
@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsezoo.ops.dsa import expand_selection, gather_attention_reference
+from sparsezoo.ops.common import expand_selection
+from sparsezoo.ops.references import gather_attention_reference
 
 triton = pytest.importorskip("triton")
 
