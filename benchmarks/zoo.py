@@ -1,0 +1,559 @@
+"""Every variant at m3 heads (Hq 64, Hkv 4, d 128), bf16, on one GPU, against the fastest dense path.
+
+    python benchmarks/zoo.py --out examples/results                          # the committed points
+    python benchmarks/zoo.py --modes prefill --lengths 32768 --variants nsa  # one slice
+
+Per variant, two configs: `published` (the paper's own) and `equal_budget` (about 2,048 keys read per
+query); where they coincide one run serves both records. Modes: prefill (batch 1), fwd+bwd (batch 1,
+d(out) random) and decode (one new token per request over a cache of --decode-len tokens). Each point
+runs the variant's ops (selection, then attention) under `auto` on random bf16 inputs and records the
+implementation of every op (`ops.implementations_used()`); before timing, the attention output of the
+last 64 queries is checked against the fp32 reference on the same selection, and the selection's
+overlap with the reference selection is recorded. Dense is the fastest of SDPA cuDNN / flash /
+efficient (enable_gqa) and compiled flex in the same run. Limits: prefill = dense FLOPs over the
+variant's selection + attention FLOPs over the keys it reads; decode = the bytes ratio, and the
+fraction is the byte floor (at the copy bandwidth measured in the same run) over the measured time.
+Peers (attn-gym's lightning_indexer and gather_attn, fla's parallel_nsa) run in the same process
+where installed; a peer that fails is recorded with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+M3 = dict(Hq=64, Hkv=4, D=128)
+CONFIGS = {
+    "msa": {"published": dict(block=128, topk=16, Di=128)},
+    "nsa": {"published": dict(l=32, d=16, lsel=64, n=16, w=512)},
+    "dsa": {"published": dict(topk=2048, J=64, Di=128)},
+    "csa": {"published": dict(m=4, topk=512, w=128, J=64, Di=128)},
+    "moba": {"published": dict(block=4096, topk=12), "equal_budget": dict(block=128, topk=16)},
+}
+CHECK_ROWS = 64
+DEVICE = "cuda"  # the CPU smoke test (tests/test_zoo_benchmark.py) switches this
+
+
+# ----------------------------------------------------------------------------- timing
+
+def bench(fn, reps: int = 5) -> float:
+    """Median ms over `reps` event-timed runs after one warm-up (do_bench for short ops)."""
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    torch.cuda.synchronize()
+    if a.elapsed_time(b) < 20:
+        return float(triton.testing.do_bench(fn, warmup=20, rep=150, return_mode="median"))
+    times = []
+    for _ in range(reps):
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(sorted(times)[len(times) // 2])
+
+
+def bench_graph(fn) -> tuple[float, bool]:
+    """Median ms of fn replayed from a CUDA graph when it captures; else eager (recorded)."""
+    import triton
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(g.replay, warmup=10, rep=80, return_mode="median")), True
+    except Exception as exc:
+        print(f"    graph capture failed ({type(exc).__name__}: {str(exc)[:100]}); timing eagerly", flush=True)
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(fn, warmup=10, rep=80, return_mode="median")), False
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    import triton
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=5, rep=100, return_mode="median")
+    return 2 * (1 << 30) / (ms * 1e-3)
+
+
+# ----------------------------------------------------------------------------- dense baseline
+
+def dense_candidates(q, k, v, decode: bool):
+    """name -> fn over the same inputs; decode folds the group into the query axis (no mask needed)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sparsezoo import ops
+
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    out = {}
+    for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                     ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        if decode:
+            qf = q.reshape(B, Hkv, (Hq // Hkv) * T, D)
+
+            def fn(be=be, qf=qf):
+                with sdpa_kernel([be]):
+                    return F.scaled_dot_product_attention(qf, k, v)
+        else:
+            def fn(be=be):
+                with sdpa_kernel([be]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out[name] = fn
+    out["flex"] = lambda: ops.dense_attention(q, k, v, backend="flex")
+    return out
+
+
+def time_dense(q, k, v, mode: str) -> tuple[float, str, dict]:
+    times = {}
+    for name, fn in dense_candidates(q, k, v, mode == "decode").items():
+        run = with_backward(fn, (q, k, v)) if mode == "fwd+bwd" else fn
+        try:
+            times[name] = bench_graph(run)[0] if mode == "decode" else bench(run)
+        except Exception as exc:  # a backend this build lacks is reported, never replaced silently
+            times[name] = None
+            print(f"    dense {name}: unavailable ({type(exc).__name__}: {str(exc)[:100]})", flush=True)
+        finally:
+            for x in (q, k, v):
+                x.grad = None
+    ok = {n: t for n, t in times.items() if t is not None}
+    best = min(ok, key=ok.get)
+    return ok[best], best, times
+
+
+def with_backward(fn, leaves):
+    grad_out = {}
+
+    def run():
+        for x in leaves:
+            x.grad = None
+        out = fn()
+        if "g" not in grad_out:
+            grad_out["g"] = torch.randn_like(out)
+        out.backward(grad_out["g"])
+    return run
+
+
+# ----------------------------------------------------------------------------- variants
+
+def randn(*shape, grad=False):
+    return torch.randn(*shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_(grad)
+
+
+class Variant:
+    """One variant's inputs, selection, attention and cost model at m3 heads."""
+
+    def __init__(self, name: str, cfg: dict, B: int, T: int, S: int, grad: bool):
+        self.name, self.cfg, self.B, self.T, self.S = name, cfg, B, T, S
+        Hq, Hkv, D = M3["Hq"], M3["Hkv"], M3["D"]
+        self.q, self.k, self.v = randn(B, Hq, T, D, grad=grad), randn(B, Hkv, S, D, grad=grad), \
+            randn(B, Hkv, S, D, grad=grad)
+        self.extra = getattr(self, f"_inputs_{name}")(grad)
+
+    # inputs
+    def _inputs_msa(self, grad):
+        return dict(q_idx=randn(self.B, M3["Hkv"], self.T, self.cfg["Di"]), k_idx=randn(self.B, self.S, self.cfg["Di"]))
+
+    def _inputs_nsa(self, grad):
+        from sparsezoo.ops.compressed_attention import n_compressed
+
+        Sc = n_compressed(self.S, self.cfg["l"], self.cfg["d"])
+        return dict(kc=randn(self.B, M3["Hkv"], Sc, M3["D"], grad=grad), vc=randn(self.B, M3["Hkv"], Sc, M3["D"], grad=grad))
+
+    def _inputs_dsa(self, grad):
+        c = self.cfg
+        return dict(q_i=randn(self.B, 1, self.T, c["J"], c["Di"]), w=randn(self.B, 1, self.T, c["J"]),
+                    k_i=randn(self.B, self.S, c["Di"]), key_end=torch.arange(self.S, device=DEVICE))
+
+    def _inputs_csa(self, grad):
+        c = self.cfg
+        Sc = self.S // c["m"]
+        return dict(q_i=randn(self.B, 1, self.T, c["J"], c["Di"]), w=randn(self.B, 1, self.T, c["J"]),
+                    k_i=randn(self.B, Sc, c["Di"]), key_end=(torch.arange(Sc, device=DEVICE) + 1) * c["m"] - 1,
+                    kc=randn(self.B, M3["Hkv"], Sc, M3["D"], grad=grad), vc=randn(self.B, M3["Hkv"], Sc, M3["D"], grad=grad))
+
+    def _inputs_moba(self, grad):
+        return {}
+
+    def as_float(self) -> "Variant":
+        """A detached fp32 copy for the reference (index tensors unchanged)."""
+        import copy
+
+        f = copy.copy(self)
+        f.q, f.k, f.v = (x.detach().float() for x in (self.q, self.k, self.v))
+        f.extra = {n: (x.detach().float() if x.is_floating_point() else x) for n, x in self.extra.items()}
+        return f
+
+    def leaves(self):
+        return [t for t in (self.q, self.k, self.v, *self.extra.values()) if t.requires_grad]
+
+    # selection and attention, through the public ops under auto
+    def select(self, rows: slice | None = None, backend: str = "auto"):
+        from sparsezoo import ops
+
+        c, e, S = self.cfg, self.extra, self.S
+        r = rows or slice(None)  # a tail of the T queries: they stay the last rows of S positions
+        if self.name == "msa":
+            return ops.msa_select(e["q_idx"][:, :, r], e["k_idx"], block_size=c["block"], topk=c["topk"],
+                                  backend=backend)
+        if self.name == "nsa":
+            return ops.nsa_select(self.q[:, :, r].detach(), e["kc"].detach(), S=S, block_len=c["l"], stride=c["d"],
+                                  sel_block=c["lsel"], topk=c["n"], scale=self.scale, backend=backend)
+        if self.name in ("dsa", "csa"):
+            return ops.indexer_topk(e["q_i"][:, :, r], e["w"][:, :, r], e["k_i"], e["key_end"], S=S,
+                                    topk=c["topk"], scale=1 / math.sqrt(c["Di"]), backend=backend)
+        return ops.moba_select(self.q[:, :, r].detach(), self.k.detach(), block_size=c["block"], topk=c["topk"],
+                               backend=backend)
+
+    @property
+    def scale(self):
+        return 1 / math.sqrt(M3["D"])
+
+    def attend(self, sel, rows: slice | None = None, backend: str = "auto"):
+        from sparsezoo import ops
+        from sparsezoo.ops.entry_pooling import window_plus_selected
+
+        c, e, S = self.cfg, self.extra, self.S
+        q = self.q if rows is None else self.q[:, :, rows]  # rows: a tail of the T queries
+        if self.name in ("msa", "moba"):
+            return ops.block_sparse_attention(q, self.k, self.v, sel, block_size=c["block"], backend=backend)
+        if self.name == "nsa":
+            o_cmp = ops.compressed_attention(q, e["kc"], e["vc"], S=S, block_len=c["l"], stride=c["d"],
+                                             scale=self.scale, backend=backend)
+            o_slc = ops.block_sparse_attention(q, self.k, self.v, sel, block_size=c["lsel"], backend=backend)
+            o_win = ops.window_attention(q, self.k, self.v, window=c["w"], backend=backend)
+            return o_cmp + o_slc + o_win  # fixed unit gates: the gate MLP is not an attention cost
+        if self.name == "dsa":
+            return ops.gather_attention(q, self.k, self.v, sel, scale=self.scale, backend=backend)
+        idx = window_plus_selected(sel, q.shape[2], S, c["w"])
+        return ops.gather_attention(q, torch.cat([self.k, e["kc"]], 2), torch.cat([self.v, e["vc"]], 2), idx,
+                                    scale=self.scale, backend=backend)
+
+    # cost models (per batch element; T queries, the last T of S)
+    def keys_read(self) -> dict:
+        """Mean keys each query reads, split into freely chosen and fixed ones."""
+        c, S = self.cfg, self.S
+        mean_pos = S - self.T / 2
+        if self.name == "msa":
+            return dict(free=(c["topk"] - 1) * c["block"], fixed=c["block"])
+        if self.name == "nsa":
+            return dict(free=(c["n"] - 3) * c["lsel"], fixed=3 * c["lsel"] + c["w"] + mean_pos / c["d"])
+        if self.name == "dsa":
+            return dict(free=c["topk"], fixed=0)
+        if self.name == "csa":
+            return dict(free=c["topk"], fixed=c["w"])
+        return dict(free=(c["topk"] - 1) * c["block"], fixed=c["block"])
+
+    def flops(self) -> dict:
+        """Selection and attention FLOPs (QK^T + PV = 4 Hq d per query-key pair)."""
+        c, T, S = self.cfg, self.T, self.S
+        Hq, Hkv, D = M3["Hq"], M3["Hkv"], M3["D"]
+        pairs = T * (S - T / 2)  # visible (query, key) pairs
+        read = min(sum(self.keys_read().values()), S - T / 2)
+        attn = 4 * Hq * D * T * read
+        if self.name == "msa":
+            sel = pairs * Hkv * 2 * c["Di"]
+        elif self.name == "nsa":
+            sel = 0.0  # the importances reuse the compressed attention's probabilities
+        elif self.name == "dsa":
+            sel = pairs * 2 * c["J"] * c["Di"]
+        elif self.name == "csa":
+            sel = pairs / c["m"] * 2 * c["J"] * c["Di"]
+        else:
+            sel = pairs / c["block"] * 2 * Hq * D
+        return dict(selection=sel, attention=attn, dense=4 * Hq * D * pairs)
+
+    def decode_bytes(self) -> dict:
+        """Bytes one decode step must read per request (bf16), and dense's."""
+        c, S = self.cfg, self.S
+        Hkv, D = M3["Hkv"], M3["D"]
+        kv = 2 * Hkv * D * 2  # K and V per token
+        keys = min(sum(self.keys_read().values()), S)
+        if self.name == "msa":
+            sel = S * c["Di"] * 2
+        elif self.name == "nsa":
+            sel = 0.0
+        elif self.name in ("dsa", "csa"):
+            sel = S / (c.get("m", 1)) * c["Di"] * 2
+        else:
+            sel = S / c["block"] * Hkv * D * 2
+        return dict(variant=sel + keys * kv, dense=S * kv)
+
+
+# ----------------------------------------------------------------------------- one point
+
+def check(var: Variant, sel) -> tuple[float, float]:
+    """(relative error of the last rows' output vs the fp32 reference on the same selection,
+    mean overlap of the fast selection with the fp32 reference selection on those rows)."""
+    rows = slice(var.T - min(CHECK_ROWS, var.T), var.T)
+    with torch.no_grad():
+        out = var.attend(sel)[:, :, rows].float()
+        ref_var = var.as_float()
+        ref = ref_var.attend(sel[:, :, rows], rows=rows, backend="reference").float()
+        ref_sel = ref_var.select(rows=rows, backend="reference").long()
+    mine = sel[:, :, rows].long()
+    overlap = []
+    for a, b in zip(mine.reshape(-1, mine.shape[-1]), ref_sel.reshape(-1, ref_sel.shape[-1])):
+        sa, sb = set(a[a >= 0].tolist()), set(b[b >= 0].tolist())
+        overlap.append(len(sa & sb) / max(len(sb), 1))
+    err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return err, sum(overlap) / len(overlap)
+
+
+def run_point(name, config_names, cfg, mode, T, S, B, bw, args) -> list[dict]:
+    from sparsezoo import ops
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    grad = mode == "fwd+bwd"
+    var = Variant(name, cfg, B, T, S, grad)
+    dense_ms, dense_impl, dense_all = time_dense(var.q, var.k, var.v, mode)
+    with ops.track_implementations() as used:
+        sel = var.select()
+        err, overlap = check(var, sel) if args.check else (None, None)
+        if mode == "fwd+bwd":
+            selection_ms = bench(lambda: var.select())
+            attention_ms = bench(with_backward(lambda: var.attend(sel), var.leaves()))
+            variant_ms = bench(with_backward(lambda: var.attend(var.select()), var.leaves()))
+            graphed = False
+        elif mode == "decode":
+            selection_ms, _ = bench_graph(lambda: var.select())
+            attention_ms, _ = bench_graph(lambda: var.attend(sel))
+            variant_ms, graphed = bench_graph(lambda: var.attend(var.select()))
+        else:
+            selection_ms = bench(lambda: var.select())
+            attention_ms = bench(lambda: var.attend(sel))
+            variant_ms = bench(lambda: var.attend(var.select()))
+            graphed = False
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    fl = var.flops()
+    if mode == "decode":
+        by = var.decode_bytes()
+        limit = by["dense"] / by["variant"]
+        floor_ms = B * by["variant"] / bw * 1e3
+    else:
+        limit = fl["dense"] / (fl["selection"] + fl["attention"])
+        floor_ms = None
+    speedup = dense_ms / variant_ms
+    limit_fraction = (floor_ms / variant_ms) if mode == "decode" else speedup / limit
+    keys = var.keys_read()
+    base = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=_triton_version(), variant=name,
+                mode=mode, shape="m3", seq_len=S, batch=B, dense_ms=dense_ms, dense_impl=dense_impl,
+                dense_all_ms=dense_all, variant_ms=variant_ms, selection_ms=selection_ms, attention_ms=attention_ms,
+                speedup=speedup, limit_speedup=limit, limit_fraction=limit_fraction, decode_floor_ms=floor_ms,
+                cuda_graph=graphed, implementations=dict(used), check_rel_err=err, selection_overlap=overlap,
+                free_keys_per_query=keys["free"], fixed_keys_per_query=keys["fixed"], peak_mem_gib=peak,
+                params=cfg)
+    del var, sel
+    return [dict(base, config=c) for c in config_names]
+
+
+def _triton_version():
+    import triton
+
+    return triton.__version__
+
+
+# ----------------------------------------------------------------------------- peers
+
+def run_peers(lengths, args) -> list[dict]:
+    """attn-gym's fused lightning indexer and gather attention, fla's parallel_nsa, prefill batch 1."""
+    recs = []
+    for T in lengths:
+        for peer, fn in (("attn_gym.lightning_indexer[dsa]", _peer_indexer(T, 1, 2048)),
+                         ("attn_gym.lightning_indexer[csa]", _peer_indexer(T, 4, 512)),
+                         ("attn_gym.gather_attn[csa,mqa]", _peer_gather(T)),
+                         ("fla.parallel_nsa", _peer_nsa(T))):
+            rec = dict(card=torch.cuda.get_device_name(), peer=peer, mode="prefill", seq_len=T, batch=1)
+            try:
+                rec["ms"] = bench(fn())
+            except Exception as exc:
+                rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
+                rec["traceback"] = traceback.format_exc()[-1500:]
+            print(f"  peer {peer} @ {T}: {rec.get('ms', rec.get('error'))}", flush=True)
+            recs.append(rec)
+            torch.cuda.empty_cache()
+    return recs
+
+
+def _peer_indexer(T, m, topk):
+    def make():
+        from attn_gym.sparse.indexer import lightning_indexer
+
+        q, w, k = randn(1, T, 64, 128), randn(1, T, 64), randn(1, T // m, 128)
+        return lambda: lightning_indexer(q, k, w, topk, causal=True, compress_ratio=m)
+    return make
+
+
+def _peer_gather(T):
+    def make():
+        from attn_gym.sparse.gather_attn import gather_attn
+
+        q, local, sparse = randn(1, 64, T, 128), randn(1, 1, T, 128), randn(1, 1, T // 4, 128)
+        idx = torch.randint(0, T // 4, (1, T, 512), device="cuda", dtype=torch.int32)
+        return lambda: gather_attn(q, local, sparse, idx, sliding_window_size=128)
+    return make
+
+
+def _peer_nsa(T):
+    def make():
+        from fla.ops.nsa import parallel_nsa
+
+        q, k, v = randn(1, T, 64, 128), randn(1, T, 4, 128), randn(1, T, 4, 128)
+        g = [torch.rand(1, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        return lambda: parallel_nsa(q, k, v, g[0], g[1], g[2], block_counts=16, block_size=64, window_size=512)
+    return make
+
+
+# ----------------------------------------------------------------------------- reports
+
+def write(records, peers, out: Path, card: str, cmd: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tag = card.lower().replace("nvidia ", "").split()[0]
+    (out / f"zoo_{tag}.json").write_text(json.dumps(dict(command=cmd, records=records, peers=peers), indent=1))
+    lines = [f"# Zoo benchmark on one {card} (m3 heads, bf16)", "", f"Command: `{cmd}`", "",
+             "| variant | config | mode | len | batch | dense ms (impl) | variant ms | select ms | attn ms | "
+             "speedup | limit | fraction | free+fixed keys | implementations | check err / overlap |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        impls = ", ".join(f"{k}:{v}" for k, v in sorted(r["implementations"].items()))
+        chk = "-" if r["check_rel_err"] is None else f"{r['check_rel_err']:.1e} / {r['selection_overlap']:.3f}"
+        lines.append(f"| {r['variant']} | {r['config']} | {r['mode']} | {r['seq_len'] // 1024}k | {r['batch']} | "
+                     f"{r['dense_ms']:.3f} ({r['dense_impl']}) | {r['variant_ms']:.3f} | {r['selection_ms']:.3f} | "
+                     f"{r['attention_ms']:.3f} | {r['speedup']:.2f}x | {r['limit_speedup']:.1f}x | "
+                     f"{r['limit_fraction']:.0%} | {r['free_keys_per_query']:.0f}+{r['fixed_keys_per_query']:.0f} | "
+                     f"{impls} | {chk} |")
+    if peers:
+        lines += ["", "Peers, prefill batch 1 (same run):", "", "| peer | len | ms |", "|---|---|---|"]
+        lines += [f"| {p['peer']} | {p['seq_len'] // 1024}k | {p.get('ms', p.get('error', ''))} |" for p in peers]
+    (out / f"zoo_{tag}.md").write_text("\n".join(lines) + "\n")
+    plot(records, out / f"zoo_{tag}.png", card)
+
+
+def plot(records, path: Path, card: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["mode"], r["seq_len"], r["batch"]) for r in records})
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(4 * max(len(groups), 1), 3.6), squeeze=False)
+    for ax, (mode, S, B) in zip(axes[0], groups):
+        rs = [r for r in records if (r["mode"], r["seq_len"], r["batch"]) == (mode, S, B)]
+        names = [f"{r['variant']}\n{r['config'][:5]}" for r in rs]
+        ax.bar(names, [r["speedup"] for r in rs], color="tab:blue", label="measured")
+        ax.scatter(names, [r["limit_speedup"] for r in rs], color="tab:red", marker="_", s=300, label="limit")
+        ax.axhline(1, color="gray", lw=0.8)
+        ax.set_title(f"{mode} {S // 1024}k b{B}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, rotation=90)
+        ax.set_ylabel("speedup over fastest dense")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"sparsezoo variants vs dense, {card}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(CONFIGS))
+    p.add_argument("--modes", default="prefill,fwd+bwd,decode")
+    p.add_argument("--lengths", default="32768,131072", help="prefill lengths")
+    p.add_argument("--train-lengths", default="32768,131072")
+    p.add_argument("--decode-len", type=int, default=131072)
+    p.add_argument("--decode-batches", default="1,8,32")
+    p.add_argument("--configs", default="published,equal_budget")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", default="out/zoo")
+    return p.parse_args(argv)
+
+
+def configs_of(name: str, wanted: list[str]) -> list[tuple[list[str], dict]]:
+    """[(config names served, params)]: one run per distinct parameter set."""
+    per = {c: CONFIGS[name].get(c, CONFIGS[name]["published"]) for c in wanted}
+    runs: list[tuple[list[str], dict]] = []
+    for c, params in per.items():
+        for names, p in runs:
+            if p == params:
+                names.append(c)
+                break
+        else:
+            runs.append(([c], params))
+    return runs
+
+
+def main(argv=None):
+    args = parse(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/zoo.py needs a CUDA device")
+    cmd = "python benchmarks/zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    card = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"{card}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    ints = lambda s: [int(x) for x in s.split(",") if x]
+    modes = args.modes.split(",")
+    points = []
+    for mode in modes:
+        if mode == "prefill":
+            points += [(mode, T, T, 1) for T in ints(args.lengths)]
+        elif mode == "fwd+bwd":
+            points += [(mode, T, T, 1) for T in ints(args.train_lengths)]
+        elif mode == "decode":
+            points += [(mode, 1, args.decode_len, B) for B in ints(args.decode_batches)]
+        else:
+            sys.exit(f"unknown mode {mode!r}; choose from prefill, fwd+bwd, decode")
+    records = []
+    out = Path(args.out)
+    for name in args.variants.split(","):
+        if name not in CONFIGS:
+            sys.exit(f"unknown variant {name!r}; choose from {sorted(CONFIGS)}")
+        for config_names, cfg in configs_of(name, args.configs.split(",")):
+            for mode, T, S, B in points:
+                t0 = time.time()
+                try:
+                    recs = run_point(name, config_names, cfg, mode, T, S, B, bw, args)
+                except Exception as exc:
+                    print(f"  {name} {config_names} {mode} {S} b{B}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                    traceback.print_exc()
+                    continue
+                r = recs[0]
+                print(f"  {name:5s} {'/'.join(config_names):26s} {mode:8s} {S // 1024:4d}k b{B:<3d} "
+                      f"dense {r['dense_ms']:9.3f} ({r['dense_impl']}) var {r['variant_ms']:9.3f} "
+                      f"[sel {r['selection_ms']:.3f} attn {r['attention_ms']:.3f}] {r['speedup']:6.2f}x "
+                      f"lim {r['limit_speedup']:5.1f}x {r['limit_fraction']:5.0%} err {r['check_rel_err']} "
+                      f"ovl {r['selection_overlap']} {r['implementations']} ({time.time() - t0:.0f}s)", flush=True)
+                records += recs
+                write(records, [], out, card, cmd)
+    peers = run_peers(ints(args.lengths), args) if args.peers else []
+    write(records, peers, out, card, cmd)
+
+
+if __name__ == "__main__":
+    main()
