@@ -388,7 +388,7 @@ def run_peers(lengths, args) -> list[dict]:
         for peer, fn in (("attn_gym.lightning_indexer[dsa]", _peer_indexer(T, 1, 2048)),
                          ("attn_gym.lightning_indexer[csa]", _peer_indexer(T, 4, 512)),
                          ("attn_gym.gather_attn[csa,mqa]", _peer_gather(T)),
-                         ("fla.parallel_nsa", _peer_nsa(T))):
+                         ("fla.parallel_nsa[no window, l=d=64]", _peer_nsa(T))):
             rec = dict(card=torch.cuda.get_device_name(), peer=peer, mode="prefill", seq_len=T, batch=1)
             try:
                 rec["ms"] = bench(fn())
@@ -426,7 +426,10 @@ def _peer_nsa(T):
 
         q, k, v = randn(1, T, 64, 128), randn(1, T, 4, 128), randn(1, T, 4, 128)
         g = [torch.rand(1, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-        return lambda: parallel_nsa(q, k, v, g[0], g[1], g[2], block_counts=16, block_size=64, window_size=512)
+        # window_size=0: fla's window branch calls flash_attn.flash_attn_func, which is None when the
+        # flash-attn package is absent (the "'NoneType' object is not callable" seen before). fla also
+        # compresses by mean pooling at l = d = 64, a quarter of the paper's (32, 16) entries.
+        return lambda: parallel_nsa(q, k, v, g[0], g[1], None, block_counts=16, block_size=64, window_size=0)
     return make
 
 
