@@ -495,7 +495,23 @@ def parse(argv=None):
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default="out/zoo")
+    p.add_argument("--render", nargs="+", metavar="JSON",
+                   help="no GPU: merge the records of earlier runs' JSON files and write the reports to --out")
     return p.parse_args(argv)
+
+
+def render(paths: list[str], out: Path) -> None:
+    """One report from several runs (e.g. one GPU call for prefill + decode, another for fwd+bwd)."""
+    records, peers, cmds = [], [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        records += data["records"]
+        peers += data.get("peers", [])
+        cmds.append(data["command"])
+    order = {"prefill": 0, "fwd+bwd": 1, "decode": 2}
+    records.sort(key=lambda r: (list(CONFIGS).index(r["variant"]), r["config"], order[r["mode"]], r["seq_len"],
+                                r["batch"]))
+    write(records, peers, out, records[0]["card"], " ; ".join(dict.fromkeys(cmds)))
 
 
 def configs_of(name: str, wanted: list[str]) -> list[tuple[list[str], dict]]:
@@ -514,6 +530,8 @@ def configs_of(name: str, wanted: list[str]) -> list[tuple[list[str], dict]]:
 
 def main(argv=None):
     args = parse(argv)
+    if args.render:
+        return render(args.render, Path(args.out))
     if not torch.cuda.is_available():
         sys.exit("benchmarks/zoo.py needs a CUDA device")
     cmd = "python benchmarks/zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)

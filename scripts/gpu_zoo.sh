@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU call for the zoo issue: GPU tests of the fast paths, then benchmarks/zoo.py (and the MSA peer).
+# Usage on the device machine:  PART=1 bash scripts/gpu_zoo.sh   (results under $OUT)
+#   PART=1: bf16 kernel tests + zoo prefill and decode;  PART=2: zoo fwd+bwd + peers + MSA peer + main job.
+source scripts/gpu_setup.sh
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out/gpu_zoo}
+mkdir -p "$OUT"
+if [ "${PART:-1}" = 1 ]; then
+  timeout ${TEST_TIMEOUT:-200} python -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests/test_fast_paths.py \
+    tests/test_gather_kernel.py tests/test_indexer_kernel.py tests/test_nsa_select_kernel.py tests/test_moba_kernel.py} \
+    2>&1 | tail -n 40 > "$OUT/pytest_gpu_zoo.log"
+  tail -n 15 "$OUT/pytest_gpu_zoo.log"
+  timeout ${ZOO_TIMEOUT:-330} python benchmarks/zoo.py --modes prefill,decode --no-peers --out "$OUT" ${ZOO_ARGS:-} 2>&1 \
+    | tee "$OUT/zoo_part1.log" | grep -v "^ *$" | tail -n 60
+else
+  timeout ${ZOO_TIMEOUT:-300} python benchmarks/zoo.py --modes fwd+bwd --out "$OUT" ${ZOO_ARGS:-} 2>&1 \
+    | tee "$OUT/zoo_part2.log" | tail -n 30
+  (cd .peers && timeout 120 python bench_sglang.py --mode prefill --lengths 131072 --tune once --out "$OUT/sglang_prefill.json" 2>&1 | tail -n 5)
+  timeout 120 python -m sparsezoo.compare --config configs/compare_gpu.yaml --out "$OUT/compare" 2>&1 | grep -v "DEBUG\|Visualization saved" | tail -n 12
+  cp "$OUT"/compare/compare.md "$OUT"/compare/compare.json "$OUT"/ 2>/dev/null; rm -rf "$OUT/compare"
+fi
