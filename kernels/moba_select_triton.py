@@ -36,14 +36,16 @@ import triton.language as tl
 _BIG = tl.constexpr(1 << 30)  # empty slots hold ids _BIG + slot
 _HUGE = tl.constexpr(3 << 29)  # larger than every id: "no id"
 
-# GPU tiling. ROWS = HG heads x TM tokens per selection program; BN = block means per chunk.
+# GPU tiling. ROWS = HG heads x TM tokens per selection program; BN = block means per chunk;
+# MEAN_ROWS keys per load and MEAN_BLOCKS blocks per block-mean program.
 # A decode launch (fewer than TARGET_PROGRAMS programs) splits the candidates into NSPLIT ranges of
 # at least MIN_SPLIT_CHUNKS chunks; SPLIT > 0 forces NSPLIT.
 MOBA_SELECT_CONFIG = {"ROWS": 128, "TM": 32, "BN": 64, "num_warps": 8, "num_stages": 2,
-                      "MEAN_ROWS": 64, "MERGE_ROWS": 32, "TARGET_PROGRAMS": 264, "MIN_SPLIT_CHUNKS": 4,
+                      "MEAN_ROWS": 64, "MEAN_BLOCKS": 1, "MERGE_ROWS": 32, "TARGET_PROGRAMS": 264, "MIN_SPLIT_CHUNKS": 4,
                       "SPLIT": 0}
 # Interpreter (CPU tests): small tiles keep them quick.
-_INTERPRET_CONFIG = {"ROWS": 16, "TM": 8, "BN": 16, "MEAN_ROWS": 8, "MERGE_ROWS": 16, "TARGET_PROGRAMS": 1}
+_INTERPRET_CONFIG = {"ROWS": 16, "TM": 8, "BN": 16, "MEAN_ROWS": 8, "MEAN_BLOCKS": 32, "MERGE_ROWS": 16,
+                     "TARGET_PROGRAMS": 1}
 
 
 def _pow2(n: int) -> int:
@@ -53,22 +55,24 @@ def _pow2(n: int) -> int:
 # ----------------------------------------------------------------------------- block means
 
 @triton.jit
-def _block_mean_kernel(K, M, S, BLOCK, skb, skh, sks, skd, smb, smh, smn, smd,
-                       CH: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    j = tl.program_id(0).to(tl.int64)
+def _block_mean_kernel(K, M, S, BLOCK, N_BLOCKS, skb, skh, sks, skd, smb, smh, smn, smd,
+                       NBP: tl.constexpr, CH: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """Means of blocks NBP * pid(0) .. + NBP - 1 of kv head pid(1), batch pid(2), CH keys per load."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    d = tl.arange(0, BD)
+    j = tl.program_id(0).to(tl.int64) * NBP + tl.arange(0, NBP)
     start = j * BLOCK
     end = tl.minimum(start + BLOCK, S)
-    base = K + b * skb + h * skh + d[None, :] * skd
-    acc = tl.zeros([CH, BD], tl.float32)
+    d = tl.arange(0, BD)
+    base = K + b * skb + h * skh + d[None, None, :] * skd
+    acc = tl.zeros([NBP, CH, BD], tl.float32)
     for c in range(0, BLOCK, CH):
-        keys = start + c + tl.arange(0, CH)
-        x = tl.load(base + keys[:, None] * sks, mask=(keys[:, None] < end) & (d[None, :] < D), other=0.0)
-        acc += x.to(tl.float32)
-    mean = tl.sum(acc, axis=0) / (end - start).to(tl.float32)
-    tl.store(M + b * smb + h * smh + j * smn + d * smd, mean, mask=d < D)
+        keys = start[:, None] + c + tl.arange(0, CH)[None, :]
+        ok = (keys < end[:, None])[:, :, None] & (d < D)[None, None, :]
+        acc += tl.load(base + keys[:, :, None] * sks, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / tl.maximum(end - start, 1).to(tl.float32)[:, None]
+    tl.store(M + b * smb + h * smh + j[:, None] * smn + d[None, :] * smd, mean,
+             mask=(j < N_BLOCKS)[:, None] & (d < D)[None, :])
 
 
 # ----------------------------------------------------------------------------- top-k helpers
@@ -97,14 +101,15 @@ def _fold_chunk(top_s, top_i, s, ids):
     earlier chunks; -inf = not a candidate) into the top lists."""
     worst, evict = _worst(top_s, top_i)
     s = tl.where(s > worst[:, None], s, float("-inf"))
-    while tl.max(tl.max(s, axis=1), axis=0) > float("-inf"):
-        best = tl.max(s, axis=1)
+    best = tl.max(s, axis=1)
+    while tl.max(best, axis=0) > float("-inf"):  # some row still has a candidate beating its worst
         bid = tl.min(tl.where(s == best[:, None], ids, _HUGE), axis=1)
         repl = (top_i == evict[:, None]) & (best > worst)[:, None]
         top_s = tl.where(repl, best[:, None], top_s)
         top_i = tl.where(repl, bid[:, None], top_i)
         worst, evict = _worst(top_s, top_i)
         s = tl.where((ids == bid[:, None]) | (s <= worst[:, None]), float("-inf"), s)
+        best = tl.max(s, axis=1)
     return top_s, top_i
 
 
@@ -226,8 +231,10 @@ def moba_block_means(k: torch.Tensor, block_size: int, config: dict | None = Non
     if means.numel() == 0:
         return means
     CH = min(cfg["MEAN_ROWS"], _pow2(block_size))
-    _block_mean_kernel[(n_blocks, H, B)](k, means, S, block_size, *k.stride(), *means.stride(),
-                                         CH=CH, D=D, BD=_pow2(D), num_warps=4)
+    NBP = _pow2(cfg["MEAN_BLOCKS"])
+    _block_mean_kernel[(triton.cdiv(n_blocks, NBP), H, B)](
+        k, means, S, block_size, n_blocks, *k.stride(), *means.stride(), NBP=NBP, CH=CH, D=D, BD=_pow2(D),
+        num_warps=4)
     return means
 
 
@@ -255,16 +262,18 @@ def _check(q: torch.Tensor, means: torch.Tensor, S: int, block_size: int, topk: 
                          f"(same B and D, Hq a multiple of Hkv)")
     if block_size < 1 or topk < 1:
         raise ValueError(f"block_size and topk must be >= 1, got {block_size}, {topk}")
-    if not 1 <= T <= S or n_blocks != triton.cdiv(S, block_size):
-        raise ValueError(f"need 1 <= T <= S and ceil(S / block_size) means, got T={T}, S={S}, {n_blocks} means")
+    if not 1 <= T <= S or n_blocks < (S - 1) // block_size:
+        raise ValueError(f"need 1 <= T <= S and the means of blocks 0 .. (S - 1) // block_size - 1 (the ranked "
+                         f"ones), got T={T}, S={S}, {n_blocks} means")
     if q.dtype == torch.float64:
         raise ValueError("the triton MoBA gate runs fp32/fp16/bf16; use the reference for fp64")
 
 
 def moba_select_from_means(q: torch.Tensor, means: torch.Tensor, S: int, block_size: int, topk: int,
                            config: dict | None = None) -> torch.Tensor:
-    """q [B, Hq, T, D] (the last T of S tokens), means fp32 [B, Hkv, ceil(S / block_size), D] (from
-    moba_block_means) -> int32 [B, Hq, T, topk], the MoBA selection per query head."""
+    """q [B, Hq, T, D] (the last T of S tokens), means fp32 [B, Hkv, n, D] from moba_block_means ->
+    int32 [B, Hq, T, topk], the MoBA selection per query head. Only the complete blocks' means are read
+    (n >= (S - 1) // block_size), so a decode cache may hold just those, or a longer preallocated buffer."""
     _check(q, means, S, block_size, topk)
     cfg = _config(q.device, config)
     B, Hq, T, D = q.shape
