@@ -41,8 +41,8 @@ _HUGE = tl.constexpr(3 << 29)  # larger than every id: "no id"
 # A decode launch (fewer than TARGET_PROGRAMS programs) splits the candidates into NSPLIT ranges of
 # at least MIN_SPLIT_CHUNKS chunks; SPLIT > 0 forces NSPLIT.
 MOBA_SELECT_CONFIG = {"ROWS": 128, "TM": 32, "BN": 64, "num_warps": 8, "num_stages": 2,
-                      "MEAN_ROWS": 64, "MEAN_BLOCKS": 1, "MERGE_ROWS": 32, "TARGET_PROGRAMS": 264, "MIN_SPLIT_CHUNKS": 4,
-                      "SPLIT": 0}
+                      "MEAN_ROWS": 64, "MEAN_BLOCKS": 1, "MERGE_ROWS": 32,
+                      "TARGET_PROGRAMS": 264, "MIN_SPLIT_CHUNKS": 4, "SPLIT": 0}
 # Interpreter (CPU tests): small tiles keep them quick.
 _INTERPRET_CONFIG = {"ROWS": 16, "TM": 8, "BN": 16, "MEAN_ROWS": 8, "MEAN_BLOCKS": 32, "MERGE_ROWS": 16,
                      "TARGET_PROGRAMS": 1}

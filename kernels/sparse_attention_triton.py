@@ -115,22 +115,23 @@ def key_block_lists(counts, ids, bits, n_blocks: int, seg: int):
     """Transpose tile unions into per-key-block work items for dK/dV.
 
     Returns items [n_items, 3] int32 (flat (b, h) index, key block, start into the sorted
-    entries), item_len [n_items] int32, and sorted entries tiles/bits [n_entries] int32."""
+    entries), item_len [n_items] int32, and sorted entries tiles/bits [n_entries] int32. An id outside
+    [0, n_blocks) gets no work item (it would otherwise address another (b, h)'s column)."""
     BH, NT, W = ids.shape[0] * ids.shape[1], ids.shape[2], ids.shape[3]
     dev = ids.device
     valid = torch.arange(W, device=dev) < counts.reshape(BH, NT, 1)
-    valid &= (ids >= 0).reshape(BH, NT, W) & (ids < n_blocks).reshape(BH, NT, W)  # never cross (b, h)
     bh = torch.arange(BH, device=dev).view(BH, 1, 1).expand(BH, NT, W)[valid]
     tile = torch.arange(NT, device=dev, dtype=torch.int32).view(1, NT, 1).expand(BH, NT, W)[valid]
     blk = ids.reshape(BH, NT, W)[valid].long()
     ebits = bits.reshape(BH, NT, W)[valid]
-    key = bh * n_blocks + blk
+    n_cols = BH * n_blocks
+    key = torch.where((blk >= 0) & (blk < n_blocks), bh * n_blocks + blk, n_cols)  # n_cols: sorted last, dropped
     order = torch.argsort(key * NT + tile.long())
     key, tile, ebits = key[order], tile[order], ebits[order]
-    col_count = torch.bincount(key, minlength=BH * n_blocks)
+    col_count = torch.bincount(key, minlength=n_cols + 1)[:n_cols]
     col_start = torch.cumsum(col_count, 0) - col_count
     n_seg = (col_count + seg - 1) // seg
-    col = torch.repeat_interleave(torch.arange(BH * n_blocks, device=dev), n_seg)
+    col = torch.repeat_interleave(torch.arange(n_cols, device=dev), n_seg)
     seg_no = torch.arange(col.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(n_seg, 0) - n_seg, n_seg)
     start = col_start[col] + seg_no * seg
     length = torch.minimum(col_count[col] - seg_no * seg, torch.full_like(start, seg))

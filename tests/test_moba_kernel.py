@@ -124,6 +124,17 @@ def test_moba_select_ties_go_to_smaller_ids(config):
     assert sel[0, 1, 66 - (S - T)].tolist() == list(range(15)) + [33]
 
 
+def test_moba_select_16bit_queries_keep_the_means_precision():
+    # block 1's mean is 1 + 2**-12 per dim: below fp16's resolution at 1, so scoring against the means
+    # rounded to fp16 would tie it with block 0 (all ones) and pick block 0; the fp32 reference picks 1
+    k = torch.ones(1, 1, 12, 16)
+    k[0, 0, 7] += 2**-10  # one of block 1's four keys
+    q = torch.ones(1, 2, 1, 16)
+    sel = mst.moba_select_triton(q.to(DEV, torch.float16), k.to(DEV, torch.float16), 4, 2)
+    assert sel.tolist() == [[[[1, 2]], [[1, 2]]]]
+    assert torch.equal(sel.cpu(), moba.moba_select(q, k, block_size=4, topk=2))
+
+
 @pytest.mark.parametrize("T,B", [(1, 2), (3, 1)])
 def test_moba_select_decode_splits_are_exact(T, B):
     # decode: few query rows, the candidates split over programs and merged; any split gives the same ids
