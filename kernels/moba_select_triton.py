@@ -5,8 +5,9 @@ for query head h is <q[h, t], mean of kv head h // G's keys in block j>; each qu
 k-1 blocks j < L(t) = pos // block (ties to the smaller id), then the local block L(t), then -1.
 Output int32 [B, Hq, T, topk] in the msa_spec format (ranked ids best-first, local, -1 padding).
 
-1. Block means (`moba_block_means`): one tiny program per (block, kv head, batch) sums its keys in fp32;
-   a trailing partial block averages its own keys. Output fp32 [B, Hkv, n_blocks, D] (O(S*D) work).
+1. Block means (`moba_block_means`): one tiny program per (MEAN_BLOCKS blocks, kv head, batch) sums
+   their keys in fp32; a trailing partial block averages its own keys. Output fp32
+   [B, Hkv, n_blocks, D] (O(S*D) work).
    Only blocks j < L(t) are ranked and they are complete, so the partial block is never ranked.
 2. Selection (`moba_select_from_means`): one program per (tile of TM query tokens, HG query heads of
    one kv group, batch); rows = HG heads x TM tokens share the group's means, so one [BN, D] load of
@@ -199,7 +200,7 @@ def _merge_kernel(PS, PI, OUT, N_ROWS, T, S, BLOCK, NSPL,
     """Rows are flat (b, h, t); folds the NSPL partial lists of each row in split (= id) order."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < N_ROWS
-    local = (S - T + rows % T) // BLOCK
+    local = ((S - T + rows % T) // BLOCK).to(tl.int32)
     slot = tl.arange(0, KP)
     top_s, top_i = _empty_lists(BM, KR, KP)
     for sp in range(0, NSPL):
@@ -267,6 +268,8 @@ def _check(q: torch.Tensor, means: torch.Tensor, S: int, block_size: int, topk: 
                          f"ones), got T={T}, S={S}, {n_blocks} means")
     if q.dtype == torch.float64:
         raise ValueError("the triton MoBA gate runs fp32/fp16/bf16; use the reference for fp64")
+    if means.dtype != torch.float32:
+        raise ValueError(f"the block means must be fp32 (moba_block_means), got {means.dtype}")
 
 
 def moba_select_from_means(q: torch.Tensor, means: torch.Tensor, S: int, block_size: int, topk: int,

@@ -158,6 +158,8 @@ def test_moba_select_rejects_bad_inputs():
         mst.moba_select_triton(q, k[:, :2, :3], 4, 2)
     with pytest.raises(ValueError, match="fp64"):
         mst.moba_select_triton(q.double(), k[:, :2].double(), 4, 2)
+    with pytest.raises(ValueError, match="must be fp32"):
+        mst.moba_select_from_means(q, mst.moba_block_means(k[:, :2], 4).half(), 8, 4, 2)
 
 
 # ----------------------------------------------------------------------------- per-head attention
