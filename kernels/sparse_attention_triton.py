@@ -436,7 +436,7 @@ def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: fl
 
     Hs = Hkv: one selection per KV group, shared by its query heads (MSA). Hs = Hq: one selection per
     query head (MoBA), read straight from the unrepeated K/V. Ids outside [0, n_blocks) are ignored.
-    Host syncs: the work lists' boolean indexing (and the token order's sort when config WINDOW > 1)."""
+    Host syncs: none in the forward; the backward's dK/dV work lists (boolean indexing, repeat_interleave)."""
     if q.dtype == torch.float64:
         raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
     cfg = dict(ATTN_CONFIG, **(config or {}))
