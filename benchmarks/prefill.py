@@ -193,7 +193,8 @@ def run_length(T, sh, args, mm_rate, records, with_train):
     peak_extra = torch.cuda.max_memory_allocated() - base_mem - out.numel() * out.element_size()
     sel_err, att_err = check_prefill(q, k, v, q_idx, k_idx, sel, out, sh)
     TM = sat._tiling(sh["Hq"] // sh["Hkv"], sh["block"], q.device, sat.ATTN_CONFIG)[0]
-    union = sat.tile_plan(sel, TM, sat.ATTN_CONFIG["WINDOW"])[1].float().mean().item()
+    n_blocks = math.ceil(k.shape[2] / sh["block"])
+    union = sat.tile_plan(sel, TM, sat.ATTN_CONFIG["WINDOW"], n_blocks)[1].float().mean().item()
     del out
     t_sel = bench(sel_fn, reps)
     t_probe = bench(probe_fn, reps)
@@ -225,7 +226,8 @@ def run_length(T, sh, args, mm_rate, records, with_train):
 
         sel_iid = st.msa_select_triton(qi_iid, k_idx, sh["block"], sh["topk"], 1 / math.sqrt(sh["Di"]))
         rec["attention_iid_ms"] = bench(lambda: attn_fn(sel_iid), reps)
-        rec["union_blocks_per_tile_iid"] = sat.tile_plan(sel_iid, TM, sat.ATTN_CONFIG["WINDOW"])[1].float().mean().item()
+        plan_iid = sat.tile_plan(sel_iid, TM, sat.ATTN_CONFIG["WINDOW"], n_blocks)
+        rec["union_blocks_per_tile_iid"] = plan_iid[1].float().mean().item()
         del sel_iid, qi_iid
     if T <= 128 * KB:
         from sparsezoo.ops import block_sparse_attention

@@ -152,8 +152,7 @@ def index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_sca
     DI = q_idx.shape[-1]
     _check_group(G)
     TM, BM, BN = sat._tiling(G, block_size, q.device, cfg)
-    block_idx = block_idx.to(torch.int32)
-    plan = sat.tile_plan(block_idx, TM, cfg["WINDOW"])
+    plan = sat.tile_plan(block_idx, TM, cfg["WINDOW"], triton.cdiv(S, block_size))
     if main_lse is None:
         main_lse = sat._forward(q, k, k, block_idx, block_size, scale, True, cfg, plan)[1]
     tok, cnt, ids, bits = plan

@@ -1,15 +1,22 @@
-"""Exact per-token MSA block-sparse attention (Triton), forward and backward.
+"""Exact per-token block-sparse attention (Triton), forward and backward.
 
-Tiling: one program owns TM consecutive query tokens x the G heads of one KV group (rows
-r = token r // G, head r % G), since the group's heads share the selection. It visits the union of
+Selections: block_idx [B, Hs, T, k] with one selection head per KV group (Hs = Hkv, MSA) or per query
+head (Hs = Hq, MoBA). Selection head s serves the G = Hq / Hs query heads s*G .. s*G+G-1 and reads
+kv head s // KV_DIV (KV_DIV = Hs / Hkv), so per-head selections need no repeated K/V.
+
+Tiling: one program owns TM consecutive query tokens x the G heads of one selection head (rows
+r = token r // G, head r % G), since those heads share the selection. It visits the union of
 its tokens' selected blocks, precomputed per tile together with a bitmask of which tokens chose each
 block; a row keeps a key only if its token chose the block and the key is causal. Each K/V block is
-loaded once per tile and feeds a [TM*G, block] tensor-core tile.
+loaded once per tile and feeds a [TM*G, block] tensor-core tile. Ids outside [0, n_blocks) are
+dropped when the tile unions are built (int64 ids compared before any int32 cast), so no kernel ever
+acts on them.
 
 Backward: delta = rowsum(dO * O) (minus dLSE), then
 - dQ: the forward's loop again (per query tile over its union);
-- dK/dV: the transposed lists (per key block, the query tiles whose union holds it, split into
-  segments of at most SEG tiles), accumulated in registers, one fp32 atomic add per segment.
+- dK/dV: the transposed lists (per selection head and key block, the query tiles whose union holds
+  it, split into segments of at most SEG tiles), accumulated in registers, one fp32 atomic add per
+  segment (with KV_DIV > 1 several selection heads add into one kv head).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ def _pow2(n: int) -> int:
 
 # ----------------------------------------------------------------------------- tile unions
 
-def token_order(block_idx: torch.Tensor, TM: int, window: int) -> torch.Tensor:
+def token_order(block_idx: torch.Tensor, TM: int, window: int, n_blocks: int) -> torch.Tensor:
     """Token order for tiling: inside windows of `window` tokens, tokens are sorted by their first
     two selected ids (the indexer emits best-first), so tokens with similar selections share a tile
     and the tile unions shrink. Any order is exact; this one only saves work. -> int32
@@ -43,9 +50,9 @@ def token_order(block_idx: torch.Tensor, TM: int, window: int) -> torch.Tensor:
     NT = triton.cdiv(T, TM)
     t = torch.arange(T, device=block_idx.device)
     if window > 1 and K >= 1:
-        nb = int(block_idx.max().item()) + 2
-        first = block_idx[..., 0].long() + 1
-        second = block_idx[..., 1].long() + 1 if K > 1 else torch.zeros_like(first)
+        nb = n_blocks + 2  # sort keys are 1 + id clamped to [-1, n_blocks]: all < nb
+        first = block_idx[..., 0].long().clamp(-1, n_blocks) + 1
+        second = block_idx[..., 1].long().clamp(-1, n_blocks) + 1 if K > 1 else torch.zeros_like(first)
         key = (t // window) * (nb * nb) + first * nb + second
         order = torch.argsort(key, dim=-1, stable=True).to(torch.int32)
     else:
@@ -53,20 +60,21 @@ def token_order(block_idx: torch.Tensor, TM: int, window: int) -> torch.Tensor:
     return torch.nn.functional.pad(order, (0, NT * TM - T), value=T).contiguous()
 
 
-def tile_plan(block_idx: torch.Tensor, TM: int, window: int):
-    """(token order, union counts, union ids, token bitmasks) for tiles of TM tokens."""
-    tok = token_order(block_idx, TM, window)
+def tile_plan(block_idx: torch.Tensor, TM: int, window: int, n_blocks: int):
+    """(token order, union counts, union ids, token bitmasks) for tiles of TM tokens; ids outside
+    [0, n_blocks) are dropped."""
+    tok = token_order(block_idx, TM, window, n_blocks)
     B, H, T, K = block_idx.shape
     if window <= 1:  # identity order: tile the selection as it is
-        return (tok, *tile_unions(block_idx, TM))
+        return (tok, *tile_unions(block_idx, TM, n_blocks))
     sel = torch.gather(block_idx, 2, tok.clamp(max=T - 1).long()[..., None].expand(B, H, tok.shape[-1], K))
     sel = torch.where((tok < T)[..., None], sel, -1)
-    return (tok, *tile_unions(sel, TM))
+    return (tok, *tile_unions(sel, TM, n_blocks))
 
 
-def tile_unions(block_idx: torch.Tensor, TM: int, chunk_entries: int = 1 << 24):
+def tile_unions(block_idx: torch.Tensor, TM: int, n_blocks: int, chunk_entries: int = 1 << 24):
     """Per tile of TM tokens: the union of selected blocks and, per union entry, the bitmask of
-    the tile's tokens that chose it. block_idx [B, H, T, k] ->
+    the tile's tokens that chose it; ids outside [0, n_blocks) are dropped. block_idx [B, H, T, k] ->
     (counts [B, H, NT] int32, ids [B, H, NT, W] int32, bits [B, H, NT, W] int32), W = TM * k.
     Works in chunks of tiles so temporaries stay bounded."""
     if TM > 31:
@@ -85,8 +93,8 @@ def tile_unions(block_idx: torch.Tensor, TM: int, chunk_entries: int = 1 << 24):
     step = max(1, chunk_entries // max(W * B * H, 1))
     for n0 in range(0, NT, step):
         n1 = min(NT, n0 + step)
-        x = sel[:, n0:n1].to(torch.int32)
-        key, order = torch.sort(torch.where(x >= 0, x, big), dim=-1)
+        x = sel[:, n0:n1]  # range check in the input dtype: an int64 id must not wrap to a valid one
+        key, order = torch.sort(torch.where((x >= 0) & (x < n_blocks), x, big).to(torch.int32), dim=-1)
         real = key < big
         first = real.clone()
         first[..., 1:] &= key[..., 1:] != key[..., :-1]
@@ -107,7 +115,8 @@ def key_block_lists(counts, ids, bits, n_blocks: int, seg: int):
     """Transpose tile unions into per-key-block work items for dK/dV.
 
     Returns items [n_items, 3] int32 (flat (b, h) index, key block, start into the sorted
-    entries), item_len [n_items] int32, and sorted entries tiles/bits [n_entries] int32."""
+    entries), item_len [n_items] int32, and sorted entries tiles/bits [n_entries] int32. An id outside
+    [0, n_blocks) gets no work item (it would otherwise address another (b, h)'s column)."""
     BH, NT, W = ids.shape[0] * ids.shape[1], ids.shape[2], ids.shape[3]
     dev = ids.device
     valid = torch.arange(W, device=dev) < counts.reshape(BH, NT, 1)
@@ -115,13 +124,14 @@ def key_block_lists(counts, ids, bits, n_blocks: int, seg: int):
     tile = torch.arange(NT, device=dev, dtype=torch.int32).view(1, NT, 1).expand(BH, NT, W)[valid]
     blk = ids.reshape(BH, NT, W)[valid].long()
     ebits = bits.reshape(BH, NT, W)[valid]
-    key = bh * n_blocks + blk
+    n_cols = BH * n_blocks
+    key = torch.where((blk >= 0) & (blk < n_blocks), bh * n_blocks + blk, n_cols)  # n_cols: sorted last, dropped
     order = torch.argsort(key * NT + tile.long())
     key, tile, ebits = key[order], tile[order], ebits[order]
-    col_count = torch.bincount(key, minlength=BH * n_blocks)
+    col_count = torch.bincount(key, minlength=n_cols + 1)[:n_cols]
     col_start = torch.cumsum(col_count, 0) - col_count
     n_seg = (col_count + seg - 1) // seg
-    col = torch.repeat_interleave(torch.arange(BH * n_blocks, device=dev), n_seg)
+    col = torch.repeat_interleave(torch.arange(n_cols, device=dev), n_seg)
     seg_no = torch.arange(col.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(n_seg, 0) - n_seg, n_seg)
     start = col_start[col] + seg_no * seg
     length = torch.minimum(col_count[col] - seg_no * seg, torch.full_like(start, seg))
@@ -169,9 +179,18 @@ def _visible_t(member, row_ok, pos, keys, kmask):
 
 
 @triton.jit
+def _kv_head(s, KV_DIV: tl.constexpr):
+    """The kv head that selection head s reads (KV_DIV = selection heads per kv head)."""
+    if KV_DIV == 1:
+        return s
+    else:
+        return s // KV_DIV
+
+
+@triton.jit
 def _key_item(ITEMS, ILEN, HKV):
     """The key-major work item of this program: (batch * HKV + group, block, first entry, entry count,
-    batch, group)."""
+    batch, group); HKV counts the selection heads, a group is one of them."""
     item = tl.program_id(0)
     bh = tl.load(ITEMS + item * 3)
     return (bh, tl.load(ITEMS + item * 3 + 1), tl.load(ITEMS + item * 3 + 2), tl.load(ILEN + item),
@@ -183,10 +202,12 @@ def _fwd_kernel(Q, K, V, O, L, TOK, CNT, IDS, BITS, T, S, W, qk_scale,
                 sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                 sob, soh, sot, sod, slb, slh, slt, scb, sch, sct,
                 TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
-                BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr):
+                BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
+                KV_DIV: tl.constexpr):
     n_tiles = tl.num_programs(0)
     tile = n_tiles - 1 - tl.program_id(0)
     g = tl.program_id(1)
+    kv = _kv_head(g, KV_DIV)
     b = tl.program_id(2)
     tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S, TM, G, BM)
     d = tl.arange(0, BD)
@@ -203,7 +224,7 @@ def _fwd_kernel(Q, K, V, O, L, TOK, CNT, IDS, BITS, T, S, W, qk_scale,
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
-            kt = _load_rows(K, b * skb + g * skh + keys * sks, d, skd, kmask, D)
+            kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, kmask, D)
             s = tl.dot(q, tl.trans(kt)) * qk_scale
             s = tl.where(_visible(member, row_ok, pos, keys, kmask), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -212,7 +233,7 @@ def _fwd_kernel(Q, K, V, O, L, TOK, CNT, IDS, BITS, T, S, W, qk_scale,
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if not LSE_ONLY:
-                vt = _load_rows(V, b * svb + g * svh + keys * svs, d, svd, kmask, D)
+                vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, kmask, D)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_i = m_new
     lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -228,11 +249,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, CNT, IDS, BITS, T, S, W, qk_s
                    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                    slb, slh, slt, scb, sch, sct,
                    TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
-                   BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+                   BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr):
     # q, do, dq share strides (made contiguous by the wrapper); so do L and DELTA.
     n_tiles = tl.num_programs(0)
     tile = n_tiles - 1 - tl.program_id(0)
     g = tl.program_id(1)
+    kv = _kv_head(g, KV_DIV)
     b = tl.program_id(2)
     tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S, TM, G, BM)
     d = tl.arange(0, BD)
@@ -252,8 +274,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, CNT, IDS, BITS, T, S, W, qk_s
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
-            kt = _load_rows(K, b * skb + g * skh + keys * sks, d, skd, kmask, D)
-            vt = _load_rows(V, b * svb + g * svh + keys * svs, d, svd, kmask, D)
+            kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, kmask, D)
+            vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, kmask, D)
             s = tl.dot(q, tl.trans(kt)) * qk_scale
             p = tl.where(_visible(member, row_ok, pos, keys, kmask), tl.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vt))
@@ -268,14 +290,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, ITEMS, ILEN, ETILE, EBI
                      sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                      slb, slh, slt, sdb, sdh, sds, sdd,
                      TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
-                     BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+                     BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr):
     bh, u, start, n, b, g = _key_item(ITEMS, ILEN, HKV)
+    kv = _kv_head(g, KV_DIV)
     sub = tl.program_id(1)
     d = tl.arange(0, BD)
     keys = u * BLOCK + sub * BN + tl.arange(0, BN)
     kmask = keys < S
-    kt = _load_rows(K, b * skb + g * skh + keys * sks, d, skd, kmask, D)
-    vt = _load_rows(V, b * svb + g * svh + keys * svs, d, svd, kmask, D)
+    kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, kmask, D)
+    vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, kmask, D)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     for i in range(0, n):
@@ -294,7 +317,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, ITEMS, ILEN, ETILE, EBI
         dpt = tl.dot(vt, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q)
-    off = b * sdb + g * sdh + keys[:, None] * sds + d[None, :] * sdd
+    off = b * sdb + kv * sdh + keys[:, None] * sds + d[None, :] * sdd
     m = kmask[:, None] & (d[None, :] < D)
     tl.atomic_add(DK + off, dk * scale, mask=m)
     tl.atomic_add(DV + off, dv, mask=m)
@@ -316,28 +339,38 @@ def _tiling(G: int, block_size: int, device, cfg: dict):
     return TM, BM, BN
 
 
+def _selection_heads(Hq: int, Hkv: int, Hs: int) -> tuple[int, int]:
+    """(G query heads per selection head, KV_DIV selection heads per kv head) for Hs selection heads."""
+    if Hs < 1 or Hs % Hkv or Hq % Hs:
+        raise ValueError(f"block_idx needs Hkv ({Hkv}) or Hq ({Hq}) selection heads: a multiple of Hkv "
+                         f"that divides Hq, got {Hs}")
+    return Hq // Hs, Hs // Hkv
+
+
 def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv
+    Hs = block_idx.shape[1]
+    G, KV_DIV = _selection_heads(Hq, Hkv, Hs)
     TM, BM, BN = _tiling(G, block_size, q.device, cfg)
     if plan is None:
-        plan = tile_plan(block_idx, TM, cfg["WINDOW"])
+        plan = tile_plan(block_idx, TM, cfg["WINDOW"], triton.cdiv(S, block_size))
     tok, cnt, ids, bits = plan
     NT = cnt.shape[-1]
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     out = lse if lse_only else torch.empty_like(q)
     so = (0, 0, 0, 0) if lse_only else out.stride()
-    _fwd_kernel[(NT, Hkv, B)](
+    _fwd_kernel[(NT, Hs, B)](
         q, k, v, out, lse, tok, cnt, ids, bits, T, S, ids.shape[-1], scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *so, *lse.stride(), *ids.stride()[:3],
         TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), LSE_ONLY=lse_only,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        KV_DIV=KV_DIV, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (None if lse_only else out), lse, plan
 
 
 def sparse_lse(q, k, block_idx, block_size: int, scale: float, config: dict | None = None):
-    """LSE only (natural log) of scale * q.k over each query's selected tokens; k [B, Hkv, S, D]."""
+    """LSE only (natural log) of scale * q.k over each query's selected tokens; k [B, Hkv, S, D],
+    block_idx [B, Hkv or Hq, T, k]."""
     cfg = dict(ATTN_CONFIG, **(config or {}))
     return _forward(q, k, k, block_idx, block_size, scale, True, cfg)[1]
 
@@ -345,9 +378,10 @@ def sparse_lse(q, k, block_idx, block_size: int, scale: float, config: dict | No
 def _backward(q, k, v, out, lse, do, dlse, plan, block_size, scale, cfg):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    TM, BM, BN = _tiling(G, block_size, q.device, cfg)
     tok, cnt, ids, bits = plan
+    Hs = cnt.shape[1]
+    G, KV_DIV = _selection_heads(Hq, Hkv, Hs)
+    TM, BM, BN = _tiling(G, block_size, q.device, cfg)
     NT = cnt.shape[-1]
     q, do = q.contiguous(), do.contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -359,10 +393,10 @@ def _backward(q, k, v, out, lse, do, dlse, plan, block_size, scale, cfg):
     lse = lse.contiguous()
     BD = max(_pow2(D), 16)
     dq = torch.empty_like(q)
-    _bwd_dq_kernel[(NT, Hkv, B)](
+    _bwd_dq_kernel[(NT, Hs, B)](
         q, k, v, do, dq, lse, delta, tok, cnt, ids, bits, T, S, ids.shape[-1], scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *ids.stride()[:3],
-        TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD,
+        TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD, KV_DIV=KV_DIV,
         num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     n_blocks = triton.cdiv(S, block_size)
     items, ilen, etile, ebits = key_block_lists(cnt, ids, bits, n_blocks, cfg["SEG"])
@@ -370,9 +404,9 @@ def _backward(q, k, v, out, lse, do, dlse, plan, block_size, scale, cfg):
     dv = torch.zeros_like(dk)
     if items.shape[0] > 0:
         _bwd_dkdv_kernel[(items.shape[0], block_size // BN)](
-            q, k, v, do, dk, dv, lse, delta, tok, items, ilen, etile, ebits, T, S, Hkv, NT, scale * LOG2E, scale,
+            q, k, v, do, dk, dv, lse, delta, tok, items, ilen, etile, ebits, T, S, Hs, NT, scale * LOG2E, scale,
             *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *dk.stride(),
-            TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD,
+            TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD, KV_DIV=KV_DIV,
             num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -397,11 +431,14 @@ class _BlockSparseAttention(torch.autograd.Function):
 
 def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: float,
                                   return_lse: bool = False, config: dict | None = None):
-    """q [B, Hq, T, D], k/v [B, Hkv, S, D], block_idx int32 [B, Hkv, T, k] -> out [B, Hq, T, D]
-    (and natural-log LSE [B, Hq, T] fp32). Differentiable w.r.t. q, k, v."""
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D], block_idx int32/int64 [B, Hs, T, k] -> out [B, Hq, T, D]
+    (and natural-log LSE [B, Hq, T] fp32). Differentiable w.r.t. q, k, v.
+
+    Hs = Hkv: one selection per KV group, shared by its query heads (MSA). Hs = Hq: one selection per
+    query head (MoBA), read straight from the unrepeated K/V. Ids outside [0, n_blocks) are ignored.
+    Host syncs: none in the forward; the backward's dK/dV work lists (boolean indexing, repeat_interleave)."""
     if q.dtype == torch.float64:
         raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
     cfg = dict(ATTN_CONFIG, **(config or {}))
-    block_idx = block_idx.to(torch.int32)
     out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), cfg)
     return (out, lse) if return_lse else out
