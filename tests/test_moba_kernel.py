@@ -16,8 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsezoo.ops import moba
-from sparsezoo.ops import reference as ref
+from sparsezoo.ops.moba_select import api as moba
+from sparsezoo.ops import references as ref
 from sparsezoo.ops.checks import check_selection_values
 
 triton = pytest.importorskip("triton")

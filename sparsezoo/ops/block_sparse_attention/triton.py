@@ -8,8 +8,9 @@ def _pow2(n: int) -> bool:
 
 
 def supports(req) -> str | None:
-    if req.get("selection_heads") != req.get("n_kv_heads"):
-        return "the Triton kernel takes one selection per KV group (selection heads == Hkv)"
+    Hs, Hkv = req.get("selection_heads"), req.get("n_kv_heads")
+    if Hs is not None and Hkv is not None and Hs % Hkv:
+        return f"the Triton kernel needs the selection heads ({Hs}) to be a multiple of Hkv ({Hkv})"
     if not _pow2(req["group"]):
         return f"the Triton kernel needs a power-of-two GQA group, got {req['group']}"
     bs = req["block_size"]

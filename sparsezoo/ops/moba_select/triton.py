@@ -8,7 +8,7 @@ import importlib.util
 def supports(req) -> str | None:
     if importlib.util.find_spec("sparsezoo.kernels.moba_select_triton") is None:
         return "the Triton MoBA selection kernel is not built into this install"
-    return None
+    return None  # any block size, GQA group and head dim
 
 
 def run(q, k, block_size: int, topk: int):
