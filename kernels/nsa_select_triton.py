@@ -78,7 +78,7 @@ def _rows(tile, g, T, S, G: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr):
 @triton.jit
 def _load_q(Q, b, head, t, row_ok, sqb, sqh, sqt, sqd, D: tl.constexpr, BD: tl.constexpr):
     d = tl.arange(0, BD)
-    return tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
+    return tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None].to(tl.int64) * sqt + d[None, :] * sqd,
                    mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
 
 
