@@ -380,7 +380,8 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
                          *q.stride(), *kc.stride(), BE=BE, NB=NB, HALO=HALO, NBX=max(_pow2(NB + HALO), 16),
                          SEL=sel_block, FINAL=n_splits == 1, **dims, **lists, **launch)
     if n_splits > 1:
-        rm = 16
-        _merge_kernel[(triton.cdiv(B * Hkv * T, rm),)](part, out, B * Hkv * T, T, S, n_splits, RM=rm,
-                                                      NC=_pow2(n_splits * KR), SEL=sel_block, **lists, num_warps=4)
+        nc = _pow2(n_splits * KR)
+        rm = max(1, min(16, 4096 // nc))  # rows per merge program: at most 4096 candidate keys in registers
+        _merge_kernel[(triton.cdiv(B * Hkv * T, rm),)](part, out, B * Hkv * T, T, S, n_splits, RM=rm, NC=nc,
+                                                      SEL=sel_block, **lists, num_warps=4)
     return out
