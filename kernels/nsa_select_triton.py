@@ -56,7 +56,7 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # least `split_min_chunks` chunks; n_splits forces a split count (None: automatic).
 NSA_SELECT_CONFIG = {"ROWS": 64, "BE": 64, "BE_LSE": 128, "num_warps": 4, "num_stages": 2,
                      "waves": 2, "split_min_chunks": 4, "n_splits": None}
-_INTERPRET_TILES = {"ROWS": 64, "BE": 16, "BE_LSE": 64}  # interpreter: small tiles, quick tests
+_INTERPRET_TILES = {"ROWS": 64, "BE": 16, "BE_LSE": 64}  # interpreter: few programs, many chunk edges
 _INTERPRET_SMS = 4
 
 _INVALID = tl.constexpr(-9223372036854775807)  # candidate key that never enters a list

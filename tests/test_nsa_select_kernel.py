@@ -62,7 +62,7 @@ def assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 
     local = (query_positions(T, S, 0, T, got.device) // sel_block).view(T, 1)
     slot = torch.arange(topk, device=got.device).view(1, topk)
     n_valid = torch.clamp(local + 1, max=topk)
-    assert torch.equal(got >= 0, (slot < n_valid).expand_as(got)), "valid ids must fill exactly the first min(topk, L+1)"
+    assert torch.equal(got >= 0, (slot < n_valid).expand_as(got)), "valid ids fill exactly the first min(topk, L+1)"
     assert (got[got < 0] == -1).all()
     n_forced = torch.clamp(torch.where(local >= 2, 3, local + 1), max=topk)
     forced = slot < n_forced
