@@ -1,4 +1,4 @@
-"""Triton NSA block selection (kernels/nsa_select_triton.py) vs sparsezoo.ops.nsa.nsa_select.
+"""Triton NSA block selection (kernels/nsa_select_triton.py) vs sparsezoo.ops.nsa_select.
 
 On the CPU the kernels run under TRITON_INTERPRET=1 in fp32 (fp16 once) on tiny shapes; the bf16
 cases at the paper's configuration run on the GPU (marked gpu).
@@ -17,8 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsezoo.ops import nsa
-from sparsezoo.ops.reference import masked_softmax_lse, query_positions
+from sparsezoo import ops
+from sparsezoo.ops.common import masked_softmax_lse, query_positions
+from sparsezoo.ops.compressed_attention import compressed_visible, n_compressed
+from sparsezoo.ops.nsa_select.reference import add_overlaps
 
 triton = pytest.importorskip("triton")
 
@@ -45,10 +47,10 @@ def importance(q, kc, S, block_len, stride, sel_block, scale, dtype, chunk=512):
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         if Sc:
-            ok = nsa.compressed_visible(query_positions(T, S, t0, t1, q.device), Sc, block_len, stride)
+            ok = compressed_visible(query_positions(T, S, t0, t1, q.device), Sc, block_len, stride)
             s = torch.einsum("bhgtd,bhsd->bhgts", qg[:, :, :, t0:t1], kf) * scale
             p = masked_softmax_lse(s, ok)[0].sum(2)
-            out[:, :, t0:t1] = nsa.add_overlaps(out[:, :, t0:t1], p, block_len, stride, sel_block)
+            out[:, :, t0:t1] = add_overlaps(out[:, :, t0:t1], p, block_len, stride, sel_block)
     return out
 
 
@@ -56,7 +58,7 @@ def assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 
     B, Hkv, T, _ = got.shape
     assert got.dtype == torch.int32 and got.shape == (B, Hkv, T, topk)
     qr, kr = q.to(dtype), kc.to(dtype)
-    want = nsa.nsa_select(qr, kr, S=S, block_len=block_len, stride=stride, sel_block=sel_block, topk=topk,
+    want = ops.nsa_select(qr, kr, S=S, block_len=block_len, stride=stride, sel_block=sel_block, topk=topk,
                           scale=scale)
     imp = importance(q, kc, S, block_len, stride, sel_block, scale, dtype)
     local = (query_positions(T, S, 0, T, got.device) // sel_block).view(T, 1)
@@ -89,7 +91,7 @@ def assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 
 
 def random_inputs(B, Hkv, G, T, S, D, block_len, stride, seed, dtype=torch.float32, device=DEV, q_std=1.5):
     gen = torch.Generator().manual_seed(seed)
-    Sc = nsa.n_compressed(S, block_len, stride)
+    Sc = n_compressed(S, block_len, stride)
     q = torch.randn(B, Hkv * G, T, D, generator=gen) * q_std
     kc = torch.randn(B, Hkv, Sc, D, generator=gen)
     return q.to(device, dtype), kc.to(device, dtype)
@@ -146,7 +148,7 @@ def test_ties_and_forced_only(topk):
     q = torch.randn(1, 4, T, 16, device=DEV)
     kc = torch.zeros(1, 2, 0, 16, device=DEV)
     got = nsa_select_triton(q, kc, S, 200, 8, sel_block, topk, 0.25)
-    want = nsa.nsa_select(q, kc, S=S, block_len=200, stride=8, sel_block=sel_block, topk=topk, scale=0.25)
+    want = ops.nsa_select(q, kc, S=S, block_len=200, stride=8, sel_block=sel_block, topk=topk, scale=0.25)
     assert torch.equal(got, want)
 
 
