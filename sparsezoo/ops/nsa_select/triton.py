@@ -1,4 +1,4 @@
-"""NSA selection through the Triton kernel (sparsezoo.kernels.nsa_select_triton)."""
+"""NSA selection through the Triton kernels (sparsezoo.kernels.nsa_select_triton)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import importlib.util
 def supports(req) -> str | None:
     if importlib.util.find_spec("sparsezoo.kernels.nsa_select_triton") is None:
         return "the Triton NSA selection kernel is not built into this install"
+    from sparsezoo.kernels import nsa_select_triton as kernel
+
+    try:  # the kernel's own chunk geometry decides which (block_len, stride, sel_block) it tiles
+        kernel.chunk_geometry(req["block_len"], req["stride"], req["sel_block"], kernel.NSA_SELECT_CONFIG["BE"])
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
