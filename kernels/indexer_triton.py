@@ -179,9 +179,10 @@ def _load_block(VALS, IDS, vals_base, ids_base, pos, limit, INDIRECT: tl.constex
 
 @triton.jit
 def _float_bin(x, fmin, inv, NB: tl.constexpr):
-    """Linear bin of x between the row's min and max logits; monotone in x."""
-    u = tl.minimum(tl.maximum((x - fmin) * inv, 0.0), NB - 1.0)
-    return u.to(tl.int32)
+    """Linear bin of x between the row's min and max logits; monotone in x (NaN -> bin 0 on every backend)."""
+    u = (x - fmin) * inv
+    u = tl.where(u > 0.0, u, 0.0)
+    return tl.where(u < NB - 1.0, u, NB - 1.0).to(tl.int32)
 
 
 @triton.jit
@@ -308,7 +309,7 @@ def _select_kernel(VALS, IDS, NVIS, STATS, OUT, SCRATCH, t0, Tcur, Tc, N, seg_le
             key = _ordered_key(x).to(tl.int64)
             take = valid & ((key > t_lo) | ((key == t_lo) & (ids <= cut)))
             rank = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            tl.store(out_ptr + rank, ids, mask=take)
+            tl.store(out_ptr + rank, ids, mask=take & (rank < K))  # exactly K unless the logits hold NaN
             n_out += tl.sum(take.to(tl.int32), axis=0)
 
 
