@@ -7,7 +7,7 @@ I[t, n] = scale * sum_j w[t, j] * relu(<q_i[t, j], k_i[n]>). Output int32 [B, Hs
 visible keys with the largest logits, valid ids in ASCENDING id order, then -1 padding (rows with
 fewer than topk visible keys hold all of them). Not differentiable.
 
-Pipeline, per chunk of queries (a bounded fp32 buffer [B*Hs, Tc, N] of at most `buffer_bytes`,
+Pipeline, per chunk of queries (a bounded fp32 buffer [Tc, B*Hs, N] of at most `buffer_bytes`,
 1 GiB by default; nothing of size T x N is ever held):
 
 1. `_logits_kernel`, grid (key tiles, query tiles, B*Hs), key tiles fastest so that the programs
@@ -108,7 +108,7 @@ def _key_float(key):
 # ----------------------------------------------------------------------------- logits
 
 @triton.jit
-def _logits_kernel(QI, W, KI, NVIS, BUF, STATS, t0, Tcur, Tc, N, J, Hs, scale,
+def _logits_kernel(QI, W, KI, NVIS, BUF, STATS, t0, Tcur, N, J, Hs, scale,
                    sqb, sqh, sqt, sqj, sqd, swb, swh, swt, swj, skb, skn, skd,
                    K: tl.constexpr, TM: tl.constexpr, JG: tl.constexpr, BN: tl.constexpr,
                    D: tl.constexpr, BD: tl.constexpr, FILL: tl.constexpr, STATS_ON: tl.constexpr,
@@ -123,7 +123,7 @@ def _logits_kernel(QI, W, KI, NVIS, BUF, STATS, t0, Tcur, Tc, N, J, Hs, scale,
     nvis = tl.load(NVIS + t0 + tt, mask=row_ok, other=0)
     n_last = tl.max(nvis, axis=0)  # visible keys of the tile's last query (nvis is non-decreasing)
     cols = kt * BN + tl.arange(0, BN)
-    row = (bh * Tc + tt).to(tl.int64)
+    row = tt.to(tl.int64) * tl.num_programs(2) + bh  # buffer / stats row
     buf_ptr = BUF + row[:, None] * N + cols[None, :]
     store_ok = row_ok[:, None] & (cols[None, :] < N)
     if (kt * BN < n_last) & (n_last > K):
@@ -197,7 +197,7 @@ def _pick_bin(hist, need, NB: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(VALS, IDS, NVIS, STATS, OUT, SCRATCH, t0, Tcur, Tc, N, seg_len, n_cand,
+def _select_kernel(VALS, IDS, NVIS, STATS, OUT, SCRATCH, t0, Tcur, BH, N, seg_len, n_cand,
                    so_bh, so_t, so_seg, si_bh, si_t,
                    K: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr,
                    CAP: tl.constexpr, INDIRECT: tl.constexpr):
@@ -205,7 +205,7 @@ def _select_kernel(VALS, IDS, NVIS, STATS, OUT, SCRATCH, t0, Tcur, Tc, N, seg_le
     seg = tl.program_id(1)
     bh = r // Tcur
     tt = r % Tcur
-    row = (bh * Tc + tt).to(tl.int64)  # buffer / stats row
+    row = tt.to(tl.int64) * BH + bh  # buffer / stats row
     nvis = tl.load(NVIS + t0 + tt)
     vals_base = row * N
     out_ptr = OUT + bh.to(tl.int64) * so_bh + tt.to(tl.int64) * so_t + seg * so_seg
@@ -357,7 +357,7 @@ def _plan_split(rows: int, N: int, topk: int, cfg: dict, device) -> int:
     return split if split >= 2 else 1
 
 
-def _launch_logits(q_i, w, k_i, nvis, buf, stats, t0, Tcur, Tc, topk, scale, cfg, fill):
+def _launch_logits(q_i, w, k_i, nvis, buf, stats, t0, Tcur, topk, scale, cfg, fill):
     B, Hs, T, J, D = q_i.shape
     N = k_i.shape[1]
     TM = min(cfg["TM"], _pow2(Tcur))
@@ -367,16 +367,16 @@ def _launch_logits(q_i, w, k_i, nvis, buf, stats, t0, Tcur, Tc, topk, scale, cfg
     BN = cfg["BN"]
     grid = (triton.cdiv(N, BN), triton.cdiv(Tcur, TM), B * Hs)
     _logits_kernel[grid](
-        q_i, w, k_i, nvis, buf, stats, t0, Tcur, Tc, N, J, Hs, float(scale),
+        q_i, w, k_i, nvis, buf, stats, t0, Tcur, N, J, Hs, float(scale),
         *q_i.stride(), *w.stride(), *k_i.stride(),
         K=topk, TM=TM, JG=JG, BN=BN, D=D, BD=max(16, _pow2(D)), FILL=fill,
         STATS_ON=cfg["topk_mode"] == "triton", IEEE=q_i.dtype == torch.float32 and cfg["fp32_ieee"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _select_triton(buf, nvis, stats, out, t0, Tcur, Tc, topk, cfg):
+def _select_triton(buf, nvis, stats, out, t0, Tcur, topk, cfg):
     """Row-wise top-k of the chunk's logits into out[:, :, t0:t0+Tcur] (out viewed [B*Hs, T, topk])."""
-    BH, N = buf.shape[0], buf.shape[2]
+    BH, N = buf.shape[1], buf.shape[2]
     rows = BH * Tcur
     block, cap = cfg["select_block"], cfg["select_cap"]
     consts = dict(K=topk, KP=_pow2(topk), NB=cfg["select_bins"], BLOCK=block, CAP=cap,
@@ -387,24 +387,23 @@ def _select_triton(buf, nvis, stats, out, t0, Tcur, Tc, topk, cfg):
     scratch = torch.empty((rows * split, cap), dtype=torch.int32, device=buf.device)
     final = out[:, t0:]
     if split == 1:
-        _select_kernel[(rows, 1)](buf, buf, nvis, stats, final, scratch, t0, Tcur, Tc, N, seg_len, 0,
+        _select_kernel[(rows, 1)](buf, buf, nvis, stats, final, scratch, t0, Tcur, BH, N, seg_len, 0,
                                   final.stride(0), final.stride(1), 0, 0, 0, INDIRECT=False, **consts)
         return
     cand = torch.empty((BH, Tcur, split, topk), dtype=torch.int32, device=buf.device)
-    _select_kernel[(rows, split)](buf, buf, nvis, stats, cand, scratch, t0, Tcur, Tc, N, seg_len, 0,
+    _select_kernel[(rows, split)](buf, buf, nvis, stats, cand, scratch, t0, Tcur, BH, N, seg_len, 0,
                                   cand.stride(0), cand.stride(1), cand.stride(2), 0, 0, INDIRECT=False, **consts)
-    _select_kernel[(rows, 1)](buf, cand, nvis, stats, final, scratch, t0, Tcur, Tc, N, seg_len, split * topk,
+    _select_kernel[(rows, 1)](buf, cand, nvis, stats, final, scratch, t0, Tcur, BH, N, seg_len, split * topk,
                               final.stride(0), final.stride(1), 0, cand.stride(0), cand.stride(1),
                               INDIRECT=True, **consts)
 
 
 def _select_torch(buf, nvis, out, t0, Tcur, topk):
     """torch.topk on the chunk; rows with <= topk visible keys take them all. Ids sorted ascending."""
-    N = buf.shape[2]
-    n = min(topk, N)
-    ids = torch.topk(buf[:, :Tcur], n, dim=-1, sorted=False).indices.sort(dim=-1).values
-    res = torch.full((buf.shape[0], Tcur, topk), -1, dtype=torch.int64, device=buf.device)
-    res[..., :n] = ids
+    n = min(topk, buf.shape[2])
+    ids = torch.topk(buf[:Tcur], n, dim=-1, sorted=False).indices.sort(dim=-1).values  # [Tcur, BH, n]
+    res = torch.full((buf.shape[1], Tcur, topk), -1, dtype=torch.int64, device=buf.device)
+    res[..., :n] = ids.transpose(0, 1)
     nv = nvis[t0:t0 + Tcur].long()[None, :, None]
     slot = torch.arange(topk, device=buf.device)
     everything = torch.where(slot < nv, slot, -1)
@@ -433,7 +432,7 @@ def indexer_topk_triton(q_i: torch.Tensor, w: torch.Tensor, k_i: torch.Tensor, k
     nvis = torch.searchsorted(key_end.to(device=q_i.device, dtype=torch.int64).contiguous(), positions,
                               right=True).to(torch.int32)
     Tc = max(1, min(T, cfg["buffer_bytes"] // (4 * B * Hs * N)))
-    buf = torch.empty((B * Hs, Tc, N), dtype=torch.float32, device=q_i.device)
+    buf = torch.empty((Tc, B * Hs, N), dtype=torch.float32, device=q_i.device)
     stats = torch.empty((B * Hs * Tc, 2), dtype=torch.int32, device=q_i.device)
     init = torch.tensor([_INT32_MAX, _INT32_MIN], dtype=torch.int32, device=q_i.device)
     flat = out.view(B * Hs, T, topk)
@@ -442,9 +441,9 @@ def indexer_topk_triton(q_i: torch.Tensor, w: torch.Tensor, k_i: torch.Tensor, k
         Tcur = min(Tc, T - t0)
         if triton_mode:
             stats.copy_(init.expand_as(stats))
-        _launch_logits(q_i, w, k_i, nvis, buf, stats, t0, Tcur, Tc, topk, scale, cfg, fill=not triton_mode)
+        _launch_logits(q_i, w, k_i, nvis, buf, stats, t0, Tcur, topk, scale, cfg, fill=not triton_mode)
         if triton_mode:
-            _select_triton(buf, nvis, stats, flat, t0, Tcur, Tc, topk, cfg)
+            _select_triton(buf, nvis, stats, flat, t0, Tcur, topk, cfg)
         else:
             _select_torch(buf, nvis, flat, t0, Tcur, topk)
     return out
