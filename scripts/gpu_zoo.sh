@@ -8,7 +8,7 @@ OUT=${OUT:-out/gpu_zoo}
 mkdir -p "$OUT"
 if [ "${PART:-1}" = 1 ]; then
   timeout ${TEST_TIMEOUT:-200} python -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests/test_fast_paths.py \
-    tests/test_gather_kernel.py tests/test_indexer_kernel.py tests/test_nsa_select_kernel.py tests/test_moba_kernel.py} \
+    tests/test_gather_kernel.py tests/test_indexer_kernel.py tests/test_nsa_select_kernel.py tests/test_moba_kernel.py tests/test_prefill_kernels.py} \
     2>&1 | tail -n 40 > "$OUT/pytest_gpu_zoo.log"
   tail -n 15 "$OUT/pytest_gpu_zoo.log"
   timeout ${ZOO_TIMEOUT:-330} python benchmarks/zoo.py --modes prefill,decode --no-peers --out "$OUT" ${ZOO_ARGS:-} 2>&1 \

@@ -1,5 +1,5 @@
 """Triton lightning-indexer top-k (kernels/indexer_triton.py) vs the plain-PyTorch oracle
-sparsezoo.ops.dsa.indexer_topk. On the CPU the kernels run under TRITON_INTERPRET=1 (fp32, one fp16
+sparsezoo.ops.indexer_topk. On the CPU the kernels run under TRITON_INTERPRET=1 (fp32, one fp16
 case, tiny shapes); bf16 at the published DSA/CSA head sizes runs on the GPU (marked gpu).
 
 Per row: the format is exact (int32; exactly min(topk, visible) valid ids, strictly ascending, all
@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsezoo.ops import dsa
+from sparsezoo import ops
 
 triton = pytest.importorskip("triton")
 
@@ -75,7 +75,7 @@ def selected_scores(sel, z):
 
 
 def reference(q, w, k, ends, S, topk):
-    return dsa.indexer_topk(q.float(), w.float(), k.float(), ends, S=S, topk=topk, scale=SCALE)
+    return ops.indexer_topk(q.float(), w.float(), k.float(), ends, S=S, topk=topk, scale=SCALE, backend="reference")
 
 
 def assert_matches_reference(sel, q, w, k, ends, S, topk, eps=EPS):
