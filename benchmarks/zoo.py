@@ -39,7 +39,7 @@ CONFIGS = {
     "moba": {"published": dict(block=4096, topk=12), "equal_budget": dict(block=128, topk=16)},
 }
 CHECK_ROWS = 64
-DEVICE = "cuda"  # the CPU smoke test (tests/test_zoo_benchmark.py) switches this
+DEVICE, DTYPE = "cuda", torch.bfloat16  # the CPU smoke test (tests/test_zoo_benchmark.py) switches these
 
 
 # ----------------------------------------------------------------------------- timing
@@ -174,7 +174,22 @@ def with_backward(fn, leaves):
 # ----------------------------------------------------------------------------- variants
 
 def randn(*shape, grad=False):
-    return torch.randn(*shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_(grad)
+    return torch.randn(*shape, device=DEVICE, dtype=DTYPE).requires_grad_(grad)
+
+
+def smooth(*shape, grad=False, stride=512, noise=0.5):
+    """[..., T, D] queries that drift smoothly over tokens (anchors every `stride` tokens, linearly
+    blended) plus noise, as a trained model's queries do; iid queries would make neighbouring tokens
+    select unrelated blocks, which no trained model does (benchmarks/prefill.py measures both)."""
+    *lead, T, D = shape
+    n_anchor = T // stride + 2
+    anchors = torch.randn(*lead, n_anchor, D, device=DEVICE)
+    pos = torch.arange(T, device=DEVICE, dtype=torch.float32) / stride
+    i0 = pos.floor().long()
+    w = (pos - i0).view(T, 1)
+    base = anchors[..., i0, :] * (1 - w) + anchors[..., i0 + 1, :] * w
+    out = base + noise * torch.randn(*shape, device=DEVICE)
+    return out.to(DTYPE).requires_grad_(grad)
 
 
 class Variant:
@@ -183,13 +198,15 @@ class Variant:
     def __init__(self, name: str, cfg: dict, B: int, T: int, S: int, grad: bool):
         self.name, self.cfg, self.B, self.T, self.S = name, cfg, B, T, S
         Hq, Hkv, D = M3["Hq"], M3["Hkv"], M3["D"]
-        self.q, self.k, self.v = randn(B, Hq, T, D, grad=grad), randn(B, Hkv, S, D, grad=grad), \
+        # NSA and MoBA select from q itself: give it a trained model's smoothness over tokens
+        make_q = smooth if name in ("nsa", "moba") else randn
+        self.q, self.k, self.v = make_q(B, Hq, T, D, grad=grad), randn(B, Hkv, S, D, grad=grad), \
             randn(B, Hkv, S, D, grad=grad)
         self.extra = getattr(self, f"_inputs_{name}")(grad)
 
     # inputs
     def _inputs_msa(self, grad):
-        return dict(q_idx=randn(self.B, M3["Hkv"], self.T, self.cfg["Di"]), k_idx=randn(self.B, self.S, self.cfg["Di"]))
+        return dict(q_idx=smooth(self.B, M3["Hkv"], self.T, self.cfg["Di"]), k_idx=randn(self.B, self.S, self.cfg["Di"]))
 
     def _inputs_nsa(self, grad):
         from sparsezoo.ops.compressed_attention import n_compressed
@@ -199,13 +216,13 @@ class Variant:
 
     def _inputs_dsa(self, grad):
         c = self.cfg
-        return dict(q_i=randn(self.B, 1, self.T, c["J"], c["Di"]), w=randn(self.B, 1, self.T, c["J"]),
+        return dict(q_i=smooth(self.B, 1, c["J"], self.T, c["Di"]).transpose(2, 3).contiguous(), w=randn(self.B, 1, self.T, c["J"]),
                     k_i=randn(self.B, self.S, c["Di"]), key_end=torch.arange(self.S, device=DEVICE))
 
     def _inputs_csa(self, grad):
         c = self.cfg
         Sc = self.S // c["m"]
-        return dict(q_i=randn(self.B, 1, self.T, c["J"], c["Di"]), w=randn(self.B, 1, self.T, c["J"]),
+        return dict(q_i=smooth(self.B, 1, c["J"], self.T, c["Di"]).transpose(2, 3).contiguous(), w=randn(self.B, 1, self.T, c["J"]),
                     k_i=randn(self.B, Sc, c["Di"]), key_end=(torch.arange(Sc, device=DEVICE) + 1) * c["m"] - 1,
                     kc=randn(self.B, M3["Hkv"], Sc, M3["D"], grad=grad), vc=randn(self.B, M3["Hkv"], Sc, M3["D"], grad=grad))
 
@@ -213,13 +230,32 @@ class Variant:
         return {}
 
     def as_float(self) -> "Variant":
-        """A detached fp32 copy for the reference (index tensors unchanged)."""
+        """A detached fp32 copy of the first batch item, for the reference (index tensors unchanged)."""
         import copy
 
         f = copy.copy(self)
-        f.q, f.k, f.v = (x.detach().float() for x in (self.q, self.k, self.v))
-        f.extra = {n: (x.detach().float() if x.is_floating_point() else x) for n, x in self.extra.items()}
+        f.B = 1
+        f.q, f.k, f.v = (x.detach()[:1].float() for x in (self.q, self.k, self.v))
+        f.extra = {n: (x.detach()[:1].float() if x.is_floating_point() else x) for n, x in self.extra.items()}
         return f
+
+    def msa_paged_decoder(self):
+        """MSA's served decode path: the paged cache (identity page table) and its plan/run decoder."""
+        from sparsezoo.paged_cache import MSADecoder, PagedKVCache
+
+        c, B, S = self.cfg, self.B, self.S
+        Hq, Hkv, D, blk = M3["Hq"], M3["Hkv"], M3["D"], c["block"]
+        width = math.ceil(S / blk)
+        pages = lambda x: F.pad(x, (0, 0, 0, width * blk - S)).view(B, Hkv, width, blk, D).transpose(1, 2)
+        cache = PagedKVCache(B * width, Hkv, D, c["Di"], page_size=blk, dtype=torch.bfloat16, device=DEVICE)
+        cache.k.copy_(pages(self.k.detach()).reshape(B * width, Hkv, blk, D))
+        cache.v.copy_(pages(self.v.detach()).reshape(B * width, Hkv, blk, D))
+        cache.k_idx.copy_(F.pad(self.extra["k_idx"], (0, 0, 0, width * blk - S)).view(B * width, blk, c["Di"]))
+        table = torch.arange(B * width, device=DEVICE, dtype=torch.int32).view(B, width)
+        dec = MSADecoder(num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, index_dim=c["Di"], block_size=blk,
+                         topk=c["topk"])
+        dec.plan(torch.full((B,), S, dtype=torch.int32, device=DEVICE), table, self.T, num_pages=B * width)
+        return dec, cache
 
     def leaves(self):
         return [t for t in (self.q, self.k, self.v, *self.extra.values()) if t.requires_grad]
@@ -245,6 +281,18 @@ class Variant:
     @property
     def scale(self):
         return 1 / math.sqrt(M3["D"])
+
+    def attend_part(self, part: str, sel):
+        """One NSA branch alone (for the tuning printout)."""
+        from sparsezoo import ops
+
+        c, e = self.cfg, self.extra
+        if part == "compressed":
+            return ops.compressed_attention(self.q, e["kc"], e["vc"], S=self.S, block_len=c["l"], stride=c["d"],
+                                            scale=self.scale)
+        if part == "selected":
+            return ops.block_sparse_attention(self.q, self.k, self.v, sel, block_size=c["lsel"])
+        return ops.window_attention(self.q, self.k, self.v, window=c["w"])
 
     def attend(self, sel, rows: slice | None = None, backend: str = "auto"):
         from sparsezoo import ops
@@ -319,16 +367,16 @@ class Variant:
 
 # ----------------------------------------------------------------------------- one point
 
-def check(var: Variant, sel) -> tuple[float, float]:
+def check(var: Variant, sel, fast_out=None) -> tuple[float, float]:
     """(relative error of the last rows' output vs the fp32 reference on the same selection,
-    mean overlap of the fast selection with the fp32 reference selection on those rows)."""
+    mean overlap of the fast selection with the fp32 reference selection on those rows), batch item 0."""
     rows = slice(var.T - min(CHECK_ROWS, var.T), var.T)
     with torch.no_grad():
-        out = var.attend(sel)[:, :, rows].float()
+        out = (var.attend(sel) if fast_out is None else fast_out)[:1, :, rows].float()
         ref_var = var.as_float()
-        ref = ref_var.attend(sel[:, :, rows], rows=rows, backend="reference").float()
+        ref = ref_var.attend(sel[:1, :, rows], rows=rows, backend="reference").float()
         ref_sel = ref_var.select(rows=rows, backend="reference").long()
-    mine = sel[:, :, rows].long()
+    mine = sel[:1, :, rows].long()
     overlap = []
     for a, b in zip(mine.reshape(-1, mine.shape[-1]), ref_sel.reshape(-1, ref_sel.shape[-1])):
         sa, sb = set(a[a >= 0].tolist()), set(b[b >= 0].tolist())
@@ -346,9 +394,21 @@ def run_point(name, config_names, cfg, mode, T, S, B, bw, args) -> list[dict]:
     var = Variant(name, cfg, B, T, S, grad)
     dense_ms, dense_impl, dense_all = time_dense(var.q, var.k, var.v, mode, mode in args.dense_flex.split(","))
     with ops.track_implementations() as used:
-        sel = var.select()
-        err, overlap = check(var, sel) if args.check else (None, None)
-        if mode == "fwd+bwd":
+        if mode == "decode" and name == "msa":  # the served path: paged cache, plan once, run per layer
+            dec, cache = var.msa_paged_decoder()
+            q_idx, out = var.extra["q_idx"], torch.empty_like(var.q)
+            dec.run(var.q, q_idx, cache, out=out)
+            err, overlap = check(var, dec.selection.clone(), out) if args.check else (None, None)
+            selection_ms, _ = bench_graph(lambda: dec.select(q_idx, cache))
+            attention_ms, _ = bench_graph(lambda: dec.attend(var.q, cache, out=out))
+            variant_ms, graphed = bench_graph(lambda: dec.run(var.q, q_idx, cache, out=out))
+            sel = None
+        else:
+            sel = var.select()
+            err, overlap = check(var, sel) if args.check else (None, None)
+        if mode == "decode" and name == "msa":
+            pass
+        elif mode == "fwd+bwd":
             selection_ms = bench(lambda: var.select())
             attention_ms = bench(with_backward(lambda: var.attend(sel), var.leaves()))
             variant_ms = bench(with_backward(lambda: var.attend(var.select()), var.leaves()))
@@ -491,9 +551,47 @@ def plot(records, path: Path, card: str) -> None:
     fig.suptitle(f"sparsezoo variants vs dense, {card}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main
+
+def ints_of(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def tune(T: int) -> None:
+    """Tilings of the indexer and NSA selection kernels at prefill length T (median ms, printed)."""
+    from sparsezoo.kernels import indexer_triton, nsa_select_triton
+
+    for name in ("dsa", "csa"):
+        var = Variant(name, CONFIGS[name]["published"], 1, T, T, False)
+        e, c = var.extra, var.cfg
+        for cfg in ({}, dict(TM=128, BN=128), dict(TM=64, BN=128), dict(TM=128, BN=64), dict(TM=128, BN=128, num_warps=8),
+                    dict(topk_mode="torch")):
+            try:
+                ms = bench(lambda: indexer_triton.indexer_topk_triton(e["q_i"], e["w"], e["k_i"], e["key_end"], T,
+                                                                      c["topk"], 1 / math.sqrt(c["Di"]), config=cfg))
+            except Exception as exc:
+                ms = f"{type(exc).__name__}: {str(exc)[:80]}"
+            print(f"tune indexer {name} {T}: {cfg} -> {ms}", flush=True)
+        del var
+    var = Variant("nsa", CONFIGS["nsa"]["published"], 1, T, T, False)
+    c = var.cfg
+    for cfg in ({}, dict(ROWS=128), dict(BE=128), dict(ROWS=128, BE=128, num_warps=8), dict(num_stages=3)):
+        try:
+            ms = bench(lambda: nsa_select_triton.nsa_select_triton(var.q, var.extra["kc"], T, c["l"], c["d"], c["lsel"],
+                                                                   c["n"], var.scale, config=cfg))
+        except Exception as exc:
+            ms = f"{type(exc).__name__}: {str(exc)[:80]}"
+        print(f"tune nsa_select {T}: {cfg} -> {ms}", flush=True)
+    with torch.no_grad():
+        sel = var.select()
+        for part, fn in (("compressed", lambda: var.attend_part("compressed", sel)),
+                         ("selected", lambda: var.attend_part("selected", sel)),
+                         ("window", lambda: var.attend_part("window", sel))):
+            print(f"tune nsa attention part {part} {T}: {bench(fn):.3f} ms", flush=True)
+
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -509,6 +607,7 @@ def parse(argv=None):
     p.add_argument("--dense-flex", default="prefill",
                    help="modes whose dense baseline also times compiled flex (each new shape compiles, ~30 s)")
     p.add_argument("--out", default="out/zoo")
+    p.add_argument("--tune", action="store_true", help="time kernel tilings of the selection ops at 128k, then exit")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="no GPU: merge the records of earlier runs' JSON files and write the reports to --out")
     return p.parse_args(argv)
@@ -546,13 +645,15 @@ def main(argv=None):
     args = parse(argv)
     if args.render:
         return render(args.render, Path(args.out))
+    if args.tune:
+        return tune(ints_of(args.lengths)[-1])
     if not torch.cuda.is_available():
         sys.exit("benchmarks/zoo.py needs a CUDA device")
     cmd = "python benchmarks/zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
     card = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"{card}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    ints = lambda s: [int(x) for x in s.split(",") if x]
+    ints = ints_of
     modes = args.modes.split(",")
     points = []
     for mode in modes:

@@ -16,6 +16,8 @@ def supports(req) -> str | None:
     bs = req["block_size"]
     if not (_pow2(bs) or bs % 128 == 0):
         return f"the Triton kernel needs block_size to be a power of two or a multiple of 128, got {bs}"
+    if bs > 512:
+        return f"the Triton kernel unrolls a block's 128-key sub-tiles and fits blocks of <= 512 keys, got {bs}"
     if req.get("head_dim", 0) > 256:
         return f"the Triton kernel supports head_dim <= 256, got {req['head_dim']}"
     return None
