@@ -24,7 +24,7 @@ def _rand(g, *shape):
 
 
 def _block_sparse(g, per_head: bool):
-    B, Hq, Hkv, T, S, D, bs, K = 2, 4, 2, 24, 40, 16, 8, 3
+    B, Hq, Hkv, T, S, D, bs, K = 2, 4, 2, 40, 80, 16, 16, 3
     q, k, v = _rand(g, B, Hq, T, D), _rand(g, B, Hkv, S, D), _rand(g, B, Hkv, S, D)
     Hs = Hq if per_head else Hkv
     sel = ops.msa_select(_rand(g, B, Hs, T, 16), _rand(g, B, S, 16), block_size=bs, topk=K, backend="reference")

@@ -59,7 +59,7 @@ def assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 
     assert got.dtype == torch.int32 and got.shape == (B, Hkv, T, topk)
     qr, kr = q.to(dtype), kc.to(dtype)
     want = ops.nsa_select(qr, kr, S=S, block_len=block_len, stride=stride, sel_block=sel_block, topk=topk,
-                          scale=scale)
+                          scale=scale, backend="reference")
     imp = importance(q, kc, S, block_len, stride, sel_block, scale, dtype)
     local = (query_positions(T, S, 0, T, got.device) // sel_block).view(T, 1)
     slot = torch.arange(topk, device=got.device).view(1, topk)
@@ -148,7 +148,8 @@ def test_ties_and_forced_only(topk):
     q = torch.randn(1, 4, T, 16, device=DEV)
     kc = torch.zeros(1, 2, 0, 16, device=DEV)
     got = nsa_select_triton(q, kc, S, 200, 8, sel_block, topk, 0.25)
-    want = ops.nsa_select(q, kc, S=S, block_len=200, stride=8, sel_block=sel_block, topk=topk, scale=0.25)
+    want = ops.nsa_select(q, kc, S=S, block_len=200, stride=8, sel_block=sel_block, topk=topk, scale=0.25,
+                          backend="reference")
     assert torch.equal(got, want)
 
 
