@@ -1,0 +1,149 @@
+"""Bad input, misuse and interruptions: each test pins down one defect found by review.
+
+Checkpoints (atomic saves, the out_dir lock, resume consistency, dtype checks), cache misuse, paged-cache
+page ids, empty batches, config validation and the command-line tools. CPU only, tiny models.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsezoo
+from sparsezoo.models import GPT, GPTConfig, load_model, save_checkpoint
+from sparsezoo.models import checkpoint as ckpt
+from sparsezoo.models.train import load_run_config, make_optimizer, train, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_gpt(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**dict(vocab_size=300, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1), **kw}))
+
+
+def trained_step(model: GPT, opt: torch.optim.Optimizer) -> None:
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def save_at(folder: Path, model: GPT, opt, step: int) -> None:
+    save_checkpoint(folder, model, {"model": model.config.to_dict(), "data": {}, "train": {}}, opt,
+                    {"step": step, "history": [], "evals": []})
+
+
+def same_weights(a: GPT, b: GPT) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def tiny_run(out_dir: Path, steps: int, **train_fields) -> dict:
+    return load_run_config(REPO / "configs" / "gpt_tiny.yaml", [
+        f"train.out_dir={out_dir}", f"train.steps={steps}", "train.batch_size=2", "train.eval_every=0",
+        "train.eval_batches=1", "train.progress=false", "train.log_every=1", "data.seq_len=64",
+        f"data.text_path={REPO / 'sparsezoo'}", *[f"train.{k}={v}" for k, v in train_fields.items()]])
+
+
+# -- 1. checkpoints are saved as a whole; one writer per out_dir; resume checks its parts --------------
+def _renames_interrupted_at(monkeypatch, n: int) -> None:
+    """Make the n-th rename (os.replace / os.rename) of the process raise KeyboardInterrupt (a SIGINT)."""
+    calls = {"n": 0}
+    for name in ("replace", "rename"):
+        real = getattr(os, name)
+
+        def flaky(src, dst, *a, _real=real, **kw):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return _real(src, dst, *a, **kw)
+
+        monkeypatch.setattr(os, name, flaky)
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 2, 3, 4])
+def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, interrupt_at):
+    folder = tmp_path / "checkpoint"
+    model = tiny_gpt()
+    opt = make_optimizer(model, TrainConfig(), fused=False)
+    trained_step(model, opt)
+    save_at(folder, model, opt, step=1)
+    old = tiny_gpt()
+    old.load_state_dict(model.state_dict())
+    trained_step(model, opt)
+    with monkeypatch.context() as m:
+        _renames_interrupted_at(m, interrupt_at)
+        try:
+            save_at(folder, model, opt, step=2)
+        except KeyboardInterrupt:
+            pass
+    # whatever the interruption left, the folder holds one save as a whole: the old one or the new one
+    loaded, _ = load_model(folder)
+    state = ckpt.load_train_state(folder, make_optimizer(loaded, TrainConfig(), fused=False))
+    assert same_weights(loaded, old if state["step"] == 1 else model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temp or backup folder left
+
+
+def test_checkpoint_is_replaced_by_one_swap(tmp_path, monkeypatch):
+    """A reader never sees a mix: a save that lands between the reads of config and weights makes
+    load_model read again, from the new save only."""
+    folder = tmp_path / "checkpoint"
+    small, big = tiny_gpt(), tiny_gpt(d_model=64)
+    save_checkpoint(folder, small, {"model": small.config.to_dict()})
+    real_load = ckpt.load_file
+    calls = {"n": 0}
+
+    def load_during_a_save(path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:  # another process saves while this reader is between its two files
+            save_checkpoint(folder, big, {"model": big.config.to_dict()})
+        return real_load(path, *a, **kw)
+
+    monkeypatch.setattr(ckpt, "load_file", load_during_a_save)
+    loaded, report = load_model(folder)
+    assert report.exact and loaded.config.d_model == 64 and same_weights(loaded, big)
+
+
+def test_save_refuses_to_replace_a_folder_with_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt"):
+        save_checkpoint(tmp_path, tiny_gpt(), {"model": {}})
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_second_run_on_one_out_dir_is_refused(tmp_path):
+    from sparsezoo.models.train import lock_out_dir
+
+    out = tmp_path / "run"
+    with lock_out_dir(out):
+        with pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
+            train(tiny_run(out, 1))
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_out_dir_lock_is_released_after_an_error(tmp_path):
+    from sparsezoo.models.train import lock_out_dir
+
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError):
+        train(tiny_run(out, 1) | {"data": {"task": "text", "text_path": str(tmp_path / "absent.txt")}})
+    with lock_out_dir(out):  # free again
+        pass
+
+
+def test_resume_refuses_parts_from_different_steps(tmp_path):
+    run = tiny_run(tmp_path / "run", 4)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_dict(run["model"]))
+    opt = make_optimizer(model, TrainConfig(), fused=False)
+    ckpt_dir = tmp_path / "run" / "checkpoint"
+    save_at(tmp_path / "older", model, opt, step=2)
+    save_at(ckpt_dir, model, opt, step=3)
+    for name in (ckpt.TRAIN_STATE, ckpt.OPTIM_TENSORS):  # new weights beside an older train state
+        shutil.copy(tmp_path / "older" / name, ckpt_dir / name)
+    with pytest.raises(ValueError, match="step 3.*step 2|step 2.*step 3"):
+        train(run, resume=True)
