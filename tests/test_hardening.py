@@ -147,3 +147,17 @@ def test_resume_refuses_parts_from_different_steps(tmp_path):
         shutil.copy(tmp_path / "older" / name, ckpt_dir / name)
     with pytest.raises(ValueError, match="step 3.*step 2|step 2.*step 3"):
         train(run, resume=True)
+
+
+# -- 2. CSA trains on sequences shorter than one compressed entry ------------------------------------
+@pytest.mark.parametrize("T", [1, 3])
+def test_csa_trains_when_T_is_below_the_compress_ratio(T):
+    torch.manual_seed(0)
+    layer = sparsezoo.create_attention({"variant": "csa"})  # compress_ratio 4; modules start in training mode
+    x = torch.randn(1, T, 256)
+    y = layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert layer.aux_loss is not None and float(layer.aux_loss) == 0.0  # nothing to select: the KL is empty
+    (y.square().sum() + layer.aux_loss).backward()
+    layer.eval()
+    torch.testing.assert_close(layer(x), y)

@@ -104,7 +104,9 @@ class CSAAttention(AttentionLayer):
         idx = csa_ops.window_plus_selected(sel, T, S, c.window)
         out = dsa_ops.gather_attention(q, torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2), idx,
                                        scale=self.scale, backend=c.backend)
-        if c.index_kl and self.training and torch.is_grad_enabled():
+        if c.index_kl and self.training and torch.is_grad_enabled() and kc.shape[2] == 0:
+            self.aux_loss = q_i.new_zeros(())  # T < compress_ratio: no entry to select, the KL is empty
+        elif c.index_kl and self.training and torch.is_grad_enabled():
             ends = csa_ops.entry_ends(kc.shape[2], c.compress_ratio, k.device)
             self.aux_loss = dsa_ops.index_kl(q, kc, q_i, w, ki, ends, sel, S=S, scale=self.scale,
                                              index_scale=self.index_scale, coeff=c.kl_coeff,
