@@ -463,10 +463,11 @@ class MSAPagedLayerCache:
         B, T = k.shape[0], k.shape[2]
         if self.pos + T > self.max_seq_len:
             _err(f"cache overflow: {self.pos} + {T} tokens > max_seq_len {self.max_seq_len}")
-        if self.paged is None:
+        if self.paged is None or (self.pos == 0 and B != self.page_table.shape[0]):  # a new sequence
             self._allocate(B, k.dtype, k.device)
         if B != self.page_table.shape[0]:
-            _err(f"this cache holds a batch of {self.page_table.shape[0]}, got {B}")
+            _err(f"this cache holds a batch of {self.page_table.shape[0]}, got {B}; reset() it to start a new "
+                 f"sequence with another batch size")
         if self.pos == 0:
             for b in range(B):
                 self.paged.fill(self.page_table[b], k[b], v[b], k_idx[b])

@@ -161,3 +161,43 @@ def test_csa_trains_when_T_is_below_the_compress_ratio(T):
     (y.square().sum() + layer.aux_loss).backward()
     layer.eval()
     torch.testing.assert_close(layer(x), y)
+
+
+# -- 3. caches refuse a batch size other than the one they were filled with --------------------------
+@pytest.mark.parametrize("variant", sparsezoo.list_variants())
+@pytest.mark.parametrize("prefill_batch, decode_batch", [(1, 2), (2, 1)])
+def test_cache_refuses_another_batch_size_after_prefill(variant, prefill_batch, decode_batch):
+    torch.manual_seed(0)
+    layer = sparsezoo.create_attention({"variant": variant, "d_model": 64, "n_heads": 2, "n_kv_heads": 1}).eval()
+    cache = layer.make_cache(2, 32)
+    with torch.no_grad():
+        layer(torch.randn(prefill_batch, 8, 64), cache=cache)
+        with pytest.raises(ValueError, match=f"batch of {prefill_batch}.*got {decode_batch}"):
+            layer(torch.randn(decode_batch, 1, 64), cache=cache)
+        cache.reset()  # a new sequence may use another batch size
+        assert layer(torch.randn(decode_batch, 4, 64), cache=cache).shape == (decode_batch, 4, 64)
+
+
+def test_layer_cache_get_checks_the_batch():
+    cache = sparsezoo.LayerCache(4, 16)
+    cache.append("k", torch.zeros(2, 1, 3, 8), seq_dim=2)
+    cache.advance(3)
+    assert cache.get("k", 2).shape == (2, 1, 3, 8)
+    with pytest.raises(ValueError, match="batch of 2"):
+        cache.get("k", 3)
+
+
+def test_paged_msa_cache_refuses_another_batch_size():
+    from sparsezoo.paged_cache import MSAPagedLayerCache
+
+    cfg = sparsezoo.make_config({"variant": "msa", "d_model": 64, "n_heads": 2, "n_kv_heads": 1, "block_size": 16,
+                                 "index_dim": 16})
+    cache = MSAPagedLayerCache(cfg, max_batch_size=2, max_seq_len=64)
+    kv = lambda B, T: (torch.randn(B, 1, T, 32), torch.randn(B, 1, T, 32), torch.randn(B, T, 16))
+    cache.write(*kv(1, 8))
+    cache.advance(8)
+    with pytest.raises(ValueError, match="batch of 1, got 2"):
+        cache.write(*kv(2, 1))
+    cache.reset()
+    cache.write(*kv(2, 8))  # a new sequence may use another batch size
+    assert cache.page_table.shape[0] == 2
