@@ -201,3 +201,43 @@ def test_paged_msa_cache_refuses_another_batch_size():
     cache.reset()
     cache.write(*kv(2, 8))  # a new sequence may use another batch size
     assert cache.page_table.shape[0] == 2
+
+
+# -- 4. the loader checks dtypes: no integers into float weights; float casts are reported -------------
+class WithCounter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("count", torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad_dtype", [torch.int64, torch.bool])
+def test_loader_rejects_non_float_tensors_for_float_weights(tmp_path, bad_dtype):
+    from safetensors.torch import save_file
+
+    model = tiny_gpt()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["tok_emb.weight"] = state["tok_emb.weight"].to(bad_dtype)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    before = model.tok_emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="tok_emb.weight"):
+        ckpt.load_weights(model, tmp_path / "w.safetensors")
+    assert torch.equal(model.tok_emb.weight, before)  # nothing was loaded
+
+
+def test_loader_rejects_float_tensors_for_integer_buffers(tmp_path):
+    from safetensors.torch import save_file
+
+    model = WithCounter()
+    save_file({**model.state_dict(), "count": torch.ones(3)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="count"):
+        ckpt.load_weights(model, tmp_path / "w.safetensors")
+
+
+def test_loader_reports_float_casts(tmp_path):
+    source = tiny_gpt().to(torch.bfloat16)
+    save_checkpoint(tmp_path, source, {"model": source.config.to_dict()})
+    model, report = load_model(tmp_path)  # an fp32 model
+    assert model.tok_emb.weight.dtype == torch.float32 and same_weights(model, source.float())
+    assert ("tok_emb.weight", torch.bfloat16, torch.float32) in report.cast
+    assert len(report.cast) == len(report.loaded) and "cast" in str(report)

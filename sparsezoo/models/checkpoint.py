@@ -49,9 +49,11 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint (kept as initialised)
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model (not loaded)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (name, checkpoint, model shape)
+    cast: list[tuple[str, torch.dtype, torch.dtype]] = field(default_factory=list)  # loaded with another float dtype
 
     @property
     def exact(self) -> bool:
+        """Every tensor matched by name and shape (a float dtype cast, listed in `cast`, still counts)."""
         return not (self.missing or self.unexpected or self.mismatched)
 
     def __str__(self) -> str:
@@ -65,6 +67,9 @@ class LoadReport:
         if self.mismatched:
             lines.append(f"shape mismatch (not loaded): {len(self.mismatched)}")
             lines += [f"  ! {n}: checkpoint {list(a)} vs model {list(b)}" for n, a, b in self.mismatched]
+        if self.cast:
+            lines.append(f"cast to the model's dtype: {len(self.cast)}")
+            lines += [f"  ~ {n}: {a} -> {b}" for n, a, b in self.cast]
         return "\n".join(lines)
 
 
@@ -76,7 +81,8 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
     """Copy every checkpoint tensor whose name and shape match into `model`; report the rest.
 
-    strict=True raises on anything missing, unexpected or mismatched.
+    strict=True raises on anything missing, unexpected or mismatched. A non-floating tensor for a floating
+    one (or the reverse) always raises; another float dtype (bf16 into fp32) is cast and listed in `cast`.
     """
     return _load_state(model, load_file(str(path)), path, strict)
 
@@ -85,15 +91,21 @@ def _load_state(model: nn.Module, saved: dict[str, torch.Tensor], path: str | Pa
     model = unwrap(model)
     own = model.state_dict()
     report = LoadReport()
-    matched = {}
+    matched, wrong_kind = {}, []
     for name, tensor in saved.items():
         if name not in own:
             report.unexpected.append(name)
         elif tuple(tensor.shape) != tuple(own[name].shape):
             report.mismatched.append((name, tuple(tensor.shape), tuple(own[name].shape)))
+        elif tensor.is_floating_point() != own[name].is_floating_point():
+            wrong_kind.append(f"{name} ({tensor.dtype} in the checkpoint, {own[name].dtype} in the model)")
         else:
             matched[name] = tensor
             report.loaded.append(name)
+            if tensor.dtype != own[name].dtype:
+                report.cast.append((name, tensor.dtype, own[name].dtype))
+    if wrong_kind:
+        raise ValueError(f"checkpoint {path}: floating and non-floating tensors do not convert: {wrong_kind}")
     report.missing = [n for n in own if n not in saved]
     if strict and not report.exact:
         raise ValueError(f"checkpoint {path} does not match the model exactly:\n{report}")
