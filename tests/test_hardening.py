@@ -241,3 +241,85 @@ def test_loader_reports_float_casts(tmp_path):
     assert model.tok_emb.weight.dtype == torch.float32 and same_weights(model, source.float())
     assert ("tok_emb.weight", torch.bfloat16, torch.float32) in report.cast
     assert len(report.cast) == len(report.loaded) and "cast" in str(report)
+
+
+# -- 5. paged cache: no write lands in a page it does not own; the allocator checks its sizes ----------
+def _paged_cache(index_dtype=None, index_scale=None):
+    from sparsezoo.paged_cache import PagedKVCache
+
+    torch.manual_seed(0)
+    cache = PagedKVCache(4, 1, 16, 16, page_size=8, dtype=torch.float32, index_dtype=index_dtype,
+                         index_scale=index_scale)
+    for t in (cache.k, cache.v):
+        t[:cache.num_pages].normal_()
+    cache.k_idx[:cache.num_pages] = torch.randn(cache.num_pages, 8, 16).to(cache.k_idx.dtype)
+    return cache
+
+
+def _pages_before(cache):
+    n = cache.num_pages
+    return [t[:n].clone() for t in (cache.k, cache.v, cache.k_idx)]
+
+
+def _new_tokens(B, Q):
+    return torch.randn(B, 1, Q, 16), torch.randn(B, 1, Q, 16), torch.randn(B, Q, 16)
+
+
+FP8_MODES = [(None, None), (torch.float8_e4m3fn, "token"), (torch.float8_e4m3fn, "page")]
+
+
+@pytest.mark.parametrize("index_dtype, index_scale", FP8_MODES)
+def test_paged_append_never_writes_through_padding(index_dtype, index_scale):
+    from sparsezoo.paged_cache import PageAllocator
+
+    cache = _paged_cache(index_dtype, index_scale)
+    alloc = PageAllocator(4, 8)
+    alloc.reserve("a", 8)  # one page ...
+    table = alloc.page_table(["a"], width=3)  # ... padded with -1
+    assert table.tolist() == [[0, -1, -1]]
+    before = _pages_before(cache)
+    # token 9 sits in logical block 1, a padding column (-1): nothing of pages 0..3 may change
+    cache.append(table, torch.tensor([10], dtype=torch.int32), *_new_tokens(1, 2))
+    for a, b in zip(_pages_before(cache), before):
+        assert torch.equal(a.float(), b.float()), "a real page changed"
+    with pytest.raises(ValueError, match="must lie in"):
+        cache.append(table, torch.tensor([10], dtype=torch.int32), *_new_tokens(1, 2), check=True)
+
+
+@pytest.mark.parametrize("index_dtype, index_scale", FP8_MODES)
+def test_paged_append_never_clamps_a_length_past_the_table(index_dtype, index_scale):
+    cache = _paged_cache(index_dtype, index_scale)
+    table = torch.tensor([[0, 1]], dtype=torch.int32)  # 2 pages = 16 tokens
+    before = _pages_before(cache)
+    cache.append(table, torch.tensor([20], dtype=torch.int32), *_new_tokens(1, 1))  # token 19: block 2
+    for a, b in zip(_pages_before(cache), before):
+        assert torch.equal(a.float(), b.float()), "a real page changed"
+    with pytest.raises(ValueError, match="needs more than the page table"):
+        cache.append(table, torch.tensor([20], dtype=torch.int32), *_new_tokens(1, 1), check=True)
+
+
+def test_paged_append_still_writes_valid_tokens_beside_invalid_ones():
+    cache = _paged_cache()
+    table = torch.tensor([[0, -1], [2, 3]], dtype=torch.int32)
+    k, v, ki = _new_tokens(2, 1)
+    cache.append(table, torch.tensor([9, 9], dtype=torch.int32), k, v, ki)  # row 0: padding; row 1: page 3
+    assert torch.equal(cache.k[3, :, 0], k[1, :, 0]) and torch.equal(cache.k_idx[3, 0], ki[1, 0])
+
+
+def test_page_allocator_checks_sizes_and_keeps_no_entry_after_a_failed_reserve():
+    from sparsezoo.paged_cache import PageAllocator
+
+    for bad in (dict(num_pages=-1), dict(num_pages=0), dict(num_pages=4, page_size=0)):
+        with pytest.raises(ValueError, match="num_pages|page_size"):
+            PageAllocator(**bad)
+    alloc = PageAllocator(2, 8)
+    alloc.reserve("a", 4)
+    with pytest.raises(ValueError, match="n_tokens"):
+        alloc.reserve("a", -3)
+    assert alloc.lengths["a"] == 4
+    with pytest.raises(ValueError, match="out of pages"):
+        alloc.reserve("b", 100)
+    assert "b" not in alloc.pages and "b" not in alloc.lengths
+    assert alloc.page_table(["a"]).tolist() == [[0]]
+    alloc.free("a")
+    assert sorted(alloc.reserve("c", 16)) == [0, 1]  # every page came back
