@@ -323,3 +323,150 @@ def test_page_allocator_checks_sizes_and_keeps_no_entry_after_a_failed_reserve()
     assert alloc.page_table(["a"]).tolist() == [[0]]
     alloc.free("a")
     assert sorted(alloc.reserve("c", 16)) == [0, 1]  # every page came back
+
+
+# -- 6. validation: empty batches, config types and ranges, non-finite values, bad files and flags -----
+from sparsezoo.config import ConfigError  # noqa: E402
+from sparsezoo.models.data import Data, DataConfig  # noqa: E402
+
+
+@pytest.mark.parametrize("variant", sparsezoo.list_variants())
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_gives_an_empty_output_in_every_variant(variant, training):
+    layer = sparsezoo.create_attention({"variant": variant, "d_model": 64, "n_heads": 2, "n_kv_heads": 1})
+    layer.train(training)
+    y = layer(torch.randn(0, 5, 64))
+    assert y.shape == (0, 5, 64) and layer.aux_loss is None
+    with pytest.raises(ValueError, match="T >= 1"):
+        layer(torch.randn(2, 0, 64))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: TrainConfig(log_every=0), "log_every must be > 0"),
+    (lambda: TrainConfig(steps=-5), "steps must be >= 0"),
+    (lambda: TrainConfig(batch_size=0), "batch_size must be > 0"),
+    (lambda: TrainConfig(batch_size="8"), "batch_size must be int"),
+    (lambda: TrainConfig(eval_every=-1), "eval_every must be >= 0"),
+    (lambda: TrainConfig(eval_lengths=[64, 0]), "eval_lengths"),
+    (lambda: TrainConfig(eval_lengths=["64"]), "eval_lengths"),
+    (lambda: TrainConfig(device="gpu"), "device.*choose one of"),
+    (lambda: TrainConfig(dtype="fp16"), "dtype.*choose one of"),
+    (lambda: TrainConfig(progress="yes"), "progress must be bool"),
+    (lambda: TrainConfig(time_limit_s=0), "time_limit_s must be > 0"),
+    (lambda: DataConfig(seq_len=0), "seq_len must be > 0"),
+    (lambda: DataConfig(passkey_len=-1), "passkey_len must be > 0"),
+    (lambda: DataConfig(val_fraction=1.0), "val_fraction"),
+    (lambda: DataConfig(mix={"needle": -1.0}), "mix"),
+    (lambda: DataConfig(mix={"needle": "lots"}), "mix"),
+    (lambda: DataConfig(text_path=3), "text_path must be str"),
+    (lambda: GPTConfig(vocab_size=0), "vocab_size must be > 0"),
+    (lambda: GPTConfig(d_model="128"), "d_model must be int"),
+    (lambda: GPTConfig(n_heads=0), "n_heads must be > 0"),
+    (lambda: GPTConfig(d_model=2, n_heads=4), "head_dim must be > 0"),
+    (lambda: GPTConfig(norm_eps=0.0), "norm_eps must be > 0"),
+    (lambda: GPTConfig(layers="dense"), "layers must be"),
+    (lambda: GPTConfig(layers=["dense", 3]), "layers"),
+    (lambda: GPTConfig(dense_layers=-1), "dense_layers"),
+])
+def test_run_configs_check_types_and_ranges(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make()
+
+
+def test_trainer_rejects_a_bad_train_config_before_running(tmp_path):
+    with pytest.raises(ConfigError, match="steps must be >= 0"):
+        train(tiny_run(tmp_path / "run", -5))
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def _float_fields(cls):
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return [name for name, hint in hints.items() if hint is float or (typing.get_origin(hint) in (typing.Union,
+            getattr(__import__("types"), "UnionType", None)) and float in typing.get_args(hint))]
+
+
+@pytest.mark.parametrize("variant", sparsezoo.list_variants())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_attention_configs_reject_non_finite_numbers(variant, bad):
+    cls = sparsezoo.variant_class(variant).config_class
+    for field in _float_fields(cls):
+        with pytest.raises(ConfigError, match=f"{field} must be finite"):
+            sparsezoo.make_config({"variant": variant, field: bad})
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, DataConfig, GPTConfig])
+def test_run_configs_reject_non_finite_numbers(cls):
+    fields = _float_fields(cls)
+    assert fields
+    for field in fields:
+        with pytest.raises(ConfigError, match=f"{field} must be finite"):
+            cls(**{field: float("nan")})
+    with pytest.raises(ConfigError, match="finite"):
+        DataConfig(mix={"needle": float("inf")})
+
+
+def test_odd_head_dim_is_rejected_by_the_config():
+    with pytest.raises(ConfigError, match="head_dim must be even"):
+        sparsezoo.make_config({"variant": "dense", "head_dim": 31})
+    with pytest.raises(ConfigError, match="head_dim must be even"):
+        GPTConfig(d_model=96, n_heads=4, head_dim=25)
+
+
+def test_create_attention_validates_a_changed_config():
+    cfg = sparsezoo.make_config({"variant": "msa"})
+    cfg.topk = 0
+    with pytest.raises(ConfigError, match="topk must be > 0"):
+        sparsezoo.create_attention(cfg)
+    cfg.topk, cfg.backend = 4, "warp"
+    with pytest.raises(ConfigError, match="choose one of"):
+        sparsezoo.create_attention(cfg)
+
+
+def test_empty_text_file_gives_a_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty.txt.*no text|no text.*empty.txt"):
+        Data(DataConfig(task="text", text_path=str(tmp_path / "empty.txt")), vocab_size=512)
+    with pytest.raises(ValueError, match="no text"):
+        Data(DataConfig(task="text", text_path=str(tmp_path)), vocab_size=512)
+
+
+def _sample_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sample_example", REPO / "examples" / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "attention"], "FIELD=VALUE"),
+    (["--set", "=msa"], "FIELD=VALUE"),
+    (["--top-k", "0"], "must be >= 1"),
+    (["--top-k", "-3"], "must be >= 1"),
+    (["--max-new-tokens", "-1"], "must be >= 0"),
+])
+def test_sample_cli_rejects_bad_flags(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        _sample_main()(["--checkpoint", str(tmp_path), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sample_cli_still_generates(tmp_path, capsys):
+    model = tiny_gpt(vocab_size=512)
+    save_checkpoint(tmp_path, model, {"model": model.config.to_dict(), "data": {"task": "needle"}})
+    _sample_main()(["--checkpoint", str(tmp_path), "--max-new-tokens", "3", "--top-k", "5", "--temperature", "1",
+                    "--set", "norm_eps=0.00001", "--device", "cpu"])
+    assert "GPT:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["model: [1, 2", "- a\n- b\n", "data: {}\n", "model: 3\n",
+                                  "model: {d_model: abc}\n", "model: {no_such_field: 1}\n", ""])
+def test_malformed_checkpoint_config_names_the_file(tmp_path, text):
+    model = tiny_gpt()
+    save_checkpoint(tmp_path, model, {"model": model.config.to_dict()})
+    (tmp_path / ckpt.CONFIG).write_text(text)
+    with pytest.raises(ConfigError, match=str(tmp_path / ckpt.CONFIG)):
+        load_model(tmp_path)

@@ -31,6 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sparsezoo.config import ConfigError
+
 from .gpt import GPT, GPTConfig
 
 WEIGHTS = "model.safetensors"
@@ -145,10 +147,17 @@ def save_checkpoint(folder: str | Path, model: nn.Module, run_config: dict[str, 
 
 
 def load_config(folder: str | Path) -> dict[str, Any]:
+    """The run config a checkpoint was saved with (a mapping; anything else raises a ConfigError)."""
     path = _readable(folder) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG} in checkpoint folder {folder}")
-    return yaml.safe_load(path.read_text())
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping (sections model, data, train), got {config!r}")
+    return config
 
 
 def load_model(folder: str | Path, model_overrides: dict[str, Any] | None = None, strict: bool | None = None,
@@ -156,8 +165,14 @@ def load_model(folder: str | Path, model_overrides: dict[str, Any] | None = None
     """Rebuild the GPT a checkpoint folder describes (with optional config changes, e.g. another
     attention variant) and load its weights. strict defaults to True when nothing is overridden."""
     config, saved = _read_as_one(folder, lambda d: (load_config(d), load_file(str(d / WEIGHTS))))
-    model_cfg = {**config["model"], **(model_overrides or {})}
-    model = GPT(GPTConfig.from_dict(model_cfg)).to(device)
+    path = Path(folder) / CONFIG
+    if not isinstance(config.get("model"), dict):
+        raise ConfigError(f"{path} needs a `model:` mapping (the GPTConfig fields), got {config.get('model')!r}")
+    try:
+        model_cfg = GPTConfig.from_dict({**config["model"], **(model_overrides or {})})
+    except ConfigError as e:
+        raise ConfigError(f"{path}{f' with overrides {model_overrides}' if model_overrides else ''}: {e}") from None
+    model = GPT(model_cfg).to(device)
     strict = not model_overrides if strict is None else strict
     return model, _load_state(model, saved, Path(folder) / WEIGHTS, strict)
 

@@ -21,14 +21,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 import yaml
 
 import sparsezoo
-from sparsezoo.config import ConfigError, from_known_fields, read_yaml
+from sparsezoo.config import CheckedConfig, ConfigError, from_known_fields, read_yaml
 
 from . import checkpoint as ckpt
 from .data import Data, DataConfig, score
@@ -38,7 +38,7 @@ log = logging.getLogger("sparsezoo.train")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(CheckedConfig):
     steps: int = 200
     batch_size: int = 8  # per process
     lr: float = 3e-3
@@ -58,6 +58,17 @@ class TrainConfig:
     progress: bool = True
     find_unused_parameters: bool = False  # for DDP with variants that leave parameters unused
     time_limit_s: float | None = None  # stop early (and say so in the summary) after this many seconds
+
+    LABEL: ClassVar[str] = "train"
+    CHOICES: ClassVar[dict[str, tuple]] = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "bf16", "fp32")}
+    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "eval_batches", "log_every", "time_limit_s")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("steps", "lr", "min_lr_ratio", "lr_warmup", "weight_decay",
+                                               "grad_clip", "eval_every")
+
+    def __post_init__(self) -> None:
+        self.check_fields()
+        if self.eval_lengths is not None and not all(n > 0 for n in self.eval_lengths):
+            raise ConfigError(f"train.eval_lengths must hold lengths > 0, got {self.eval_lengths}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
