@@ -17,6 +17,7 @@ import sparsezoo
 from sparsezoo.models import GPT, GPTConfig, load_model, save_checkpoint
 from sparsezoo.models import checkpoint as ckpt
 from sparsezoo.models.train import load_run_config, make_optimizer, train, TrainConfig
+from tests.helpers import run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -470,3 +471,34 @@ def test_malformed_checkpoint_config_names_the_file(tmp_path, text):
     (tmp_path / ckpt.CONFIG).write_text(text)
     with pytest.raises(ConfigError, match=str(tmp_path / ckpt.CONFIG)):
         load_model(tmp_path)
+
+
+# -- 7. DDP: the trainer tears its process group down on every exit path ----------------------------
+DDP_SCRIPT = """
+import sys
+import torch.distributed as dist
+from sparsezoo.models.train import load_run_config, train
+
+out, config, text = sys.argv[1:4]
+sets = [f"train.out_dir={out}", "train.steps=1", "train.batch_size=1", "train.eval_every=0", "train.eval_batches=1",
+        "train.progress=false", "data.seq_len=32", "data.passkey_len=2", "data.n_pairs=2", "data.n_queries=2"]
+if text:  # a missing text file: train() raises after setting up the process group
+    try:
+        train(load_run_config(config, sets + ["data.task=text", f"data.text_path={text}"]))
+    except FileNotFoundError:
+        print("raised; process group up:", dist.is_initialized(), flush=True)
+else:
+    summary = train(load_run_config(config, sets + ["data.task=needle"]))
+    print("finished; process group up:", dist.is_initialized(), "world", summary["world"], flush=True)
+"""
+
+
+def test_ddp_trainer_tears_down_its_process_group_on_every_exit(tmp_path):
+    """One torchrun per exit path: a process cannot re-initialise the default group reliably."""
+    script = tmp_path / "ddp_exits.py"
+    script.write_text(DDP_SCRIPT)
+    config = str(REPO / "configs" / "gpt_tiny.yaml")
+    out = run_torchrun([str(script), str(tmp_path / "a"), config, str(tmp_path / "absent.txt")], cwd=tmp_path)
+    assert out.count("raised; process group up: False") == 2, out
+    out = run_torchrun([str(script), str(tmp_path / "b"), config, ""], cwd=tmp_path)
+    assert out.count("finished; process group up: False world 2") == 2, out

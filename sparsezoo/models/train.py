@@ -234,11 +234,22 @@ def _exclusive_out_dir(out: Path, d: Dist):
 def train(run: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     """Train from a run config dict (see load_run_config). Returns a summary (history, evals, paths).
 
-    One run per out_dir (`lock_out_dir`)."""
+    One run per out_dir (`lock_out_dir`). Under torchrun, the process group this call sets up is torn
+    down on every exit path (after a barrier when the run finished, so no rank leaves early)."""
     model_cfg, data_cfg, cfg = build(run)
+    joined = dist.is_available() and dist.is_initialized()  # a caller's process group stays up
     d = setup_distributed(cfg.device)
-    with _exclusive_out_dir(Path(cfg.out_dir), d):
-        return _train(run, resume, model_cfg, data_cfg, cfg, d)
+    finished = False
+    try:
+        with _exclusive_out_dir(Path(cfg.out_dir), d):
+            summary = _train(run, resume, model_cfg, data_cfg, cfg, d)
+        finished = True
+        return summary
+    finally:
+        if d.world > 1 and not joined and dist.is_initialized():
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig,
@@ -412,10 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    summary = train(load_run_config(args.config, args.set), resume=args.resume)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return summary
+    return train(load_run_config(args.config, args.set), resume=args.resume)
 
 
 if __name__ == "__main__":
