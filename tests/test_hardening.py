@@ -502,3 +502,16 @@ def test_ddp_trainer_tears_down_its_process_group_on_every_exit(tmp_path):
     assert out.count("raised; process group up: False") == 2, out
     out = run_torchrun([str(script), str(tmp_path / "b"), config, ""], cwd=tmp_path)
     assert out.count("finished; process group up: False world 2") == 2, out
+
+
+# -- 8. the README's "Errors and bad input" snippet runs as written and prints what it says ------------
+def test_readme_errors_snippet_runs(capsys):
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Errors and bad input"):text.index("## Layout")]
+    code = section.split("```python\n")[1].split("```")[0]
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    expected = [line.split("# ")[1].rstrip(" .") for line in code.splitlines() if "print(" in line]
+    assert len(printed) == len(expected) == 3
+    for got, want in zip(printed, expected):
+        assert got.startswith(want), (got, want)
