@@ -22,6 +22,7 @@ syncs, so a whole decode step can be captured in a CUDA graph and replayed after
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -46,9 +47,9 @@ class PageAllocator:
 
     def __init__(self, num_pages: int, page_size: int = 128):
         for name, val in (("num_pages", num_pages), ("page_size", page_size)):
-            if not isinstance(val, int) or val < 1:
+            if not isinstance(val, numbers.Integral) or val < 1:
                 _err(f"{name} must be an integer >= 1, got {val!r}")
-        self.num_pages, self.page_size = num_pages, page_size
+        self.num_pages, self.page_size = int(num_pages), int(page_size)
         self._free = list(range(num_pages - 1, -1, -1))
         self.pages: dict[object, list[int]] = {}
         self.lengths: dict[object, int] = {}
@@ -56,7 +57,7 @@ class PageAllocator:
     def reserve(self, seq_id, n_tokens: int) -> list[int]:
         """Make room for `n_tokens` more tokens of `seq_id`; returns its page list. Nothing changes
         when it raises."""
-        if not isinstance(n_tokens, int) or n_tokens < 0:
+        if not isinstance(n_tokens, numbers.Integral) or n_tokens < 0:
             _err(f"n_tokens must be an integer >= 0, got {n_tokens!r}")
         pages = self.pages.get(seq_id, [])
         new_len = self.lengths.get(seq_id, 0) + n_tokens
