@@ -475,7 +475,9 @@ def test_malformed_checkpoint_config_names_the_file(tmp_path, text):
 
 # -- 7. DDP: the trainer tears its process group down on every exit path ----------------------------
 DDP_SCRIPT = """
+import os
 import sys
+from pathlib import Path
 import torch.distributed as dist
 from sparsezoo.models.train import load_run_config, train
 
@@ -486,10 +488,12 @@ if text:  # a missing text file: train() raises after setting up the process gro
     try:
         train(load_run_config(config, sets + ["data.task=text", f"data.text_path={text}"]))
     except FileNotFoundError:
-        print("raised; process group up:", dist.is_initialized(), flush=True)
+        result = f"raised; process group up: {dist.is_initialized()}"
 else:
     summary = train(load_run_config(config, sets + ["data.task=needle"]))
-    print("finished; process group up:", dist.is_initialized(), "world", summary["world"], flush=True)
+    result = f"finished; process group up: {dist.is_initialized()}; world {summary['world']}"
+Path(out).mkdir(parents=True, exist_ok=True)
+Path(out, f"rank{os.environ['RANK']}.txt").write_text(result)
 """
 
 
@@ -498,11 +502,12 @@ def test_ddp_trainer_tears_down_its_process_group_on_every_exit(tmp_path):
     script = tmp_path / "ddp_exits.py"
     script.write_text(DDP_SCRIPT)
     config = str(REPO / "configs" / "gpt_tiny.yaml")
-    out = run_torchrun([str(script), str(tmp_path / "a"), config, str(tmp_path / "absent.txt")], cwd=tmp_path)
-    assert out.count("raised; process group up: False") == 2, out
-    out = run_torchrun([str(script), str(tmp_path / "b"), config, ""], cwd=tmp_path)
-    assert out.count("finished; process group up: False world 2") == 2, out
-
+    run_torchrun([str(script), str(tmp_path / "a"), config, str(tmp_path / "absent.txt")], cwd=tmp_path)
+    for rank in (0, 1):
+        assert (tmp_path / "a" / f"rank{rank}.txt").read_text() == "raised; process group up: False"
+    run_torchrun([str(script), str(tmp_path / "b"), config, ""], cwd=tmp_path)
+    for rank in (0, 1):
+        assert (tmp_path / "b" / f"rank{rank}.txt").read_text() == "finished; process group up: False; world 2"
 
 # -- 8. the README's "Errors and bad input" snippet runs as written and prints what it says ------------
 def test_readme_errors_snippet_runs(capsys):
