@@ -18,22 +18,44 @@ from sparsezoo.models.checkpoint import load_config
 from sparsezoo.models.data import BOS, batch_generator, decode
 
 
+def field_value(text):
+    """FIELD=VALUE -> (field, value parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE (e.g. attention=msa), got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"the value of {text!r} is not valid YAML: {e}") from None
+
+
+def at_least(low):
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (model.safetensors + config.yaml)")
     p.add_argument("--prompt", default="", help="text prompt (byte-level)")
     p.add_argument("--task", choices=["needle"], help="prompt with a held-out passkey sample")
-    p.add_argument("--length", type=int, default=512, help="synthetic sample length")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--length", type=at_least(1), default=512, help="synthetic sample length")
+    p.add_argument("--max-new-tokens", type=at_least(0), default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=at_least(1), default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=field_value,
                    help="model config override, e.g. attention=msa or attention_overrides={backend: reference}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides = dict(args.set)
     model, report = load_model(args.checkpoint, overrides or None, device=args.device)
     print(model.describe())
     if not report.exact:

@@ -3,7 +3,7 @@
 Buffers are named and allocated on first use with `max_seq_len` slots along their sequence dim, so
 each variant keeps whatever per-token state it needs (K, V, MSA/DSA index keys, ...). All buffers of
 one layer advance together: `append` writes at the current position, `advance` moves it once per
-forward.
+forward. The first append fixes the batch size until `reset`; another batch size raises.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ class LayerCache:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.pos = 0
+        self.batch: int | None = None  # fixed by the first append of a sequence
         self._buffers: dict[str, tuple[torch.Tensor, int]] = {}
 
     def append(self, name: str, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -25,6 +26,8 @@ class LayerCache:
         B, T = x.shape[0], x.shape[seq_dim]
         if B > self.max_batch_size:
             raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.max_batch_size}")
+        self._check_batch(B)
+        self.batch = B
         if self.pos + T > self.max_seq_len:
             raise ValueError(f"cache overflow: {self.pos} + {T} tokens > max_seq_len {self.max_seq_len}")
         if name not in self._buffers:
@@ -40,6 +43,7 @@ class LayerCache:
         return buf[:B].narrow(dim, 0, self.pos + T)
 
     def get(self, name: str, batch: int, length: int | None = None) -> torch.Tensor:
+        self._check_batch(batch)
         buf, dim = self._buffers[name]
         return buf[:batch].narrow(dim, 0, self.pos if length is None else length)
 
@@ -51,3 +55,9 @@ class LayerCache:
 
     def reset(self) -> None:
         self.pos = 0
+        self.batch = None
+
+    def _check_batch(self, B: int) -> None:
+        if self.batch is not None and B != self.batch:
+            raise ValueError(f"this cache holds a batch of {self.batch}, got {B}; reset() it to start a new "
+                             f"sequence with another batch size")

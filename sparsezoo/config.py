@@ -3,11 +3,17 @@
 Every variant has a dataclass subclass of `AttentionConfig`. Unknown fields, unknown variants and bad
 values raise `ConfigError` naming the valid choices. `shape: m3` (or m2) pulls a layer shape from
 configs/shapes/ and explicit keys override it.
+
+`CheckedConfig` is the validation every config dataclass shares (the attention configs and the example
+GPT's model, data and train configs): field types from the annotations, finite numbers, and the
+CHOICES / POSITIVE / NON_NEGATIVE each class declares.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 import typing
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -21,8 +27,59 @@ class ConfigError(ValueError):
     pass
 
 
+class CheckedConfig:
+    """Shared validation of config dataclasses; subclasses declare their rules as class attributes."""
+
+    LABEL: ClassVar[str | None] = None  # how messages name the config (default: the class name)
+    # field name -> allowed values; fields that must be > 0 / >= 0 (None passes: "use the default")
+    CHOICES: ClassVar[dict[str, tuple]] = {}
+    POSITIVE: ClassVar[tuple[str, ...]] = ()
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ()
+
+    def check_fields(self) -> None:
+        owner = type(self).LABEL or type(self).__name__
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            _check_type(owner, f.name, getattr(self, f.name), hints[f.name])
+        for name, allowed in self.all_choices().items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{owner}.{name} = {getattr(self, name)!r}; choose one of {list(allowed)}")
+        for name in self.all_positive():
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{owner}.{name} must be > 0, got {value!r}")
+        for name in self.all_non_negative():
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{owner}.{name} must be >= 0, got {value!r}")
+
+    @classmethod
+    def all_choices(cls) -> dict[str, tuple]:
+        merged: dict[str, tuple] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(getattr(klass, "CHOICES", {}) if "CHOICES" in vars(klass) else {})
+        return merged
+
+    @classmethod
+    def all_positive(cls) -> tuple[str, ...]:
+        return cls._declared_names("POSITIVE")
+
+    @classmethod
+    def all_non_negative(cls) -> tuple[str, ...]:
+        return cls._declared_names("NON_NEGATIVE")
+
+    @classmethod
+    def _declared_names(cls, attr: str) -> tuple[str, ...]:
+        """The field names each class of the MRO declares in its own `attr` tuple."""
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            if attr in vars(klass):
+                names.extend(vars(klass)[attr])
+        return tuple(names)
+
+
 @dataclass
-class AttentionConfig:
+class AttentionConfig(CheckedConfig):
     variant: str = "dense"
     d_model: int = 256
     n_heads: int = 8
@@ -31,37 +88,31 @@ class AttentionConfig:
     rope_theta: float = 10000.0
     backend: str = "auto"
 
-    # field name -> allowed values, checked on validate()
-    CHOICES: ClassVar[dict[str, tuple]] = {}
+    POSITIVE: ClassVar[tuple[str, ...]] = ("d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta")
     # backend field -> the ops it drives. A backend names the implementation of every op of its field
     # that offers it; the field's other ops choose by `auto` (ops.implementations_used() shows what
     # ran). Its choices are "auto" plus the union of those ops' implementations.
     BACKEND_OPS: ClassVar[dict[str, tuple[str, ...]]] = {"backend": ("dense_attention",)}
-    POSITIVE: ClassVar[tuple[str, ...]] = ("d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta")
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            _check_type(type(self).__name__, f.name, getattr(self, f.name), hints[f.name])
-        for name, allowed in self.all_choices().items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{type(self).__name__}.{name} = {getattr(self, name)!r}; "
-                                  f"choose one of {list(allowed)}")
-        for name in self.all_positive():
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{type(self).__name__}.{name} must be > 0, got {value!r}")
-        for name in self.all_non_negative():
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"{type(self).__name__}.{name} must be >= 0, got {value!r}")
+        self.check_fields()
         if self.n_heads % self.n_kv_heads != 0:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"{type(self).__name__}.head_dim must be even (RoPE rotates pairs of dims), "
+                              f"got {self.head_dim}")
         self.check_backends()
+
+    @classmethod
+    def all_choices(cls) -> dict[str, tuple]:
+        from . import ops
+
+        merged = {name: ("auto", *dict.fromkeys(impl for op in op_names for impl in ops.op(op).implementations))
+                  for name, op_names in cls.BACKEND_OPS.items()}
+        return {**merged, **super().all_choices()}
 
     def op_params(self, op: str) -> dict[str, Any]:
         """The static arguments this config passes to `op`, for the implementations' `supports` rules."""
@@ -89,40 +140,10 @@ class AttentionConfig:
                 continue
             for op_name in op_names:
                 op = ops.op(op_name)
-                if backend not in op.implementations:
-                    continue
-                why = op.reason(backend, Request(params=self.op_params(op_name)))
-                if why is not None:
-                    raise ConfigError(f"{type(self).__name__}.{name} = {backend!r} cannot run {op_name}: {why}")
-
-    @classmethod
-    def all_choices(cls) -> dict[str, tuple]:
-        from . import ops
-
-        merged: dict[str, tuple] = {}
-        for name, op_names in cls.BACKEND_OPS.items():
-            impls = [impl for op in op_names for impl in ops.op(op).implementations]
-            merged[name] = ("auto", *dict.fromkeys(impls))
-        for klass in reversed(cls.__mro__):
-            merged.update(getattr(klass, "CHOICES", {}) if "CHOICES" in vars(klass) else {})
-        return merged
-
-    @classmethod
-    def all_positive(cls) -> tuple[str, ...]:
-        return cls._declared_names("POSITIVE")
-
-    @classmethod
-    def all_non_negative(cls) -> tuple[str, ...]:
-        return cls._declared_names("NON_NEGATIVE")
-
-    @classmethod
-    def _declared_names(cls, attr: str) -> tuple[str, ...]:
-        """The field names each class of the MRO declares in its own `attr` tuple."""
-        names: list[str] = []
-        for klass in reversed(cls.__mro__):
-            if attr in vars(klass):
-                names.extend(vars(klass)[attr])
-        return tuple(names)
+                if backend in op.implementations:
+                    why = op.reason(backend, Request(params=self.op_params(op_name)))
+                    if why is not None:
+                        raise ConfigError(f"{type(self).__name__}.{name} = {backend!r} cannot run {op_name}: {why}")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -145,21 +166,56 @@ def from_known_fields(cls: type, data: dict[str, Any], section: str):
 
 
 def _check_type(owner: str, name: str, value: Any, hint: Any) -> None:
-    origin = typing.get_origin(hint)
-    allowed = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
-    for t in allowed:
-        if t is type(None) and value is None:
-            return
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return
-        if t in (str, bool) and isinstance(value, t):
-            return
-        if typing.get_origin(t) in (list, tuple) and isinstance(value, (list, tuple)):
-            return
-    names = [getattr(t, "__name__", str(t)) for t in allowed]
-    raise ConfigError(f"{owner}.{name} must be {' or '.join(names)}, got {value!r}")
+    if not _matches(value, hint):
+        raise ConfigError(f"{owner}.{name} must be {_type_name(hint)}, got {value!r}")
+    if not _finite(value):
+        raise ConfigError(f"{owner}.{name} must be finite, got {value!r}")
+
+
+def _union_args(hint: Any) -> tuple | None:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else None
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether value fits the annotation (ints pass for floats, bools for neither; container items too)."""
+    if hint is Any:
+        return True
+    if _union_args(hint) is not None:
+        return any(_matches(value, t) for t in _union_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value if args)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1])
+                                               for k, v in value.items() if args)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if _union_args(hint) is not None:
+        return " or ".join(_type_name(t) for t in _union_args(hint))
+    if hint is type(None):
+        return "None"
+    if typing.get_origin(hint) is not None:  # list[int], dict[str, Any], ...
+        return str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", str(hint))
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in a number, list or mapping."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -6,6 +6,9 @@ Layout (one layer):
   e4m3 with an fp32 scale per page ([num_pages]) or per token ([num_pages, page]).
 - A request owns a list of pages; its page table row maps logical block j (tokens j*page ...
   j*page + page - 1) to a physical page. Page = MSA block (128 tokens by default).
+- The storage holds one scratch page beyond `num_pages` (row num_pages, which is also row -1): an
+  appended token without a valid page (-1 padding, a length past the table) is written there, never
+  into a page it does not own, without a host sync. `check=True` / `plan` raise on such input instead.
 
 Decode step (msa_spec.md, "Decode"):
     dec = MSADecoder(num_q_heads=64, num_kv_heads=4, head_dim=128, index_dim=128)
@@ -19,6 +22,7 @@ syncs, so a whole decode step can be captured in a CUDA graph and replayed after
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -42,21 +46,27 @@ class PageAllocator:
     """Free-list of physical pages and a page list per request id."""
 
     def __init__(self, num_pages: int, page_size: int = 128):
-        self.num_pages, self.page_size = num_pages, page_size
+        for name, val in (("num_pages", num_pages), ("page_size", page_size)):
+            if not isinstance(val, numbers.Integral) or val < 1:
+                _err(f"{name} must be an integer >= 1, got {val!r}")
+        self.num_pages, self.page_size = int(num_pages), int(page_size)
         self._free = list(range(num_pages - 1, -1, -1))
         self.pages: dict[object, list[int]] = {}
         self.lengths: dict[object, int] = {}
 
     def reserve(self, seq_id, n_tokens: int) -> list[int]:
-        """Make room for `n_tokens` more tokens of `seq_id`; returns its page list."""
-        pages = self.pages.setdefault(seq_id, [])
+        """Make room for `n_tokens` more tokens of `seq_id`; returns its page list. Nothing changes
+        when it raises."""
+        if not isinstance(n_tokens, numbers.Integral) or n_tokens < 0:
+            _err(f"n_tokens must be an integer >= 0, got {n_tokens!r}")
+        pages = self.pages.get(seq_id, [])
         new_len = self.lengths.get(seq_id, 0) + n_tokens
         need = pages_needed(new_len, self.page_size) - len(pages)
         if need > len(self._free):
             _err(f"out of pages: request {seq_id!r} needs {need} more, {len(self._free)} free "
                  f"of {self.num_pages}")
-        pages.extend(self._free.pop() for _ in range(max(0, need)))
-        self.lengths[seq_id] = new_len
+        pages.extend(self._free.pop() for _ in range(need))
+        self.pages[seq_id], self.lengths[seq_id] = pages, new_len
         return pages
 
     def free(self, seq_id) -> None:
@@ -104,15 +114,16 @@ class PagedKVCache:
         self.num_pages, self.page_size = num_pages, page_size
         self.num_kv_heads, self.head_dim, self.index_dim = num_kv_heads, head_dim, index_dim
         self.dtype, self.index_dtype, self.index_scale_mode = dtype, index_dtype, index_scale
-        shape = (num_pages, num_kv_heads, page_size, head_dim)
+        rows = num_pages + 1  # the last one is the scratch page (module doc)
+        shape = (rows, num_kv_heads, page_size, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.k_idx = torch.empty((num_pages, page_size, index_dim), dtype=index_dtype, device=device)
+        self.k_idx = torch.empty((rows, page_size, index_dim), dtype=index_dtype, device=device)
         self.k_idx_scale = None
         if index_scale == "page":
-            self.k_idx_scale = torch.ones(num_pages, dtype=torch.float32, device=device)
+            self.k_idx_scale = torch.ones(rows, dtype=torch.float32, device=device)
         elif index_scale == "token":
-            self.k_idx_scale = torch.ones((num_pages, page_size), dtype=torch.float32, device=device)
+            self.k_idx_scale = torch.ones((rows, page_size), dtype=torch.float32, device=device)
 
     @property
     def device(self) -> torch.device:
@@ -181,7 +192,8 @@ class PagedKVCache:
                k_idx: torch.Tensor, check: bool = False) -> None:
         """Write the Q new tokens of each request: k, v [B, Hkv, Q, D], k_idx [B, Q, D_i]; seq_lens
         int32 [B] are the lengths *after* the append (token j sits at len - Q + j). Device-side
-        indexing only, so it can sit in a CUDA graph; `check=True` validates page ids (host sync)."""
+        indexing only, so it can sit in a CUDA graph: a token without a valid page goes to the scratch
+        page. `check=True` raises on such tokens instead (host sync)."""
         B, _, Q, _ = k.shape if k.dim() == 4 else (-1, 0, -1, 0)
         self._check_tensor("k", k, (B, self.num_kv_heads, Q, self.head_dim))
         self._check_tensor("v", v, (B, self.num_kv_heads, Q, self.head_dim))
@@ -198,6 +210,8 @@ class PagedKVCache:
         page = torch.gather(page_table.long(), 1, blk.clamp(0, page_table.shape[1] - 1))  # [B, Q]
         if check:
             self.check_pages(page, "page table entries of the appended tokens")
+        owned = (pos >= 0) & (blk < page_table.shape[1]) & (page >= 0) & (page < self.num_pages)
+        page = torch.where(owned, page, self.num_pages)  # the scratch page
         slot = pos % self.page_size
         self.k[page, :, slot] = k.transpose(1, 2)
         self.v[page, :, slot] = v.transpose(1, 2)
@@ -229,10 +243,10 @@ class PagedKVCache:
         other = PagedKVCache(1, self.num_kv_heads, self.head_dim, self.index_dim, page_size=self.page_size,
                              dtype=self.dtype, index_dtype=index_dtype, index_scale=index_scale, device=self.device)
         other.num_pages, other.k, other.v = self.num_pages, self.k, self.v
-        other.k_idx = torch.empty((self.num_pages, self.page_size, self.index_dim), dtype=index_dtype,
-                                  device=self.device)
+        rows = self.num_pages + 1  # with the scratch page
+        other.k_idx = torch.empty((rows, self.page_size, self.index_dim), dtype=index_dtype, device=self.device)
         if other.index_scale_mode is not None:
-            shape = (self.num_pages,) if other.index_scale_mode == "page" else (self.num_pages, self.page_size)
+            shape = (rows,) if other.index_scale_mode == "page" else (rows, self.page_size)
             other.k_idx_scale = torch.ones(shape, dtype=torch.float32, device=self.device)
         step = max(1, (1 << 24) // (self.page_size * self.index_dim))
         for p0 in range(0, self.num_pages, step):
@@ -463,10 +477,11 @@ class MSAPagedLayerCache:
         B, T = k.shape[0], k.shape[2]
         if self.pos + T > self.max_seq_len:
             _err(f"cache overflow: {self.pos} + {T} tokens > max_seq_len {self.max_seq_len}")
-        if self.paged is None:
+        if self.paged is None or (self.pos == 0 and B != self.page_table.shape[0]):  # a new sequence
             self._allocate(B, k.dtype, k.device)
         if B != self.page_table.shape[0]:
-            _err(f"this cache holds a batch of {self.page_table.shape[0]}, got {B}")
+            _err(f"this cache holds a batch of {self.page_table.shape[0]}, got {B}; reset() it to start a new "
+                 f"sequence with another batch size")
         if self.pos == 0:
             for b in range(B):
                 self.paged.fill(self.page_table[b], k[b], v[b], k_idx[b])

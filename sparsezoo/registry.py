@@ -59,7 +59,10 @@ def make_config(config: Any, **overrides) -> AttentionConfig:
         cls = variant_class(data.variant)
         if not isinstance(data, cls.config_class):
             raise ConfigError(f"variant {data.variant!r} needs a {cls.config_class.__name__}, got {type(data).__name__}")
-        return data.replace(**overrides) if overrides else data
+        if overrides:
+            return data.replace(**overrides)
+        data.validate()  # a dataclass may have been changed since it was built
+        return data
     data = {**data, **overrides}
     if "variant" not in data:
         raise ConfigError(f"a config must name its 'variant'; choose one of {list_variants()}")

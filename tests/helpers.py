@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -53,3 +59,21 @@ def causal_allowed(B, Hq, T, S, device="cpu"):
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_torchrun(args: list[str], cwd: Path, timeout: int = 300) -> str:
+    """torchrun --standalone (its rendezvous binds a free port of its own) on 2 gloo processes; on a
+    non-zero exit or a timeout, fail with the command's output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers (their own session)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun timed out after {timeout}s\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-3000:]}")
+    if proc.returncode != 0 or "terminate called" in stderr:
+        pytest.fail(f"torchrun exited with {proc.returncode}\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-3000:]}")
+    return stdout

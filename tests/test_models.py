@@ -8,9 +8,6 @@ collection time, so a newly registered variant is covered without editing this f
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from sparsezoo.models import GPT, GPTConfig, load_model, load_weights, save_chec
 from sparsezoo.models.checkpoint import WEIGHTS, load_train_state
 from sparsezoo.models.data import BOS, NEEDLE, QUERY, Data, DataConfig, batch_generator
 from sparsezoo.models.train import load_run_config, make_optimizer, train, TrainConfig
+from tests.helpers import run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = sparsezoo.list_variants()
@@ -212,16 +210,15 @@ def test_trainer_writes_outputs_and_resume_is_exact(tmp_path):
 
 
 def test_ddp_two_gloo_processes(tmp_path):
+    """examples/train.py under torchrun; run_torchrun fails with the output on a non-zero exit, an abort
+    at exit ("terminate called") or a timeout."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "examples" / "train.py"), "--config", str(REPO / "configs" / "gpt_tiny.yaml"),
-           "--set", f"train.out_dir={out}", "--set", "train.steps=3", "--set", "train.batch_size=2",
-           "--set", "train.eval_every=0", "--set", "train.eval_batches=1", "--set", "train.progress=false",
-           "--set", "data.seq_len=64", "--set", f"data.text_path={REPO / 'sparsezoo'}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "world size 2" in proc.stdout
-    diff = float(proc.stdout.split("max parameter difference between ranks")[1].split()[0])
+    stdout = run_torchrun([
+        str(REPO / "examples" / "train.py"), "--config", str(REPO / "configs" / "gpt_tiny.yaml"),
+        "--set", f"train.out_dir={out}", "--set", "train.steps=3", "--set", "train.batch_size=2",
+        "--set", "train.eval_every=0", "--set", "train.eval_batches=1", "--set", "train.progress=false",
+        "--set", "data.seq_len=64", "--set", f"data.text_path={REPO / 'sparsezoo'}"], cwd=tmp_path, timeout=240)
+    assert "world size 2" in stdout
+    diff = float(stdout.split("max parameter difference between ranks")[1].split()[0])
     assert diff == 0.0  # gradients were all-reduced: both ranks hold the same weights
     assert (out / "checkpoint" / "model.safetensors").is_file()

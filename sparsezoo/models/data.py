@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from sparsezoo.config import ConfigError, from_known_fields
+from sparsezoo.config import CheckedConfig, ConfigError, from_known_fields
 
 N_BYTES = 256
 PAD, BOS, NEEDLE, QUERY = 256, 257, 258, 259
@@ -32,7 +32,7 @@ TASKS = ("needle", "recall", "text", "mix")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(CheckedConfig):
     task: str = "mix"
     seq_len: int = 256
     n_values: int = 64  # passkey digits and recall values
@@ -49,17 +49,24 @@ class DataConfig:
     curriculum_len: int | None = None
     curriculum_steps: int = 0
 
+    LABEL: ClassVar[str] = "data"
+    CHOICES: ClassVar[dict[str, tuple]] = {"task": TASKS}
+    POSITIVE: ClassVar[tuple[str, ...]] = ("seq_len", "n_values", "n_keys", "passkey_len", "n_pairs", "n_queries",
+                                           "curriculum_len")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("curriculum_steps",)
+
     def __post_init__(self) -> None:
-        if self.curriculum_steps < 0:
-            raise ConfigError(f"data.curriculum_steps = {self.curriculum_steps}; must be >= 0")
+        self.check_fields()
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if any(w < 0 for w in self.mix.values()):
+            raise ConfigError(f"data.mix weights must be >= 0, got {self.mix}")
         if self.curriculum_steps and self.curriculum_len is None:
             raise ConfigError("data.curriculum_steps needs data.curriculum_len")
         if self.curriculum_len is not None and not (
                 0 < self.curriculum_len <= self.seq_len and self.seq_len % self.curriculum_len == 0):
             raise ConfigError(f"data.curriculum_len = {self.curriculum_len} must divide seq_len = {self.seq_len} "
                               f"(so every step trains on the same number of tokens)")
-        if self.task not in TASKS:
-            raise ConfigError(f"data.task = {self.task!r}; choose one of {list(TASKS)}")
         bad = sorted(set(self.mix) - {"needle", "recall", "text"})
         if bad:
             raise ConfigError(f"data.mix names unknown task(s) {bad}; choose among ['needle', 'recall', 'text']")
@@ -193,6 +200,8 @@ def read_text_bytes(path: Path, glob: str = "**/*") -> tuple[torch.Tensor, list[
         files.append(p)
     if not chunks:
         raise ValueError(f"no text files under {path} (glob {glob!r}); skipped {len(skipped)} binary/hidden files")
+    if not any(chunks):
+        raise ValueError(f"no text in {path}: {len(files)} empty file(s) (glob {glob!r})")
     data = torch.frombuffer(bytearray(b"\n".join(chunks)), dtype=torch.uint8)
     return data, files, skipped
 

@@ -18,21 +18,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import sparsezoo
-from sparsezoo.config import AttentionConfig, ConfigError, from_known_fields, read_yaml
+from sparsezoo.config import AttentionConfig, CheckedConfig, ConfigError, from_known_fields, read_yaml
 
 DENSE = "dense"  # the baseline variant `dense_layers` falls back to
 MODEL_FIELDS = ("variant", "d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta")
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(CheckedConfig):
     vocab_size: int = 512
     d_model: int = 128
     n_layers: int | None = None  # defaults to len(layers), else 4
@@ -48,7 +48,13 @@ class GPTConfig:
     layers: list[str] | None = None  # or name every layer explicitly
     attention_overrides: dict[str, Any] = field(default_factory=dict)
 
+    LABEL: ClassVar[str] = "model"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                                           "ffn_hidden", "rope_theta", "norm_eps")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("init_std", "dense_layers")
+
     def __post_init__(self) -> None:
+        self.check_fields()  # what was given ...
         if self.layers is not None:
             self.layers = list(self.layers)
             if self.n_layers is None:
@@ -61,10 +67,9 @@ class GPTConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.ffn_hidden is None:
             self.ffn_hidden = 32 * -(-(8 * self.d_model // 3) // 32)
+        self.check_fields()  # ... and the defaults derived from it
         if not 0 <= self.dense_layers <= self.n_layers:
             raise ConfigError(f"dense_layers must be in [0, n_layers={self.n_layers}], got {self.dense_layers}")
-        if not isinstance(self.attention_overrides, dict):
-            raise ConfigError(f"attention_overrides must be a mapping, got {type(self.attention_overrides).__name__}")
         self.attention_configs()  # validate every layer's attention config now
 
     @classmethod

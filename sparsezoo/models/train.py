@@ -21,14 +21,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 import yaml
 
 import sparsezoo
-from sparsezoo.config import ConfigError, from_known_fields, read_yaml
+from sparsezoo.config import CheckedConfig, ConfigError, from_known_fields, read_yaml
 
 from . import checkpoint as ckpt
 from .data import Data, DataConfig, score
@@ -38,7 +38,7 @@ log = logging.getLogger("sparsezoo.train")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(CheckedConfig):
     steps: int = 200
     batch_size: int = 8  # per process
     lr: float = 3e-3
@@ -59,12 +59,24 @@ class TrainConfig:
     find_unused_parameters: bool = False  # for DDP with variants that leave parameters unused
     time_limit_s: float | None = None  # stop early (and say so in the summary) after this many seconds
 
+    LABEL: ClassVar[str] = "train"
+    CHOICES: ClassVar[dict[str, tuple]] = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "bf16", "fp32")}
+    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "eval_batches", "log_every", "time_limit_s")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("steps", "lr", "min_lr_ratio", "lr_warmup", "weight_decay",
+                                               "grad_clip", "eval_every")
+
+    def __post_init__(self) -> None:
+        self.check_fields()
+        if self.eval_lengths is not None and not all(n > 0 for n in self.eval_lengths):
+            raise ConfigError(f"train.eval_lengths must hold lengths > 0, got {self.eval_lengths}")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         return from_known_fields(cls, data, "train")
 
 
 SECTIONS = ("model", "data", "train")
+LOCK = "train.lock"  # in out_dir, held by the run writing there
 
 
 def load_run_config(path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -173,10 +185,75 @@ def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
+@contextlib.contextmanager
+def lock_out_dir(out: str | Path):
+    """Hold OUT_DIR/train.lock for a run: a second run on the same out_dir is refused, naming this
+    one's pid. An flock, so it goes away with the process however it ends (POSIX only)."""
+    import fcntl
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RuntimeError(f"{out} is in use by another training run (pid {holder}); wait for it to end "
+                               f"or choose another train.out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _exclusive_out_dir(out: Path, d: Dist):
+    """Rank 0 holds the out_dir lock for the whole run; every rank stops when it cannot get it."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if d.main:
+            try:
+                stack.enter_context(lock_out_dir(out))
+            except RuntimeError as e:
+                error = e
+        if d.world > 1:
+            failed = torch.tensor([float(error is not None)], device=d.device)
+            dist.all_reduce(failed)
+            if error is None and failed.item() > 0:
+                error = RuntimeError(f"rank 0 could not lock {out} (another run uses it); see rank 0's error")
+        if error is not None:
+            raise error
+        yield
+
+
 def train(run: dict[str, Any], resume: bool = False) -> dict[str, Any]:
-    """Train from a run config dict (see load_run_config). Returns a summary (history, evals, paths)."""
+    """Train from a run config dict (see load_run_config). Returns a summary (history, evals, paths).
+
+    One run per out_dir (`lock_out_dir`). Under torchrun, the process group this call sets up is torn
+    down on every exit path (after a barrier when the run finished, so no rank leaves early)."""
     model_cfg, data_cfg, cfg = build(run)
+    joined = dist.is_available() and dist.is_initialized()  # a caller's process group stays up
     d = setup_distributed(cfg.device)
+    finished = False
+    try:
+        with _exclusive_out_dir(Path(cfg.out_dir), d):
+            summary = _train(run, resume, model_cfg, data_cfg, cfg, d)
+        finished = True
+        return summary
+    finally:
+        if d.world > 1 and not joined and dist.is_initialized():
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig,
+           d: Dist) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoint"
     if d.main:
@@ -191,10 +268,7 @@ def train(run: dict[str, Any], resume: bool = False) -> dict[str, Any]:
         report = ckpt.load_weights(model, Path(cfg.init_from) / ckpt.WEIGHTS)
         _say(d, f"init_from {cfg.init_from}:\n{report}")
     if resume:
-        if not (ckpt_dir / ckpt.TRAIN_STATE).is_file():
-            raise FileNotFoundError(f"--resume: no resumable checkpoint in {ckpt_dir}")
-        ckpt.load_weights(model, ckpt_dir / ckpt.WEIGHTS, strict=True)
-        state = ckpt.load_train_state(ckpt_dir, optimizer)
+        state = ckpt.load_resume_state(ckpt_dir, model, optimizer)
         start, history, evals = state["step"], state["history"], state["evals"]
         _say(d, f"resumed from {ckpt_dir} at step {start}")
     _say(d, model.describe() + f"\ntasks: {sorted(data.weights)}; world size {d.world}; device {d.device}")
@@ -349,10 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    summary = train(load_run_config(args.config, args.set), resume=args.resume)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return summary
+    return train(load_run_config(args.config, args.set), resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     y = layer(x, positions=None, cache=None)      # x, y: [B, T, d_model]
     layer.aux_loss                                # auxiliary loss of the last training forward, or None
 
+- An empty batch (B = 0) gives an empty output [0, T, d_model]; T = 0 raises a ValueError.
 - `positions` ([T] or [B, T]) feed RoPE; by default they continue from the cache's position.
 - `cache` is what `layer.make_cache(batch, max_len, device)` returns (a `sparsezoo.LayerCache`, or
   for MSA on a GPU a paged cache that decodes with the Triton kernels); with it the same module
@@ -49,6 +50,11 @@ class AttentionLayer(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.config.d_model:
             raise ValueError(f"{self.variant_name}: x must be [B, T, d_model={self.config.d_model}], got {tuple(x.shape)}")
         B, T, _ = x.shape
+        if T == 0:
+            raise ValueError(f"{self.variant_name}: x must hold at least one token (T >= 1), got {tuple(x.shape)}")
+        if B == 0:  # an empty batch: an empty output, the cache untouched
+            self.aux_loss = None
+            return self.o_proj(x.new_zeros(0, T, self.n_heads * self.head_dim))
         start = cache.pos if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device)

@@ -106,7 +106,9 @@ class CSAAttention(AttentionLayer):
         idx = entry_pooling.window_plus_selected(sel, T, S, c.window)
         out = ops.gather_attention(q, torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2), idx,
                                    scale=self.scale, backend=c.backend_for("gather_attention"))
-        if c.index_kl and self.training and torch.is_grad_enabled():
+        if c.index_kl and self.training and torch.is_grad_enabled() and kc.shape[2] == 0:
+            self.aux_loss = q_i.new_zeros(())  # T < compress_ratio: no entry to select, the KL is empty
+        elif c.index_kl and self.training and torch.is_grad_enabled():
             ends = entry_pooling.entry_ends(kc.shape[2], c.compress_ratio, k.device)
             self.aux_loss = ops.index_kl(q, kc, q_i, w, ki, ends, sel, S=S, scale=self.scale,
                                          index_scale=self.index_scale, coeff=c.kl_coeff,
