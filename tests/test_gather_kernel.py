@@ -453,3 +453,30 @@ def test_gpu_decode_bf16_m3_graph_capture(B, K):
     torch.cuda.synchronize()
     want = gather_attention_reference(q.float(), k.float(), v.float(), expand_selection(idx, Hkv), 0.1)
     assert rel_err(captured, want) < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_decode_bf16_two_pools_graph_capture():
+    """CSA decode (B 8, 8k raw tokens + 2k entries, window 128 + top-512): two pools in place against
+    the fp32 reference on the concatenated pool, also replayed from a CUDA graph."""
+    torch.manual_seed(2)
+    B, Hq, Hkv, S, E, D = 8, 64, 1, 8192, 2048, 128
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kc, vc = (torch.randn(B, Hkv, E, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    window = torch.arange(S - 128, S, device="cuda").expand(B, 1, 1, 128)
+    entries = S + torch.rand(B, 1, 1, E, device="cuda").argsort(-1)[..., :512]
+    idx = torch.cat([window, entries], -1).to(torch.int32)
+    kk, vv = torch.cat([k, kc], 2).float(), torch.cat([v, vc], 2).float()
+    want = gather_attention_reference(q.float(), kk, vv, expand_selection(idx, Hkv), 0.1)
+    out = gather_attention_triton(q, k, v, idx, 0.1, k2=kc, v2=vc)
+    assert rel_err(out, want) < 2e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gather_attention_triton(q, k, v, idx, 0.1, k2=kc, v2=vc)
+    kc.copy_(torch.randn_like(kc))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = gather_attention_reference(q.float(), k.float(), v.float(), expand_selection(idx, Hkv), 0.1,
+                                      k_extra=kc.float(), v_extra=vc.float())
+    assert rel_err(captured, want) < 2e-2
