@@ -311,8 +311,8 @@ class Variant:
         if self.name == "dsa":
             return ops.gather_attention(q, self.k, self.v, sel, scale=self.scale, backend=backend)
         idx = window_plus_selected(sel, q.shape[2], S, c["w"])
-        return ops.gather_attention(q, torch.cat([self.k, e["kc"]], 2), torch.cat([self.v, e["vc"]], 2), idx,
-                                    scale=self.scale, backend=backend)
+        return ops.gather_attention(q, self.k, self.v, idx, scale=self.scale, backend=backend,
+                                    k_extra=e["kc"], v_extra=e["vc"])
 
     # cost models (per batch element; T queries, the last T of S)
     def keys_read(self) -> dict:

@@ -7,6 +7,13 @@ h // G (G = Hq / Hkv) and the ids idx[:, h // G] (idx[:, 0] when Hs = 1). Causal
 selection's job. Ids outside [0, N) are masked (treated as empty): the kernels never read or write
 outside the tensors, whatever the caller passes.
 
+Two pools (CSA: raw window tokens + compressed entries): with k2, v2 [B, Hkv, N2, D], ids in [0, N) read
+k, v and ids in [N, N + N2) read row id - N of k2, v2, without concatenating them. Each gathered row picks
+its pool by a pointer select (one masked load per tile, as with one pool; when the host sees every row on
+16 bytes, a tl.multiple_of hint restores the vector loads the select would lose); the backward scatters
+dK/dV into one fp32 buffer of N + N2 rows, split at the end. A constexpr flag (TWO) compiles the one-pool
+kernels as without it (same sm_90 instructions, checked on the PTX).
+
 Forward, grid (T * splits, Hkv, B): one program owns one query token x the G heads of one KV group
 (rows padded to BM = max(16, pow2(G)) so a tile feeds a tensor-core dot). It walks the token's K
 slots BN at a time: loads BN ids, gathers the K and V rows by masked pointer loads ([BN, D] tiles,
@@ -76,9 +83,25 @@ def _load_tile(PTR, row_off, d, s_d, rows_ok, D: tl.constexpr):
 
 
 @triton.jit
+def _gather_rows(P1, P2, ids, ok, N, s1n, s2n, d, s_d, D: tl.constexpr, TWO: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    """Rows ids [BN] x d of pool P1 (row stride s1n), or with TWO of pool P1 for ids < N and P2 (row
+    stride s2n) at ids - N for the rest; both pools share the column stride s_d. 0 where not ok.
+    ALIGNED: every row starts on 16 bytes (the host checked), a hint the pointer select would lose and
+    without which the rows are loaded element by element."""
+    if TWO:
+        rows = tl.where(ids < N, P1 + ids * s1n, P2 + (ids - N) * s2n)
+        if ALIGNED:
+            rows = tl.multiple_of(rows, 16)
+        return tl.load(rows[:, None] + d[None, :] * s_d, mask=ok[:, None] & (d[None, :] < D), other=0.0)
+    else:
+        return _load_tile(P1, ids * s1n, d, s_d, ok, D)
+
+
+@triton.jit
 def _key_ids(IDX_ROW, slots, hi, N):
     """The ids in slots [BN] (< hi) of one query's list -> (int64 ids, 0 where empty; valid mask).
-    Empty: -1 padding, slots past hi, and any id outside [0, N)."""
+    Empty: -1 padding, slots past hi, and any id outside [0, N) (N: both pools' rows together)."""
     ids = tl.load(IDX_ROW + slots, mask=slots < hi, other=-1)
     ok = (ids >= 0) & (ids < N)
     return tl.where(ok, ids, 0).to(tl.int64), ok
@@ -93,11 +116,11 @@ def _group_rows(G: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, IDX, O, L, PO, PL, T, N, KS, PER, n_splits, qk_scale,
-                sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sib, sih, sit,
-                sob, soh, sot, sod, slb, slh, slt,
+def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, PER, n_splits, qk_scale,
+                sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n,
+                sib, sih, sit, sob, soh, sot, sod, slb, slh, slt,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                SPLIT: tl.constexpr, PREC: tl.constexpr):
+                SPLIT: tl.constexpr, PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr):
     t = (tl.program_id(0) // n_splits).to(tl.int64)
     sp = tl.program_id(0) % n_splits
     b = tl.program_id(2).to(tl.int64)
@@ -106,6 +129,8 @@ def _fwd_kernel(Q, K, V, IDX, O, L, PO, PL, T, N, KS, PER, n_splits, qk_scale,
     q = _load_tile(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
     k_base = K + b * skb + g * skh
     v_base = V + b * svb + g * svh
+    k2_base = K2 + b * sk2b + g * sk2h
+    v2_base = V2 + b * sv2b + g * sv2h
     idx_row = IDX + b * sib + g * sih + t * sit
     m_i = tl.zeros([BM], tl.float32) + float("-inf")
     l_i = tl.zeros([BM], tl.float32)
@@ -114,8 +139,8 @@ def _fwd_kernel(Q, K, V, IDX, O, L, PO, PL, T, N, KS, PER, n_splits, qk_scale,
     hi = tl.minimum(lo + PER, KS)
     kn = tl.arange(0, BN)
     for start in range(lo, hi, BN):
-        ids, ok = _key_ids(idx_row, start + kn, hi, N)
-        kt = _load_tile(k_base, ids * skn, d, skd, ok, D)
+        ids, ok = _key_ids(idx_row, start + kn, hi, NK)
+        kt = _gather_rows(k_base, k2_base, ids, ok, N, skn, sk2n, d, skd, D, TWO, ALIGNED)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -123,7 +148,7 @@ def _fwd_kernel(Q, K, V, IDX, O, L, PO, PL, T, N, KS, PER, n_splits, qk_scale,
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = _load_tile(v_base, ids * svn, d, svd, ok, D)
+        vt = _gather_rows(v_base, v2_base, ids, ok, N, svn, sv2n, d, svd, D, TWO, ALIGNED)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
     empty = l_i == 0.0
@@ -169,12 +194,13 @@ def _merge_kernel(PO, PL, O, L, T, n_splits, sob, soh, sot, sod, slb, slh, slt,
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, L, DELTA, IDX, N, KS, qk_scale, scale,
-                sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sib, sih, sit,
-                slb, slh, slt, sdb, sdh, sdn, sdd,
+def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, qk_scale, scale,
+                sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n,
+                sib, sih, sit, slb, slh, slt, sdb, sdh, sdn, sdd,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr):
     # q, do, dq share strides (contiguous copies from the wrapper); so do L and DELTA, and DK and DV.
+    # N: rows of the first pool, NK: of both. DK, DV hold NK rows: an id addresses its row there, whatever its pool.
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     row_ok, head, g = _group_rows(G, BM)
@@ -187,14 +213,16 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, L, DELTA, IDX, N, KS, qk_scale, scale,
     delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
     k_base = K + b * skb + g * skh
     v_base = V + b * svb + g * svh
+    k2_base = K2 + b * sk2b + g * sk2h
+    v2_base = V2 + b * sv2b + g * sv2h
     dkv_off = b * sdb + g * sdh
     idx_row = IDX + b * sib + g * sih + t * sit
     dq = tl.zeros([BM, BD], tl.float32)
     kn = tl.arange(0, BN)
     for start in range(0, KS, BN):
-        ids, ok = _key_ids(idx_row, start + kn, KS, N)
-        kt = _load_tile(k_base, ids * skn, d, skd, ok, D)
-        vt = _load_tile(v_base, ids * svn, d, svd, ok, D)
+        ids, ok = _key_ids(idx_row, start + kn, KS, NK)
+        kt = _gather_rows(k_base, k2_base, ids, ok, N, skn, sk2n, d, skd, D, TWO, ALIGNED)
+        vt = _gather_rows(v_base, v2_base, ids, ok, N, svn, sv2n, d, svd, D, TWO, ALIGNED)
         live = row_ok[:, None] & ok[None, :]
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         p = tl.where(live, tl.exp2(s - lse2[:, None]), 0.0)
@@ -228,8 +256,26 @@ def _n_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _forward(q, k, v, idx, scale, cfg):
+def _rows_aligned(*pools) -> bool:
+    """Every row of every pool starts on 16 bytes (base pointer and batch / head / row strides)."""
+    return all(x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:3])
+               for x in pools)
+
+
+def _pools(k, v, k2, v2):
+    """The key pools as kernel arguments: (k, v, k2, v2, N2, k2 and v2 (b, h, n) strides, flags TWO and
+    ALIGNED). Without a second pool k2, v2 = k, v (never read) and N2 = 0. With one, every pool gets unit
+    column stride (the kernels give both pools one column stride; a copy only for an unusual layout)."""
+    if k2 is None:
+        return k, v, k, v, 0, (0,) * 6, dict(TWO=False, ALIGNED=False)
+    k, v, k2, v2 = (x if x.stride(3) == 1 else x.contiguous() for x in (k, v, k2, v2))
+    flags = dict(TWO=True, ALIGNED=_rows_aligned(k, v, k2, v2))
+    return k, v, k2, v2, k2.shape[2], (*k2.stride()[:3], *v2.stride()[:3]), flags
+
+
+def _forward(q, k, v, k2, v2, idx, scale, cfg):
     B, Hq, T, _ = q.shape
+    k, v, k2, v2, N2, k2v2_strides, pool_flags = _pools(k, v, k2, v2)
     Hkv, N, KS = k.shape[1], k.shape[2], idx.shape[-1]
     G, BM, D, BD, prec = _group_tiling(q, k)
     BN = cfg["BN"]
@@ -246,9 +292,9 @@ def _forward(q, k, v, idx, scale, cfg):
     else:
         po = pl = lse
     _fwd_kernel[(T * n_splits, Hkv, B)](
-        q, k, v, idx, out, lse, po, pl, T, N, KS, per, n_splits, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *out.stride(), *lse.stride(),
-        G=G, BM=BM, BN=BN, D=D, BD=BD, SPLIT=split, PREC=prec,
+        q, k, v, k2, v2, idx, out, lse, po, pl, T, N, N + N2, KS, per, n_splits, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *out.stride(), *lse.stride(),
+        G=G, BM=BM, BN=BN, D=D, BD=BD, SPLIT=split, PREC=prec, **pool_flags,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split:
         _merge_kernel[(T, Hkv, B)](
@@ -257,8 +303,10 @@ def _forward(q, k, v, idx, scale, cfg):
     return out, lse
 
 
-def _backward(q, k, v, idx, out, lse, do, dlse, scale, cfg):
+def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, cfg):
+    """(dq, dk, dv, dk2, dv2); dk2, dv2 are None without a second pool."""
     B, Hq, T, _ = q.shape
+    k, v, k2, v2, N2, k2v2_strides, pool_flags = _pools(k, v, k2, v2)
     Hkv, N, KS = k.shape[1], k.shape[2], idx.shape[-1]
     G, BM, D, BD, prec = _group_tiling(q, k)
     q, do = q.contiguous(), do.contiguous()
@@ -269,31 +317,33 @@ def _backward(q, k, v, idx, out, lse, do, dlse, scale, cfg):
         delta = delta - dlse.float()
     delta, lse = delta.contiguous(), lse.contiguous()
     dq = torch.empty_like(q)
-    dk = torch.zeros((B, Hkv, N, D), dtype=torch.float32, device=q.device)
+    dk = torch.zeros((B, Hkv, N + N2, D), dtype=torch.float32, device=q.device)  # rows of both pools
     dv = torch.zeros_like(dk)
     _bwd_kernel[(T, Hkv, B)](
-        q, k, v, do, dq, dk, dv, lse, delta, idx, N, KS, scale * LOG2E, scale,
-        *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *lse.stride(), *dk.stride(),
-        G=G, BM=BM, BN=cfg["bwd_BN"], D=D, BD=BD, PREC=prec,
+        q, k, v, k2, v2, do, dq, dk, dv, lse, delta, idx, N, N + N2, KS, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *lse.stride(), *dk.stride(),
+        G=G, BM=BM, BN=cfg["bwd_BN"], D=D, BD=BD, PREC=prec, **pool_flags,
         num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    if not pool_flags["TWO"]:
+        return dq, dk, dv, None, None
+    return dq, dk[:, :, :N], dv[:, :, :N], dk[:, :, N:], dv[:, :, N:]
 
 
 class _GatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, scale, cfg):
-        out, lse = _forward(q, k, v, idx, scale, cfg)
-        ctx.save_for_backward(q, k, v, idx, out, lse)
+    def forward(ctx, q, k, v, k2, v2, idx, scale, cfg):
+        out, lse = _forward(q, k, v, k2, v2, idx, scale, cfg)
+        ctx.save_for_backward(q, k, v, k2, v2, idx, out, lse)
         ctx.scale, ctx.cfg = scale, cfg
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, idx, out, lse = ctx.saved_tensors
+        q, k, v, k2, v2, idx, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(q, k, v, idx, out, lse, dout, dlse, ctx.scale, ctx.cfg)
-        return dq, dk, dv, None, None, None
+        return (*_backward(q, k, v, k2, v2, idx, out, lse, dout, dlse, ctx.scale, ctx.cfg), None, None, None)
 
 
 def _check(q, k, v, idx):
@@ -313,17 +363,39 @@ def _check(q, k, v, idx):
         raise ValueError(f"idx must hold integer ids, got {idx.dtype}")
 
 
-def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False, config: dict | None = None):
+def _check_second_pool(k, k2, v2):
+    if (k2 is None) != (v2 is None):
+        raise ValueError("give k2 and v2 together (or neither)")
+    if k2 is None:
+        return
+    if k2.dtype != k.dtype or v2.dtype != k.dtype or k2.device != k.device or v2.device != k.device:
+        raise ValueError(f"k2, v2 must share k's dtype and device ({k.dtype}, {k.device}), got {k2.dtype} on "
+                         f"{k2.device} and {v2.dtype} on {v2.device}")
+    if k2.dim() != 4 or k2.shape != v2.shape or k2.shape[:2] != k.shape[:2] or k2.shape[3] != k.shape[3]:
+        raise ValueError(f"need k2 = v2 [B={k.shape[0]}, Hkv={k.shape[1]}, N2, D={k.shape[3]}]; got "
+                         f"{tuple(k2.shape)}, {tuple(v2.shape)}")
+
+
+def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False, config: dict | None = None,
+                            k2=None, v2=None):
     """q [B, Hq, T, D], k/v [B, Hkv, N, D], idx int [B, Hs, T, K] (Hs in {1, Hkv}; -1 or any id
     outside [0, N) = empty slot) -> out [B, Hq, T, D] (and natural-log LSE [B, Hq, T] fp32; a query
-    with no key gets out 0, LSE -inf). Differentiable w.r.t. q, k, v (through out and LSE)."""
+    with no key gets out 0, LSE -inf). Differentiable w.r.t. q, k, v (through out and LSE).
+    Optional second pool k2/v2 [B, Hkv, N2, D]: ids in [N, N + N2) read k2/v2[:, :, id - N] (as if
+    k2 were concatenated after k, without the copy); differentiable w.r.t. k2, v2 too."""
     _check(q, k, v, idx)
+    _check_second_pool(k, k2, v2)
     cfg = {**GATHER_CONFIG, **(_INTERPRET_CONFIG if q.device.type != "cuda" else {}), **(config or {})}
-    if q.numel() == 0 or k.shape[2] == 0 or idx.shape[-1] == 0:  # no key anywhere: nothing to launch
+    N, N2 = k.shape[2], (0 if k2 is None else k2.shape[2])
+    if q.numel() == 0 or N + N2 == 0 or idx.shape[-1] == 0:  # no key anywhere: nothing to launch
         out = q * 0.0
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
-    if idx.dtype == torch.int64:  # ids past int32 must not wrap into range: clamp to [-1, N] (N is masked)
-        idx = idx.clamp(-1, k.shape[2])
-    out, lse = _GatherAttention.apply(q, k, v, idx.to(torch.int32), float(scale), cfg)
+    if idx.dtype == torch.int64:  # ids past int32 must not wrap into range: clamp to [-1, N + N2] (masked)
+        idx = idx.clamp(-1, N + N2)
+    if N == 0:  # only the second pool holds keys: its ids already start at 0 (k, v get no gradient)
+        k, v, k2, v2 = k2, v2, None, None
+    elif N2 == 0:
+        k2 = v2 = None
+    out, lse = _GatherAttention.apply(q, k, v, k2, v2, idx.to(torch.int32), float(scale), cfg)
     return (out, lse) if return_lse else out

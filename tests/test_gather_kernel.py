@@ -261,6 +261,136 @@ def test_no_slots_at_all():
     assert (out == 0).all() and (lse == float("-inf")).all()
 
 
+# ----------------------------------------------------------------------------- two key pools (CSA: tokens + entries)
+
+def two_pool_inputs(B, Hq, Hkv, Hs, T, N, N2, D, K, seed, strided_second=False):
+    """q, (k, v) of N rows, (k2, v2) of N2 rows, ids over [0, N + N2) with -1 and a few ids >= N + N2,
+    and the loss weights. strided_second: k2, v2 with non-unit column stride (transposed storage)."""
+    q, k, v, gen = random_inputs(B, Hq, Hkv, T, N, D, seed)
+    k2, v2 = (torch.randn(B, Hkv, N2, D, generator=gen) for _ in range(2))
+    if strided_second:
+        k2, v2 = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (k2, v2))
+    idx = random_selection(B, Hs, T, N + N2, K, gen)
+    far = torch.rand(idx.shape, generator=gen) < 0.1
+    idx = torch.where(far, N + N2 + torch.randint(0, 5, idx.shape, generator=gen).to(torch.int32), idx)
+    w = torch.randn(B, Hq, T, D, generator=gen, dtype=torch.float64)
+    u = torch.randn(B, Hq, T, generator=gen, dtype=torch.float64)
+    return (q.to(DEV), k.to(DEV), v.to(DEV), k2.to(DEV), v2.to(DEV)), idx.to(DEV), w, u
+
+
+def kernel_run_two_pools(q, k, v, k2, v2, idx, scale, w, u, config=None):
+    """The kernel's (out, LSE, dq, dk, dv, dk2, dv2) for loss_of, keys read from two pools."""
+    q, k, v, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v, k2, v2))
+    out, lse = gather_attention_triton(q, k, v, idx, scale, return_lse=True, config=config, k2=k2, v2=v2)
+    loss_of(out, lse, w.to(out.dtype), u.to(out.dtype)).backward()
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad, k2.grad, v2.grad
+
+
+def split_pool_grads(run, N):
+    """(out, LSE, dq, dk, dv) of one concatenated pool -> (out, LSE, dq, dk, dv, dk2, dv2)."""
+    out, lse, dq, dk, dv = run
+    return out, lse, dq, dk[:, :, :N], dv[:, :, :N], dk[:, :, N:], dv[:, :, N:]
+
+
+NAMES = ("out", "lse", "dq", "dk", "dv", "dk2", "dv2")
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, Hs, T, N, N2, D, K, config, strided", [
+    (1, 2, 2, 2, 7, 30, 12, 16, 24, {"BN": 16, "bwd_BN": 16}, False),   # G = 1, one list per group
+    (2, 4, 2, 1, 6, 20, 9, 12, 33, {"BN": 16, "bwd_BN": 32}, True),     # G = 2, D 12, k2 column stride != 1
+    (2, 4, 1, 1, 1, 40, 20, 16, 50, {"BN": 16, "SPLITS": 3}, False),    # decode: split path forced, T = 1
+    (1, 8, 2, 2, 1, 25, 25, 16, 40, {"BN": 16, "SPLITS": 8}, False),    # decode, splits capped at one per tile
+])
+def test_two_pools_match_one_concatenated_pool(B, Hq, Hkv, Hs, T, N, N2, D, K, config, strided):
+    """k2, v2 read in place = k2, v2 concatenated after k, v: out, LSE and the gradients of q, k, v,
+    k2, v2 against the kernel on the concatenated pool and against the fp64 oracle. Ids >= N + N2
+    in the lists count as empty."""
+    (q, k, v, k2, v2), idx, w, u = two_pool_inputs(B, Hq, Hkv, Hs, T, N, N2, D, K, seed=N + K, strided_second=strided)
+    assert (idx >= N + N2).any() and ((idx >= N) & (idx < N + N2)).any() and ((idx >= 0) & (idx < N)).any()
+    got = kernel_run_two_pools(q, k, v, k2, v2, idx, 0.3, w, u, config)
+    kk, vv = torch.cat([k, k2], 2), torch.cat([v, v2], 2)
+    one_pool = split_pool_grads(kernel_run(q, kk, vv, idx, 0.3, w, u, config), N)
+    oracle = split_pool_grads(oracle_run(q, kk, vv, idx, 0.3, w, u), N)
+    for name, g, c, r in zip(NAMES, got, one_pool, oracle):
+        assert g.shape == r.shape, name
+        if name == "lse":
+            assert_lse_close(g, c, 1e-5)
+            assert_lse_close(g, r)
+        else:
+            assert_close(g, c, 1e-5, name + " vs one pool")
+            assert_close(g, r, TOL, name)
+
+
+def test_two_pools_ids_past_both_pools_are_empty():
+    """Ids >= N + N2 (which would address the next head's or batch item's rows of k2) give the same
+    out, LSE and gradients as -1 there."""
+    B, Hq, Hkv, T, N, N2, D, K = 2, 4, 2, 3, 12, 8, 16, 10
+    (q, k, v, k2, v2), idx, w, u = two_pool_inputs(B, Hq, Hkv, Hkv, T, N, N2, D, K, seed=21)
+    clean = torch.where(idx < N + N2, idx, -1)
+    bad = clean.clone()
+    bad[0, 0, :, -1] = N + N2
+    bad[0, 0, :, -2] = N + 2 * N2 + 1
+    bad[1, 0, :, -3] = 2 * (N + N2)
+    clean = torch.where(bad == clean, clean, -1)
+    got = kernel_run_two_pools(q, k, v, k2, v2, bad, 0.3, w, u)
+    want = kernel_run_two_pools(q, k, v, k2, v2, clean, 0.3, w, u)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b), f"{name} changed by ids past both pools"
+
+
+def test_two_pools_with_an_empty_pool():
+    """N2 = 0 behaves as one pool; N = 0 reads the second pool only (ids from 0)."""
+    (q, k, v, k2, v2), idx, w, u = two_pool_inputs(1, 2, 1, 1, 4, 10, 6, 16, 8, seed=5)
+    idx = torch.where(idx < 10, idx, -1)
+    out = gather_attention_triton(q, k, v, idx, 0.3, k2=k2[:, :, :0], v2=v2[:, :, :0])
+    assert torch.equal(out, gather_attention_triton(q, k, v, idx, 0.3))
+    idx2 = torch.where(idx < 6, idx, -1)
+    out = gather_attention_triton(q, k[:, :, :0], v[:, :, :0], idx2, 0.3, k2=k2, v2=v2)
+    assert torch.equal(out, gather_attention_triton(q, k2, v2, idx2, 0.3))
+
+
+def test_launcher_rejects_bad_second_pool():
+    q, k, v, _ = random_inputs(1, 4, 2, 3, 8, 16, seed=0)
+    idx = torch.zeros(1, 1, 3, 4, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="together"):
+        gather_attention_triton(q, k, v, idx, 0.3, k2=k)
+    with pytest.raises(ValueError, match="dtype"):
+        gather_attention_triton(q, k, v, idx, 0.3, k2=k.half(), v2=v.half())
+    with pytest.raises(ValueError, match="Hkv=2"):
+        gather_attention_triton(q, k, v, idx, 0.3, k2=k[:, :1], v2=v[:, :1])
+
+
+def test_public_op_second_pool_reference_vs_triton():
+    """ops.gather_attention with k_extra / v_extra: triton (interpreter) against the reference,
+    forward, LSE and the gradients of all five inputs; and its validation errors."""
+    from sparsezoo import ops
+
+    (q, k, v, k2, v2), idx, w, u = two_pool_inputs(2, 4, 2, 1, 5, 14, 7, 16, 20, seed=8)
+    runs = {}
+    for backend in ("reference", "triton"):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v, k2, v2)]
+        out, lse = ops.gather_attention(xs[0], xs[1], xs[2], idx, scale=0.3, backend=backend, return_lse=True,
+                                        k_extra=xs[3], v_extra=xs[4])
+        loss_of(out, lse, w.to(out.dtype), u.to(out.dtype)).backward()
+        runs[backend] = (out.detach(), lse.detach(), *(x.grad for x in xs))
+    for name, g, r in zip(NAMES, runs["triton"], runs["reference"]):
+        if name == "lse":
+            assert_lse_close(g, r)
+        else:
+            assert_close(g, r, TOL, name)
+    concatenated = ops.gather_attention(q, torch.cat([k, k2], 2), torch.cat([v, v2], 2), idx, scale=0.3,
+                                        backend="reference")
+    assert_close(runs["reference"][0], concatenated, 1e-6, "out vs the concatenated pool")
+    with pytest.raises(ValueError, match="both or neither"):
+        ops.gather_attention(q, k, v, idx, scale=0.3, k_extra=k2)
+    with pytest.raises(ValueError, match="share a dtype"):
+        ops.gather_attention(q, k, v, idx, scale=0.3, k_extra=k2.double(), v_extra=v2.double())
+    with pytest.raises(ValueError, match="one shape"):
+        ops.gather_attention(q, k, v, idx, scale=0.3, k_extra=k2, v_extra=v2[:, :, 1:])
+    with pytest.raises(ValueError, match="like k"):
+        ops.gather_attention(q, k, v, idx, scale=0.3, k_extra=k2[:, :1], v_extra=v2[:, :1])
+
+
 # ----------------------------------------------------------------------------- GPU, m3 shapes, bf16
 
 def causal_random_selection(B, T, S, K, gen_device):
@@ -322,4 +452,31 @@ def test_gpu_decode_bf16_m3_graph_capture(B, K):
     graph.replay()
     torch.cuda.synchronize()
     want = gather_attention_reference(q.float(), k.float(), v.float(), expand_selection(idx, Hkv), 0.1)
+    assert rel_err(captured, want) < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_decode_bf16_two_pools_graph_capture():
+    """CSA decode (B 8, 8k raw tokens + 2k entries, window 128 + top-512): two pools in place against
+    the fp32 reference on the concatenated pool, also replayed from a CUDA graph."""
+    torch.manual_seed(2)
+    B, Hq, Hkv, S, E, D = 8, 64, 1, 8192, 2048, 128
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kc, vc = (torch.randn(B, Hkv, E, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    window = torch.arange(S - 128, S, device="cuda").expand(B, 1, 1, 128)
+    entries = S + torch.rand(B, 1, 1, E, device="cuda").argsort(-1)[..., :512]
+    idx = torch.cat([window, entries], -1).to(torch.int32)
+    kk, vv = torch.cat([k, kc], 2).float(), torch.cat([v, vc], 2).float()
+    want = gather_attention_reference(q.float(), kk, vv, expand_selection(idx, Hkv), 0.1)
+    out = gather_attention_triton(q, k, v, idx, 0.1, k2=kc, v2=vc)
+    assert rel_err(out, want) < 2e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gather_attention_triton(q, k, v, idx, 0.1, k2=kc, v2=vc)
+    kc.copy_(torch.randn_like(kc))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = gather_attention_reference(q.float(), k.float(), v.float(), expand_selection(idx, Hkv), 0.1,
+                                      k_extra=kc.float(), v_extra=vc.float())
     assert rel_err(captured, want) < 2e-2

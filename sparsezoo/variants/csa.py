@@ -104,8 +104,8 @@ class CSAAttention(AttentionLayer):
         sel = self.select(q_i, w, ki, S)  # [B, 1, T, topk] entry ids
         self.last_selection = sel
         idx = entry_pooling.window_plus_selected(sel, T, S, c.window)
-        out = ops.gather_attention(q, torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2), idx,
-                                   scale=self.scale, backend=c.backend_for("gather_attention"))
+        out = ops.gather_attention(q, k, v, idx, scale=self.scale, backend=c.backend_for("gather_attention"),
+                                   k_extra=kc, v_extra=vc)
         if c.index_kl and self.training and torch.is_grad_enabled() and kc.shape[2] == 0:
             self.aux_loss = q_i.new_zeros(())  # T < compress_ratio: no entry to select, the KL is empty
         elif c.index_kl and self.training and torch.is_grad_enabled():

@@ -11,17 +11,42 @@ OP = Op("gather_attention", __package__, ("triton", "flex", "reference"))
 
 
 def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, *, scale: float,
-                     backend: str = "auto", return_lse: bool = False):
+                     backend: str = "auto", return_lse: bool = False, k_extra: torch.Tensor | None = None,
+                     v_extra: torch.Tensor | None = None):
     """Exact softmax attention of q [B, Hq, T, D] over the keys idx [B, Hs, T, K] names in k, v
     [B, Hkv, N, D]; Hs is 1 (one list for every KV head) or Hkv. -1 is an empty slot; ids outside
     [0, N) are never read (treated as empty). Causality is the selection's job. A query with no key
-    gets output 0 (and LSE -inf). Memory is bounded by chunk x K x D: no T x N tensor."""
+    gets output 0 (and LSE -inf). Memory is bounded by chunk x K x D: no T x N tensor.
+
+    A second key pool k_extra, v_extra [B, Hkv, N2, D] (CSA's compressed entries beside the raw
+    tokens) acts as if concatenated after k, v without the copy: ids in [N, N + N2) read
+    k_extra/v_extra[:, :, id - N]. Differentiable w.r.t. every key tensor."""
     checks.check_keys(q, k, v)
     Hkv, N = k.shape[1], k.shape[2]
+    N2 = _check_extra(k, k_extra, v_extra)
     if idx.dim() != 4 or idx.shape[0] != q.shape[0] or idx.shape[2] != q.shape[2] or idx.shape[1] not in (1, Hkv):
         raise ValueError(f"idx must be [B={q.shape[0]}, Hs=1 or {Hkv}, T={q.shape[2]}, K], got {tuple(idx.shape)}")
     if idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"idx must be int32 (or int64), got {idx.dtype}")
-    idx = checks.drop_out_of_range(idx, N)
-    req = Request.of(q, needs_grad(q, k, v), group=q.shape[1] // Hkv, head_dim=q.shape[3], return_lse=return_lse)
-    return OP.run(backend, req, q, k, v, idx, scale, return_lse)
+    idx = checks.drop_out_of_range(idx, N + N2)
+    req = Request.of(q, needs_grad(q, k, v, k_extra, v_extra), group=q.shape[1] // Hkv, head_dim=q.shape[3],
+                     return_lse=return_lse)
+    return OP.run(backend, req, q, k, v, idx, scale, return_lse, k_extra=k_extra, v_extra=v_extra)
+
+
+def _check_extra(k: torch.Tensor, k_extra: torch.Tensor | None, v_extra: torch.Tensor | None) -> int:
+    """N2, the second pool's rows (0 without one), after checking it matches k's batch, heads, dim, dtype."""
+    if (k_extra is None) != (v_extra is None):
+        raise ValueError("k_extra and v_extra go together: give both or neither")
+    if k_extra is None:
+        return 0
+    for name, t in (("k_extra", k_extra), ("v_extra", v_extra)):
+        checks.check_rank(name, t, 4, "[B, Hkv, N2, D]")
+        checks.check_same("k", k, name, t)
+    if k_extra.shape != v_extra.shape:
+        raise ValueError(f"k_extra and v_extra must have one shape, got {tuple(k_extra.shape)} and "
+                         f"{tuple(v_extra.shape)}")
+    B, Hkv, _, D = k.shape
+    if k_extra.shape[0] != B or k_extra.shape[1] != Hkv or k_extra.shape[3] != D:
+        raise ValueError(f"k_extra must be [B={B}, Hkv={Hkv}, N2, D={D}] like k, got {tuple(k_extra.shape)}")
+    return k_extra.shape[2]

@@ -16,9 +16,12 @@ def supports(req) -> str | None:
     return None
 
 
-def gather_attention_flex(q, k, v, idx, scale: float, return_lse: bool = False):
+def gather_attention_flex(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None):
     """Each query becomes its own batch row: q [B*Tc, Hq, 1, D] against its gathered keys
-    [B*Tc, Hkv, K, D]; a mask_mod drops the -1 slots. Chunked over queries."""
+    [B*Tc, Hkv, K, D]; a mask_mod drops the -1 slots. Chunked over queries. A second pool k_extra,
+    v_extra is concatenated after k, v (the gathered rows are copied anyway)."""
+    if k_extra is not None:
+        k, v = torch.cat([k, k_extra], dim=2), torch.cat([v, v_extra], dim=2)
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], idx.shape[-1]
     idx = expand_selection(idx, Hkv)

@@ -19,7 +19,10 @@ def _chunk(qg, kf, vf, sel, scale: float):
     return torch.einsum("bhgtn,bhtnd->bhgtd", p, gather_rows(vf, tok)), lse
 
 
-def gather_attention_reference(q, k, v, idx, scale: float, return_lse: bool = False):
+def gather_attention_reference(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None):
+    """k_extra, v_extra (optional): a second pool, read as if concatenated after k, v (here it is)."""
+    if k_extra is not None:
+        k, v = torch.cat([k, k_extra], dim=2), torch.cat([v, v_extra], dim=2)
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], idx.shape[-1]
     G = Hq // Hkv

@@ -13,7 +13,7 @@ def supports(req) -> str | None:
     return None
 
 
-def run(q, k, v, idx, scale: float, return_lse: bool = False):
+def run(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None):
     from sparsezoo.kernels import gather_attention_triton
 
-    return gather_attention_triton.gather_attention_triton(q, k, v, idx, scale, return_lse)
+    return gather_attention_triton.gather_attention_triton(q, k, v, idx, scale, return_lse, k2=k_extra, v2=v_extra)
