@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 import traceback
@@ -409,18 +410,18 @@ def run_point(name, config_names, cfg, mode, T, S, B, bw, args) -> list[dict]:
         if mode == "decode" and name == "msa":
             pass
         elif mode == "fwd+bwd":
-            selection_ms = bench(lambda: var.select())
-            attention_ms = bench(with_backward(lambda: var.attend(sel), var.leaves()))
-            variant_ms = bench(with_backward(lambda: var.attend(var.select()), var.leaves()))
+            selection_ms = bench(lambda: var.select(), args.reps)
+            attention_ms = bench(with_backward(lambda: var.attend(sel), var.leaves()), args.reps)
+            variant_ms = bench(with_backward(lambda: var.attend(var.select()), var.leaves()), args.reps)
             graphed = False
         elif mode == "decode":
             selection_ms, _ = bench_graph(lambda: var.select())
             attention_ms, _ = bench_graph(lambda: var.attend(sel))
             variant_ms, graphed = bench_graph(lambda: var.attend(var.select()))
         else:
-            selection_ms = bench(lambda: var.select())
-            attention_ms = bench(lambda: var.attend(sel))
-            variant_ms = bench(lambda: var.attend(var.select()))
+            selection_ms = bench(lambda: var.select(), args.reps)
+            attention_ms = bench(lambda: var.attend(sel), args.reps)
+            variant_ms = bench(lambda: var.attend(var.select()), args.reps)
             graphed = False
     peak = torch.cuda.max_memory_allocated() / 2**30
     fl = var.flops()
@@ -462,15 +463,23 @@ def run_peers(lengths, args) -> list[dict]:
                          ("attn_gym.gather_attn[csa,mqa]", _peer_gather(T)),
                          ("fla.parallel_nsa[no window, l=d=64]", _peer_nsa(T))):
             rec = dict(card=torch.cuda.get_device_name(), peer=peer, mode="prefill", seq_len=T, batch=1)
+            signal.signal(signal.SIGALRM, _peer_timeout)
+            signal.alarm(args.peer_timeout)  # a peer's autotuning may not eat the whole GPU call
             try:
-                rec["ms"] = bench(fn())
+                rec["ms"] = bench(fn(), args.reps)
             except Exception as exc:
                 rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
                 rec["traceback"] = traceback.format_exc()[-1500:]
+            finally:
+                signal.alarm(0)
             print(f"  peer {peer} @ {T}: {rec.get('ms', rec.get('error'))}", flush=True)
             recs.append(rec)
             torch.cuda.empty_cache()
     return recs
+
+
+def _peer_timeout(signum, frame):
+    raise TimeoutError("peer exceeded --peer-timeout")
 
 
 def _peer_indexer(T, m, topk):
@@ -606,6 +615,9 @@ def parse(argv=None):
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--dense-flex", default="prefill",
                    help="modes whose dense baseline also times compiled flex (each new shape compiles, ~30 s)")
+    p.add_argument("--reps", type=int, default=5, help="timed repeats of ops longer than 20 ms (median)")
+    p.add_argument("--peers-only", action="store_true", help="time the peers alone")
+    p.add_argument("--peer-timeout", type=int, default=90, help="seconds per peer, compile and autotune included")
     p.add_argument("--out", default="out/zoo")
     p.add_argument("--tune", action="store_true", help="time kernel tilings of the selection ops at 128k, then exit")
     p.add_argument("--render", nargs="+", metavar="JSON",
@@ -667,7 +679,7 @@ def main(argv=None):
             sys.exit(f"unknown mode {mode!r}; choose from prefill, fwd+bwd, decode")
     records = []
     out = Path(args.out)
-    for name in args.variants.split(","):
+    for name in [] if args.peers_only else args.variants.split(","):
         if name not in CONFIGS:
             sys.exit(f"unknown variant {name!r}; choose from {sorted(CONFIGS)}")
         for config_names, cfg in configs_of(name, args.configs.split(",")):

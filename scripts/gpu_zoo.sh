@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call for the zoo issue: GPU tests of the fast paths, then benchmarks/zoo.py (and the MSA peer).
 # Usage on the device machine:  PART=1 bash scripts/gpu_zoo.sh   (results under $OUT)
-#   PART=1: bf16 kernel tests + zoo prefill and decode;  PART=2: zoo fwd+bwd + peers + MSA peer + main job.
+#   PART=1: bf16 kernel tests + zoo prefill and decode;  PART=2: re-checks, zoo fwd+bwd, peers, main job.
 source scripts/gpu_setup.sh
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu_zoo}
@@ -19,9 +19,19 @@ if [ "${PART:-1}" = 1 ]; then
   timeout ${ZOO_TIMEOUT:-330} python benchmarks/zoo.py --modes prefill,decode --no-peers --out "$OUT" ${ZOO_ARGS:-} 2>&1 \
     | tee "$OUT/zoo_part1.log" | grep -v "^ *$" | tail -n 60
 else
-  timeout ${ZOO_TIMEOUT:-300} python benchmarks/zoo.py --modes fwd+bwd --out "$OUT" ${ZOO_ARGS:-} 2>&1 \
-    | tee "$OUT/zoo_part2.log" | tail -n 30
-  (cd .peers && timeout 120 python bench_sglang.py --mode prefill --lengths 131072 --tune once --out "$OUT/sglang_prefill.json" 2>&1 | tail -n 5)
-  timeout 120 python -m sparsezoo.compare --config configs/compare_gpu.yaml --out "$OUT/compare" 2>&1 | grep -v "DEBUG\|Visualization saved" | tail -n 12
-  cp "$OUT"/compare/compare.md "$OUT"/compare/compare.json "$OUT"/ 2>/dev/null; rm -rf "$OUT/compare"
+  for f in tests/test_fast_paths.py tests/test_nsa_select_kernel.py tests/test_gather_kernel.py; do
+    echo "== $f"; timeout 50 python -m pytest -q -x -p no:cacheprovider -m gpu "$f" 2>&1 | grep -E "passed|failed|^E " | head -n 6
+  done > "$OUT/pytest_gpu_zoo2.log"; cat "$OUT/pytest_gpu_zoo2.log"
+  # decode/prefill re-run of the variants whose kernels changed, training, peers; one results folder each
+  timeout 90 python benchmarks/zoo.py --variants ${REDO:-dsa,csa} --modes prefill,decode --no-peers --reps 3 \
+    --out "$OUT/a" > "$OUT/a.log" 2>&1; grep -E "^  [a-z]+ " "$OUT/a.log" | cut -c1-200
+  timeout 240 python benchmarks/zoo.py --modes fwd+bwd --configs equal_budget --no-peers --reps 3 --out "$OUT/b" \
+    > "$OUT/b.log" 2>&1; grep -E "^  [a-z]+ " "$OUT/b.log" | cut -c1-200
+  timeout 90 python benchmarks/zoo.py --peers-only --lengths 131072 --peer-timeout 40 --reps 3 --out "$OUT/p" 2>&1 \
+    | grep "peer"
+  timeout 80 python -m sparsezoo.compare --config configs/compare_gpu.yaml --out "$OUT/c" 2>&1 \
+    | grep -v "DEBUG\|Visualization saved" | tail -n 12
+  cp "$OUT"/c/compare.md "$OUT"/c/compare.json "$OUT"/ 2>/dev/null
+  cat "$OUT"/a.log "$OUT"/b.log > "$OUT/zoo_part2.log"
+  rm -rf "$OUT/c" "$OUT"/a.log "$OUT"/b.log "$OUT"/*/zoo_*.md "$OUT"/*/zoo_*.png
 fi
