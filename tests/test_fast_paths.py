@@ -137,7 +137,7 @@ def test_attention_auto_is_triton_and_exact_in_bf16(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", sorted(SELECTION))
+@pytest.mark.parametrize("name", sorted(set(SELECTION) - {"nsa_select"}))  # its kernel is off on GPUs
 def test_selection_auto_is_triton_in_bf16(name):
     _run_selection(name, torch.bfloat16, "cuda", "auto", seed=4, allowed=0.1)
 

@@ -166,9 +166,14 @@ def test_rejects_what_it_cannot_run():
 # ----------------------------------------------------------------------------- GPU (bf16, paper config)
 
 PAPER = dict(block_len=32, stride=16, sel_block=64, topk=16)
+# Seen on an H200 (torch 2.11, triton 3.6): malformed rows at 8k and an illegal memory access at 32k.
+# The kernel is off on GPUs (sparsezoo/ops/nsa_select/triton.py) until these pass.
+GPU_BROKEN = pytest.mark.xfail(reason="NSA selection kernel fails on the GPU (malformed rows, illegal access)",
+                               strict=False)
 
 
 @pytest.mark.gpu
+@GPU_BROKEN
 def test_gpu_prefill_paper_config():
     S = T = 8192
     q, kc = random_inputs(1, 4, 16, T, S, 128, 32, 16, seed=1, dtype=torch.bfloat16, q_std=1.0)
@@ -178,6 +183,7 @@ def test_gpu_prefill_paper_config():
 
 
 @pytest.mark.gpu
+@GPU_BROKEN
 @pytest.mark.parametrize("B,T", [(1, 1), (8, 4)])
 def test_gpu_decode_paper_config(B, T):
     S = 32768

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 
-import torch
+
+# On an H200 (torch 2.11, triton 3.6) the kernel faulted with an illegal memory access at 32k tokens
+# and returned malformed rows at 8k, while every interpreter test passes: it stays off until fixed.
+GPU_VALIDATED = False
 
 
 def supports(req) -> str | None:
+    if req.device == "cuda" and not GPU_VALIDATED:
+        return ("the Triton NSA selection failed its GPU validation (illegal memory access at 32k tokens); "
+                "use backend='reference'")
     if importlib.util.find_spec("sparsezoo.kernels.nsa_select_triton") is None:
         return "the Triton NSA selection kernel is not built into this install"
-    if req.device == "cuda" and req.dtype == torch.float32:
-        return "fp32 on the GPU gave malformed selections in testing (bf16/fp16 pass); use backend='reference'"
     from sparsezoo.kernels import nsa_select_triton as kernel
 
     try:  # the kernel's own chunk geometry decides which (block_len, stride, sel_block) it tiles
