@@ -394,21 +394,23 @@ def run_point(name, config_names, cfg, mode, T, S, B, bw, args) -> list[dict]:
     grad = mode == "fwd+bwd"
     var = Variant(name, cfg, B, T, S, grad)
     dense_ms, dense_impl, dense_all = time_dense(var.q, var.k, var.v, mode, mode in args.dense_flex.split(","))
+    fast_out = None
     with ops.track_implementations() as used:
         if mode == "decode" and name == "msa":  # the served path: paged cache, plan once, run per layer
             dec, cache = var.msa_paged_decoder()
-            q_idx, out = var.extra["q_idx"], torch.empty_like(var.q)
-            dec.run(var.q, q_idx, cache, out=out)
-            err, overlap = check(var, dec.selection.clone(), out) if args.check else (None, None)
+            q_idx, fast_out = var.extra["q_idx"], torch.empty_like(var.q)
+            dec.run(var.q, q_idx, cache, out=fast_out)
+            sel = dec.selection.clone()
+        else:
+            sel = var.select()
+    # the check runs the references: outside the record of what the timed path used
+    err, overlap = check(var, sel, fast_out) if args.check else (None, None)
+    with ops.track_implementations() as used_timed:
+        if mode == "decode" and name == "msa":
+            out = fast_out
             selection_ms, _ = bench_graph(lambda: dec.select(q_idx, cache))
             attention_ms, _ = bench_graph(lambda: dec.attend(var.q, cache, out=out))
             variant_ms, graphed = bench_graph(lambda: dec.run(var.q, q_idx, cache, out=out))
-            sel = None
-        else:
-            sel = var.select()
-            err, overlap = check(var, sel) if args.check else (None, None)
-        if mode == "decode" and name == "msa":
-            pass
         elif mode == "fwd+bwd":
             selection_ms = bench(lambda: var.select(), args.reps)
             attention_ms = bench(with_backward(lambda: var.attend(sel), var.leaves()), args.reps)
@@ -439,7 +441,7 @@ def run_point(name, config_names, cfg, mode, T, S, B, bw, args) -> list[dict]:
                 mode=mode, shape="m3", seq_len=S, batch=B, dense_ms=dense_ms, dense_impl=dense_impl,
                 dense_all_ms=dense_all, variant_ms=variant_ms, selection_ms=selection_ms, attention_ms=attention_ms,
                 speedup=speedup, limit_speedup=limit, limit_fraction=limit_fraction, decode_floor_ms=floor_ms,
-                cuda_graph=graphed, implementations=dict(used), check_rel_err=err, selection_overlap=overlap,
+                cuda_graph=graphed, implementations={**used, **used_timed}, check_rel_err=err, selection_overlap=overlap,
                 free_keys_per_query=keys["free"], fixed_keys_per_query=keys["fixed"], peak_mem_gib=peak,
                 params=cfg)
     del var, sel
@@ -516,10 +518,11 @@ def _peer_nsa(T):
 
 # ----------------------------------------------------------------------------- reports
 
-def write(records, peers, out: Path, card: str, cmd: str) -> None:
+def write(records, peers, out: Path, card: str, cmd: str, notes=()) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tag = card.lower().replace("nvidia ", "").split()[0]
-    (out / f"zoo_{tag}.json").write_text(json.dumps(dict(command=cmd, records=records, peers=peers), indent=1))
+    (out / f"zoo_{tag}.json").write_text(json.dumps(dict(command=cmd, records=records, peers=peers,
+                                                         notes=list(notes)), indent=1))
     lines = [f"# Zoo benchmark on one {card} (m3 heads, bf16)", "", f"Command: `{cmd}`", "",
              "| variant | config | mode | len | batch | dense ms (impl) | variant ms | select ms | attn ms | "
              "speedup | limit | fraction | free+fixed keys | implementations | check err / overlap |",
@@ -535,6 +538,8 @@ def write(records, peers, out: Path, card: str, cmd: str) -> None:
     if peers:
         lines += ["", "Peers, prefill batch 1 (same run):", "", "| peer | len | ms |", "|---|---|---|"]
         lines += [f"| {p['peer']} | {p['seq_len'] // 1024}k | {p.get('ms', p.get('error', ''))} |" for p in peers]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     (out / f"zoo_{tag}.md").write_text("\n".join(lines) + "\n")
     plot(records, out / f"zoo_{tag}.png", card)
 
@@ -622,10 +627,11 @@ def parse(argv=None):
     p.add_argument("--tune", action="store_true", help="time kernel tilings of the selection ops at 128k, then exit")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="no GPU: merge the records of earlier runs' JSON files and write the reports to --out")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT", help="a line for the report's notes")
     return p.parse_args(argv)
 
 
-def render(paths: list[str], out: Path) -> None:
+def render(paths: list[str], out: Path, notes: list[str] = ()) -> None:
     """One report from several runs (e.g. one GPU call for prefill + decode, another for fwd+bwd)."""
     records, peers, cmds = [], [], []
     for path in paths:
@@ -636,7 +642,7 @@ def render(paths: list[str], out: Path) -> None:
     order = {"prefill": 0, "fwd+bwd": 1, "decode": 2}
     records.sort(key=lambda r: (list(CONFIGS).index(r["variant"]), r["config"], order[r["mode"]], r["seq_len"],
                                 r["batch"]))
-    write(records, peers, out, records[0]["card"], " ; ".join(dict.fromkeys(cmds)))
+    write(records, peers, out, records[0]["card"], " ; ".join(dict.fromkeys(cmds)), notes)
 
 
 def configs_of(name: str, wanted: list[str]) -> list[tuple[list[str], dict]]:
@@ -656,7 +662,7 @@ def configs_of(name: str, wanted: list[str]) -> list[tuple[list[str], dict]]:
 def main(argv=None):
     args = parse(argv)
     if args.render:
-        return render(args.render, Path(args.out))
+        return render(args.render, Path(args.out), args.note)
     if args.tune:
         return tune(ints_of(args.lengths)[-1])
     if not torch.cuda.is_available():
