@@ -1,4 +1,4 @@
-"""Triton split-K sparse GQA decode attention over a paged KV cache (msa_spec.md, "Decode").
+"""Triton split-K sparse GQA decode attention over a paged KV cache (docs/variants.md, "msa").
 
 Query t of Q new tokens sits at position len - Q + t and attends, exactly, to the tokens s <= pos(t)
 of its selected blocks (selection int32 [B, Hkv, Q, k], -1 padded), read through the page table.

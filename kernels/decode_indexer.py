@@ -1,4 +1,4 @@
-"""Triton MSA decode indexer over a paged index-key cache (msa_spec.md, "Decode").
+"""Triton MSA decode indexer over a paged index-key cache (docs/variants.md, "msa").
 
 For each request b, index head h and new query t (query t of Q new tokens sits at position
 len - Q + t), score the index keys of every full block before the query's local block, max-pool per

@@ -3,7 +3,7 @@
 Semantics (oracle: sparsezoo.ops.moba.moba_select): queries are the last T of S tokens; block j's score
 for query head h is <q[h, t], mean of kv head h // G's keys in block j>; each query head keeps its best
 k-1 blocks j < L(t) = pos // block (ties to the smaller id), then the local block L(t), then -1.
-Output int32 [B, Hq, T, topk] in the msa_spec format (ranked ids best-first, local, -1 padding).
+Output int32 [B, Hq, T, topk] in MSA's selection format (ranked ids best-first, local, -1 padding).
 
 1. Block means (`moba_block_means`): one tiny program per (MEAN_BLOCKS blocks, kv head, batch) sums
    their keys in fp32; a trailing partial block averages its own keys. Output fp32

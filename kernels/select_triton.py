@@ -5,7 +5,7 @@ single index-key head, so one key-block load serves every row. For each key bloc
 tile's last local block it computes the [rows, block] scores with tl.dot, max-pools them in
 registers and folds the block score into a per-row top-(k-1) list kept in registers (insert when
 strictly better than the worst entry; the worst is the lowest score, ties -> the larger id, so ties
-go to the smaller id as msa_spec asks). No score matrix and no [T, n_blocks] buffer ever reach
+go to the smaller id, as docs/variants.md asks). No score matrix and no [T, n_blocks] buffer ever reach
 memory: the extra memory is the int32 output alone.
 
 Only blocks j < L(t) are ranked and they are complete and fully visible, so the causal mask never
@@ -108,7 +108,7 @@ def _key_tile(block_size: int, want: int) -> int:
 
 def msa_select_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, topk: int,
                       scale: float, *, do_topk: bool = True, config: dict | None = None) -> torch.Tensor:
-    """q_idx [B, H_i, T, D_i], k_idx [B, S, D_i] -> int32 [B, H_i, T, topk] (msa_spec selection).
+    """q_idx [B, H_i, T, D_i], k_idx [B, S, D_i] -> int32 [B, H_i, T, topk] (MSA's selection, docs/variants.md).
 
     do_topk=False runs scores + block max only (a timing probe for the top-k share; its output is
     meaningless).

@@ -3,7 +3,7 @@ plain-PyTorch references. On the CPU they run under TRITON_INTERPRET=1 (fp32/fp1
 bf16 at realistic tiles runs on the GPU (marked gpu).
 
 Tolerances: fp32 outputs/grads 1e-4 (interpreter, fp32 dots); bf16 attention atol=rtol=3e-2 and LSE
-2e-2 (msa_spec's release tolerances, relaxed for the LSE by bf16 inputs); KL grads rtol 1e-2 of the
+2e-2 (MSA's release tolerances, relaxed for the LSE by bf16 inputs); KL grads rtol 1e-2 of the
 largest entry. Top-k: the multisets of selected block scores must agree within a score eps, which
 allows ties and near-ties to swap ids.
 """

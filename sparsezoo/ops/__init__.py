@@ -17,7 +17,7 @@ public op records the implementation that ran: `implementations_used()`.
 
 from __future__ import annotations
 
-from . import checks
+from . import checks, references
 from .block_sparse_attention import block_sparse_attention
 from .compressed_attention import compressed_attention
 from .dense_attention import dense_attention
@@ -47,7 +47,7 @@ OPS = {
 __all__ = [
     "block_sparse_attention", "checks", "compressed_attention", "dense_attention", "gather_attention",
     "implementations_used", "index_kl", "indexer_topk", "last_implementation", "moba_select", "msa_index_kl",
-    "msa_select", "nsa_select", "record", "track_implementations", "window_attention", "op",
+    "msa_select", "nsa_select", "op", "record", "references", "track_implementations", "window_attention",
 ]
 
 

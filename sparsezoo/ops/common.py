@@ -38,7 +38,7 @@ def query_positions(T: int, S: int, start: int, end: int, device) -> torch.Tenso
 
 
 def select_from_block_scores(b: torch.Tensor, pos: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
-    """msa_spec selection: best k-1 blocks before the local one (ties to the smaller id), then the
+    """MSA's selection rule (docs/variants.md): best k-1 blocks before the local one (ties to the smaller id), then the
     local block, then -1 padding. b is [..., Tc, n_blocks]; returns int32 [..., Tc, topk]."""
     n_blocks = b.shape[-1]
     local = pos // block_size  # [Tc]

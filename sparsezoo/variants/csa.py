@@ -1,4 +1,4 @@
-"""DeepSeek-V4 compressed sparse attention (CSA), as ../shared/docs/variants.md describes.
+"""DeepSeek-V4 compressed sparse attention (CSA), as docs/variants.md describes.
 
 - Compression: every m tokens become one KV entry. A learnable compressor pools per-token keys and
   values with softmax weights (a per-token gate plus a learned per-slot bias); with `overlap` each

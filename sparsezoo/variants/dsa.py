@@ -1,4 +1,4 @@
-"""DeepSeek Sparse Attention (DSA, DeepSeek-V3.2-Exp), as ../shared/docs/variants.md describes.
+"""DeepSeek Sparse Attention (DSA, DeepSeek-V3.2-Exp), as docs/variants.md describes.
 
 Lightning indexer: I[t, s] = sum_j w[t, j] * ReLU(<q_I[t, j], k_I[s]>) with H_I index heads, per-head
 weights w from the hidden state and one shared index key per token (cached as "k_idx"). Each query

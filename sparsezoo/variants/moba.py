@@ -1,4 +1,4 @@
-"""Moonshot Mixture of Block Attention (MoBA), as ../shared/docs/variants.md describes.
+"""Moonshot Mixture of Block Attention (MoBA), as docs/variants.md describes.
 
 Parameter-free: block j's score for a query head is <q, mean of block j's keys>. Each query head
 keeps its top k-1 earlier blocks plus its own block (always kept, read causally), so the selection

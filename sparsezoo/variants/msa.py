@@ -1,4 +1,4 @@
-"""MiniMax Sparse Attention (MSA v1), exactly as ../shared/docs/msa_spec.md defines it.
+"""MiniMax Sparse Attention (MSA v1), as docs/variants.md defines it.
 
 Index branch: one index query per GQA group (H_i = Hkv heads of dim D_i) and one shared index-key
 head; scores are max-pooled per KV block and each query token keeps its top k-1 earlier blocks plus

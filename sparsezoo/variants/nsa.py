@@ -1,4 +1,4 @@
-"""DeepSeek Native Sparse Attention (NSA, arXiv 2502.11089), as ../shared/docs/variants.md describes.
+"""DeepSeek Native Sparse Attention (NSA, arXiv 2502.11089), as docs/variants.md describes.
 
 o = g_cmp * Attn(q, K_cmp, V_cmp) + g_slc * Attn(q, K_slc, V_slc) + g_win * Attn(q, K_win, V_win)
 - compression: blocks of l keys at stride d, each mapped to one key/value by a learnable MLP with an
