@@ -444,7 +444,6 @@ def run_point(name, config_names, cfg, mode, T, S, B, bw, args) -> list[dict]:
                 cuda_graph=graphed, implementations={**used, **used_timed}, check_rel_err=err, selection_overlap=overlap,
                 free_keys_per_query=keys["free"], fixed_keys_per_query=keys["fixed"], peak_mem_gib=peak,
                 params=cfg)
-    del var, sel
     return [dict(base, config=c) for c in config_names]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # Elements of one chunk's largest intermediate; bounds reference memory (~256 MB in fp32).
@@ -108,3 +107,14 @@ def run_chunk(fn, *args):
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
+
+
+def join_chunks(parts: list, q: torch.Tensor, return_lse: bool):
+    """Per-chunk (out [B, Hkv, G, Tc, D], lse [B, Hkv, G, Tc]) pairs -> out [B, Hq, T, D] in q's dtype
+    (and the LSE [B, Hq, T] when return_lse)."""
+    B, Hq, T, D = q.shape
+    out = torch.cat([o for o, _ in parts], dim=3).reshape(B, Hq, T, D).to(q.dtype)
+    if return_lse:
+        return out, torch.cat([lse for _, lse in parts], dim=3).reshape(B, Hq, T)
+    return out
+

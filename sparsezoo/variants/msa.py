@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..config import AttentionConfig, ConfigError
+from ..config import AttentionConfig
 from ..registry import register_variant
 from ..rope import apply_rope
 from .base import AttentionLayer, WarmupRouting, selection_token_mask

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..common import (chunk_len, gather_rows, gather_selected_tokens, masked_softmax_lse, query_positions, run_chunk,
-                      upcast_grouped)
+from ..common import (chunk_len, gather_rows, gather_selected_tokens, join_chunks, masked_softmax_lse,
+                      query_positions, run_chunk, upcast_grouped)
 
 
 def supports(req) -> str | None:
@@ -28,18 +28,13 @@ def block_sparse_attention_reference(q, k, v, block_idx, block_size: int, scale:
         k, v = k.repeat_interleave(Hs // Hkv, dim=1), v.repeat_interleave(Hs // Hkv, dim=1)
     G = Hq // Hs
     qg, kf, vf = upcast_grouped(q, k, v)
-    outs, lses = [], []
+    parts = []
     step = chunk_len(B * Hs * K * block_size * max(D, G), T)
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         pos = query_positions(T, S, t0, t1, q.device)
-        o, lse = run_chunk(_chunk, qg[:, :, :, t0:t1], kf, vf, block_idx[:, :, t0:t1], pos, block_size, S, scale)
-        outs.append(o)
-        lses.append(lse)
-    out = torch.cat(outs, dim=3).reshape(B, Hq, T, D).to(q.dtype)
-    if return_lse:
-        return out, torch.cat(lses, dim=3).reshape(B, Hq, T)
-    return out
+        parts.append(run_chunk(_chunk, qg[:, :, :, t0:t1], kf, vf, block_idx[:, :, t0:t1], pos, block_size, S, scale))
+    return join_chunks(parts, q, return_lse)
 
 
 run = block_sparse_attention_reference

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import chunk_len, masked_softmax_lse, query_positions, run_chunk, upcast_grouped
+from ..common import chunk_len, join_chunks, masked_softmax_lse, query_positions, run_chunk, upcast_grouped
 
 
 def supports(req) -> str | None:
@@ -23,17 +23,12 @@ def dense_attention_reference(q, k, v, scale: float, return_lse: bool = False):
     B, Hq, T, D = q.shape
     S = k.shape[2]
     qg, kf, vf = upcast_grouped(q, k, v)
-    outs, lses = [], []
+    parts = []
     step = chunk_len(B * Hq * S, T)
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        o, lse = run_chunk(_chunk, qg[:, :, :, t0:t1], kf, vf, query_positions(T, S, t0, t1, q.device), scale)
-        outs.append(o)
-        lses.append(lse)
-    out = torch.cat(outs, dim=3).reshape(B, Hq, T, D).to(q.dtype)
-    if return_lse:
-        return out, torch.cat(lses, dim=3).reshape(B, Hq, T)
-    return out
+        parts.append(run_chunk(_chunk, qg[:, :, :, t0:t1], kf, vf, query_positions(T, S, t0, t1, q.device), scale))
+    return join_chunks(parts, q, return_lse)
 
 
 

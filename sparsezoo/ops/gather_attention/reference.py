@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..common import chunk_len, expand_selection, gather_rows, masked_softmax_lse, run_chunk, upcast_grouped
+from ..common import (chunk_len, expand_selection, gather_rows, join_chunks, masked_softmax_lse, run_chunk,
+                      upcast_grouped)
 
 
 def supports(req) -> str | None:
@@ -28,17 +29,12 @@ def gather_attention_reference(q, k, v, idx, scale: float, return_lse: bool = Fa
     G = Hq // Hkv
     idx = expand_selection(idx, Hkv)
     qg, kf, vf = upcast_grouped(q, k, v)
-    outs, lses = [], []
+    parts = []
     step = chunk_len(B * Hkv * K * max(D, G), T)
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        o, lse = run_chunk(_chunk, qg[:, :, :, t0:t1], kf, vf, idx[:, :, t0:t1], scale)
-        outs.append(o)
-        lses.append(lse)
-    out = torch.cat(outs, dim=3).reshape(B, Hq, T, D).to(q.dtype)
-    if return_lse:
-        return out, torch.cat(lses, dim=3).reshape(B, Hq, T)
-    return out
+        parts.append(run_chunk(_chunk, qg[:, :, :, t0:t1], kf, vf, idx[:, :, t0:t1], scale))
+    return join_chunks(parts, q, return_lse)
 
 
 run = gather_attention_reference

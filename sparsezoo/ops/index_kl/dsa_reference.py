@@ -43,7 +43,7 @@ def _chunk_kl(qi, wf, ki, qh, kf, tok, ok, scale: float, z_scale: float):
 def index_kl_reference(q, k, q_i, w, k_i, key_end, idx, S: int, scale: float, index_scale: float,
                        coeff: float = 1.0, temperature: float = 1.0):
     B, Hq, T, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
+    N = k.shape[2]
     Hs, J = q_i.shape[1], q_i.shape[3]
     dt = compute_dtype(q_i)
     qh = q.detach().to(dt).view(B, Hs, Hq // Hs, T, D)
