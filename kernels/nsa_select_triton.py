@@ -24,8 +24,8 @@ The group shares kc and the selection, so each kc tile feeds one [BM, BE] tensor
    then the GP heads of each token are summed ([TM, GP, NBX] -> [TM, NBX]).
    Candidates are folded into a per-token running top-(topk - 3) of distinct int64 keys
    (score bits << 32 | (2^31 - 1 - id)): one max ranks by score, ties to the smaller id. A chunk
-   runs min(topk - 3, NB) rounds, each moving a row's best remaining candidate in place of its worst
-   kept key when it beats it (a fixed trip count: no loop that branches on a cross-warp reduction).
+   inserts its best remaining candidate while it beats some row's worst kept key, so once the list
+   is warm a chunk costs two reductions.
 3. Output row: the forced blocks in ascending id (0, L - 1, L; only 0 when L = 0, 0 and 1 when
    L = 1), then the kept blocks best-first, then -1: the reference's order, up to floating-point
    near-ties. Exactly min(topk, L + 1) valid ids.
@@ -124,16 +124,17 @@ def _empty_list(R: tl.constexpr, KR: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _insert(top, cand, N: tl.constexpr):
-    """Fold candidate keys [R, C] into the running lists [R, KP]: N rounds (N >= min(C, live slots)), each
-    moves the row's best remaining candidate in place of its worst key when it beats it (keys are distinct).
-    A fixed trip count: no branch on a cross-warp reduction (the former data-dependent while loop)."""
-    for _ in range(N):
-        best = tl.max(cand, axis=1)
-        worst = tl.min(top, axis=1)
+def _insert(top, cand):
+    """Fold candidate keys [R, C] into the running lists [R, KP]: best candidate first, each
+    replaces the row's worst key while it beats it (keys are distinct)."""
+    best = tl.max(cand, axis=1)
+    worst = tl.min(top, axis=1)
+    while tl.max((best > worst).to(tl.int32), axis=0) > 0:
         take = best > worst
         top = tl.where((top == worst[:, None]) & take[:, None], best[:, None], top)
         cand = tl.where(cand == best[:, None], _INVALID, cand)
+        best = tl.max(cand, axis=1)
+        worst = tl.min(top, axis=1)
     return top
 
 
@@ -263,7 +264,7 @@ def _select_kernel(Q, KC, PLSE, PART, OUT, T, S, Sc, Hq, qk2, n_splits, chunks_p
         j = jb - HALO + c
         ok = (tok_ok[:, None] & ((c >= HALO) & (c < HALO + NB) & (j >= 1))[None, :]
               & (j[None, :] <= local[:, None] - 2))
-        top = _insert(top, tl.where(ok, _pack(imp, j[None, :]), _INVALID), min(KR, NB))
+        top = _insert(top, tl.where(ok, _pack(imp, j[None, :]), _INVALID))
     row = (b * Hkv + g) * T + tok
     if FINAL:
         _write_selection(OUT + row * KOUT, top, local, tok_ok, KR, KP, KOUT, KOP)
@@ -282,7 +283,7 @@ def _merge_kernel(PART, OUT, n_rows, T, S, n_splits, RM: tl.constexpr, NC: tl.co
     cand = tl.load(PART + row[:, None] * (n_splits * KR) + c, mask=row_ok[:, None] & (c < n_splits * KR),
                    other=_INVALID)
     cand = tl.where(cand >= 0, cand, _INVALID)  # a split's empty slots
-    top = _insert(_empty_list(RM, KR, KP), cand, KR)
+    top = _insert(_empty_list(RM, KR, KP), cand)
     _write_selection(OUT + row * KOUT, top, local, row_ok, KR, KP, KOUT, KOP)
 
 
