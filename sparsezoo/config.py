@@ -242,12 +242,20 @@ def load_shape(name: str) -> dict[str, Any]:
     return data
 
 
+def packaged_config(name: str | Path) -> Path | None:
+    """A bare name ("msa") that is no file names the packaged configs/<name>.yaml, if there is one."""
+    if Path(name).is_file() or Path(name).suffix or len(Path(name).parts) > 1:
+        return None
+    path = resources.files("sparsezoo.configs").joinpath(f"{name}.yaml")
+    return Path(str(path)) if path.is_file() else None
+
+
 def normalize(config: Any) -> dict[str, Any] | AttentionConfig:
     """A YAML path, a dict or a dataclass -> a dict with shapes resolved, or the dataclass itself."""
     if isinstance(config, AttentionConfig):
         return config
     if isinstance(config, (str, Path)):
-        config = read_yaml(config)
+        config = read_yaml(packaged_config(config) or config)
     if not isinstance(config, dict):
         raise ConfigError(f"a config is a YAML path, a dict or an AttentionConfig, got {type(config).__name__}")
     config = dict(config)

@@ -168,3 +168,11 @@ def test_cache_rejects_overflow_and_mismatch():
         cache.append("k", torch.zeros(1, 2, 1, 4, dtype=torch.float64), seq_dim=2)
     with pytest.raises(ValueError, match="max_batch_size"):
         cache.append("k", torch.zeros(2, 2, 1, 4), seq_dim=2)
+
+
+def test_a_bare_variant_name_uses_the_packaged_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the name must resolve inside the package
+    layer = create_attention("msa")
+    assert type(layer).__name__ == "MSAAttention" and layer.config.block_size == 64
+    with pytest.raises(ConfigError, match="not found: nope"):
+        create_attention("nope")
