@@ -2,6 +2,8 @@
 # One GPU call for the zoo issue: GPU tests of the fast paths, then benchmarks/zoo.py (and the MSA peer).
 # Usage on the device machine:  PART=1 bash scripts/gpu_zoo.sh   (results under $OUT)
 #   PART=1: bf16 kernel tests + zoo prefill and decode;  PART=2: re-checks, zoo fwd+bwd, peers, main job.
+# Carried (ignored by git): .whl/ with the attn-gym and fla-core wheels for the peers (scripts/gpu_setup.sh
+# installs them), and .peers/ with the SGLang MSA peer harness, if you time it beside the zoo.
 source scripts/gpu_setup.sh
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu_zoo}
