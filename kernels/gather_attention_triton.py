@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsezoo.kernels.sparse_attention_triton import _load_rows as _load_tile
+
 LOG2E = 1.4426950408889634  # host side: the kernels write log2(e) and ln(2) as literals (@jit reads no plain globals)
 
 # GPU tiling, an untimed first guess for the H200 (m3, bf16, D = 128, sm_90 builds with triton 3.9: forward
@@ -75,12 +77,6 @@ def split_plan(programs: int, K: int, BN: int, splits: int, n_sms: int, per_sm: 
 
 
 # ----------------------------------------------------------------------------- kernels
-
-@triton.jit
-def _load_tile(PTR, row_off, d, s_d, rows_ok, D: tl.constexpr):
-    """PTR[row_off[r] + d[c] * s_d], 0 where not rows_ok[r] or d[c] >= D."""
-    return tl.load(PTR + row_off[:, None] + d[None, :] * s_d, mask=rows_ok[:, None] & (d[None, :] < D), other=0.0)
-
 
 @triton.jit
 def _gather_rows(P1, P2, ids, ok, N, s1n, s2n, d, s_d, D: tl.constexpr, TWO: tl.constexpr,
