@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsezoo.kernels.decode_indexer import _pack  # int64 key: score, then the smaller block id
+
 LOG2E = 1.4426950408889634
 MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride needs big chunks)
 
@@ -105,14 +107,6 @@ def _n_visible(pos, Sc, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr):
     """Entries visible to position pos (a scalar)."""
     n = tl.where(pos >= BLOCK_LEN - 1, (pos - BLOCK_LEN + 1) // STRIDE + 1, 0)
     return tl.minimum(n, Sc)
-
-
-@triton.jit
-def _pack(score, block_id):
-    """int64 key ordered by score, then by the smaller block id."""
-    bits = score.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) + (0x7FFFFFFF - block_id)
 
 
 @triton.jit
