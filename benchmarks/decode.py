@@ -36,8 +36,9 @@ MAX_ROTATE = 8
 
 
 # ---- timing ---------------------------------------------------------------------------------
-def bench(fn, graph: bool = True) -> tuple[float, bool]:
-    """Median ms of fn (captured in a CUDA graph when possible); returns (ms, graphed)."""
+def bench(fn, graph: bool = True, rep: int = 60) -> tuple[float, bool]:
+    """Median ms of fn (captured in a CUDA graph when possible, timed for about `rep` ms); returns
+    (ms, graphed)."""
     import triton
 
     s = torch.cuda.Stream()
@@ -54,11 +55,11 @@ def bench(fn, graph: bool = True) -> tuple[float, bool]:
                 fn()
             g.replay()
             torch.cuda.synchronize()
-            return triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median"), True
+            return triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median"), True
         except Exception as exc:  # recorded, not hidden: the record says graphed=False
             print(f"  (graph capture failed: {type(exc).__name__}: {str(exc)[:120]}; timing eagerly)")
             torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"), False
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"), False
 
 
 def copy_bandwidth() -> float:

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import decode as decode_bench  # benchmarks/decode.py: CUDA-graph timing and the copy bandwidth
+
 M3 = dict(Hq=64, Hkv=4, D=128)
 CONFIGS = {
     "msa": {"published": dict(block=128, topk=16, Di=128)},
@@ -70,36 +72,12 @@ def bench(fn, reps: int = 5) -> float:
 
 def bench_graph(fn) -> tuple[float, bool]:
     """Median ms of fn replayed from a CUDA graph when it captures; else eager (recorded)."""
-    import triton
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    try:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        g.replay()
-        torch.cuda.synchronize()
-        return float(triton.testing.do_bench(g.replay, warmup=10, rep=80, return_mode="median")), True
-    except Exception as exc:
-        print(f"    graph capture failed ({type(exc).__name__}: {str(exc)[:100]}); timing eagerly", flush=True)
-        torch.cuda.synchronize()
-        return float(triton.testing.do_bench(fn, warmup=10, rep=80, return_mode="median")), False
+    return decode_bench.bench(fn, graph=True, rep=80)
 
 
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second."""
-    import triton
-
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=5, rep=100, return_mode="median")
-    return 2 * (1 << 30) / (ms * 1e-3)
+    return decode_bench.copy_bandwidth() * 1e9
 
 
 # ----------------------------------------------------------------------------- dense baseline
