@@ -206,7 +206,12 @@ class Variant:
                     kc=randn(self.B, M3["Hkv"], Sc, M3["D"], grad=grad), vc=randn(self.B, M3["Hkv"], Sc, M3["D"], grad=grad))
 
     def _inputs_moba(self, grad):
-        return {}
+        if self.T > 1:
+            return {}
+        # decode: the served path keeps the complete blocks' mean keys in its cache (variants/moba.py)
+        from sparsezoo.ops.moba_select.api import block_mean_keys
+
+        return dict(means=block_mean_keys(self.k.float(), self.cfg["block"])[:, :, :(self.S - 1) // self.cfg["block"]])
 
     def as_float(self) -> "Variant":
         """A detached fp32 copy of the first batch item, for the reference (index tensors unchanged)."""
@@ -255,7 +260,7 @@ class Variant:
             return ops.indexer_topk(e["q_i"][:, :, r], e["w"][:, :, r], e["k_i"], e["key_end"], S=S,
                                     topk=c["topk"], scale=1 / math.sqrt(c["Di"]), backend=backend)
         return ops.moba_select(self.q[:, :, r].detach(), self.k.detach(), block_size=c["block"], topk=c["topk"],
-                               backend=backend)
+                               means=e.get("means"), backend=backend)
 
     @property
     def scale(self):
@@ -327,12 +332,16 @@ class Variant:
             sel = pairs / c["block"] * 2 * Hq * D
         return dict(selection=sel, attention=attn, dense=4 * Hq * D * pairs)
 
-    def decode_bytes(self) -> dict:
-        """Bytes one decode step must read per request (bf16), and dense's."""
+    def decode_bytes(self, sel=None) -> dict:
+        """Bytes one decode step must read per request (bf16), and dense's. MoBA's query heads choose
+        blocks independently, so its K/V bytes are the union of the blocks the heads of a KV group
+        chose (measured on `sel`), not one head's budget."""
         c, S = self.cfg, self.S
         Hkv, D = M3["Hkv"], M3["D"]
         kv = 2 * Hkv * D * 2  # K and V per token
         keys = min(sum(self.keys_read().values()), S)
+        if self.name == "moba" and sel is not None:
+            keys = min(S, group_union_blocks(sel, Hkv) * c["block"])
         if self.name == "msa":
             sel = S * c["Di"] * 2
         elif self.name == "nsa":
@@ -340,8 +349,17 @@ class Variant:
         elif self.name in ("dsa", "csa"):
             sel = S / (c.get("m", 1)) * c["Di"] * 2
         else:
-            sel = S / c["block"] * Hkv * D * 2
+            sel = S / c["block"] * Hkv * D * 4  # the cached fp32 block means
         return dict(variant=sel + keys * kv, dense=S * kv)
+
+
+def group_union_blocks(sel: torch.Tensor, Hkv: int) -> float:
+    """Mean over (request, KV group) of the distinct valid blocks the group's query heads selected."""
+    B, Hq, T, K = sel.shape
+    ids = sel.reshape(B, Hkv, -1).long().sort(-1).values
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[..., 1:] = ids[..., 1:] != ids[..., :-1]
+    return float((first & (ids >= 0)).sum(-1).float().mean())
 
 
 # ----------------------------------------------------------------------------- one point
@@ -406,7 +424,7 @@ def run_point(name, config_names, cfg, mode, T, S, B, bw, args) -> list[dict]:
     peak = torch.cuda.max_memory_allocated() / 2**30
     fl = var.flops()
     if mode == "decode":
-        by = var.decode_bytes()
+        by = var.decode_bytes(sel)
         limit = by["dense"] / by["variant"]
         floor_ms = B * by["variant"] / bw * 1e3
     else:
@@ -567,6 +585,8 @@ def tune(T: int) -> None:
                 ms = f"{type(exc).__name__}: {str(exc)[:80]}"
             print(f"tune indexer {name} {T}: {cfg} -> {ms}", flush=True)
         del var
+    _tune_csa_attention(T)
+    _tune_moba_select(T)
     var = Variant("nsa", CONFIGS["nsa"]["published"], 1, T, T, False)
     c = var.cfg
     for cfg in ({}, dict(ROWS=128), dict(BE=128), dict(ROWS=128, BE=128, num_warps=8), dict(num_stages=3)):
@@ -582,6 +602,42 @@ def tune(T: int) -> None:
                          ("selected", lambda: var.attend_part("selected", sel)),
                          ("window", lambda: var.attend_part("window", sel))):
             print(f"tune nsa attention part {part} {T}: {bench(fn):.3f} ms", flush=True)
+
+
+def _timed(fn) -> float | str:
+    try:
+        return bench(fn)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc)[:80]}"
+
+
+def _tune_csa_attention(T: int) -> None:
+    """Gather-attention tiles at CSA's equal-budget prefill point (window + top-k entries)."""
+    from sparsezoo.kernels import gather_attention_triton as ga
+    from sparsezoo.ops.entry_pooling import window_plus_selected
+
+    var = Variant("csa", CONFIGS["csa"]["published"], 1, T, T, False)
+    with torch.no_grad():
+        idx = window_plus_selected(var.select(), T, T, var.cfg["w"])
+        for cfg in ({}, dict(BN=32), dict(BN=128), dict(num_warps=8), dict(BN=128, num_warps=8), dict(num_stages=4)):
+            ms = _timed(lambda: ga.gather_attention_triton(var.q, var.k, var.v, idx, var.scale, config=cfg,
+                                                           k2=var.extra["kc"], v2=var.extra["vc"]))
+            print(f"tune gather csa {T}: {cfg} -> {ms}", flush=True)
+    del var
+
+
+def _tune_moba_select(T: int) -> None:
+    """MoBA gate + top-k tiles, prefill at T and decode (batch 8 over T keys)."""
+    from sparsezoo.kernels import moba_select_triton as ms_kernel
+
+    for B, Tq in ((1, T), (8, 1)):
+        var = Variant("moba", CONFIGS["moba"]["equal_budget"], B, Tq, T, False)
+        c = var.cfg
+        for cfg in ({}, dict(ROWS=64, TM=16), dict(ROWS=256, TM=64), dict(BN=128), dict(BN=32), dict(num_warps=4),
+                    dict(TARGET_PROGRAMS=528), dict(TARGET_PROGRAMS=1056, MIN_SPLIT_CHUNKS=2)):
+            ms = _timed(lambda: ms_kernel.moba_select_triton(var.q, var.k, c["block"], c["topk"], config=cfg))
+            print(f"tune moba_select b{B} T{Tq} S{T}: {cfg} -> {ms}", flush=True)
+        del var
 
 
 def parse(argv=None):

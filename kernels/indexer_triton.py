@@ -434,8 +434,8 @@ def indexer_topk_triton(q_i: torch.Tensor, w: torch.Tensor, k_i: torch.Tensor, k
     Tc = max(1, min(T, cfg["buffer_bytes"] // (4 * B * Hs * N)))
     buf = torch.empty((Tc, B * Hs, N), dtype=torch.float32, device=q_i.device)
     stats = torch.empty((B * Hs * Tc, 2), dtype=torch.int32, device=q_i.device)
-    init = torch.full((2,), _INT32_MIN, dtype=torch.int32, device=q_i.device)  # no host copy: graph-capturable
-    init[0] = _INT32_MAX
+    init = torch.full((2,), _INT32_MIN, dtype=torch.int32, device=q_i.device)
+    init[:1].fill_(_INT32_MAX)  # a fill kernel, not a host-to-device copy: graph-capturable
     flat = out.view(B * Hs, T, topk)
     triton_mode = cfg["topk_mode"] == "triton"
     for t0 in range(0, T, Tc):

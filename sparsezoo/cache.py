@@ -20,6 +20,7 @@ class LayerCache:
         self.pos = 0
         self.batch: int | None = None  # fixed by the first append of a sequence
         self._buffers: dict[str, tuple[torch.Tensor, int]] = {}
+        self._states: dict[str, torch.Tensor] = {}
 
     def append(self, name: str, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
         """Write x's T new tokens at the current position; return the buffer up to pos + T."""
@@ -46,6 +47,17 @@ class LayerCache:
         self._check_batch(batch)
         buf, dim = self._buffers[name]
         return buf[:batch].narrow(dim, 0, self.pos if length is None else length)
+
+    def state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """A persistent tensor of the layer's own (e.g. per-block summaries), zeros when first asked for;
+        the same shape, dtype and device must be asked for every time."""
+        if name not in self._states:
+            self._states[name] = torch.zeros(shape, dtype=dtype, device=device)
+        buf = self._states[name]
+        if tuple(buf.shape) != tuple(shape) or buf.dtype != dtype or buf.device != torch.device(device):
+            raise ValueError(f"cache state {name!r} holds {tuple(buf.shape)} {buf.dtype} on {buf.device}; "
+                             f"got a request for {tuple(shape)} {dtype} on {device}")
+        return buf
 
     def has(self, name: str) -> bool:
         return name in self._buffers

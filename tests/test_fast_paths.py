@@ -142,6 +142,25 @@ def test_selection_auto_is_triton_in_bf16(name):
     _run_selection(name, torch.bfloat16, "cuda", "auto", seed=4, allowed=0.1)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(set(SELECTION) - {"nsa_select"}) + sorted(ATTENTION))
+def test_fast_path_captures_in_a_cuda_graph(name):
+    """Served decode replays the ops from CUDA graphs: no host copy or sync may hide in a launcher."""
+    g = torch.Generator().manual_seed(5)
+    op_name, make = (name, SELECTION[name]) if name in SELECTION else ATTENTION[name]
+    args, kw = make(g)
+    args = _to(args, torch.bfloat16, "cuda")
+    fn = getattr(ops, op_name)
+    want = fn(*args, **kw)  # warm-up: compiles the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = fn(*args, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want) if not got.is_floating_point() else torch.allclose(got, want)
+
+
 def test_every_op_states_its_implementations_and_supports_rules():
     from sparsezoo.ops.dispatch import Request
 

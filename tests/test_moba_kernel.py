@@ -149,6 +149,24 @@ def test_moba_select_decode_splits_are_exact(T, B):
     assert torch.equal(mst.moba_select_from_means(q, means, S, block, topk, {"SPLIT": 2}), base)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_cached_means_give_the_same_selection(backend):
+    """A decode loop passes the complete blocks' means (possibly a longer buffer): same ids as from k."""
+    g = torch.Generator().manual_seed(11)
+    B, Hkv, G, S, T, D, block = 2, 2, 2, 70, 3, 16, 8
+    q = torch.randn(B, Hkv * G, T, D, generator=g).to(DEV)
+    k = torch.randn(B, Hkv, S, D, generator=g).to(DEV)
+    means = moba.block_mean_keys(k.float(), block)
+    spare = torch.nn.functional.pad(means, (0, 0, 0, 5))  # a preallocated buffer longer than needed
+    want = moba.moba_select(q, k, block_size=block, topk=4, backend=backend)
+    for m in (means[:, :, :(S - 1) // block], spare):
+        assert torch.equal(moba.moba_select(q, k, block_size=block, topk=4, means=m, backend=backend), want)
+    with pytest.raises(ValueError, match="complete blocks"):
+        moba.moba_select(q, k, block_size=block, topk=4, means=means[:, :, :2], backend=backend)
+    with pytest.raises(ValueError, match="fp32"):
+        moba.moba_select(q, k, block_size=block, topk=4, means=means.double(), backend=backend)
+
+
 def test_moba_select_rejects_bad_inputs():
     q = torch.randn(1, 4, 4, 8, device=DEV)
     k = torch.randn(1, 3, 8, 8, device=DEV)

@@ -46,14 +46,27 @@ class MoBAAttention(AttentionLayer):
         super().__init__(config)
         self.last_selection: torch.Tensor | None = None
 
-    def select(self, q, k):
+    def select(self, q, k, means=None):
         c = self.config
-        return ops.moba_select(q.detach(), k.detach(), block_size=c.block_size, topk=c.topk,
+        return ops.moba_select(q.detach(), k.detach(), block_size=c.block_size, topk=c.topk, means=means,
                                backend=c.backend_for("moba_select"))
+
+    def cached_means(self, k: torch.Tensor, T: int, cache) -> torch.Tensor:
+        """The mean keys of every complete block, kept in the cache: each block's mean is computed once,
+        when its last token arrives, so a decode step does not reread the whole K."""
+        bs, (B, Hkv, S, D) = self.config.block_size, k.shape
+        means = cache.state("block_means", (cache.max_batch_size, Hkv, cache.max_seq_len // bs, D), torch.float32,
+                            k.device)
+        done, now = (S - T) // bs, S // bs
+        if now > done:
+            new = k[:, :, done * bs:now * bs].detach().float()
+            means[:B, :, done:now] = new.view(B, Hkv, now - done, bs, D).mean(3)
+        return means[:B, :, :now]
 
     def attend(self, x, q, k, v, positions, cache):
         c = self.config
-        sel = self.select(q, k)  # [B, Hq, T, topk]: one selection per query head
+        means = self.cached_means(k, q.shape[2], cache) if cache is not None else None
+        sel = self.select(q, k, means)  # [B, Hq, T, topk]: one selection per query head
         self.last_selection = sel
         return ops.block_sparse_attention(q, k, v, sel, block_size=c.block_size, scale=self.scale,
                                           backend=c.backend_for("block_sparse_attention"))

@@ -11,7 +11,9 @@ def supports(req) -> str | None:
     return None  # any block size, GQA group and head dim
 
 
-def run(q, k, block_size: int, topk: int):
+def run(q, k, block_size: int, topk: int, means=None):
     from sparsezoo.kernels import moba_select_triton
 
-    return moba_select_triton.moba_select_triton(q, k, block_size, topk)
+    if means is None:
+        return moba_select_triton.moba_select_triton(q, k, block_size, topk)
+    return moba_select_triton.moba_select_from_means(q, means, k.shape[2], block_size, topk)

@@ -1,0 +1,55 @@
+"""Kernel-level breakdown of one zoo point (benchmarks/zoo.py's inputs), for finding where time goes.
+
+    python benchmarks/zoo_profile.py --variant dsa --mode decode --batch 8
+    python benchmarks/zoo_profile.py --variant moba --mode prefill --len 131072 --config equal_budget
+
+Prints the CUDA kernels of the selection and of the attention (torch.profiler, one warm run each),
+longest first, and whether the whole step captures in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import zoo
+
+
+def kernel_table(fn, label: str, rows: int) -> None:
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events) / 1e3
+    print(f"-- {label}: {total:.3f} ms of kernels", flush=True)
+    for e in events[:rows]:
+        print(f"   {e.device_time_total / 1e3:9.3f} ms  x{e.count:<4d} {e.key[:110]}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", required=True, choices=sorted(zoo.CONFIGS))
+    p.add_argument("--mode", default="prefill", choices=("prefill", "decode"))
+    p.add_argument("--config", default="equal_budget")
+    p.add_argument("--len", type=int, default=131072, help="sequence length (the cache length in decode)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rows", type=int, default=12)
+    args = p.parse_args(argv)
+    cfg = zoo.CONFIGS[args.variant].get(args.config, zoo.CONFIGS[args.variant]["published"])
+    T = 1 if args.mode == "decode" else args.len
+    var = zoo.Variant(args.variant, cfg, args.batch, T, args.len, False)
+    with torch.no_grad():
+        sel = var.select()
+        kernel_table(lambda: var.select(), f"{args.variant} {args.mode} selection", args.rows)
+        kernel_table(lambda: var.attend(sel), f"{args.variant} {args.mode} attention", args.rows)
+        if args.mode == "decode":
+            ms, graphed = zoo.bench_graph(lambda: var.attend(var.select()))
+            print(f"-- step {ms:.4f} ms, CUDA graph: {graphed}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
