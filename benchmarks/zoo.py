@@ -459,6 +459,8 @@ def run_peers(lengths, args) -> list[dict]:
                          ("attn_gym.lightning_indexer[csa]", _peer_indexer(T, 4, 512)),
                          ("attn_gym.gather_attn[csa,mqa]", _peer_gather(T)),
                          ("fla.parallel_nsa[no window, l=d=64]", _peer_nsa(T))):
+            if args.peer and args.peer not in peer:
+                continue
             rec = dict(card=torch.cuda.get_device_name(), peer=peer, mode="prefill", seq_len=T, batch=1)
             signal.signal(signal.SIGALRM, _peer_timeout)
             signal.alarm(args.peer_timeout)  # a peer's autotuning may not eat the whole GPU call
@@ -655,6 +657,8 @@ def parse(argv=None):
                    help="modes whose dense baseline also times compiled flex (each new shape compiles, ~30 s)")
     p.add_argument("--reps", type=int, default=5, help="timed repeats of ops longer than 20 ms (median)")
     p.add_argument("--peers-only", action="store_true", help="time the peers alone")
+    p.add_argument("--peer", default="", help="only the peers whose name contains this (one process per peer: "
+                                              "a peer's illegal memory access poisons the CUDA context)")
     p.add_argument("--peer-timeout", type=int, default=90, help="seconds per peer, compile and autotune included")
     p.add_argument("--out", default="out/zoo")
     p.add_argument("--tune", action="store_true", help="time kernel tilings of the selection ops at 128k, then exit")

@@ -41,7 +41,7 @@ _HUGE = tl.constexpr(3 << 29)  # larger than every id: "no id"
 # MEAN_ROWS keys per load and MEAN_BLOCKS blocks per block-mean program.
 # A decode launch (fewer than TARGET_PROGRAMS programs) splits the candidates into NSPLIT ranges of
 # at least MIN_SPLIT_CHUNKS chunks; SPLIT > 0 forces NSPLIT.
-MOBA_SELECT_CONFIG = {"ROWS": 128, "TM": 32, "BN": 64, "num_warps": 8, "num_stages": 2,
+MOBA_SELECT_CONFIG = {"ROWS": 128, "TM": 32, "BN": 64, "num_warps": 4, "num_stages": 2,
                       "MEAN_ROWS": 64, "MEAN_BLOCKS": 1, "MERGE_ROWS": 32,
                       "TARGET_PROGRAMS": 264, "MIN_SPLIT_CHUNKS": 4, "SPLIT": 0}
 # Interpreter (CPU tests): small tiles keep them quick.
