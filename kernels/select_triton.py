@@ -25,6 +25,27 @@ _BIG = tl.constexpr(1 << 30)
 
 # Tiling for the GPU (rows = HEADS x TOKENS). Tuned on H100 (docs/prefill.md).
 SELECT_CONFIG = {"HG": 4, "TM": 64, "BN": 128, "num_warps": 8, "num_stages": 3}
+# Shared memory a tiling may plan for: the query tile plus num_stages key tiles (sm_90 grants 227 KB
+# per program; the margin covers Triton's own scratch). fp32 inputs at D_i = 128 need smaller tiles.
+SMEM_BUDGET = 160 * 1024
+
+
+def fit_tiling(HG: int, TM: int, BN: int, stages: int, BD: int, elem: int) -> tuple[int, int]:
+    """(TM, num_stages) within SMEM_BUDGET: drop pipeline stages to 2, then halve TM (>= 16), then
+    drop to one stage. bf16 at the GPU defaults fits as it is."""
+    def need():
+        return (HG * TM * BD + stages * BN * BD) * elem
+
+    while need() > SMEM_BUDGET:
+        if stages > 2:
+            stages -= 1
+        elif TM > 16:
+            TM //= 2
+        elif stages > 1:
+            stages -= 1
+        else:
+            break
+    return TM, stages
 
 
 @triton.jit
@@ -125,6 +146,7 @@ def msa_select_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int,
     if q_idx.device.type != "cuda":  # interpreter: small tiles keep the CPU tests quick
         HG, TM = min(HG, 2), min(TM, 8)
     BN = _key_tile(block_size, cfg["BN"])
+    TM, stages = fit_tiling(HG, TM, BN, cfg["num_stages"], max(_pow2(D), 16), q_idx.element_size())
     KR = topk - 1
     out = torch.empty((B, H, T, topk), dtype=torch.int32, device=q_idx.device)
     grid = (triton.cdiv(T, TM), triton.cdiv(H, HG), B)
@@ -133,7 +155,7 @@ def msa_select_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int,
         *q_idx.stride(), *k_idx.stride(), *out.stride(),
         HG=HG, TM=TM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), KR=KR, KP=max(_pow2(KR), 2),
         KOUT=topk, KOP=max(_pow2(topk), 2), DO_TOPK=do_topk,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=stages)
     return out
 
 

@@ -186,3 +186,27 @@ def test_low_precision_inputs_match_fp64_oracle(p, dtype):
     assert got.dtype == dtype
     tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def test_fp32_index_tiles_fit_shared_memory():
+    """fp32 index queries at D_i = 128 once asked for 256 KB of shared memory (OutOfResources on an H200)."""
+    pytest.importorskip("triton")
+    from sparsezoo.kernels import select_triton as st_kernel
+
+    c = st_kernel.SELECT_CONFIG
+    args = (c["HG"], c["TM"], c["BN"], c["num_stages"], 128)
+    assert st_kernel.fit_tiling(*args, elem=2) == (c["TM"], c["num_stages"])  # bf16: the tuned tiles, unchanged
+    TM, stages = st_kernel.fit_tiling(*args, elem=4)
+    assert (c["HG"] * TM * 128 + stages * c["BN"] * 128) * 4 <= st_kernel.SMEM_BUDGET and TM >= 16
+
+
+@pytest.mark.gpu
+def test_fp32_auto_selection_runs_at_index_dim_128():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 4, 8192, 128, device="cuda", generator=g)
+    k = torch.randn(1, 8192, 128, device="cuda", generator=g)
+    with ops.track_implementations() as used:
+        got = ops.msa_select(q, k, block_size=128, topk=16)
+    assert used["msa_select"] == "triton"
+    want = ops.msa_select(q[:, :, -256:].double(), k.double(), block_size=128, topk=16, backend="reference")
+    assert (got[:, :, -256:].sort(-1).values == want.sort(-1).values).float().mean() > 0.99
