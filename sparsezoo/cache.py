@@ -20,7 +20,7 @@ class LayerCache:
         self.pos = 0
         self.batch: int | None = None  # fixed by the first append of a sequence
         self._buffers: dict[str, tuple[torch.Tensor, int]] = {}
-        self._states: dict[str, torch.Tensor] = {}
+        self._derived: dict[str, torch.Tensor] = {}
 
     def append(self, name: str, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
         """Write x's T new tokens at the current position; return the buffer up to pos + T."""
@@ -48,16 +48,13 @@ class LayerCache:
         buf, dim = self._buffers[name]
         return buf[:batch].narrow(dim, 0, self.pos if length is None else length)
 
-    def state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-        """A persistent tensor of the layer's own (e.g. per-block summaries), zeros when first asked for;
-        the same shape, dtype and device must be asked for every time."""
-        if name not in self._states:
-            self._states[name] = torch.zeros(shape, dtype=dtype, device=device)
-        buf = self._states[name]
-        if tuple(buf.shape) != tuple(shape) or buf.dtype != dtype or buf.device != torch.device(device):
-            raise ValueError(f"cache state {name!r} holds {tuple(buf.shape)} {buf.dtype} on {buf.device}; "
-                             f"got a request for {tuple(shape)} {dtype} on {device}")
-        return buf
+    def derived(self, name: str) -> torch.Tensor | None:
+        """A summary a variant stored with set_derived and can rebuild from the buffers (per-block mean
+        keys, say); None after reset()."""
+        return self._derived.get(name)
+
+    def set_derived(self, name: str, x: torch.Tensor) -> None:
+        self._derived[name] = x
 
     def has(self, name: str) -> bool:
         return name in self._buffers
@@ -68,6 +65,7 @@ class LayerCache:
     def reset(self) -> None:
         self.pos = 0
         self.batch = None
+        self._derived = {}
 
     def _check_batch(self, B: int) -> None:
         if self.batch is not None and B != self.batch:

@@ -55,13 +55,16 @@ class MoBAAttention(AttentionLayer):
         """The mean keys of every complete block, kept in the cache: each block's mean is computed once,
         when its last token arrives, so a decode step does not reread the whole K."""
         bs, (B, Hkv, S, D) = self.config.block_size, k.shape
-        means = cache.state("block_means", (cache.max_batch_size, Hkv, cache.max_seq_len // bs, D), torch.float32,
-                            k.device)
         done, now = (S - T) // bs, S // bs
+        means = cache.derived("moba_block_means")
+        if means is None or means.shape[0] != B or means.shape[2] < done:
+            means, done = k.new_zeros((B, Hkv, 0, D), dtype=torch.float32), 0
+        means = means[:, :, :done]
         if now > done:
-            new = k[:, :, done * bs:now * bs].detach().float()
-            means[:B, :, done:now] = new.view(B, Hkv, now - done, bs, D).mean(3)
-        return means[:B, :, :now]
+            new = k[:, :, done * bs:now * bs].detach().float().view(B, Hkv, now - done, bs, D).mean(3)
+            means = torch.cat([means, new], dim=2)
+        cache.set_derived("moba_block_means", means)
+        return means
 
     def attend(self, x, q, k, v, positions, cache):
         c = self.config

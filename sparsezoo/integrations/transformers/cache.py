@@ -24,6 +24,7 @@ class SparseCacheLayer(DynamicLayer):
     def __init__(self):
         super().__init__()
         self.extras: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (tensor, its sequence dim)
+        self._derived: dict[str, torch.Tensor] = {}  # summaries a variant can rebuild from the buffers
 
     # -- the LayerCache protocol of sparsezoo variants ----------------------------------------------
     def append(self, name: str, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -37,15 +38,24 @@ class SparseCacheLayer(DynamicLayer):
         self.extras[name] = (x, seq_dim)
         return x
 
+    def derived(self, name: str) -> torch.Tensor | None:
+        """A summary the variant stored with set_derived (None after any change to the cache's batch or length)."""
+        return self._derived.get(name)
+
+    def set_derived(self, name: str, x: torch.Tensor) -> None:
+        self._derived[name] = x
+
     # -- keep the buffers in step with K/V ----------------------------------------------------------
     def _map_extras(self, fn) -> None:
         self.extras = {name: (fn(t, dim), dim) for name, (t, dim) in self.extras.items()}
+        self._derived = {}
 
     def reset(self) -> None:
         super().reset()
         self.keys = self.values = None  # dropped, not zeroed: they grow by concatenation
         self.is_initialized = False
         self.extras = {}
+        self._derived = {}
 
     def crop(self, *args, **kwargs) -> None:
         super().crop(*args, **kwargs)
