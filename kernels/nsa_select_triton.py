@@ -65,7 +65,7 @@ NSA_SELECT_CONFIG = {"ROWS": 64, "BE": 64, "BE_LSE": 128, "CHUNKS": 8, "num_warp
                      "waves": 2, "lse_min_tiles": 4, "lse_splits": None, "buffer_bytes": 1 << 30,
                      "select_block": 1024, "select_bins": 64, "select_cap": 4096, "select_warps": 8, "split": None}
 # interpreter: few programs, many chunk and range edges
-_INTERPRET_CONFIG = {"ROWS": 64, "BE": 16, "BE_LSE": 64, "CHUNKS": 2, "select_block": 64, "select_warps": 4}
+_INTERPRET_CONFIG = {"ROWS": 64, "BE": 16, "BE_LSE": 64, "CHUNKS": 2, "select_block": 64}
 _INTERPRET_SMS = 4
 _POW2_KEYS = ("ROWS", "BE", "BE_LSE", "select_block", "select_bins", "select_cap")
 
