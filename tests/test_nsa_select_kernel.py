@@ -3,11 +3,11 @@
 On the CPU the kernels run under TRITON_INTERPRET=1 in fp32 (fp16 once) on tiny shapes; the bf16
 cases at the paper's configuration run on the GPU (marked gpu).
 
-Per output row: the count of valid ids and the -1 padding are exact; the forced blocks (0, L - 1, L)
-come first and are exact; the freely chosen blocks are distinct candidates 1 <= j <= L - 2, listed
-best-first, whose importances (fp64, or fp32 on the GPU) equal the reference's chosen ones as
-multisets within EPS. EPS allows near-ties to swap ids: the kernel sums probabilities in another
-order and with an fp16 hi/lo split (about 2^-21 relative), far below EPS.
+Per output row: exactly min(topk, L + 1) valid ids, strictly ascending, of visible blocks, then -1;
+the forced blocks (0, L - 1, L, or the prefix of them the reference keeps when topk < 3) are
+present; the other (free) blocks' importances (fp64, or fp32 on the GPU) equal the reference's free
+blocks' as multisets within EPS. EPS allows near-ties to swap ids: the kernel sums probabilities in
+another order and with an fp16 hi/lo split (about 2^-21 relative), far below EPS.
 """
 
 import math
@@ -54,36 +54,57 @@ def importance(q, kc, S, block_len, stride, sel_block, scale, dtype, chunk=512):
     return out
 
 
+def ascending(sel):
+    """Valid ids of each row in ascending order, then -1 (the kernel's order)."""
+    big = torch.iinfo(sel.dtype).max
+    s = torch.sort(torch.where(sel >= 0, sel, big), dim=-1).values
+    return torch.where(s == big, -1, s)
+
+
+def natural_lse(q, kc, S, block_len, stride, scale, chunk=512):
+    """fp64 natural-log LSE [B, Hq, T] of the compressed attention's scores over the visible entries."""
+    B, Hq, T, D = q.shape
+    Hkv, Sc = kc.shape[1], kc.shape[2]
+    qg = q.double().view(B, Hkv, Hq // Hkv, T, D)
+    parts = []
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        ok = compressed_visible(query_positions(T, S, t0, t1, q.device), Sc, block_len, stride)
+        s = torch.einsum("bhgtd,bhsd->bhgts", qg[:, :, :, t0:t1], kc.double()) * scale
+        parts.append(masked_softmax_lse(s, ok)[1])
+    return torch.cat(parts, dim=3).reshape(B, Hq, T)
+
+
 def assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, scale, eps, dtype=torch.float64):
+    """Row format exact (ascending ids of visible blocks, then -1), forced blocks exact, the free
+    blocks' importances equal the reference's as multisets within eps."""
     B, Hkv, T, _ = got.shape
     assert got.dtype == torch.int32 and got.shape == (B, Hkv, T, topk)
-    qr, kr = q.to(dtype), kc.to(dtype)
-    want = ops.nsa_select(qr, kr, S=S, block_len=block_len, stride=stride, sel_block=sel_block, topk=topk,
-                          scale=scale, backend="reference")
+    want = ops.nsa_select(q.to(dtype), kc.to(dtype), S=S, block_len=block_len, stride=stride, sel_block=sel_block,
+                          topk=topk, scale=scale, backend="reference")
     imp = importance(q, kc, S, block_len, stride, sel_block, scale, dtype)
     local = (query_positions(T, S, 0, T, got.device) // sel_block).view(T, 1)
     slot = torch.arange(topk, device=got.device).view(1, topk)
     n_valid = torch.clamp(local + 1, max=topk)
-    assert torch.equal(got >= 0, (slot < n_valid).expand_as(got)), "valid ids fill exactly the first min(topk, L+1)"
-    assert (got[got < 0] == -1).all()
-    n_forced = torch.clamp(torch.where(local >= 2, 3, local + 1), max=topk)
-    forced = slot < n_forced
-    assert torch.equal(got[..., forced.expand(T, topk)], want[..., forced.expand(T, topk)]), "forced blocks"
-    free = ((slot >= n_forced) & (slot < n_valid)).expand_as(got)
+    valid = (slot < n_valid).expand_as(got)
+    assert torch.equal(got >= 0, valid), "valid ids fill exactly the first min(topk, L+1)"
+    assert (got[~valid] == -1).all()
     ids = got.long()
-    assert ((ids >= 1) & (ids <= local - 2))[free].all(), "free blocks must be earlier than L - 1, not 0"
-    sorted_ids = torch.sort(torch.where(free, ids, -1 - slot), dim=-1).values
-    assert (sorted_ids[..., 1:] != sorted_ids[..., :-1]).all(), "ids must be distinct"
+    assert ((ids >= 0) & (ids <= local))[valid].all(), "ids of visible blocks only"
+    assert (ids[..., 1:] > ids[..., :-1])[valid[..., 1:]].all(), "ids strictly ascending (so distinct)"
+    forced = valid & ((ids == 0) | (ids >= local - 1))
+    n_forced = torch.clamp(torch.where(local >= 2, 3, local + 1), max=topk)
+    big = torch.iinfo(torch.int64).max
+    want_forced = torch.sort(torch.where(slot < n_forced, want.long(), big), dim=-1).values
+    assert torch.equal(torch.sort(torch.where(forced, ids, big), dim=-1).values, want_forced), \
+        "forced blocks (0, L - 1, L; a prefix of them when topk < 3)"
 
-    def free_scores(sel):
+    def free_scores(sel, free):
         v = torch.gather(imp, -1, sel.long().clamp_min(0))
-        return torch.where(free, v, float("-inf"))
+        return torch.sort(torch.where(free, v, float("-inf")), dim=-1, descending=True).values
 
-    got_v = free_scores(got)
-    pairs = free[..., 1:] & free[..., :-1]
-    assert (got_v[..., 1:] <= got_v[..., :-1] + eps)[pairs].all(), "free blocks are listed best-first"
-    got_sorted = torch.sort(got_v, dim=-1, descending=True).values
-    want_sorted = torch.sort(free_scores(want), dim=-1, descending=True).values
+    got_sorted = free_scores(got, valid & ~forced)
+    want_sorted = free_scores(want, ((slot >= n_forced) & (slot < n_valid)).expand_as(want))
     fin = torch.isfinite(want_sorted)
     assert torch.equal(torch.isfinite(got_sorted), fin)
     torch.testing.assert_close(got_sorted[fin], want_sorted[fin], atol=eps, rtol=0)
@@ -101,10 +122,10 @@ def random_inputs(B, Hkv, G, T, S, D, block_len, stride, seed, dtype=torch.float
 
 @settings(max_examples=10)
 @given(geom=st.sampled_from(GEOMETRIES), G=st.sampled_from([1, 2, 3, 4]), Hkv=st.integers(1, 2), S=st.integers(1, 160),
-       frac=st.floats(0.02, 1.0), topk=st.integers(3, 10), seed=st.integers(0, 2**16))
+       frac=st.floats(0.02, 1.0), topk=st.integers(1, 10), seed=st.integers(0, 2**16))
 def test_matches_reference(geom, G, Hkv, S, frac, topk, seed):
     block_len, stride, sel_block = geom
-    T = max(1, int(S * frac))
+    T = max(1, int(min(S, 48) * frac))  # the select runs one interpreted program per row: few rows
     q, kc = random_inputs(3 - Hkv, Hkv, G, T, S, 16, block_len, stride, seed)  # B * Hkv = 2
     got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25)
     assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
@@ -113,44 +134,83 @@ def test_matches_reference(geom, G, Hkv, S, frac, topk, seed):
 @pytest.mark.parametrize("geom,G,T,S,topk", [((8, 4, 16), 2, 256, 256, 8), ((32, 16, 64), 4, 40, 300, 5),
                                              ((5, 3, 8), 1, 64, 250, 10)])
 def test_long_and_chunked(geom, G, T, S, topk):
-    """Many chunks per tile (the halo between chunks), full prefill and a chunked suffix."""
+    """Many chunks and chunk ranges per tile (the halo between chunks), full prefill and a chunked suffix."""
     block_len, stride, sel_block = geom
     q, kc = random_inputs(1, 1, G, T, S, 16, block_len, stride, seed=S + T)
     got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25)
     assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
 
 
-@pytest.mark.parametrize("geom,G,T,n_splits", [((8, 4, 16), 4, 1, None), ((8, 4, 16), 4, 1, 3),
-                                               ((4, 4, 8), 2, 3, 2), ((5, 3, 8), 1, 4, 5)])
-def test_decode_split(geom, G, T, n_splits):
-    """Decode shapes: the entry axis split over programs (partial LSEs, partial lists, merge)."""
+@pytest.mark.parametrize("geom,G,T,lse_splits,split", [((8, 4, 16), 4, 1, None, 2), ((8, 4, 16), 4, 1, 3, 3),
+                                                       ((4, 4, 8), 2, 3, 2, 4), ((5, 3, 8), 1, 4, 5, 2)])
+def test_decode_split(geom, G, T, lse_splits, split):
+    """Decode shapes: partial LSEs over split entry ranges, and the select's rows split into
+    segments (same ids as one segment)."""
     block_len, stride, sel_block = geom
-    S = 290
+    S, topk = 290, 9
     q, kc = random_inputs(2, 1, G, T, S, 16, block_len, stride, seed=T * 7 + G)
-    cfg = {"n_splits": n_splits, "BE_LSE": 16}  # small LSE tiles: every split holds part of the softmax mass
-    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, 9, 0.25, config=cfg)
-    assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, 9, 0.25, EPS_CPU)
+    # small LSE steps, one per split at least: every split holds part of the mass; small select
+    # steps: segments of 16 blocks
+    base = {"lse_splits": lse_splits, "lse_min_tiles": 1, "BE_LSE": 16, "select_block": 16}
+    one = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={**base, "split": 1})
+    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={**base, "split": split})
+    assert torch.equal(got, one)
+    assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
+
+
+def test_query_chunks():
+    """A tiny buffer bound: chunks of 3 queries (the last one partial): same ids as one chunk."""
+    block_len, stride, sel_block, S, T, topk = 8, 4, 16, 280, 10, 6  # 18 blocks, select scratch 32 ids
+    q, kc = random_inputs(1, 2, 2, T, S, 16, block_len, stride, seed=5)
+    whole = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25)
+    chunked = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25,
+                                config={"buffer_bytes": 3 * 2 * 4 * (18 + 32 + 2)})
+    assert torch.equal(chunked, whole)
+    assert_selection_matches(chunked, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
+
+
+def test_radix_select():
+    """Few histogram bins and a tiny candidate cap: the select's radix passes run on importances."""
+    block_len, stride, sel_block, S, T, topk = 8, 4, 8, 200, 12, 11
+    q, kc = random_inputs(1, 2, 2, T, S, 16, block_len, stride, seed=9)
+    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25,
+                            config={"select_bins": 4, "select_cap": 2, "select_block": 32})
+    assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
+
+
+def test_given_lse():
+    """A caller's natural-log LSE replaces the LSE pass: the true one gives the reference's
+    selection; one that mutes every second head (LSE + 40) gives the selection of the other heads."""
+    block_len, stride, sel_block, S, T, topk = 8, 4, 16, 200, 16, 7
+    q, kc = random_inputs(2, 1, 2, T, S, 16, block_len, stride, seed=21)
+    lse = natural_lse(q, kc, S, block_len, stride, 0.25)
+    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, lse=lse.float())
+    assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
+    muted = lse.clone()
+    muted[:, 1::2] += 40.0
+    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, lse=muted.float())
+    assert_selection_matches(got, q[:, 0::2], kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
 
 
 def test_fp16_and_strided_inputs():
     block_len, stride, sel_block = 8, 4, 16
-    q, kc = random_inputs(2, 2, 2, 40, 120, 16, block_len, stride, seed=3, dtype=torch.float16)
+    q, kc = random_inputs(2, 2, 2, 16, 120, 16, block_len, stride, seed=3, dtype=torch.float16)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, T, H, D] storage
     got = nsa_select_triton(q, kc, 120, block_len, stride, sel_block, 6, 0.25)
     assert_selection_matches(got, q, kc, 120, block_len, stride, sel_block, 6, 0.25, 1e-4, torch.float32)
 
 
-@pytest.mark.parametrize("topk", [2, 3, 7])
+@pytest.mark.parametrize("topk", [1, 2, 3, 7])
 def test_ties_and_forced_only(topk):
     """No compressed entry yet (Sc = 0): every importance is 0, the free blocks tie and go to the
     smallest ids; topk <= 3 keeps only (a prefix of) the forced blocks. Exact ids."""
-    S, T, sel_block = 150, 40, 8
+    S, T, sel_block = 150, 20, 8
     q = torch.randn(1, 4, T, 16, device=DEV)
     kc = torch.zeros(1, 2, 0, 16, device=DEV)
     got = nsa_select_triton(q, kc, S, 200, 8, sel_block, topk, 0.25)
     want = ops.nsa_select(q, kc, S=S, block_len=200, stride=8, sel_block=sel_block, topk=topk, scale=0.25,
                           backend="reference")
-    assert torch.equal(got, want)
+    assert torch.equal(got, ascending(want))
 
 
 def test_rejects_what_it_cannot_run():
@@ -161,33 +221,37 @@ def test_rejects_what_it_cannot_run():
         nsa_select_triton(q, kc, 40, 8, 1, 1024, 4, 0.25)  # one block spans 1024 entries
     with pytest.raises(ValueError, match="power of two"):
         nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, config={"BE": 24})
+    with pytest.raises(ValueError, match="unknown"):
+        nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, config={"n_splits": 2})
+    with pytest.raises(ValueError, match="lse"):
+        nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, lse=torch.zeros(1, 1, 5))
 
 
 # ----------------------------------------------------------------------------- GPU (bf16, paper config)
 
 PAPER = dict(block_len=32, stride=16, sel_block=64, topk=16)
-# Seen on an H200 (torch 2.11, triton 3.6): malformed rows at 8k and an illegal memory access at 32k.
-# The kernel is off on GPUs (sparsezoo/ops/nsa_select/triton.py) until these pass.
-GPU_BROKEN = pytest.mark.xfail(reason="NSA selection kernel fails on the GPU (malformed rows, illegal access)",
-                               strict=False)
 
 
-@pytest.mark.gpu
-@GPU_BROKEN
-def test_gpu_prefill_paper_config():
-    S = T = 8192
-    q, kc = random_inputs(1, 4, 16, T, S, 128, 32, 16, seed=1, dtype=torch.bfloat16, q_std=1.0)
+def _gpu_case(B, T, S, seed, config=None, given_lse=False):
+    q, kc = random_inputs(B, 4, 16, T, S, 128, 32, 16, seed=seed, dtype=torch.bfloat16, q_std=1.0)
     scale = 128 ** -0.5
-    got = nsa_select_triton(q, kc, S, PAPER["block_len"], PAPER["stride"], PAPER["sel_block"], PAPER["topk"], scale)
+    lse = natural_lse(q, kc, S, 32, 16, scale).float() if given_lse else None
+    got = nsa_select_triton(q, kc, S, *PAPER.values(), scale, config=config, lse=lse)
+    torch.cuda.synchronize()
     assert_selection_matches(got, q, kc, S, *PAPER.values(), scale, EPS_GPU, torch.float32)
 
 
 @pytest.mark.gpu
-@GPU_BROKEN
-@pytest.mark.parametrize("B,T", [(1, 1), (8, 4)])
-def test_gpu_decode_paper_config(B, T):
-    S = 32768
-    q, kc = random_inputs(B, 4, 16, T, S, 128, 32, 16, seed=2, dtype=torch.bfloat16, q_std=1.0)
-    scale = 128 ** -0.5
-    got = nsa_select_triton(q, kc, S, PAPER["block_len"], PAPER["stride"], PAPER["sel_block"], PAPER["topk"], scale)
-    assert_selection_matches(got, q, kc, S, *PAPER.values(), scale, EPS_GPU, torch.float32)
+@pytest.mark.parametrize("T,config,given_lse", [(8192, None, False), (8192, None, True),
+                                                (32768, {"buffer_bytes": 1 << 28}, False)])
+def test_gpu_prefill_paper_config(T, config, given_lse):
+    """bf16 prefill, batch 2 (8k also with the LSE given; 32k in five query chunks): every row
+    well-formed and set-equal to the fp32 reference up to near-ties."""
+    _gpu_case(2, T, T, seed=1, config=config, given_lse=given_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,S", [(1, 1, 32768), (8, 4, 32768), (2, 1, 131072), (1, 2048, 32768)])
+def test_gpu_decode_and_chunked_prefill_paper_config(B, T, S):
+    """Decode (few rows: split LSE pass, split select rows) and a chunked-prefill suffix."""
+    _gpu_case(B, T, S, seed=2)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.util
 
 
-# On an H200 (torch 2.11, triton 3.6) the kernel faulted with an illegal memory access at 32k tokens
-# and returned malformed rows at 8k, while every interpreter test passes: it stays off until fixed.
+# On an H200 (torch 2.11, triton 3.6) the former kernel (a running top-k per token) faulted with an
+# illegal memory access at 32k tokens and returned malformed rows at 8k. The rewrite (importance
+# buffer + the indexer's select) stays off on GPUs until its GPU tests pass.
 GPU_VALIDATED = False
 
 
