@@ -571,11 +571,12 @@ def ints_of(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def tune(T: int) -> None:
-    """Tilings of the indexer and NSA selection kernels at prefill length T (median ms, printed)."""
+def tune(T: int, parts: list[str]) -> None:
+    """Tilings of the selection kernels at prefill length T (median ms, printed); parts: indexer, gather,
+    moba, nsa."""
     from sparsezoo.kernels import indexer_triton, nsa_select_triton
 
-    for name in ("dsa", "csa"):
+    for name in ("dsa", "csa") if "indexer" in parts else ():
         var = Variant(name, CONFIGS[name]["published"], 1, T, T, False)
         e, c = var.extra, var.cfg
         for cfg in ({}, dict(TM=128, BN=128), dict(TM=64, BN=128), dict(TM=128, BN=64), dict(TM=128, BN=128, num_warps=8),
@@ -587,11 +588,16 @@ def tune(T: int) -> None:
                 ms = f"{type(exc).__name__}: {str(exc)[:80]}"
             print(f"tune indexer {name} {T}: {cfg} -> {ms}", flush=True)
         del var
-    _tune_csa_attention(T)
-    _tune_moba_select(T)
+    if "gather" in parts:
+        _tune_csa_attention(T)
+    if "moba" in parts:
+        _tune_moba_select(T)
+    if "nsa" not in parts:
+        return
     var = Variant("nsa", CONFIGS["nsa"]["published"], 1, T, T, False)
     c = var.cfg
-    for cfg in ({}, dict(ROWS=128), dict(BE=128), dict(ROWS=128, BE=128, num_warps=8), dict(num_stages=3)):
+    for cfg in ({}, dict(ROWS=128), dict(BE=128), dict(ROWS=128, BE=128, num_warps=8), dict(num_stages=3),
+                dict(CHUNKS=16), dict(CHUNKS=4), dict(num_warps=8), dict(select_block=512), dict(BE_LSE=64)):
         try:
             ms = bench(lambda: nsa_select_triton.nsa_select_triton(var.q, var.extra["kc"], T, c["l"], c["d"], c["lsel"],
                                                                    c["n"], var.scale, config=cfg))
@@ -662,6 +668,7 @@ def parse(argv=None):
     p.add_argument("--peer-timeout", type=int, default=90, help="seconds per peer, compile and autotune included")
     p.add_argument("--out", default="out/zoo")
     p.add_argument("--tune", action="store_true", help="time kernel tilings of the selection ops at 128k, then exit")
+    p.add_argument("--tune-parts", default="indexer,gather,moba,nsa")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="no GPU: merge the records of earlier runs' JSON files and write the reports to --out")
     p.add_argument("--note", action="append", default=[], metavar="TEXT", help="a line for the report's notes")
@@ -701,7 +708,7 @@ def main(argv=None):
     if args.render:
         return render(args.render, Path(args.out), args.note)
     if args.tune:
-        return tune(ints_of(args.lengths)[-1])
+        return tune(ints_of(args.lengths)[-1], args.tune_parts.split(","))
     if not torch.cuda.is_available():
         sys.exit("benchmarks/zoo.py needs a CUDA device")
     cmd = "python benchmarks/zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -333,6 +333,14 @@ def _check_inputs(q_i, w, k_i, key_end, topk):
         raise ValueError(f"topk must be >= 1, got {topk}")
 
 
+def stats_init(device) -> torch.Tensor:
+    """The empty (min, max) of a stats row. Fill kernels, not a host-to-device copy, so a launcher that
+    builds it can be captured in a CUDA graph."""
+    init = torch.full((2,), _INT32_MIN, dtype=torch.int32, device=device)
+    init[:1].fill_(_INT32_MAX)
+    return init
+
+
 def _resolve_config(config, device) -> dict:
     cfg = dict(CONFIG)
     if device.type != "cuda":
@@ -434,8 +442,7 @@ def indexer_topk_triton(q_i: torch.Tensor, w: torch.Tensor, k_i: torch.Tensor, k
     Tc = max(1, min(T, cfg["buffer_bytes"] // (4 * B * Hs * N)))
     buf = torch.empty((Tc, B * Hs, N), dtype=torch.float32, device=q_i.device)
     stats = torch.empty((B * Hs * Tc, 2), dtype=torch.int32, device=q_i.device)
-    init = torch.full((2,), _INT32_MIN, dtype=torch.int32, device=q_i.device)
-    init[:1].fill_(_INT32_MAX)  # a fill kernel, not a host-to-device copy: graph-capturable
+    init = stats_init(q_i.device)
     flat = out.view(B * Hs, T, topk)
     triton_mode = cfg["topk_mode"] == "triton"
     for t0 in range(0, T, Tc):

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsezoo.kernels.indexer_triton import _ordered_key, _select_triton
+from sparsezoo.kernels.indexer_triton import _ordered_key, _select_triton, stats_init
 
 LOG2E = 1.4426950408889634
 MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride needs big chunks)
@@ -367,8 +367,7 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
     Tc = max(1, min(T, cfg["buffer_bytes"] // (B * Hkv * row_bytes)))
     buf = torch.empty((Tc, B * Hkv, n_blocks), dtype=torch.float32, device=q.device)
     stats = torch.empty((Tc * B * Hkv, 2), dtype=torch.int32, device=q.device)
-    init = torch.full((2,), _INT32_MIN, dtype=torch.int32, device=q.device)  # no host copy: graph-capturable
-    init[0] = _INT32_MAX
+    init = stats_init(q.device)
     positions = torch.arange(S - T, S, device=q.device, dtype=torch.int64)
     nvis = (positions // sel_block + 1).to(torch.int32)  # blocks 0..L
     n_chunks = triton.cdiv(n_blocks, NB)

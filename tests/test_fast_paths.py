@@ -137,13 +137,13 @@ def test_attention_auto_is_triton_and_exact_in_bf16(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", sorted(set(SELECTION) - {"nsa_select"}))  # its kernel is off on GPUs
+@pytest.mark.parametrize("name", sorted(SELECTION))
 def test_selection_auto_is_triton_in_bf16(name):
     _run_selection(name, torch.bfloat16, "cuda", "auto", seed=4, allowed=0.1)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", sorted(set(SELECTION) - {"nsa_select"}) + sorted(ATTENTION))
+@pytest.mark.parametrize("name", sorted(SELECTION) + sorted(ATTENTION))
 def test_fast_path_captures_in_a_cuda_graph(name):
     """Served decode replays the ops from CUDA graphs: no host copy or sync may hide in a launcher."""
     g = torch.Generator().manual_seed(5)

@@ -1,8 +1,7 @@
 """Which implementation `auto` would run on a CUDA device for every op of the GPU main job
 (configs/compare_gpu.yaml), decided on the CPU from the same supports() rules the GPU run uses.
 
-The GPU main job must report no reference implementation. The one known exception is NSA's
-selection, whose Triton kernel failed its GPU validation and is off on GPUs (docs/ops.md)."""
+The GPU main job must report no reference implementation."""
 
 from pathlib import Path
 
@@ -17,7 +16,6 @@ pytest.importorskip("triton")
 
 JOB = load_job_config(str(Path(__file__).resolve().parents[1] / "configs" / "compare_gpu.yaml"), device="cpu")
 TRAINING_ONLY = {"msa_index_kl", "index_kl"}  # the main job runs forward passes
-KNOWN_REFERENCE = {("nsa", "nsa_select")}
 
 
 def planned(name: str) -> dict[str, str]:
@@ -34,5 +32,5 @@ def planned(name: str) -> dict[str, str]:
 @pytest.mark.parametrize("name", list_variants())
 def test_gpu_main_job_runs_no_reference_op(name):
     plan = planned(name)
-    slow = {op for op, impl in plan.items() if impl == "reference"} - {op for v, op in KNOWN_REFERENCE if v == name}
+    slow = {op for op, impl in plan.items() if impl == "reference"}
     assert not slow, f"{name} would run the reference for {sorted(slow)} on a GPU: {plan}"
