@@ -122,24 +122,29 @@ class NSAAttention(AttentionLayer):
         return g.permute(3, 0, 2, 1)[..., None]
 
     def branches(self, x, q, k, v, positions, cache):
-        """Compressed keys/values and the selection, shared by attend() and kv_pattern()."""
-        c = self.config
-        S = k.shape[2]
+        """Compressed keys/values and the window branch's keys/values, shared by attend() and kv_pattern()."""
         k_c, v_c = self.branch_kv(x, positions, cache, "cmp", k, v)
         k_w, v_w = self.branch_kv(x, positions, cache, "win", k, v)
-        kc, vc = self.compress_k(k_c), self.compress_v(v_c)
-        sel = ops.nsa_select(q.detach(), kc.detach(), S=S, block_len=c.cmp_block, stride=c.cmp_stride,
-                             sel_block=c.sel_block, topk=c.sel_topk, scale=self.scale,
-                             backend=c.backend_for("nsa_select"))
-        return kc, vc, k_w, v_w, sel
+        return self.compress_k(k_c), self.compress_v(v_c), k_w, v_w
+
+    def select(self, q, kc, S: int, lse=None):
+        c = self.config
+        return ops.nsa_select(q.detach(), kc.detach(), S=S, block_len=c.cmp_block, stride=c.cmp_stride,
+                              sel_block=c.sel_block, topk=c.sel_topk, scale=self.scale, lse=lse,
+                              backend=c.backend_for("nsa_select"))
 
     def attend(self, x, q, k, v, positions, cache):
         c = self.config
         S = k.shape[2]
-        kc, vc, k_w, v_w, sel = self.branches(x, q, k, v, positions, cache)
-        self.last_selection = sel
+        kc, vc, k_w, v_w = self.branches(x, q, k, v, positions, cache)
+        # on a GPU the compressed branch also returns its LSE, so the selection need not recompute it
+        # (compiled flex cannot return it on the CPU, where the selection computes its own)
         o_cmp = ops.compressed_attention(q, kc, vc, S=S, block_len=c.cmp_block, stride=c.cmp_stride,
-                                         scale=self.scale, backend=c.backend_for("compressed_attention"))
+                                         scale=self.scale, return_lse=q.is_cuda,
+                                         backend=c.backend_for("compressed_attention"))
+        o_cmp, lse = o_cmp if q.is_cuda else (o_cmp, None)
+        sel = self.select(q, kc, S, lse)
+        self.last_selection = sel
         o_slc = ops.block_sparse_attention(q, k, v, sel, block_size=c.sel_block, scale=self.scale,
                                            backend=c.backend_for("block_sparse_attention"))
         o_win = ops.window_attention(q, k_w, v_w, window=c.window, scale=self.scale,
@@ -156,7 +161,7 @@ class NSAAttention(AttentionLayer):
         B, T, _ = x.shape
         positions = torch.arange(T, device=x.device)
         q, k, v = self.project_qkv(x, positions)
-        sel = self.branches(x, q, k, v, positions, None)[-1]
+        sel = self.select(q, self.branches(x, q, k, v, positions, None)[0], T)
         hit = selection_token_mask(sel, T, c.sel_block, self.n_heads)
         pos = torch.arange(T, device=x.device)
         window = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - c.window)

@@ -22,14 +22,22 @@ def compressed_visible(pos: torch.Tensor, n: int, block_len: int, stride: int) -
 
 
 def compressed_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, *, S: int, block_len: int,
-                         stride: int, scale: float, backend: str = "auto") -> torch.Tensor:
+                         stride: int, scale: float, return_lse: bool = False, backend: str = "auto"):
     """Softmax attention of q [B, Hq, T, D] (the last T of S positions) over the visible compressed
-    entries kc, vc [B, Hkv, Sc, D] of S tokens. A query that sees no entry yet gets output 0."""
+    entries kc, vc [B, Hkv, Sc, D] of S tokens. A query that sees no entry yet gets output 0.
+
+    return_lse: also return the natural-log LSE [B, Hq, T] fp32 of the scaled scores over the visible
+    entries (-inf where none is visible, not differentiable); NSA's selection reuses it."""
     checks.check_keys(q, kc, vc)
     for name, value in (("S", S), ("block_len", block_len), ("stride", stride)):
         checks.check_positive_int(name, value)
-    req = Request.of(q, needs_grad(q, kc, vc))
+    req = Request.of(q, needs_grad(q, kc, vc), return_lse=return_lse)
     if kc.shape[2] == 0:
         OP.choose(backend, req)  # still validate the request
-        return q * 0  # nothing compressed yet; stays in the autograd graph
-    return OP.run(backend, req, q, kc, vc, S, block_len, stride, scale)
+        out = q * 0  # nothing compressed yet; stays in the autograd graph
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        return (out, lse) if return_lse else out
+    out = OP.run(backend, req, q, kc, vc, S, block_len, stride, scale, return_lse)
+    if return_lse:
+        return out[0], out[1].detach().float()
+    return out

@@ -9,10 +9,10 @@ from ..flex_utils import Q_TILE, range_block_mask, run_flex, tile_last_positions
 
 
 def supports(req) -> str | None:
-    return None
+    return None  # the LSE on the CPU: ops.dispatch.platform_reason
 
 
-def compressed_attention_flex(q, kc, vc, S: int, block_len: int, stride: int, scale: float):
+def compressed_attention_flex(q, kc, vc, S: int, block_len: int, stride: int, scale: float, return_lse: bool = False):
     T, Sc = q.shape[2], kc.shape[2]
     offset = S - T
 
@@ -23,7 +23,7 @@ def compressed_attention_flex(q, kc, vc, S: int, block_len: int, stride: int, sc
     n_visible = torch.where(last >= block_len - 1, (last - block_len + 1) // stride + 1, 0).clamp(max=Sc)
     hi = (n_visible + Q_TILE - 1) // Q_TILE
     mask = range_block_mask(torch.zeros_like(hi), hi, T, Sc, compressed_causal, needs_grad(q, kc, vc))
-    return run_flex(q, kc, vc, mask, scale, False, enable_gqa=q.shape[1] != kc.shape[1])
+    return run_flex(q, kc, vc, mask, scale, return_lse, enable_gqa=q.shape[1] != kc.shape[1])
 
 
 run = compressed_attention_flex

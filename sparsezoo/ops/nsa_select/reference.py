@@ -15,7 +15,8 @@ def supports(req) -> str | None:
 
 
 def nsa_select_reference(q, kc, S: int, block_len: int, stride: int, sel_block: int, topk: int,
-                         scale: float) -> torch.Tensor:
+                         scale: float, lse=None) -> torch.Tensor:
+    """The oracle: computes the compressed-attention probabilities itself (a given lse is ignored)."""
     B, Hq, T, D = q.shape
     Hkv, Sc = kc.shape[1], kc.shape[2]
     G = Hq // Hkv

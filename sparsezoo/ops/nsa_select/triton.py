@@ -26,7 +26,7 @@ def supports(req) -> str | None:
     return None
 
 
-def run(q, kc, S: int, block_len: int, stride: int, sel_block: int, topk: int, scale: float):
+def run(q, kc, S: int, block_len: int, stride: int, sel_block: int, topk: int, scale: float, lse=None):
     from sparsezoo.kernels import nsa_select_triton
 
-    return nsa_select_triton.nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, scale)
+    return nsa_select_triton.nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, scale, lse=lse)
