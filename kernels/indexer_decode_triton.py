@@ -64,7 +64,8 @@ from .indexer_triton import _select_triton
 # GPU tiling and select knobs (the lead tunes these on the H200).
 CONFIG = {
     "BN": 64,                  # keys per logits tile
-    "num_warps": 4,            # logits kernel
+    "num_warps": 4,            # logits kernel, <= 64 dot rows (T * Hs = 1 at J = 64)
+    "num_warps_wide": 8,       # logits kernel, more dot rows (its per-column accumulators would spill at 4)
     "num_stages": 4,           # logits kernel: key tiles in flight per program
     "programs_per_sm": 2,      # logits programs per SM (splits of each request's key range)
     "max_rows": 256,           # most dot rows (units x padded index heads) per logits program
@@ -90,7 +91,9 @@ CONFIG = {
 _INTERPRETER_CONFIG = {"BN": 128, "num_warps": 4, "num_stages": 1, "block": 256, "finish_block": 256, "cap": 64}
 _INTERPRETER_SMS = 4  # stands in for the SM count on the CPU, so the default grids split rows too
 
-_WS_MIN, _WS_MAX, _WS_NVIS, _WS_DONE, _WS_HIST = 0, 1, 2, 3, 4  # workspace fields per row
+# Workspace fields per row (int32, zero-filled): min / max logit codes, visible keys, finished
+# partition programs, then the histogram.
+_WS_MIN, _WS_MAX, _WS_NVIS, _WS_DONE, _WS_HIST = (tl.constexpr(i) for i in range(5))
 
 
 # ----------------------------------------------------------------------------- logits
@@ -127,9 +130,9 @@ def _logits_kernel(QI, W, KI, KEND, BUF, WS, N, S, T, U, BH, Hs, n_groups, split
     u_ok = u < U
     pos = S - T + u % T
     row = (u % T).to(tl.int64) * BH + b * Hs + u // T
-    kmin = tl.full([UG], 2147483647, tl.int32)
-    kmax = tl.full([UG], -2147483648, tl.int32)
-    n_vis = tl.zeros([UG], tl.int32)
+    kmin = tl.full([UG, BN], 2147483647, tl.int32)  # per column: reduced once, after the loop
+    kmax = tl.full([UG, BN], -2147483648, tl.int32)
+    n_vis = tl.zeros([UG, BN], tl.int32)
     for n0 in range(lo, hi, BN):
         cols = n0 + tl.arange(0, BN)
         c_ok = cols < hi
@@ -149,14 +152,15 @@ def _logits_kernel(QI, W, KI, KEND, BUF, WS, N, S, T, U, BH, Hs, n_groups, split
         z = tl.where(visible, z * scale, float("-inf"))
         tl.store(BUF + row[:, None] * N + cols[None, :], z, mask=u_ok[:, None] & c_ok[None, :])
         key = _ordered_key(z)
-        kmin = tl.minimum(kmin, tl.min(tl.where(visible, key, 2147483647), axis=1))
-        kmax = tl.maximum(kmax, tl.max(tl.where(visible, key, -2147483648), axis=1))
-        n_vis += tl.sum(visible.to(tl.int32), axis=1)
-    seen = u_ok & (n_vis > 0)
+        kmin = tl.minimum(kmin, tl.where(visible, key, 2147483647))
+        kmax = tl.maximum(kmax, tl.where(visible, key, -2147483648))
+        n_vis += visible.to(tl.int32)
+    count = tl.sum(n_vis, axis=1)
+    seen = u_ok & (count > 0)
     ws = WS + row * WSR
-    tl.atomic_add(ws + 2, n_vis, mask=seen)  # _WS_NVIS
-    tl.atomic_max(ws + 0, _code(~kmin), mask=seen)  # _WS_MIN: the largest code of ~key is the smallest key
-    tl.atomic_max(ws + 1, _code(kmax), mask=seen)  # _WS_MAX
+    tl.atomic_add(ws + _WS_NVIS, count, mask=seen)
+    tl.atomic_max(ws + _WS_MIN, _code(~tl.min(kmin, axis=1)), mask=seen)  # the largest code of ~key: smallest key
+    tl.atomic_max(ws + _WS_MAX, _code(tl.max(kmax, axis=1)), mask=seen)
 
 
 # ----------------------------------------------------------------------------- select
@@ -164,8 +168,8 @@ def _logits_kernel(QI, W, KI, KEND, BUF, WS, N, S, T, U, BH, Hs, n_groups, split
 @triton.jit
 def _bin_scale(ws, NB: tl.constexpr):
     """(fmin, inv) of the row's linear bins, from its min/max codes (bounds within one ulp)."""
-    kmin = ~(((tl.load(ws + 0) - (1 << 30)) << 1) | 1)
-    kmax = ((tl.load(ws + 1) - (1 << 30)) << 1) | 1
+    kmin = ~(((tl.load(ws + _WS_MIN) - (1 << 30)) << 1) | 1)
+    kmax = ((tl.load(ws + _WS_MAX) - (1 << 30)) << 1) | 1
     fmin = _key_float(kmin)
     span = _key_float(kmax) - fmin
     spread = (span > 1e-30) & (span < float("inf"))  # else one bin (NB / span could overflow)
@@ -177,7 +181,7 @@ def _hist_kernel(BUF, WS, N, seg_len, K: tl.constexpr, NB: tl.constexpr, WSR: tl
                  BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     ws = WS + row * WSR
-    nvis = tl.load(ws + 2)
+    nvis = tl.load(ws + _WS_NVIS)
     lo = tl.program_id(1) * seg_len
     hi = tl.minimum(lo + seg_len, nvis)
     if (nvis > K) & (lo < hi):
@@ -188,7 +192,7 @@ def _hist_kernel(BUF, WS, N, seg_len, K: tl.constexpr, NB: tl.constexpr, WSR: tl
             ok = ids < hi
             x = tl.load(BUF + row * N + ids, mask=ok, other=0.0)
             hist += tl.histogram(tl.where(ok, _float_bin(x, fmin, inv, NB), 0), NB, mask=ok)
-        tl.atomic_add(ws + 4 + tl.arange(0, NB), hist, mask=hist > 0)  # _WS_HIST
+        tl.atomic_add(ws + _WS_HIST + tl.arange(0, NB), hist, mask=hist > 0)
 
 
 @triton.jit
@@ -233,7 +237,7 @@ def _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, out_ptr, row, N, seg_len, nseg,
     """Exact top-K of one row from its list (sure ids, then flagged candidates), written ascending."""
     ws = WS + row * WSR
     base = row * N
-    _, above, inside = _pick_bin(tl.load(ws + 4 + tl.arange(0, NB)), K, NB)
+    _, above, inside = _pick_bin(tl.load(ws + _WS_HIST + tl.arange(0, NB)), K, NB)
     need = K - above  # candidates to take
     si = tl.arange(0, NSEGP)
     cnt = tl.load(COUNTS + row * nseg + si, mask=si < nseg, other=0, cache_modifier=".cg")
@@ -312,7 +316,7 @@ def _partition_kernel(BUF, WS, LIST, COUNTS, SCRATCH, OUT, N, T, BH, seg_len, ns
     row = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     ws = WS + row * WSR
-    nvis = tl.load(ws + 2)
+    nvis = tl.load(ws + _WS_NVIS)
     out_ptr = _out_row(OUT, row, T, BH, K)
     if nvis <= K:  # at most K visible keys: take them all
         if s == 0:
@@ -320,7 +324,7 @@ def _partition_kernel(BUF, WS, LIST, COUNTS, SCRATCH, OUT, N, T, BH, seg_len, ns
             tl.store(out_ptr + kk, tl.where(kk < nvis, kk, -1), mask=kk < K)
     else:
         fmin, inv = _bin_scale(ws, NB)
-        best, _, _ = _pick_bin(tl.load(ws + 4 + tl.arange(0, NB)), K, NB)
+        best, _, _ = _pick_bin(tl.load(ws + _WS_HIST + tl.arange(0, NB)), K, NB)
         lo = s * seg_len
         hi = tl.minimum(lo + seg_len, nvis)
         base = row * N
@@ -336,7 +340,7 @@ def _partition_kernel(BUF, WS, LIST, COUNTS, SCRATCH, OUT, N, T, BH, seg_len, ns
         tl.store(COUNTS + row * nseg + s, n)
         if FUSED:
             tl.debug_barrier()  # every thread's list stores precede the release below
-            if tl.atomic_add(ws + 3, 1, sem="acq_rel") == nseg - 1:  # _WS_DONE: the row's last program
+            if tl.atomic_add(ws + _WS_DONE, 1, sem="acq_rel") == nseg - 1:  # the row's last program
                 _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, out_ptr, row, N, seg_len, nseg,
                             K, NB, NBR, WSR, BLOCKF, CAP, NSEGP, LOGS)
 
@@ -346,7 +350,7 @@ def _finish_kernel(BUF, WS, LIST, COUNTS, SCRATCH, OUT, N, T, BH, seg_len, nseg,
                    K: tl.constexpr, NB: tl.constexpr, NBR: tl.constexpr, WSR: tl.constexpr,
                    BLOCKF: tl.constexpr, CAP: tl.constexpr, NSEGP: tl.constexpr, LOGS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    if tl.load(WS + row * WSR + 2) > K:
+    if tl.load(WS + row * WSR + _WS_NVIS) > K:
         _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, _out_row(OUT, row, T, BH, K), row, N, seg_len, nseg,
                     K, NB, NBR, WSR, BLOCKF, CAP, NSEGP, LOGS)
 
@@ -412,7 +416,7 @@ def _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg):
         *q_i.stride(), *w.stride(), *k_i.stride(), key_end.stride(0),
         J=J, UG=UG, JP=JP, BN=cfg["BN"], D=D, BD=max(16, _pow2(D)), WSR=ws.shape[1],
         IEEE=q_i.dtype == torch.float32 and cfg["fp32_ieee"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"] if UG * JP <= 64 else cfg["num_warps_wide"], num_stages=cfg["num_stages"])
 
 
 def _select_decode(buf, ws, out, topk, cfg):
@@ -442,7 +446,7 @@ def _select_rows(buf, ws, key_end, S, out, topk, cfg):
     T = buf.shape[0]
     positions = torch.arange(S - T, S, device=buf.device, dtype=torch.int64)
     nvis = torch.searchsorted(key_end.to(torch.int64).contiguous(), positions, right=True).to(torch.int32)
-    codes = ws[:, _WS_MIN:_WS_MAX + 1] - (1 << 30)
+    codes = ws[:, _WS_MIN.value:_WS_MAX.value + 1] - (1 << 30)
     bounds = torch.bitwise_or(torch.bitwise_left_shift(codes, 1), 1)
     stats = torch.stack([torch.bitwise_not(bounds[:, 0]), bounds[:, 1]], dim=1).contiguous()
     _select_triton(buf, nvis, stats, out, 0, T, topk, _rows_config(cfg["rows_select"], buf.device))
@@ -468,7 +472,7 @@ def indexer_topk_decode_triton(q_i: torch.Tensor, w: torch.Tensor, k_i: torch.Te
     key_end = key_end.to(q_i.device)
     rows = T * B * Hs
     buf = torch.empty((T, B * Hs, N), dtype=torch.float32, device=q_i.device)
-    ws = torch.zeros((rows, _WS_HIST + cfg["hist_bins"]), dtype=torch.int32, device=q_i.device)
+    ws = torch.zeros((rows, _WS_HIST.value + cfg["hist_bins"]), dtype=torch.int32, device=q_i.device)
     _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg)
     flat = out.view(B * Hs, T, topk)
     if cfg["select"] == "rows":

@@ -31,6 +31,21 @@ SPLIT = {"splits": 5, "segments": 7, "BN": 32, "block": 32, "finish_block": 32}
 RADIX = {"hist_bins": 4, "cap": 8, "radix_bins": 4, "finish_block": 32}
 
 
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    """CPU tensors from torch.empty start as garbage (-777 / NaN), so a read of memory the kernels never
+    wrote, or an output slot they never filled, fails every time rather than by chance."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.device.type == "cpu" and not t.dtype.is_complex and t.dtype != torch.bool:
+            t.fill_(float("nan") if t.is_floating_point() else -777)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
 def run(q, w, k, ends, S, topk, config=None):
     return indexer_topk_decode_triton(q, w, k, ends, S, topk, SCALE, config=config)
 
@@ -201,7 +216,8 @@ def near_tie_eps(q, w, k):
 @pytest.mark.parametrize("B,T,N,m,topk", GPU_POINTS)
 def test_gpu_bf16_decode_points(B, T, N, m, topk):
     """vs the general Triton indexer and the reference: the same multiset of selected logits (up to
-    near-ties); every select path of the decode kernel returns the same ids (same logits)."""
+    near-ties); every select path of the decode kernel returns the same ids (same logits), another
+    tiling the same logits up to fp32 summation order."""
     from sparsezoo.kernels.indexer_triton import indexer_topk_triton
 
     dev = torch.device("cuda")
@@ -214,8 +230,10 @@ def test_gpu_bf16_decode_points(B, T, N, m, topk):
     z = exact_logits(q, w, k, SCALE)
     other = indexer_topk_triton(q, w, k, ends, S, topk, SCALE)
     assert torch.allclose(selected_scores(sel, z), selected_scores(other, z), atol=eps, rtol=0)
-    for config in ({"finish": "kernel"}, {"select": "rows"}, {"BN": 128, "num_stages": 3, "programs_per_sm": 1}):
+    for config in ({"finish": "kernel"}, {"select": "rows"}):
         assert torch.equal(run(q, w, k, ends, S, topk, config=config), sel), config
+    tiled = run(q, w, k, ends, S, topk, config={"BN": 128, "num_stages": 3, "programs_per_sm": 1})
+    assert torch.allclose(selected_scores(tiled, z), selected_scores(sel, z), atol=eps, rtol=0)
 
 
 @pytest.mark.gpu
