@@ -90,9 +90,10 @@ def test_configs_agree(default_run, config):
     assert torch.equal(run(*args, config=config), want)
 
 
-@pytest.mark.parametrize("config", [{}, SPLIT, RADIX, {"finish": "kernel", **RADIX}])
+@pytest.mark.parametrize("config", [{}, SPLIT, RADIX, {"finish": "kernel", **RADIX}, {"max_rows": 4}])
 def test_ties_go_to_the_smaller_id(config):
-    """Integer inputs: exact logits with many ties; the ids must be the reference's exactly."""
+    """Integer inputs: exact logits with many ties; the ids must be the reference's exactly.
+    max_rows 4: two (head, query) units per logits program, the second program's group half empty."""
     B, Hs, T, N, topk = 1, 1, 3, 300, 37
     ends = ends_for(N, 1)
     q, w, k = make_inputs(B, Hs, T, 2, 16, N, seed=7, integer=True)
