@@ -42,11 +42,12 @@ path handles few rows), fed with the same logits and min/max bounds.
 
 Cost (H200, B = 8, J = 64, D_i = 128, bf16, T = 1): the logits kernel reads the index keys once
 (N x 256 B per request; 67 MB for CSA at N = 32k, 268 MB for DSA at N = 128k) and writes 4 B per
-key and row; its dot and epilogue (64 x BN per tile) are far below the tensor-core and ALU rates, so
-it is bound by HBM: ~17 us (CSA) and ~65 us (DSA) at ~4 TB/s, plus ~3 us of launch and pipeline fill.
-The select reads the row logits from L2 twice ((2-3) x rows x N x 4 B, 1-12 MB) in ~2 x rows x N /
-(programs x BLOCK) dependent steps, then one program per row finishes on ~topk + candidates entries:
-expect ~6-8 us (CSA) and ~10-12 us (DSA), launch gaps included.
+key and row; per 64-key tile its dot and epilogue take ~600-800 cycles against the ~1700 that the
+tile's 16 KB take at the per-SM share of HBM bandwidth, so it is HBM-bound: ~17 us (CSA) and ~65 us
+(DSA) at ~4 TB/s, plus ~3 us of launch and pipeline fill. The select is latency-bound: the logits
+are in L2, the histogram and partition programs make ~1 (CSA) to ~4 (DSA) dependent L2 steps each,
+and the finish ~8 dependent steps on ~topk + candidates entries plus a few register radix rounds:
+~8 us (CSA) and ~12 us (DSA) with the memset and launch gaps. Totals ~29 us and ~82 us.
 """
 
 from __future__ import annotations
