@@ -42,8 +42,9 @@ path handles few rows), fed with the same logits and min/max bounds.
 
 Cost (H200, B = 8, J = 64, D_i = 128, bf16, T = 1): the logits kernel reads the index keys once
 (N x 256 B per request; 67 MB for CSA at N = 32k, 268 MB for DSA at N = 128k) and writes 4 B per
-key and row; per 64-key tile its dot and epilogue take ~600-800 cycles against the ~1700 that the
-tile's 16 KB take at the per-SM share of HBM bandwidth, so it is HBM-bound: ~17 us (CSA) and ~65 us
+key and row; per 64-key tile its dot and epilogue take ~600-800 cycles, while at the per-SM share
+of HBM bandwidth (~30 GB/s) a 16 KB tile arrives every ~900 cycles, so each of two programs per SM
+has ~1800 cycles per tile: the kernel is HBM-bound, ~17 us (CSA) and ~65 us
 (DSA) at ~4 TB/s, plus ~3 us of launch and pipeline fill. The select is latency-bound: the logits
 are in L2, the histogram and partition programs make ~1 (CSA) to ~4 (DSA) dependent L2 steps each,
 and the finish ~8 dependent steps on ~topk + candidates entries plus a few register radix rounds:
