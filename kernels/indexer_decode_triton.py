@@ -1,0 +1,484 @@
+"""Decode-specialised DSA/CSA lightning-indexer top-k (Triton): stream the index keys once at HBM
+bandwidth, then an exact row top-k built for few rows.
+
+Same contract as indexer_triton.indexer_topk_triton (see its module docstring): q_i [B, Hs, T, J, D_i],
+w [B, Hs, T, J], k_i [B, N, D_i], key_end [N] non-decreasing; query t (position S - T + t) sees key n
+iff key_end[n] <= S - T + t; I[t, n] = scale * sum_j w[t, j] * relu(<q_i[t, j], k_i[n]>). Output int32
+[B, Hs, T, topk]: the topk visible keys with the largest logits, ids ascending, ties to the smaller
+id, then -1 padding. Built for decode: few query rows (T <= 4), so rows = B * Hs * T is small and the
+fp32 logits [T, B * Hs, N] (rows x N x 4 B) are a few MB that stay in L2 for the select.
+
+Launches (no host syncs; CUDA-graph capturable):
+0. one memset of an int32 workspace, per row: [min code, max code, visible count, done, hist[NB]].
+1. `_logits_kernel`, grid (B * unit groups, splits), sized to CONFIG["programs_per_sm"] programs per
+   SM. A unit is one (selection head h, query t) pair; a program holds UG units x J index heads
+   (>= 16 rows, padded) of q_i and w resident and streams one contiguous key range of request b in
+   BN-key tiles (num_stages-deep software pipeline): one tensor-core dot per tile, relu * w summed
+   over the heads in registers, logits (-inf where not visible) stored to the buffer. Visibility is
+   tested per key (key_end <= position), so no searchsorted runs first: each program adds its
+   visible-key count per row to the workspace and folds the row's min/max logit into it, one
+   atomic per row per program. The min/max are kept as "codes" (order-preserving int keys halved
+   and shifted into [0, 2^31)), so the zero-filled workspace is their identity and the bounds they
+   give are exact to one ulp (enough: the select only needs a monotone binning).
+2. `_hist_kernel`, grid (rows, segments): a NB-bin histogram of each row's logits, binned linearly
+   between the row's min and max (indexer_triton's _float_bin), added to the row's workspace.
+3. `_partition_kernel`, grid (rows, segments): from the histogram, the bin `best` holding the
+   topk-th largest logit (indexer_triton's _pick_bin); every logit in a higher bin is selected for
+   sure, those in `best` are candidates. Each segment writes its sure ids and (flagged) candidate
+   ids, in id order, into its own slice of a [rows, N] list, and its entry count. The last program
+   of a row to finish (an acq_rel counter in the workspace) finishes the row (`_finish_row`):
+   a. only while more than CAP candidates remain (rare: ties, outliers stretching the min/max):
+      passes over the list that histogram the candidates' order-preserving keys (radix digits) and
+      keep the digit holding the needed one, until <= CAP remain or one key value is left;
+   b. a gather pass puts the remaining candidates (<= CAP) in a scratch row, in id order;
+   c. in registers, the same radix narrowing runs down to a single key value t: candidates above t
+      are taken, and of those equal to t the `need` smallest ids (a cumsum in id order);
+   d. a write pass walks the list again and writes the taken ids in ascending order.
+   Typical rows: the histogram bin holds ~0.3% of the row (a few hundred candidates at 128k keys),
+   so the finish reads ~topk + candidates entries twice. CONFIG["finish"] = "kernel" runs the
+   finish as its own launch (grid (rows,)) instead of in the last partition program.
+CONFIG["select"] = "rows" swaps 2-3 for indexer_triton's row select (`_select_triton`, whose split
+path handles few rows), fed with the same logits and min/max bounds.
+
+Cost (H200, B = 8, J = 64, D_i = 128, bf16, T = 1): the logits kernel reads the index keys once
+(N x 256 B per request; 67 MB for CSA at N = 32k, 268 MB for DSA at N = 128k) and writes 4 B per
+key and row; per 64-key tile its dot and epilogue take ~600-800 cycles, while at the per-SM share
+of HBM bandwidth (~30 GB/s) a 16 KB tile arrives every ~900 cycles, so each of two programs per SM
+has ~1800 cycles per tile: the kernel is HBM-bound, ~17 us (CSA) and ~65 us
+(DSA) at ~4 TB/s, plus ~3 us of launch and pipeline fill. The select is latency-bound: the logits
+are in L2, the histogram and partition programs make ~1 (CSA) to ~4 (DSA) dependent L2 steps each,
+and the finish ~8 dependent steps on ~topk + candidates entries plus a few register radix rounds:
+~8 us (CSA) and ~12 us (DSA) with the memset and launch gaps. Totals ~29 us and ~82 us.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .indexer_triton import _check_inputs, _float_bin, _key_float, _ordered_key, _pick_bin
+from .indexer_triton import _resolve_config as _rows_config
+from .indexer_triton import _select_triton
+
+# GPU tiling and select knobs (the lead tunes these on the H200).
+CONFIG = {
+    "BN": 64,                  # keys per logits tile
+    "num_warps": 4,            # logits kernel, <= 64 dot rows (T * Hs = 1 at J = 64)
+    "num_warps_wide": 8,       # logits kernel, more dot rows (its per-column accumulators would spill at 4)
+    "num_stages": 4,           # logits kernel: key tiles in flight per program
+    "programs_per_sm": 2,      # logits programs per SM (splits of each request's key range)
+    "max_rows": 256,           # most dot rows (units x padded index heads) per logits program
+    "max_T": 4,                # decode_applies: at most this many new queries per request
+    "select": "decode",        # 'decode' (histogram + partition + finish) or 'rows' (indexer_triton's)
+    "finish": "fused",         # 'fused' (last partition program of a row) or 'kernel' (own launch)
+    "hist_bins": 128,          # linear bins of the first select pass (power of two, >= 32 on the GPU)
+    "radix_bins": 64,          # bins per radix digit of the finish (power of two, >= 32 on the GPU)
+    "block": 1024,             # logits per step of the histogram and partition passes
+    "finish_block": 2048,      # list entries per step of the finish
+    "cap": 2048,               # candidates resolved in registers (power of two)
+    "segments_per_sm": 2,      # select programs per SM (segments of each row)
+    "max_segments": 64,        # most segments per row
+    "select_warps": 8,
+    "splits": None,            # logits programs per unit group; None = from programs_per_sm
+    "segments": None,          # select segments per row; None = from segments_per_sm
+    "rows_select": None,       # 'rows' select: config overrides for indexer_triton
+    "buffer_bytes": 1 << 30,   # decode_applies: bound of the logits buffer + the select list
+    "fp32_ieee": True,         # fp32 inputs: IEEE dots (else tf32)
+}
+
+# Interpreter (CPU) tiles: tiny, so the tests stay quick.
+_INTERPRETER_CONFIG = {"BN": 128, "num_warps": 4, "num_stages": 1, "block": 256, "finish_block": 256, "cap": 64}
+_INTERPRETER_SMS = 4  # stands in for the SM count on the CPU, so the default grids split rows too
+
+# Workspace fields per row (int32, zero-filled): min / max logit codes, visible keys, finished
+# partition programs, then the histogram.
+_WS_MIN, _WS_MAX, _WS_NVIS, _WS_DONE, _WS_HIST = (tl.constexpr(i) for i in range(5))
+
+
+# ----------------------------------------------------------------------------- logits
+
+@triton.jit
+def _code(key):
+    """int32 key -> [0, 2^31) code, monotone (non-strict): 0 is the identity of atomic_max."""
+    return (key >> 1) + (1 << 30)
+
+
+@triton.jit
+def _logits_kernel(QI, W, KI, KEND, BUF, WS, N, S, T, U, BH, Hs, n_groups, split_len, scale,
+                   sqb, sqh, sqt, sqj, sqd, swb, swh, swt, swj, skb, skn, skd, sen,
+                   J: tl.constexpr, UG: tl.constexpr, JP: tl.constexpr, BN: tl.constexpr,
+                   D: tl.constexpr, BD: tl.constexpr, WSR: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // n_groups).to(tl.int64)
+    g = pid % n_groups
+    lo = tl.program_id(1) * split_len
+    hi = tl.minimum(lo + split_len, N)
+    # dot rows: unit g*UG + r // JP (unit = h * T + t), index head r % JP
+    r = tl.arange(0, UG * JP)
+    ru = g * UG + r // JP
+    j = r % JP
+    r_ok = (ru < U) & (j < J)
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    q_rows = QI + b * sqb + (ru // T).to(tl.int64) * sqh + (ru % T).to(tl.int64) * sqt + j.to(tl.int64) * sqj
+    q = tl.load(q_rows[:, None] + d[None, :] * sqd, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    w_rows = W + b * swb + (ru // T).to(tl.int64) * swh + (ru % T).to(tl.int64) * swt + j * swj
+    wr = tl.load(w_rows, mask=r_ok, other=0.0).to(tl.float32)
+    # the program's units: buffer / workspace rows t * BH + b * Hs + h
+    u = g * UG + tl.arange(0, UG)
+    u_ok = u < U
+    pos = S - T + u % T
+    row = (u % T).to(tl.int64) * BH + b * Hs + u // T
+    kmin = tl.full([UG, BN], 2147483647, tl.int32)  # per column: reduced once, after the loop
+    kmax = tl.full([UG, BN], -2147483648, tl.int32)
+    n_vis = tl.zeros([UG, BN], tl.int32)
+    for n0 in range(lo, hi, BN):
+        cols = n0 + tl.arange(0, BN)
+        c_ok = cols < hi
+        k = tl.load(KI + b * skb + cols[:, None].to(tl.int64) * skn + d[None, :] * skd,
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        ends = tl.load(KEND + cols.to(tl.int64) * sen, mask=c_ok, other=0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        s = tl.maximum(s, 0.0) * wr[:, None]
+        if UG == 1:
+            z = tl.sum(s, axis=0)[None, :]
+        else:
+            z = tl.sum(tl.reshape(s, [UG, JP, BN]), axis=1)
+        visible = c_ok[None, :] & (ends[None, :] <= pos[:, None])
+        z = tl.where(visible, z * scale, float("-inf"))
+        tl.store(BUF + row[:, None] * N + cols[None, :], z, mask=u_ok[:, None] & c_ok[None, :])
+        key = _ordered_key(z)
+        kmin = tl.minimum(kmin, tl.where(visible, key, 2147483647))
+        kmax = tl.maximum(kmax, tl.where(visible, key, -2147483648))
+        n_vis += visible.to(tl.int32)
+    count = tl.sum(n_vis, axis=1)
+    seen = u_ok & (count > 0)
+    ws = WS + row * WSR
+    tl.atomic_add(ws + _WS_NVIS, count, mask=seen)
+    tl.atomic_max(ws + _WS_MIN, _code(~tl.min(kmin, axis=1)), mask=seen)  # the largest code of ~key: smallest key
+    tl.atomic_max(ws + _WS_MAX, _code(tl.max(kmax, axis=1)), mask=seen)
+
+
+# ----------------------------------------------------------------------------- select
+
+@triton.jit
+def _bin_scale(ws, NB: tl.constexpr):
+    """(fmin, inv) of the row's linear bins, from its min/max codes (bounds within one ulp)."""
+    kmin = ~(((tl.load(ws + _WS_MIN) - (1 << 30)) << 1) | 1)
+    kmax = ((tl.load(ws + _WS_MAX) - (1 << 30)) << 1) | 1
+    fmin = _key_float(kmin)
+    span = _key_float(kmax) - fmin
+    spread = (span > 1e-30) & (span < float("inf"))  # else one bin (NB / span could overflow)
+    return fmin, tl.where(spread, NB / tl.where(spread, span, 1.0), 0.0)
+
+
+@triton.jit
+def _hist_kernel(BUF, WS, N, seg_len, K: tl.constexpr, NB: tl.constexpr, WSR: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    ws = WS + row * WSR
+    nvis = tl.load(ws + _WS_NVIS)
+    lo = tl.program_id(1) * seg_len
+    hi = tl.minimum(lo + seg_len, nvis)
+    if (nvis > K) & (lo < hi):
+        fmin, inv = _bin_scale(ws, NB)
+        hist = tl.zeros([NB], tl.int32)
+        for start in range(lo, hi, BLOCK):
+            ids = start + tl.arange(0, BLOCK)
+            ok = ids < hi
+            x = tl.load(BUF + row * N + ids, mask=ok, other=0.0)
+            hist += tl.histogram(tl.where(ok, _float_bin(x, fmin, inv, NB), 0), NB, mask=ok)
+        tl.atomic_add(ws + _WS_HIST + tl.arange(0, NB), hist, mask=hist > 0)
+
+
+@triton.jit
+def _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF: tl.constexpr, LOGS: tl.constexpr):
+    """Entries p0 + [0, BLOCKF) of a row's list: (ids, candidate?, int64 key, valid). Segment s holds its
+    entries from s * seg_len on; incl = inclusive entry counts per segment, seg_off = s * seg_len -
+    exclusive count."""
+    p = p0 + tl.arange(0, BLOCKF)
+    ok = p < n_entries
+    seg = tl.zeros_like(p)
+    for i in tl.static_range(LOGS):  # binary search: the segment holding entry p
+        probe = seg + (1 << (LOGS - 1 - i))
+        seg = tl.where(tl.gather(incl, probe - 1, axis=0) <= p, probe, seg)
+    v = tl.load(LIST + base + p + tl.gather(seg_off, seg, axis=0), mask=ok, other=0, cache_modifier=".cg")
+    cand = ok & (v < 0)
+    ids = tl.where(v < 0, -v - 1, v)
+    x = tl.load(BUF + base + ids, mask=cand, other=0.0)
+    return ids, cand, _ordered_key(x).to(tl.int64), ok
+
+
+@triton.jit
+def _narrow(hist, klo, khi, shift, need, NBR: tl.constexpr):
+    """Keep the radix digit (of width 2^shift above klo) holding the need-th largest key:
+    -> (klo, khi, need within it, keys within it)."""
+    digit, above, inside = _pick_bin(hist, need, NBR)
+    new_lo = klo + (digit.to(tl.int64) << shift)
+    new_hi = tl.minimum(khi, new_lo + (tl.full([], 1, tl.int64) << shift) - 1)
+    return new_lo, new_hi, need - above, inside
+
+
+@triton.jit
+def _shift_for(klo, khi, NBR: tl.constexpr):
+    """Smallest shift with (khi - klo) >> shift < NBR."""
+    bits = tl.arange(0, 64).to(tl.int64)
+    return tl.sum((((khi - klo) >> bits) >= NBR).to(tl.int64), axis=0)
+
+
+@triton.jit
+def _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, out_ptr, row, N, seg_len, nseg,
+                K: tl.constexpr, NB: tl.constexpr, NBR: tl.constexpr, WSR: tl.constexpr,
+                BLOCKF: tl.constexpr, CAP: tl.constexpr, NSEGP: tl.constexpr, LOGS: tl.constexpr):
+    """Exact top-K of one row from its list (sure ids, then flagged candidates), written ascending."""
+    ws = WS + row * WSR
+    base = row * N
+    _, above, inside = _pick_bin(tl.load(ws + _WS_HIST + tl.arange(0, NB)), K, NB)
+    need = K - above  # candidates to take
+    si = tl.arange(0, NSEGP)
+    cnt = tl.load(COUNTS + row * nseg + si, mask=si < nseg, other=0, cache_modifier=".cg")
+    incl = tl.cumsum(cnt, axis=0)
+    seg_off = si * seg_len - (incl - cnt)  # list position - entry position, per segment
+    n_entries = tl.sum(cnt, axis=0)
+    # a. many candidates (rare): narrow their key interval by radix passes over the list
+    klo = tl.full([], -2147483648, tl.int64)
+    khi = tl.full([], 2147483647, tl.int64)
+    if inside > CAP:  # first the candidates' exact key bounds
+        klo = tl.full([], 2147483647, tl.int64)
+        khi = tl.full([], -2147483648, tl.int64)
+        for p0 in range(0, n_entries, BLOCKF):
+            ids, cand, key, ok = _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF, LOGS)
+            klo = tl.minimum(klo, tl.min(tl.where(cand, key, 2147483647), axis=0))
+            khi = tl.maximum(khi, tl.max(tl.where(cand, key, -2147483648), axis=0))
+    while (inside > CAP) & (khi > klo):
+        shift = _shift_for(klo, khi, NBR)
+        hist = tl.zeros([NBR], tl.int32)
+        for p0 in range(0, n_entries, BLOCKF):
+            ids, cand, key, ok = _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF, LOGS)
+            member = cand & (key >= klo) & (key <= khi)
+            hist += tl.histogram(tl.where(member, (key - klo) >> shift, 0).to(tl.int32), NBR, mask=member)
+        klo, khi, need, inside = _narrow(hist, klo, khi, shift, need, NBR)
+    # b. gather the members (<= CAP) in id order; of a single key value only the need-th member matters
+    scratch = SCRATCH + row * CAP
+    single = klo == khi
+    n_scratch = tl.where(single, 0, CAP)
+    cut_rank = tl.where(single, need - 1, -1)
+    n_member = 0
+    for p0 in range(0, n_entries, BLOCKF):
+        ids, cand, key, ok = _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF, LOGS)
+        member = cand & (key >= klo) & (key <= khi)
+        rank = n_member + tl.cumsum(member.to(tl.int32), axis=0) - 1
+        tl.store(scratch + rank, ids, mask=member & (rank < n_scratch))
+        tl.store(scratch + rank * 0, ids, mask=member & (rank == cut_rank))
+        n_member += tl.sum(member.to(tl.int32), axis=0)
+    tl.debug_barrier()
+    # c. in registers: narrow to one key value t; ties at t go to the smaller ids, up to `cut`
+    ci = tl.arange(0, CAP)
+    c_ok = ci < tl.minimum(n_member, n_scratch)
+    c_ids = tl.load(scratch + ci, mask=c_ok, other=0)
+    c_key = _ordered_key(tl.load(BUF + base + c_ids, mask=c_ok, other=0.0)).to(tl.int64)
+    klo = tl.where(single, klo, tl.min(tl.where(c_ok, c_key, 2147483647), axis=0))
+    khi = tl.where(single, khi, tl.max(tl.where(c_ok, c_key, -2147483648), axis=0))
+    while klo < khi:
+        shift = _shift_for(klo, khi, NBR)
+        member = c_ok & (c_key >= klo) & (c_key <= khi)
+        hist = tl.histogram(tl.where(member, (c_key - klo) >> shift, 0).to(tl.int32), NBR, mask=member)
+        klo, khi, need, inside = _narrow(hist, klo, khi, shift, need, NBR)
+    equal = c_ok & (c_key == klo)
+    e_rank = tl.cumsum(equal.to(tl.int32), axis=0) - 1
+    cut = tl.max(tl.where(equal & (e_rank < need), c_ids, -1), axis=0)
+    cut = tl.where(single, tl.load(scratch), cut)
+    # d. write the taken ids in ascending order
+    n_out = 0
+    for p0 in range(0, n_entries, BLOCKF):
+        ids, cand, key, ok = _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF, LOGS)
+        take = ok & (~cand | (key > klo) | ((key == klo) & (ids <= cut)))
+        rank = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(out_ptr + rank, ids, mask=take & (rank < K))  # exactly K unless the logits hold NaN
+        n_out += tl.sum(take.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _out_row(OUT, row, T, BH, K: tl.constexpr):
+    """Output row of buffer row t * BH + bh in OUT [B * Hs, T, K]."""
+    return OUT + ((row % BH) * T + row // BH) * K
+
+
+@triton.jit
+def _partition_kernel(BUF, WS, LIST, COUNTS, SCRATCH, OUT, N, T, BH, seg_len, nseg,
+                      K: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, NBR: tl.constexpr,
+                      WSR: tl.constexpr, BLOCK: tl.constexpr, BLOCKF: tl.constexpr, CAP: tl.constexpr,
+                      NSEGP: tl.constexpr, LOGS: tl.constexpr, FUSED: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    ws = WS + row * WSR
+    nvis = tl.load(ws + _WS_NVIS)
+    out_ptr = _out_row(OUT, row, T, BH, K)
+    if nvis <= K:  # at most K visible keys: take them all
+        if s == 0:
+            kk = tl.arange(0, KP)
+            tl.store(out_ptr + kk, tl.where(kk < nvis, kk, -1), mask=kk < K)
+    else:
+        fmin, inv = _bin_scale(ws, NB)
+        best, _, _ = _pick_bin(tl.load(ws + _WS_HIST + tl.arange(0, NB)), K, NB)
+        lo = s * seg_len
+        hi = tl.minimum(lo + seg_len, nvis)
+        base = row * N
+        n = 0
+        for start in range(lo, hi, BLOCK):
+            ids = start + tl.arange(0, BLOCK)
+            ok = ids < hi
+            bins = _float_bin(tl.load(BUF + base + ids, mask=ok, other=0.0), fmin, inv, NB)
+            entry = ok & (bins >= best)
+            rank = n + tl.cumsum(entry.to(tl.int32), axis=0) - 1
+            tl.store(LIST + base + lo + rank, tl.where(bins > best, ids, -ids - 1), mask=entry)
+            n += tl.sum(entry.to(tl.int32), axis=0)
+        tl.store(COUNTS + row * nseg + s, n)
+        if FUSED:
+            tl.debug_barrier()  # every thread's list stores precede the release below
+            if tl.atomic_add(ws + _WS_DONE, 1, sem="acq_rel") == nseg - 1:  # the row's last program
+                _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, out_ptr, row, N, seg_len, nseg,
+                            K, NB, NBR, WSR, BLOCKF, CAP, NSEGP, LOGS)
+
+
+@triton.jit
+def _finish_kernel(BUF, WS, LIST, COUNTS, SCRATCH, OUT, N, T, BH, seg_len, nseg,
+                   K: tl.constexpr, NB: tl.constexpr, NBR: tl.constexpr, WSR: tl.constexpr,
+                   BLOCKF: tl.constexpr, CAP: tl.constexpr, NSEGP: tl.constexpr, LOGS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(WS + row * WSR + _WS_NVIS) > K:
+        _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, _out_row(OUT, row, T, BH, K), row, N, seg_len, nseg,
+                    K, NB, NBR, WSR, BLOCKF, CAP, NSEGP, LOGS)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(int(n), 1))))
+
+
+def _resolve_config(config, device) -> dict:
+    cfg = dict(CONFIG)
+    if device.type != "cuda":
+        cfg.update(_INTERPRETER_CONFIG)
+    cfg.update(config or {})
+    if cfg["select"] not in ("decode", "rows"):
+        raise ValueError(f"select must be 'decode' or 'rows', got {cfg['select']!r}")
+    if cfg["finish"] not in ("fused", "kernel"):
+        raise ValueError(f"finish must be 'fused' or 'kernel', got {cfg['finish']!r}")
+    return cfg
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _unit_tiling(Hs: int, T: int, J: int, max_rows: int) -> tuple[int, int]:
+    """(units per program UG, padded heads JP): UG * JP dot rows, >= 16 (tl.dot), <= max_rows when J allows."""
+    JP = _pow2(J)
+    UG = max(1, min(_pow2(Hs * T), max_rows // JP))
+    while UG * JP < 16:  # pad the heads (masked to zero) up to the dot's 16 rows
+        JP *= 2
+    return UG, JP
+
+
+def decode_applies(B: int, Hs: int, T: int, J: int, N: int, config: dict | None = None) -> bool:
+    """Whether indexer_topk_decode_triton suits these shapes: few new queries per request (T <= max_T),
+    the index heads fit one dot (pow2(J) <= max_rows) and the logits + select list (8 B per row and
+    key) fit the buffer bound."""
+    cfg = {**CONFIG, **(config or {})}
+    return 1 <= T <= cfg["max_T"] and _pow2(J) <= cfg["max_rows"] and 8 * B * Hs * T * N <= cfg["buffer_bytes"]
+
+
+def _splits(n_units: int, length: int, block: int, per_sm: int, fixed, cap: int, device) -> tuple[int, int]:
+    """(pieces, piece length, a multiple of block) cutting `length` so n_units * pieces fill the SMs."""
+    want = fixed if fixed is not None else triton.cdiv(per_sm * _num_sms(device), n_units)
+    pieces = max(1, min(int(want), cap, triton.cdiv(length, block)))
+    piece = triton.cdiv(triton.cdiv(length, pieces), block) * block
+    return triton.cdiv(length, piece), piece
+
+
+def _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg):
+    B, Hs, T, J, D = q_i.shape
+    N = k_i.shape[1]
+    UG, JP = _unit_tiling(Hs, T, J, cfg["max_rows"])
+    n_groups = triton.cdiv(Hs * T, UG)
+    splits, split_len = _splits(B * n_groups, N, cfg["BN"], cfg["programs_per_sm"], cfg["splits"],
+                                triton.cdiv(N, cfg["BN"]), q_i.device)
+    _logits_kernel[(B * n_groups, splits)](
+        q_i, w, k_i, key_end, buf, ws, N, S, T, Hs * T, B * Hs, Hs, n_groups, split_len, float(scale),
+        *q_i.stride(), *w.stride(), *k_i.stride(), key_end.stride(0),
+        J=J, UG=UG, JP=JP, BN=cfg["BN"], D=D, BD=max(16, _pow2(D)), WSR=ws.shape[1],
+        IEEE=q_i.dtype == torch.float32 and cfg["fp32_ieee"],
+        num_warps=cfg["num_warps"] if UG * JP <= 64 else cfg["num_warps_wide"], num_stages=cfg["num_stages"])
+
+
+def _select_decode(buf, ws, out, topk, cfg):
+    """Histogram, partition (+ finish) of the rows of buf [T, B*Hs, N] into out [B*Hs, T, topk]."""
+    T, BH, N = buf.shape
+    rows = T * BH
+    nseg, seg_len = _splits(rows, N, cfg["block"], cfg["segments_per_sm"], cfg["segments"],
+                            cfg["max_segments"], buf.device)
+    nsegp = _pow2(nseg)
+    nb, cap = cfg["hist_bins"], cfg["cap"]
+    lists = torch.empty((rows, N), dtype=torch.int32, device=buf.device)
+    counts = torch.empty((rows, nseg), dtype=torch.int32, device=buf.device)
+    scratch = torch.empty((rows, cap), dtype=torch.int32, device=buf.device)
+    common = dict(K=topk, NB=nb, NBR=cfg["radix_bins"], WSR=ws.shape[1], BLOCKF=cfg["finish_block"], CAP=cap,
+                  NSEGP=nsegp, LOGS=nsegp.bit_length() - 1, num_warps=cfg["select_warps"])
+    _hist_kernel[(rows, nseg)](buf, ws, N, seg_len, K=topk, NB=nb, WSR=ws.shape[1], BLOCK=cfg["block"],
+                               num_warps=cfg["select_warps"])
+    fused = cfg["finish"] == "fused"
+    _partition_kernel[(rows, nseg)](buf, ws, lists, counts, scratch, out, N, T, BH, seg_len, nseg,
+                                    KP=_pow2(topk), BLOCK=cfg["block"], FUSED=fused, **common)
+    if not fused:
+        _finish_kernel[(rows,)](buf, ws, lists, counts, scratch, out, N, T, BH, seg_len, nseg, **common)
+
+
+def _select_rows(buf, ws, key_end, S, out, topk, cfg):
+    """indexer_triton's row select on the same logits; its stats are the workspace bounds as int32 keys."""
+    T = buf.shape[0]
+    positions = torch.arange(S - T, S, device=buf.device, dtype=torch.int64)
+    nvis = torch.searchsorted(key_end.to(torch.int64).contiguous(), positions, right=True).to(torch.int32)
+    codes = ws[:, _WS_MIN.value:_WS_MAX.value + 1] - (1 << 30)
+    bounds = torch.bitwise_or(torch.bitwise_left_shift(codes, 1), 1)
+    stats = torch.stack([torch.bitwise_not(bounds[:, 0]), bounds[:, 1]], dim=1).contiguous()
+    _select_triton(buf, nvis, stats, out, 0, T, topk, _rows_config(cfg["rows_select"], buf.device))
+
+
+@torch.no_grad()
+def indexer_topk_decode_triton(q_i: torch.Tensor, w: torch.Tensor, k_i: torch.Tensor, key_end: torch.Tensor,
+                               S: int, topk: int, scale: float, config: dict | None = None) -> torch.Tensor:
+    """Top-k visible keys per query by index logit -> int32 [B, Hs, T, topk]: valid ids ascending,
+    then -1 padding; ties go to the smaller id. Same contract as indexer_triton.indexer_topk_triton,
+    built for few queries (see decode_applies). q_i [B, Hs, T, J, D_i], w [B, Hs, T, J], k_i [B, N, D_i]
+    (fp32/fp16/bf16), key_end int [N] non-decreasing (key n visible at positions >= key_end[n]);
+    queries are the last T of S positions. config overrides CONFIG. No host syncs (graph-capturable)."""
+    _check_inputs(q_i, w, k_i, key_end, topk)
+    cfg = _resolve_config(config, q_i.device)
+    B, Hs, T, J, D = q_i.shape
+    N = k_i.shape[1]
+    out = torch.empty((B, Hs, T, topk), dtype=torch.int32, device=q_i.device)
+    if T == 0 or B * Hs == 0:
+        return out
+    if N == 0:
+        return out.fill_(-1)
+    key_end = key_end.to(q_i.device)
+    rows = T * B * Hs
+    buf = torch.empty((T, B * Hs, N), dtype=torch.float32, device=q_i.device)
+    ws = torch.zeros((rows, _WS_HIST.value + cfg["hist_bins"]), dtype=torch.int32, device=q_i.device)
+    _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg)
+    flat = out.view(B * Hs, T, topk)
+    if cfg["select"] == "rows":
+        _select_rows(buf, ws, key_end, S, flat, topk, cfg)
+    else:
+        _select_decode(buf, ws, flat, topk, cfg)
+    return out
