@@ -4,7 +4,7 @@ Same semantics as the reference in sparsezoo.ops.index_kl.msa_reference. Teacher
 attention over the selected tokens M (detached, from the main LSE); student Q = softmax over M of
 z = index_scale / temperature * q_idx.k_idx. d loss / d z = coeff * (Q - P) / (B * H_i * T).
 
-Two kernels on the attention's tiling (TM tokens x G heads per tile, union of the tile's blocks):
+Two kernels on the attention's tiling (TM <= 16 tokens x G heads per tile, so the token bitmasks of the union):
 - query-major: pass 1 computes the index LSE over M, pass 2 the loss and dq_idx;
 - key-major (per key block, the tiles that chose it): dk_idx, one fp32 atomic add per segment.
 Rows are (token, head) pairs as in the attention; a token's index logits are computed once per
@@ -145,14 +145,14 @@ def _check_group(G: int) -> None:
 def index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_scale, coeff, temperature,
                      main_lse=None, with_grad=True, config=None):
     """Returns (loss scalar fp32, index LSE [B, H_i, T], dq_idx fp32 | None, dk_idx fp32 | None)."""
-    cfg = dict(sat.ATTN_CONFIG, **(config or {}))
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     DI = q_idx.shape[-1]
     _check_group(G)
-    TM, BM, BN = sat._tiling(G, block_size, q.device, cfg)
-    plan = sat.tile_plan(block_idx, TM, cfg["WINDOW"], triton.cdiv(S, block_size))
+    cfg = sat.resolve_config(G, config)
+    TM, BM, BN = sat._tiling(G, block_size, q.device, cfg, max_tokens=sat.BITS_MAX_TM)  # token bitmasks
+    plan = sat.tile_plan(block_idx, TM, cfg["WINDOW"], triton.cdiv(S, block_size), cfg["UNION"])
     if main_lse is None:
         main_lse = sat._forward(q, k, k, block_idx, block_size, scale, True, cfg, plan)[1]
     tok, cnt, ids, bits = plan

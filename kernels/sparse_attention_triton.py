@@ -4,19 +4,27 @@ Selections: block_idx [B, Hs, T, k] with one selection head per KV group (Hs = H
 head (Hs = Hq, MoBA). Selection head s serves the G = Hq / Hs query heads s*G .. s*G+G-1 and reads
 kv head s // KV_DIV (KV_DIV = Hs / Hkv), so per-head selections need no repeated K/V.
 
-Tiling: one program owns TM consecutive query tokens x the G heads of one selection head (rows
-r = token r // G, head r % G), since those heads share the selection. It visits the union of
-its tokens' selected blocks, precomputed per tile together with a bitmask of which tokens chose each
-block; a row keeps a key only if its token chose the block and the key is causal. Each K/V block is
-loaded once per tile and feeds a [TM*G, block] tensor-core tile. Ids outside [0, n_blocks) are
-dropped when the tile unions are built (int64 ids compared before any int32 cast), so no kernel ever
-acts on them.
+Tiling: one program owns TM consecutive query tokens (in the token order, see `token_order`) x the G
+heads of one selection head (rows r = token r // G, head r % G), since those heads share the
+selection; TM * G = ROWS (config), so MSA (G = 16) runs 4-token tiles and MoBA (G = 1) 64-token
+tiles of one head. The program visits the union of its tokens' selected blocks (sorted, built once
+per tile by `_union_kernel`: repeated min-extraction over the tile's TM x k ids, one step per union
+block, so its cost follows the attention's own). Each K/V block is loaded once per tile and feeds a
+[TM*G, block] tensor-core tile; a row keeps a key only if its token chose the block and the key is
+causal. Which tokens chose a union block ("membership"):
+- TM <= 16 (MSA; also any tiling when k > SEL_MAX_K): an int32 bitmask per union entry, built with the
+  union; one scalar load per block;
+- TM > 16 (MoBA): computed in-kernel, any(sel_tile == u) over the tile's [TM, k] ids held in
+  registers: k compares per row and one [rows] layout conversion per block, small next to the block's
+  two [rows, 128] x [128, D] dots; no bitmask tensors (the dK/dV kernel loads a tile's ids per tile).
+Ids outside [0, n_blocks) never enter a union (int64 ids compared before any int32 cast) and never
+equal a union block, so no kernel acts on them; a repeated id counts once.
 
 Backward: delta = rowsum(dO * O) (minus dLSE), then
 - dQ: the forward's loop again (per query tile over its union);
-- dK/dV: the transposed lists (per selection head and key block, the query tiles whose union holds
-  it, split into segments of at most SEG tiles), accumulated in registers, one fp32 atomic add per
-  segment (with KV_DIV > 1 several selection heads add into one kv head).
+- dK/dV: the transposed lists: per (batch, kv head, key block), the (selection head, tile) pairs whose
+  union holds it (the KV_DIV selection heads of a kv head share a column), split into segments of at
+  most SEG entries, accumulated in registers, one fp32 atomic add per segment.
 """
 
 from __future__ import annotations
@@ -29,14 +37,26 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-# GPU tiling, tuned on H100 (docs/prefill.md). ROWS = tokens per tile x G.
-ATTN_CONFIG = {"ROWS": 64, "num_warps": 4, "num_stages": 3, "BN": 128, "SEG": 32,
-               "bwd_warps": 8, "bwd_stages": 2, "WINDOW": 1}
+# GPU tiling, tuned on H100 for MSA (docs/prefill.md). ROWS = tokens per tile x G; TM (when set) fixes the
+# tokens per tile instead; UNION: "triton" (_union_kernel) or "torch" (tile_unions) builds the tile unions.
+ATTN_CONFIG = {"ROWS": 64, "TM": None, "num_warps": 4, "num_stages": 3, "BN": 128, "SEG": 32,
+               "bwd_warps": 8, "bwd_stages": 2, "WINDOW": 1, "UNION": "triton"}
+# Overrides of ATTN_CONFIG when a tile holds one query head (G = 1: MoBA, or MSA without GQA).
+G1_CONFIG: dict = {}
 _INTERPRET_ROWS = 16
+BITS_MAX_TM = 16  # tiles of at most this many tokens carry an int32 token bitmask per union entry
+SEL_MAX_K = 64  # in-kernel membership holds a tile's [TM, k] ids in registers: a larger k keeps TM <= BITS_MAX_TM
+UNION_MAX_W = 8192  # _union_kernel holds a tile's TM * k ids in registers; wider tiles use tile_unions
+_KEY_LIST_CHUNK = 1 << 24  # dK/dV work entries transposed at once by key_block_lists
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def resolve_config(G: int, config: dict | None = None) -> dict:
+    """ATTN_CONFIG, then G1_CONFIG when G = 1, then `config`; idempotent on a resolved config."""
+    return {**ATTN_CONFIG, **(G1_CONFIG if G == 1 else {}), **(config or {})}
 
 
 # ----------------------------------------------------------------------------- tile unions
@@ -60,83 +80,193 @@ def token_order(block_idx: torch.Tensor, TM: int, window: int, n_blocks: int) ->
     return torch.nn.functional.pad(order, (0, NT * TM - T), value=T).contiguous()
 
 
-def tile_plan(block_idx: torch.Tensor, TM: int, window: int, n_blocks: int):
-    """(token order, union counts, union ids, token bitmasks) for tiles of TM tokens; ids outside
-    [0, n_blocks) are dropped."""
+def tile_plan(block_idx: torch.Tensor, TM: int, window: int, n_blocks: int, union: str = "triton"):
+    """(token order, union counts, union ids, token bitmasks or None) for tiles of TM tokens; bitmasks
+    only for TM <= BITS_MAX_TM. Ids outside [0, n_blocks) are dropped. The union capacity per tile is
+    min(TM * k, n_blocks). union="triton" builds the unions with _union_kernel where a tile's ids fit
+    it (TM * k, k padded to a power of two, <= UNION_MAX_W); otherwise (or union="torch") with tile_unions."""
+    if union not in ("triton", "torch"):
+        raise ValueError(f"config UNION must be 'triton' or 'torch', got {union!r}")
     tok = token_order(block_idx, TM, window, n_blocks)
     B, H, T, K = block_idx.shape
+    with_bits = TM <= BITS_MAX_TM
+    if union == "triton" and TM * _pow2(K) <= UNION_MAX_W:
+        return (tok, *_unions_triton(block_idx, tok, TM, n_blocks, with_bits))
     if window <= 1:  # identity order: tile the selection as it is
-        return (tok, *tile_unions(block_idx, TM, n_blocks))
+        return (tok, *tile_unions(block_idx, TM, n_blocks, with_bits))
     sel = torch.gather(block_idx, 2, tok.clamp(max=T - 1).long()[..., None].expand(B, H, tok.shape[-1], K))
     sel = torch.where((tok < T)[..., None], sel, -1)
-    return (tok, *tile_unions(sel, TM, n_blocks))
+    return (tok, *tile_unions(sel, TM, n_blocks, with_bits))
 
 
-def tile_unions(block_idx: torch.Tensor, TM: int, n_blocks: int, chunk_entries: int = 1 << 24):
-    """Per tile of TM tokens: the union of selected blocks and, per union entry, the bitmask of
-    the tile's tokens that chose it; ids outside [0, n_blocks) are dropped. block_idx [B, H, T, k] ->
-    (counts [B, H, NT] int32, ids [B, H, NT, W] int32, bits [B, H, NT, W] int32), W = TM * k.
-    Works in chunks of tiles so temporaries stay bounded."""
-    if TM > 31:
-        raise ValueError(f"tokens per tile must be <= 31 (int32 bitmask), got {TM}")
+def _unions_triton(block_idx, tok, TM: int, n_blocks: int, with_bits: bool):
+    """tile_unions' outputs (counts, ids, bits or None) from _union_kernel, tiles read through tok."""
+    B, H, T, K = block_idx.shape
+    NT = tok.shape[-1] // TM
+    cap = min(TM * K, n_blocks)
+    counts = torch.empty((B, H, NT), dtype=torch.int32, device=block_idx.device)
+    ids = torch.empty((B, H, NT, cap), dtype=torch.int32, device=block_idx.device)
+    bits = torch.empty_like(ids) if with_bits else None
+    KP = _pow2(K)
+    _union_kernel[(NT, H, B)](block_idx, tok, counts, ids, ids if bits is None else bits, T, K, n_blocks, cap,
+                              *block_idx.stride(), TM=TM, KP=KP, WITH_BITS=with_bits,
+                              num_warps=max(1, min(8, TM * KP // 1024)))
+    return counts, ids, bits
+
+
+def tile_unions(block_idx: torch.Tensor, TM: int, n_blocks: int, with_bits: bool | None = None,
+                chunk_entries: int = 1 << 23):
+    """Torch version of the tile unions (the fallback of _union_kernel): per tile of TM tokens the
+    sorted union of selected blocks and, when with_bits (default: TM <= BITS_MAX_TM), per union entry
+    the bitmask of the tile's tokens that chose it; ids outside [0, n_blocks) are dropped, a token's
+    repeated id counts once. block_idx [B, H, T, k] -> (counts [B, H, NT] int32, ids [B, H, NT, cap]
+    int32, bits [B, H, NT, cap] int32 or None), cap = min(TM * k, n_blocks). Works in chunks of tiles
+    so temporaries stay bounded."""
+    with_bits = TM <= BITS_MAX_TM if with_bits is None else with_bits
+    if with_bits and TM > 31:
+        raise ValueError(f"token bitmasks hold at most 31 tokens per tile, got {TM}")
     B, H, T, K = block_idx.shape
     NT = triton.cdiv(T, TM)
     W = TM * K
+    cap = min(W, n_blocks)
     sel = block_idx
     if NT * TM != T:
         sel = torch.nn.functional.pad(sel, (0, 0, 0, NT * TM - T), value=-1)
     sel = sel.reshape(B * H, NT, W)
-    counts = torch.empty(B * H, NT, dtype=torch.int32, device=sel.device)
-    ids = torch.empty(B * H, NT, W, dtype=torch.int32, device=sel.device)
-    bits = torch.empty(B * H, NT, W, dtype=torch.int32, device=sel.device)
-    big = torch.iinfo(torch.int32).max
+    dev = sel.device
+    counts = torch.empty(B * H, NT, dtype=torch.int32, device=dev)
+    ids = torch.empty(B * H, NT, cap, dtype=torch.int32, device=dev)
+    bits = torch.empty(B * H, NT, cap, dtype=torch.int32, device=dev) if with_bits else None
+    tok_of_entry = torch.arange(W, device=dev) // K
     step = max(1, chunk_entries // max(W * B * H, 1))
     for n0 in range(0, NT, step):
         n1 = min(NT, n0 + step)
-        x = sel[:, n0:n1]  # range check in the input dtype: an int64 id must not wrap to a valid one
-        key, order = torch.sort(torch.where((x >= 0) & (x < n_blocks), x, big).to(torch.int32), dim=-1)
-        real = key < big
+        x = sel[:, n0:n1].long()  # range check in int64: an id must not wrap to a valid one
+        key = torch.where((x >= 0) & (x < n_blocks), x * TM + tok_of_entry, n_blocks * TM)
+        key = torch.sort(key, dim=-1).values  # by block, then token
+        blk = key // TM
+        real = blk < n_blocks
         first = real.clone()
-        first[..., 1:] &= key[..., 1:] != key[..., :-1]
-        run = torch.cumsum(first.to(torch.int32), -1) - 1
-        tok_bit = torch.bitwise_left_shift(torch.ones_like(order, dtype=torch.int32), (order // K).to(torch.int32))
-        slot_of_entry = torch.where(real, run, W).long()
-        ub = torch.zeros(*x.shape[:-1], W + 1, dtype=torch.int32, device=x.device)
-        ub.scatter_add_(-1, slot_of_entry, torch.where(real, tok_bit, 0))
-        ui = torch.zeros(*x.shape[:-1], W + 1, dtype=torch.int32, device=x.device)
-        ui.scatter_(-1, torch.where(first, run, W).long(), torch.where(first, key, 0))
+        first[..., 1:] &= blk[..., 1:] != blk[..., :-1]
+        run = torch.cumsum(first, -1) - 1
+        ui = torch.zeros(*x.shape[:-1], cap + 1, dtype=torch.int32, device=dev)
+        ui.scatter_(-1, torch.where(first, run, cap), torch.where(first, blk, 0).to(torch.int32))
         counts[:, n0:n1] = first.sum(-1, dtype=torch.int32)
-        ids[:, n0:n1] = ui[..., :W]
-        bits[:, n0:n1] = ub[..., :W]
-    return counts.view(B, H, NT), ids.view(B, H, NT, W), bits.view(B, H, NT, W)
+        ids[:, n0:n1] = ui[..., :cap]
+        if with_bits:
+            new_pair = real.clone()  # first entry of its (block, token) pair: a repeated id sets its bit once
+            new_pair[..., 1:] &= key[..., 1:] != key[..., :-1]
+            tok_bit = torch.bitwise_left_shift(torch.ones_like(key), key % TM)
+            ub = torch.zeros(*x.shape[:-1], cap + 1, dtype=torch.int64, device=dev)
+            ub.scatter_add_(-1, torch.where(real, run, cap), torch.where(new_pair, tok_bit, 0))
+            bits[:, n0:n1] = ub[..., :cap].to(torch.int32)
+    return (counts.view(B, H, NT), ids.view(B, H, NT, cap),
+            None if bits is None else bits.view(B, H, NT, cap))
 
 
-def key_block_lists(counts, ids, bits, n_blocks: int, seg: int):
+def key_block_lists(counts, ids, bits, n_blocks: int, seg: int, kv_div: int = 1):
     """Transpose tile unions into per-key-block work items for dK/dV.
 
-    Returns items [n_items, 3] int32 (flat (b, h) index, key block, start into the sorted
-    entries), item_len [n_items] int32, and sorted entries tiles/bits [n_entries] int32. An id outside
-    [0, n_blocks) gets no work item (it would otherwise address another (b, h)'s column)."""
-    BH, NT, W = ids.shape[0] * ids.shape[1], ids.shape[2], ids.shape[3]
+    A column is (batch, kv head, key block); its entries are the (selection head, tile) pairs whose
+    union holds the block, in selection-head then tile order, the kv_div selection heads of a kv head
+    together. Returns items [n_items, 3] int32 (flat batch * Hkv + kv head, key block, start into the
+    sorted entries), item_len [n_items] int32 (at most seg), entries [n_entries] int32 (selection head
+    within the kv head * NT + tile; the tile when kv_div = 1) and their token bitmasks (None without
+    bits). An id outside [0, n_blocks) gets no work item. Memory O(entries): the transposition runs in
+    chunks of at most _KEY_LIST_CHUNK entries, whole kv heads where they fit (a kv head with more is
+    split by selection heads, its columns then split into more items). Host syncs: the per-head entry
+    counts, and the item count of each chunk."""
+    B, Hs, NT, cap = ids.shape
+    cnt = counts.reshape(B * Hs * NT)
+    ids2, bits2 = ids.reshape(B * Hs * NT, cap), None if bits is None else bits.reshape(B * Hs * NT, cap)
+    parts, n_done = [], 0
+    per_head = counts.reshape(B * Hs, NT).sum(1).tolist()
+    for h0, h1 in _head_chunks(per_head, kv_div):
+        rows = slice(h0 * NT, h1 * NT)
+        part = _key_block_chunk(cnt[rows], ids2[rows], None if bits2 is None else bits2[rows], sum(per_head[h0:h1]),
+                                h0, NT, n_blocks, seg, kv_div)
+        part[0][:, 2] += n_done
+        n_done += part[2].numel()
+        parts.append(part)
+    if n_done >= 2**31:
+        raise ValueError(f"{n_done} dK/dV work entries overflow int32: split the batch")
+    items, length, entries = (torch.cat([p[i] for p in parts]) for i in range(3))
+    ebits = None if bits is None else torch.cat([p[3] for p in parts])
+    return items, length, entries, ebits
+
+
+def _head_chunks(per_head: list[int], kv_div: int):
+    """Ranges [h0, h1) of flat selection heads with at most _KEY_LIST_CHUNK entries in all (a single head
+    may hold more), cut between kv heads unless one kv head's heads hold more than the bound."""
+    chunks, h0, held = [], 0, 0
+    for g0 in range(0, len(per_head), kv_div):
+        group = per_head[g0:g0 + kv_div]
+        if held + sum(group) > _KEY_LIST_CHUNK and held:
+            chunks.append((h0, g0))
+            h0, held = g0, 0
+        for h, n in enumerate(group, g0):
+            if held + n > _KEY_LIST_CHUNK and held:
+                chunks.append((h0, h))
+                h0, held = h, 0
+            held += n
+    return chunks + [(h0, len(per_head))]
+
+
+def _key_block_chunk(cnt, ids, bits, n_e: int, h0: int, NT: int, n_blocks: int, seg: int, kv_div: int):
+    """key_block_lists for the n_e entries of the union rows of flat selection heads h0.. (cnt [rows],
+    ids/bits [rows, cap]); starts are local to the chunk."""
     dev = ids.device
-    valid = torch.arange(W, device=dev) < counts.reshape(BH, NT, 1)
-    bh = torch.arange(BH, device=dev).view(BH, 1, 1).expand(BH, NT, W)[valid]
-    tile = torch.arange(NT, device=dev, dtype=torch.int32).view(1, NT, 1).expand(BH, NT, W)[valid]
-    blk = ids.reshape(BH, NT, W)[valid].long()
-    ebits = bits.reshape(BH, NT, W)[valid]
-    n_cols = BH * n_blocks
-    key = torch.where((blk >= 0) & (blk < n_blocks), bh * n_blocks + blk, n_cols)  # n_cols: sorted last, dropped
-    order = torch.argsort(key * NT + tile.long())
-    key, tile, ebits = key[order], tile[order], ebits[order]
-    col_count = torch.bincount(key, minlength=n_cols + 1)[:n_cols]
+    owner = torch.repeat_interleave(torch.arange(cnt.numel(), device=dev, dtype=torch.int32), cnt,
+                                    output_size=n_e)  # union row of each entry
+    row_start = torch.cumsum(cnt, 0, dtype=torch.int32) - cnt
+    at = owner.long() * ids.shape[1] + (torch.arange(n_e, device=dev, dtype=torch.int32) - row_start[owner])
+    blk = ids.reshape(-1)[at]
+    head = h0 + owner // NT
+    group0 = h0 // kv_div
+    n_cols = ((h0 + cnt.numel() // NT - 1) // kv_div - group0 + 1) * n_blocks
+    col = torch.where((blk >= 0) & (blk < n_blocks), (head // kv_div - group0).long() * n_blocks + blk, n_cols)
+    col, order = torch.sort(col, stable=True)  # stable: (selection head, tile) order inside a column
+    entries = ((head % kv_div) * NT + owner % NT)[order]
+    ebits = None if bits is None else bits.reshape(-1)[at][order]
+    col_count = torch.bincount(col, minlength=n_cols + 1)[:n_cols]  # n_cols: out-of-range ids, dropped
     col_start = torch.cumsum(col_count, 0) - col_count
     n_seg = (col_count + seg - 1) // seg
     col = torch.repeat_interleave(torch.arange(n_cols, device=dev), n_seg)
     seg_no = torch.arange(col.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(n_seg, 0) - n_seg, n_seg)
     start = col_start[col] + seg_no * seg
     length = torch.minimum(col_count[col] - seg_no * seg, torch.full_like(start, seg))
-    items = torch.stack([col // n_blocks, col % n_blocks, start], 1).to(torch.int32).contiguous()
-    return items, length.to(torch.int32), tile.contiguous(), ebits.contiguous()
+    items = torch.stack([group0 + col // n_blocks, col % n_blocks, start], 1).to(torch.int32)
+    return items, length.to(torch.int32), entries.contiguous(), ebits
+
+
+@triton.jit
+def _union_kernel(SEL, TOK, CNT, IDS, BITS, T, NK, n_blocks, cap, ssb, ssh, sst, ssk,
+                  TM: tl.constexpr, KP: tl.constexpr, WITH_BITS: tl.constexpr):
+    """One tile's sorted, deduplicated union of the ids in [0, n_blocks) its tokens selected: take the
+    smallest id left, store it, remove it everywhere, repeat (one step per union block)."""
+    n_tiles = tl.num_programs(0)
+    tile = tl.program_id(0)
+    s = tl.program_id(1)
+    b = tl.program_id(2)
+    row = (b * tl.num_programs(1) + s) * n_tiles + tile
+    r = tl.arange(0, TM)
+    t = tl.load(TOK + row * TM + r)
+    j = tl.arange(0, KP)
+    x = tl.load(SEL + b.to(tl.int64) * ssb + s.to(tl.int64) * ssh + t.to(tl.int64)[:, None] * sst + j[None, :] * ssk,
+                mask=(t < T)[:, None] & (j < NK)[None, :], other=-1)
+    x = tl.where((x >= 0) & (x < n_blocks), x, n_blocks).to(tl.int32)  # range check in the input dtype
+    out = row.to(tl.int64) * cap
+    n = tl.sum(r * 0, axis=0)  # int32 0: the loop-carried union count
+    u = tl.min(tl.min(x, axis=1), axis=0)
+    while u < n_blocks:
+        hit = x == u
+        tl.store(IDS + out + n, u)
+        if WITH_BITS:
+            tl.store(BITS + out + n, tl.sum(tl.where(tl.max(hit.to(tl.int32), axis=1) > 0, 1 << r, 0), axis=0))
+        x = tl.where(hit, n_blocks, x)
+        n += 1
+        u = tl.min(tl.min(x, axis=1), axis=0)
+    tl.store(CNT + row, n)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -167,6 +297,28 @@ def _chose(BITS, at, tl_tok):
 
 
 @triton.jit
+def _tile_selection(SEL, b, g, t, row_ok, K, ssb, ssh, sst, ssk, KP: tl.constexpr, FROM_SEL: tl.constexpr):
+    """[rows, KP]: the ids selected by each row's token (selection head g; -1 past k and on padded
+    rows) when membership is computed in-kernel; a placeholder with bitmasks."""
+    if FROM_SEL:
+        j = tl.arange(0, KP)
+        off = b.to(tl.int64) * ssb + g.to(tl.int64) * ssh + t.to(tl.int64) * sst
+        return tl.load(SEL + off[:, None] + j[None, :] * ssk, mask=row_ok[:, None] & (j[None, :] < K), other=-1)
+    else:
+        return 0
+
+
+@triton.jit
+def _member(BITS, at, tl_tok, sel, u, FROM_SEL: tl.constexpr):
+    """Per row: whether the row's token selected block u, the tile's union entry `at`: from the
+    tile's selection in registers (FROM_SEL) or from the entry's token bitmask."""
+    if FROM_SEL:
+        return tl.max((sel == u).to(tl.int32), axis=1) > 0
+    else:
+        return _chose(BITS, at, tl_tok)
+
+
+@triton.jit
 def _visible(member, row_ok, pos, keys, kmask):
     """[rows, keys]: the row's token selected the block, and the key is causal for it and inside S."""
     return (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
@@ -190,7 +342,7 @@ def _kv_head(s, KV_DIV: tl.constexpr):
 @triton.jit
 def _key_item(ITEMS, ILEN, HKV):
     """The key-major work item of this program: (batch * HKV + group, block, first entry, entry count,
-    batch, group); HKV counts the selection heads, a group is one of them."""
+    batch, group); HKV counts the kv heads (MSA: the selection heads), a group is one of them."""
     item = tl.program_id(0)
     bh = tl.load(ITEMS + item * 3)
     return (bh, tl.load(ITEMS + item * 3 + 1), tl.load(ITEMS + item * 3 + 2), tl.load(ILEN + item),
@@ -198,29 +350,40 @@ def _key_item(ITEMS, ILEN, HKV):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, L, TOK, CNT, IDS, BITS, T, S, W, qk_scale,
+def _entry(ETILE, at, kv, NT, KV_DIV: tl.constexpr):
+    """(selection head, tile) of key-major entry `at` in a column of kv head kv."""
+    e = tl.load(ETILE + at)
+    if KV_DIV == 1:
+        return kv, e
+    else:
+        return kv * KV_DIV + e // NT, e % NT
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, T, S, NK, qk_scale,
                 sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                sob, soh, sot, sod, slb, slh, slt, scb, sch, sct,
+                sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
                 TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                 BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
-                KV_DIV: tl.constexpr):
+                KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr):
     n_tiles = tl.num_programs(0)
     tile = n_tiles - 1 - tl.program_id(0)
     g = tl.program_id(1)
     kv = _kv_head(g, KV_DIV)
     b = tl.program_id(2)
     tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S, TM, G, BM)
+    sel = _tile_selection(SEL, b, g, t, row_ok, NK, ssb, ssh, sst, ssk, KP, FROM_SEL)
     d = tl.arange(0, BD)
     q = _load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
     m_i = tl.zeros([BM], tl.float32) + float("-inf")
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
-    u_base = b * scb + g * sch + tile * sct
+    u_base = b.to(tl.int64) * scb + g.to(tl.int64) * sch + tile.to(tl.int64) * sct  # > 2**31 at 1M tokens
     n_u = tl.load(CNT + (b * tl.num_programs(1) + g) * n_tiles + tile)
     kn = tl.arange(0, BN)
     for i in range(0, n_u):
         u = tl.load(IDS + u_base + i)
-        member = _chose(BITS, u_base + i, tl_tok)
+        member = _member(BITS, u_base + i, tl_tok, sel, u, FROM_SEL)
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
@@ -245,11 +408,12 @@ def _fwd_kernel(Q, K, V, O, L, TOK, CNT, IDS, BITS, T, S, W, qk_scale,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, CNT, IDS, BITS, T, S, W, qk_scale, scale,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, T, S, NK, qk_scale, scale,
                    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                   slb, slh, slt, scb, sch, sct,
+                   slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
                    TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
-                   BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr):
+                   BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
+                   KP: tl.constexpr, FROM_SEL: tl.constexpr):
     # q, do, dq share strides (made contiguous by the wrapper); so do L and DELTA.
     n_tiles = tl.num_programs(0)
     tile = n_tiles - 1 - tl.program_id(0)
@@ -257,6 +421,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, CNT, IDS, BITS, T, S, W, qk_s
     kv = _kv_head(g, KV_DIV)
     b = tl.program_id(2)
     tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S, TM, G, BM)
+    sel = _tile_selection(SEL, b, g, t, row_ok, NK, ssb, ssh, sst, ssk, KP, FROM_SEL)
     d = tl.arange(0, BD)
     row_off = b * sqb + head * sqh + t * sqt
     q = _load_rows(Q, row_off, d, sqd, row_ok, D)
@@ -265,12 +430,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, CNT, IDS, BITS, T, S, W, qk_s
     lse2 = tl.load(L + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
     dq = tl.zeros([BM, BD], tl.float32)
-    u_base = b * scb + g * sch + tile * sct
+    u_base = b.to(tl.int64) * scb + g.to(tl.int64) * sch + tile.to(tl.int64) * sct  # > 2**31 at 1M tokens
     n_u = tl.load(CNT + (b * tl.num_programs(1) + g) * n_tiles + tile)
     kn = tl.arange(0, BN)
     for i in range(0, n_u):
         u = tl.load(IDS + u_base + i)
-        member = _chose(BITS, u_base + i, tl_tok)
+        member = _member(BITS, u_base + i, tl_tok, sel, u, FROM_SEL)
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
@@ -286,13 +451,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, CNT, IDS, BITS, T, S, W, qk_s
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, ITEMS, ILEN, ETILE, EBITS, T, S, HKV, NT, qk_scale, scale,
-                     sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                     slb, slh, slt, sdb, sdh, sds, sdd,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, SEL, ITEMS, ILEN, ETILE, EBITS, T, S, HKV, NT, NK,
+                     qk_scale, scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                     slb, slh, slt, sdb, sdh, sds, sdd, ssb, ssh, sst, ssk,
                      TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
-                     BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr):
-    bh, u, start, n, b, g = _key_item(ITEMS, ILEN, HKV)
-    kv = _kv_head(g, KV_DIV)
+                     BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
+                     KP: tl.constexpr, FROM_SEL: tl.constexpr):
+    _, u, start, n, b, kv = _key_item(ITEMS, ILEN, HKV)
     sub = tl.program_id(1)
     d = tl.arange(0, BD)
     keys = u * BLOCK + sub * BN + tl.arange(0, BN)
@@ -302,9 +467,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, ITEMS, ILEN, ETILE, EBI
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     for i in range(0, n):
-        tile = tl.load(ETILE + start + i)
-        tl_tok, head, t, row_ok, pos = _row_setup(TOK, bh, NT, tile, g, T, S, TM, G, BM)
-        member = _chose(EBITS, start + i, tl_tok)
+        g, tile = _entry(ETILE, start + i, kv, NT, KV_DIV)
+        tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * (HKV * KV_DIV) + g, NT, tile, g, T, S, TM, G, BM)
+        sel = _tile_selection(SEL, b, g, t, row_ok, NK, ssb, ssh, sst, ssk, KP, FROM_SEL)
+        member = _member(EBITS, start + i, tl_tok, sel, u, FROM_SEL)
         row_off = b * sqb + head * sqh + t * sqt
         q = _load_rows(Q, row_off, d, sqd, row_ok, D)
         do = _load_rows(DO, row_off, d, sqd, row_ok, D)
@@ -325,9 +491,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, ITEMS, ILEN, ETILE, EBI
 
 # ----------------------------------------------------------------------------- launchers
 
-def _tiling(G: int, block_size: int, device, cfg: dict):
+def _tiling(G: int, block_size: int, device, cfg: dict, max_tokens: int | None = None):
+    """(TM tokens per tile, BM rows, BN keys per sub-tile): TM = cfg TM, else ROWS // G (the
+    interpreter: 16 rows), a power of two, at most max_tokens."""
     rows = cfg["ROWS"] if device.type == "cuda" else _INTERPRET_ROWS
-    TM = 1 << (min(16, max(1, rows // G)).bit_length() - 1)  # power of two, <= 16
+    want = min(cfg.get("TM") or max(1, rows // G), max_tokens or 1 << 30)
+    TM = 1 << (max(1, want).bit_length() - 1)
     BM = max(_pow2(TM * G), 16)
     if block_size & (block_size - 1) == 0:
         BN = min(block_size, cfg["BN"])
@@ -337,6 +506,13 @@ def _tiling(G: int, block_size: int, device, cfg: dict):
         raise ValueError(f"the triton sparse attention needs block_size to be a power of two or a "
                          f"multiple of {cfg['BN']}, got {block_size}; use backend='reference' or 'flex'")
     return TM, BM, BN
+
+
+def _plan_tiling(plan, G: int, block_size: int, device, cfg: dict):
+    """_tiling for an existing plan: its tokens per tile, and whether membership is computed in-kernel."""
+    TM = plan[0].shape[-1] // plan[1].shape[-1]
+    BN = _tiling(G, block_size, device, cfg)[2]
+    return TM, max(_pow2(TM * G), 16), BN, plan[3] is None
 
 
 def _selection_heads(Hq: int, Hkv: int, Hs: int) -> tuple[int, int]:
@@ -350,38 +526,40 @@ def _selection_heads(Hq: int, Hkv: int, Hs: int) -> tuple[int, int]:
 def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    Hs = block_idx.shape[1]
+    Hs, NK = block_idx.shape[1], block_idx.shape[3]
     G, KV_DIV = _selection_heads(Hq, Hkv, Hs)
-    TM, BM, BN = _tiling(G, block_size, q.device, cfg)
+    cfg = resolve_config(G, cfg)
     if plan is None:
-        plan = tile_plan(block_idx, TM, cfg["WINDOW"], triton.cdiv(S, block_size))
+        TM = _tiling(G, block_size, q.device, cfg, None if _pow2(NK) <= SEL_MAX_K else BITS_MAX_TM)[0]
+        plan = tile_plan(block_idx, TM, cfg["WINDOW"], triton.cdiv(S, block_size), cfg["UNION"])
+    TM, BM, BN, from_sel = _plan_tiling(plan, G, block_size, q.device, cfg)
     tok, cnt, ids, bits = plan
     NT = cnt.shape[-1]
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     out = lse if lse_only else torch.empty_like(q)
     so = (0, 0, 0, 0) if lse_only else out.stride()
     _fwd_kernel[(NT, Hs, B)](
-        q, k, v, out, lse, tok, cnt, ids, bits, T, S, ids.shape[-1], scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *so, *lse.stride(), *ids.stride()[:3],
+        q, k, v, out, lse, tok, block_idx, cnt, ids, ids if bits is None else bits, T, S, NK, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *so, *lse.stride(), *ids.stride()[:3], *block_idx.stride(),
         TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), LSE_ONLY=lse_only,
-        KV_DIV=KV_DIV, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        KV_DIV=KV_DIV, KP=_pow2(NK), FROM_SEL=from_sel, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (None if lse_only else out), lse, plan
 
 
 def sparse_lse(q, k, block_idx, block_size: int, scale: float, config: dict | None = None):
     """LSE only (natural log) of scale * q.k over each query's selected tokens; k [B, Hkv, S, D],
     block_idx [B, Hkv or Hq, T, k]."""
-    cfg = dict(ATTN_CONFIG, **(config or {}))
-    return _forward(q, k, k, block_idx, block_size, scale, True, cfg)[1]
+    return _forward(q, k, k, block_idx, block_size, scale, True, config)[1]
 
 
-def _backward(q, k, v, out, lse, do, dlse, plan, block_size, scale, cfg):
+def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, block_size, scale, cfg):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    Hs, NK = block_idx.shape[1], block_idx.shape[3]
     tok, cnt, ids, bits = plan
-    Hs = cnt.shape[1]
     G, KV_DIV = _selection_heads(Hq, Hkv, Hs)
-    TM, BM, BN = _tiling(G, block_size, q.device, cfg)
+    cfg = resolve_config(G, cfg)
+    TM, BM, BN, from_sel = _plan_tiling(plan, G, block_size, q.device, cfg)
     NT = cnt.shape[-1]
     q, do = q.contiguous(), do.contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -391,41 +569,42 @@ def _backward(q, k, v, out, lse, do, dlse, plan, block_size, scale, cfg):
         delta = delta - dlse.float()
     delta = delta.contiguous()
     lse = lse.contiguous()
-    BD = max(_pow2(D), 16)
+    tiling = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), KV_DIV=KV_DIV,
+                  KP=_pow2(NK), FROM_SEL=from_sel, num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     dq = torch.empty_like(q)
     _bwd_dq_kernel[(NT, Hs, B)](
-        q, k, v, do, dq, lse, delta, tok, cnt, ids, bits, T, S, ids.shape[-1], scale * LOG2E, scale,
-        *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *ids.stride()[:3],
-        TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD, KV_DIV=KV_DIV,
-        num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+        q, k, v, do, dq, lse, delta, tok, block_idx, cnt, ids, ids if bits is None else bits, T, S, NK,
+        scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *ids.stride()[:3],
+        *block_idx.stride(), **tiling)
     n_blocks = triton.cdiv(S, block_size)
-    items, ilen, etile, ebits = key_block_lists(cnt, ids, bits, n_blocks, cfg["SEG"])
+    items, ilen, entries, ebits = key_block_lists(cnt, ids, bits, n_blocks, cfg["SEG"], KV_DIV)
     dk = torch.zeros((B, Hkv, S, D), dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     if items.shape[0] > 0:
         _bwd_dkdv_kernel[(items.shape[0], block_size // BN)](
-            q, k, v, do, dk, dv, lse, delta, tok, items, ilen, etile, ebits, T, S, Hs, NT, scale * LOG2E, scale,
-            *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *dk.stride(),
-            TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD, KV_DIV=KV_DIV,
-            num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+            q, k, v, do, dk, dv, lse, delta, tok, block_idx, items, ilen, entries,
+            entries if ebits is None else ebits, T, S, Hkv, NT, NK, scale * LOG2E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *dk.stride(), *block_idx.stride(), **tiling)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, scale, cfg):
-        out, lse, plan = _forward(q, k, v, block_idx, block_size, scale, False, cfg)
-        ctx.save_for_backward(q, k, v, out, lse, *plan)
-        ctx.block_size, ctx.scale, ctx.cfg = block_size, scale, cfg
+    def forward(ctx, q, k, v, block_idx, block_size, scale, config):
+        out, lse, plan = _forward(q, k, v, block_idx, block_size, scale, False, config)
+        tok, cnt, ids, bits = plan
+        ctx.save_for_backward(q, k, v, out, lse, block_idx, tok, cnt, ids, *([] if bits is None else [bits]))
+        ctx.block_size, ctx.scale, ctx.config = block_size, scale, config
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, tok, cnt, ids, bits = ctx.saved_tensors
+        q, k, v, out, lse, block_idx, tok, cnt, ids, *bits = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, (tok, cnt, ids, bits), ctx.block_size,
-                               ctx.scale, ctx.cfg)
+        plan = (tok, cnt, ids, bits[0] if bits else None)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, block_idx, plan, ctx.block_size, ctx.scale,
+                               ctx.config)
         return dq, dk, dv, None, None, None, None
 
 
@@ -435,10 +614,10 @@ def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: fl
     (and natural-log LSE [B, Hq, T] fp32). Differentiable w.r.t. q, k, v.
 
     Hs = Hkv: one selection per KV group, shared by its query heads (MSA). Hs = Hq: one selection per
-    query head (MoBA), read straight from the unrepeated K/V. Ids outside [0, n_blocks) are ignored.
-    Host syncs: none in the forward; the backward's dK/dV work lists (boolean indexing, repeat_interleave)."""
+    query head (MoBA), read straight from the unrepeated K/V. Ids outside [0, n_blocks) are ignored;
+    a repeated id counts once. config: overrides of ATTN_CONFIG (and G1_CONFIG).
+    Host syncs: none in the forward; the backward's dK/dV work lists (entry and item counts)."""
     if q.dtype == torch.float64:
         raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
-    cfg = dict(ATTN_CONFIG, **(config or {}))
-    out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), cfg)
+    out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), config)
     return (out, lse) if return_lse else out
