@@ -10,12 +10,12 @@ Two ways to track it inside an attention kernel, for two kinds of tiles:
   is non-finite (`saw_nonfinite`, on the [BM, BN] score tile before the -inf masking: a k row holding a
   NaN/inf makes its whole score column NaN/inf), and at the end when its accumulator is non-finite
   (`nonfinite_rows`: a v row holding a NaN/inf reaches every row that weighs it, even with weight 0,
-  and stays non-finite through the online-softmax rescaling) or its q is; then `poison_rows`.
+  and stays non-finite through the online-softmax rescaling) or its q is; then `poison_rows`. A score
+  that overflows fp32 from finite inputs counts as non-finite (the reference's softmax gives NaN there too).
 - A tile holds keys some rows must not see (block-sparse tiles: unions of several tokens' blocks, the
   causal diagonal): zero the bad k/v rows before the dots (`nonfinite_rows` on the [BN, D] tiles, then
   `zero_rows`), flag a row that attends to a bad key ([BM, BN] where on the visibility mask, one max),
-  and poison at the end. A score that overflows fp32 from finite inputs counts as non-finite, as in the
-  plain-PyTorch reference.
+  flag its own q (`nonfinite_rows` once), and poison at the end.
 
 Backward kernels: a poisoned row has a NaN LSE; treat it as a row that attends to nothing (p = 0, its q and
 dO zeroed, dQ = 0), so gradients stay finite and equal the reference's (torch.where masking).
