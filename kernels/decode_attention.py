@@ -7,6 +7,10 @@ of its selected blocks (selection int32 [B, Hkv, Q, k], -1 padded), read through
    group for one query, so each selected K/V page is loaded once per group; it covers a slice of the
    selected blocks and writes a normalised partial output and its LSE.
 2. `_attn_merge_kernel`, grid (B * Hkv * Q,): LSE-merges the splits into the output (and the LSE).
+
+Non-finite values (kernels/nonfinite.py): a program's rows attend to every key it loads (keys past the
+query's position are never loaded), so a row is NaN (output and LSE) iff its q, one of its scores or its
+accumulator is non-finite; a poisoned split poisons the merged row. Cost: one [G, PAGE] check per block.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite
 
 _LOG2E = 1.4426950408889634
 
@@ -45,6 +51,7 @@ def _attn_split_kernel(
     q = tl.load(q_ptr + b * stride_qb + (g * G + r)[:, None] * stride_qh + t * stride_qt + d[None, :],
                 mask=r_ok[:, None], other=0.0)
 
+    bad = nonfinite_rows(q)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -64,6 +71,7 @@ def _attn_split_kernel(
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
+        bad = bad | saw_nonfinite(qk, ld_ok[None, :])
         qk = tl.where(ld_ok[None, :], qk * qk_scale, float("-inf"))  # log2 domain
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -79,7 +87,9 @@ def _attn_split_kernel(
 
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    bad = bad | nonfinite_rows(o)
+    o = poison_rows(o, bad)
+    lse2 = poison(tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))), bad)
     base = (pid * n_splits + s) * BLOCK_G
     tl.store(po_ptr + (base + r)[:, None] * D + d[None, :], o)
     tl.store(plse_ptr + base + r, lse2)
@@ -102,9 +112,11 @@ def _attn_merge_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
+    bad = tl.zeros([BLOCK_G], tl.int1)
     for s in range(0, n_splits):
         base = (pid * n_splits + s) * BLOCK_G
         lse_s = tl.load(plse_ptr + base + r)
+        bad = bad | (lse_s != lse_s)  # a split poisoned the row
         m_new = tl.maximum(m, lse_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         a = tl.exp2(m - m_safe)
@@ -114,12 +126,12 @@ def _attn_merge_kernel(
         l = l * a + w
         m = m_new
     empty = l == 0.0
-    o = acc / tl.where(empty, 1.0, l)[:, None]
+    o = poison_rows(acc / tl.where(empty, 1.0, l)[:, None], bad)
     r_ok = r < G
     dst = out_ptr + b * stride_ob + (g * G + r)[:, None] * stride_oh + t * stride_ot + d[None, :]
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
     if WRITE_LSE:
-        lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / 1.4426950408889634)
+        lse = poison(tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / 1.4426950408889634), bad)
         tl.store(lse_ptr + ((b * HKV + g) * G + r) * Q + t, lse, mask=r_ok)
 
 

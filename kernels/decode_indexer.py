@@ -14,6 +14,10 @@ Two kernels:
    memory; each split writes only its (k-1) best keys per row.
 2. `_index_merge_kernel`, grid (B, H_i * Q): picks the global top-(k-1) from the n_splits * (k-1)
    candidates and writes the final selection.
+
+A NaN score counts as +inf (set before the block max, which may drop NaN on the GPU): its block ranks
+first, as in the reference (docs/ops.md, non-finite values). Only full blocks before the query's local
+block are read, so a key past the query (or past the sequence) never reaches its selection.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ def _index_split_kernel(
         if SCALE_MODE == 2:
             tscale = tl.load(kscale_ptr + pages[:, None] * PAGE + tok[None, :], mask=ok[:, None], other=0.0)
             sc = sc * tl.reshape(tscale, [NB * PAGE])[None, :]
+        sc = tl.where(sc == sc, sc, float("inf"))  # NaN ranks first
         m = tl.max(tl.reshape(sc, [ROWS, NB, PAGE]), axis=2)  # block max [ROWS, NB]
         if SCALE_MODE == 1:
             m = m * tl.load(kscale_ptr + pages, mask=ok, other=0.0)[None, :]

@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite
 from sparsezoo.kernels.sparse_attention_triton import _load_rows as _load_tile
 
 LOG2E = 1.4426950408889634  # host side: the kernels write log2(e) and ln(2) as literals (@jit reads no plain globals)
@@ -128,6 +129,7 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, PER, n_splits,
     k2_base = K2 + b * sk2b + g * sk2h
     v2_base = V2 + b * sv2b + g * sv2h
     idx_row = IDX + b * sib + g * sih + t * sit
+    bad = nonfinite_rows(q)  # rows that saw a NaN/inf (kernels/nonfinite.py: every row attends every loaded key)
     m_i = tl.zeros([BM], tl.float32) + float("-inf")
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
@@ -138,6 +140,7 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, PER, n_splits,
         ids, ok = _key_ids(idx_row, start + kn, hi, NK)
         kt = _gather_rows(k_base, k2_base, ids, ok, N, skn, sk2n, d, skd, D, TWO, ALIGNED)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        bad = bad | saw_nonfinite(s, ok[None, :])
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -149,7 +152,9 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, PER, n_splits,
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    bad = bad | nonfinite_rows(out)
+    out = poison_rows(out, bad)
+    lse2 = poison(tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))), bad)
     if SPLIT:  # partials [B, Hq, T, splits, D] and log2-LSEs [B, Hq, T, splits], fp32
         prow = ((b * tl.num_programs(1) * G + head) * T + t) * n_splits + sp
         tl.store(PO + prow[:, None] * D + d[None, :], out, mask=row_ok[:, None] & (d[None, :] < D))
@@ -172,8 +177,10 @@ def _merge_kernel(PO, PL, O, L, T, n_splits, sob, soh, sot, sod, slb, slh, slt,
     m = tl.zeros([BM], tl.float32) + float("-inf")
     l = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
+    bad = tl.zeros([BM], tl.int1)
     for sp in range(0, n_splits):
         lse_s = tl.load(PL + prow + sp, mask=row_ok, other=float("-inf"))
+        bad = bad | (lse_s != lse_s)  # a split poisoned the row
         m_new = tl.maximum(m, lse_s)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_use)
@@ -183,9 +190,9 @@ def _merge_kernel(PO, PL, O, L, T, n_splits, sob, soh, sot, sod, slb, slh, slt,
         l = l * alpha + w
         m = m_new
     empty = l == 0.0
-    out = acc / tl.where(empty, 1.0, l)[:, None]
+    out = poison_rows(acc / tl.where(empty, 1.0, l)[:, None], bad)
     tl.store(O + b * sob + head[:, None] * soh + t * sot + d[None, :] * sod, out.to(O.dtype.element_ty), mask=d_ok)
-    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) * 0.6931471805599453)
+    lse = poison(tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) * 0.6931471805599453), bad)
     tl.store(L + b * slb + head * slh + t * slt, lse, mask=row_ok)
 
 
@@ -202,10 +209,12 @@ def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, qk_sc
     row_ok, head, g = _group_rows(G, BM)
     d = tl.arange(0, BD)
     row_off = b * sqb + head * sqh + t * sqt
-    q = _load_tile(Q, row_off, d, sqd, row_ok, D)
-    do = _load_tile(DO, row_off, d, sqd, row_ok, D)
     l_off = b * slb + head * slh + t * slt
     lse2 = tl.load(L + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
+    dead = lse2 != lse2  # a poisoned row (NaN LSE) attends to nothing here: no gradient flows through it
+    row_ok = row_ok & ~dead
+    q = _load_tile(Q, row_off, d, sqd, row_ok, D)
+    do = _load_tile(DO, row_off, d, sqd, row_ok, D)
     delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
     k_base = K + b * skb + g * skh
     v_base = V + b * svb + g * svh
@@ -231,8 +240,9 @@ def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, qk_sc
         at_ok = ok[:, None] & (d[None, :] < D)
         tl.atomic_add(DK + at, dk_t * scale, mask=at_ok, sem="relaxed")
         tl.atomic_add(DV + at, dv_t, mask=at_ok, sem="relaxed")
+    dq = tl.where(dead[:, None], 0.0, dq)  # ds = 0 there, but a NaN key row would make 0 * NaN
     tl.store(DQ + row_off[:, None] + d[None, :] * sqd, (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (d[None, :] < D))
+             mask=(row_ok | dead)[:, None] & (d[None, :] < D))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -377,6 +387,8 @@ def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False
     """q [B, Hq, T, D], k/v [B, Hkv, N, D], idx int [B, Hs, T, K] (Hs in {1, Hkv}; -1 or any id
     outside [0, N) = empty slot) -> out [B, Hq, T, D] (and natural-log LSE [B, Hq, T] fp32; a query
     with no key gets out 0, LSE -inf). Differentiable w.r.t. q, k, v (through out and LSE).
+    Non-finite values (kernels/nonfinite.py): a row whose q or one of whose keys' k/v rows holds a NaN/inf
+    is NaN (out and LSE) and passes no gradient; the other rows and gradients are unaffected.
     Optional second pool k2/v2 [B, Hkv, N2, D]: ids in [N, N + N2) read k2/v2[:, :, id - N] (as if
     k2 were concatenated after k, without the copy); differentiable w.r.t. k2, v2 too."""
     _check(q, k, v, idx)
@@ -384,8 +396,10 @@ def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False
     cfg = {**GATHER_CONFIG, **(_INTERPRET_CONFIG if q.device.type != "cuda" else {}), **(config or {})}
     N, N2 = k.shape[2], (0 if k2 is None else k2.shape[2])
     if q.numel() == 0 or N + N2 == 0 or idx.shape[-1] == 0:  # no key anywhere: nothing to launch
-        out = q * 0.0
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        bad = ~torch.isfinite(q).all(-1)  # a non-finite q row still gives a NaN row
+        out = torch.where(bad[..., None], float("nan"), q * 0.0)
+        lse = torch.where(bad, float("nan"), torch.full(q.shape[:3], float("-inf"), dtype=torch.float32,
+                                                              device=q.device))
         return (out, lse) if return_lse else out
     if idx.dtype == torch.int64:  # ids past int32 must not wrap into range: clamp to [-1, N + N2] (masked)
         idx = idx.clamp(-1, N + N2)

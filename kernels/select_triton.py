@@ -9,7 +9,9 @@ go to the smaller id, as docs/variants.md asks). No score matrix and no [T, n_bl
 memory: the extra memory is the int32 output alone.
 
 Only blocks j < L(t) are ranked and they are complete and fully visible, so the causal mask never
-cuts a ranked block; the local block L(t) is appended after ranking.
+cuts a ranked block; the local block L(t) is appended after ranking. A NaN score counts as +inf (set
+before the max-pooling, whose max may drop NaN on the GPU): its block ranks first, as in the reference
+(docs/ops.md, non-finite values).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def _select_kernel(Q, K, OUT, T, S, H, scale,
             keys = j * BLOCK + sub * BN + kn
             kt = tl.load(k_base + keys[:, None] * sks, mask=d[None, :] < D, other=0.0)
             s = tl.dot(q, tl.trans(kt))
+            s = tl.where(s == s, s, float("inf"))  # NaN ranks first
             bmax = tl.maximum(bmax, tl.max(s, axis=1))
         score = tl.where(j < local, bmax * scale, float("-inf"))
         if DO_TOPK:

@@ -11,6 +11,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .nonfinite import clean_qkv, poison_rows
+
 # Elements of one chunk's largest intermediate; bounds reference memory (~256 MB in fp32).
 CHUNK_ELEMENTS = 1 << 26
 
@@ -27,6 +29,28 @@ def upcast_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q.to(dt).view(B, Hkv, Hq // Hkv, T, D), k.to(dt), v.to(dt)
 
 
+def clean_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """upcast_grouped with the non-finite rows zeroed (docs/ops.md, non-finite values): (qg, kf, vf,
+    q_bad [B, Hkv, G, T], kv_bad [B, Hkv, S]). A chunk poisons its rows with seen_bad."""
+    qg, kf, vf = upcast_grouped(q, k, v)
+    qg, kf, vf, q_bad, kv_bad = clean_qkv(qg, kf, vf)
+    return qg, kf, vf, q_bad, kv_bad
+
+
+def seen_bad(out, lse, q_bad, ok, kv_bad):
+    """Poison the rows of one chunk that saw a non-finite value: out [B, H, G, Tc, D], lse [B, H, G, Tc],
+    q_bad [B, H, G, Tc], ok (which keys each row attends to) and kv_bad (which keys are bad), both
+    broadcastable to [B, H, Tc, N]. Returns (out, lse)."""
+    bad = q_bad | (ok & kv_bad).any(-1)[:, :, None]
+    return poison_rows(out, bad), poison_rows(lse, bad)
+
+
+def gather_flags(flags: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """flags [B, H, S], tok [B, H, Tc, N] -> [B, H, Tc, N]."""
+    B, H, Tc, N = tok.shape
+    return torch.gather(flags, 2, tok.reshape(B, H, Tc * N)).view(B, H, Tc, N)
+
+
 def chunk_len(per_query: int, total: int) -> int:
     return max(1, min(total, CHUNK_ELEMENTS // max(per_query, 1)))
 
@@ -36,16 +60,21 @@ def query_positions(T: int, S: int, start: int, end: int, device) -> torch.Tenso
     return torch.arange(S - T + start, S - T + end, device=device)
 
 
+def nan_first(scores: torch.Tensor, rank: float = float("inf")) -> torch.Tensor:
+    """A NaN score ranks as `rank` (+inf: first, ties to the smaller id); docs/ops.md, non-finite values."""
+    return torch.where(torch.isnan(scores), torch.full((), rank, dtype=scores.dtype, device=scores.device), scores)
+
+
 def select_from_block_scores(b: torch.Tensor, pos: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
     """MSA's selection rule (docs/variants.md): best k-1 blocks before the local one (ties to the smaller id), then the
-    local block, then -1 padding. b is [..., Tc, n_blocks]; returns int32 [..., Tc, topk]."""
+    local block, then -1 padding; a NaN score ranks first. b is [..., Tc, n_blocks]; returns int32 [..., Tc, topk]."""
     n_blocks = b.shape[-1]
     local = pos // block_size  # [Tc]
     candidate = torch.arange(n_blocks, device=b.device)[None, :] < local[:, None]
     b = b.masked_fill(~candidate, float("-inf"))
     n_rank = min(topk - 1, n_blocks)
     # A stable descending sort keeps equal scores in ascending id order: ties go to the smaller id.
-    order = torch.sort(b, dim=-1, descending=True, stable=True).indices[..., :n_rank]
+    order = torch.sort(nan_first(b), dim=-1, descending=True, stable=True).indices[..., :n_rank]
     n_valid = local.clamp(max=topk - 1)  # [Tc]
     out = torch.full((*b.shape[:-1], topk), -1, dtype=torch.int64, device=b.device)
     keep = torch.arange(n_rank, device=b.device)[None, :] < n_valid[:, None]

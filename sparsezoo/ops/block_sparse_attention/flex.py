@@ -4,7 +4,8 @@ The G query heads sharing a selection fold into the query axis (sparsezoo.ops.fl
 BlockMask is compact: each 128-row tile lists only the union of its tokens' blocks (width <= tokens
 per tile x k), never [n_q_tiles, n_kv_blocks]; a k-compare mask_mod keeps every query to its own
 blocks and to causality. Selection blocks smaller than 128 are grouped into 128-token BlockMask
-blocks (the mask_mod stays exact).
+blocks (the mask_mod stays exact). Non-finite values: the O(S) pre-pass of sparsezoo.ops.nonfinite,
+plus an O(T * k) gather of its counts at the selected blocks (docs/ops.md).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import math
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ..common import query_positions
 from ..dispatch import needs_grad
 from ..flex_utils import (Q_TILE, block_size_reason, fold_heads, mask_kv_block, run_flex, tile_block_union,
                           transpose_compact, unfold_heads)
+from ..nonfinite import clean_qkv, finish, per_query_head, rows_seeing_selected_blocks
 
 
 def supports(req) -> str | None:
@@ -62,14 +65,17 @@ def msa_block_mask(block_idx: torch.Tensor, n_q_heads: int, S: int, block_size: 
 def block_sparse_attention_flex(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False):
     """Selections shared by G = Hq / Hs heads fold those heads into the query axis; with one selection
     per query head (Hs = Hq > Hkv) flex's GQA maps each head to its KV head."""
-    Hq, Hkv, S = q.shape[1], k.shape[1], k.shape[2]
+    Hq, Hkv, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     Hs = block_idx.shape[1]
     mask = msa_block_mask(block_idx, Hq, S, block_size, with_backward=needs_grad(q, k, v))
+    q, k, v, q_bad, kv_bad = clean_qkv(q, k, v)
     res = run_flex(fold_heads(q, Hs), k, v, mask, scale, return_lse, enable_gqa=Hs != Hkv)
+    seen = rows_seeing_selected_blocks(kv_bad, block_idx, query_positions(T, S, 0, T, q.device), block_size)
+    bad = q_bad | per_query_head(seen, Hq)
     if return_lse:
         out, lse = res
-        return unfold_heads(out, Hq), unfold_heads(lse, Hq)
-    return unfold_heads(res, Hq)
+        return finish(unfold_heads(out, Hq), bad, unfold_heads(lse, Hq))
+    return finish(unfold_heads(res, Hq), bad)
 
 
 run = block_sparse_attention_flex

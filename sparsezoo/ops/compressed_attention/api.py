@@ -6,6 +6,7 @@ import torch
 
 from .. import checks
 from ..dispatch import Op, Request, needs_grad
+from ..nonfinite import nonfinite_rows, poison_rows
 
 OP = Op("compressed_attention", __package__, ("flex", "reference"))
 
@@ -24,7 +25,8 @@ def compressed_visible(pos: torch.Tensor, n: int, block_len: int, stride: int) -
 def compressed_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, *, S: int, block_len: int,
                          stride: int, scale: float, return_lse: bool = False, backend: str = "auto"):
     """Softmax attention of q [B, Hq, T, D] (the last T of S positions) over the visible compressed
-    entries kc, vc [B, Hkv, Sc, D] of S tokens. A query that sees no entry yet gets output 0.
+    entries kc, vc [B, Hkv, Sc, D] of S tokens. A query that sees no entry yet gets output 0 (NaN if its
+    q is not finite: docs/ops.md, non-finite values).
 
     return_lse: also return the natural-log LSE [B, Hq, T] fp32 of the scaled scores over the visible
     entries (-inf where none is visible, not differentiable); NSA's selection reuses it."""
@@ -34,8 +36,9 @@ def compressed_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, *,
     req = Request.of(q, needs_grad(q, kc, vc), return_lse=return_lse)
     if kc.shape[2] == 0:
         OP.choose(backend, req)  # still validate the request
-        out = q * 0  # nothing compressed yet; stays in the autograd graph
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        q_bad = nonfinite_rows(q)
+        out = poison_rows(q * 0, q_bad)  # nothing compressed yet; stays in the autograd graph
+        lse = poison_rows(torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device), q_bad)
         return (out, lse) if return_lse else out
     out = OP.run(backend, req, q, kc, vc, S, block_len, stride, scale, return_lse)
     if return_lse:

@@ -1,4 +1,5 @@
-"""Compressed attention through FlexAttention: a causal BlockMask over entries from per-tile ranges."""
+"""Compressed attention through FlexAttention: a causal BlockMask over entries from per-tile ranges.
+Non-finite values: the O(Sc) pre-pass of sparsezoo.ops.nonfinite (docs/ops.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from ..dispatch import needs_grad
 from ..flex_utils import Q_TILE, range_block_mask, run_flex, tile_last_positions
+from ..nonfinite import clean_qkv, finish, rows_seeing_key_ranges
 
 
 def supports(req) -> str | None:
@@ -13,7 +15,8 @@ def supports(req) -> str | None:
 
 
 def compressed_attention_flex(q, kc, vc, S: int, block_len: int, stride: int, scale: float, return_lse: bool = False):
-    T, Sc = q.shape[2], kc.shape[2]
+    Hq, T, Sc = q.shape[1], q.shape[2], kc.shape[2]
+    q, kc, vc, q_bad, kv_bad = clean_qkv(q, kc, vc)
     offset = S - T
 
     def compressed_causal(b, h, q_idx, kv_idx):
@@ -23,7 +26,11 @@ def compressed_attention_flex(q, kc, vc, S: int, block_len: int, stride: int, sc
     n_visible = torch.where(last >= block_len - 1, (last - block_len + 1) // stride + 1, 0).clamp(max=Sc)
     hi = (n_visible + Q_TILE - 1) // Q_TILE
     mask = range_block_mask(torch.zeros_like(hi), hi, T, Sc, compressed_causal, needs_grad(q, kc, vc))
-    return run_flex(q, kc, vc, mask, scale, return_lse, enable_gqa=q.shape[1] != kc.shape[1])
+    out = run_flex(q, kc, vc, mask, scale, return_lse, enable_gqa=Hq != kc.shape[1])
+    pos = torch.arange(S - T, S, device=q.device)
+    n_seen = torch.where(pos >= block_len - 1, (pos - block_len + 1) // stride + 1, 0)  # visible entries
+    bad = q_bad | rows_seeing_key_ranges(kv_bad, torch.zeros_like(pos), n_seen, Hq)
+    return finish(*out, bad) if return_lse else finish(out, bad)
 
 
 run = compressed_attention_flex

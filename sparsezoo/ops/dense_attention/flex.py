@@ -1,4 +1,6 @@
-"""Dense causal attention through FlexAttention, with an analytic BlockMask (no T x S mask)."""
+"""Dense causal attention through FlexAttention, with an analytic BlockMask (no T x S mask).
+
+Non-finite values: the O(S) pre-pass of sparsezoo.ops.nonfinite, as the SDPA path (docs/ops.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import math
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ..dispatch import needs_grad
 from ..flex_utils import causal_mask_mod, run_flex
+from ..nonfinite import clean_qkv, finish, rows_seeing_key_ranges
 
 
 def supports(req) -> str | None:
@@ -33,9 +37,13 @@ def dense_causal_block_mask(T: int, S: int, device, q_block: int = 128, kv_block
 
 
 def dense_attention_flex(q, k, v, scale: float, return_lse: bool = False):
-    T, S = q.shape[2], k.shape[2]
+    Hq, T, S = q.shape[1], q.shape[2], k.shape[2]
+    q, k, v, q_bad, kv_bad = clean_qkv(q, k, v, zero_kv=T > 1 or needs_grad(q, k, v))
     mask = dense_causal_block_mask(T, S, q.device)
-    return run_flex(q, k, v, mask, scale, return_lse, enable_gqa=q.shape[1] != k.shape[1])
+    res = run_flex(q, k, v, mask, scale, return_lse, enable_gqa=Hq != k.shape[1])
+    pos = torch.arange(S - T, S, device=q.device)
+    bad = q_bad | rows_seeing_key_ranges(kv_bad, torch.zeros_like(pos), pos + 1, Hq)
+    return finish(*res, bad) if return_lse else finish(res, bad)
 
 
 run = dense_attention_flex

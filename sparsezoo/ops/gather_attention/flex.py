@@ -1,5 +1,7 @@
 """Gather attention through FlexAttention: each query becomes its own batch row against its gathered
-keys, chunked over queries (the gathered K/V copies are the chunk's memory)."""
+keys, chunked over queries (the gathered K/V copies are the chunk's memory). Non-finite values
+(docs/ops.md): the gathered rows are checked and zeroed (sparsezoo.ops.nonfinite), so the cost scales
+with the copies, not with the pools."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ..common import CHUNK_ELEMENTS, expand_selection, gather_rows
 from ..flex_utils import run_flex
+from ..nonfinite import finish, nonfinite_rows, zero_rows
 
 
 def supports(req) -> str | None:
@@ -26,9 +29,11 @@ def gather_attention_flex(q, k, v, idx, scale: float, return_lse: bool = False, 
     Hkv, K = k.shape[1], idx.shape[-1]
     idx = expand_selection(idx, Hkv)
     G = Hq // Hkv
+    q_bad = nonfinite_rows(q)
+    q = zero_rows(q, q_bad)
     tile = 128
     n_kv = -(-K // tile)
-    outs = []
+    outs, seen = [], []
     step = max(1, min(T, CHUNK_ELEMENTS // max(B * Hkv * K * D, 1)))
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
@@ -37,6 +42,9 @@ def gather_attention_flex(q, k, v, idx, scale: float, return_lse: bool = False, 
         ok = (sel >= 0).permute(0, 2, 1, 3).reshape(R, Hkv, K).contiguous()
         fold = lambda x: x.permute(0, 2, 1, 3, 4).reshape(R, Hkv, K, D)
         kg, vg = fold(gather_rows(k, sel.clamp_min(0))), fold(gather_rows(v, sel.clamp_min(0)))
+        kv_bad = nonfinite_rows(kg) | nonfinite_rows(vg)  # [R, Hkv, K]
+        kg, vg = zero_rows(kg, kv_bad), zero_rows(vg, kv_bad)
+        seen.append((kv_bad & ok).any(-1).view(B, t1 - t0, Hkv).transpose(1, 2))
         qr = q[:, :, t0:t1].permute(0, 2, 1, 3).reshape(R, Hq, 1, D)
 
         def selected(b, h, q_idx, kv_idx):
@@ -48,7 +56,8 @@ def gather_attention_flex(q, k, v, idx, scale: float, return_lse: bool = False, 
                                         seq_lengths=(1, K))
         o = run_flex(qr, kg, vg, mask, scale, False, enable_gqa=G > 1)
         outs.append(o.view(B, t1 - t0, Hq, D).permute(0, 2, 1, 3))
-    return torch.cat(outs, dim=2)
+    seen = torch.cat(seen, dim=2).repeat_interleave(G, dim=1)  # [B, Hq, T]
+    return finish(torch.cat(outs, dim=2), q_bad | seen)
 
 
 run = gather_attention_flex

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from ..common import (chunk_len, expand_selection, gather_rows, join_chunks, masked_softmax_lse, run_chunk,
-                      upcast_grouped)
+from ..common import (chunk_len, clean_grouped, expand_selection, gather_flags, gather_rows, join_chunks,
+                      masked_softmax_lse, run_chunk, seen_bad)
 
 
 def supports(req) -> str | None:
     return None
 
 
-def _chunk(qg, kf, vf, sel, scale: float):
+def _chunk(qg, kf, vf, q_bad, kv_bad, sel, scale: float):
     sel = sel.long()
     tok, ok = sel.clamp_min(0), sel >= 0
     s = torch.einsum("bhgtd,bhtnd->bhgtn", qg, gather_rows(kf, tok)) * scale
     p, lse = masked_softmax_lse(s, ok[:, :, None])
-    return torch.einsum("bhgtn,bhtnd->bhgtd", p, gather_rows(vf, tok)), lse
+    out = torch.einsum("bhgtn,bhtnd->bhgtd", p, gather_rows(vf, tok))
+    return seen_bad(out, lse, q_bad, ok, gather_flags(kv_bad, tok))
 
 
 def gather_attention_reference(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None):
@@ -28,12 +29,12 @@ def gather_attention_reference(q, k, v, idx, scale: float, return_lse: bool = Fa
     Hkv, K = k.shape[1], idx.shape[-1]
     G = Hq // Hkv
     idx = expand_selection(idx, Hkv)
-    qg, kf, vf = upcast_grouped(q, k, v)
+    qg, kf, vf, q_bad, kv_bad = clean_grouped(q, k, v)
     parts = []
     step = chunk_len(B * Hkv * K * max(D, G), T)
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        parts.append(run_chunk(_chunk, qg[:, :, :, t0:t1], kf, vf, idx[:, :, t0:t1], scale))
+        parts.append(run_chunk(_chunk, qg[:, :, :, t0:t1], kf, vf, q_bad[..., t0:t1], kv_bad, idx[:, :, t0:t1], scale))
     return join_chunks(parts, q, return_lse)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import chunk_len, compute_dtype, query_positions
+from ..common import chunk_len, compute_dtype, nan_first, query_positions
 
 
 def supports(req) -> str | None:
@@ -35,7 +35,7 @@ def indexer_topk_reference(q_i, w, k_i, key_end: torch.Tensor, S: int, topk: int
         t1 = min(T, t0 + step)
         pos = query_positions(T, S, t0, t1, q_i.device)
         ok = key_end[None, :] <= pos[:, None]  # [Tc, N]
-        z = index_logits(qf[:, :, t0:t1], wf[:, :, t0:t1], kf, scale).masked_fill(~ok, float("-inf"))
+        z = nan_first(index_logits(qf[:, :, t0:t1], wf[:, :, t0:t1], kf, scale)).masked_fill(~ok, float("-inf"))
         order = torch.sort(z, dim=-1, descending=True, stable=True).indices[..., :n]
         keep = torch.arange(n, device=z.device)[None, :] < ok.sum(-1)[:, None]
         out[:, :, t0:t1] = -1

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..common import chunk_len, compute_dtype, masked_softmax_lse, query_positions
+from ..common import chunk_len, compute_dtype, masked_softmax_lse, nan_first, query_positions
 from ..compressed_attention import compressed_visible
 
 
@@ -32,7 +32,7 @@ def nsa_select_reference(q, kc, S: int, block_len: int, stride: int, sel_block: 
         if Sc:
             ok = compressed_visible(pos, Sc, block_len, stride)
             s = torch.einsum("bhgtd,bhsd->bhgts", qg[:, :, :, t0:t1], kf) * scale
-            p = masked_softmax_lse(s, ok)[0].sum(2)  # [B, Hkv, Tc, Sc], summed over the group
+            p = torch.where(ok, masked_softmax_lse(s, ok)[0], 0.0).sum(2)  # [B, Hkv, Tc, Sc], summed over the group
             imp = add_overlaps(imp, p, block_len, stride, sel_block)
         out[:, :, t0:t1] = select_with_forced_blocks(imp, pos, sel_block, topk)
     return out
@@ -57,6 +57,8 @@ def select_with_forced_blocks(imp: torch.Tensor, pos: torch.Tensor, sel_block: i
     local = pos // sel_block
     ids = torch.arange(n_blocks, device=imp.device)[None, :]
     forced = (ids == 0) | (ids == local[:, None]) | (ids == local[:, None] - 1)
+    # a NaN importance ranks first among the candidates (the forced blocks, at +inf, stay before it)
+    imp = nan_first(imp, torch.finfo(imp.dtype).max)
     imp = imp.masked_fill(forced, float("inf")).masked_fill(ids > local[:, None], float("-inf"))
     n = min(topk, n_blocks)
     order = torch.sort(imp, dim=-1, descending=True, stable=True).indices[..., :n]

@@ -1,4 +1,5 @@
-"""Sliding-window attention through FlexAttention: a BlockMask from per-tile key ranges."""
+"""Sliding-window attention through FlexAttention: a BlockMask from per-tile key ranges. Non-finite
+values: the O(S) pre-pass of sparsezoo.ops.nonfinite (docs/ops.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from ..dispatch import needs_grad
 from ..flex_utils import Q_TILE, range_block_mask, run_flex, tile_last_positions
+from ..nonfinite import clean_qkv, finish, rows_seeing_key_ranges
 
 
 def supports(req) -> str | None:
@@ -25,12 +27,15 @@ def window_mask_mod(window: int, offset: int):
 
 
 def window_attention_flex(q, k, v, window: int, scale: float):
-    T, S = q.shape[2], k.shape[2]
+    Hq, T, S = q.shape[1], q.shape[2], k.shape[2]
+    q, k, v, q_bad, kv_bad = clean_qkv(q, k, v)
     first, last = tile_last_positions(T, S, q.device)
     lo = torch.clamp(first - window + 1, min=0) // Q_TILE
     hi = last // Q_TILE + 1
     mask = range_block_mask(lo, hi, T, S, window_mask_mod(window, S - T), needs_grad(q, k, v))
-    return run_flex(q, k, v, mask, scale, False, enable_gqa=q.shape[1] != k.shape[1])
+    out = run_flex(q, k, v, mask, scale, False, enable_gqa=Hq != k.shape[1])
+    pos = torch.arange(S - T, S, device=q.device)
+    return finish(out, q_bad | rows_seeing_key_ranges(kv_bad, pos - window + 1, pos + 1, Hq))
 
 
 run = window_attention_flex

@@ -1,0 +1,57 @@
+"""Device helpers for the non-finite rule (docs/ops.md, "Non-finite values"): output row (b, h, t) is NaN
+(all of it, and its LSE) iff q[b, h, t] holds a NaN/inf or a key the row attends to holds one in k or v;
+every other row is what it would be with those values replaced by finite ones.
+
+Two ways to track it inside an attention kernel, for two kinds of tiles:
+
+- Every loaded key is attended by every row of the tile (gather_attention_triton, decode_attention: the
+  rows are the G heads of one query, and keys a row may not see are never loaded, or loaded as 0): the
+  bad values stay in the bad rows, so no zeroing is needed. Flag a row when one of its attended scores
+  is non-finite (`saw_nonfinite`, on the [BM, BN] score tile before the -inf masking: a k row holding a
+  NaN/inf makes its whole score column NaN/inf), and at the end when its accumulator is non-finite
+  (`nonfinite_rows`: a v row holding a NaN/inf reaches every row that weighs it, even with weight 0,
+  and stays non-finite through the online-softmax rescaling) or its q is; then `poison_rows`. A score
+  that overflows fp32 from finite inputs counts as non-finite (the reference's softmax gives NaN there too).
+- A tile holds keys some rows must not see (block-sparse tiles: unions of several tokens' blocks, the
+  causal diagonal): zero the bad k/v rows before the dots (`nonfinite_rows` on the [BN, D] tiles, then
+  `zero_rows`), flag a row that attends to a bad key ([BM, BN] where on the visibility mask, one max),
+  flag its own q (`nonfinite_rows` once), and poison at the end.
+
+Backward kernels: a poisoned row has a NaN LSE; treat it as a row that attends to nothing (p = 0, its q and
+dO zeroed, dQ = 0), so gradients stay finite and equal the reference's (torch.where masking).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def nonfinite_rows(x):
+    """[N, D] tile -> [N] bool: the row holds a NaN or an infinity (|x| < inf is false for both)."""
+    return tl.min((tl.abs(x.to(tl.float32)) < float("inf")).to(tl.int32), axis=1) == 0
+
+
+@triton.jit
+def saw_nonfinite(s, attended):
+    """[BM, BN] scores and which of them each row attends to -> [BM] bool: an attended score is NaN/inf."""
+    return tl.max((attended & ~(tl.abs(s) < float("inf"))).to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def zero_rows(x, bad):
+    """x [N, D] with the rows bad [N] set to 0."""
+    return tl.where(bad[:, None], 0.0, x)
+
+
+@triton.jit
+def poison_rows(x, bad):
+    """x [N, D] with the rows bad [N] set to NaN."""
+    return tl.where(bad[:, None], float("nan"), x)
+
+
+@triton.jit
+def poison(x, bad):
+    """x [N] with the entries bad [N] set to NaN (an LSE)."""
+    return tl.where(bad, float("nan"), x)
