@@ -619,6 +619,10 @@ def tune(T: int, parts: list[str]) -> None:
         _tune_csa_attention(T)
     if "moba" in parts:
         _tune_moba_select(T)
+    if "moba_attention" in parts:
+        _tune_moba_attention(T)
+    if "decode" in parts:
+        _tune_indexer_decode(T)
     if "nsa" not in parts:
         return
     var = Variant("nsa", CONFIGS["nsa"]["published"], 1, T, T, False)
@@ -672,6 +676,44 @@ def _tune_moba_select(T: int) -> None:
                     dict(TARGET_PROGRAMS=528), dict(TARGET_PROGRAMS=1056, MIN_SPLIT_CHUNKS=2)):
             ms = _timed(lambda: ms_kernel.moba_select_triton(var.q, var.k, c["block"], c["topk"], config=cfg))
             print(f"tune moba_select b{B} T{Tq} S{T}: {cfg} -> {ms}", flush=True)
+        del var
+
+
+def _tune_moba_attention(T: int) -> None:
+    """Per-head block-sparse attention tiles (G1_CONFIG) at MoBA's equal-budget prefill, and MSA's union builder."""
+    from sparsezoo.kernels import sparse_attention_triton as sat
+
+    var = Variant("moba", CONFIGS["moba"]["equal_budget"], 1, T, T, False)
+    with torch.no_grad():
+        sel = var.select()
+        for cfg in ({}, dict(TM=32), dict(TM=128, num_warps=8, num_stages=2), dict(num_warps=8),
+                    dict(num_warps=8, num_stages=2), dict(UNION="torch")):
+            ms = _timed(lambda: sat.block_sparse_attention_triton(var.q, var.k, var.v, sel, var.cfg["block"], var.scale,
+                                                                  config=cfg))
+            print(f"tune moba attention {T}: {cfg} -> {ms}", flush=True)
+    del var
+    var = Variant("msa", CONFIGS["msa"]["published"], 1, T, T, False)
+    with torch.no_grad():
+        sel = var.select()
+        for cfg in ({}, dict(UNION="torch")):
+            ms = _timed(lambda: sat.block_sparse_attention_triton(var.q, var.k, var.v, sel, var.cfg["block"], var.scale,
+                                                                  config=cfg))
+            print(f"tune msa attention {T}: {cfg} -> {ms}", flush=True)
+
+
+def _tune_indexer_decode(T: int) -> None:
+    """The decode indexer's knobs at batch 8 over T keys (DSA tokens, CSA entries)."""
+    from sparsezoo.kernels import indexer_decode_triton as idk
+
+    for name in ("dsa", "csa"):
+        var = Variant(name, CONFIGS[name]["published"], 8, 1, T, False)
+        e, c = var.extra, var.cfg
+        for cfg in ({}, dict(BN=32), dict(BN=128), dict(num_stages=3), dict(num_stages=6), dict(programs_per_sm=1),
+                    dict(programs_per_sm=4), dict(finish="kernel"), dict(select="rows"), dict(hist_bins=256),
+                    dict(segments_per_sm=4), dict(select_warps=4)):
+            ms = _timed(lambda: idk.indexer_topk_decode_triton(e["q_i"], e["w"], e["k_i"], e["key_end"], T,
+                                                               c["topk"], 1 / math.sqrt(c["Di"]), config=cfg))
+            print(f"tune indexer decode {name} b8 {T}: {cfg} -> {ms}", flush=True)
         del var
 
 
