@@ -15,7 +15,7 @@ Two kernels:
 2. `_index_merge_kernel`, grid (B, H_i * Q): picks the global top-(k-1) from the n_splits * (k-1)
    candidates and writes the final selection.
 
-A NaN score counts as +inf (set before the block max, which may drop NaN on the GPU): its block ranks
+A NaN score counts as +inf (the block max keeps NaN, then maps it to +inf): its block ranks
 first, as in the reference (docs/ops.md, non-finite values). Only full blocks before the query's local
 block are read, so a key past the query (or past the sequence) never reaches its selection.
 """
@@ -27,6 +27,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from sparsezoo.kernels.nonfinite import max_keep_nan
 
 # Index-key scale modes (fp8 caches); 0 = unscaled keys.
 SCALE_NONE, SCALE_PAGE, SCALE_TOKEN = 0, 1, 2
@@ -98,8 +100,8 @@ def _index_split_kernel(
         if SCALE_MODE == 2:
             tscale = tl.load(kscale_ptr + pages[:, None] * PAGE + tok[None, :], mask=ok[:, None], other=0.0)
             sc = sc * tl.reshape(tscale, [NB * PAGE])[None, :]
-        sc = tl.where(sc == sc, sc, float("inf"))  # NaN ranks first
-        m = tl.max(tl.reshape(sc, [ROWS, NB, PAGE]), axis=2)  # block max [ROWS, NB]
+        m = tl.reduce(tl.reshape(sc, [ROWS, NB, PAGE]), 2, max_keep_nan)  # block max [ROWS, NB], NaN kept
+        m = tl.where(m == m, m, float("inf"))  # a NaN score ranks first
         if SCALE_MODE == 1:
             m = m * tl.load(kscale_ptr + pages, mask=ok, other=0.0)[None, :]
         keys = _pack(m * (sm_scale * q_unscale), jj[None, :])

@@ -55,3 +55,10 @@ def poison_rows(x, bad):
 def poison(x, bad):
     """x [N] with the entries bad [N] set to NaN (an LSE)."""
     return tl.where(bad, float("nan"), x)
+
+
+@triton.jit
+def max_keep_nan(a, b):
+    """Combine function for tl.reduce: max that returns NaN if either side is NaN (the GPU's plain max
+    drops NaN; this is one max.NaN instruction, no extra compare)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)

@@ -9,9 +9,10 @@ go to the smaller id, as docs/variants.md asks). No score matrix and no [T, n_bl
 memory: the extra memory is the int32 output alone.
 
 Only blocks j < L(t) are ranked and they are complete and fully visible, so the causal mask never
-cuts a ranked block; the local block L(t) is appended after ranking. A NaN score counts as +inf (set
-before the max-pooling, whose max may drop NaN on the GPU): its block ranks first, as in the reference
-(docs/ops.md, non-finite values).
+cuts a ranked block; the local block L(t) is appended after ranking. A NaN score counts as +inf: the
+block max keeps NaN (a NaN-propagating max, one instruction, where the GPU's plain max would drop it)
+and the block's score becomes +inf, so it ranks first, as in the reference (docs/ops.md, non-finite
+values).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from sparsezoo.kernels.nonfinite import max_keep_nan
 
 
 _BIG = tl.constexpr(1 << 30)
@@ -85,8 +88,8 @@ def _select_kernel(Q, K, OUT, T, S, H, scale,
             keys = j * BLOCK + sub * BN + kn
             kt = tl.load(k_base + keys[:, None] * sks, mask=d[None, :] < D, other=0.0)
             s = tl.dot(q, tl.trans(kt))
-            s = tl.where(s == s, s, float("inf"))  # NaN ranks first
-            bmax = tl.maximum(bmax, tl.max(s, axis=1))
+            bmax = tl.maximum(bmax, tl.reduce(s, 1, max_keep_nan), propagate_nan=tl.PropagateNan.ALL)
+        bmax = tl.where(bmax == bmax, bmax, float("inf"))  # a NaN score ranks first
         score = tl.where(j < local, bmax * scale, float("-inf"))
         if DO_TOPK:
             worst = tl.min(top_s, axis=1)
