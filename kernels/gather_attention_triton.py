@@ -1,7 +1,7 @@
 """Token-gather sparse attention (Triton), forward and backward: each query attends, exactly, to the
 keys its own id list names (DSA's top-k tokens, CSA's window + compressed entries).
 
-Layout: q [B, Hq, T, D]; k, v [B, Hkv, N, D]; idx int32 [B, Hs, T, K] with Hs in {1, Hkv}: key ids
+Layout: q [B, Hq, T, D]; k, v [B, Hkv, N, D]; idx int32 [B, Hs, T, K] with Hs in {1, Hkv, Hq}: key ids
 into N, -1 = empty slot, in any order (valid ids and -1 may interleave). Query head h reads kv head
 h // G (G = Hq / Hkv) and the ids idx[:, h // G] (idx[:, 0] when Hs = 1). Causality is the
 selection's job. Ids outside [0, N) are masked (treated as empty): the kernels never read or write
@@ -14,7 +14,8 @@ its pool by a pointer select (one masked load per tile, as with one pool; when t
 dK/dV into one fp32 buffer of N + N2 rows, split at the end. A constexpr flag (TWO) compiles the one-pool
 kernels as without it (same sm_90 instructions, checked on the PTX).
 
-Forward, grid (T * splits, Hkv, B): one program owns one query token x the G heads of one KV group
+Forward, grid (T * splits, P, B): one program owns one query token x the G heads of one KV group
+(P = Hkv; with per-query-head ids, Hs = Hq, P = Hq and a program owns one head of kv head h // (Hq / Hkv))
 (rows padded to BM = max(16, pow2(G)) so a tile feeds a tensor-core dot). It walks the token's K
 slots BN at a time: loads BN ids, gathers the K and V rows by masked pointer loads ([BN, D] tiles,
 each row contiguous), and runs an exp2 online softmax over a [BM, BN] score tile. The G heads share
@@ -105,11 +106,12 @@ def _key_ids(IDX_ROW, slots, hi, N):
 
 
 @triton.jit
-def _group_rows(G: tl.constexpr, BM: tl.constexpr):
-    """Rows of a program: the G query heads of KV group program_id(1), padded to BM."""
+def _group_rows(G: tl.constexpr, BM: tl.constexpr, KV_DIV: tl.constexpr):
+    """Rows of a program: the G query heads of program head g = program_id(1) (a KV group, or one query
+    head when the ids are per query head), padded to BM; and the kv head g reads (g // KV_DIV)."""
     r = tl.arange(0, BM)
     g = tl.program_id(1)
-    return r < G, (g * G + r).to(tl.int64), g.to(tl.int64)
+    return r < G, (g * G + r).to(tl.int64), g.to(tl.int64), (g // KV_DIV).to(tl.int64)
 
 
 @triton.jit
@@ -117,17 +119,18 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, PER, n_splits,
                 sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n,
                 sib, sih, sit, sob, soh, sot, sod, slb, slh, slt,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                SPLIT: tl.constexpr, PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr):
+                SPLIT: tl.constexpr, PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr,
+                KV_DIV: tl.constexpr):
     t = (tl.program_id(0) // n_splits).to(tl.int64)
     sp = tl.program_id(0) % n_splits
     b = tl.program_id(2).to(tl.int64)
-    row_ok, head, g = _group_rows(G, BM)
+    row_ok, head, g, kv = _group_rows(G, BM, KV_DIV)
     d = tl.arange(0, BD)
     q = _load_tile(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
-    k_base = K + b * skb + g * skh
-    v_base = V + b * svb + g * svh
-    k2_base = K2 + b * sk2b + g * sk2h
-    v2_base = V2 + b * sv2b + g * sv2h
+    k_base = K + b * skb + kv * skh
+    v_base = V + b * svb + kv * svh
+    k2_base = K2 + b * sk2b + kv * sk2h
+    v2_base = V2 + b * sv2b + kv * sv2h
     idx_row = IDX + b * sib + g * sih + t * sit
     bad = nonfinite_rows(q)  # rows that saw a NaN/inf (kernels/nonfinite.py: every row attends every loaded key)
     m_i = tl.zeros([BM], tl.float32) + float("-inf")
@@ -170,7 +173,7 @@ def _merge_kernel(PO, PL, O, L, T, n_splits, sob, soh, sot, sod, slb, slh, slt,
                   G: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    row_ok, head, _ = _group_rows(G, BM)
+    row_ok, head, _, _ = _group_rows(G, BM, 1)
     d = tl.arange(0, BD)
     d_ok = row_ok[:, None] & (d[None, :] < D)
     prow = ((b * tl.num_programs(1) * G + head) * T + t) * n_splits
@@ -201,12 +204,12 @@ def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, qk_sc
                 sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n,
                 sib, sih, sit, slb, slh, slt, sdb, sdh, sdn, sdd,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr):
+                PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr, KV_DIV: tl.constexpr):
     # q, do, dq share strides (contiguous copies from the wrapper); so do L and DELTA, and DK and DV.
     # N: rows of the first pool, NK: of both. DK, DV hold NK rows: an id addresses its row there, whatever its pool.
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    row_ok, head, g = _group_rows(G, BM)
+    row_ok, head, g, kv = _group_rows(G, BM, KV_DIV)
     d = tl.arange(0, BD)
     row_off = b * sqb + head * sqh + t * sqt
     l_off = b * slb + head * slh + t * slt
@@ -216,11 +219,11 @@ def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, qk_sc
     q = _load_tile(Q, row_off, d, sqd, row_ok, D)
     do = _load_tile(DO, row_off, d, sqd, row_ok, D)
     delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
-    k_base = K + b * skb + g * skh
-    v_base = V + b * svb + g * svh
-    k2_base = K2 + b * sk2b + g * sk2h
-    v2_base = V2 + b * sv2b + g * sv2h
-    dkv_off = b * sdb + g * sdh
+    k_base = K + b * skb + kv * skh
+    v_base = V + b * svb + kv * svh
+    k2_base = K2 + b * sk2b + kv * sk2h
+    v2_base = V2 + b * sv2b + kv * sv2h
+    dkv_off = b * sdb + kv * sdh
     idx_row = IDX + b * sib + g * sih + t * sit
     dq = tl.zeros([BM, BD], tl.float32)
     kn = tl.arange(0, BN)
@@ -247,10 +250,14 @@ def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, qk_sc
 
 # ----------------------------------------------------------------------------- launchers
 
-def _group_tiling(q, k):
-    """(G, BM, D, BD, dot input precision) of a launch: exact fp32 dots (no TF32) for fp32 inputs."""
-    G, D = q.shape[1] // k.shape[1], q.shape[3]
-    return G, max(16, _pow2(G)), D, max(16, _pow2(D)), "ieee" if q.dtype == torch.float32 else "tf32"
+def _group_tiling(q, k, idx):
+    """(P program heads, G query heads per program, KV_DIV program heads per kv head, BM, D, BD, dot input
+    precision) of a launch: a program serves one KV group, or one query head when the ids are per query
+    head (Hs = Hq); exact fp32 dots (no TF32) for fp32 inputs."""
+    P = max(idx.shape[1], k.shape[1])
+    G, D = q.shape[1] // P, q.shape[3]
+    return P, G, P // k.shape[1], max(16, _pow2(G)), D, max(16, _pow2(D)), \
+        "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _idx_strides(idx):
@@ -282,28 +289,28 @@ def _pools(k, v, k2, v2):
 def _forward(q, k, v, k2, v2, idx, scale, cfg):
     B, Hq, T, _ = q.shape
     k, v, k2, v2, N2, k2v2_strides, pool_flags = _pools(k, v, k2, v2)
-    Hkv, N, KS = k.shape[1], k.shape[2], idx.shape[-1]
-    G, BM, D, BD, prec = _group_tiling(q, k)
+    N, KS = k.shape[2], idx.shape[-1]
+    P, G, KV_DIV, BM, D, BD, prec = _group_tiling(q, k, idx)
     BN = cfg["BN"]
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     splits = cfg["SPLITS"]
     if not splits and q.device.type != "cuda":
         splits = 1  # the interpreter gains nothing from splitting
-    per, n_splits = split_plan(B * Hkv * T, KS, BN, splits, _n_sms(q.device), cfg["PROGRAMS_PER_SM"])
+    per, n_splits = split_plan(B * P * T, KS, BN, splits, _n_sms(q.device), cfg["PROGRAMS_PER_SM"])
     split = n_splits > 1
     if split:
         po = torch.empty((B, Hq, T, n_splits, D), dtype=torch.float32, device=q.device)
         pl = torch.empty((B, Hq, T, n_splits), dtype=torch.float32, device=q.device)
     else:
         po = pl = lse
-    _fwd_kernel[(T * n_splits, Hkv, B)](
+    _fwd_kernel[(T * n_splits, P, B)](
         q, k, v, k2, v2, idx, out, lse, po, pl, T, N, N + N2, KS, per, n_splits, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *out.stride(), *lse.stride(),
-        G=G, BM=BM, BN=BN, D=D, BD=BD, SPLIT=split, PREC=prec, **pool_flags,
+        G=G, BM=BM, BN=BN, D=D, BD=BD, SPLIT=split, PREC=prec, **pool_flags, KV_DIV=KV_DIV,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split:
-        _merge_kernel[(T, Hkv, B)](
+        _merge_kernel[(T, P, B)](
             po, pl, out, lse, T, n_splits, *out.stride(), *lse.stride(),
             G=G, BM=BM, D=D, BD=BD, num_warps=cfg["merge_warps"])
     return out, lse
@@ -314,7 +321,7 @@ def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, cfg):
     B, Hq, T, _ = q.shape
     k, v, k2, v2, N2, k2v2_strides, pool_flags = _pools(k, v, k2, v2)
     Hkv, N, KS = k.shape[1], k.shape[2], idx.shape[-1]
-    G, BM, D, BD, prec = _group_tiling(q, k)
+    P, G, KV_DIV, BM, D, BD, prec = _group_tiling(q, k, idx)
     q, do = q.contiguous(), do.contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     for h0 in range(0, Hq, 8):  # in head chunks: no fp32 copies of whole q-sized tensors
@@ -325,10 +332,10 @@ def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, cfg):
     dq = torch.empty_like(q)
     dk = torch.zeros((B, Hkv, N + N2, D), dtype=torch.float32, device=q.device)  # rows of both pools
     dv = torch.zeros_like(dk)
-    _bwd_kernel[(T, Hkv, B)](
+    _bwd_kernel[(T, P, B)](
         q, k, v, k2, v2, do, dq, dk, dv, lse, delta, idx, N, N + N2, KS, scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *lse.stride(), *dk.stride(),
-        G=G, BM=BM, BN=cfg["bwd_BN"], D=D, BD=BD, PREC=prec, **pool_flags,
+        G=G, BM=BM, BN=cfg["bwd_BN"], D=D, BD=BD, PREC=prec, **pool_flags, KV_DIV=KV_DIV,
         num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     if not pool_flags["TWO"]:
@@ -361,9 +368,9 @@ def _check(q, k, v, idx):
             or k.shape[3] != q.shape[3] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"need q [B, Hq, T, D], k = v [B, Hkv | Hq, N, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if idx.dim() != 4 or idx.shape[0] != q.shape[0] or idx.shape[1] not in (1, k.shape[1]) \
+    if idx.dim() != 4 or idx.shape[0] != q.shape[0] or idx.shape[1] not in (1, k.shape[1], q.shape[1]) \
             or idx.shape[2] != q.shape[2]:
-        raise ValueError(f"idx must be [B={q.shape[0]}, Hs in (1, {k.shape[1]}), T={q.shape[2]}, K], "
+        raise ValueError(f"idx must be [B={q.shape[0]}, Hs in (1, {k.shape[1]}, {q.shape[1]}), T={q.shape[2]}, K], "
                          f"got {tuple(idx.shape)}")
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise ValueError(f"idx must hold integer ids, got {idx.dtype}")
@@ -384,7 +391,7 @@ def _check_second_pool(k, k2, v2):
 
 def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False, config: dict | None = None,
                             k2=None, v2=None):
-    """q [B, Hq, T, D], k/v [B, Hkv, N, D], idx int [B, Hs, T, K] (Hs in {1, Hkv}; -1 or any id
+    """q [B, Hq, T, D], k/v [B, Hkv, N, D], idx int [B, Hs, T, K] (Hs in {1, Hkv, Hq}; -1 or any id
     outside [0, N) = empty slot) -> out [B, Hq, T, D] (and natural-log LSE [B, Hq, T] fp32; a query
     with no key gets out 0, LSE -inf). Differentiable w.r.t. q, k, v (through out and LSE).
     Non-finite values (kernels/nonfinite.py): a row whose q or one of whose keys' k/v rows holds a NaN/inf
