@@ -303,7 +303,7 @@ class Variant:
     def attend(self, sel, rows: slice | None = None, backend: str = "auto",
                branches=("compressed", "selected", "window")):
         from sparsezoo import ops
-        from sparsezoo.ops.entry_pooling import window_plus_selected
+        from sparsezoo.ops.entry_pooling import entry_ids
 
         c, e, S = self.cfg, self.extra, self.S
         q = self.q if rows is None else self.q[:, :, rows]  # rows: a tail of the T queries
@@ -321,9 +321,8 @@ class Variant:
             return out
         if self.name == "dsa":
             return ops.gather_attention(q, self.k, self.v, sel, scale=self.scale, backend=backend)
-        idx = window_plus_selected(sel, q.shape[2], S, c["w"])
-        return ops.gather_attention(q, self.k, self.v, idx, scale=self.scale, backend=backend,
-                                    k_extra=e["kc"], v_extra=e["vc"])
+        return ops.gather_attention(q, self.k, self.v, entry_ids(sel, S), scale=self.scale, window=c["w"],
+                                    backend=backend, k_extra=e["kc"], v_extra=e["vc"])
 
     # cost models (per batch element; T queries, the last T of S)
     def keys_read(self) -> dict:
@@ -653,14 +652,15 @@ def _timed(fn) -> float | str:
 def _tune_csa_attention(T: int) -> None:
     """Gather-attention tiles at CSA's equal-budget prefill point (window + top-k entries)."""
     from sparsezoo.kernels import gather_attention_triton as ga
-    from sparsezoo.ops.entry_pooling import window_plus_selected
+    from sparsezoo.ops.entry_pooling import entry_ids
 
     var = Variant("csa", CONFIGS["csa"]["published"], 1, T, T, False)
     with torch.no_grad():
-        idx = window_plus_selected(var.select(), T, T, var.cfg["w"])
+        idx = entry_ids(var.select(), T)
         for cfg in ({}, dict(BN=32), dict(BN=128), dict(num_warps=8), dict(BN=128, num_warps=8), dict(num_stages=4)):
             ms = _timed(lambda: ga.gather_attention_triton(var.q, var.k, var.v, idx, var.scale, config=cfg,
-                                                           k2=var.extra["kc"], v2=var.extra["vc"]))
+                                                           k2=var.extra["kc"], v2=var.extra["vc"],
+                                                           window=var.cfg["w"]))
             print(f"tune gather csa {T}: {cfg} -> {ms}", flush=True)
     del var
 

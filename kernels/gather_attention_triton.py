@@ -97,11 +97,18 @@ def _gather_rows(P1, P2, ids, ok, N, s1n, s2n, d, s_d, D: tl.constexpr, TWO: tl.
 
 
 @triton.jit
-def _key_ids(IDX_ROW, slots, hi, N):
+def _key_ids(IDX_ROW, slots, hi, N, pos, WINDOW: tl.constexpr):
     """The ids in slots [BN] (< hi) of one query's list -> (int64 ids, 0 where empty; valid mask).
+    With WINDOW > 0 the first WINDOW slots are the query's last raw tokens pos - WINDOW + 1 .. pos
+    (computed, not read) and slot s >= WINDOW reads the list's entry s - WINDOW.
     Empty: -1 padding, slots past hi, and any id outside [0, N) (N: both pools' rows together)."""
-    ids = tl.load(IDX_ROW + slots, mask=slots < hi, other=-1)
-    ok = (ids >= 0) & (ids < N)
+    if WINDOW > 0:
+        listed = tl.load(IDX_ROW + (slots - WINDOW), mask=(slots >= WINDOW) & (slots < hi), other=-1)
+        ids = tl.where(slots < WINDOW, pos - (WINDOW - 1) + slots, listed.to(tl.int64))
+        ok = (ids >= 0) & (ids < N) & (slots < hi)
+    else:
+        ids = tl.load(IDX_ROW + slots, mask=slots < hi, other=-1)
+        ok = (ids >= 0) & (ids < N)
     return tl.where(ok, ids, 0).to(tl.int64), ok
 
 
@@ -115,12 +122,12 @@ def _group_rows(G: tl.constexpr, BM: tl.constexpr, KV_DIV: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, PER, n_splits, qk_scale,
+def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_splits, qk_scale,
                 sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n,
                 sib, sih, sit, sob, soh, sot, sod, slb, slh, slt,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                 SPLIT: tl.constexpr, PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr,
-                KV_DIV: tl.constexpr):
+                KV_DIV: tl.constexpr, WINDOW: tl.constexpr):
     t = (tl.program_id(0) // n_splits).to(tl.int64)
     sp = tl.program_id(0) % n_splits
     b = tl.program_id(2).to(tl.int64)
@@ -140,7 +147,7 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, PER, n_splits,
     hi = tl.minimum(lo + PER, KS)
     kn = tl.arange(0, BN)
     for start in range(lo, hi, BN):
-        ids, ok = _key_ids(idx_row, start + kn, hi, NK)
+        ids, ok = _key_ids(idx_row, start + kn, hi, NK, QOFF + t, WINDOW)
         kt = _gather_rows(k_base, k2_base, ids, ok, N, skn, sk2n, d, skd, D, TWO, ALIGNED)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         bad = bad | saw_nonfinite(s, ok[None, :])
@@ -200,11 +207,12 @@ def _merge_kernel(PO, PL, O, L, T, n_splits, sob, soh, sot, sod, slb, slh, slt,
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, qk_scale, scale,
+def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, QOFF, qk_scale, scale,
                 sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n,
                 sib, sih, sit, slb, slh, slt, sdb, sdh, sdn, sdd,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr, KV_DIV: tl.constexpr):
+                PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr, KV_DIV: tl.constexpr,
+                WINDOW: tl.constexpr):
     # q, do, dq share strides (contiguous copies from the wrapper); so do L and DELTA, and DK and DV.
     # N: rows of the first pool, NK: of both. DK, DV hold NK rows: an id addresses its row there, whatever its pool.
     t = tl.program_id(0).to(tl.int64)
@@ -228,7 +236,7 @@ def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, qk_sc
     dq = tl.zeros([BM, BD], tl.float32)
     kn = tl.arange(0, BN)
     for start in range(0, KS, BN):
-        ids, ok = _key_ids(idx_row, start + kn, KS, NK)
+        ids, ok = _key_ids(idx_row, start + kn, KS, NK, QOFF + t, WINDOW)
         kt = _gather_rows(k_base, k2_base, ids, ok, N, skn, sk2n, d, skd, D, TWO, ALIGNED)
         vt = _gather_rows(v_base, v2_base, ids, ok, N, svn, sv2n, d, svd, D, TWO, ALIGNED)
         live = row_ok[:, None] & ok[None, :]
@@ -286,10 +294,10 @@ def _pools(k, v, k2, v2):
     return k, v, k2, v2, k2.shape[2], (*k2.stride()[:3], *v2.stride()[:3]), flags
 
 
-def _forward(q, k, v, k2, v2, idx, scale, cfg):
+def _forward(q, k, v, k2, v2, idx, scale, window, cfg):
     B, Hq, T, _ = q.shape
     k, v, k2, v2, N2, k2v2_strides, pool_flags = _pools(k, v, k2, v2)
-    N, KS = k.shape[2], idx.shape[-1]
+    N, KS = k.shape[2], window + idx.shape[-1]
     P, G, KV_DIV, BM, D, BD, prec = _group_tiling(q, k, idx)
     BN = cfg["BN"]
     out = torch.empty_like(q)
@@ -305,9 +313,9 @@ def _forward(q, k, v, k2, v2, idx, scale, cfg):
     else:
         po = pl = lse
     _fwd_kernel[(T * n_splits, P, B)](
-        q, k, v, k2, v2, idx, out, lse, po, pl, T, N, N + N2, KS, per, n_splits, scale * LOG2E,
+        q, k, v, k2, v2, idx, out, lse, po, pl, T, N, N + N2, KS, N - T, per, n_splits, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *out.stride(), *lse.stride(),
-        G=G, BM=BM, BN=BN, D=D, BD=BD, SPLIT=split, PREC=prec, **pool_flags, KV_DIV=KV_DIV,
+        G=G, BM=BM, BN=BN, D=D, BD=BD, SPLIT=split, PREC=prec, **pool_flags, KV_DIV=KV_DIV, WINDOW=window,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split:
         _merge_kernel[(T, P, B)](
@@ -316,11 +324,11 @@ def _forward(q, k, v, k2, v2, idx, scale, cfg):
     return out, lse
 
 
-def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, cfg):
+def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, window, cfg):
     """(dq, dk, dv, dk2, dv2); dk2, dv2 are None without a second pool."""
     B, Hq, T, _ = q.shape
     k, v, k2, v2, N2, k2v2_strides, pool_flags = _pools(k, v, k2, v2)
-    Hkv, N, KS = k.shape[1], k.shape[2], idx.shape[-1]
+    Hkv, N, KS = k.shape[1], k.shape[2], window + idx.shape[-1]
     P, G, KV_DIV, BM, D, BD, prec = _group_tiling(q, k, idx)
     q, do = q.contiguous(), do.contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -333,9 +341,9 @@ def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, cfg):
     dk = torch.zeros((B, Hkv, N + N2, D), dtype=torch.float32, device=q.device)  # rows of both pools
     dv = torch.zeros_like(dk)
     _bwd_kernel[(T, P, B)](
-        q, k, v, k2, v2, do, dq, dk, dv, lse, delta, idx, N, N + N2, KS, scale * LOG2E, scale,
+        q, k, v, k2, v2, do, dq, dk, dv, lse, delta, idx, N, N + N2, KS, N - T, scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *lse.stride(), *dk.stride(),
-        G=G, BM=BM, BN=cfg["bwd_BN"], D=D, BD=BD, PREC=prec, **pool_flags, KV_DIV=KV_DIV,
+        G=G, BM=BM, BN=cfg["bwd_BN"], D=D, BD=BD, PREC=prec, **pool_flags, KV_DIV=KV_DIV, WINDOW=window,
         num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     if not pool_flags["TWO"]:
@@ -345,10 +353,10 @@ def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, cfg):
 
 class _GatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k2, v2, idx, scale, cfg):
-        out, lse = _forward(q, k, v, k2, v2, idx, scale, cfg)
+    def forward(ctx, q, k, v, k2, v2, idx, scale, window, cfg):
+        out, lse = _forward(q, k, v, k2, v2, idx, scale, window, cfg)
         ctx.save_for_backward(q, k, v, k2, v2, idx, out, lse)
-        ctx.scale, ctx.cfg = scale, cfg
+        ctx.scale, ctx.window, ctx.cfg = scale, window, cfg
         return out, lse
 
     @staticmethod
@@ -356,7 +364,8 @@ class _GatherAttention(torch.autograd.Function):
         q, k, v, k2, v2, idx, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        return (*_backward(q, k, v, k2, v2, idx, out, lse, dout, dlse, ctx.scale, ctx.cfg), None, None, None)
+        return (*_backward(q, k, v, k2, v2, idx, out, lse, dout, dlse, ctx.scale, ctx.window, ctx.cfg),
+                None, None, None, None)
 
 
 def _check(q, k, v, idx):
@@ -390,19 +399,26 @@ def _check_second_pool(k, k2, v2):
 
 
 def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False, config: dict | None = None,
-                            k2=None, v2=None):
+                            k2=None, v2=None, window: int = 0):
     """q [B, Hq, T, D], k/v [B, Hkv, N, D], idx int [B, Hs, T, K] (Hs in {1, Hkv, Hq}; -1 or any id
     outside [0, N) = empty slot) -> out [B, Hq, T, D] (and natural-log LSE [B, Hq, T] fp32; a query
     with no key gets out 0, LSE -inf). Differentiable w.r.t. q, k, v (through out and LSE).
     Non-finite values (kernels/nonfinite.py): a row whose q or one of whose keys' k/v rows holds a NaN/inf
     is NaN (out and LSE) and passes no gradient; the other rows and gradients are unaffected.
     Optional second pool k2/v2 [B, Hkv, N2, D]: ids in [N, N + N2) read k2/v2[:, :, id - N] (as if
-    k2 were concatenated after k, without the copy); differentiable w.r.t. k2, v2 too."""
+    k2 were concatenated after k, without the copy); differentiable w.r.t. k2, v2 too.
+    window > 0: each query also attends to its last `window` raw tokens of k, v (positions
+    p - window + 1 .. p, p = N - T + t: the queries are the last T of the N raw tokens), listed before
+    its ids without being stored (CSA's sliding window); idx then names the other keys only."""
     _check(q, k, v, idx)
     _check_second_pool(k, k2, v2)
+    if window < 0 or (window > 0 and q.shape[2] > k.shape[2]):
+        raise ValueError(f"window must be >= 0, and with a window the {q.shape[2]} queries must be the last of "
+                         f"the {k.shape[2]} raw tokens; got window {window}")
     cfg = {**GATHER_CONFIG, **(_INTERPRET_CONFIG if q.device.type != "cuda" else {}), **(config or {})}
     N, N2 = k.shape[2], (0 if k2 is None else k2.shape[2])
-    if q.numel() == 0 or N + N2 == 0 or idx.shape[-1] == 0:  # no key anywhere: nothing to launch
+    window = window if N > 0 else 0  # no raw token: the window is empty
+    if q.numel() == 0 or N + N2 == 0 or window + idx.shape[-1] == 0:  # no key anywhere: nothing to launch
         bad = ~torch.isfinite(q).all(-1)  # a non-finite q row still gives a NaN row
         out = torch.where(bad[..., None], float("nan"), q * 0.0)
         lse = torch.where(bad, float("nan"), torch.full(q.shape[:3], float("-inf"), dtype=torch.float32,
@@ -414,5 +430,5 @@ def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False
         k, v, k2, v2 = k2, v2, None, None
     elif N2 == 0:
         k2 = v2 = None
-    out, lse = _GatherAttention.apply(q, k, v, k2, v2, idx.to(torch.int32), float(scale), cfg)
+    out, lse = _GatherAttention.apply(q, k, v, k2, v2, idx.to(torch.int32), float(scale), int(window), cfg)
     return (out, lse) if return_lse else out

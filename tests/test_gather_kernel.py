@@ -480,3 +480,31 @@ def test_gpu_decode_bf16_two_pools_graph_capture():
     want = gather_attention_reference(q.float(), k.float(), v.float(), expand_selection(idx, Hkv), 0.1,
                                       k_extra=kc.float(), v_extra=vc.float())
     assert rel_err(captured, want) < 2e-2
+
+
+@pytest.mark.parametrize("T,splits", [(9, 1), (1, 3)])
+def test_window_slots_equal_an_explicit_window_list(T, splits):
+    """gather_attention(window=w) attends to each query's last w raw tokens before its ids, as if they were
+    listed: the Triton kernel computes them (split-K decode included), the reference expands the list."""
+    from sparsezoo import ops
+    from sparsezoo.ops.gather_attention.api import window_ids
+
+    g = torch.Generator().manual_seed(31)
+    B, Hq, Hkv, N, N2, D, K, w = 2, 4, 2, 23, 6, 16, 5, 7
+    q = torch.randn(B, Hq, T, D, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, N, D, generator=g, requires_grad=True) for _ in range(2))
+    k2, v2 = (torch.randn(B, Hkv, N2, D, generator=g, requires_grad=True) for _ in range(2))
+    idx = torch.randint(N, N + N2, (B, 1, T, K), generator=g, dtype=torch.int32)  # entries of the second pool
+    idx[0, 0, 0, 1] = -1
+    leaves = (q, k, v, k2, v2)
+    results = []
+    for backend, ids, window in (("triton", idx, w), ("reference", idx, w), ("reference", window_ids(idx, w, N), 0)):
+        out, lse = ops.gather_attention(q, k, v, ids, scale=0.3, backend=backend, return_lse=True, k_extra=k2,
+                                        v_extra=v2, window=window) if backend == "reference" else \
+            gather_attention_triton(q, k, v, ids, 0.3, return_lse=True, config={"SPLITS": splits}, k2=k2, v2=v2,
+                                    window=window)
+        results.append((out, lse, *torch.autograd.grad((out * out).sum() + lse.sum(), leaves)))
+    for got, want in zip(results[0], results[2]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for got, want in zip(results[1], results[2]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -35,6 +35,11 @@ def check_positive_int(name: str, value: int) -> None:
         _fail(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def check_non_negative_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        _fail(f"{name} must be an integer >= 0, got {value!r}")
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     if not torch.isfinite(t).all():
         _fail(f"{name} holds NaN or Inf values")

@@ -41,18 +41,10 @@ def pool_windows(x: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, rati
     return torch.einsum("bhndw,bhnw->bhnd", xw, a)
 
 
-def window_plus_selected(sel: torch.Tensor, T: int, S: int, window: int) -> torch.Tensor:
-    """sel [B, Hs, T, k] (entry ids, -1 pad) -> int32 [B, Hs, T, window + k] ids into the
-    concatenation [raw tokens 0..S-1, compressed entries 0..Sc-1]: the query's last `window` raw
-    tokens (-1 before token 0), then S + each selected entry. Built in int32 in place (no int64 or
-    concatenated temporaries: at 128k tokens this list is the size of the selection)."""
-    B, Hs, _, k = sel.shape
-    if S + k > torch.iinfo(torch.int32).max:
-        raise ValueError(f"{S} tokens + {k} entries do not fit int32 ids")
-    out = torch.empty((B, Hs, T, window + k), dtype=torch.int32, device=sel.device)
-    pos = torch.arange(S - T, S, device=sel.device, dtype=torch.int32)
-    win = pos[:, None] - (window - 1) + torch.arange(window, device=sel.device, dtype=torch.int32)[None, :]
-    out[..., :window] = torch.where(win >= 0, win, -1)
+def entry_ids(sel: torch.Tensor, S: int) -> torch.Tensor:
+    """sel [B, Hs, T, k] (entry ids, -1 pad) -> int32 ids into the concatenation [raw tokens 0..S-1,
+    compressed entries]: S + each entry id, -1 kept. gather_attention(..., window=w) adds the raw window."""
+    if S + sel.shape[-1] > torch.iinfo(torch.int32).max:
+        raise ValueError(f"{S} tokens + entries do not fit int32 ids")
     sel32 = sel if sel.dtype == torch.int32 else sel.clamp(-1, torch.iinfo(torch.int32).max - S).to(torch.int32)
-    out[..., window:] = torch.where(sel32 >= 0, sel32 + S, -1)
-    return out
+    return torch.where(sel32 >= 0, sel32 + S, -1)

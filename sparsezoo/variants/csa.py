@@ -99,13 +99,12 @@ class CSAAttention(AttentionLayer):
 
     def attend(self, x, q, k, v, positions, cache):
         c = self.config
-        T, S = q.shape[2], k.shape[2]
+        S = k.shape[2]
         kc, vc, ki, q_i, w = self.compressed(x, positions, cache)
         sel = self.select(q_i, w, ki, S)  # [B, 1, T, topk] entry ids
         self.last_selection = sel
-        idx = entry_pooling.window_plus_selected(sel, T, S, c.window)
-        out = ops.gather_attention(q, k, v, idx, scale=self.scale, backend=c.backend_for("gather_attention"),
-                                   k_extra=kc, v_extra=vc)
+        out = ops.gather_attention(q, k, v, entry_pooling.entry_ids(sel, S), scale=self.scale, window=c.window,
+                                   backend=c.backend_for("gather_attention"), k_extra=kc, v_extra=vc)
         if c.index_kl and self.training and torch.is_grad_enabled() and kc.shape[2] == 0:
             self.aux_loss = q_i.new_zeros(())  # T < compress_ratio: no entry to select, the KL is empty
         elif c.index_kl and self.training and torch.is_grad_enabled():

@@ -12,7 +12,7 @@ OP = Op("gather_attention", __package__, ("triton", "flex", "reference"))
 
 def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, *, scale: float,
                      backend: str = "auto", return_lse: bool = False, k_extra: torch.Tensor | None = None,
-                     v_extra: torch.Tensor | None = None):
+                     v_extra: torch.Tensor | None = None, window: int = 0):
     """Exact softmax attention of q [B, Hq, T, D] over the keys idx [B, Hs, T, K] names in k, v
     [B, Hkv, N, D]; Hs is 1 (one list for every KV head) or Hkv. -1 is an empty slot; ids outside
     [0, N) are never read (treated as empty). Causality is the selection's job. A query with no key
@@ -20,7 +20,11 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
 
     A second key pool k_extra, v_extra [B, Hkv, N2, D] (CSA's compressed entries beside the raw
     tokens) acts as if concatenated after k, v without the copy: ids in [N, N + N2) read
-    k_extra/v_extra[:, :, id - N]. Differentiable w.r.t. every key tensor."""
+    k_extra/v_extra[:, :, id - N]. Differentiable w.r.t. every key tensor.
+
+    window > 0: each query also attends to its last `window` tokens of k, v (positions p - window + 1
+    .. p, where query t sits at p = N - T + t), as if they were listed before its ids (CSA's sliding
+    window; the Triton kernel computes them instead of reading a list). idx then names the other keys."""
     checks.check_keys(q, k, v)
     Hkv, N = k.shape[1], k.shape[2]
     N2 = _check_extra(k, k_extra, v_extra)
@@ -28,10 +32,25 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
         raise ValueError(f"idx must be [B={q.shape[0]}, Hs=1 or {Hkv}, T={q.shape[2]}, K], got {tuple(idx.shape)}")
     if idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"idx must be int32 (or int64), got {idx.dtype}")
+    checks.check_non_negative_int("window", window)
+    if window and q.shape[2] > N:
+        raise ValueError(f"a window needs the {q.shape[2]} queries to be the last of the {N} tokens of k")
     idx = checks.drop_out_of_range(idx, N + N2)
     req = Request.of(q, needs_grad(q, k, v, k_extra, v_extra), group=q.shape[1] // Hkv, head_dim=q.shape[3],
                      return_lse=return_lse)
-    return OP.run(backend, req, q, k, v, idx, scale, return_lse, k_extra=k_extra, v_extra=v_extra)
+    return OP.run(backend, req, q, k, v, idx, scale, return_lse, k_extra=k_extra, v_extra=v_extra, window=window)
+
+
+def window_ids(idx: torch.Tensor, window: int, N: int) -> torch.Tensor:
+    """idx [B, Hs, T, K] -> int32 [B, Hs, T, window + K]: each query's last `window` token ids (query t at
+    position N - T + t; -1 before token 0), then its own ids. Built in int32 in place."""
+    B, Hs, T, K = idx.shape
+    out = torch.empty((B, Hs, T, window + K), dtype=torch.int32, device=idx.device)
+    pos = torch.arange(N - T, N, device=idx.device, dtype=torch.int32)
+    win = pos[:, None] - (window - 1) + torch.arange(window, device=idx.device, dtype=torch.int32)[None, :]
+    out[..., :window] = torch.where(win >= 0, win, -1)
+    out[..., window:] = idx
+    return out
 
 
 def _check_extra(k: torch.Tensor, k_extra: torch.Tensor | None, v_extra: torch.Tensor | None) -> int:

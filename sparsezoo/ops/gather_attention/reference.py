@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .api import window_ids
 from ..common import (chunk_len, clean_grouped, expand_selection, gather_flags, gather_rows, join_chunks,
                       masked_softmax_lse, run_chunk, seen_bad)
 
@@ -21,8 +22,11 @@ def _chunk(qg, kf, vf, q_bad, kv_bad, sel, scale: float):
     return seen_bad(out, lse, q_bad, ok, gather_flags(kv_bad, tok))
 
 
-def gather_attention_reference(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None):
+def gather_attention_reference(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None,
+                               window: int = 0):
     """k_extra, v_extra (optional): a second pool, read as if concatenated after k, v (here it is)."""
+    if window:
+        idx = window_ids(idx, window, k.shape[2])
     if k_extra is not None:
         k, v = torch.cat([k, k_extra], dim=2), torch.cat([v, v_extra], dim=2)
     B, Hq, T, D = q.shape

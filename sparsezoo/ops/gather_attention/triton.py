@@ -13,7 +13,8 @@ def supports(req) -> str | None:
     return None
 
 
-def run(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None):
+def run(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None, window: int = 0):
     from sparsezoo.kernels import gather_attention_triton
 
-    return gather_attention_triton.gather_attention_triton(q, k, v, idx, scale, return_lse, k2=k_extra, v2=v_extra)
+    return gather_attention_triton.gather_attention_triton(q, k, v, idx, scale, return_lse, k2=k_extra, v2=v_extra,
+                                                           window=window)
