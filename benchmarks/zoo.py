@@ -745,13 +745,17 @@ def parse(argv=None):
 
 
 def render(paths: list[str], out: Path, notes: list[str] = ()) -> None:
-    """One report from several runs (e.g. one GPU call for prefill + decode, another for fwd+bwd)."""
-    records, peers, cmds = [], [], []
-    for path in paths:
+    """One report from several runs (e.g. one GPU call for prefill + decode, another for fwd+bwd); where two
+    runs measured the same point, the later file's record is kept."""
+    records, peers, cmds = {}, {}, []
+    for path in paths:  # a later file's point replaces an earlier file's
         data = json.loads(Path(path).read_text())
-        records += data["records"]
-        peers += data.get("peers", [])
+        for r in data["records"]:
+            records[(r["variant"], r["config"], r["mode"], r["seq_len"], r["batch"])] = r
+        for r in data.get("peers", []):
+            peers[(r["peer"], r["seq_len"])] = r
         cmds.append(data["command"])
+    records, peers = list(records.values()), list(peers.values())
     order = {"prefill": 0, "fwd+bwd": 1, "decode": 2}
     records.sort(key=lambda r: (list(CONFIGS).index(r["variant"]), r["config"], order[r["mode"]], r["seq_len"],
                                 r["batch"]))
