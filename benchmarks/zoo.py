@@ -239,9 +239,10 @@ class Variant:
         width = math.ceil(S / blk)
         pages = lambda x: F.pad(x, (0, 0, 0, width * blk - S)).view(B, Hkv, width, blk, D).transpose(1, 2)
         cache = PagedKVCache(B * width, Hkv, D, c["Di"], page_size=blk, dtype=torch.bfloat16, device=DEVICE)
-        cache.k.copy_(pages(self.k.detach()).reshape(B * width, Hkv, blk, D))
-        cache.v.copy_(pages(self.v.detach()).reshape(B * width, Hkv, blk, D))
-        cache.k_idx.copy_(F.pad(self.extra["k_idx"], (0, 0, 0, width * blk - S)).view(B * width, blk, c["Di"]))
+        n = B * width  # the cache keeps a scratch page after these (writes to missing pages land there)
+        cache.k[:n].copy_(pages(self.k.detach()).reshape(n, Hkv, blk, D))
+        cache.v[:n].copy_(pages(self.v.detach()).reshape(n, Hkv, blk, D))
+        cache.k_idx[:n].copy_(F.pad(self.extra["k_idx"], (0, 0, 0, width * blk - S)).view(n, blk, c["Di"]))
         table = torch.arange(B * width, device=DEVICE, dtype=torch.int32).view(B, width)
         dec = MSADecoder(num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, index_dim=c["Di"], block_size=blk,
                          topk=c["topk"])

@@ -28,6 +28,8 @@ def window_mask_mod(window: int, offset: int):
 
 def window_attention_flex(q, k, v, window: int, scale: float):
     Hq, T, S = q.shape[1], q.shape[2], k.shape[2]
+    start = max(0, S - T - window + 1)  # no query reads a key before this: decode touches window + T keys only
+    k, v, S = k[:, :, start:], v[:, :, start:], S - start
     q, k, v, q_bad, kv_bad = clean_qkv(q, k, v)
     first, last = tile_last_positions(T, S, q.device)
     lo = torch.clamp(first - window + 1, min=0) // Q_TILE
