@@ -1,6 +1,18 @@
-"""Block-sparse attention through the Triton kernels (sparsezoo.kernels.sparse_attention_triton)."""
+"""Block-sparse attention through the Triton kernels (sparsezoo.kernels.sparse_attention_triton).
+
+Eager calls go straight to the launcher. Under torch.compile the call goes through the custom op
+sparsezoo::block_sparse_attention_triton instead (opaque to the compiler; its fake gives the output
+shapes), whose autograd formula calls sparsezoo::block_sparse_attention_triton_backward. The forward
+op also returns the tile plan (token order, per-tile block unions and bitmasks) that the backward
+reads, as the launcher's autograd.Function saves it.
+"""
 
 from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..dispatch import compiling
 
 
 def _pow2(n: int) -> bool:
@@ -26,6 +38,69 @@ def supports(req) -> str | None:
 
 
 def run(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False):
+    if compiling():
+        out, lse, *_plan = torch.ops.sparsezoo.block_sparse_attention_triton(q, k, v, block_idx, block_size,
+                                                                             float(scale))
+        return (out, lse) if return_lse else out
     from sparsezoo.kernels import sparse_attention_triton
 
     return sparse_attention_triton.block_sparse_attention_triton(q, k, v, block_idx, block_size, scale, return_lse)
+
+
+# -- the custom ops torch.compile sees ------------------------------------------------------------------
+@torch.library.custom_op("sparsezoo::block_sparse_attention_triton", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
+                scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, lse, token order, union counts, union ids, token bitmasks)."""
+    from sparsezoo.kernels import sparse_attention_triton as sat
+
+    out, lse, plan = sat._forward(q, k, v, block_idx, block_size, scale, False, dict(sat.ATTN_CONFIG))
+    return out, lse, *plan
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, block_idx, block_size, scale):
+    from sparsezoo.kernels import sparse_attention_triton as sat
+
+    B, Hq, T, _ = q.shape
+    Hs, K = block_idx.shape[1], block_idx.shape[3]
+    TM = sat._tiling(Hq // Hs, block_size, q.device, sat.ATTN_CONFIG)[0]
+    NT = -(-T // TM)
+    plan = [block_idx.new_empty(shape, dtype=torch.int32)
+            for shape in ((B, Hs, NT * TM), (B, Hs, NT), (B, Hs, NT, TM * K), (B, Hs, NT, TM * K))]
+    return torch.empty_like(q), q.new_empty((B, Hq, T), dtype=torch.float32), *plan
+
+
+# the dK/dV work lists are built with host syncs (boolean indexing): not CUDA-graph capturable
+@torch.library.custom_op("sparsezoo::block_sparse_attention_triton_backward", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def _backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
+                 tok: Tensor, counts: Tensor, ids: Tensor, bits: Tensor, block_size: int,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from sparsezoo.kernels import sparse_attention_triton as sat
+
+    return sat._backward(q, k, v, out, lse, dout, dlse, (tok, counts, ids, bits), block_size, scale,
+                         dict(sat.ATTN_CONFIG))
+
+
+@_backward_op.register_fake
+def _backward_fake(q, k, v, out, lse, dout, dlse, tok, counts, ids, bits, block_size, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, _block_idx, block_size, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.block_size, ctx.scale = block_size, scale
+
+
+def _backward(ctx, dout, dlse, *_plan_grads):
+    q, k, v, out, lse, *plan = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.sparsezoo.block_sparse_attention_triton_backward(
+        q, k, v, out, lse, dout, dlse, *plan, ctx.block_size, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
