@@ -51,11 +51,21 @@ __all__ = [
 ]
 
 
-def op(name: str):
-    """The `Op` object of a public op (its implementations and `supports` rules), by op name."""
+def _op_object(name: str):
     import importlib
 
-    if name not in OPS:
-        raise ValueError(f"unknown op {name!r}; choose one of {sorted(OPS)}")
     pkg = importlib.import_module(f"{__name__}.{OPS[name]}")
     return {"msa_index_kl": getattr(pkg, "MSA_OP", None), "index_kl": getattr(pkg, "DSA_OP", None)}.get(name) or pkg.OP
+
+
+_OP_OBJECTS = {name: _op_object(name) for name in OPS}
+for _op in _OP_OBJECTS.values():  # import every implementation now: torch.compile cannot trace an import
+    _op.load_implementations()
+del _op
+
+
+def op(name: str):
+    """The `Op` object of a public op (its implementations and `supports` rules), by op name."""
+    if name not in _OP_OBJECTS:
+        raise ValueError(f"unknown op {name!r}; choose one of {sorted(OPS)}")
+    return _OP_OBJECTS[name]

@@ -5,6 +5,11 @@ each exposing `supports(request) -> reason | None` and `run(...)`. The same `sup
 `auto`, explicit requests (which raise with the reason instead of falling back) and config
 validation (where the device and dtype are not known yet). `Op.run` records the implementation that
 ran, once per call: `implementations_used()` and `track_implementations()` read that record.
+
+torch.compile traces this dispatch: the choice is plain Python over static shapes, dtypes and
+devices, so it is made once at trace time and guarded. Nothing here may import a module at call
+time (`importlib` breaks the graph): implementation modules are imported with their package
+(`load_implementations`), and the record is skipped while compiling.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ _announced: set[tuple[str, str]] = set()
 _trackers: list[dict[str, str]] = []
 
 
-def _compiling() -> bool:
-    return hasattr(torch, "compiler") and torch.compiler.is_compiling()
+def compiling() -> bool:
+    """True while torch.compile traces the caller: the Triton paths then call their custom ops."""
+    return torch.compiler.is_compiling()
 
 
 def record(op: str, impl: str) -> None:
     """Note that `impl` ran for `op` (logged at INFO the first time each pair runs)."""
-    if _compiling():
+    if compiling():  # a traced call records nothing (and logs nothing): the record is eager-only
         return
     _last[op] = impl
     for tracker in _trackers:
@@ -64,8 +70,20 @@ def last_implementation(op: str) -> str | None:
     return _last.get(op)
 
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
+
+
+def kernel_built(module: str) -> bool:
+    """Whether sparsezoo.kernels.<module> ships with this install (implementations ask once, at import:
+    a traced call cannot look for a module)."""
+    try:
+        return importlib.util.find_spec(f"sparsezoo.kernels.{module}") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def interpreting() -> bool:
@@ -125,9 +143,17 @@ class Op:
         self.package = package
         self.implementations = implementations
         self.module_prefix = module_prefix  # for packages holding several ops: `{prefix}{impl}.py`
+        self._modules: dict[str, Any] = {}
+
+    def load_implementations(self) -> None:
+        """Import every implementation module now, so that no call (traced or not) imports one."""
+        for impl in self.implementations:
+            self._modules[impl] = importlib.import_module(f"{self.package}.{self.module_prefix}{impl}")
 
     def module(self, impl: str):
-        return importlib.import_module(f"{self.package}.{self.module_prefix}{impl}")
+        if impl not in self._modules:
+            self.load_implementations()
+        return self._modules[impl]
 
     def reason(self, impl: str, req: Request) -> str | None:
         """Why `impl` cannot run `req`, or None when it can."""

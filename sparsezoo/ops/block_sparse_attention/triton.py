@@ -1,6 +1,18 @@
-"""Block-sparse attention through the Triton kernels (sparsezoo.kernels.sparse_attention_triton)."""
+"""Block-sparse attention through the Triton kernels (sparsezoo.kernels.sparse_attention_triton).
+
+Eager calls go straight to the launcher. Under torch.compile the call goes through the custom op
+sparsezoo::block_sparse_attention_triton instead (opaque to the compiler; its fake gives the output
+shapes), whose autograd formula calls sparsezoo::block_sparse_attention_triton_backward. The forward
+op also returns the tile plan (token order, per-tile block unions and bitmasks) that the backward
+reads, as the launcher's autograd.Function saves it.
+"""
 
 from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..dispatch import compiling
 
 
 def _pow2(n: int) -> bool:
@@ -36,15 +48,20 @@ def run(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = Fa
 
     if block_idx.shape[1] == q.shape[1] != k.shape[1] and q.shape[2] <= GATHER_DECODE_T:
         ids = block_tokens(block_idx, block_size, q.shape[2], k.shape[2])
+        if compiling():
+            out, lse = torch.ops.sparsezoo.gather_attention_triton(q, k, v, ids, float(scale), None, None, 0)
+            return (out, lse) if return_lse else out
         return gather_attention_triton.gather_attention_triton(q, k, v, ids, scale, return_lse)
+    if compiling():
+        out, lse, *_plan = torch.ops.sparsezoo.block_sparse_attention_triton(q, k, v, block_idx, block_size,
+                                                                             float(scale))
+        return (out, lse) if return_lse else out
     return sparse_attention_triton.block_sparse_attention_triton(q, k, v, block_idx, block_size, scale, return_lse)
 
 
 def block_tokens(block_idx, block_size: int, T: int, S: int):
     """Selected blocks [B, H, T, k] -> int32 token ids [B, H, T, k * block_size] each query may see (causal,
     inside S), -1 elsewhere; ids outside [0, n_blocks) select nothing."""
-    import torch
-
     n_blocks = -(-S // block_size)
     blk = block_idx.long()
     blk = torch.where((blk >= 0) & (blk < n_blocks), blk, -1)
@@ -52,3 +69,68 @@ def block_tokens(block_idx, block_size: int, T: int, S: int):
     pos = torch.arange(S - T, S, device=blk.device).view(T, 1, 1)
     tok = torch.where((blk[..., None] >= 0) & (tok <= pos), tok, -1)
     return tok.flatten(-2).to(torch.int32)
+
+
+# -- the custom ops torch.compile sees ------------------------------------------------------------------
+@torch.library.custom_op("sparsezoo::block_sparse_attention_triton", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
+                scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, lse, token order, union counts, union ids, token bitmasks)."""
+    from sparsezoo.kernels import sparse_attention_triton as sat
+
+    out, lse, (tok, counts, ids, bits) = sat._forward(q, k, v, block_idx, block_size, scale, False,
+                                                      dict(sat.ATTN_CONFIG))
+    unused = torch.arange(ids.shape[-1], device=ids.device) >= counts[..., None]  # slots past a tile's union:
+    ids = ids.masked_fill(unused, -1)  # left unwritten by the kernel; a defined value for the compiler's checks
+    bits = ids.new_empty(0) if bits is None else bits.masked_fill(unused, 0)  # no bitmask past BITS_MAX_TM
+    return out, lse, tok, counts, ids, bits
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, block_idx, block_size, scale):
+    from sparsezoo.kernels import sparse_attention_triton as sat
+
+    B, Hq, T, _ = q.shape
+    Hs, K = block_idx.shape[1], block_idx.shape[3]
+    TM = sat._tiling(Hq // Hs, block_size, q.device, sat.ATTN_CONFIG)[0]
+    NT = -(-T // TM)
+    cap = min(TM * K, -(-k.shape[2] // block_size))
+    bits = (B, Hs, NT, cap) if TM <= sat.BITS_MAX_TM else (0,)
+    plan = [block_idx.new_empty(shape, dtype=torch.int32)
+            for shape in ((B, Hs, NT * TM), (B, Hs, NT), (B, Hs, NT, cap), bits)]
+    return torch.empty_like(q), q.new_empty((B, Hq, T), dtype=torch.float32), *plan
+
+
+# the dK/dV work lists are built with host syncs (boolean indexing): not CUDA-graph capturable
+@torch.library.custom_op("sparsezoo::block_sparse_attention_triton_backward", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def _backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
+                 block_idx: Tensor, tok: Tensor, counts: Tensor, ids: Tensor, bits: Tensor, block_size: int,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from sparsezoo.kernels import sparse_attention_triton as sat
+
+    return sat._backward(q, k, v, out, lse, dout, dlse, block_idx,
+                         (tok, counts, ids, bits if bits.numel() else None), block_size, scale, dict(sat.ATTN_CONFIG))
+
+
+@_backward_op.register_fake
+def _backward_fake(q, k, v, out, lse, dout, dlse, block_idx, tok, counts, ids, bits, block_size, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, block_idx, block_size, scale = inputs
+    ctx.save_for_backward(q, k, v, block_idx, *output)
+    ctx.block_size, ctx.scale = block_size, scale
+
+
+def _backward(ctx, dout, dlse, *_plan_grads):
+    q, k, v, block_idx, out, lse, *plan = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.sparsezoo.block_sparse_attention_triton_backward(
+        q, k, v, out, lse, dout, dlse, block_idx, *plan, ctx.block_size, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -14,7 +14,8 @@ DSA_OP = Op("index_kl", __package__, ("reference",), module_prefix="dsa_")
 
 
 def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    # no math.isfinite: under torch.compile(dynamic=True) a float may be a SymFloat; 0 < t < inf rejects NaN too
+    if not isinstance(temperature, (int, float, torch.SymFloat)) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
