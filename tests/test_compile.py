@@ -30,10 +30,6 @@ TINY = {
     "csa": {"compress_ratio": 4, "topk": 8, "window": 16, "n_index_heads": 2, "index_dim": 16},
 }
 TRITON = {"backend": "triton", "select_backend": "triton"}
-# The graph breaks NSA's references take (see docs/models.md): window_attention's reference reads its
-# key range with int(pos[0]) / int(pos[-1]) (Tensor.item), nsa_select's reference indexes with a
-# boolean mask (aten.nonzero). Anything else breaking NSA's graph fails the test.
-NSA_BREAKS = ("Tensor.item()", "aten.nonzero")
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
@@ -104,23 +100,13 @@ def test_dense_msa_gpt_inference_fullgraph():
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in ("dense", "msa", "nsa")] + ["msa-warmup"])
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in ("dense", "msa")] + ["msa-warmup"])
 def test_variant_gpt_trains_fullgraph(variant):
     model = tiny_gpt([variant.removesuffix("-warmup")] * 2)
     if variant.endswith("-warmup"):  # dense routing: dense attention, the index KL over every visible block
         for layer in model.routed_layers():
             layer.set_routing("dense")
     assert_compiled_matches_eager(model, torch.compile(model, fullgraph=True, backend="aot_eager"), train=True)
-
-
-@pytest.mark.compile
-def test_nsa_gpt_compiles_with_its_documented_graph_breaks():
-    model = tiny_gpt(["nsa", "nsa"])
-    assert_compiled_matches_eager(model, torch.compile(model, backend="aot_eager"), train=True)
-    reasons = list(counters["graph_break"])
-    assert reasons, "NSA compiles whole now: make this test fullgraph and update docs/models.md"
-    unexpected = [r for r in reasons if not any(known in r for known in NSA_BREAKS)]
-    assert not unexpected, unexpected
 
 
 # -- the Triton paths: custom ops inside compiled code (interpreter) ----------------------------------

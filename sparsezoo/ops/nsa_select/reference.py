@@ -46,8 +46,8 @@ def add_overlaps(imp: torch.Tensor, p: torch.Tensor, block_len: int, stride: int
     last = (start + block_len - 1) // sel_block
     for o in range((block_len - 1) // sel_block + 2):  # an entry spans at most this many blocks
         j = first + o
-        keep = (j <= last) & (j < n_blocks)
-        imp = imp.index_add(-1, j[keep], p[..., keep])
+        keep = (j <= last) & (j < n_blocks)  # added as 0 where not kept: no boolean indexing (compiles whole)
+        imp = imp.index_add(-1, j.clamp(max=n_blocks - 1), p * keep.to(p.dtype))
     return imp
 
 

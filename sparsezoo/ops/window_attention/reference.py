@@ -27,8 +27,8 @@ def window_attention_reference(q, k, v, window: int, scale: float):
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         pos = query_positions(T, S, t0, t1, q.device)
-        lo = max(0, int(pos[0]) - window + 1)
-        hi = int(pos[-1]) + 1
+        lo = max(0, S - T + t0 - window + 1)  # pos[0] - window + 1, from shapes (no host read: compiles whole)
+        hi = S - T + t1  # pos[-1] + 1
         outs.append(run_chunk(_chunk, qg[:, :, :, t0:t1], kf[:, :, lo:hi], vf[:, :, lo:hi], q_bad[..., t0:t1],
                               kv_bad[:, :, lo:hi], pos, lo, window, scale))
     return torch.cat(outs, dim=3).reshape(B, Hq, T, D).to(q.dtype)
