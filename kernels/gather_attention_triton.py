@@ -14,6 +14,10 @@ its pool by a pointer select (one masked load per tile, as with one pool; when t
 dK/dV into one fp32 buffer of N + N2 rows, split at the end. A constexpr flag (TWO) compiles the one-pool
 kernels as without it (same sm_90 instructions, checked on the PTX).
 
+Window (CSA): with window = w > 0 each query's first w slots are its last w raw tokens p - w + 1 .. p
+(p = N - T + t), computed from the position instead of read, and slot s >= w reads idx[..., s - w]; so
+the caller passes the selected entries alone.
+
 Forward, grid (T * splits, P, B): one program owns one query token x the G heads of one KV group
 (P = Hkv; with per-query-head ids, Hs = Hq, P = Hq and a program owns one head of kv head h // (Hq / Hkv))
 (rows padded to BM = max(16, pow2(G)) so a tile feeds a tensor-core dot). It walks the token's K
