@@ -58,6 +58,7 @@ import triton.language as tl
 
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite
 from sparsezoo.kernels.sparse_attention_triton import _load_rows as _load_tile
+from sparsezoo.kernels.sparse_attention_triton import backward_delta
 
 LOG2E = 1.4426950408889634  # host side: the kernels write log2(e) and ln(2) as literals (@jit reads no plain globals)
 
@@ -335,12 +336,7 @@ def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, window, cfg):
     Hkv, N, KS = k.shape[1], k.shape[2], window + idx.shape[-1]
     P, G, KV_DIV, BM, D, BD, prec = _group_tiling(q, k, idx)
     q, do = q.contiguous(), do.contiguous()
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    for h0 in range(0, Hq, 8):  # in head chunks: no fp32 copies of whole q-sized tensors
-        delta[:, h0:h0 + 8] = (do[:, h0:h0 + 8].float() * out[:, h0:h0 + 8].float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta, lse = delta.contiguous(), lse.contiguous()
+    delta, lse = backward_delta(do, out, lse, dlse)
     dq = torch.empty_like(q)
     dk = torch.zeros((B, Hkv, N + N2, D), dtype=torch.float32, device=q.device)  # rows of both pools
     dv = torch.zeros_like(dk)

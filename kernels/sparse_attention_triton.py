@@ -552,6 +552,17 @@ def sparse_lse(q, k, block_idx, block_size: int, scale: float, config: dict | No
     return _forward(q, k, k, block_idx, block_size, scale, True, config)[1]
 
 
+def backward_delta(do, out, lse, dlse):
+    """(delta, lse) for an attention backward, both contiguous fp32 [B, Hq, T]: delta = rowsum(dO * O) -
+    dLSE, computed in chunks of 8 heads so no fp32 copy of a whole q-sized tensor is made."""
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=do.device)
+    for h0 in range(0, do.shape[1], 8):
+        delta[:, h0:h0 + 8] = (do[:, h0:h0 + 8].float() * out[:, h0:h0 + 8].float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    return delta.contiguous(), lse.contiguous()
+
+
 def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, block_size, scale, cfg):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -562,13 +573,7 @@ def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, block_size, scale, c
     TM, BM, BN, from_sel = _plan_tiling(plan, G, block_size, q.device, cfg)
     NT = cnt.shape[-1]
     q, do = q.contiguous(), do.contiguous()
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    for h0 in range(0, Hq, 8):  # in head chunks: no fp32 copies of whole q-sized tensors
-        delta[:, h0:h0 + 8] = (do[:, h0:h0 + 8].float() * out[:, h0:h0 + 8].float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
-    lse = lse.contiguous()
+    delta, lse = backward_delta(do, out, lse, dlse)
     tiling = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), KV_DIV=KV_DIV,
                   KP=_pow2(NK), FROM_SEL=from_sel, num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     dq = torch.empty_like(q)

@@ -41,6 +41,16 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
     return OP.run(backend, req, q, k, v, idx, scale, return_lse, k_extra=k_extra, v_extra=v_extra, window=window)
 
 
+def explicit_keys(idx, k, v, k_extra, v_extra, window: int):
+    """(idx, k, v) with the window listed in idx and the second pool concatenated after k, v: the plain
+    form the reference and flex paths read (the Triton kernel does both without copies)."""
+    if window:
+        idx = window_ids(idx, window, k.shape[2])
+    if k_extra is not None:
+        k, v = torch.cat([k, k_extra], dim=2), torch.cat([v, v_extra], dim=2)
+    return idx, k, v
+
+
 def window_ids(idx: torch.Tensor, window: int, N: int) -> torch.Tensor:
     """idx [B, Hs, T, K] -> int32 [B, Hs, T, window + K]: each query's last `window` token ids (query t at
     position N - T + t; -1 before token 0), then its own ids. Built in int32 in place."""

@@ -10,7 +10,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ..common import CHUNK_ELEMENTS, expand_selection, gather_rows
 from ..flex_utils import run_flex
-from .api import window_ids
+from .api import explicit_keys
 from ..nonfinite import finish, nonfinite_rows, zero_rows
 
 
@@ -25,10 +25,7 @@ def gather_attention_flex(q, k, v, idx, scale: float, return_lse: bool = False, 
     """Each query becomes its own batch row: q [B*Tc, Hq, 1, D] against its gathered keys
     [B*Tc, Hkv, K, D]; a mask_mod drops the -1 slots. Chunked over queries. A second pool k_extra,
     v_extra is concatenated after k, v (the gathered rows are copied anyway)."""
-    if window:
-        idx = window_ids(idx, window, k.shape[2])
-    if k_extra is not None:
-        k, v = torch.cat([k, k_extra], dim=2), torch.cat([v, v_extra], dim=2)
+    idx, k, v = explicit_keys(idx, k, v, k_extra, v_extra, window)
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], idx.shape[-1]
     idx = expand_selection(idx, Hkv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import window_ids
+from .api import explicit_keys
 from ..common import (chunk_len, clean_grouped, expand_selection, gather_flags, gather_rows, join_chunks,
                       masked_softmax_lse, run_chunk, seen_bad)
 
@@ -25,10 +25,7 @@ def _chunk(qg, kf, vf, q_bad, kv_bad, sel, scale: float):
 def gather_attention_reference(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None,
                                window: int = 0):
     """k_extra, v_extra (optional): a second pool, read as if concatenated after k, v (here it is)."""
-    if window:
-        idx = window_ids(idx, window, k.shape[2])
-    if k_extra is not None:
-        k, v = torch.cat([k, k_extra], dim=2), torch.cat([v, v_extra], dim=2)
+    idx, k, v = explicit_keys(idx, k, v, k_extra, v_extra, window)
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], idx.shape[-1]
     G = Hq // Hkv
