@@ -357,7 +357,7 @@ def test_msa_select_nan_index_key(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_moba_select_nan_key(backend, request):
+def test_moba_select_nan_key(backend):
     """A NaN key at token 20 makes block 2's mean NaN for kv head 1: query heads 2, 3 of the rows past block
     2 rank it first; no other selection changes."""
     q, k = _rand(B, HQ, T, 16), _rand(B, HKV, S, 16, seed=4)
@@ -368,9 +368,22 @@ def test_moba_select_nan_key(backend, request):
     sel = run(bad).cpu()
     sees = (torch.arange(HQ) // (HQ // HKV) == 1).view(1, HQ, 1) & (POS // BLOCK > 2).view(1, 1, T)
     _unchanged_except(sel, clean, sees)
-    if backend == "triton":
-        _pending(request, "moba_select_triton")  # its top-k never takes a NaN score
     assert (sel[..., 0][sees.expand(B, HQ, T)] == 2).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_moba_select_inf_key(backend):
+    """An inf key (token 20, dim 3, kv head 1) gives block 2 the score +-inf: +inf (q[..., 3] > 0) ranks it first,
+    -inf last (fp32 queries; 16-bit ones rank it first: kernels/moba_select_triton.py)."""
+    q, k = _rand(B, HQ, T, 16), _rand(B, HKV, S, 16, seed=4)
+    k[0, 1, 20, 3] = INF
+    sel = ops.moba_select(q, k, block_size=BLOCK, topk=3, backend=backend).cpu()
+    sees = (torch.arange(HQ) // (HQ // HKV) == 1).view(1, HQ, 1) & (POS // BLOCK > 2).view(1, 1, T)
+    sees = sees.expand(B, HQ, T)
+    first = q[..., 3].cpu() > 0
+    assert first[sees].any() and (~first[sees]).any()
+    assert torch.equal((sel[..., 0] == 2)[sees], first[sees])
+    assert torch.equal((sel[..., :2] == 2).any(-1)[sees], first[sees])
 
 
 @pytest.mark.parametrize("backend, where", [("reference", "key"), ("reference", "query"), ("triton", "key")])
