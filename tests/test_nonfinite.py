@@ -387,7 +387,7 @@ def test_moba_select_inf_key(backend):
 
 
 @pytest.mark.parametrize("backend, where", [("reference", "key"), ("reference", "query"), ("triton", "key")])
-def test_indexer_topk_nan(backend, where, request):
+def test_indexer_topk_nan(backend, where):
     """A NaN index key (token 20) is selected by every row that sees it; a NaN index query row selects the
     smallest ids. No other row changes."""
     q_i, w, k_i = _rand(B, HKV, T, 2, 16), _rand(B, HKV, T, 2, seed=5).abs(), _rand(B, S, 16, seed=4)
@@ -405,13 +405,50 @@ def test_indexer_topk_nan(backend, where, request):
         sees[0, 1, 9] = True
     sel = run(q_i, k_i).cpu()
     _unchanged_except(sel, clean, sees)
-    if backend == "triton":
-        _pending(request, "indexer_triton")  # NaN logits are not ranked as +inf (and a max-relu drops NaN)
     rows = sel[sees.expand(B, HKV, T)]
     if where == "key":
         assert (rows == 20).any(-1).all()
     else:
         assert rows.tolist() == [[0, 1, 2, 3, 4, 5]]
+
+
+INDEXER_KERNELS = [("prefill", {"select_cap": 16}), ("prefill", {"split": 2, "select_cap": 16}),
+                   ("decode", {}), ("decode", {"cap": 16}), ("decode", {"finish": "kernel"}),
+                   ("decode", {"select": "rows", "rows_select": {"select_cap": 16}})]
+
+
+@pytest.mark.parametrize("where", ["key", "query"])
+@pytest.mark.parametrize("kernel, config", INDEXER_KERNELS)
+def test_indexer_kernels_rank_nan_first(kernel, config, where):
+    """Both Triton indexers and their select paths (a +inf logit in a row of finite ones: an infinite spread,
+    one histogram bin, radix passes when the cap is small; segments; the decode finish and row select): a
+    NaN index key (token 30) is selected by the rows that see it, no other row changes; a NaN index query
+    row takes the smallest ids. The NaN has its sign bit set: left as it is, it would order below every logit
+    as an int key (a positive one above every logit: test_indexer_topk_nan)."""
+    from sparsezoo.kernels.indexer_decode_triton import indexer_topk_decode_triton
+    from sparsezoo.kernels.indexer_triton import indexer_topk_triton
+
+    n_q = T if kernel == "prefill" else 3  # decode: the last 3 positions (37..39)
+    q_i, w, k_i = _rand(B, HKV, n_q, 2, 16), _rand(B, HKV, n_q, 2, seed=5).abs(), _rand(B, S, 16, seed=4)
+    fn = indexer_topk_triton if kernel == "prefill" else indexer_topk_decode_triton
+    run = lambda q_i, k_i: fn(q_i, w, k_i, torch.arange(S, device=DEV), S, 6, 0.25, config=config).cpu()
+    clean = run(q_i, k_i)
+    pos = torch.arange(S - n_q, S)
+    if where == "key":
+        k_i = k_i.clone()
+        k_i[0, 30 if kernel == "prefill" else 38, 3] = -NAN
+        sees = (pos >= (30 if kernel == "prefill" else 38)).view(1, 1, n_q).expand(B, HKV, n_q)
+    else:
+        q_i = q_i.clone()
+        q_i[0, 1, 1, 1, 0] = -NAN
+        sees = torch.zeros(B, HKV, n_q, dtype=torch.bool)
+        sees[0, 1, 1] = True
+    sel = run(q_i, k_i)
+    _unchanged_except(sel, clean, sees)
+    if where == "key":
+        assert (sel[sees] == (30 if kernel == "prefill" else 38)).any(-1).all()
+    else:
+        assert sel[sees].tolist() == [[0, 1, 2, 3, 4, 5]]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
