@@ -10,8 +10,7 @@ and variant modules: a NaN past the sequence, outside the selection or in a late
 output that does not read it.
 
 CPU: references, SDPA, FlexAttention uncompiled (it applies the mask_mod exactly; the compiled kernels
-are the GPU's), Triton kernels under the interpreter, in fp32 (fp64 for the reference gradients). A
-kernel that does not follow the rule yet marks its cases as strict expected failures (`_pending`).
+are the GPU's), Triton kernels under the interpreter, in fp32 (fp64 for the reference gradients).
 """
 
 from __future__ import annotations
@@ -44,13 +43,6 @@ def eager_flex(monkeypatch):
 
     if DEV.type == "cpu":
         monkeypatch.setattr(flex_utils, "_compiled", flex_attention)
-
-
-def _pending(request, kernel):
-    """Cases the kernel (not changed here) still gets wrong: strict on the CPU, where each was seen failing,
-    so the fix turns them into failures to unmark; not strict on a GPU, whose NaN rules differ."""
-    request.applymarker(pytest.mark.xfail(strict=DEV.type == "cpu",
-                                          reason=f"pending the in-kernel change in {kernel} (docs/ops.md)"))
 
 
 def _inputs(n_keys=S, dtype=torch.float64, seed=0):
@@ -452,7 +444,7 @@ def test_indexer_kernels_rank_nan_first(kernel, config, where):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_nsa_select_nan_compressed_key(backend, request):
+def test_nsa_select_nan_compressed_key(backend):
     """A NaN compressed key (entry 3, ending at 19) makes every importance of the rows that see it NaN: they
     take the forced blocks, then the smallest candidate ids. No other row changes."""
     q, kc = _rand(B, HQ, T, 16), _rand(B, HKV, SC, 16, seed=4)
@@ -464,11 +456,50 @@ def test_nsa_select_nan_compressed_key(backend, request):
     sel = run(bad).cpu()
     sees = (torch.arange(HKV) == 0).view(1, HKV, 1) & (POS >= 19).view(1, 1, T)
     _unchanged_except(sel, clean, sees)
-    if backend == "triton" and DEV.type == "cuda":
-        _pending(request, "nsa_select_triton")  # passes in the interpreter; on a GPU a NaN LSE becomes -inf
     local = POS // 4
     want = torch.stack([torch.zeros_like(local), local - 1, local, torch.ones_like(local), 2 + 0 * local], -1)
-    assert torch.equal(sel[0, 0][POS >= 19], want[POS >= 19].int())
+    assert torch.equal(sel[0, 0][POS >= 19].sort(-1).values, want[POS >= 19].int().sort(-1).values)  # sets
+
+
+@pytest.mark.parametrize("topk, want", [(5, [0, 1, 2, 8, 9]), (2, [0, 8])])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nsa_select_nan_query_head(backend, topk, want):
+    """A NaN in one query head (head 1 of group 0, token 20 at position 36) makes every importance of its group's
+    row NaN, though the other head's probabilities are finite: forced blocks (0, then L - 1, L), then the
+    smallest ids. One entry per block (block_len = stride = sel_block), so the finite head's probabilities
+    alone would order them."""
+    q, kc = _rand(B, HQ, T, 16), _rand(B, HKV, S // 4, 16, seed=4)
+    run = lambda q: ops.nsa_select(q, kc, S=S, block_len=4, stride=4, sel_block=4, topk=topk, scale=0.25,
+                                   backend=backend).cpu()
+    clean = run(q)
+    bad = q.clone()
+    bad[0, 1, 20, 2] = NAN
+    sel = run(bad)
+    row = torch.zeros(B, HKV, T, dtype=torch.bool)
+    row[0, 0, 20] = True
+    _unchanged_except(sel, clean, row)
+    assert sel[0, 0, 20].sort().values.tolist() == want  # local block 9
+
+
+@pytest.mark.parametrize("config", [{"BE_LSE": 16, "lse_splits": 4, "lse_min_tiles": 1}, {"lse_splits": 1}])
+def test_nsa_select_triton_nan_survives_the_lse_splits(config):
+    """A NaN compressed key in a long sequence: the split LSE pass and its merge keep the NaN (a max that drops
+    it would leave the other splits' finite LSE), so the rows that see it take the forced blocks, then the
+    smallest ids, as the reference; no other row changes."""
+    from sparsezoo.kernels.nsa_select_triton import nsa_select_triton
+
+    n, sc = 200, (200 - CMP_LEN) // CMP_STRIDE + 1
+    q, kc = _rand(B, HQ, T, 16), _rand(B, HKV, sc, 16, seed=4)
+    bad = kc.clone()
+    bad[0, 0, 40, 1] = NAN  # entry 40 ends at 167
+    run = lambda kc, backend: ops.nsa_select(q, kc, S=n, block_len=CMP_LEN, stride=CMP_STRIDE, sel_block=8, topk=5,
+                                             scale=0.25, backend=backend).cpu()
+    sel = nsa_select_triton(q, bad, n, CMP_LEN, CMP_STRIDE, 8, 5, 0.25, config=config).cpu()
+    clean = nsa_select_triton(q, kc, n, CMP_LEN, CMP_STRIDE, 8, 5, 0.25, config=config).cpu()
+    sees = (torch.arange(HKV) == 0).view(1, HKV, 1) & (torch.arange(n - T, n) >= 167).view(1, 1, T)
+    _unchanged_except(sel, clean, sees)
+    want = run(bad, "reference")
+    assert torch.equal(sel[sees.expand(B, HKV, T)].sort(-1).values, want[sees.expand(B, HKV, T)].sort(-1).values)
 
 
 # ---- decode caches -----------------------------------------------------------------------------
