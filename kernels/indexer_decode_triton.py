@@ -37,6 +37,9 @@ Launches (no host syncs; CUDA-graph capturable):
    Typical rows: the histogram bin holds ~0.3% of the row (a few hundred candidates at 128k keys),
    so the finish reads ~topk + candidates entries twice. CONFIG["finish"] = "kernel" runs the
    finish as its own launch (grid (rows,)) instead of in the last partition program.
+Non-finite values: the logits epilogue is indexer_triton's (a NaN logit ranks as +inf); an infinite
+min/max code decodes to a NaN bound, so the row's bins collapse into one and the finish's radix
+passes resolve it.
 CONFIG["select"] = "rows" swaps 2-3 for indexer_triton's row select (`_select_triton`, whose split
 path handles few rows), fed with the same logits and min/max bounds.
 
@@ -59,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .indexer_triton import _check_inputs, _float_bin, _key_float, _ordered_key, _pick_bin
+from .indexer_triton import _check_inputs, _float_bin, _key_float, _ordered_key, _pick_bin, _ranked_logits, _relu
 from .indexer_triton import _resolve_config as _rows_config
 from .indexer_triton import _select_triton
 
@@ -145,13 +148,13 @@ def _logits_kernel(QI, W, KI, KEND, BUF, WS, N, S, T, U, BH, Hs, n_groups, split
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k.to(q.dtype)))
-        s = tl.maximum(s, 0.0) * wr[:, None]
+        s = _relu(s) * wr[:, None]
         if UG == 1:
             z = tl.sum(s, axis=0)[None, :]
         else:
             z = tl.sum(tl.reshape(s, [UG, JP, BN]), axis=1)
         visible = c_ok[None, :] & (ends[None, :] <= pos[:, None])
-        z = tl.where(visible, z * scale, float("-inf"))
+        z = _ranked_logits(z * scale, visible)
         tl.store(BUF + row[:, None] * N + cols[None, :], z, mask=u_ok[:, None] & c_ok[None, :])
         key = _ordered_key(z)
         kmin = tl.minimum(kmin, tl.where(visible, key, 2147483647))
@@ -300,7 +303,7 @@ def _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, out_ptr, row, N, seg_len, nseg,
         ids, cand, key, ok = _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF, LOGS)
         take = ok & (~cand | (key > klo) | ((key == klo) & (ids <= cut)))
         rank = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + rank, ids, mask=take & (rank < K))  # exactly K unless the logits hold NaN
+        tl.store(out_ptr + rank, ids, mask=take & (rank < K))
         n_out += tl.sum(take.to(tl.int32), axis=0)
 
 

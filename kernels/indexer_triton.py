@@ -45,6 +45,11 @@ Pipeline, per chunk of queries (a bounded fp32 buffer [Tc, B*Hs, N] of at most `
    Triton select reads only the visible prefix, ~3 times, skips nothing-to-do rows, keeps the exact
    tie rule and gives sorted ids without a separate sort.
 
+Non-finite values (docs/ops.md): the relu keeps a NaN (a max that propagates it) and a visible NaN
+logit is stored as +inf, so it ranks first (ties to the smaller id); a row whose index query is NaN
+ranks every visible key first and takes the smallest ids. An infinite logit makes the row's min/max
+spread infinite: the row falls into one histogram bin and the key radix passes resolve it.
+
 No host syncs on the hot path (shapes decide the chunking and the split), so the launcher can be
 CUDA-graph captured.
 
@@ -100,6 +105,18 @@ def _ordered_key(x):
 
 
 @triton.jit
+def _relu(s):
+    """relu that keeps a NaN (tl.maximum's default drops it on the GPU); one max.NaN instruction on sm_80+."""
+    return tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _ranked_logits(z, visible):
+    """The visible logits, a NaN ranked as +inf (docs/ops.md, non-finite values); -inf elsewhere."""
+    return tl.where(visible, tl.where(z == z, z, float("inf")), float("-inf"))
+
+
+@triton.jit
 def _key_float(key):
     """Inverse of _ordered_key (int32 key -> fp32)."""
     return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
@@ -144,13 +161,13 @@ def _logits_kernel(QI, W, KI, NVIS, BUF, STATS, t0, Tcur, N, J, Hs, scale,
                 s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k.to(q.dtype)))
-            s = tl.maximum(s, 0.0) * wj[:, None]
+            s = _relu(s) * wj[:, None]
             if JG == 1:
                 acc += s
             else:
                 acc += tl.sum(tl.reshape(s, [TM, JG, BN]), axis=1)
         visible = cols[None, :] < nvis[:, None]
-        z = tl.where(visible, acc * scale, float("-inf"))
+        z = _ranked_logits(acc * scale, visible)
         tl.store(buf_ptr, z, mask=store_ok)
         if STATS_ON:
             key = _ordered_key(z)
@@ -309,7 +326,7 @@ def _select_kernel(VALS, IDS, NVIS, STATS, OUT, SCRATCH, t0, Tcur, BH, N, seg_le
             key = _ordered_key(x).to(tl.int64)
             take = valid & ((key > t_lo) | ((key == t_lo) & (ids <= cut)))
             rank = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            tl.store(out_ptr + rank, ids, mask=take & (rank < K))  # exactly K unless the logits hold NaN
+            tl.store(out_ptr + rank, ids, mask=take & (rank < K))
             n_out += tl.sum(take.to(tl.int32), axis=0)
 
 

@@ -23,6 +23,12 @@ Output int32 [B, Hq, T, topk] in MSA's selection format (ranked ids best-first, 
    writing its partial top list; `_merge_kernel` folds the partial lists in split order (ascending
    ids, so the same fold and tie rule apply) and writes the selection.
 
+Non-finite values (docs/ops.md): a NaN score (a NaN in the row's q or in a block's keys) counts as +inf,
+set before the fold (whose GPU max would drop a NaN): the block ranks first, ties to the smaller id; a
+NaN key changes only the rows that rank its block. An infinite block mean scores +-inf with fp32 queries,
+as in the reference; with 16-bit queries its hi/lo split gives inf - inf = NaN, so it ranks first for
+every row (the reference ranks a -inf score last).
+
 No score matrix and no [T, n_blocks] buffer reach memory; no host syncs (graph-capturable).
 """
 
@@ -182,7 +188,9 @@ def _select_kernel(Q, M, OUT, PS, PI, T, S, HQ, G, BLOCK, NSPL, CPS,
         for c0 in range(lo, hi, BN):
             j = c0 + jn
             m = tl.load(m_base + j[:, None] * smn, mask=(j[:, None] < hi) & (d[None, :] < D), other=0.0)
-            s = tl.where(j[None, :] < local[:, None], _scores(q, m, HI_LO), float("-inf"))
+            sc = _scores(q, m, HI_LO)
+            sc = tl.where(sc == sc, sc, float("inf"))  # a NaN ranks first (the GPU's max would drop it)
+            s = tl.where(j[None, :] < local[:, None], sc, float("-inf"))
             top_s, top_i = _fold_chunk(top_s, top_i, s, j[None, :])
     if PARTIAL:
         slot = tl.arange(0, KP)

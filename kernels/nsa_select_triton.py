@@ -36,6 +36,12 @@ masked). The group shares kc and the selection, so each kc tile feeds one [BM, B
       <= topk visible blocks take them all; few rows (decode) split into segments. The forced
       value makes blocks 0, L - 1, L the largest of their row (with topk < 3 the ties among them
       go to the smaller ids: 0, then L - 1, as the reference's stable sort).
+Non-finite values (docs/ops.md; the reference, sparsezoo.ops.nsa_select): a query head whose LSE is NaN (its q
+or a visible compressed key holds a NaN, or a visible score is +inf; a given LSE of a poisoned row is NaN)
+makes the importance of every block a visible entry overlaps NaN, for the whole group. NaN ranks after the
+forced blocks and before every finite importance (the reference's finfo.max; ties to the smaller id): it is
+written as G + 1/2, between the clamp G and the forced G + 1. Both LSE passes keep a NaN (the GPU's max would
+drop it and leave -inf), and a poisoned head's p is 1 on its visible entries, which marks those blocks.
 No loop depends on the data: trip counts follow from shapes and positions only.
 
 Memory: buffer + scratch <= buffer_bytes (1 GiB: at T = 128k, Hkv = 4, 2048 blocks, chunks of 16k
@@ -125,7 +131,7 @@ def _n_visible(pos, Sc, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr):
 @triton.jit
 def _merged_lse(LSE, b, head, t, row_ok, n_splits, lse_factor, sls, slb, slh, slt):
     """Base-2 LSE of the rows: lse_factor * LSE, log2-sum-exp2 over the n_splits partials
-    (-inf: the row sees no entry)."""
+    (-inf: the row sees no entry; NaN: a partial is NaN, which the max below would drop)."""
     ptr = LSE + b * slb + head * slh + t.to(tl.int64) * slt
     m = tl.zeros(t.shape, tl.float32) + float("-inf")
     acc = tl.zeros(t.shape, tl.float32)
@@ -136,7 +142,8 @@ def _merged_lse(LSE, b, head, t, row_ok, n_splits, lse_factor, sls, slb, slh, sl
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         acc = acc * tl.exp2(m - m_use) + tl.exp2(v - m_use)
         m = m_new
-    return tl.where(acc > 0, m + tl.log2(tl.where(acc > 0, acc, 1.0)), float("-inf"))
+    lse = tl.where(acc > 0, m + tl.log2(tl.where(acc > 0, acc, 1.0)), float("-inf"))
+    return tl.where(acc == acc, lse, float("nan"))
 
 
 @triton.jit
@@ -151,7 +158,8 @@ def _chunk_importance(q, KC_G, lse2, pos, row_ok, jb, Sc, qk2, sks, skd,
     i = i_lo + tl.arange(0, BE)
     i_ok = (i < i_hi) & (i < Sc)
     s = _scores(q, KC_G, i, i_ok, sks, skd, qk2, D, BD, IEEE)
-    log_p = tl.minimum(s - lse2[:, None], 0.0)  # p <= 1 (the fp16 split below needs p * 2^15 finite)
+    log_p = tl.minimum(s - lse2[:, None], 0.0)  # p <= 1 (the fp16 split below needs p * 2^15 finite); a
+    # poisoned row (lse2 = -inf) gets 0 here, a NaN included (tl.minimum drops it): p = 1 on its visible entries
     p = tl.where(_visible(i, i_ok, pos, row_ok, BLOCK_LEN, STRIDE), tl.exp2(log_p + _P_SCALE), 0.0)
     first = (i * STRIDE) // SEL - base
     last = (i * STRIDE + BLOCK_LEN - 1) // SEL - base
@@ -194,12 +202,13 @@ def _lse_kernel(Q, KC, LSE, T, S, Sc, Hkv, qk2, tiles_per_split,
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
         m_i = m_new
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    lse = tl.where(l_i == l_i, lse, float("nan"))  # a NaN/+inf score (the max above drops a NaN)
     tl.store(LSE + split.to(tl.int64) * sls + b * slb + head * slh + t.to(tl.int64) * slt, lse, mask=row_ok)
 
 
 @triton.jit
 def _importance_kernel(Q, KC, LSE, BUF, STATS, t0, Tcur, T, S, Sc, n_blocks, Hkv, K, chunks_per_program,
-                       qk2, lse_factor, n_splits, forced_value, max_importance,
+                       qk2, lse_factor, n_splits, forced_value, max_importance, nan_value,
                        sqb, sqh, sqt, sqd, skb, skh, sks, skd, sls, slb, slh, slt,
                        G: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr, BE: tl.constexpr, NB: tl.constexpr,
                        HALO: tl.constexpr, NBX: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
@@ -215,6 +224,8 @@ def _importance_kernel(Q, KC, LSE, BUF, STATS, t0, Tcur, T, S, Sc, n_blocks, Hkv
         head, t, row_ok, pos = _rows(tile, g, t0, Tcur, T, S, G, GP, TM)
         q = _load_q(Q, b, head, t, row_ok, sqb, sqh, sqt, sqd, D, BD)
         lse2 = _merged_lse(LSE, b, head, t, row_ok, n_splits, lse_factor, sls, slb, slh, slt)
+        poisoned = tl.max(tl.reshape((lse2 != lse2).to(tl.int32), [TM, GP]), axis=1) > 0  # per query
+        lse2 = tl.where(lse2 == lse2, lse2, float("-inf"))
         KC_G = KC + b * skb + g.to(tl.int64) * skh
         tt = tile * TM + tl.arange(0, TM)  # queries within the chunk
         tok_ok = tt < Tcur
@@ -231,7 +242,8 @@ def _importance_kernel(Q, KC, LSE, BUF, STATS, t0, Tcur, T, S, Sc, n_blocks, Hkv
             j = (jb - HALO + c)[None, :]  # >= jb >= 0 on the complete columns
             write = tok_ok[:, None] & complete[None, :] & (j <= local[:, None])
             forced = (j == 0) | (j >= local[:, None] - 1)
-            value = tl.where(forced, forced_value, tl.minimum(imp, max_importance))
+            nan = poisoned[:, None] & (imp > 0)  # a NaN importance in the reference: a visible entry reaches it
+            value = tl.where(forced, forced_value, tl.where(nan, nan_value, tl.minimum(imp, max_importance)))
             tl.store(BUF + row[:, None] * n_blocks + j, value, mask=write)
             key = _ordered_key(value)
             key_min = tl.minimum(key_min, tl.min(tl.where(write, key, _KEY_HIGH), axis=1))
@@ -379,7 +391,7 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
         cpp = _chunks_per_program(cfg, n_tiles * B * Hkv, n_chunks, q.device)
         grid = (n_tiles, triton.cdiv(n_chunks, cpp), B * Hkv)
         _importance_kernel[grid](q, kc, lse_parts, buf, stats, t0, Tcur, T, S, Sc, n_blocks, Hkv, topk, cpp,
-                                 qk2, lse_factor, lse_parts.shape[0], float(G + 1), float(G),
+                                 qk2, lse_factor, lse_parts.shape[0], float(G + 1), float(G), G + 0.5,
                                  *q.stride(), *kc.stride(), *lse_parts.stride(),
                                  BE=BE, NB=NB, HALO=HALO, NBX=max(_pow2(NB + HALO), 16), SEL=sel_block,
                                  **dims, **launch)

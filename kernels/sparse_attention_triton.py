@@ -20,6 +20,18 @@ causal. Which tokens chose a union block ("membership"):
 Ids outside [0, n_blocks) never enter a union (int64 ids compared before any int32 cast) and never
 equal a union block, so no kernel acts on them; a repeated id counts once.
 
+Non-finite values (docs/ops.md; kernels/nonfinite.py): a row is NaN (out and LSE) iff its q, a k/v row
+it attends to or one of its scores is non-finite, and it passes no gradient; the other rows are exact.
+Finite inputs pay no per-tile cost (the main kernels' loops are unchanged):
+- `nonfinite_flags` (one read of K and V) flags the non-finite k/v rows and queues the tiles whose
+  union holds one; the forward kernel also queues the tiles with a row whose softmax sum is not
+  positive (NaN: a non-finite q or k, or an fp32 overflow; 0: an inf in q whose scores are all -inf);
+- checked kernels redo the queued tiles (persistent grids: one load per program on finite inputs):
+  flagged k/v rows are read as 0, so no 0 * NaN reaches a row that does not see them, and a row that
+  attends to one, or owns a non-finite q or score, is poisoned. In the backward a poisoned row attends
+  to nothing (its q, dO, LSE, delta read as 0), and the dK/dV entries of queued tiles go to a checked
+  dK/dV launch.
+
 Backward: delta = rowsum(dO * O) (minus dLSE), then
 - dQ: the forward's loop again (per query tile over its union);
 - dK/dV: the transposed lists: per (batch, kv head, key block), the (selection head, tile) pairs whose
@@ -35,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows
+
 LOG2E = 1.4426950408889634
 
 # GPU tiling, tuned on H100 for MSA (docs/prefill.md). ROWS = tokens per tile x G; TM (when set) fixes the
@@ -48,6 +62,8 @@ BITS_MAX_TM = 16  # tiles of at most this many tokens carry an int32 token bitma
 SEL_MAX_K = 64  # in-kernel membership holds a tile's [TM, k] ids in registers: a larger k keeps TM <= BITS_MAX_TM
 UNION_MAX_W = 8192  # _union_kernel holds a tile's TM * k ids in registers; wider tiles use tile_unions
 _KEY_LIST_CHUNK = 1 << 24  # dK/dV work entries transposed at once by key_block_lists
+FLAG_TILES = 16  # tiles per program of _tile_bad_kernel
+CHECKED_PROGRAMS_PER_SM = 2  # persistent grid of the checked kernels (an empty queue: one load each)
 
 
 def _pow2(n: int) -> int:
@@ -269,6 +285,71 @@ def _union_kernel(SEL, TOK, CNT, IDS, BITS, T, NK, n_blocks, cap, ssb, ssh, sst,
     tl.store(CNT + row, n)
 
 
+# ----------------------------------------------------------------------------- non-finite flags
+
+@triton.jit
+def _bad_keys_kernel(K, V, KBAD, BBAD, S, n_blocks, skb, skh, sks, skd, svb, svh, svs, svd,
+                     BLOCK: tl.constexpr, CH: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, WITH_V: tl.constexpr):
+    """Per key of block pid(0), kv head pid(1), batch pid(2): its k (or v) row holds a NaN/inf (int8
+    KBAD [B, Hkv, S]); and whether the block holds such a key (int8 BBAD [B, Hkv, n_blocks])."""
+    blk = tl.program_id(0).to(tl.int64)
+    kv = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    d = tl.arange(0, BD)
+    row = b * tl.num_programs(1) + kv
+    any_bad = tl.zeros([CH], tl.int32)
+    for c in range(0, BLOCK, CH):
+        keys = blk * BLOCK + c + tl.arange(0, CH)
+        ok = keys < S
+        bad = nonfinite_rows(_load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D))
+        if WITH_V:
+            bad = bad | nonfinite_rows(_load_rows(V, b * svb + kv * svh + keys * svs, d, svd, ok, D))
+        tl.store(KBAD + row * S + keys, bad.to(tl.int8), mask=ok)
+        any_bad = any_bad | bad.to(tl.int32)
+    tl.store(BBAD + row * n_blocks + blk, (tl.max(any_bad, axis=0) > 0).to(tl.int8))
+
+
+@triton.jit
+def _tile_bad_kernel(CNT, IDS, BBAD, TBAD, QUEUE, NT, n_blocks, scb, sch, sct,
+                     KV_DIV: tl.constexpr, TT: tl.constexpr, CH: tl.constexpr):
+    """Tiles TT * pid(0) + [0, TT) of selection head pid(1), batch pid(2): whether the tile's union holds a
+    block with a non-finite k/v row (int8 TBAD [B, Hs, NT]); such tiles are appended to QUEUE."""
+    g = tl.program_id(1)
+    b = tl.program_id(2)
+    tile = tl.program_id(0) * TT + tl.arange(0, TT)
+    t_ok = tile < NT
+    flat = (b * tl.num_programs(1) + g) * NT + tile
+    n_u = tl.load(CNT + flat, mask=t_ok, other=0)
+    u_base = b.to(tl.int64) * scb + g.to(tl.int64) * sch + tile.to(tl.int64) * sct
+    blk_base = (b.to(tl.int64) * (tl.num_programs(1) // KV_DIV) + _kv_head(g, KV_DIV)) * n_blocks
+    any_bad = tl.zeros([TT], tl.int32)
+    for c in range(0, tl.max(n_u, axis=0), CH):
+        i = c + tl.arange(0, CH)
+        ok = i[None, :] < n_u[:, None]
+        u = tl.load(IDS + u_base[:, None] + i[None, :], mask=ok, other=0)
+        any_bad = tl.maximum(any_bad, tl.max(tl.load(BBAD + blk_base + u, mask=ok, other=0).to(tl.int32), axis=1))
+    tl.store(TBAD + flat, any_bad.to(tl.int8), mask=t_ok)
+    flagged = t_ok & (any_bad > 0)
+    n_flagged = tl.sum(flagged.to(tl.int32), axis=0)
+    if n_flagged > 0:
+        at = tl.atomic_add(QUEUE, n_flagged) + tl.cumsum(flagged.to(tl.int32), axis=0)  # QUEUE[0]: the count
+        tl.store(QUEUE + at, flat, mask=flagged)
+
+
+@triton.jit
+def _enqueue_if_unflagged(QUEUE, TBAD, flat):
+    """Append tile `flat` to the checked kernels' queue unless _tile_bad_kernel did."""
+    if tl.load(TBAD + flat) == 0:
+        tl.store(QUEUE + 1 + tl.atomic_add(QUEUE, 1), flat)
+
+
+@triton.jit
+def _queued_tile(QUEUE, w, NT, HS):
+    """(batch, selection head, tile) of queue entry w."""
+    flat = tl.load(QUEUE + 1 + w)
+    return flat // (NT * HS), (flat // NT) % HS, flat % NT
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -360,26 +441,52 @@ def _entry(ETILE, at, kv, NT, KV_DIV: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, T, S, NK, qk_scale,
-                sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
-                TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
-                BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
-                KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr):
-    n_tiles = tl.num_programs(0)
-    tile = n_tiles - 1 - tl.program_id(0)
-    g = tl.program_id(1)
+def _key_rows(KBAD, keys, kmask, CHECKED: tl.constexpr):
+    """(keys to load, their non-finite flags KBAD[keys]): CHECKED loads the flags and drops those rows
+    (read as 0); otherwise every key inside S, flags false."""
+    if CHECKED:
+        kb = tl.load(KBAD + keys, mask=kmask, other=0) != 0
+        return kmask & ~kb, kb
+    else:
+        return kmask, keys < 0
+
+
+@triton.jit
+def _saw_bad_key(seen, vis, kb, CHECKED: tl.constexpr):
+    """seen | (the row attends to a key flagged in kb) when CHECKED."""
+    if CHECKED:
+        return seen | (tl.max((vis & kb[None, :]).to(tl.int32), axis=1) > 0)
+    else:
+        return seen
+
+
+@triton.jit
+def _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS, T, S, NK, qk_scale,
+              sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+              sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
+              TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+              BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
+              KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr, CHECKED: tl.constexpr):
+    """Attention of one tile (selection head g, batch b): its out and LSE rows. CHECKED: the flagged k/v
+    rows are read as 0 (no 0 * NaN reaches a row that does not see them) and a row is poisoned (NaN out
+    and LSE) when its q, a k/v row it attends to, or a score is non-finite. -> whether some row's
+    softmax sum is not a positive number (NaN: a NaN/inf in q or k, or an fp32 overflow; 0: all scores
+    -inf, as from an inf in q, or no key), so the tile needs the checked pass."""
     kv = _kv_head(g, KV_DIV)
-    b = tl.program_id(2)
-    tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S, TM, G, BM)
+    bg = b * HS + g
+    tl_tok, head, t, row_ok, pos = _row_setup(TOK, bg, NT, tile, g, T, S, TM, G, BM)
     sel = _tile_selection(SEL, b, g, t, row_ok, NK, ssb, ssh, sst, ssk, KP, FROM_SEL)
     d = tl.arange(0, BD)
     q = _load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
+    bad = tl.zeros([BM], tl.int1)
+    if CHECKED:
+        bad = nonfinite_rows(q)
+    kbad = KBAD + (b.to(tl.int64) * (HS // KV_DIV) + kv) * S
     m_i = tl.zeros([BM], tl.float32) + float("-inf")
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     u_base = b.to(tl.int64) * scb + g.to(tl.int64) * sch + tile.to(tl.int64) * sct  # > 2**31 at 1M tokens
-    n_u = tl.load(CNT + (b * tl.num_programs(1) + g) * n_tiles + tile)
+    n_u = tl.load(CNT + bg * NT + tile)
     kn = tl.arange(0, BN)
     for i in range(0, n_u):
         u = tl.load(IDS + u_base + i)
@@ -387,51 +494,96 @@ def _fwd_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, T, S, NK, qk_scale,
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
-            kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, kmask, D)
+            ok, kb = _key_rows(kbad, keys, kmask, CHECKED)
+            kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D)
+            vis = _visible(member, row_ok, pos, keys, kmask)
             s = tl.dot(q, tl.trans(kt)) * qk_scale
-            s = tl.where(_visible(member, row_ok, pos, keys, kmask), s, float("-inf"))
+            s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_use[:, None])
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if not LSE_ONLY:
-                vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, kmask, D)
+                vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, ok, D)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_i = m_new
+            bad = _saw_bad_key(bad, vis, kb, CHECKED)
     lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    if CHECKED:
+        bad = bad | (l_i != l_i)
+        lse = poison(lse, bad)
     tl.store(L + b * slb + head * slh + t * slt, lse, mask=row_ok)
     if not LSE_ONLY:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        if CHECKED:
+            out = poison_rows(out, bad)
         tl.store(O + b * sob + head[:, None] * soh + t[:, None] * sot + d[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
+    return tl.max((row_ok & ~(l_i > 0)).to(tl.int32), axis=0) > 0
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, T, S, NK, qk_scale, scale,
-                   sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                   slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
-                   TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
-                   BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
-                   KP: tl.constexpr, FROM_SEL: tl.constexpr):
-    # q, do, dq share strides (made contiguous by the wrapper); so do L and DELTA.
+def _fwd_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, TBAD, QUEUE, T, S, NK, qk_scale,
+                sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
+                TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+                BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
+                KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr):
+    """Every tile, unchecked; queues the tiles that need the checked pass (_fwd_checked_kernel) unless
+    _tile_bad_kernel did: on finite inputs, none."""
     n_tiles = tl.num_programs(0)
     tile = n_tiles - 1 - tl.program_id(0)
     g = tl.program_id(1)
-    kv = _kv_head(g, KV_DIV)
     b = tl.program_id(2)
-    tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S, TM, G, BM)
+    needs_check = _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, n_tiles, tl.num_programs(1),
+                            T, S, NK, qk_scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                            sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
+                            TM, G, BM, BLOCK, BN, D, BD, LSE_ONLY, KV_DIV, KP, FROM_SEL, False)
+    if needs_check:
+        _enqueue_if_unflagged(QUEUE, TBAD, (b * tl.num_programs(1) + g) * n_tiles + tile)
+
+
+@triton.jit
+def _fwd_checked_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, QUEUE, NT, HS, T, S, NK, qk_scale,
+                        sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                        sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
+                        TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+                        BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
+                        KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr):
+    """The queued tiles again, checked (a persistent grid: on finite inputs the queue is empty). Every
+    tile with a poisoned row is queued."""
+    for w in range(tl.program_id(0), tl.load(QUEUE), tl.num_programs(0)):
+        b, g, tile = _queued_tile(QUEUE, w, NT, HS)
+        _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS, T, S, NK, qk_scale,
+                  sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                  sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
+                  TM, G, BM, BLOCK, BN, D, BD, LSE_ONLY, KV_DIV, KP, FROM_SEL, True)
+
+
+@triton.jit
+def _dq_tile(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS, T, S, NK,
+             qk_scale, scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+             slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
+             TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+             BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
+             KP: tl.constexpr, FROM_SEL: tl.constexpr, CHECKED: tl.constexpr):
+    """dQ of one tile. CHECKED (the queued tiles: every poisoned row is in one): a poisoned row (NaN LSE)
+    attends to nothing (its q, dO are read as 0: dQ = 0) and the flagged k/v rows are read as 0 (only
+    poisoned rows attend to them)."""
+    # q, do, dq share strides (made contiguous by the wrapper); so do L and DELTA.
+    kv = _kv_head(g, KV_DIV)
+    bg = b * HS + g
+    tl_tok, head, t, row_ok, pos = _row_setup(TOK, bg, NT, tile, g, T, S, TM, G, BM)
     sel = _tile_selection(SEL, b, g, t, row_ok, NK, ssb, ssh, sst, ssk, KP, FROM_SEL)
     d = tl.arange(0, BD)
     row_off = b * sqb + head * sqh + t * sqt
-    q = _load_rows(Q, row_off, d, sqd, row_ok, D)
-    do = _load_rows(DO, row_off, d, sqd, row_ok, D)
-    l_off = b * slb + head * slh + t * slt
-    lse2 = tl.load(L + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+    q, do, lse2, delta = _row_inputs(Q, DO, L, DELTA, row_off, b * slb + head * slh + t * slt, d, sqd, row_ok, D,
+                                     CHECKED)
+    kbad = KBAD + (b.to(tl.int64) * (HS // KV_DIV) + kv) * S
     dq = tl.zeros([BM, BD], tl.float32)
     u_base = b.to(tl.int64) * scb + g.to(tl.int64) * sch + tile.to(tl.int64) * sct  # > 2**31 at 1M tokens
-    n_u = tl.load(CNT + (b * tl.num_programs(1) + g) * n_tiles + tile)
+    n_u = tl.load(CNT + bg * NT + tile)
     kn = tl.arange(0, BN)
     for i in range(0, n_u):
         u = tl.load(IDS + u_base + i)
@@ -439,8 +591,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, T, S, NK
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
-            kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, kmask, D)
-            vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, kmask, D)
+            ok, kb = _key_rows(kbad, keys, kmask, CHECKED)
+            kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D)
+            vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, ok, D)
             s = tl.dot(q, tl.trans(kt)) * qk_scale
             p = tl.where(_visible(member, row_ok, pos, keys, kmask), tl.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vt))
@@ -451,19 +604,71 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, T, S, NK
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, SEL, ITEMS, ILEN, ETILE, EBITS, T, S, HKV, NT, NK,
+def _row_inputs(Q, DO, L, DELTA, row_off, l_off, d, sqd, row_ok, D: tl.constexpr, CHECKED: tl.constexpr):
+    """q, dO [rows, BD], base-2 LSE and delta [rows] of a tile's rows; CHECKED: all four read as 0 on the
+    poisoned rows (NaN LSE), so that they contribute nothing (p * 0, no 0 * NaN)."""
+    if CHECKED:
+        lse2 = tl.load(L + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
+        live = row_ok & (lse2 == lse2)
+        q = _load_rows(Q, row_off, d, sqd, live, D)
+        do = _load_rows(DO, row_off, d, sqd, live, D)
+        return q, do, tl.where(live, lse2, 0.0), tl.load(DELTA + l_off, mask=live, other=0.0)
+    else:
+        q = _load_rows(Q, row_off, d, sqd, row_ok, D)
+        do = _load_rows(DO, row_off, d, sqd, row_ok, D)
+        lse2 = tl.load(L + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
+        return q, do, lse2, tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, T, S, NK, qk_scale, scale,
+                   sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                   slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
+                   TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+                   BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
+                   KP: tl.constexpr, FROM_SEL: tl.constexpr):
+    """Every tile, unchecked (the queued ones are redone by _bwd_dq_checked_kernel, which overwrites)."""
+    n_tiles = tl.num_programs(0)
+    _dq_tile(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, tl.program_id(2), tl.program_id(1),
+             n_tiles - 1 - tl.program_id(0), n_tiles, tl.num_programs(1), T, S, NK, qk_scale, scale,
+             sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, slb, slh, slt, scb, sch, sct,
+             ssb, ssh, sst, ssk, TM, G, BM, BLOCK, BN, D, BD, KV_DIV, KP, FROM_SEL, False)
+
+
+@triton.jit
+def _bwd_dq_checked_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, QUEUE, NT, HS, T, S, NK,
+                           qk_scale, scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                           slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
+                           TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+                           BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
+                           KP: tl.constexpr, FROM_SEL: tl.constexpr):
+    """The forward's queued tiles again, checked (a persistent grid)."""
+    for w in range(tl.program_id(0), tl.load(QUEUE), tl.num_programs(0)):
+        b, g, tile = _queued_tile(QUEUE, w, NT, HS)
+        _dq_tile(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS, T, S, NK,
+                 qk_scale, scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                 slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk, TM, G, BM, BLOCK, BN, D, BD, KV_DIV, KP,
+                 FROM_SEL, True)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, SEL, ITEMS, ILEN, ETILE, EBITS, KBAD, T, S, HKV, NT, NK,
                      qk_scale, scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                      slb, slh, slt, sdb, sdh, sds, sdd, ssb, ssh, sst, ssk,
                      TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                      BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
-                     KP: tl.constexpr, FROM_SEL: tl.constexpr):
+                     KP: tl.constexpr, FROM_SEL: tl.constexpr, CHECKED: tl.constexpr):
+    """dK/dV of one key sub-block over its item's entries. CHECKED (the entries of queued tiles): the
+    block's non-finite k/v rows are read as 0 (their gradient is 0: only poisoned rows attend to them)
+    and a poisoned row attends to nothing (_row_inputs)."""
     _, u, start, n, b, kv = _key_item(ITEMS, ILEN, HKV)
     sub = tl.program_id(1)
     d = tl.arange(0, BD)
     keys = u * BLOCK + sub * BN + tl.arange(0, BN)
     kmask = keys < S
-    kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, kmask, D)
-    vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, kmask, D)
+    ok, _ = _key_rows(KBAD + (b.to(tl.int64) * HKV + kv) * S, keys, kmask, CHECKED)
+    kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D)
+    vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, ok, D)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     for i in range(0, n):
@@ -471,12 +676,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, SEL, ITEMS, ILEN, ETILE
         tl_tok, head, t, row_ok, pos = _row_setup(TOK, b * (HKV * KV_DIV) + g, NT, tile, g, T, S, TM, G, BM)
         sel = _tile_selection(SEL, b, g, t, row_ok, NK, ssb, ssh, sst, ssk, KP, FROM_SEL)
         member = _member(EBITS, start + i, tl_tok, sel, u, FROM_SEL)
-        row_off = b * sqb + head * sqh + t * sqt
-        q = _load_rows(Q, row_off, d, sqd, row_ok, D)
-        do = _load_rows(DO, row_off, d, sqd, row_ok, D)
-        l_off = b * slb + head * slh + t * slt
-        lse2 = tl.load(L + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+        q, do, lse2, delta = _row_inputs(Q, DO, L, DELTA, b * sqb + head * sqh + t * sqt, b * slb + head * slh + t * slt,
+                                         d, sqd, row_ok, D, CHECKED)
         st = tl.dot(kt, tl.trans(q)) * qk_scale  # [BN, BM]
         pt = tl.where(_visible_t(member, row_ok, pos, keys, kmask), tl.exp2(st - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do)
@@ -524,6 +725,7 @@ def _selection_heads(Hq: int, Hkv: int, Hs: int) -> tuple[int, int]:
 
 
 def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None):
+    """-> (out or None, LSE, plan, flags: nonfinite_flags' (per-key flags, queue), for the backward)."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     Hs, NK = block_idx.shape[1], block_idx.shape[3]
@@ -535,15 +737,50 @@ def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None):
     TM, BM, BN, from_sel = _plan_tiling(plan, G, block_size, q.device, cfg)
     tok, cnt, ids, bits = plan
     NT = cnt.shape[-1]
+    kbad, tbad, queue = nonfinite_flags(k, None if lse_only else v, plan, block_size, KV_DIV)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     out = lse if lse_only else torch.empty_like(q)
     so = (0, 0, 0, 0) if lse_only else out.stride()
-    _fwd_kernel[(NT, Hs, B)](
-        q, k, v, out, lse, tok, block_idx, cnt, ids, ids if bits is None else bits, T, S, NK, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *so, *lse.stride(), *ids.stride()[:3], *block_idx.stride(),
-        TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), LSE_ONLY=lse_only,
-        KV_DIV=KV_DIV, KP=_pow2(NK), FROM_SEL=from_sel, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return (None if lse_only else out), lse, plan
+    tensors = (q, k, v, out, lse, tok, block_idx, cnt, ids, ids if bits is None else bits, kbad)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *so, *lse.stride(), *ids.stride()[:3], *block_idx.stride())
+    tiling = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), LSE_ONLY=lse_only,
+                  KV_DIV=KV_DIV, KP=_pow2(NK), FROM_SEL=from_sel, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    _fwd_kernel[(NT, Hs, B)](*tensors, tbad, queue, T, S, NK, scale * LOG2E, *strides, **tiling)
+    _fwd_checked_kernel[(_checked_programs(queue, q.device),)](*tensors, queue, NT, Hs, T, S, NK, scale * LOG2E,
+                                                               *strides, **tiling)
+    return (None if lse_only else out), lse, plan, (kbad, queue)
+
+
+def _checked_programs(queue, device) -> int:
+    """Grid of the checked kernels: a few programs per SM at most, one per tile at most."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(queue.numel() - 1, CHECKED_PROGRAMS_PER_SM * sms))
+
+
+def nonfinite_flags(k, v, plan, block_size: int, kv_div: int = 1):
+    """Non-finite k/v rows for a plan (v=None: k alone), one read of k and v -> (kbad int8 [B, Hkv, S]:
+    the key's k or v row holds a NaN/inf; tbad int8 [B, Hs, NT]: the tile's union holds such a key;
+    queue int32 [1 + B*Hs*NT]: the count of such tiles, then their flat ids, in any order). The attention
+    kernels check (read those rows as 0, flag the rows that attend to them) only the queued tiles."""
+    B, Hkv, S, D = k.shape
+    tok, cnt, ids, bits = plan
+    n_blocks = triton.cdiv(S, block_size)
+    kbad = torch.empty((B, Hkv, S), dtype=torch.int8, device=k.device)
+    bbad = torch.empty((B, Hkv, n_blocks), dtype=torch.int8, device=k.device)
+    tbad = torch.empty(cnt.shape, dtype=torch.int8, device=k.device)
+    queue = torch.zeros(1 + cnt.numel(), dtype=torch.int32, device=k.device)
+    if kbad.numel():
+        vv = k if v is None else v
+        _bad_keys_kernel[(n_blocks, Hkv, B)](k, vv, kbad, bbad, S, n_blocks, *k.stride(), *vv.stride(),
+                                             BLOCK=block_size, CH=min(block_size & -block_size, 64), D=D,
+                                             BD=max(_pow2(D), 16), WITH_V=v is not None)
+    if tbad.numel():
+        NT = cnt.shape[2]
+        _tile_bad_kernel[(triton.cdiv(NT, FLAG_TILES), cnt.shape[1], B)](
+            cnt, ids, bbad, tbad, queue, NT, n_blocks, *ids.stride()[:3], KV_DIV=kv_div, TT=FLAG_TILES,
+            CH=min(_pow2(ids.shape[-1]), 64))
+    return kbad, tbad, queue
 
 
 def sparse_lse(q, k, block_idx, block_size: int, scale: float, config: dict | None = None):
@@ -563,7 +800,7 @@ def backward_delta(do, out, lse, dlse):
     return delta.contiguous(), lse.contiguous()
 
 
-def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, block_size, scale, cfg):
+def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, scale, cfg):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     Hs, NK = block_idx.shape[1], block_idx.shape[3]
@@ -576,40 +813,52 @@ def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, block_size, scale, c
     delta, lse = backward_delta(do, out, lse, dlse)
     tiling = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), KV_DIV=KV_DIV,
                   KP=_pow2(NK), FROM_SEL=from_sel, num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+    kbad, queue = flags
+    n_queued = int(queue[0])  # host sync (the dK/dV lists need several anyway): 0 on finite inputs
     dq = torch.empty_like(q)
-    _bwd_dq_kernel[(NT, Hs, B)](
-        q, k, v, do, dq, lse, delta, tok, block_idx, cnt, ids, ids if bits is None else bits, T, S, NK,
-        scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *ids.stride()[:3],
-        *block_idx.stride(), **tiling)
+    tensors = (q, k, v, do, dq, lse, delta, tok, block_idx, cnt, ids, ids if bits is None else bits, kbad)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *lse.stride(), *ids.stride()[:3], *block_idx.stride())
+    _bwd_dq_kernel[(NT, Hs, B)](*tensors, T, S, NK, scale * LOG2E, scale, *strides, **tiling)
+    counts = {False: cnt}
+    if n_queued:
+        _bwd_dq_checked_kernel[(_checked_programs(queue, q.device),)](*tensors, queue, NT, Hs, T, S, NK,
+                                                                      scale * LOG2E, scale, *strides, **tiling)
+        queued = torch.zeros(cnt.numel(), dtype=torch.bool, device=q.device)
+        queued[queue[1:1 + n_queued].long()] = True
+        queued = queued.view(cnt.shape)
+        counts = {False: cnt.masked_fill(queued, 0), True: cnt.masked_fill(~queued, 0)}
     n_blocks = triton.cdiv(S, block_size)
-    items, ilen, entries, ebits = key_block_lists(cnt, ids, bits, n_blocks, cfg["SEG"], KV_DIV)
     dk = torch.zeros((B, Hkv, S, D), dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
-    if items.shape[0] > 0:
-        _bwd_dkdv_kernel[(items.shape[0], block_size // BN)](
-            q, k, v, do, dk, dv, lse, delta, tok, block_idx, items, ilen, entries,
-            entries if ebits is None else ebits, T, S, Hkv, NT, NK, scale * LOG2E, scale,
-            *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *dk.stride(), *block_idx.stride(), **tiling)
+    for checked, c in counts.items():  # the queued tiles' entries go to the checked kernel
+        items, ilen, entries, ebits = key_block_lists(c, ids, bits, n_blocks, cfg["SEG"], KV_DIV)
+        if items.shape[0] > 0:
+            _bwd_dkdv_kernel[(items.shape[0], block_size // BN)](
+                q, k, v, do, dk, dv, lse, delta, tok, block_idx, items, ilen, entries,
+                entries if ebits is None else ebits, kbad, T, S, Hkv, NT, NK, scale * LOG2E, scale,
+                *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *dk.stride(), *block_idx.stride(),
+                CHECKED=checked, **tiling)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size, scale, config):
-        out, lse, plan = _forward(q, k, v, block_idx, block_size, scale, False, config)
+        out, lse, plan, (kbad, queue) = _forward(q, k, v, block_idx, block_size, scale, False, config)
         tok, cnt, ids, bits = plan
-        ctx.save_for_backward(q, k, v, out, lse, block_idx, tok, cnt, ids, *([] if bits is None else [bits]))
+        ctx.save_for_backward(q, k, v, out, lse, block_idx, kbad, queue, tok, cnt, ids,
+                              *([] if bits is None else [bits]))
         ctx.block_size, ctx.scale, ctx.config = block_size, scale, config
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, block_idx, tok, cnt, ids, *bits = ctx.saved_tensors
+        q, k, v, out, lse, block_idx, kbad, queue, tok, cnt, ids, *bits = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         plan = (tok, cnt, ids, bits[0] if bits else None)
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, block_idx, plan, ctx.block_size, ctx.scale,
-                               ctx.config)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, block_idx, plan, (kbad, queue), ctx.block_size,
+                               ctx.scale, ctx.config)
         return dq, dk, dv, None, None, None, None
 
 
@@ -621,7 +870,8 @@ def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: fl
     Hs = Hkv: one selection per KV group, shared by its query heads (MSA). Hs = Hq: one selection per
     query head (MoBA), read straight from the unrepeated K/V. Ids outside [0, n_blocks) are ignored;
     a repeated id counts once. config: overrides of ATTN_CONFIG (and G1_CONFIG).
-    Host syncs: none in the forward; the backward's dK/dV work lists (entry and item counts)."""
+    Host syncs: none in the forward; the backward's dK/dV work lists (entry and item counts) and the count
+    of tiles with non-finite values (docs/ops.md)."""
     if q.dtype == torch.float64:
         raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
     out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), config)

@@ -10,8 +10,7 @@ and variant modules: a NaN past the sequence, outside the selection or in a late
 output that does not read it.
 
 CPU: references, SDPA, FlexAttention uncompiled (it applies the mask_mod exactly; the compiled kernels
-are the GPU's), Triton kernels under the interpreter, in fp32 (fp64 for the reference gradients). A
-kernel that does not follow the rule yet marks its cases as strict expected failures (`_pending`).
+are the GPU's), Triton kernels under the interpreter, in fp32 (fp64 for the reference gradients).
 """
 
 from __future__ import annotations
@@ -44,13 +43,6 @@ def eager_flex(monkeypatch):
 
     if DEV.type == "cpu":
         monkeypatch.setattr(flex_utils, "_compiled", flex_attention)
-
-
-def _pending(request, kernel):
-    """Cases the kernel (not changed here) still gets wrong: strict on the CPU, where each was seen failing,
-    so the fix turns them into failures to unmark; not strict on a GPU, whose NaN rules differ."""
-    request.applymarker(pytest.mark.xfail(strict=DEV.type == "cpu",
-                                          reason=f"pending the in-kernel change in {kernel} (docs/ops.md)"))
 
 
 def _inputs(n_keys=S, dtype=torch.float64, seed=0):
@@ -180,11 +172,19 @@ def test_compressed(backend, case, value, eager_flex):
 @pytest.mark.parametrize("case, value", SLOW_CASES)
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("backend", ["reference", "flex", "triton"])
-def test_block_sparse(backend, per_head, case, value, eager_flex, request):
-    if backend == "triton" and case[0] in "kv":
-        _pending(request, "sparse_attention_triton")  # 0 * NaN from invisible keys of a tile; an inf k hidden
+def test_block_sparse(backend, per_head, case, value, eager_flex):
     sel = _selection(per_head)
     _assert_rule(_block_sparse(backend, sel), _selected(sel), case, value, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("case, value", SLOW_CASES)
+def test_block_sparse_triton_large_tiles(case, value):
+    """Tiles of 32 tokens (in-kernel membership instead of token bitmasks), one selection per query head."""
+    from sparsezoo.kernels.sparse_attention_triton import block_sparse_attention_triton
+
+    sel = _selection(per_head=True)
+    run = lambda q, k, v: block_sparse_attention_triton(q, k, v, sel, BLOCK, 0.25, config={"TM": 32})
+    _assert_rule(run, _selected(sel), case, value, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("value", VALUES)
@@ -293,6 +293,27 @@ def test_gather_triton_gradients_match_the_reference(case):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("per_head", [False, True])
+def test_block_sparse_triton_gradients_match_the_reference(case, per_head):
+    """The checked backward kernels: finite gradients, those of the reference (zeroed bad rows, the poisoned
+    rows' NaN upstream gradient dropped)."""
+    sel = _selection(per_head)
+    q, k, v = _place(*_inputs(), case, INF)
+    bad = _bad_rows(_selected(sel), q.cpu(), k.cpu(), v.cpu())
+    upstream = _upstream(bad, poisoned=True)
+
+    def run(backend, dtype):
+        f = lambda q, k, v: ops.block_sparse_attention(q, k, v, sel, block_size=BLOCK, backend=backend,
+                                                       return_lse=True)
+        return _grads(f, [x.to(dtype) for x in (q, k, v)], [u.to(dtype if u.dim() == 4 else torch.float32)
+                                                             for u in upstream])
+
+    for a, b in zip(run("triton", torch.float32), run("reference", torch.float64)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
 # ---- selections --------------------------------------------------------------------------------
 def _unchanged_except(sel, clean, rows):
     """Selections equal outside rows (bool, broadcast over the selection's [B, H, T])."""
@@ -328,7 +349,7 @@ def test_msa_select_nan_index_key(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_moba_select_nan_key(backend, request):
+def test_moba_select_nan_key(backend):
     """A NaN key at token 20 makes block 2's mean NaN for kv head 1: query heads 2, 3 of the rows past block
     2 rank it first; no other selection changes."""
     q, k = _rand(B, HQ, T, 16), _rand(B, HKV, S, 16, seed=4)
@@ -339,13 +360,26 @@ def test_moba_select_nan_key(backend, request):
     sel = run(bad).cpu()
     sees = (torch.arange(HQ) // (HQ // HKV) == 1).view(1, HQ, 1) & (POS // BLOCK > 2).view(1, 1, T)
     _unchanged_except(sel, clean, sees)
-    if backend == "triton":
-        _pending(request, "moba_select_triton")  # its top-k never takes a NaN score
     assert (sel[..., 0][sees.expand(B, HQ, T)] == 2).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_moba_select_inf_key(backend):
+    """An inf key (token 20, dim 3, kv head 1) gives block 2 the score +-inf: +inf (q[..., 3] > 0) ranks it first,
+    -inf last (fp32 queries; 16-bit ones rank it first: kernels/moba_select_triton.py)."""
+    q, k = _rand(B, HQ, T, 16), _rand(B, HKV, S, 16, seed=4)
+    k[0, 1, 20, 3] = INF
+    sel = ops.moba_select(q, k, block_size=BLOCK, topk=3, backend=backend).cpu()
+    sees = (torch.arange(HQ) // (HQ // HKV) == 1).view(1, HQ, 1) & (POS // BLOCK > 2).view(1, 1, T)
+    sees = sees.expand(B, HQ, T)
+    first = q[..., 3].cpu() > 0
+    assert first[sees].any() and (~first[sees]).any()
+    assert torch.equal((sel[..., 0] == 2)[sees], first[sees])
+    assert torch.equal((sel[..., :2] == 2).any(-1)[sees], first[sees])
+
+
 @pytest.mark.parametrize("backend, where", [("reference", "key"), ("reference", "query"), ("triton", "key")])
-def test_indexer_topk_nan(backend, where, request):
+def test_indexer_topk_nan(backend, where):
     """A NaN index key (token 20) is selected by every row that sees it; a NaN index query row selects the
     smallest ids. No other row changes."""
     q_i, w, k_i = _rand(B, HKV, T, 2, 16), _rand(B, HKV, T, 2, seed=5).abs(), _rand(B, S, 16, seed=4)
@@ -363,8 +397,6 @@ def test_indexer_topk_nan(backend, where, request):
         sees[0, 1, 9] = True
     sel = run(q_i, k_i).cpu()
     _unchanged_except(sel, clean, sees)
-    if backend == "triton":
-        _pending(request, "indexer_triton")  # NaN logits are not ranked as +inf (and a max-relu drops NaN)
     rows = sel[sees.expand(B, HKV, T)]
     if where == "key":
         assert (rows == 20).any(-1).all()
@@ -372,8 +404,47 @@ def test_indexer_topk_nan(backend, where, request):
         assert rows.tolist() == [[0, 1, 2, 3, 4, 5]]
 
 
+INDEXER_KERNELS = [("prefill", {"select_cap": 16}), ("prefill", {"split": 2, "select_cap": 16}),
+                   ("decode", {}), ("decode", {"cap": 16}), ("decode", {"finish": "kernel"}),
+                   ("decode", {"select": "rows", "rows_select": {"select_cap": 16}})]
+
+
+@pytest.mark.parametrize("where", ["key", "query"])
+@pytest.mark.parametrize("kernel, config", INDEXER_KERNELS)
+def test_indexer_kernels_rank_nan_first(kernel, config, where):
+    """Both Triton indexers and their select paths (a +inf logit in a row of finite ones: an infinite spread,
+    one histogram bin, radix passes when the cap is small; segments; the decode finish and row select): a
+    NaN index key (token 30) is selected by the rows that see it, no other row changes; a NaN index query
+    row takes the smallest ids. The NaN has its sign bit set: left as it is, it would order below every logit
+    as an int key (a positive one above every logit: test_indexer_topk_nan)."""
+    from sparsezoo.kernels.indexer_decode_triton import indexer_topk_decode_triton
+    from sparsezoo.kernels.indexer_triton import indexer_topk_triton
+
+    n_q = T if kernel == "prefill" else 3  # decode: the last 3 positions (37..39)
+    q_i, w, k_i = _rand(B, HKV, n_q, 2, 16), _rand(B, HKV, n_q, 2, seed=5).abs(), _rand(B, S, 16, seed=4)
+    fn = indexer_topk_triton if kernel == "prefill" else indexer_topk_decode_triton
+    run = lambda q_i, k_i: fn(q_i, w, k_i, torch.arange(S, device=DEV), S, 6, 0.25, config=config).cpu()
+    clean = run(q_i, k_i)
+    pos = torch.arange(S - n_q, S)
+    if where == "key":
+        k_i = k_i.clone()
+        k_i[0, 30 if kernel == "prefill" else 38, 3] = -NAN
+        sees = (pos >= (30 if kernel == "prefill" else 38)).view(1, 1, n_q).expand(B, HKV, n_q)
+    else:
+        q_i = q_i.clone()
+        q_i[0, 1, 1, 1, 0] = -NAN
+        sees = torch.zeros(B, HKV, n_q, dtype=torch.bool)
+        sees[0, 1, 1] = True
+    sel = run(q_i, k_i)
+    _unchanged_except(sel, clean, sees)
+    if where == "key":
+        assert (sel[sees] == (30 if kernel == "prefill" else 38)).any(-1).all()
+    else:
+        assert sel[sees].tolist() == [[0, 1, 2, 3, 4, 5]]
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_nsa_select_nan_compressed_key(backend, request):
+def test_nsa_select_nan_compressed_key(backend):
     """A NaN compressed key (entry 3, ending at 19) makes every importance of the rows that see it NaN: they
     take the forced blocks, then the smallest candidate ids. No other row changes."""
     q, kc = _rand(B, HQ, T, 16), _rand(B, HKV, SC, 16, seed=4)
@@ -385,11 +456,50 @@ def test_nsa_select_nan_compressed_key(backend, request):
     sel = run(bad).cpu()
     sees = (torch.arange(HKV) == 0).view(1, HKV, 1) & (POS >= 19).view(1, 1, T)
     _unchanged_except(sel, clean, sees)
-    if backend == "triton" and DEV.type == "cuda":
-        _pending(request, "nsa_select_triton")  # passes in the interpreter; on a GPU a NaN LSE becomes -inf
     local = POS // 4
     want = torch.stack([torch.zeros_like(local), local - 1, local, torch.ones_like(local), 2 + 0 * local], -1)
     assert torch.equal(sel[0, 0][POS >= 19].sort(-1).values, want[POS >= 19].int().sort(-1).values)  # sets
+
+
+@pytest.mark.parametrize("topk, want", [(5, [0, 1, 2, 8, 9]), (2, [0, 8])])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nsa_select_nan_query_head(backend, topk, want):
+    """A NaN in one query head (head 1 of group 0, token 20 at position 36) makes every importance of its group's
+    row NaN, though the other head's probabilities are finite: forced blocks (0, then L - 1, L), then the
+    smallest ids. One entry per block (block_len = stride = sel_block), so the finite head's probabilities
+    alone would order them."""
+    q, kc = _rand(B, HQ, T, 16), _rand(B, HKV, S // 4, 16, seed=4)
+    run = lambda q: ops.nsa_select(q, kc, S=S, block_len=4, stride=4, sel_block=4, topk=topk, scale=0.25,
+                                   backend=backend).cpu()
+    clean = run(q)
+    bad = q.clone()
+    bad[0, 1, 20, 2] = NAN
+    sel = run(bad)
+    row = torch.zeros(B, HKV, T, dtype=torch.bool)
+    row[0, 0, 20] = True
+    _unchanged_except(sel, clean, row)
+    assert sel[0, 0, 20].sort().values.tolist() == want  # local block 9
+
+
+@pytest.mark.parametrize("config", [{"BE_LSE": 16, "lse_splits": 4, "lse_min_tiles": 1}, {"lse_splits": 1}])
+def test_nsa_select_triton_nan_survives_the_lse_splits(config):
+    """A NaN compressed key in a long sequence: the split LSE pass and its merge keep the NaN (a max that drops
+    it would leave the other splits' finite LSE), so the rows that see it take the forced blocks, then the
+    smallest ids, as the reference; no other row changes."""
+    from sparsezoo.kernels.nsa_select_triton import nsa_select_triton
+
+    n, sc = 200, (200 - CMP_LEN) // CMP_STRIDE + 1
+    q, kc = _rand(B, HQ, T, 16), _rand(B, HKV, sc, 16, seed=4)
+    bad = kc.clone()
+    bad[0, 0, 40, 1] = NAN  # entry 40 ends at 167
+    run = lambda kc, backend: ops.nsa_select(q, kc, S=n, block_len=CMP_LEN, stride=CMP_STRIDE, sel_block=8, topk=5,
+                                             scale=0.25, backend=backend).cpu()
+    sel = nsa_select_triton(q, bad, n, CMP_LEN, CMP_STRIDE, 8, 5, 0.25, config=config).cpu()
+    clean = nsa_select_triton(q, kc, n, CMP_LEN, CMP_STRIDE, 8, 5, 0.25, config=config).cpu()
+    sees = (torch.arange(HKV) == 0).view(1, HKV, 1) & (torch.arange(n - T, n) >= 167).view(1, 1, T)
+    _unchanged_except(sel, clean, sees)
+    want = run(bad, "reference")
+    assert torch.equal(sel[sees.expand(B, HKV, T)].sort(-1).values, want[sees.expand(B, HKV, T)].sort(-1).values)
 
 
 # ---- decode caches -----------------------------------------------------------------------------

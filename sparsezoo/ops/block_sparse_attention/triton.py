@@ -74,16 +74,17 @@ def block_tokens(block_idx, block_size: int, T: int, S: int):
 # -- the custom ops torch.compile sees ------------------------------------------------------------------
 @torch.library.custom_op("sparsezoo::block_sparse_attention_triton", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
-                scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, lse, token order, union counts, union ids, token bitmasks)."""
+                scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, lse, token order, union counts, union ids, token bitmasks, non-finite key flags, checked-tile
+    queue)."""
     from sparsezoo.kernels import sparse_attention_triton as sat
 
-    out, lse, (tok, counts, ids, bits) = sat._forward(q, k, v, block_idx, block_size, scale, False,
-                                                      dict(sat.ATTN_CONFIG))
+    out, lse, (tok, counts, ids, bits), (kbad, queue) = sat._forward(q, k, v, block_idx, block_size, scale, False,
+                                                                     dict(sat.ATTN_CONFIG))
     unused = torch.arange(ids.shape[-1], device=ids.device) >= counts[..., None]  # slots past a tile's union:
     ids = ids.masked_fill(unused, -1)  # left unwritten by the kernel; a defined value for the compiler's checks
     bits = ids.new_empty(0) if bits is None else bits.masked_fill(unused, 0)  # no bitmask past BITS_MAX_TM
-    return out, lse, tok, counts, ids, bits
+    return out, lse, tok, counts, ids, bits, kbad, queue
 
 
 @_forward_op.register_fake
@@ -98,23 +99,26 @@ def _forward_fake(q, k, v, block_idx, block_size, scale):
     bits = (B, Hs, NT, cap) if TM <= sat.BITS_MAX_TM else (0,)
     plan = [block_idx.new_empty(shape, dtype=torch.int32)
             for shape in ((B, Hs, NT * TM), (B, Hs, NT), (B, Hs, NT, cap), bits)]
-    return torch.empty_like(q), q.new_empty((B, Hq, T), dtype=torch.float32), *plan
+    flags = (k.new_empty(k.shape[:3], dtype=torch.int8), block_idx.new_empty(1 + B * Hs * NT, dtype=torch.int32))
+    return torch.empty_like(q), q.new_empty((B, Hq, T), dtype=torch.float32), *plan, *flags
 
 
 # the dK/dV work lists are built with host syncs (boolean indexing): not CUDA-graph capturable
 @torch.library.custom_op("sparsezoo::block_sparse_attention_triton_backward", mutates_args=(),
                          tags=(torch.Tag.cudagraph_unsafe,))
 def _backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
-                 block_idx: Tensor, tok: Tensor, counts: Tensor, ids: Tensor, bits: Tensor, block_size: int,
-                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                 block_idx: Tensor, tok: Tensor, counts: Tensor, ids: Tensor, bits: Tensor, kbad: Tensor,
+                 queue: Tensor, block_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from sparsezoo.kernels import sparse_attention_triton as sat
 
-    return sat._backward(q, k, v, out, lse, dout, dlse, block_idx,
-                         (tok, counts, ids, bits if bits.numel() else None), block_size, scale, dict(sat.ATTN_CONFIG))
+    plan = (tok, counts, ids, bits if bits.numel() else None)
+    return sat._backward(q, k, v, out, lse, dout, dlse, block_idx, plan, (kbad, queue), block_size, scale,
+                         dict(sat.ATTN_CONFIG))
 
 
 @_backward_op.register_fake
-def _backward_fake(q, k, v, out, lse, dout, dlse, block_idx, tok, counts, ids, bits, block_size, scale):
+def _backward_fake(q, k, v, out, lse, dout, dlse, block_idx, tok, counts, ids, bits, kbad, queue, block_size,
+                   scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
