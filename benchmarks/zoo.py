@@ -658,7 +658,7 @@ def _tune_csa_attention(T: int) -> None:
     var = Variant("csa", CONFIGS["csa"]["published"], 1, T, T, False)
     with torch.no_grad():
         idx = entry_ids(var.select(), T)
-        for cfg in ({}, dict(BN=32), dict(BN=128), dict(num_warps=8), dict(BN=128, num_warps=8), dict(num_stages=4)):
+        for cfg in ({}, dict(NF_CHECK="tile"), dict(BN=32), dict(BN=128), dict(num_warps=8), dict(num_stages=4)):
             ms = _timed(lambda: ga.gather_attention_triton(var.q, var.k, var.v, idx, var.scale, config=cfg,
                                                            k2=var.extra["kc"], v2=var.extra["vc"],
                                                            window=var.cfg["w"]))

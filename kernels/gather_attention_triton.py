@@ -65,8 +65,11 @@ LOG2E = 1.4426950408889634  # host side: the kernels write log2(e) and ln(2) as 
 # GPU tiling, an untimed first guess for the H200 (m3, bf16, D = 128, sm_90 builds with triton 3.9: forward
 # ~105 registers and 39 KB shared memory, backward ~100 registers with 8 warps, no spills). BN / bwd_BN:
 # gathered keys per tile; SPLITS: 0 = choose from the program count (flash-decoding), n >= 1 = force n.
+# NF_CHECK, how the forward spots a non-finite score: "sum" adds each row's raw scores (one add per score; a
+# row whose finite scores sum past the fp32 range counts as non-finite, as an overflowing score does), "tile"
+# tests every attended score (about five operations per score).
 GATHER_CONFIG = {"BN": 64, "num_warps": 4, "num_stages": 3, "bwd_BN": 32, "bwd_warps": 8, "bwd_stages": 2,
-                 "SPLITS": 0, "PROGRAMS_PER_SM": 2, "merge_warps": 4}
+                 "SPLITS": 0, "PROGRAMS_PER_SM": 2, "merge_warps": 4, "NF_CHECK": "sum"}
 _INTERPRET_CONFIG = {"BN": 16, "bwd_BN": 16}  # small tiles for the CPU interpreter
 
 
@@ -132,7 +135,7 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_s
                 sib, sih, sit, sob, soh, sot, sod, slb, slh, slt,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                 SPLIT: tl.constexpr, PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr,
-                KV_DIV: tl.constexpr, WINDOW: tl.constexpr):
+                KV_DIV: tl.constexpr, WINDOW: tl.constexpr, NF_SUM: tl.constexpr):
     t = (tl.program_id(0) // n_splits).to(tl.int64)
     sp = tl.program_id(0) % n_splits
     b = tl.program_id(2).to(tl.int64)
@@ -145,6 +148,7 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_s
     v2_base = V2 + b * sv2b + kv * sv2h
     idx_row = IDX + b * sib + g * sih + t * sit
     bad = nonfinite_rows(q)  # rows that saw a NaN/inf (kernels/nonfinite.py: every row attends every loaded key)
+    score_sum = tl.zeros([BM], tl.float32)  # NF_SUM: non-finite iff a score was (empty slots score q.0 = 0)
     m_i = tl.zeros([BM], tl.float32) + float("-inf")
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
@@ -155,7 +159,10 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_s
         ids, ok = _key_ids(idx_row, start + kn, hi, NK, QOFF + t, WINDOW)
         kt = _gather_rows(k_base, k2_base, ids, ok, N, skn, sk2n, d, skd, D, TWO, ALIGNED)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-        bad = bad | saw_nonfinite(s, ok[None, :])
+        if NF_SUM:
+            score_sum += tl.sum(s, axis=1)
+        else:
+            bad = bad | saw_nonfinite(s, ok[None, :])
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -165,6 +172,8 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_s
         vt = _gather_rows(v_base, v2_base, ids, ok, N, svn, sv2n, d, svd, D, TWO, ALIGNED)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
+    if NF_SUM:
+        bad = bad | ~(tl.abs(score_sum) < float("inf"))
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     bad = bad | nonfinite_rows(out)
@@ -321,7 +330,7 @@ def _forward(q, k, v, k2, v2, idx, scale, window, cfg):
         q, k, v, k2, v2, idx, out, lse, po, pl, T, N, N + N2, KS, N - T, per, n_splits, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *out.stride(), *lse.stride(),
         G=G, BM=BM, BN=BN, D=D, BD=BD, SPLIT=split, PREC=prec, **pool_flags, KV_DIV=KV_DIV, WINDOW=window,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        NF_SUM=cfg["NF_CHECK"] == "sum", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split:
         _merge_kernel[(T, P, B)](
             po, pl, out, lse, T, n_splits, *out.stride(), *lse.stride(),

@@ -195,10 +195,15 @@ def test_gather(backend, case, value, eager_flex):
     _assert_rule(_gather(backend, idx), _by_ids(idx), case, value, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("check", ["sum", "tile"])
 @pytest.mark.parametrize("case, value", SLOW_CASES)
-def test_gather_triton(case, value):
+def test_gather_triton(case, value, check):
+    """Both ways the forward spots a non-finite score (GATHER_CONFIG's NF_CHECK)."""
+    from sparsezoo.kernels.gather_attention_triton import gather_attention_triton
+
     idx = _ids()
-    _assert_rule(_gather("triton", idx), _by_ids(idx), case, value, dtype=torch.float32)
+    run = lambda q, k, v: gather_attention_triton(q, k, v, idx, 0.25, config={"NF_CHECK": check})
+    _assert_rule(run, _by_ids(idx), case, value, dtype=torch.float32)
 
 
 def test_gather_triton_split_and_two_pools():
