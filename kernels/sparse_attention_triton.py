@@ -496,8 +496,8 @@ def _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS,
             kmask = keys < S
             ok, kb = _key_rows(kbad, keys, kmask, CHECKED)
             kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D)
-            vis = _visible(member, row_ok, pos, keys, kmask)
             s = tl.dot(q, tl.trans(kt)) * qk_scale
+            vis = _visible(member, row_ok, pos, keys, kmask)  # after the dot: a [BM, BN] mask live across it spills
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

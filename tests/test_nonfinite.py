@@ -27,6 +27,8 @@ NAN, INF = float("nan"), float("inf")
 VALUES = [NAN, INF, -INF]
 B, HQ, HKV, T, S, D = 1, 4, 2, 24, 40, 16
 BLOCK, WINDOW = 8, 6
+# the block-sparse attention's selections: the GPU's tensor-core tiles need blocks of >= 16 keys
+ATTN_BLOCK, ATTN_TOPK = (16, 2) if DEV.type == "cuda" else (BLOCK, 3)
 CMP_LEN, CMP_STRIDE = 8, 4
 SC = (S - CMP_LEN) // CMP_STRIDE + 1  # compressed entries
 POS = torch.arange(S - T, S)  # query positions
@@ -74,7 +76,9 @@ def _assert_rule(run, attends, case, value, n_keys=S, dtype=torch.float64, rows=
     bad = _bad_rows(attends, bq.cpu(), bk.cpu(), bv.cpu())[:, :, rows]
     assert bad.any() and (~bad).any(), "the case must split the rows"
     assert torch.isnan(out[bad]).all(), "a row that attends to a non-finite value must be NaN"
-    assert torch.equal(out[~bad], clean[~bad]), "a row that does not must be unchanged"
+    # on a GPU a redone (checked) tile may round its unaffected rows differently in the last bits
+    tol = dict(rtol=1e-6, atol=1e-6) if DEV.type == "cuda" else dict(rtol=0, atol=0)
+    torch.testing.assert_close(out[~bad], clean[~bad], **tol, msg="a row that does not must be unchanged")
 
 
 # ---- which keys each row attends to ------------------------------------------------------------
@@ -97,12 +101,12 @@ def _selection(per_head=False):
     g = torch.Generator().manual_seed(1)
     heads = HQ if per_head else HKV
     q_idx, k_idx = torch.randn(B, heads, T, 8, generator=g), torch.randn(B, S, 8, generator=g)
-    return ops.msa_select(q_idx, k_idx, block_size=BLOCK, topk=3, backend="reference").to(DEV)
+    return ops.msa_select(q_idx, k_idx, block_size=ATTN_BLOCK, topk=ATTN_TOPK, backend="reference").to(DEV)
 
 
 def _selected(sel):
     sel = sel.cpu()
-    blocks = torch.arange(S) // BLOCK
+    blocks = torch.arange(S) // ATTN_BLOCK
     hit = (sel.long()[..., None] == blocks).any(-2) & (torch.arange(S)[None, :] <= POS[:, None])
     return hit.repeat_interleave(HQ // sel.shape[1], dim=1)
 
@@ -141,7 +145,7 @@ def _compressed_op(backend):
 
 
 def _block_sparse(backend, sel):
-    return lambda q, k, v: ops.block_sparse_attention(q, k, v, sel, block_size=BLOCK, backend=backend)
+    return lambda q, k, v: ops.block_sparse_attention(q, k, v, sel, block_size=ATTN_BLOCK, backend=backend)
 
 
 def _gather(backend, idx):
@@ -183,7 +187,7 @@ def test_block_sparse_triton_large_tiles(case, value):
     from sparsezoo.kernels.sparse_attention_triton import block_sparse_attention_triton
 
     sel = _selection(per_head=True)
-    run = lambda q, k, v: block_sparse_attention_triton(q, k, v, sel, BLOCK, 0.25, config={"TM": 32})
+    run = lambda q, k, v: block_sparse_attention_triton(q, k, v, sel, ATTN_BLOCK, 0.25, config={"TM": 32})
     _assert_rule(run, _selected(sel), case, value, dtype=torch.float32)
 
 
@@ -252,7 +256,7 @@ def _grad_ops(backend):
     return {
         "dense": (lambda q, k, v: ops.dense_attention(q, k, v, backend=backend, return_lse=lse), _causal),
         "window": (_window_op(backend), _window),
-        "block_sparse": (lambda q, k, v: ops.block_sparse_attention(q, k, v, _selection(), block_size=BLOCK,
+        "block_sparse": (lambda q, k, v: ops.block_sparse_attention(q, k, v, _selection(), block_size=ATTN_BLOCK,
                                                                     backend=backend, return_lse=True),
                          lambda: _selected(_selection())),
         "gather": (lambda q, k, v: ops.gather_attention(q, k, v, _ids(), scale=0.25, backend=backend,
@@ -309,7 +313,7 @@ def test_block_sparse_triton_gradients_match_the_reference(case, per_head):
     upstream = _upstream(bad, poisoned=True)
 
     def run(backend, dtype):
-        f = lambda q, k, v: ops.block_sparse_attention(q, k, v, sel, block_size=BLOCK, backend=backend,
+        f = lambda q, k, v: ops.block_sparse_attention(q, k, v, sel, block_size=ATTN_BLOCK, backend=backend,
                                                        return_lse=True)
         return _grads(f, [x.to(dtype) for x in (q, k, v)], [u.to(dtype if u.dim() == 4 else torch.float32)
                                                              for u in upstream])
