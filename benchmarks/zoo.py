@@ -606,8 +606,9 @@ def tune(T: int, parts: list[str]) -> None:
     for name in ("dsa", "csa") if "indexer" in parts else ():
         var = Variant(name, CONFIGS[name]["published"], 1, T, T, False)
         e, c = var.extra, var.cfg
-        for cfg in ({}, dict(TM=128, BN=128), dict(TM=64, BN=128), dict(TM=128, BN=64), dict(TM=128, BN=128, num_warps=8),
-                    dict(topk_mode="torch")):
+        for cfg in ({}, dict(TM=64, BN=128), dict(TM=128, BN=64), dict(topk_mode="torch"), dict(select_bins=32),
+                    dict(select_bins=128), dict(select_warps=4), dict(select_warps=16), dict(select_block=2048),
+                    dict(select_block=4096, select_warps=16), dict(select_cap=2048), dict(select_cap=8192)):
             try:
                 ms = bench(lambda: indexer_triton.indexer_topk_triton(e["q_i"], e["w"], e["k_i"], e["key_end"], T,
                                                                       c["topk"], 1 / math.sqrt(c["Di"]), config=cfg))

@@ -61,16 +61,18 @@ def step(model: GPT, call, idx, train: bool):
     return logits, total, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_compiled_matches_eager(model: GPT, compiled, train: bool, T: int = 64):
+def assert_compiled_matches_eager(model: GPT, compiled, train: bool, T: int = 64, device: str = "cpu",
+                                  tol: dict | None = None):
     model.train(train)
-    idx = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(T))
+    tol = tol or TOL
+    idx = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(T)).to(device)
     logits, total, grads = step(model, compiled, idx, train)
     ref_logits, ref_total, ref_grads = step(model, model, idx, train)
-    torch.testing.assert_close(logits, ref_logits, **TOL)
-    torch.testing.assert_close(total, ref_total, **TOL)
+    torch.testing.assert_close(logits, ref_logits, **tol)
+    torch.testing.assert_close(total, ref_total, **tol)
     assert grads.keys() == ref_grads.keys()
     for name, g in ref_grads.items():
-        torch.testing.assert_close(grads[name], g, **TOL, msg=name)
+        torch.testing.assert_close(grads[name], g, **tol, msg=name)
 
 
 def graph_ops(seen: set[str]):
