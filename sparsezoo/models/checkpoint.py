@@ -11,7 +11,8 @@ the index-branch weights come back as `missing` (new), never silently ignored.
 A save is one unit: the files go into a fresh temporary folder beside the checkpoint, are fsynced, and
 the folder is swapped in by renames (old -> backup, new -> checkpoint, backup removed). A reader sees
 the old checkpoint or the new one, never a mix; an interrupted save leaves the old one loadable. Each
-part records the save's id and step, and resuming checks that they agree.
+part records the save's id and step, and resuming checks that they agree. A sharded (FSDP) run gathers
+its full state on rank 0 and writes this same format (`save_checkpoint_state`, sparsezoo/models/fsdp.py).
 """
 
 from __future__ import annotations
@@ -76,7 +77,11 @@ class LoadReport:
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    _save_tensors(unwrap(model).state_dict(), path, metadata)
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(state, str(path), metadata={"format": "pt", **(metadata or {})})
 
 
@@ -91,7 +96,15 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = False) -> Lo
 
 def _load_state(model: nn.Module, saved: dict[str, torch.Tensor], path: str | Path, strict: bool) -> LoadReport:
     model = unwrap(model)
-    own = model.state_dict()
+    matched, report = match_state(model.state_dict(), saved, path, strict)
+    model.load_state_dict(matched, strict=False)
+    return report
+
+
+def match_state(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], path: str | Path,
+                strict: bool) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The saved tensors that fit `own` (a model's state dict) by name and shape, and the report on the
+    rest; raises as `load_weights` does. Loads nothing (a sharded model loads its own way)."""
     report = LoadReport()
     matched, wrong_kind = {}, []
     for name, tensor in saved.items():
@@ -111,8 +124,7 @@ def _load_state(model: nn.Module, saved: dict[str, torch.Tensor], path: str | Pa
     report.missing = [n for n in own if n not in saved]
     if strict and not report.exact:
         raise ValueError(f"checkpoint {path} does not match the model exactly:\n{report}")
-    model.load_state_dict(matched, strict=False)
-    return report
+    return matched, report
 
 
 def save_checkpoint(folder: str | Path, model: nn.Module, run_config: dict[str, Any],
@@ -121,6 +133,17 @@ def save_checkpoint(folder: str | Path, model: nn.Module, run_config: dict[str, 
 
     `folder` is replaced as a whole, so it may hold only checkpoint files (anything else raises).
     """
+    return save_checkpoint_state(folder, unwrap(model).state_dict(), run_config,
+                                 None if optimizer is None else optimizer.state_dict(), train_state)
+
+
+def save_checkpoint_state(folder: str | Path, weights: dict[str, torch.Tensor], run_config: dict[str, Any],
+                          optimizer_state: dict[str, Any] | None = None,
+                          train_state: dict[str, Any] | None = None) -> Path:
+    """`save_checkpoint` from state dicts already in hand: `weights` as `model.state_dict()` gives them,
+    `optimizer_state` as `optimizer.state_dict()` does (parameters numbered in the optimizer's order).
+    A sharded (FSDP) run gathers both on one rank and saves through here, so its checkpoint is the
+    same as a single process's."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _restore_backup(folder)
@@ -131,10 +154,10 @@ def save_checkpoint(folder: str | Path, model: nn.Module, run_config: dict[str, 
     tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex}")
     tmp.mkdir()
     try:
-        save_weights(model, tmp / WEIGHTS, stamp)
+        _save_tensors(weights, tmp / WEIGHTS, stamp)
         (tmp / CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
-        if optimizer is not None:
-            tensors, rest = _split_optimizer_state(optimizer.state_dict())
+        if optimizer_state is not None:
+            tensors, rest = _split_optimizer_state(optimizer_state)
             save_file(tensors, str(tmp / OPTIM_TENSORS), metadata=stamp)
             (tmp / TRAIN_STATE).write_text(json.dumps({**(train_state or {}), "optimizer": rest, STAMP: stamp}))
         for part in tmp.iterdir():
@@ -189,14 +212,23 @@ def load_train_state(folder: str | Path, optimizer: torch.optim.Optimizer | None
 
 def load_resume_state(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Resume: weights (strict), optimizer and train state, checked to come from one save."""
+    weights, optimizer_state, state = read_resume_state(folder)
+    _load_state(model, weights, Path(folder) / WEIGHTS, strict=True)
+    if optimizer is not None:
+        # load_state_dict moves each tensor where its parameter lives (and keeps `step` where it belongs)
+        optimizer.load_state_dict(optimizer_state)
+    return state
+
+
+def read_resume_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(weights, optimizer state dict, train state) of a resumable checkpoint, checked to come from one
+    save; loads nothing. The optimizer state dict numbers parameters as `optimizer.state_dict()` does."""
     if not (_readable(folder) / TRAIN_STATE).is_file():
         raise FileNotFoundError(f"no resumable checkpoint in {folder} (no {TRAIN_STATE})")
     (weights, w_meta), state, (tensors, o_meta) = _read_as_one(folder, lambda d: (
         _read_safetensors(d / WEIGHTS), _read_train_state(d), _read_safetensors(d / OPTIM_TENSORS)))
     _check_one_save(folder, {"weights": w_meta, "optimizer": o_meta, "train state": state.pop(STAMP, None)})
-    _load_state(model, weights, Path(folder) / WEIGHTS, strict=True)
-    _restore_optimizer(optimizer, tensors, state.pop("optimizer"))
-    return state
+    return weights, _join_optimizer_state(tensors, state.pop("optimizer")), state
 
 
 def _read_train_state(folder: Path) -> dict[str, Any]:

@@ -2,12 +2,15 @@
 
     python examples/train.py --config configs/gpt_tiny.yaml --set model.attention=msa
     torchrun --nproc_per_node 2 examples/train.py --config configs/gpt_small.yaml   # DDP (gloo on CPU)
+    torchrun --nproc_per_node 2 examples/train.py --config configs/gpt_small.yaml --set train.parallel=fsdp
 
 A run config has three sections: `model` (GPTConfig), `data` (DataConfig) and `train` (TrainConfig).
 MSA/DSA layers (anything with `set_routing`) run dense routing for their `warmup_steps` while the
 index branch learns from its KL, then switch to sparse routing. The LM loss and the index loss
 (`sparsezoo.aux_loss`) are logged separately. Output folder: checkpoint/ (safetensors + config.yaml,
-resumable with --resume), metrics.jsonl, loss.png.
+resumable with --resume), metrics.jsonl, loss.png. Under torchrun, `train.parallel` picks DDP (every rank
+holds the whole model) or FSDP2 (`fully_shard` per block, see sparsezoo/models/fsdp.py); both write
+the same checkpoint format, so either resumes the other's run.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import sparsezoo
 from sparsezoo.config import CheckedConfig, ConfigError, from_known_fields, read_yaml
 
 from . import checkpoint as ckpt
+from . import fsdp
 from .data import Data, DataConfig, score
 from .gpt import GPT, GPTConfig
 
@@ -56,11 +60,14 @@ class TrainConfig(CheckedConfig):
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     progress: bool = True
+    parallel: str = "ddp"  # with several processes: ddp (replicated model) | fsdp (FSDP2, sharded per block)
+    fsdp_param_dtype: str = "auto"  # FSDP compute params: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     find_unused_parameters: bool = False  # for DDP with variants that leave parameters unused
     time_limit_s: float | None = None  # stop early (and say so in the summary) after this many seconds
 
     LABEL: ClassVar[str] = "train"
-    CHOICES: ClassVar[dict[str, tuple]] = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "bf16", "fp32")}
+    CHOICES: ClassVar[dict[str, tuple]] = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "bf16", "fp32"),
+                                           "parallel": ("ddp", "fsdp"), "fsdp_param_dtype": ("auto", "bf16", "fp32")}
     POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "eval_batches", "log_every", "time_limit_s")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("steps", "lr", "min_lr_ratio", "lr_warmup", "weight_decay",
                                                "grad_clip", "eval_every")
@@ -247,9 +254,11 @@ def train(run: dict[str, Any], resume: bool = False) -> dict[str, Any]:
         return summary
     finally:
         if d.world > 1 and not joined and dist.is_initialized():
-            if finished:
-                dist.barrier()
-            dist.destroy_process_group()
+            try:
+                if finished:
+                    dist.barrier()
+            finally:  # even when the barrier fails (a rank died)
+                dist.destroy_process_group()
 
 
 def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig,
@@ -262,33 +271,46 @@ def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: Da
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = GPT(model_cfg).to(d.device)
     data = Data(data_cfg, model_cfg.vocab_size, seed=cfg.seed)
-    optimizer = make_optimizer(model, cfg, fused=d.device.type == "cuda")
     start, history, evals = 0, [], []
     if cfg.init_from and not resume:
         report = ckpt.load_weights(model, Path(cfg.init_from) / ckpt.WEIGHTS)
         _say(d, f"init_from {cfg.init_from}:\n{report}")
+    parallel = _parallel_mode(cfg, d)
+    if parallel == "fsdp":
+        fsdp.shard_model(model, d.device.type, d.world, _fsdp_param_dtype(cfg, d.device))
+    optimizer = make_optimizer(model, cfg, fused=d.device.type == "cuda")  # after sharding (DTensor parameters)
     if resume:
-        state = ckpt.load_resume_state(ckpt_dir, model, optimizer)
+        state = _load_resume_state(ckpt_dir, model, optimizer, parallel)
         start, history, evals = state["step"], state["history"], state["evals"]
         _say(d, f"resumed from {ckpt_dir} at step {start}")
-    _say(d, model.describe() + f"\ntasks: {sorted(data.weights)}; world size {d.world}; device {d.device}")
+    _say(d, model.describe() + f"\ntasks: {sorted(data.weights)}; world size {d.world} (parallel: {parallel}); "
+                               f"device {d.device}")
 
-    wrapped = model
-    if d.world > 1:
+    wrapped = model  # FSDP2 shards `model` in place: calling it gathers each block's parameters in turn
+    if parallel == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
             find_unused_parameters=cfg.find_unused_parameters)
 
     def save(step: int) -> None:
-        if d.main:
-            ckpt.save_checkpoint(ckpt_dir, model, run, optimizer,
-                                 {"step": step, "history": history, "evals": evals})
+        train_state = {"step": step, "history": history, "evals": evals}
+        if parallel == "fsdp":  # every rank sends its shards; rank 0 gets the full state and writes it
+            weights, optimizer_state = fsdp.gather_full_state(model, optimizer)
+
+        def write() -> None:
+            if parallel == "fsdp":
+                ckpt.save_checkpoint_state(ckpt_dir, weights, run, optimizer_state, train_state)
+            else:
+                ckpt.save_checkpoint(ckpt_dir, model, run, optimizer, train_state)
             plot_history(history, evals, out / "loss.png", model.max_warmup_steps())
 
+        _on_rank0(d, write, f"save {ckpt_dir}")
+
     def run_eval(step: int) -> None:
-        if d.main:
+        if d.main or parallel == "fsdp":  # a sharded forward needs every rank
             phase = model.apply_routing_schedule(step)  # evaluate with the routing the next step uses
             res = evaluate(model, data, cfg.eval_batches, cfg.batch_size, cfg.eval_lengths, d.device, cfg.dtype)
+        if d.main:
             evals.append({"step": step, "phase": phase, **res})
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(evals[-1]) + "\n")
@@ -358,11 +380,58 @@ def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: Da
         save(start)
     summary = {"history": history, "evals": evals, "out_dir": str(out), "checkpoint": str(ckpt_dir),
                "steps_done": stopped_at if stopped_at is not None else max(start, cfg.steps),
-               "implementations": sparsezoo.ops.implementations_used(), "world": d.world}
-    if d.world > 1:
+               "implementations": sparsezoo.ops.implementations_used(), "world": d.world, "parallel": parallel}
+    if parallel == "ddp":
         summary["rank_max_param_diff"] = _rank_param_diff(model, d)
         _say(d, f"DDP: max parameter difference between ranks {summary['rank_max_param_diff']:.2e}")
+    if parallel == "fsdp":
+        summary["local_param_elements"], summary["param_elements"] = fsdp.local_and_total_elements(model)
+        _say(d, f"FSDP: rank 0 holds {summary['local_param_elements']:,} of {summary['param_elements']:,} "
+                f"parameter elements")
     return summary
+
+
+def _parallel_mode(cfg: TrainConfig, d: Dist) -> str:
+    """'none' in a single process, else train.parallel ('ddp' or 'fsdp')."""
+    if d.world == 1:
+        if cfg.parallel == "fsdp":
+            _say(d, "train.parallel = 'fsdp' in a single process: nothing to shard, the model trains unsharded")
+        return "none"
+    return cfg.parallel
+
+
+def _fsdp_param_dtype(cfg: TrainConfig, device: torch.device) -> str:
+    """train.fsdp_param_dtype; 'auto' follows the autocast choice (bf16 on CUDA, fp32 on the CPU)."""
+    if cfg.fsdp_param_dtype != "auto":
+        return cfg.fsdp_param_dtype
+    return "bf16" if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else "fp32"
+
+
+def _load_resume_state(folder: Path, model: GPT, optimizer: torch.optim.Optimizer, parallel: str) -> dict[str, Any]:
+    if parallel != "fsdp":
+        return ckpt.load_resume_state(folder, model, optimizer)
+    # every rank reads the (single-file, full) checkpoint and keeps its own shard
+    weights, optimizer_state, state = ckpt.read_resume_state(folder)
+    ckpt.match_state(model.state_dict(), weights, folder / ckpt.WEIGHTS, strict=True)
+    fsdp.load_full_state(model, optimizer, weights, optimizer_state)
+    return state
+
+
+def _on_rank0(d: Dist, work, what: str) -> None:
+    """Run `work` on rank 0; when it fails, every rank raises (no rank waits in a collective for rank 0)."""
+    error = None
+    if d.main:
+        try:
+            work()
+        except Exception as e:  # re-raised below, after the other ranks know
+            error = e
+    if d.world > 1:
+        failed = torch.tensor([float(error is not None)], device=d.device)
+        dist.all_reduce(failed)
+        if error is None and failed.item() > 0:
+            error = RuntimeError(f"rank 0 could not {what}; see rank 0's error")
+    if error is not None:
+        raise error
 
 
 def _rank_param_diff(model: GPT, d: Dist) -> float:
