@@ -40,10 +40,16 @@ def supports(req) -> str | None:
         return MISSING
     if req.get("head_dim", 0) > MAX_HEAD_DIM:
         return f"fla's kernels support head_dim <= {MAX_HEAD_DIM}, got {req['head_dim']}"
-    if req.device == "cpu" and interpreting() and req.get("T") is not None and \
-            not uses_recurrent_kernel(req["T"], req.needs_grad):
-        return (f"fla's chunk kernels do not run under the Triton interpreter; only no-grad calls of at most "
-                f"{RECURRENT_MAX_T} tokens (its recurrent kernels) do")
+    if (
+        req.device == "cpu"
+        and interpreting()
+        and req.get("T") is not None
+        and not uses_recurrent_kernel(req["T"], req.needs_grad)
+    ):
+        return (
+            f"fla's chunk kernels do not run under the Triton interpreter; only no-grad calls of at most "
+            f"{RECURRENT_MAX_T} tokens (its recurrent kernels) do"
+        )
     return None
 
 
@@ -56,8 +62,10 @@ def load() -> SimpleNamespace:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
         from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
-        _kernels = SimpleNamespace(chunk_simple_gla=chunk_simple_gla,
-                                   fused_recurrent_simple_gla=fused_recurrent_simple_gla,
-                                   chunk_gated_delta_rule=chunk_gated_delta_rule,
-                                   fused_recurrent_gated_delta_rule=fused_recurrent_gated_delta_rule)
+        _kernels = SimpleNamespace(
+            chunk_simple_gla=chunk_simple_gla,
+            fused_recurrent_simple_gla=fused_recurrent_simple_gla,
+            chunk_gated_delta_rule=chunk_gated_delta_rule,
+            fused_recurrent_gated_delta_rule=fused_recurrent_gated_delta_rule,
+        )
     return _kernels

@@ -28,16 +28,21 @@ class LinearAttentionLayer(AttentionLayer):
 
     def __init__(self, config):
         if config.backend != "reference" and not fla_kernels.FLA_INSTALLED:
-            raise ImportError(f"the {config.variant!r} variant runs fla-core's kernels: {fla_kernels.INSTALL_HINT} "
-                              f"(or set backend: reference for the plain-PyTorch path only)")
+            raise ImportError(
+                f"the {config.variant!r} variant runs fla-core's kernels: {fla_kernels.INSTALL_HINT} "
+                f"(or set backend: reference for the plain-PyTorch path only)"
+            )
         super().__init__(config)
         if config.backend != "reference" and torch.cuda.is_available():
             fla_kernels.load()  # now, so that no call imports it (torch.compile cannot trace an import)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.config.d_model:
-            raise ValueError(f"{self.variant_name}: x must be [B, T, d_model={self.config.d_model}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"{self.variant_name}: x must be [B, T, d_model={self.config.d_model}], got {tuple(x.shape)}"
+            )
         B, T, _ = x.shape
         if T == 0:
             raise ValueError(f"{self.variant_name}: x must hold at least one token (T >= 1), got {tuple(x.shape)}")
@@ -69,13 +74,17 @@ class LinearAttentionLayer(AttentionLayer):
     def check_cache(self, cache: LayerCache, B: int, T: int) -> None:
         """The LayerCache checks (batch size, length), made before anything changes."""
         if not isinstance(cache, LayerCache):
-            raise TypeError(f"{self.variant_name} keeps a recurrent state in a sparsezoo.LayerCache (layer.make_cache); "
-                            f"got {type(cache).__name__}")
+            raise TypeError(
+                f"{self.variant_name} keeps a recurrent state in a sparsezoo.LayerCache (layer.make_cache); "
+                f"got {type(cache).__name__}"
+            )
         if B > cache.max_batch_size:
             raise ValueError(f"batch {B} exceeds the cache's max_batch_size {cache.max_batch_size}")
         if cache.batch is not None and cache.batch != B:
-            raise ValueError(f"this cache holds a batch of {cache.batch}, got {B}; reset() it to start a new "
-                             f"sequence with another batch size")
+            raise ValueError(
+                f"this cache holds a batch of {cache.batch}, got {B}; reset() it to start a new "
+                f"sequence with another batch size"
+            )
         if cache.pos + T > cache.max_seq_len:
             raise ValueError(f"cache overflow: {cache.pos} + {T} tokens > max_seq_len {cache.max_seq_len}")
         cache.batch = B

@@ -60,8 +60,9 @@ class GatedDeltaNet(LinearAttentionLayer):
         self.b_proj = nn.Linear(c.d_model, c.n_heads, bias=False)  # beta
         self.a_proj = nn.Linear(c.d_model, c.n_heads, bias=False)  # decay input
         self.conv_channels = 2 * qk_dim + v_dim
-        self.conv = nn.Conv1d(self.conv_channels, self.conv_channels, c.conv_size, groups=self.conv_channels,
-                              bias=False)
+        self.conv = nn.Conv1d(
+            self.conv_channels, self.conv_channels, c.conv_size, groups=self.conv_channels, bias=False
+        )
         self.A_log = nn.Parameter(torch.empty(c.n_heads).uniform_(1e-2, 16).log())
         dt = torch.exp(torch.empty(c.n_heads).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
@@ -74,13 +75,13 @@ class GatedDeltaNet(LinearAttentionLayer):
         if past is None:
             past = qkv.new_zeros(B, self.conv_channels, self.config.conv_size - 1)
         qkv = torch.cat([past.to(qkv.dtype), qkv], dim=-1)
-        self.keep(cache, "conv_state", qkv[:, :, qkv.shape[-1] - (self.config.conv_size - 1):])
+        self.keep(cache, "conv_state", qkv[:, :, qkv.shape[-1] - (self.config.conv_size - 1) :])
         qkv = F.silu(self.conv(qkv)).transpose(1, 2)  # [B, T, C]
         qk_dim = self.n_kv_heads * self.head_dim
         heads = lambda t, h: t.reshape(B, T, h, self.head_dim).transpose(1, 2)
         q = l2_normalize(heads(qkv[..., :qk_dim], self.n_kv_heads))
-        k = l2_normalize(heads(qkv[..., qk_dim:2 * qk_dim], self.n_kv_heads))
-        return q, k, heads(qkv[..., 2 * qk_dim:], self.n_heads)
+        k = l2_normalize(heads(qkv[..., qk_dim : 2 * qk_dim], self.n_kv_heads))
+        return q, k, heads(qkv[..., 2 * qk_dim :], self.n_heads)
 
     def attend(self, x, q, k, v, positions, cache):
         precise = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -89,10 +90,17 @@ class GatedDeltaNet(LinearAttentionLayer):
         # gradient on a transposed input, and the traced backward then fails to view it
         a = (self.a_proj(x).to(precise) + self.dt_bias.to(precise)).transpose(1, 2).contiguous()
         g = -self.A_log.to(precise).exp()[:, None] * F.softplus(a)
-        out, state = ops.gated_delta_rule(q, k, v, g, beta, scale=self.head_dim ** -0.5,
-                                          initial_state=self.state(cache, "linear_state"),
-                                          output_final_state=cache is not None,
-                                          backend=self.config.backend_for("gated_delta_rule"))
+        out, state = ops.gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=self.head_dim**-0.5,
+            initial_state=self.state(cache, "linear_state"),
+            output_final_state=cache is not None,
+            backend=self.config.backend_for("gated_delta_rule"),
+        )
         self.keep(cache, "linear_state", state)
         return out
 

@@ -45,8 +45,9 @@ class LightningConfig(AttentionConfig):
         return {"head_dim": self.head_dim}
 
 
-def lightning_log_decay(n_heads: int, layer_index: int, n_layers: int, device=None,
-                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def lightning_log_decay(
+    n_heads: int, layer_index: int, n_layers: int, device=None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Per-head log decay -s_h [H] of MiniMax-01's lightning layers."""
     rates = 2.0 ** (-8.0 * torch.arange(1, n_heads + 1, device=device, dtype=dtype) / n_heads)
     return -rates * (1 - layer_index / (n_layers - 1 + 1e-5) + 1e-5)
@@ -77,10 +78,16 @@ class LightningAttention(LinearAttentionLayer):
         return q, k, v
 
     def attend(self, x, q, k, v, positions, cache):
-        out, state = ops.lightning_attention(q, k, v, self.log_decay(q), scale=1.0,
-                                             initial_state=self.state(cache, "linear_state"),
-                                             output_final_state=cache is not None,
-                                             backend=self.config.backend_for("lightning_attention"))
+        out, state = ops.lightning_attention(
+            q,
+            k,
+            v,
+            self.log_decay(q),
+            scale=1.0,
+            initial_state=self.state(cache, "linear_state"),
+            output_final_state=cache is not None,
+            backend=self.config.backend_for("lightning_attention"),
+        )
         self.keep(cache, "linear_state", state)
         return out
 

@@ -13,9 +13,18 @@ from ..lightning_attention.api import check_state
 OP = Op("gated_delta_rule", __package__, ("triton", "reference"))
 
 
-def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *,
-                     scale: float | None = None, initial_state: torch.Tensor | None = None,
-                     output_final_state: bool = False, backend: str = "auto"):
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+):
     """The gated delta rule over the T new tokens of a sequence (state S: [K, V] per value head):
 
         S_t = exp(g_t) S_{t-1}       S_t = S_t + beta_t k_t (v_t - S_t^T k_t)^T       o_t = scale * S_t^T q_t
@@ -35,8 +44,10 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     B, Hk, T, K = q.shape
     H = v.shape[1]
     if k.shape != q.shape or v.shape[0] != B or v.shape[2] != T:
-        raise ValueError(f"k must be q's shape [B, Hk, T, K] = {tuple(q.shape)} and v [B, H, T, V], got "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"k must be q's shape [B, Hk, T, K] = {tuple(q.shape)} and v [B, H, T, V], got "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if H % Hk:
         raise ValueError(f"v's heads ({H}) must be a multiple of q/k's heads ({Hk})")
     if T < 1:

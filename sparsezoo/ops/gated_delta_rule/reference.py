@@ -34,9 +34,9 @@ def gated_delta_rule_reference(q, k, v, g, beta, scale: float, initial_state=Non
     outs = []
     for t0 in range(0, T, CHUNK):
         L = min(CHUNK, T - t0)
-        qc, kc, vc = q[:, :, t0:t0 + L], k[:, :, t0:t0 + L], v[:, :, t0:t0 + L]
-        b = g[:, :, t0:t0 + L].cumsum(-1)
-        bc = beta[:, :, t0:t0 + L, None]
+        qc, kc, vc = q[:, :, t0 : t0 + L], k[:, :, t0 : t0 + L], v[:, :, t0 : t0 + L]
+        b = g[:, :, t0 : t0 + L].cumsum(-1)
+        bc = beta[:, :, t0 : t0 + L, None]
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         decay = torch.exp(torch.where(causal, b[..., :, None] - b[..., None, :], float("-inf")))
         A = torch.where(causal.tril(-1), (bc * kc) @ kc.transpose(-1, -2) * decay, 0.0)

@@ -15,10 +15,21 @@ def supports(req) -> str | None:
 def run(q, k, v, g, beta, scale: float, initial_state=None, output_final_state: bool = False):
     fla = fla_kernels.load()
     grad = needs_grad(q, k, v, g, beta, initial_state)
-    kernel = fla.fused_recurrent_gated_delta_rule if fla_kernels.uses_recurrent_kernel(q.shape[2], grad) \
+    kernel = (
+        fla.fused_recurrent_gated_delta_rule
+        if fla_kernels.uses_recurrent_kernel(q.shape[2], grad)
         else fla.chunk_gated_delta_rule
+    )
     seq = lambda t: t.transpose(1, 2).contiguous()  # fla's layout: [B, T, H, ...]
     state = None if initial_state is None else initial_state.float()
-    out, final = kernel(seq(q), seq(k), seq(v), g=seq(g.float()), beta=seq(beta.to(q.dtype)), scale=scale,
-                        initial_state=state, output_final_state=output_final_state)
+    out, final = kernel(
+        seq(q),
+        seq(k),
+        seq(v),
+        g=seq(g.float()),
+        beta=seq(beta.to(q.dtype)),
+        scale=scale,
+        initial_state=state,
+        output_final_state=output_final_state,
+    )
     return out.transpose(1, 2), final

@@ -12,9 +12,17 @@ from ..dispatch import Op, Request, needs_grad
 OP = Op("lightning_attention", __package__, ("triton", "reference"))
 
 
-def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, *,
-                        scale: float | None = None, initial_state: torch.Tensor | None = None,
-                        output_final_state: bool = False, backend: str = "auto"):
+def lightning_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+):
     """Causal linear attention with a fixed decay per head, over the T new tokens of a sequence:
 
         S_t = exp(log_decay[h]) * S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
@@ -32,8 +40,10 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     checks.check_same("q", q, "v", v)
     B, H, T, K = q.shape
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"k must be q's shape [B, H, T, K] = {tuple(q.shape)} and v [B, H, T, V], got "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"k must be q's shape [B, H, T, K] = {tuple(q.shape)} and v [B, H, T, V], got "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if T < 1:
         raise ValueError("q must hold at least one token (T >= 1)")
     checks.check_rank("log_decay", log_decay, 1, "[H]")

@@ -20,7 +20,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lightning_attention_reference(q, k, v, log_decay, scale: float, initial_state=None, output_final_state: bool = False):
+def lightning_attention_reference(
+    q, k, v, log_decay, scale: float, initial_state=None, output_final_state: bool = False
+):
     B, H, T, K = q.shape
     dtype, ct = q.dtype, compute_dtype(q.dtype)
     q, k, v = q.to(ct) * scale, k.to(ct), v.to(ct)
@@ -29,7 +31,7 @@ def lightning_attention_reference(q, k, v, log_decay, scale: float, initial_stat
     outs = []
     for t0 in range(0, T, CHUNK):
         L = min(CHUNK, T - t0)
-        qc, kc, vc = q[:, :, t0:t0 + L], k[:, :, t0:t0 + L], v[:, :, t0:t0 + L]
+        qc, kc, vc = q[:, :, t0 : t0 + L], k[:, :, t0 : t0 + L], v[:, :, t0 : t0 + L]
         pos = torch.arange(L, device=q.device, dtype=ct)
         gap = pos[:, None] - pos[None, :]  # i - j
         weight = torch.exp(g[:, None, None] * gap.clamp(min=0))  # [H, L, L]

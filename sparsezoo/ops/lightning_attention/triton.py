@@ -15,10 +15,18 @@ def supports(req) -> str | None:
 def run(q, k, v, log_decay, scale: float, initial_state=None, output_final_state: bool = False):
     fla = fla_kernels.load()
     grad = needs_grad(q, k, v, initial_state)
-    kernel = fla.fused_recurrent_simple_gla if fla_kernels.uses_recurrent_kernel(q.shape[2], grad) \
-        else fla.chunk_simple_gla
+    kernel = (
+        fla.fused_recurrent_simple_gla if fla_kernels.uses_recurrent_kernel(q.shape[2], grad) else fla.chunk_simple_gla
+    )
     seq = lambda t: t.transpose(1, 2).contiguous()  # fla's layout: [B, T, H, D]
     state = None if initial_state is None else initial_state.float()
-    out, final = kernel(seq(q), seq(k), seq(v), g_gamma=log_decay.float(), scale=scale, initial_state=state,
-                        output_final_state=output_final_state)
+    out, final = kernel(
+        seq(q),
+        seq(k),
+        seq(v),
+        g_gamma=log_decay.float(),
+        scale=scale,
+        initial_state=state,
+        output_final_state=output_final_state,
+    )
     return out.transpose(1, 2), final
