@@ -133,7 +133,7 @@ def run(cfg: dict) -> list[dict]:
         torch.manual_seed(cfg["seed"] + 1)
         layer = create_attention(variant_config(name, cfg)).to(device, dtype).eval()
         missing = layer.load_state_dict(shared, strict=False).unexpected_keys \
-            if getattr(layer, "shares_dense_weights", True) else []
+            if getattr(layer, "reuses_dense_projections", True) else []
         if missing:
             raise RuntimeError(f"{name} lacks the shared dense weights {missing}")
         layers[name] = layer

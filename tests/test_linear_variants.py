@@ -466,6 +466,20 @@ def test_without_fla_the_layers_name_the_extra(monkeypatch):
         assert mod(torch.randn(1, 5, 256)).shape == (1, 5, 256)
 
 
+def test_the_transformers_integration_leaves_the_linear_variants_out(monkeypatch):
+    """It reuses a model's q/k/v/o and K/V cache, which these layers do not have; with the `hf` extra
+    alone (no fla-core), listing its attention functions must still work."""
+    pytest.importorskip("transformers")
+    from sparsezoo.integrations.transformers import attention_core
+    from sparsezoo.integrations.transformers.interface import weightless_variants
+
+    monkeypatch.setattr(fla_kernels, "FLA_INSTALLED", False)
+    names = weightless_variants()
+    assert "dense" in names and not set(LINEAR) & set(names)
+    with pytest.raises(ValueError, match="recurrent state"):
+        attention_core(sparsezoo.make_config({"variant": "gdn", "backend": "reference"}))
+
+
 def test_config_checks():
     with pytest.raises(ConfigError, match=r"layer_index \(4\) must be < n_layers \(4\)"):
         sparsezoo.make_config({"variant": "lightning", "layer_index": 4, "n_layers": 4})

@@ -22,9 +22,10 @@ from .base import AttentionLayer
 
 
 class LinearAttentionLayer(AttentionLayer):
-    # the projections differ from softmax attention's (gates, SiLU, own head layout): comparisons against
-    # dense (sparsezoo.compare) do not load the dense layer's weights into these layers
-    shares_dense_weights = False
+    # q/k/v/o are not softmax attention's (SiLU, gates, gdn's head layout): sparsezoo.compare does not load
+    # the dense layer's weights into these layers, and the transformers integration (which reuses a model's
+    # projections and its K/V cache) refuses them
+    reuses_dense_projections = False
 
     def __init__(self, config):
         if config.backend != "reference" and not fla_kernels.FLA_INSTALLED:
