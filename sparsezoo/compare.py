@@ -4,7 +4,10 @@
     sparsezoo-compare --config configs/compare_gpu.yaml # the same job on a GPU
 
 Every variant is built from its configs/<name>.yaml with the comparison's layer dims, and loads the
-dense layer's q/k/v/o weights, so differences come from the attention pattern alone. Reported per
+dense layer's q/k/v/o weights, so differences come from the attention pattern alone. The linear
+variants (lightning, gdn) are other layers altogether (their own projections and gates): they keep
+their own weights, and their error against dense only says how far such a layer is from softmax
+attention; without fla-core installed they are left out of "every variant". Reported per
 variant: relative error against dense, forward time (median), peak extra memory, the fraction of the
 visible KV each query reads, and which implementation ran. Writes a markdown table, JSON, a summary
 plot and one attention-pattern PNG per variant (attn-gym's visualiser).
@@ -27,7 +30,9 @@ from tqdm import tqdm
 
 from . import ops
 from .config import read_yaml
-from .registry import create_attention, list_variants
+from .ops import fla_kernels
+from .registry import create_attention, list_variants, variant_class
+from .variants._linear import LinearAttentionLayer
 
 DEFAULTS = {
     "device": "cpu",
@@ -113,7 +118,7 @@ def kv_fraction(pattern: torch.Tensor) -> float:
 
 def run(cfg: dict) -> list[dict]:
     device, dtype = torch.device(cfg["device"]), getattr(torch, cfg["dtype"])
-    names = cfg["variants"] or list_variants()
+    names = cfg["variants"] or [n for n in list_variants() if runnable(n)]
     unknown = sorted(set(names) - set(list_variants()))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {list_variants()}")
@@ -127,7 +132,8 @@ def run(cfg: dict) -> list[dict]:
     for name in tqdm(names, desc="variants", unit="variant"):
         torch.manual_seed(cfg["seed"] + 1)
         layer = create_attention(variant_config(name, cfg)).to(device, dtype).eval()
-        missing = layer.load_state_dict(shared, strict=False).unexpected_keys
+        missing = layer.load_state_dict(shared, strict=False).unexpected_keys \
+            if getattr(layer, "reuses_dense_projections", True) else []
         if missing:
             raise RuntimeError(f"{name} lacks the shared dense weights {missing}")
         layers[name] = layer
@@ -145,6 +151,14 @@ def run(cfg: dict) -> list[dict]:
     Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
     save_patterns(layers, x[:, :cfg["pattern_len"]], Path(cfg["out"]))
     return rows
+
+
+def runnable(name: str) -> bool:
+    """False (and says so) for a linear variant while fla-core is missing: its layers cannot be built then."""
+    if fla_kernels.FLA_INSTALLED or not issubclass(variant_class(name), LinearAttentionLayer):
+        return True
+    print(f"left out {name}: {fla_kernels.MISSING}")
+    return False
 
 
 def _ops_used(impls: dict) -> str:

@@ -5,12 +5,18 @@ the attention variant per layer:
 
     GPTConfig(layers=["dense", "dense", "msa", "msa"])              # explicit list
     GPTConfig(n_layers=4, attention="msa", dense_layers=2)          # same thing, M3 style
+    GPTConfig(n_layers=8, layer_pattern=["gdn", "gdn", "gdn", "dense"])  # a repeated block: hybrid stacks
     GPTConfig(..., attention_overrides={"block_size": 64, "msa": {"topk": 8}})
 
 `attention_overrides` holds variant config fields. A flat key applies to every layer whose variant
 config has that field (and must be known to at least one of them); a key that names a variant holds
 fields for that variant only. Generation uses one cache per layer (`make_cache`), so each variant
-keeps its own extra decode state (index keys, compressed keys, ...).
+keeps its own extra decode state (index keys, compressed keys, a linear layer's recurrent state, ...).
+
+`layer_pattern` builds the published hybrid stacks: linear-attention layers interleaved with full
+attention, the pattern repeated n_layers / len(pattern) times (Qwen3-Next: 3 Gated DeltaNet layers, then
+one softmax layer; MiniMax-01: 7 lightning layers, then one softmax layer). Variant configs with
+`layer_index` and `n_layers` fields (lightning) get the layer's place in the model.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import sparsezoo
 from sparsezoo.config import AttentionConfig, CheckedConfig, ConfigError, from_known_fields, read_yaml
 
 DENSE = "dense"  # the baseline variant `dense_layers` falls back to
-MODEL_FIELDS = ("variant", "d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta")
+MODEL_FIELDS = ("variant", "d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta", "layer_index", "n_layers")
 
 
 @dataclass
@@ -46,6 +52,7 @@ class GPTConfig(CheckedConfig):
     attention: str = DENSE  # variant of every layer not listed as dense ...
     dense_layers: int = 0  # ... except the first `dense_layers`
     layers: list[str] | None = None  # or name every layer explicitly
+    layer_pattern: list[str] | None = None  # or repeat a block of layers (hybrid stacks)
     attention_overrides: dict[str, Any] = field(default_factory=dict)
 
     LABEL: ClassVar[str] = "model"
@@ -55,6 +62,17 @@ class GPTConfig(CheckedConfig):
 
     def __post_init__(self) -> None:
         self.check_fields()  # what was given ...
+        if self.layer_pattern is not None:
+            self.layer_pattern = list(self.layer_pattern)
+            if self.layers is not None or self.dense_layers:
+                raise ConfigError("layer_pattern names every layer: give it without layers or dense_layers")
+            if not self.layer_pattern:
+                raise ConfigError("layer_pattern must name at least one layer")
+            if self.n_layers is None:
+                self.n_layers = len(self.layer_pattern)
+            if self.n_layers % len(self.layer_pattern):
+                raise ConfigError(f"n_layers ({self.n_layers}) must be a multiple of the layer_pattern's "
+                                  f"length ({len(self.layer_pattern)})")
         if self.layers is not None:
             self.layers = list(self.layers)
             if self.n_layers is None:
@@ -86,8 +104,12 @@ class GPTConfig(CheckedConfig):
         return dataclasses.asdict(self)
 
     def layer_variants(self) -> list[str]:
-        names = self.layers if self.layers is not None else \
-            [DENSE] * self.dense_layers + [self.attention] * (self.n_layers - self.dense_layers)
+        if self.layer_pattern is not None:
+            names = self.layer_pattern * (self.n_layers // len(self.layer_pattern))
+        elif self.layers is not None:
+            names = self.layers
+        else:
+            names = [DENSE] * self.dense_layers + [self.attention] * (self.n_layers - self.dense_layers)
         valid = sparsezoo.list_variants()
         for i, name in enumerate(names):
             if name not in valid:
@@ -111,10 +133,12 @@ class GPTConfig(CheckedConfig):
                 raise ConfigError(f"attention_overrides key {key!r} is a field of none of this model's variants "
                                   f"{sorted(set(variants))}; to configure one variant only, nest it under its name")
         configs = []
-        for name in variants:
+        for index, name in enumerate(variants):
             known = sparsezoo.variant_class(name).config_class.field_names()
             data = {"variant": name, "d_model": self.d_model, "n_heads": self.n_heads,
                     "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim, "rope_theta": self.rope_theta}
+            if "layer_index" in known and "n_layers" in known:  # depth-dependent layers (lightning's decay)
+                data.update(layer_index=index, n_layers=self.n_layers)
             data.update({k: v for k, v in flat.items() if k in known})
             data.update(per_variant.get(name, {}))
             configs.append(sparsezoo.make_config(data))

@@ -8,6 +8,8 @@ Layout, once for the whole library:
   then -1 padding. Hs selection heads: Hkv (shared by the G = Hq / Hkv query heads of a group, as
   MSA and NSA select) or Hq (one per query head, as MoBA selects).
 - Token selections (DSA, CSA) are int [B, Hs, T, K] ids into the keys, Hs in {1, Hkv}, -1 padding.
+- The linear-attention ops (lightning_attention, gated_delta_rule) read no keys of earlier calls: they
+  take the T new tokens and the recurrent state [B, H, K, V] of the tokens before, and return the new one.
 
 Each primitive is a package with an `api` module (validation and dispatch) and its implementations
 beside it (`reference`, `flex`, `triton`, `sdpa`), each stating what it supports in one
@@ -22,9 +24,11 @@ from .block_sparse_attention import block_sparse_attention
 from .compressed_attention import compressed_attention
 from .dense_attention import dense_attention
 from .dispatch import implementations_used, last_implementation, record, track_implementations
+from .gated_delta_rule import gated_delta_rule
 from .gather_attention import gather_attention
 from .index_kl import index_kl, msa_index_kl
 from .indexer_topk import indexer_topk
+from .lightning_attention import lightning_attention
 from .moba_select import moba_select
 from .msa_select import msa_select
 from .nsa_select import nsa_select
@@ -42,11 +46,14 @@ OPS = {
     "moba_select": "moba_select",
     "msa_index_kl": "index_kl",
     "index_kl": "index_kl",
+    "lightning_attention": "lightning_attention",
+    "gated_delta_rule": "gated_delta_rule",
 }
 
 __all__ = [
-    "block_sparse_attention", "checks", "compressed_attention", "dense_attention", "gather_attention",
-    "implementations_used", "index_kl", "indexer_topk", "last_implementation", "moba_select", "msa_index_kl",
+    "block_sparse_attention", "checks", "compressed_attention", "dense_attention", "gated_delta_rule",
+    "gather_attention", "implementations_used", "index_kl", "indexer_topk", "last_implementation",
+    "lightning_attention", "moba_select", "msa_index_kl",
     "msa_select", "nsa_select", "op", "record", "references", "track_implementations", "window_attention",
 ]
 

@@ -30,6 +30,9 @@ def attention_core(config: AttentionConfig, like: torch.Tensor | None = None) ->
     """The variant's module without its q/k/v/o projections (a converted layer reuses the model's), on
     `like`'s device and dtype. Its remaining weights are initialised as the variant initialises them.
     Only its `attend` runs (its `forward`, which projects, cannot)."""
+    if not getattr(sparsezoo.variant_class(config.variant), "reuses_dense_projections", True):
+        raise ValueError(f"{config.variant!r} is a linear-attention layer with its own projections and a recurrent "
+                         f"state: it cannot reuse a model's q/k/v/o and K/V cache, as this integration does")
     core = sparsezoo.create_attention(config)
     for name in MAIN_PROJECTIONS:
         delattr(core, name)

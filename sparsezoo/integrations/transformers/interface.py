@@ -30,7 +30,8 @@ PROBE_DIMS = {"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16}
 def weightless_variants() -> list[str]:
     """Registered variants whose module has no parameters besides the q/k/v/o projections."""
     return [name for name in sparsezoo.list_variants()
-            if not list(attention_core(sparsezoo.make_config({"variant": name, **PROBE_DIMS})).parameters())]
+            if getattr(sparsezoo.variant_class(name), "reuses_dense_projections", True)
+            and not list(attention_core(sparsezoo.make_config({"variant": name, **PROBE_DIMS})).parameters())]
 
 
 def register_attention_functions() -> list[str]:
