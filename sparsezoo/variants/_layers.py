@@ -49,16 +49,18 @@ def half_rope_dims(dim: int) -> int:
 
 
 def check_index_options(c) -> None:
-    """The index RoPE width and low-precision options a DSA or CSA config names."""
+    """The index RoPE width (read only with index_rope) and low-precision options of a DSA or CSA config."""
     name = type(c).__name__
     if c.index_rope_dim is not None and (c.index_rope_dim % 2 or c.index_rope_dim > c.index_dim):
-        raise ConfigError(f"{name}.index_rope_dim must be even and <= index_dim ({c.index_dim}), got {c.index_rope_dim}")
-    if c.index_rope_dim is not None and not c.index_rope:
-        raise ConfigError(f"{name}.index_rope_dim ({c.index_rope_dim}) is set but index_rope is false; drop one")
+        raise ConfigError(
+            f"{name}.index_rope_dim must be even and <= index_dim ({c.index_dim}), got {c.index_rope_dim}"
+        )
     dim = c.index_dim
     if c.index_quant != "none" and dim & (dim - 1):
-        raise ConfigError(f"{name}.index_quant = {c.index_quant!r} rotates by a Hadamard transform, which needs a "
-                          f"power-of-two index_dim, got {dim}")
+        raise ConfigError(
+            f"{name}.index_quant = {c.index_quant!r} rotates by a Hadamard transform, which needs a "
+            f"power-of-two index_dim, got {dim}"
+        )
 
 
 def round_index(x: torch.Tensor, quant: str) -> torch.Tensor:
@@ -74,8 +76,20 @@ class LightningIndexer(nn.Module):
     rope_last, the last (V4). key_norm: LayerNorm on the key (V3.2). quant: "none", or the rounding of
     queries and key through fp8 / fp4 after a Hadamard rotation (the production indexers)."""
 
-    def __init__(self, d_model: int, n_heads: int, dim: int, n_select_heads: int, theta: float, *, rope_dim: int = 0,
-                 rope_last: bool = False, key: bool = True, key_norm: bool = False, quant: str = "none"):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dim: int,
+        n_select_heads: int,
+        theta: float,
+        *,
+        rope_dim: int = 0,
+        rope_last: bool = False,
+        key: bool = True,
+        key_norm: bool = False,
+        quant: str = "none",
+    ):
         super().__init__()
         self.n_heads, self.dim, self.n_select_heads = n_heads, dim, n_select_heads
         self.theta, self.rope_dim, self.rope_last, self.quant = theta, rope_dim, rope_last, quant
@@ -98,7 +112,7 @@ class LightningIndexer(nn.Module):
             if self.k_norm is not None:
                 k_i = self.k_norm(k_i)
             k_i = round_index(self.rotary(k_i[:, None], positions)[:, 0], self.quant)
-        w = (self.w(x) * self.n_heads ** -0.5).view(B, T, Hs, J).transpose(1, 2)
+        w = (self.w(x) * self.n_heads**-0.5).view(B, T, Hs, J).transpose(1, 2)
         return q_i, w, k_i
 
 
@@ -111,8 +125,18 @@ class Compressor(nn.Module):
     learned bias per slot and channel; entry_pooling.pool_channels), then (with `norm`) RMSNorm, then
     RoPE on its last rope_dim dims at position i * ratio (its own block's first token)."""
 
-    def __init__(self, d_model: int, n_heads: int, dim: int, ratio: int, overlap: bool, *, rope_dim: int = 0,
-                 theta: float = 10000.0, norm: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dim: int,
+        ratio: int,
+        overlap: bool,
+        *,
+        rope_dim: int = 0,
+        theta: float = 10000.0,
+        norm: bool = True,
+    ):
         super().__init__()
         self.n_heads, self.dim, self.ratio, self.overlap = n_heads, dim, ratio, overlap
         self.rope_dim, self.theta = rope_dim, theta

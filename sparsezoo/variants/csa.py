@@ -93,9 +93,6 @@ class CSAConfig(AttentionConfig):
             raise ConfigError(f"CSAConfig.rope_dim must be even and <= head_dim ({self.head_dim}), got {self.rope_dim}")
         check_index_options(self)
 
-    def op_params(self, op: str) -> dict:
-        return {"sink": self.attn_sink} if op == "gather_attention" else {}
-
     @property
     def rope_dims(self) -> int:
         """The q/k dims RoPE rotates: rope_dim, else head_dim // 8 with shared_kv (V4: 64 of 512), else all."""

@@ -38,7 +38,7 @@ class DSAConfig(AttentionConfig):
     index_dim: int = 128
     index_scale: float | None = None  # default 1 / sqrt(index_dim)
     index_rope: bool = True  # RoPE on index_rope_dim dims of the index queries and key (false: no position)
-    index_rope_dim: int | None = None  # None: half of index_dim (V3.2: 64 of 128); index_dim: all of them
+    index_rope_dim: int | None = None  # with index_rope; None: half of index_dim (V3.2: 64 of 128); index_dim: all
     index_norm: bool = True  # LayerNorm on the index key (V3.2); false: the raw projection
     index_quant: str = "none"  # "fp8": Hadamard rotation + fp8 rounding of index q/k (V3.2's production path)
     select_per: str = "layer"  # "layer" | "group"
