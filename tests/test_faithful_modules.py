@@ -607,3 +607,48 @@ def test_published_configs_build_at_their_published_size():
 def test_option_errors_name_the_problem(config, bad, match):
     with pytest.raises(ConfigError, match=match):
         create_attention({**config, **bad})
+
+
+# -- GPU (run by the lead on an H200) ---------------------------------------------------------------------
+@pytest.mark.gpu
+def test_csa_default_layer_fast_path_matches_the_reference_gpu():
+    """configs/csa.yaml (V4's structure) on CUDA: auto runs the Triton gather kernel, the sink applied from its
+    LSE; against the reference attention on the same selections, forward and every gradient, fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    ref = create_attention("csa", backend="reference").cuda()
+    fast = create_attention("csa").cuda()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 700, 256, device="cuda")
+    outs, grads = [], []
+    for layer in (ref, fast):
+        with ops.track_implementations() as used:
+            y = layer.train()(x)
+            (y.square().mean() + layer.aux_loss).backward()
+        outs.append(y)
+        grads.append({n: p.grad for n, p in layer.named_parameters()})
+    assert used["gather_attention"] == "triton"
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-4)
+    floor = 1e-3 * max(g.abs().max() for g in grads[0].values())
+    for n, g in grads[0].items():
+        err = (grads[1][n] - g).abs().max() / torch.maximum(g.abs().max(), floor)
+        assert err < 5e-3, (n, float(err))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["published/csa_v4_flash", "published/dsa_v32_exp"])
+def test_published_layers_prefill_and_decode_on_gpu(name):
+    """The published sizes in bf16: prefill then decode steps equal one prefill (CSA's head_dim 512 is
+    above the Triton gather kernel's 256: `auto` records what ran instead)."""
+    torch.manual_seed(0)
+    layer = create_attention(name).to("cuda", torch.bfloat16).eval()
+    x = torch.randn(1, 1100, layer.config.d_model, device="cuda", dtype=torch.bfloat16)
+    cache = LayerCache(1, 1100)
+    with torch.no_grad(), ops.track_implementations() as used:
+        full = layer(x)
+        steps = torch.cat(
+            [layer(x[:, :1090], cache=cache)] + [layer(x[:, t : t + 1], cache=cache) for t in range(1090, 1100)], 1
+        )
+    print(name, used)
+    assert torch.isfinite(full).all()
+    torch.testing.assert_close(steps.float(), full.float(), rtol=5e-2, atol=5e-2)
