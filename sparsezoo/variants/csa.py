@@ -9,7 +9,8 @@ By default the layer has V4's structure (inference/model.py of DeepSeek-V4):
   per-token values and gate scores, a softmax per channel over the entry's slots of scores plus a learned
   per-slot, per-channel bias (`ape`); with `overlap` the entry also pools the previous block through the
   first half of the per-token channels, its own block through the second. RMSNorm, then RoPE at the
-  entry's position i * m on the last `rope_dim` dims. The entry is the shared K = V.
+  entry's position i * m (token indices, as every op's layout) on the last `rope_dim` dims. The entry is
+  the shared K = V.
 - Selection: a lightning indexer with its own compressor (`index_compressor: v4`, the same structure at
   index_dim, RoPE on its last `index_rope_dim` dims, like the index queries) scores the visible entries
   (last token at or before the query) and keeps the top-k; one selection per query for the whole layer.
