@@ -181,6 +181,8 @@ class Variant:
         make_q = smooth if name in ("nsa", "moba") else randn
         self.q, self.k, self.v = make_q(B, Hq, T, D, grad=grad), randn(B, Hkv, S, D, grad=grad), \
             randn(B, Hkv, S, D, grad=grad)
+        if name == "csa":  # V4: one shared K = V entry per token (and per compressed entry)
+            self.v = self.k
         self.extra = getattr(self, f"_inputs_{name}")(grad)
         if name == "nsa":  # the LSE the step's compressed branch hands to the selection (timed in step())
             from sparsezoo import ops
@@ -210,7 +212,8 @@ class Variant:
         Sc = self.S // c["m"]
         return dict(q_i=smooth(self.B, 1, c["J"], self.T, c["Di"]).transpose(2, 3).contiguous(), w=randn(self.B, 1, self.T, c["J"]),
                     k_i=randn(self.B, Sc, c["Di"]), key_end=(torch.arange(Sc, device=DEVICE) + 1) * c["m"] - 1,
-                    kc=randn(self.B, M3["Hkv"], Sc, M3["D"], grad=grad), vc=randn(self.B, M3["Hkv"], Sc, M3["D"], grad=grad))
+                    kc=randn(self.B, M3["Hkv"], Sc, M3["D"], grad=grad),  # the K = V entries
+                    sink=torch.randn(M3["Hq"], device=DEVICE, requires_grad=grad))  # V4's attention sink
 
     def _inputs_moba(self, grad):
         if self.T > 1:
@@ -227,7 +230,10 @@ class Variant:
         f = copy.copy(self)
         f.B = 1
         f.q, f.k, f.v = (x.detach()[:1].float() for x in (self.q, self.k, self.v))
-        f.extra = {n: (x.detach()[:1].float() if x.is_floating_point() else x) for n, x in self.extra.items()}
+        if self.v is self.k:
+            f.v = f.k
+        f.extra = {n: (x.detach()[:1].float() if x.is_floating_point() and x.dim() > 1 else
+                       x.detach().float() if x.is_floating_point() else x) for n, x in self.extra.items()}
         return f
 
     def msa_paged_decoder(self):
@@ -250,7 +256,8 @@ class Variant:
         return dec, cache
 
     def leaves(self):
-        return [t for t in (self.q, self.k, self.v, *self.extra.values()) if t.requires_grad]
+        unique = {id(t): t for t in (self.q, self.k, self.v, *self.extra.values())}  # CSA: v is k
+        return [t for t in unique.values() if t.requires_grad]
 
     # selection and attention, through the public ops under auto
     def select(self, rows: slice | None = None, backend: str = "auto"):
@@ -323,7 +330,7 @@ class Variant:
         if self.name == "dsa":
             return ops.gather_attention(q, self.k, self.v, sel, scale=self.scale, backend=backend)
         return ops.gather_attention(q, self.k, self.v, entry_ids(sel, S), scale=self.scale, window=c["w"],
-                                    backend=backend, k_extra=e["kc"], v_extra=e["vc"])
+                                    backend=backend, k_extra=e["kc"], v_extra=e["kc"], sink=e["sink"])
 
     # cost models (per batch element; T queries, the last T of S)
     def keys_read(self) -> dict:
@@ -365,7 +372,8 @@ class Variant:
         chose (measured on `sel`), not one head's budget."""
         c, S = self.cfg, self.S
         Hkv, D = M3["Hkv"], M3["D"]
-        kv = 2 * Hkv * D * 2  # K and V per token
+        kv_dense = 2 * Hkv * D * 2  # K and V per token
+        kv = kv_dense // 2 if self.name == "csa" else kv_dense  # CSA reads one shared K = V row per key
         keys = min(sum(self.keys_read().values()), S)
         if self.name == "moba" and sel is not None:
             keys = min(S, group_union_blocks(sel, Hkv) * c["block"])
@@ -377,7 +385,7 @@ class Variant:
             sel = S / (c.get("m", 1)) * c["Di"] * 2
         else:
             sel = S / c["block"] * Hkv * D * 4  # the cached fp32 block means
-        return dict(variant=sel + keys * kv, dense=S * kv)
+        return dict(variant=sel + keys * kv, dense=S * kv_dense)
 
 
 def group_union_blocks(sel: torch.Tensor, Hkv: int) -> float:
@@ -661,7 +669,7 @@ def _tune_csa_attention(T: int) -> None:
         idx = entry_ids(var.select(), T)
         for cfg in ({}, dict(NF_CHECK="tile"), dict(BN=32), dict(BN=128), dict(num_warps=8), dict(num_stages=4)):
             ms = _timed(lambda: ga.gather_attention_triton(var.q, var.k, var.v, idx, var.scale, config=cfg,
-                                                           k2=var.extra["kc"], v2=var.extra["vc"],
+                                                           k2=var.extra["kc"], v2=var.extra["kc"],
                                                            window=var.cfg["w"]))
             print(f"tune gather csa {T}: {cfg} -> {ms}", flush=True)
     del var

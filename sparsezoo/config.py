@@ -243,11 +243,20 @@ def load_shape(name: str) -> dict[str, Any]:
 
 
 def packaged_config(name: str | Path) -> Path | None:
-    """A bare name ("msa") that is no file names the packaged configs/<name>.yaml, if there is one."""
-    if Path(name).is_file() or Path(name).suffix or len(Path(name).parts) > 1:
+    """A bare name that is no file names a packaged config, if there is one: "msa" is configs/msa.yaml
+    (CPU-scaled), "published/csa_v4_flash" configs/published/csa_v4_flash.yaml (the published size)."""
+    parts = Path(name).parts
+    if Path(name).is_file() or Path(name).suffix or len(parts) > 2 or (len(parts) == 2 and parts[0] != "published"):
         return None
-    path = resources.files("sparsezoo.configs").joinpath(f"{name}.yaml")
+    folder = resources.files("sparsezoo.configs.published" if len(parts) == 2 else "sparsezoo.configs")
+    path = folder.joinpath(f"{parts[-1]}.yaml")
     return Path(str(path)) if path.is_file() else None
+
+
+def published_config_names() -> list[str]:
+    """The packaged configs at published sizes, as names create_attention takes ("published/<name>")."""
+    folder = resources.files("sparsezoo.configs.published")
+    return sorted(f"published/{p.name[:-5]}" for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def normalize(config: Any) -> dict[str, Any] | AttentionConfig:

@@ -47,7 +47,7 @@ TINY = {
 }
 # What each variant keeps per token in its cache layer, next to K/V.
 CACHED = {"dense": set(), "moba": set(), "msa": {"k_idx"}, "dsa": {"k_idx"},
-          "nsa": {"k_cmp", "v_cmp", "k_win", "v_win"}, "csa": {"cmp_k", "cmp_v", "cmp_gate", "k_idx"}}
+          "nsa": {"k_cmp", "v_cmp", "k_win", "v_win"}, "csa": {"cmp_kv", "cmp_score", "idx_kv", "idx_score"}}
 
 
 def tiny_model(kind: str = "llama", **config):

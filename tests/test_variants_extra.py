@@ -416,16 +416,19 @@ def test_dsa_dense_routing_is_dense_attention():
         torch.testing.assert_close(layer(x), dense_like(layer)(x))
 
 
-def test_csa_gradients_reach_compressor_and_indexer_kl():
-    layer = make("csa", index_kl=False).train()
+@pytest.mark.parametrize("compressor, prefix", [("v4", "compressor."), ("scalar_gate", "cmp_")])
+def test_csa_gradients_reach_compressor_and_indexer_kl(compressor, prefix):
+    layer = make("csa", index_kl=False, compressor=compressor).train()
     x = torch.randn(1, 150, 256, dtype=F64)
     got = grads(layer, layer(x).square().sum())
-    assert all(v for n, v in got.items() if n.startswith("cmp_")), got
+    assert any(n.startswith(prefix) for n in got) and all(v for n, v in got.items() if n.startswith(prefix)), got
+    assert got["attn_sink"] and got["kv_norm.weight"]
     assert layer.aux_loss is None
-    layer = make("csa").train()  # index_kl is on by default
+    layer = make("csa", compressor=compressor).train()  # index_kl is on by default
     layer(x)
     kl = grads(layer, layer.aux_loss)
     assert all(v for n, v in kl.items() if n.startswith("indexer.")), kl
+    assert kl["indexer.compressor.ape"] and not any(v for n, v in kl.items() if not n.startswith("indexer."))
 
 
 def test_csa_pooling_brute_force():

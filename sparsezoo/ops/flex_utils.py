@@ -47,11 +47,11 @@ def mask_kv_block(block_size: int) -> int:
     return max(block_size, MASK_KV_BLOCK)
 
 
-def run_flex(q, k, v, block_mask, scale, return_lse, enable_gqa=False):
+def run_flex(q, k, v, block_mask, scale, return_lse, enable_gqa=False, score_mod=None):
     if return_lse and q.device.type == "cpu":
         raise ValueError("compiled FlexAttention on the CPU cannot return the LSE; "
                          "use backend='reference' there")
-    out = compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+    out = compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
                           return_lse=return_lse, kernel_options=_kernel_options(q, k))
     return out
 

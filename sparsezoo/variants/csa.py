@@ -1,15 +1,35 @@
 """DeepSeek-V4 compressed sparse attention (CSA), as docs/variants.md describes.
 
-- Compression: every m tokens become one KV entry. A learnable compressor pools per-token keys and
-  values with softmax weights (a per-token gate plus a learned per-slot bias); with `overlap` each
-  entry pools a window of 2m tokens (its own m and the m before), as in V4.
-- Selection: a lightning indexer (as DSA's) scores the visible compressed entries (those whose last
-  token is at or before the query) and keeps the top-k; one selection per query for the whole layer.
-- Attention: one softmax over the selected compressed entries plus a sliding window of the last
-  `window` raw tokens (the main K/V).
-Per-token compressor inputs and index keys are cached; compressed entries are recomputed from them,
-so prefill, chunked prefill and decode agree. aux_loss: the indexer KL when `index_kl` (default on; KL from the main
-attention over the selected entries to the indexer, as DSA's sparse phase).
+By default the layer has V4's structure (inference/model.py of DeepSeek-V4):
+- Queries: per-head RMS normalisation (`q_norm`), RoPE on their last `rope_dim` dims.
+- Raw tokens: one shared K = V entry per token and KV head (`shared_kv`; V4 is MQA, n_kv_heads 1):
+  RMSNorm(W_kv x) with RoPE on its last `rope_dim` dims. Values carry those rotated dims, so the output
+  is rotated back to the query's position (inverse RoPE on the same dims).
+- Compression (`compressor: v4`): every m = compress_ratio tokens become one entry (_layers.Compressor):
+  per-token values and gate scores, a softmax per channel over the entry's slots of scores plus a learned
+  per-slot, per-channel bias (`ape`); with `overlap` the entry also pools the previous block through the
+  first half of the per-token channels, its own block through the second. RMSNorm, then RoPE at the
+  entry's position i * m (token indices, as every op's layout) on the last `rope_dim` dims. The entry is
+  the shared K = V.
+- Selection: a lightning indexer with its own compressor (`index_compressor: v4`, the same structure at
+  index_dim, RoPE on its last `index_rope_dim` dims, like the index queries) scores the visible entries
+  (last token at or before the query) and keeps the top-k; one selection per query for the whole layer.
+  `index_quant` simulates the production indexer's Hadamard rotation + low-precision rounding.
+- Attention: one softmax over the selected entries, the last `window` raw tokens and a learned
+  per-head sink logit with a zero value (`attn_sink`).
+RoPE pairs dims rotate-half style (the library's convention); V4 pairs adjacent dims, the same map up to
+a fixed permutation of the rotated dims, which the projections absorb.
+
+Each option also offers the simpler design this layer had before (all of them off: the earlier layer):
+attn_sink false (no sink), shared_kv false (separate K and V, full RoPE: rope_dim defaults to head_dim),
+q_norm false, compressor "scalar_gate" (one gate logit per token and KV head plus a per-slot bias,
+shared by the channels; K and V pooled separately after RoPE per token), index_compressor "mean"
+(mean-pooled per-token index keys) and index_rope false.
+Per-token compressor inputs and index inputs are cached; compressed entries are recomputed from them,
+so prefill, chunked prefill and decode agree. aux_loss: the indexer KL when `index_kl` (default on; KL
+from the main attention over the selected entries to the indexer, as DSA's sparse phase).
+A layer converted from a transformers model keeps the model's K and V (docs/transformers.md), whose
+values carry no RoPE: convert with shared_kv false there.
 """
 
 from __future__ import annotations
@@ -21,13 +41,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import AttentionConfig
 from .. import ops
-from ..ops import entry_pooling
+from ..config import AttentionConfig, ConfigError
+from ..ops import entry_pooling, low_precision
 from ..registry import register_variant
-from ..rope import apply_rope
+from ..rope import apply_rope_part
+from ._layers import (Compressor, LightningIndexer, RMSNorm, check_index_options, half_rope_dims, rms_normalize,
+                      round_index)
 from .base import AttentionLayer
-from .dsa import LightningIndexer
 
 
 @dataclass
@@ -45,12 +66,56 @@ class CSAConfig(AttentionConfig):
     kl_temperature: float = 1.0
     detach_index_input: bool = True
     select_backend: str = "auto"
+    # V4's structure; each switch restores the earlier, simpler design (module docstring)
+    attn_sink: bool = True  # a learned per-head sink logit in the softmax
+    shared_kv: bool = True  # one K = V entry per token / compressed entry (MQA in V4)
+    rope_dim: int | None = None  # RoPE on the last rope_dim dims of q/k; None: head_dim // 8 with shared_kv
+    q_norm: bool = True  # per-head RMS normalisation of the queries
+    compressor: str = "v4"  # "v4" | "scalar_gate"
+    index_compressor: str = "v4"  # "v4" (the indexer's own compressor) | "mean" (mean-pooled index keys)
+    index_rope: bool = True  # RoPE on index_rope_dim dims of the index queries and keys
+    index_rope_dim: int | None = None  # None: half of index_dim (V4: 64 of 128)
+    index_quant: str = "none"  # "fp4" (V4's production indexer) | "fp8": Hadamard + rounding, simulated
 
     BACKEND_OPS: ClassVar[dict[str, tuple[str, ...]]] = {"backend": ("gather_attention", "index_kl"),
                                                          "select_backend": ("indexer_topk",)}
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        "compressor": ("v4", "scalar_gate"),
+        "index_compressor": ("v4", "mean"),
+        "index_quant": ("none", *low_precision.FORMATS),
+    }
     POSITIVE: ClassVar[tuple[str, ...]] = ("compress_ratio", "topk", "window", "n_index_heads", "index_dim",
                                            "index_scale", "kl_temperature")
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("kl_coeff",)
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("kl_coeff", "rope_dim", "index_rope_dim")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rope_dim is not None and (self.rope_dim % 2 or self.rope_dim > self.head_dim):
+            raise ConfigError(f"CSAConfig.rope_dim must be even and <= head_dim ({self.head_dim}), got {self.rope_dim}")
+        check_index_options(self)
+
+    @property
+    def rope_dims(self) -> int:
+        """The q/k dims RoPE rotates: rope_dim, else head_dim // 8 with shared_kv (V4: 64 of 512), else all."""
+        if self.rope_dim is not None:
+            return self.rope_dim
+        return min(self.head_dim, max(2, self.head_dim // 16 * 2)) if self.shared_kv else self.head_dim
+
+    @property
+    def index_rope_dims(self) -> int:
+        if not self.index_rope:
+            return 0
+        return half_rope_dims(self.index_dim) if self.index_rope_dim is None else self.index_rope_dim
+
+
+def pooled(compressor: Compressor, name: str, x, cache):
+    """A V4 compressor's entries [B, H, S // m, dim]; with a cache, its per-token inputs are kept there
+    (`name`_kv, `name`_score) and the entries pooled from all of them."""
+    kv, score = compressor.tokens(x)
+    if cache is not None:
+        kv = cache.append(f"{name}_kv", kv, seq_dim=2)
+        score = cache.append(f"{name}_score", score, seq_dim=2)
+    return compressor.pool(kv, score)
 
 
 @register_variant("csa")
@@ -60,43 +125,102 @@ class CSAAttention(AttentionLayer):
     def __init__(self, config: CSAConfig):
         super().__init__(config)
         c = config
-        D, Hkv = c.head_dim, c.n_kv_heads
-        width = 2 * c.compress_ratio if c.overlap else c.compress_ratio
-        self.cmp_k = nn.Linear(c.d_model, Hkv * D, bias=False)
-        self.cmp_v = nn.Linear(c.d_model, Hkv * D, bias=False)
-        self.cmp_gate = nn.Linear(c.d_model, Hkv, bias=False)
-        self.cmp_slot_bias = nn.Parameter(torch.zeros(width))
-        self.indexer = LightningIndexer(c.d_model, c.n_index_heads, c.index_dim, 1, False, c.rope_theta)
+        D, Hkv, m = c.head_dim, c.n_kv_heads, c.compress_ratio
+        self.rope_dim = c.rope_dims
+        if c.shared_kv:  # k_proj makes the shared K = V entry; there is no separate value projection
+            self.v_proj = None
+            self.kv_norm = RMSNorm(D)
+        self.attn_sink = nn.Parameter(torch.zeros(c.n_heads)) if c.attn_sink else None
+        if c.compressor == "v4":  # `compressor` makes the keys (or the shared K = V), `compressor_v` the values
+            make = lambda rope, norm: Compressor(c.d_model, Hkv, D, m, c.overlap, rope_dim=rope, theta=c.rope_theta,
+                                                 norm=norm)
+            self.compressor = make(self.rope_dim, True)
+            self.compressor_v = None if c.shared_kv else make(0, False)
+        else:  # one gate logit per token and KV head, a bias per window slot
+            self.cmp_k = nn.Linear(c.d_model, Hkv * D, bias=False)  # the keys, or the shared K = V
+            self.cmp_v = None if c.shared_kv else nn.Linear(c.d_model, Hkv * D, bias=False)
+            self.cmp_gate = nn.Linear(c.d_model, Hkv, bias=False)
+            self.cmp_slot_bias = nn.Parameter(torch.zeros(2 * m if c.overlap else m))
+        # the indexer: index queries and weights, and its own compressor (v4) or per-token keys (mean)
+        v4_index = c.index_compressor == "v4"
+        self.indexer = LightningIndexer(c.d_model, c.n_index_heads, c.index_dim, 1, c.rope_theta,
+                                        rope_dim=c.index_rope_dims, rope_last=True, key=not v4_index,
+                                        quant=c.index_quant)
+        if v4_index:
+            self.indexer.compressor = Compressor(c.d_model, 1, c.index_dim, m, c.overlap, rope_dim=c.index_rope_dims,
+                                                 theta=c.rope_theta)
         self.index_scale = c.index_scale or 1.0 / math.sqrt(c.index_dim)
         self.last_selection: torch.Tensor | None = None
 
-    def compressed(self, x, positions, cache):
-        """Compressed keys/values [B, Hkv, Sc, D], index keys [B, Sc, D_i], index queries/weights."""
+    # -- raw tokens ---------------------------------------------------------------------------------
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
         c = self.config
         B, T, _ = x.shape
-        shape = lambda t, d: t.view(B, T, -1, d).transpose(1, 2)
-        k_tok = apply_rope(shape(self.cmp_k(x), c.head_dim), positions, c.rope_theta)
-        v_tok = shape(self.cmp_v(x), c.head_dim)
-        g_tok = self.cmp_gate(x).transpose(1, 2)  # [B, Hkv, T]
+        shape = lambda t, h: t.view(B, T, h, self.head_dim).transpose(1, 2)
+        rope = lambda t: apply_rope_part(t, positions, c.rope_theta, self.rope_dim)
+        q = shape(self.q_proj(x), self.n_heads)
+        q = rope(rms_normalize(q) if c.q_norm else q)
+        if c.shared_kv:
+            kv = rope(self.kv_norm(shape(self.k_proj(x), self.n_kv_heads)))
+            return q, kv, kv
+        return q, rope(shape(self.k_proj(x), self.n_kv_heads)), shape(self.v_proj(x), self.n_kv_heads)
+
+    def cache_kv(self, cache, k: torch.Tensor, v: torch.Tensor):
+        if not self.config.shared_kv:
+            return super().cache_kv(cache, k, v)
+        kv = cache.append("k", k, seq_dim=2)  # K = V: one buffer
+        return kv, kv
+
+    # -- compressed entries and the indexer ---------------------------------------------------------
+    def compressed(self, x, positions, cache):
+        """Compressed keys/values [B, Hkv, Sc, D] (one tensor twice with shared_kv), index keys
+        [B, Sc, D_i], index queries and weights."""
+        c = self.config
+        if c.compressor == "v4":
+            kc = pooled(self.compressor, "cmp", x, cache)
+            vc = kc if self.compressor_v is None else pooled(self.compressor_v, "cmp_v", x, cache)
+        else:
+            kc, vc = self.scalar_gate_entries(x, positions, cache)
         xi = x.detach() if c.detach_index_input else x
         q_i, w, ki_tok = self.indexer(xi, positions)
+        if c.index_compressor == "v4":
+            ki = round_index(pooled(self.indexer.compressor, "idx", xi, cache)[:, 0], c.index_quant)
+        else:  # mean pooling of the per-token index keys
+            if cache is not None:
+                ki_tok = cache.append("k_idx", ki_tok, seq_dim=1)
+            ki = entry_pooling.pool_windows(ki_tok[:, None], ki_tok.new_zeros(ki_tok.shape[:2])[:, None],
+                                            ki_tok.new_zeros(self.pool_width), c.compress_ratio)[:, 0]
+        return kc, vc, ki, q_i, w
+
+    def scalar_gate_entries(self, x, positions, cache):
+        """The simpler compressor: per-token keys (RoPE per token on the last rope_dim dims) and values,
+        pooled by a softmax over the window's slots of one gate logit per token and KV head plus a per-slot
+        bias, the same weights for every channel (entry_pooling.pool_windows)."""
+        c = self.config
+        B, T, _ = x.shape
+        shape = lambda t: t.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k_tok = apply_rope_part(shape(self.cmp_k(x)), positions, c.rope_theta, self.rope_dim)
+        g_tok = self.cmp_gate(x).transpose(1, 2)  # [B, Hkv, T]
+        v_tok = None if self.cmp_v is None else shape(self.cmp_v(x))
         if cache is not None:
-            k_tok = cache.append("cmp_k", k_tok, seq_dim=2)
-            v_tok = cache.append("cmp_v", v_tok, seq_dim=2)
+            k_tok = cache.append("cmp_kv" if v_tok is None else "cmp_k", k_tok, seq_dim=2)
             g_tok = cache.append("cmp_gate", g_tok, seq_dim=2)
-            ki_tok = cache.append("k_idx", ki_tok, seq_dim=1)
+            v_tok = None if v_tok is None else cache.append("cmp_v", v_tok, seq_dim=2)
         m = c.compress_ratio
         kc = entry_pooling.pool_windows(k_tok, g_tok, self.cmp_slot_bias, m)
-        vc = entry_pooling.pool_windows(v_tok, g_tok, self.cmp_slot_bias, m)
-        ki = entry_pooling.pool_windows(ki_tok[:, None], torch.zeros_like(ki_tok[:, None, :, 0]),
-                                  torch.zeros_like(self.cmp_slot_bias), m)[:, 0]  # mean pooling
-        return kc, vc, ki, q_i, w
+        return kc, kc if v_tok is None else entry_pooling.pool_windows(v_tok, g_tok, self.cmp_slot_bias, m)
+
+    @property
+    def pool_width(self) -> int:
+        """Tokens each entry pools: 2m with overlap, else m."""
+        return (2 if self.config.overlap else 1) * self.config.compress_ratio
 
     def select(self, q_i, w, ki, S: int):
         ends = entry_pooling.entry_ends(ki.shape[1], self.config.compress_ratio, ki.device)
         return ops.indexer_topk(q_i.detach(), w.detach(), ki.detach(), ends, S=S, topk=self.config.topk,
                                 scale=self.index_scale, backend=self.config.backend_for("indexer_topk"))
 
+    # -- attention ----------------------------------------------------------------------------------
     def attend(self, x, q, k, v, positions, cache):
         c = self.config
         S = k.shape[2]
@@ -104,7 +228,10 @@ class CSAAttention(AttentionLayer):
         sel = self.select(q_i, w, ki, S)  # [B, 1, T, topk] entry ids
         self.last_selection = sel
         out = ops.gather_attention(q, k, v, entry_pooling.entry_ids(sel, S), scale=self.scale, window=c.window,
-                                   backend=c.backend_for("gather_attention"), k_extra=kc, v_extra=vc)
+                                   backend=c.backend_for("gather_attention"), k_extra=kc, v_extra=vc,
+                                   sink=self.attn_sink)
+        if c.shared_kv:  # the values' rotated dims: back to the query's own position
+            out = apply_rope_part(out, positions, c.rope_theta, self.rope_dim, inverse=True)
         if c.index_kl and self.training and torch.is_grad_enabled() and kc.shape[2] == 0:
             self.aux_loss = q_i.new_zeros(())  # T < compress_ratio: no entry to select, the KL is empty
         elif c.index_kl and self.training and torch.is_grad_enabled():
@@ -122,9 +249,8 @@ class CSAAttention(AttentionLayer):
         positions = torch.arange(T, device=x.device)
         kc, vc, ki, q_i, w = self.compressed(x, positions, None)
         sel = self.select(q_i, w, ki, T).long()  # [B, 1, T, k]
-        width = self.cmp_slot_bias.shape[0]
         s = torch.arange(T, device=x.device)
-        first = (sel + 1) * c.compress_ratio - width  # pooled tokens [first, (i+1)m)
+        first = (sel + 1) * c.compress_ratio - self.pool_width  # pooled tokens [first, (i+1)m)
         last = (sel + 1) * c.compress_ratio - 1
         inside = (s >= first[..., None]) & (s <= last[..., None]) & (sel[..., None] >= 0)
         hit = inside.any(-2)

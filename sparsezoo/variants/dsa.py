@@ -1,8 +1,11 @@
 """DeepSeek Sparse Attention (DSA, DeepSeek-V3.2-Exp), as docs/variants.md describes.
 
 Lightning indexer: I[t, s] = sum_j w[t, j] * ReLU(<q_I[t, j], k_I[s]>) with H_I index heads, per-head
-weights w from the hidden state and one shared index key per token (cached as "k_idx"). Each query
-keeps its top-k visible tokens (token level) and attends exactly to them. `select_per` = "layer"
+weights w from the hidden state and one shared index key per token (cached as "k_idx"). As published,
+the index key is LayerNorm(W_k x) (`index_norm`), RoPE covers the first `index_rope_dim` dims of the index
+queries and key (`index_rope`; rotate-half pairs, as V3.2's indexer), and in production both are rotated
+by a Hadamard transform and rounded through fp8 (`index_quant: fp8`, simulated by rounding here). Each
+query keeps its top-k visible tokens (token level) and attends exactly to them. `select_per` = "layer"
 shares one selection across all heads; "group" gives each KV group its own (the H_I index heads are
 split evenly over the groups).
 Training (aux_loss, like MSA's): routing "dense" = warm-up, dense attention and KL from the
@@ -18,12 +21,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from .. import ops
 from ..config import AttentionConfig, ConfigError
+from ..ops import low_precision
 from ..registry import register_variant
-from ..rope import apply_rope
+from ._layers import LightningIndexer, check_index_options, half_rope_dims
 from .base import AttentionLayer, WarmupRouting
 
 
@@ -34,7 +37,10 @@ class DSAConfig(AttentionConfig):
     n_index_heads: int = 64
     index_dim: int = 128
     index_scale: float | None = None  # default 1 / sqrt(index_dim)
-    index_rope: bool = False
+    index_rope: bool = True  # RoPE on index_rope_dim dims of the index queries and key (false: no position)
+    index_rope_dim: int | None = None  # with index_rope; None: half of index_dim (V3.2: 64 of 128); index_dim: all
+    index_norm: bool = True  # LayerNorm on the index key (V3.2); false: the raw projection
+    index_quant: str = "none"  # "fp8": Hadamard rotation + fp8 rounding of index q/k (V3.2's production path)
     select_per: str = "layer"  # "layer" | "group"
     routing: str = "sparse"  # "dense" = warm-up: dense attention, indexer trains by KL
     warmup_steps: int = 0  # trainer switches routing to "sparse" after this many steps
@@ -48,39 +54,24 @@ class DSAConfig(AttentionConfig):
     CHOICES: ClassVar[dict[str, tuple]] = {
         "select_per": ("layer", "group"),
         "routing": ("sparse", "dense"),
+        "index_quant": ("none", *low_precision.FORMATS),
     }
     POSITIVE: ClassVar[tuple[str, ...]] = ("topk", "n_index_heads", "index_dim", "index_scale", "kl_temperature")
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("warmup_steps", "kl_coeff")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("warmup_steps", "kl_coeff", "index_rope_dim")
 
     def validate(self) -> None:
         super().validate()
         if self.select_per == "group" and self.n_index_heads % self.n_kv_heads:
             raise ConfigError(f"select_per 'group' splits the index heads over the KV groups: n_index_heads "
                               f"({self.n_index_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        check_index_options(self)
 
-
-class LightningIndexer(nn.Module):
-    """Index queries [B, Hs, T, J, D_i], weights [B, Hs, T, J] and the shared index key [B, T, D_i]."""
-
-    def __init__(self, d_model: int, n_heads: int, dim: int, n_select_heads: int, rope: bool, theta: float):
-        super().__init__()
-        self.n_heads, self.dim, self.n_select_heads = n_heads, dim, n_select_heads
-        self.rope, self.theta = rope, theta
-        self.q = nn.Linear(d_model, n_heads * dim, bias=False)
-        self.k = nn.Linear(d_model, dim, bias=False)
-        self.w = nn.Linear(d_model, n_heads, bias=False)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor):
-        B, T, _ = x.shape
-        Hs, J = self.n_select_heads, self.n_heads // self.n_select_heads
-        q_i = self.q(x).view(B, T, self.n_heads, self.dim)
-        k_i = self.k(x)
-        if self.rope:
-            q_i = apply_rope(q_i.transpose(1, 2), positions, self.theta).transpose(1, 2)
-            k_i = apply_rope(k_i[:, None], positions, self.theta)[:, 0]
-        q_i = q_i.view(B, T, Hs, J, self.dim).transpose(1, 2)
-        w = (self.w(x) * self.n_heads ** -0.5).view(B, T, Hs, J).transpose(1, 2)
-        return q_i, w, k_i
+    @property
+    def index_rope_dims(self) -> int:
+        """The index dims RoPE rotates (0 without index_rope)."""
+        if not self.index_rope:
+            return 0
+        return half_rope_dims(self.index_dim) if self.index_rope_dim is None else self.index_rope_dim
 
 
 @register_variant("dsa")
@@ -91,7 +82,8 @@ class DSAAttention(WarmupRouting, AttentionLayer):
         super().__init__(config)
         c = config
         n_sel = 1 if c.select_per == "layer" else c.n_kv_heads
-        self.indexer = LightningIndexer(c.d_model, c.n_index_heads, c.index_dim, n_sel, c.index_rope, c.rope_theta)
+        self.indexer = LightningIndexer(c.d_model, c.n_index_heads, c.index_dim, n_sel, c.rope_theta,
+                                        rope_dim=c.index_rope_dims, key_norm=c.index_norm, quant=c.index_quant)
         self.index_scale = c.index_scale or 1.0 / math.sqrt(c.index_dim)
         self.routing = c.routing
         self.last_selection: torch.Tensor | None = None

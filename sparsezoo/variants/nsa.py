@@ -6,7 +6,9 @@ o = g_cmp * Attn(q, K_cmp, V_cmp) + g_slc * Attn(q, K_slc, V_slc) + g_win * Attn
 - selection: blocks of l' tokens scored by the compression probabilities of overlapping compressed
   blocks, summed over the GQA group (the group shares the selection); top n with block 0 and the two
   local blocks forced. Exact attention over the selected raw blocks (the main K/V).
-- sliding window of w tokens. Gates: per-head sigmoid of a linear map of the hidden state.
+- sliding window of w tokens. Gates: per-head sigmoid of a linear map of the hidden state, or with
+  `gate_mlp_hidden` > 0 of a 2-layer MLP (the paper's "MLP and sigmoid activation"; its width is not
+  published).
 With `separate_kv` the compression and window branches own their K/V projections (the paper's
 choice). Compressed entries are recomputed from the cached per-token keys, so prefill, chunked
 prefill and decode agree. No auxiliary loss: selection learns through the compression branch.
@@ -37,6 +39,7 @@ class NSAConfig(AttentionConfig):
     sel_topk: int = 16  # n (includes block 0 and the 2 local blocks)
     window: int = 512  # w
     compressor_hidden: int = 128
+    gate_mlp_hidden: int = 0  # > 0: the paper's gate MLP (d_model -> this -> 3 Hq, GELU) + sigmoid; 0: one Linear
     separate_kv: bool = True
     select_backend: str = "auto"
 
@@ -45,6 +48,7 @@ class NSAConfig(AttentionConfig):
         "select_backend": ("nsa_select",)}
     POSITIVE: ClassVar[tuple[str, ...]] = ("cmp_block", "cmp_stride", "sel_block", "sel_topk", "window",
                                            "compressor_hidden")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("gate_mlp_hidden",)
 
     def validate(self) -> None:
         super().validate()
@@ -92,7 +96,11 @@ class NSAAttention(AttentionLayer):
         D = c.head_dim
         self.compress_k = BlockCompressor(c.cmp_block, c.cmp_stride, D, c.compressor_hidden)
         self.compress_v = BlockCompressor(c.cmp_block, c.cmp_stride, D, c.compressor_hidden)
-        self.gate_proj = nn.Linear(c.d_model, 3 * c.n_heads)
+        if c.gate_mlp_hidden:
+            self.gate_proj = nn.Sequential(nn.Linear(c.d_model, c.gate_mlp_hidden), nn.GELU(),
+                                           nn.Linear(c.gate_mlp_hidden, 3 * c.n_heads))
+        else:
+            self.gate_proj = nn.Linear(c.d_model, 3 * c.n_heads)
         if c.separate_kv:
             kv = lambda: nn.Linear(c.d_model, c.n_kv_heads * D, bias=False)
             self.k_cmp, self.v_cmp, self.k_win, self.v_win = kv(), kv(), kv(), kv()

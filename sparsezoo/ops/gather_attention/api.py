@@ -12,7 +12,7 @@ OP = Op("gather_attention", __package__, ("triton", "flex", "reference"))
 
 def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, *, scale: float,
                      backend: str = "auto", return_lse: bool = False, k_extra: torch.Tensor | None = None,
-                     v_extra: torch.Tensor | None = None, window: int = 0):
+                     v_extra: torch.Tensor | None = None, window: int = 0, sink: torch.Tensor | None = None):
     """Exact softmax attention of q [B, Hq, T, D] over the keys idx [B, Hs, T, K] names in k, v
     [B, Hkv, N, D]; Hs is 1 (one list for every KV head) or Hkv. -1 is an empty slot; ids outside
     [0, N) are never read (treated as empty). Causality is the selection's job. A query with no key
@@ -24,7 +24,12 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
 
     window > 0: each query also attends to its last `window` tokens of k, v (positions p - window + 1
     .. p, where query t sits at p = N - T + t), as if they were listed before its ids (CSA's sliding
-    window; the Triton kernel computes them instead of reading a list). idx then names the other keys."""
+    window; the Triton kernel computes them instead of reading a list). idx then names the other keys.
+
+    sink [Hq] (optional): a learned logit per query head in every query's softmax, with a zero value
+    (DeepSeek-V4's attention sink): p_j = exp(s_j) / (exp(sink) + sum_i exp(s_i)), so the output shrinks
+    by sigmoid(lse - sink) and the LSE becomes logaddexp(lse, sink). Differentiable w.r.t. sink too.
+    v may be k and v_extra may be k_extra (one shared K = V pool, as V4's MQA entries)."""
     checks.check_keys(q, k, v)
     Hkv, N = k.shape[1], k.shape[2]
     N2 = _check_extra(k, k_extra, v_extra)
@@ -35,10 +40,30 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
     checks.check_non_negative_int("window", window)
     if window and q.shape[2] > N:
         raise ValueError(f"a window needs the {q.shape[2]} queries to be the last of the {N} tokens of k")
+    _check_sink(q, sink)
     idx = checks.drop_out_of_range(idx, N + N2)
-    req = Request.of(q, needs_grad(q, k, v, k_extra, v_extra), group=q.shape[1] // Hkv, head_dim=q.shape[3],
-                     return_lse=return_lse)
-    return OP.run(backend, req, q, k, v, idx, scale, return_lse, k_extra=k_extra, v_extra=v_extra, window=window)
+    req = Request.of(q, needs_grad(q, k, v, k_extra, v_extra, sink), group=q.shape[1] // Hkv,
+                     head_dim=q.shape[3], return_lse=return_lse, sink=sink is not None)
+    return OP.run(backend, req, q, k, v, idx, scale, return_lse, k_extra=k_extra, v_extra=v_extra, window=window,
+                  sink=sink)
+
+
+def apply_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor):
+    """(out [B, Hq, T, D], lse [B, Hq, T]) of a softmax without the sink -> with it: out times
+    sigmoid(lse - sink) and logaddexp(lse, sink), per query head. Exact and differentiable through the
+    LSE; an empty row (LSE -inf) stays 0 and a poisoned one (NaN) stays NaN."""
+    s = sink.to(lse.dtype).view(1, -1, 1)
+    return out * torch.sigmoid(lse - s).to(out.dtype)[..., None], torch.logaddexp(lse, s)
+
+
+def _check_sink(q: torch.Tensor, sink: torch.Tensor | None) -> None:
+    if sink is None:
+        return
+    if not isinstance(sink, torch.Tensor) or not sink.is_floating_point() or tuple(sink.shape) != (q.shape[1],):
+        got = tuple(sink.shape) if isinstance(sink, torch.Tensor) else type(sink).__name__
+        raise ValueError(f"sink must be a float tensor [Hq={q.shape[1]}] (one logit per query head), got {got}")
+    if sink.device != q.device:
+        raise ValueError(f"sink must be on q's device {q.device}, got {sink.device}")
 
 
 def explicit_keys(idx, k, v, k_extra, v_extra, window: int):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import compiling, kernel_built
+from .api import apply_sink
 
 _KERNEL_BUILT = kernel_built("gather_attention_triton")
 
@@ -24,7 +25,17 @@ def supports(req) -> str | None:
     return None
 
 
-def run(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None, window: int = 0):
+def run(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None, window: int = 0,
+        sink=None):
+    """With a sink, the kernel's (out, LSE) are rescaled outside it (api.apply_sink: exact); its gradient
+    reaches the kernel's backward as d(LSE)."""
+    if sink is None:
+        return _run(q, k, v, idx, scale, return_lse, k_extra, v_extra, window)
+    out, lse = apply_sink(*_run(q, k, v, idx, scale, True, k_extra, v_extra, window), sink)
+    return (out, lse) if return_lse else out
+
+
+def _run(q, k, v, idx, scale: float, return_lse: bool, k_extra, v_extra, window: int):
     from sparsezoo.kernels import gather_attention_triton
 
     N, N2 = k.shape[2], 0 if k_extra is None else k_extra.shape[2]
