@@ -189,6 +189,38 @@ def test_paged_msa_decode_cache_serves_a_padded_batch():
             assert ((y[b : b + 1, T - n :] - want).norm() / want.norm()) < 1e-4
 
 
+GPU = {  # budgets the fast paths (flex, Triton) take: powers of two >= 16
+    "msa": {"block_size": 16, "topk": 2, "index_dim": 16},
+    "dsa": {"topk": 16, "n_index_heads": 2, "index_dim": 16},
+    "nsa": {"cmp_block": 16, "cmp_stride": 8, "sel_block": 16, "sel_topk": 3, "window": 16, "compressor_hidden": 16},
+    "csa": {"compress_ratio": 4, "topk": 4, "window": 16, "n_index_heads": 2, "index_dim": 16},
+    "moba": {"block_size": 16, "topk": 2},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fast_paths_of_a_padded_batch_equal_each_row_alone(name, device):
+    torch.manual_seed(0)
+    dims = {"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16}
+    config = {"variant": name, **GPU.get(name, {})} if name in TINY else CONFIGS / f"{name}.yaml"
+    layer = sparsezoo.create_attention(config, **dims).to(device).train()
+    lengths, T = [100, 37, 64], 100
+    x = torch.randn(3, T, 64, device=device, requires_grad=True)
+    mask = torch.arange(T, device=device)[None, :] >= T - torch.tensor(lengths, device=device)[:, None]
+    with ops.track_implementations() as used:
+        y = layer(x, attention_mask=mask)
+    (gx,) = torch.autograd.grad((y**2).sum(), [x])
+    assert used["varlen"] == "per_sequence"
+    for b, n in enumerate(lengths):
+        xb = x.detach()[b : b + 1, T - n :].clone().requires_grad_(True)
+        yb = layer(xb)
+        torch.testing.assert_close(y[b : b + 1, T - n :], yb, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            gx[b : b + 1, T - n :], torch.autograd.grad((yb**2).sum(), [xb])[0], atol=1e-5, rtol=1e-5
+        )
+
+
 # -- bad input --------------------------------------------------------------------------------------------
 def test_bad_masks_and_boundaries_raise():
     layer = layer_for("dense")
