@@ -4,6 +4,10 @@ Buffers are named and allocated on first use with `max_seq_len` slots along thei
 each variant keeps whatever per-token state it needs (K, V, MSA/DSA index keys, ...). All buffers of
 one layer advance together: `append` writes at the current position, `advance` moves it once per
 forward. The first append fixes the batch size until `reset`; another batch size raises.
+
+A padded batch (`AttentionLayer.forward(..., attention_mask=...)`) keeps one cache per row instead
+(`rows`, made by the layer's `make_cache(1, max_seq_len)`): row b's cache holds only its real tokens,
+at positions from 0, while `pos` counts the batch's columns, padding included.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ class LayerCache:
         self.batch: int | None = None  # fixed by the first append of a sequence
         self._buffers: dict[str, tuple[torch.Tensor, int]] = {}
         self._derived: dict[str, torch.Tensor] = {}
+        self.rows: list | None = None  # per-row caches of a padded batch
 
     def append(self, name: str, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
         """Write x's T new tokens at the current position; return the buffer up to pos + T."""
         B, T = x.shape[0], x.shape[seq_dim]
+        if self.rows is not None:
+            raise ValueError("this cache holds a padded batch in per-row caches (cache.rows); reset() it first")
         if B > self.max_batch_size:
             raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.max_batch_size}")
         self._check_batch(B)
@@ -66,6 +73,7 @@ class LayerCache:
         self.pos = 0
         self.batch = None
         self._derived = {}
+        self.rows = None
 
     def _check_batch(self, B: int) -> None:
         if self.batch is not None and B != self.batch:

@@ -462,6 +462,7 @@ class MSAPagedLayerCache:
                                   index_scale=c.index_scale)
         self.pos = 0
         self.paged: PagedKVCache | None = None
+        self.rows: list | None = None  # per-row caches of a padded batch (sparsezoo.LayerCache says how)
 
     def _allocate(self, B: int, dtype: torch.dtype, device: torch.device) -> None:
         c = self.config
@@ -510,3 +511,4 @@ class MSAPagedLayerCache:
 
     def reset(self) -> None:
         self.pos = 0
+        self.rows = None

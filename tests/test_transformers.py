@@ -166,17 +166,20 @@ def test_caches_other_than_dynamic_are_refused():
 
 
 # -- running: attention masks ---------------------------------------------------------------------------
-def test_padding_masks_are_refused_and_all_ones_accepted():
+def test_all_ones_masks_run_batched_and_inner_padding_is_refused():
+    """Padded batches themselves: tests/test_padding.py."""
     model = converted(tiny_model("llama"), "msa")
     ids = tokens()
     ones = torch.ones_like(ids)
-    torch.testing.assert_close(logits(model, ids, attention_mask=ones), logits(model, ids), atol=0, rtol=0)
-    padded = ones.clone()
-    padded[0, :5] = 0
-    with pytest.raises(ValueError, match="padded"):
-        model(ids, attention_mask=padded)
-    with pytest.raises(ValueError, match="padded"):
-        model.generate(ids, attention_mask=padded, max_new_tokens=2, pad_token_id=0)
+    with sparsezoo.ops.track_implementations() as used:
+        torch.testing.assert_close(logits(model, ids, attention_mask=ones), logits(model, ids), atol=0, rtol=0)
+    assert "varlen" not in used  # no padding: one batched attend
+    inner = ones.clone()
+    inner[0, 5] = 0
+    with pytest.raises(ValueError, match="cannot honour"):
+        model(ids, attention_mask=inner)
+    with pytest.raises(ValueError, match="cannot honour"):
+        model.generate(ids, attention_mask=inner, max_new_tokens=2, pad_token_id=0)
 
 
 def test_eager_models_pass_their_causal_mask():
@@ -201,10 +204,14 @@ def test_weightless_variants_are_registered_as_attention_implementations():
     assert moba.config._attn_implementation == "sparsezoo_moba"
     assert (logits(moba, ids) - ref).abs().max() > 1e-3
     assert_cached_generation_matches(moba, tokens(length=20))
-    padded = torch.ones_like(ids)
+    padded = torch.ones_like(ids)  # row 1 left-padded: its real tokens give what they give alone
     padded[1, :3] = 0
-    with pytest.raises(ValueError, match="padded"):
-        moba(ids, attention_mask=padded)
+    torch.testing.assert_close(logits(moba, ids, attention_mask=padded)[1, 3:], logits(moba, ids[1:, 3:])[0],
+                               atol=1e-5, rtol=0)
+    inner = torch.ones_like(ids)
+    inner[1, 3] = 0
+    with pytest.raises(ValueError, match="cannot honour"):
+        moba(ids, attention_mask=inner)
 
 
 # -- exporting the example GPT ----------------------------------------------------------------------------

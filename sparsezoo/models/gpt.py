@@ -17,6 +17,10 @@ keeps its own extra decode state (index keys, compressed keys, a linear layer's 
 attention, the pattern repeated n_layers / len(pattern) times (Qwen3-Next: 3 Gated DeltaNet layers, then
 one softmax layer; MiniMax-01: 7 lightning layers, then one softmax layer). Variant configs with
 `layer_index` and `n_layers` fields (lightning) get the layer's place in the model.
+
+Padded and packed batches: `forward(idx, attention_mask=m)` (left padding) or `forward(idx,
+cu_seqlens=c)` (documents packed in one row) run each sequence alone in every attention layer
+(`sparsezoo.sequences`); `generate(prompts, n, attention_mask=m)` continues left-padded prompts.
 """
 
 from __future__ import annotations
@@ -164,8 +168,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.ffn_hidden)
 
-    def forward(self, x, positions=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), positions=positions, cache=cache)
+    def forward(self, x, positions=None, cache=None, attention_mask=None, cu_seqlens=None):
+        x = x + self.attn(self.attn_norm(x), positions=positions, cache=cache, attention_mask=attention_mask,
+                          cu_seqlens=cu_seqlens)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -190,19 +195,25 @@ class GPT(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, use_cache: bool = False,
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         """idx [B, T] -> (logits [B, T, V], mean cross-entropy over targets != -100, or None).
 
         use_cache=True continues the sequence held in the caches from `setup_cache`.
+        attention_mask [B, past + T] (1 = real token, left padding) or cu_seqlens [n_docs + 1] (documents
+        packed into one row): each sequence is computed alone. Logits at padding mean nothing, and
+        their targets are ignored.
         """
         if use_cache and self.caches is None:
             raise RuntimeError("use_cache=True needs setup_cache(batch, max_len) first")
         caches = self.caches if use_cache else [None] * len(self.blocks)
         x = self.tok_emb(idx)
         for block, cache in zip(self.blocks, caches):
-            x = block(x, positions=positions, cache=cache)
+            x = block(x, positions=positions, cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
         logits = F.linear(self.norm(x), self.tok_emb.weight)  # tied embeddings
         loss = None
+        if targets is not None and attention_mask is not None:  # (checked by the attention layers above)
+            targets = targets.masked_fill(attention_mask[:, -idx.shape[1]:] == 0, -100)
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
@@ -243,20 +254,28 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
-                 top_k: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue idx [B, T] by max_new_tokens. With the cache: one prefill, then one token per step."""
+                 top_k: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Continue idx [B, T] by max_new_tokens. With the cache: one prefill, then one token per step.
+
+        attention_mask [B, T] (1 = real token): left-padded prompts; each row continues as it would alone.
+        """
+        if attention_mask is not None and attention_mask.shape == idx.shape and not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate needs left-padded prompts: the last column of attention_mask must be 1 in "
+                             "every row (each prompt ends there)")
         was_training = self.training
         self.eval()
         try:
             if not use_cache:
-                seq = idx
+                seq, mask = idx, attention_mask
                 for _ in range(max_new_tokens):
-                    logits, _ = self(seq)
+                    logits, _ = self(seq, attention_mask=mask)
                     seq = torch.cat([seq, self._pick(logits[:, -1], greedy, temperature, top_k, generator)], 1)
+                    if mask is not None:
+                        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
                 return seq
             self.setup_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
-            logits, _ = self(idx, use_cache=True)
+            logits, _ = self(idx, use_cache=True, attention_mask=attention_mask)  # later steps: real in every row
             out = [idx]
             for i in range(max_new_tokens):
                 nxt = self._pick(logits[:, -1], greedy, temperature, top_k, generator)

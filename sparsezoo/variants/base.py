@@ -6,6 +6,13 @@
 
 - An empty batch (B = 0) gives an empty output [0, T, d_model]; T = 0 raises a ValueError.
 - `positions` ([T] or [B, T]) feed RoPE; by default they continue from the cache's position.
+- Padded and packed batches: `layer(x, attention_mask=m)` (m [B, pos + T], 1 = real token, left
+  padding only) or `layer(x, cu_seqlens=c)` (documents packed into one row, `sparsezoo.sequences`).
+  Each sequence runs alone, positions from 0, so it gives exactly its outputs (and gradients) on its
+  own; padding gives zeros and no gradient. A cache then keeps one cache per row (`cache.rows`), and
+  later calls without a mask add real tokens to every row. `aux_loss` is the token-weighted mean of
+  the sequences' losses. The dispatch record notes it: `implementations_used()["varlen"] ==
+  "per_sequence"` (`"batched"` when the mask holds no padding and the batch ran as one).
 - `cache` is what `layer.make_cache(batch, max_len, device)` returns (a `sparsezoo.LayerCache`, or
   for MSA on a GPU a paged cache that decodes with the Triton kernels); with it the same module
   serves prefill, chunked prefill and decode: the T new tokens are the last T of S = pos + T tokens.
@@ -22,8 +29,10 @@ import math
 import torch
 from torch import nn
 
+from .. import sequences
 from ..cache import LayerCache
 from ..config import AttentionConfig
+from ..ops.dispatch import record
 from ..rope import apply_rope
 
 
@@ -45,8 +54,8 @@ class AttentionLayer(nn.Module):
         self.aux_loss: torch.Tensor | None = None
 
     # -- the contract -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None, *,
+                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.config.d_model:
             raise ValueError(f"{self.variant_name}: x must be [B, T, d_model={self.config.d_model}], got {tuple(x.shape)}")
         B, T, _ = x.shape
@@ -55,6 +64,10 @@ class AttentionLayer(nn.Module):
         if B == 0:  # an empty batch: an empty output, the cache untouched
             self.aux_loss = None
             return self.o_proj(x.new_zeros(0, T, self.n_heads * self.head_dim))
+        if attention_mask is not None or cu_seqlens is not None or getattr(cache, "rows", None) is not None:
+            pieces = self.sequence_pieces(x, positions, cache, attention_mask, cu_seqlens)
+            if pieces is not None:
+                return self.forward_pieces(x, pieces, cache)
         start = cache.pos if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device)
@@ -66,6 +79,65 @@ class AttentionLayer(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    # -- padded and packed batches: each sequence alone --------------------------------------------
+    def sequence_pieces(self, x, positions, cache, attention_mask, cu_seqlens) -> list[sequences.Piece] | None:
+        """The sequences' new tokens, or None when the batch has no padding and runs as one."""
+        B, T, _ = x.shape
+        if attention_mask is not None and cu_seqlens is not None:
+            raise ValueError("pass attention_mask (a padded batch) or cu_seqlens (packed documents), not both")
+        if positions is not None:
+            raise ValueError("with attention_mask or cu_seqlens each sequence takes positions from 0 (continuing "
+                             "its cache): leave positions=None")
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens packs documents for a forward without a cache; a cache takes a padded "
+                                 "batch (attention_mask)")
+            pieces = sequences.pieces_from_cu_seqlens(cu_seqlens, B, T)
+            return None if pieces == [sequences.Piece(0, 0, T)] else pieces
+        rows = getattr(cache, "rows", None)
+        past = cache.pos if cache is not None else 0
+        if cache is not None and past + T > cache.max_seq_len:
+            raise ValueError(f"cache overflow: {past} + {T} tokens > max_seq_len {cache.max_seq_len}")
+        if rows is not None and len(rows) != B:
+            raise ValueError(f"this cache holds a padded batch of {len(rows)} rows, got {B}; reset() it to start a "
+                             f"new one")
+        if attention_mask is None:  # a padded cache continues: every row gets T real tokens
+            return [sequences.Piece(b, 0, T) for b in range(B)]
+        real = sequences.real_token_mask(attention_mask, B, past + T)
+        if rows is None:
+            if bool(real.all()):
+                record(sequences.LAYOUT_OP, "batched")
+                return None
+            if past > 0:
+                raise ValueError("this cache holds a batch without padding; pass the attention_mask from the first "
+                                 "forward on (or reset() the cache)")
+            if cache is not None:
+                if B > cache.max_batch_size:
+                    raise ValueError(f"batch {B} exceeds the cache's max_batch_size {cache.max_batch_size}")
+                cache.rows = [self.make_cache(1, cache.max_seq_len, x.device) for _ in range(B)]
+        elif real[:, :past].sum(1).tolist() != [row.pos for row in rows]:
+            raise ValueError(f"attention_mask's first {past} columns do not match the cache's rows (real tokens per "
+                             f"row: {[row.pos for row in rows]})")
+        return sequences.pieces_from_mask(real, T)
+
+    def forward_pieces(self, x: torch.Tensor, pieces: list[sequences.Piece], cache) -> torch.Tensor:
+        """Run each piece alone (with its row's cache) and put the outputs back; padding gives zeros."""
+        B, T, _ = x.shape
+        rows = getattr(cache, "rows", None)
+        outs, losses = [], []
+        for p in pieces:
+            out = self.forward(x[p.row:p.row + 1, p.start:p.stop], cache=None if rows is None else rows[p.row])
+            outs.append((p, out))
+            if self.aux_loss is not None:
+                losses.append((self.aux_loss, p.stop - p.start))
+        if cache is not None:
+            cache.advance(T)
+        record(sequences.LAYOUT_OP, "per_sequence")
+        self.aux_loss = sequences.token_weighted_loss(losses)
+        if not outs:  # nothing but padding
+            return self.o_proj(x.new_zeros(B, T, self.n_heads * self.head_dim))
+        return sequences.scatter_pieces(outs, B, T, dim=1)
 
     def attend(self, x, q, k, v, positions, cache) -> torch.Tensor:
         """q [B, Hq, T, D], k/v [B, Hkv, S, D] (cache included) -> [B, Hq, T, D]."""

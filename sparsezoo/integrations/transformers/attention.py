@@ -8,7 +8,8 @@ variant's constructor; the variant's own q/k/v/o projections are dropped (`atten
 
 With a cache, K/V go through `cache.update` as usual and the variant's per-token state goes into the
 same cache layer (`cache.SparseCacheLayer`), so prefill, chunked prefill and decode agree.
-Attention masks: none, or a plain causal one; padding (a 0 in the 2D attention_mask) raises.
+Attention masks: none or plain causal (one batched `attend`), or padded / packed batches, read back
+from the mask transformers passes (`sequences`): each sequence is attended alone, zeros at padding.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sparsezoo
 from sparsezoo import AttentionConfig, AttentionLayer
 
 from .cache import sparse_cache_layer
+from .sequences import attend_segments, segments
 
 MAIN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -37,24 +39,6 @@ def attention_core(config: AttentionConfig, like: torch.Tensor | None = None) ->
     for name in MAIN_PROJECTIONS:
         delattr(core, name)
     return core if like is None else core.to(device=like.device, dtype=like.dtype)
-
-
-def require_plain_causal(mask, n_queries: int, n_keys: int) -> None:
-    """Accept no mask, or a 4D mask (bool, or additive float) that is plain causal for queries that are the
-    last `n_queries` of `n_keys` positions. Anything else (padding, packing, custom masks) raises."""
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"sparsezoo layers take no {type(mask).__name__} attention mask: load the model with "
-                         f"attn_implementation='sdpa' or 'eager'")
-    if tuple(mask.shape[-2:]) != (n_queries, n_keys):
-        raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not cover {n_queries} queries x "
-                         f"{n_keys} keys")
-    visible = mask if mask.dtype == torch.bool else mask == 0
-    causal = torch.ones(n_queries, n_keys, dtype=torch.bool, device=mask.device).tril(n_keys - n_queries)
-    if not torch.equal(visible, causal.expand_as(visible)):
-        raise ValueError("sparsezoo layers do not support padded batches or custom attention masks yet: pass "
-                         "attention_mask=None or all ones (no left padding), one sequence length per batch")
 
 
 class SparseSelfAttention(nn.Module):
@@ -90,13 +74,16 @@ class SparseSelfAttention(nn.Module):
         if cache is not None:
             state = sparse_cache_layer(cache, self.layer_idx)
             past = state.get_seq_length()
-        require_plain_causal(attention_mask, T, past + T)
+        segs = segments(attention_mask, T, past + T, B, kwargs)  # None: plain causal
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=hidden_states.device)
         self.variant.aux_loss = None
-        out = self.variant.attend(hidden_states, q, k, v, position_ids, state)  # [B, Hq, T, D]
+        if segs is None:
+            out = self.variant.attend(hidden_states, q, k, v, position_ids, state)  # [B, Hq, T, D]
+        else:
+            out = attend_segments(self.variant, hidden_states, q, k, v, position_ids, state, segs)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
 
     def project_qkv(self, x: torch.Tensor, position_embeddings):

@@ -5,7 +5,7 @@ keeps its own attention modules, projections, RoPE and cache, and calls the vari
 it would call SDPA. Its settings come from the model config's `sparsezoo_attention` dict (e.g.
 `{"block_size": 64, "topk": 4}` for moba; default: the variant's dataclass defaults), which
 save_pretrained keeps in config.json. The mask function registered beside it is SDPA's, so a padded
-batch gives a mask and raises (`require_plain_causal`) instead of being silently ignored.
+or packed batch gives a mask, read back into sequences that are attended one by one (`sequences`).
 Variants with weights (msa, dsa, nsa, csa) go through `convert`.
 """
 
@@ -20,7 +20,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import sparsezoo
 
-from .attention import attention_core, require_plain_causal
+from .attention import attention_core
+from .sequences import attend_segments, segments
 
 PREFIX = "sparsezoo_"
 CONFIG_FIELD = "sparsezoo_attention"  # model config attribute holding the variant's settings
@@ -52,11 +53,15 @@ def attention_function(variant: str):
         if sliding_window is not None:
             raise ValueError(f"sparsezoo_{variant} attends over the whole causal context, not a sliding window")
         T, S = query.shape[2], key.shape[2]
-        require_plain_causal(attention_mask, T, S)
+        segs = segments(attention_mask, T, S, query.shape[0], kwargs)  # None: plain causal
         settings = json.dumps(getattr(module.config, CONFIG_FIELD, None) or {}, sort_keys=True)
         core = weightless_core(variant, settings, query.shape[1], key.shape[1], query.shape[3], scaling)
         positions = torch.arange(S - T, S, device=query.device)
-        return core.attend(None, query, key, value, positions, None).transpose(1, 2).contiguous(), None
+        if segs is None:
+            out = core.attend(None, query, key, value, positions, None)
+        else:
+            out = attend_segments(core, None, query, key, value, positions, None, segs)
+        return out.transpose(1, 2).contiguous(), None
 
     sparsezoo_attention.__name__ = f"sparsezoo_{variant}_attention"
     return sparsezoo_attention
