@@ -41,8 +41,10 @@ queries see different entries, so for T > 1 the non-finite v rows of a tile are 
 row that sees one is flagged; for T = 1 every loaded entry is seen by every row. Scores are checked where
 attended (`saw_nonfinite`), the accumulators at the end; a flagged split poisons its partial output, which
 poisons the merged row. The selection reads only q and kc, as the reference does: the partial LSEs it merges
-are the scores' own (NaN only where a score is), not poisoned by v; a row whose q (or a visible kc entry) is
-NaN has NaN importances on every block some visible entry overlaps, which rank first (smallest ids).
+are the scores' own (NaN only where a score is), not poisoned by v. A NaN score of a row (its q, or a visible
+kc entry) makes the group's importances at that query NaN on every candidate block (with stride <= block_len,
+as NSA configures it, every candidate block overlaps a visible entry); they rank first: it takes the smallest
+ids, as the reference does.
 
 No backward: decode is inference-only (sparsezoo.ops.nsa_decode sends gradient-carrying calls to the
 branch ops).
@@ -169,7 +171,7 @@ def _weighted_sums(SUMS, SUM_MAX, width, chunk0, kc, k_ok, r, h_ok, lse2, col, c
     at = ((chunk0 + kc).to(tl.int64) * BM)[:, None] + r[None, :]
     ok = k_ok[:, None] & h_ok[None, :]
     m = tl.load(SUM_MAX + at, mask=ok, other=float("-inf"))
-    coef = tl.where(m == float("-inf"), 0.0, tl.exp2(m - lse2[None, :]))  # NaN where the head's LSE is
+    coef = tl.exp2(m - tl.where(lse2 == float("-inf"), 0.0, lse2)[None, :])  # 0 at m = -inf; NaN with the LSE
     x = tl.load(SUMS + at[:, :, None] * width + col[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :],
                 other=0.0)
     return tl.sum(coef[:, :, None] * x, axis=1)
@@ -198,13 +200,9 @@ def _merge_splits(PO, PL, split_stride, s_lo, s_hi, r, h_ok, dcol, D: tl.constex
 
 
 @triton.jit
-def _block_keys(imp, j, L, nvis, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr):
-    """int64 ranking keys of blocks j (importances imp) for a query in block L that sees nvis entries: forced
-    blocks (0, L - 1, L) first, then a NaN importance, then by importance; ties to the smaller id; blocks past
-    L get _KEY_NONE. A block no visible entry overlaps has importance 0 (also when the row's LSE is NaN)."""
-    i0 = tl.where(j * SEL >= BLOCK_LEN, (j * SEL - BLOCK_LEN) // STRIDE + 1, 0)  # first entry overlapping j
-    seen = (i0 < nvis) & (i0 * STRIDE < (j + 1) * SEL)
-    imp = tl.where(seen, imp, 0.0)
+def _block_keys(imp, j, L):
+    """int64 ranking keys of blocks j (importances imp) for a query in block L: forced blocks (0, L - 1, L)
+    first, then a NaN importance, then by importance; ties to the smaller id; blocks past L get _KEY_NONE."""
     imp = tl.where(imp != imp, _FLT_MAX, imp)
     imp = tl.where((j == 0) | (j == L) | (j == L - 1), float("inf"), imp)
     key = (_ordered_key(imp).to(tl.int64) << 32) + (j.to(tl.int64) * -1 + _LOW_ID)
@@ -213,8 +211,7 @@ def _block_keys(imp, j, L, nvis, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, 
 
 @triton.jit
 def _step_keys(SUM_OWN, SUM_HALO, SUM_MAX, st, chunk0, r, h_ok, lse2, L, nvis, BM: tl.constexpr, NB: tl.constexpr,
-               HALO: tl.constexpr, CPI: tl.constexpr, EC: tl.constexpr, BLOCK_LEN: tl.constexpr,
-               STRIDE: tl.constexpr, SEL: tl.constexpr):
+               HALO: tl.constexpr, CPI: tl.constexpr, EC: tl.constexpr):
     """Ranking keys [CPI * NB] of the blocks of importance step st: chunks st * CPI + [0, CPI), block j =
     chunk * NB + column, each summing its chunk's own block sums and the previous chunk's halo."""
     kc = st * CPI + tl.arange(0, CPI)
@@ -225,7 +222,7 @@ def _step_keys(SUM_OWN, SUM_HALO, SUM_MAX, st, chunk0, r, h_ok, lse2, L, nvis, B
         imp += _weighted_sums(SUM_HALO, SUM_MAX, HALO, chunk0, kp, (kp >= 0) & (kp * EC < nvis), r, h_ok, lse2, col,
                               col < HALO, BM)
     j = st * CPI * NB + tl.arange(0, CPI * NB)
-    return _block_keys(tl.reshape(imp, [CPI * NB]), j, L, nvis, BLOCK_LEN, STRIDE, SEL)
+    return _block_keys(tl.reshape(imp, [CPI * NB]), j, L)
 
 
 @triton.jit
@@ -315,10 +312,9 @@ def _importance_kernel(PL, SUM_OWN, SUM_HALO, SUM_MAX, CAND, T, S, Sc, n_splits,
     lse2 = _merge_lse(PL + bg.to(tl.int64) * n_splits * BM + r, BM, n_splits, h_ok)
     first = seg * steps
     best = tl.topk(_step_keys(SUM_OWN, SUM_HALO, SUM_MAX, first, bg * n_chunks, r, h_ok, lse2, L, nvis, BM, NB, HALO,
-                              CPI, EC, BLOCK_LEN, STRIDE, SEL), KP)
+                              CPI, EC), KP)
     for st in range(first + 1, first + steps):
-        keys = _step_keys(SUM_OWN, SUM_HALO, SUM_MAX, st, bg * n_chunks, r, h_ok, lse2, L, nvis, BM, NB, HALO, CPI, EC,
-                          BLOCK_LEN, STRIDE, SEL)
+        keys = _step_keys(SUM_OWN, SUM_HALO, SUM_MAX, st, bg * n_chunks, r, h_ok, lse2, L, nvis, BM, NB, HALO, CPI, EC)
         best = tl.topk(tl.reshape(tl.join(best, tl.topk(keys, KP)), [2 * KP]), KP)
     tl.store(CAND + (row * tl.num_programs(1) + seg).to(tl.int64) * KP + tl.arange(0, KP), best)
 
