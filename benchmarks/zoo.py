@@ -296,12 +296,17 @@ class Variant:
 
     def step(self):
         """One layer's selection + attention as the variant module runs it: NSA's compressed branch
-        comes first and hands its LSE to the selection; the others select, then attend."""
+        comes first and hands its LSE to the selection (a decode step runs all of it in one op, fused on a
+        GPU); the others select, then attend."""
         if self.name != "nsa":
             return self.attend(self.select())
         from sparsezoo import ops
+        from sparsezoo.ops.nsa_decode import DECODE_T
 
         c, e = self.cfg, self.extra
+        if self.T <= DECODE_T:  # unit gates, as below
+            return ops.nsa_decode(self.q, e["kc"], e["vc"], self.k, self.v, self.k, self.v, block_len=c["l"],
+                                  stride=c["d"], sel_block=c["lsel"], topk=c["n"], window=c["w"], scale=self.scale)[0]
         o_cmp, lse = ops.compressed_attention(self.q, e["kc"], e["vc"], S=self.S, block_len=c["l"], stride=c["d"],
                                               scale=self.scale, return_lse=True)
         sel = ops.nsa_select(self.q.detach(), e["kc"].detach(), S=self.S, block_len=c["l"], stride=c["d"],
@@ -632,6 +637,8 @@ def tune(T: int, parts: list[str]) -> None:
         _tune_moba_attention(T)
     if "decode" in parts:
         _tune_indexer_decode(T)
+    if "nsa_decode" in parts:
+        _tune_nsa_decode(T)
     if "nsa" not in parts:
         return
     var = Variant("nsa", CONFIGS["nsa"]["published"], 1, T, T, False)
@@ -725,6 +732,26 @@ def _tune_indexer_decode(T: int) -> None:
                                                                c["topk"], 1 / math.sqrt(c["Di"]), config=cfg))
             print(f"tune indexer decode {name} b8 {T}: {cfg} -> {ms}", flush=True)
         del var
+
+
+def _tune_nsa_decode(T: int) -> None:
+    """The fused NSA decode's knobs at batch 8, one new token over T keys (CUDA-graph timed), against its floor."""
+    from sparsezoo.kernels import nsa_decode_triton as nd
+
+    var = Variant("nsa", CONFIGS["nsa"]["published"], 8, 1, T, False)
+    e, c = var.extra, var.cfg
+    floor_ms = var.B * var.decode_bytes()["variant"] / copy_bandwidth() * 1e3
+    for cfg in ({}, dict(BE=128), dict(BE=32), dict(NB=64), dict(NB=16), dict(cmp_stages=3), dict(cmp_stages=4),
+                dict(cmp_warps=8), dict(programs_per_sm=1), dict(programs_per_sm=4), dict(cmp_splits=16),
+                dict(BJ=128), dict(BJ=512, imp_warps=8), dict(BN=32), dict(BN=128), dict(attn_stages=3),
+                dict(merge_cols=64)):
+        try:
+            ms = bench_graph(lambda: nd.nsa_decode_triton(var.q, e["kc"], e["vc"], var.k, var.v, var.k, var.v, c["l"],
+                                                          c["d"], c["lsel"], c["n"], c["w"], var.scale, config=cfg))[0]
+        except Exception as exc:
+            ms = f"{type(exc).__name__}: {str(exc)[:80]}"
+        print(f"tune nsa decode b8 {T}: {cfg} -> {ms} ms (floor {floor_ms:.4f} ms)", flush=True)
+    del var
 
 
 def parse(argv=None):

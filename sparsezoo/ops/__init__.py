@@ -31,6 +31,7 @@ from .indexer_topk import indexer_topk
 from .lightning_attention import lightning_attention
 from .moba_select import moba_select
 from .msa_select import msa_select
+from .nsa_decode import nsa_decode
 from .nsa_select import nsa_select
 from .window_attention import window_attention
 
@@ -42,6 +43,7 @@ OPS = {
     "compressed_attention": "compressed_attention",
     "msa_select": "msa_select",
     "nsa_select": "nsa_select",
+    "nsa_decode": "nsa_decode",
     "indexer_topk": "indexer_topk",
     "moba_select": "moba_select",
     "msa_index_kl": "index_kl",
@@ -53,8 +55,8 @@ OPS = {
 __all__ = [
     "block_sparse_attention", "checks", "compressed_attention", "dense_attention", "gated_delta_rule",
     "gather_attention", "implementations_used", "index_kl", "indexer_topk", "last_implementation",
-    "lightning_attention", "moba_select", "msa_index_kl",
-    "msa_select", "nsa_select", "op", "record", "references", "track_implementations", "window_attention",
+    "lightning_attention", "moba_select", "msa_index_kl", "msa_select", "nsa_decode", "nsa_select", "op", "record",
+    "references", "track_implementations", "window_attention",
 ]
 
 

@@ -25,6 +25,8 @@ from torch import nn
 from .. import ops
 from ..config import AttentionConfig, ConfigError
 from ..ops.compressed_attention import n_compressed
+from ..ops.dispatch import needs_grad
+from ..ops.nsa_decode import DECODE_T
 from ..registry import register_variant
 from ..rope import apply_rope
 from .base import AttentionLayer, selection_token_mask
@@ -44,7 +46,7 @@ class NSAConfig(AttentionConfig):
     select_backend: str = "auto"
 
     BACKEND_OPS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "backend": ("compressed_attention", "block_sparse_attention", "window_attention"),
+        "backend": ("compressed_attention", "block_sparse_attention", "window_attention", "nsa_decode"),
         "select_backend": ("nsa_select",)}
     POSITIVE: ClassVar[tuple[str, ...]] = ("cmp_block", "cmp_stride", "sel_block", "sel_topk", "window",
                                            "compressor_hidden")
@@ -65,6 +67,9 @@ class NSAConfig(AttentionConfig):
         if op == "nsa_select":
             return {"block_len": self.cmp_block, "stride": self.cmp_stride, "sel_block": self.sel_block,
                     "topk": self.sel_topk, "group": G, "head_dim": self.head_dim}
+        if op == "nsa_decode":
+            return {"block_len": self.cmp_block, "stride": self.cmp_stride, "sel_block": self.sel_block,
+                    "topk": self.sel_topk, "window": self.window, "group": G, "head_dim": self.head_dim}
         return {"window": self.window}
 
 
@@ -145,6 +150,13 @@ class NSAAttention(AttentionLayer):
         c = self.config
         S = k.shape[2]
         kc, vc, k_w, v_w = self.branches(x, q, k, v, positions, cache)
+        if cache is not None and q.shape[2] <= DECODE_T and not needs_grad(q, kc, vc, k_w, v_w):
+            # a decode step (inference only): the branches, selection and gated sum in one op (fused on a GPU)
+            out, self.last_selection = ops.nsa_decode(
+                q, kc, vc, k, v, k_w, v_w, block_len=c.cmp_block, stride=c.cmp_stride, sel_block=c.sel_block,
+                topk=c.sel_topk, window=c.window, scale=self.scale, gates=self.gates(x)[..., 0],
+                backend=c.backend_for("nsa_decode"))
+            return out
         # on a GPU the compressed branch also returns its LSE, so the selection need not recompute it
         # (compiled flex cannot return it on the CPU, where the selection computes its own)
         o_cmp = ops.compressed_attention(q, kc, vc, S=S, block_len=c.cmp_block, stride=c.cmp_stride,
