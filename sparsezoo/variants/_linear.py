@@ -37,19 +37,10 @@ class LinearAttentionLayer(AttentionLayer):
         if config.backend != "reference" and torch.cuda.is_available():
             fla_kernels.load()  # now, so that no call imports it (torch.compile cannot trace an import)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
-    ) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.config.d_model:
-            raise ValueError(
-                f"{self.variant_name}: x must be [B, T, d_model={self.config.d_model}], got {tuple(x.shape)}"
-            )
+    def forward_batch(self, x: torch.Tensor, positions: torch.Tensor | None, cache: LayerCache | None) -> torch.Tensor:
+        """The base contract's checks, padding and packing ran first; positions are unused (no RoPE)."""
         B, T, _ = x.shape
-        if T == 0:
-            raise ValueError(f"{self.variant_name}: x must hold at least one token (T >= 1), got {tuple(x.shape)}")
         self.aux_loss = None
-        if B == 0:  # an empty batch: an empty output, the cache untouched
-            return self.o_proj(x.new_zeros(0, T, self.n_heads * self.head_dim))
         if cache is not None:
             self.check_cache(cache, B, T)
         q, k, v = self.project(x, cache)

@@ -68,6 +68,11 @@ class AttentionLayer(nn.Module):
             pieces = self.sequence_pieces(x, positions, cache, attention_mask, cu_seqlens)
             if pieces is not None:
                 return self.forward_pieces(x, pieces, cache)
+        return self.forward_batch(x, positions, cache)
+
+    def forward_batch(self, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
+        """One batch of equal-length sequences (no padding), B >= 1, T >= 1: project, cache, attend."""
+        B, T, _ = x.shape
         start = cache.pos if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device)
