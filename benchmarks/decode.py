@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-SHAPES = {  # performance.md
+SHAPES = {  # the m3 and m2 layer shapes (configs/shapes/)
     "m3": dict(hq=64, hkv=4, d=128, di=128, block=128, topk=16),
     "m2": dict(hq=48, hkv=8, d=128, di=128, block=128, topk=16),
 }

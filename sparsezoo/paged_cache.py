@@ -10,7 +10,7 @@ Layout (one layer):
   appended token without a valid page (-1 padding, a length past the table) is written there, never
   into a page it does not own, without a host sync. `check=True` / `plan` raise on such input instead.
 
-Decode step (docs/variants.md, "msa"):
+Decode step (docs/decode.md; the selection rule: docs/msa.md):
     dec = MSADecoder(num_q_heads=64, num_kv_heads=4, head_dim=128, index_dim=128)
     cache.append(page_table, seq_lens, k_new, v_new, k_idx_new)   # per layer
     dec.plan(seq_lens, page_table, q_len)                          # once per step

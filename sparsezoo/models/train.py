@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -480,8 +481,12 @@ def plot_history(history: list[dict], evals: list[dict], path: Path, warmup: int
 
 
 def _say(d: Dist, text: str) -> None:
+    """A line for the user from the main rank, written above the progress bar rather than through it."""
     if d.main:
-        print(text, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(text)
+        sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

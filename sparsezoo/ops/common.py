@@ -66,7 +66,7 @@ def nan_first(scores: torch.Tensor, rank: float = float("inf")) -> torch.Tensor:
 
 
 def select_from_block_scores(b: torch.Tensor, pos: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
-    """MSA's selection rule (docs/variants.md): best k-1 blocks before the local one (ties to the smaller id), then the
+    """MSA's selection rule (docs/msa.md), also MoBA's: best k-1 blocks before the local one (ties to the smaller id), then the
     local block, then -1 padding; a NaN score ranks first. b is [..., Tc, n_blocks]; returns int32 [..., Tc, topk]."""
     n_blocks = b.shape[-1]
     local = pos // block_size  # [Tc]

@@ -23,7 +23,7 @@ def msa_index_kl(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: t
                  block_idx: torch.Tensor | None, *, block_size: int, scale: float | None = None,
                  index_scale: float | None = None, coeff: float = 1.0, temperature: float = 1.0,
                  main_lse: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """MSA's sparse KL loss for the index branch (docs/variants.md, "msa").
+    """MSA's sparse KL loss for the index branch (docs/msa.md, "Index loss").
 
     Teacher: group-mean main attention over the selected tokens (detached). Student: softmax of the
     index logits over the same tokens. block_idx=None uses every visible token (dense warm-up).

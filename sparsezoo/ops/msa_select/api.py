@@ -15,7 +15,7 @@ OP = Op("msa_select", __package__, ("triton", "reference"))
 @torch.no_grad()
 def msa_select(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, topk: int,
                scale: float | None = None, backend: str = "auto", check: bool = False) -> torch.Tensor:
-    """MSA index-branch selection (docs/variants.md).
+    """MSA index-branch selection (docs/msa.md).
 
     q_idx [B, H_i, T, D_i] (one index head per KV group), k_idx [B, S, D_i] (one shared index-key
     head); queries are the last T of S positions. Returns int32 [B, H_i, T, topk]: the best
