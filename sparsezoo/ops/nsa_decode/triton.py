@@ -25,10 +25,15 @@ def supports(req) -> str | None:
         return f"the fused NSA decode kernels serve at most {DECODE_T} new queries per request, got {T}"
     if req.get("head_dim", 0) > 256:
         return f"the fused NSA decode kernels support head_dim <= 256, got {req['head_dim']}"
-    if None in (req.get("block_len"), req.get("stride"), req.get("sel_block")):
-        return None
     from sparsezoo.kernels import nsa_decode_triton as kernel
 
+    pow2 = lambda n: 1 << max(0, (n - 1).bit_length())
+    group = req.get("group", 1)
+    if pow2(T or 1) * pow2(group) > kernel.MAX_ROWS:
+        return (f"the fused NSA decode kernels hold the new queries x the padded GQA group in <= {kernel.MAX_ROWS} "
+                f"rows, got {T or 1} x {group}")
+    if None in (req.get("block_len"), req.get("stride"), req.get("sel_block")):
+        return None
     try:  # the kernels' chunk geometry decides which (block_len, stride, sel_block) they tile
         kernel.chunk_geometry(req["block_len"], req["stride"], req["sel_block"], kernel.CONFIG["NB"],
                               kernel.CONFIG["BE"])
