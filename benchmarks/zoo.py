@@ -685,7 +685,8 @@ def _tune_moba_select(T: int) -> None:
                     dict(DECODE_T=0, TARGET_PROGRAMS=1056, MIN_SPLIT_CHUNKS=2),
                     dict(DECODE_HG=2), dict(DECODE_HG=8), dict(DECODE_HG=16), dict(DECODE_WARPS=4),
                     dict(DECODE_HG=8, DECODE_WARPS=16), dict(DECODE_BN=32), dict(DECODE_BN=128),
-                    dict(DECODE_STAGES=1), dict(DECODE_STAGES=3), dict(DECODE_TOPK_ELEMS=2048),
+                    dict(DECODE_STAGES=2), dict(DECODE_STAGES=4), dict(DECODE_BN=128, DECODE_STAGES=2),
+                    dict(DECODE_TOPK_ELEMS=2048),
                     dict(DECODE_TOPK_ELEMS=8192), dict(DECODE_HG=8, DECODE_TOPK_ELEMS=8192)):
             try:
                 ms = "%.4f (graphed %s)" % bench_graph(

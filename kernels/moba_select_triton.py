@@ -62,12 +62,13 @@ _HUGE = tl.constexpr(3 << 29)  # larger than every id: "no id"
 # at least MIN_SPLIT_CHUNKS chunks; SPLIT > 0 forces NSPLIT.
 # Decode path (4.): used for T <= DECODE_T queries when the ranked blocks are <= DECODE_CAP (0: never);
 # DECODE_HG heads per program, DECODE_BN means per scoring chunk, DECODE_TOPK_ELEMS keys per top-k pass
-# (rows x NBP, bounds the registers), DECODE_WARPS / DECODE_STAGES for the launch.
+# (rows x NBP, bounds the registers), DECODE_WARPS / DECODE_STAGES for the launch (one program per SM
+# streams its group's means: the stages set the bytes in flight).
 MOBA_SELECT_CONFIG = {"ROWS": 128, "TM": 32, "BN": 64, "num_warps": 4, "num_stages": 2,
                       "MEAN_ROWS": 64, "MEAN_BLOCKS": 1, "MERGE_ROWS": 32,
                       "TARGET_PROGRAMS": 264, "MIN_SPLIT_CHUNKS": 4, "SPLIT": 0,
                       "DECODE_T": 4, "DECODE_CAP": 4096, "DECODE_HG": 4, "DECODE_BN": 64,
-                      "DECODE_TOPK_ELEMS": 4096, "DECODE_WARPS": 8, "DECODE_STAGES": 2}
+                      "DECODE_TOPK_ELEMS": 4096, "DECODE_WARPS": 8, "DECODE_STAGES": 3}
 # Interpreter (CPU tests): small tiles keep them quick.
 _INTERPRET_CONFIG = {"ROWS": 16, "TM": 8, "BN": 16, "MEAN_ROWS": 8, "MEAN_BLOCKS": 32, "MERGE_ROWS": 16,
                      "TARGET_PROGRAMS": 1, "DECODE_BN": 16, "DECODE_TOPK_ELEMS": 256}
@@ -375,7 +376,9 @@ def moba_select_from_means(q: torch.Tensor, means: torch.Tensor, S: int, block_s
                            config: dict | None = None) -> torch.Tensor:
     """q [B, Hq, T, D] (the last T of S tokens), means fp32 [B, Hkv, n, D] from moba_block_means ->
     int32 [B, Hq, T, topk], the MoBA selection per query head. Only the complete blocks' means are read
-    (n >= (S - 1) // block_size), so a decode cache may hold just those, or a longer preallocated buffer."""
+    (n >= (S - 1) // block_size), so a decode cache may hold just those, or a longer preallocated buffer.
+    T <= DECODE_T with at most DECODE_CAP ranked blocks runs the one-launch decode kernel (module
+    docstring, 4.); otherwise the streaming fold (2., 3.)."""
     _check(q, means, S, block_size, topk)
     cfg = _config(q.device, config)
     B, Hq, T, D = q.shape

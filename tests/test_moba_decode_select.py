@@ -219,19 +219,19 @@ def _keys_kernel(SC, J, LOCAL, OUT, N: tl.constexpr):
 
 
 def test_sort_keys_follow_the_reference_order():
-    """The packed keys order blocks as the reference does: NaN = +inf first, -0 ties +0, -inf after every
-    finite score, ties to the smaller id, blocks j >= L(t) below every candidate (-inf included)."""
-    scores = [0.5, -0.0, NAN, INF, -INF, 0.0, -1.5, 0.5, 3e38, -3e38, 1e-45, -1e-45, INF, NAN, -INF, 7.0]
-    sc = torch.tensor(scores, dtype=torch.float32, device=DEV)
-    j = torch.arange(16, dtype=torch.int32, device=DEV)
-    local = torch.tensor([13], dtype=torch.int32, device=DEV)
+    """The packed keys order blocks as the reference does: NaN (either sign) = +inf, ties to the smaller id;
+    -0 ties +0; -inf after every finite score; blocks j >= L(t) below every candidate (-inf included)."""
+    scores = [INF, -0.0, NAN, 0.5, -INF, 0.0, -1.5, 0.5, 3e38, -3e38, 1e-45, -1e-45, NAN, -INF, NAN, 7.0]
+    sc = torch.tensor(scores, dtype=torch.float32)
+    sc[12] = -sc[12]  # a NaN with the sign bit set (x86's default NaN)
+    j = torch.arange(16, dtype=torch.int32)
+    local = 13
     keys = torch.empty(16, dtype=torch.int64, device=DEV)
-    _keys_kernel[(1,)](sc, j, local, keys, N=16)
-    order = torch.sort(keys.cpu(), descending=True).indices
-    ranked = nan_first(sc.cpu()).masked_fill(j.cpu() >= 13, -INF)
-    want = torch.sort(ranked, descending=True, stable=True).indices  # the reference's rule
-    assert order.tolist() == want.tolist()
-    assert keys.unique().numel() == 16 and (keys[13:] < keys[:13].min()).all()
+    _keys_kernel[(1,)](sc.to(DEV), j.to(DEV), torch.tensor([local], dtype=torch.int32, device=DEV), keys, N=16)
+    keys = keys.cpu()
+    want = torch.sort(nan_first(sc).masked_fill(j >= local, -INF), descending=True, stable=True).indices
+    assert torch.sort(keys, descending=True).indices.tolist() == want.tolist()
+    assert want[:3].tolist() == [0, 2, 12] and keys.unique().numel() == 16 and (keys[local:] < keys[:local].min()).all()
 
 
 # ----------------------------------------------------------------------------- GPU, bf16
