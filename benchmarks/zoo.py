@@ -683,17 +683,34 @@ def _tune_csa_attention(T: int) -> None:
 
 
 def _tune_moba_select(T: int) -> None:
-    """MoBA gate + top-k tiles, prefill at T and decode (batch 8 over T keys)."""
+    """MoBA gate + top-k tiles: prefill at T; decode over T keys at batch 8 from the cached block means (1 and
+    4 queries, CUDA-graph timed). DECODE_T=0 runs the split + merge path that the decode kernel replaces."""
     from sparsezoo.kernels import moba_select_triton as ms_kernel
 
-    for B, Tq in ((1, T), (8, 1)):
-        var = Variant("moba", CONFIGS["moba"]["equal_budget"], B, Tq, T, False)
-        c = var.cfg
-        for cfg in ({}, dict(ROWS=64, TM=16), dict(ROWS=256, TM=64), dict(BN=128), dict(BN=32), dict(num_warps=4),
-                    dict(TARGET_PROGRAMS=528), dict(TARGET_PROGRAMS=1056, MIN_SPLIT_CHUNKS=2)):
-            ms = _timed(lambda: ms_kernel.moba_select_triton(var.q, var.k, c["block"], c["topk"], config=cfg))
-            print(f"tune moba_select b{B} T{Tq} S{T}: {cfg} -> {ms}", flush=True)
-        del var
+    var = Variant("moba", CONFIGS["moba"]["equal_budget"], 1, T, T, False)
+    c = var.cfg
+    for cfg in ({}, dict(ROWS=64, TM=16), dict(ROWS=256, TM=64), dict(BN=128), dict(BN=32), dict(num_warps=4),
+                dict(TARGET_PROGRAMS=528), dict(TARGET_PROGRAMS=1056, MIN_SPLIT_CHUNKS=2)):
+        ms = _timed(lambda: ms_kernel.moba_select_triton(var.q, var.k, c["block"], c["topk"], config=cfg))
+        print(f"tune moba_select b1 T{T} S{T}: {cfg} -> {ms}", flush=True)
+    del var
+    for Tq in (1, 4):
+        var = Variant("moba", CONFIGS["moba"]["equal_budget"], 8, Tq, T, False)
+        means = ms_kernel.moba_block_means(var.k, c["block"])[:, :, :(T - 1) // c["block"]]
+        for cfg in ({}, dict(DECODE_T=0), dict(DECODE_T=0, TARGET_PROGRAMS=528),
+                    dict(DECODE_T=0, TARGET_PROGRAMS=1056, MIN_SPLIT_CHUNKS=2),
+                    dict(DECODE_HG=2), dict(DECODE_HG=8), dict(DECODE_HG=16), dict(DECODE_WARPS=4),
+                    dict(DECODE_HG=8, DECODE_WARPS=16), dict(DECODE_BN=32), dict(DECODE_BN=128),
+                    dict(DECODE_STAGES=2), dict(DECODE_STAGES=4), dict(DECODE_BN=128, DECODE_STAGES=2),
+                    dict(DECODE_TOPK_ELEMS=2048),
+                    dict(DECODE_TOPK_ELEMS=8192), dict(DECODE_HG=8, DECODE_TOPK_ELEMS=8192)):
+            try:
+                ms = "%.4f (graphed %s)" % bench_graph(
+                    lambda: ms_kernel.moba_select_from_means(var.q, means, T, c["block"], c["topk"], config=cfg))
+            except Exception as exc:
+                ms = f"{type(exc).__name__}: {str(exc)[:80]}"
+            print(f"tune moba_select decode b8 T{Tq} S{T}: {cfg} -> {ms}", flush=True)
+        del var, means
 
 
 def _tune_moba_attention(T: int) -> None:

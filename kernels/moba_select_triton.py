@@ -19,17 +19,30 @@ Output int32 [B, Hq, T, topk] in MSA's selection format (ranked ids best-first, 
    smaller id) and replaces its worst entry (lowest score, ties to the larger id). Chunks arrive in
    ascending id order, so a strict ">" keeps ties on the smaller id. After the first chunks few
    candidates beat the k-1 best, so the fold costs about one compare per score instead of k.
-3. Decode (few query tiles): the candidate range is split over NSPLIT programs per row tile, each
-   writing its partial top list; `_merge_kernel` folds the partial lists in split order (ascending
-   ids, so the same fold and tie rule apply) and writes the selection.
+3. Few programs (decode past DECODE_CAP, or DECODE_T = 0): the candidate range is split over NSPLIT
+   programs per row tile, each writing its partial top list; `_merge_kernel` folds the partial lists in
+   split order (ascending ids, so the same fold and tie rule apply) and writes the selection.
+4. Decode, T <= DECODE_T queries and at most DECODE_CAP ranked blocks (`_decode_select`): one launch,
+   one program per (HG query heads of one kv group, kv group, batch). It scores every ranked block as
+   in 2 (rows = HG heads x TM tokens, tokens padded to a tl.dot tile; chunks of BN means) and stores
+   the fp32 scores to a scratch row per (b, head, t) of NBP = pow2(ranked blocks) slots (L2-resident).
+   After a CTA barrier it reloads them RB rows at a time (RB * NBP <= DECODE_TOPK_ELEMS), packs each
+   score and its id into one int64 key (order-preserving score bits high, 2**31 - 1 - id low: unique,
+   ties to the smaller id; blocks j >= L(t) get a high word below -inf's) and runs tl.topk (a bitonic
+   top-KP network) along the row: the KP best keys come out best-first, so the first min(L(t), k-1)
+   ids are the ranked blocks, then the local block, then -1. No data-dependent loop; the means are
+   re-read (from L2) once per head chunk.
 
 Non-finite values (docs/ops.md): a NaN score (a NaN in the row's q or in a block's keys) counts as +inf,
-set before the fold (whose GPU max would drop a NaN): the block ranks first, ties to the smaller id; a
-NaN key changes only the rows that rank its block. An infinite block mean scores +-inf with fp32 queries,
-as in the reference; with 16-bit queries its hi/lo split gives inf - inf = NaN, so it ranks first for
-every row (the reference ranks a -inf score last).
+set before the fold (whose GPU max would drop a NaN) or the key: the block ranks first, ties to the
+smaller id; a NaN key changes only the rows that rank its block. An infinite block mean scores +-inf
+with fp32 queries, as in the reference; with 16-bit queries its hi/lo split gives inf - inf = NaN, so it
+ranks first for every row (the reference ranks a -inf score last). A -inf score: the decode path (4)
+ranks it last, as the reference does; the fold (2, 3) never inserts it, so a row with fewer than k-1
+other candidates lists fewer ranked blocks than the reference.
 
-No score matrix and no [T, n_blocks] buffer reach memory; no host syncs (graph-capturable).
+No score matrix reaches memory except the decode path's bounded scratch (B * Hq * T * NBP fp32, T <= 4);
+no host syncs (graph-capturable).
 """
 
 from __future__ import annotations
@@ -47,12 +60,18 @@ _HUGE = tl.constexpr(3 << 29)  # larger than every id: "no id"
 # MEAN_ROWS keys per load and MEAN_BLOCKS blocks per block-mean program.
 # A decode launch (fewer than TARGET_PROGRAMS programs) splits the candidates into NSPLIT ranges of
 # at least MIN_SPLIT_CHUNKS chunks; SPLIT > 0 forces NSPLIT.
+# Decode path (4.): used for T <= DECODE_T queries when the ranked blocks are <= DECODE_CAP (0: never);
+# DECODE_HG heads per program, DECODE_BN means per scoring chunk, DECODE_TOPK_ELEMS keys per top-k pass
+# (rows x NBP, bounds the registers), DECODE_WARPS / DECODE_STAGES for the launch (one program per SM
+# streams its group's means: the stages set the bytes in flight).
 MOBA_SELECT_CONFIG = {"ROWS": 128, "TM": 32, "BN": 64, "num_warps": 4, "num_stages": 2,
                       "MEAN_ROWS": 64, "MEAN_BLOCKS": 1, "MERGE_ROWS": 32,
-                      "TARGET_PROGRAMS": 264, "MIN_SPLIT_CHUNKS": 4, "SPLIT": 0}
+                      "TARGET_PROGRAMS": 264, "MIN_SPLIT_CHUNKS": 4, "SPLIT": 0,
+                      "DECODE_T": 4, "DECODE_CAP": 4096, "DECODE_HG": 4, "DECODE_BN": 64,
+                      "DECODE_TOPK_ELEMS": 4096, "DECODE_WARPS": 8, "DECODE_STAGES": 3}
 # Interpreter (CPU tests): small tiles keep them quick.
 _INTERPRET_CONFIG = {"ROWS": 16, "TM": 8, "BN": 16, "MEAN_ROWS": 8, "MEAN_BLOCKS": 32, "MERGE_ROWS": 16,
-                     "TARGET_PROGRAMS": 1}
+                     "TARGET_PROGRAMS": 1, "DECODE_BN": 16, "DECODE_TOPK_ELEMS": 256}
 
 
 def _pow2(n: int) -> int:
@@ -220,6 +239,79 @@ def _merge_kernel(PS, PI, OUT, N_ROWS, T, S, BLOCK, NSPL,
     _write_selection(OUT + rows * KOUT, 1, top_s, top_i, local, row_ok, KP, KOUT, KOP)
 
 
+# ----------------------------------------------------------------------------- decode selection
+
+_NO_CANDIDATE = tl.constexpr(-2**31)  # high word of blocks j >= L(t): below every score's, -inf's too
+
+
+@triton.jit
+def _sort_keys(sc, j, local):
+    """int64 keys, larger = better: order-preserving bits of the score (NaN -> +inf, -0 -> +0) high,
+    j ^ (2**31 - 1) = 2**31 - 1 - j low (ties to the smaller id); blocks j >= local get the
+    _NO_CANDIDATE high word."""
+    bits = tl.where(sc == sc, sc, float("inf")).to(tl.int32, bitcast=True)
+    bits = tl.where(bits == _NO_CANDIDATE, 0, bits)  # -0.0 (sign bit alone) ties with +0.0
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    ordered = tl.where(j < local, ordered, _NO_CANDIDATE)
+    return (ordered.to(tl.int64) << 32) | (j ^ 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _group_rows(hc, g, r, G, T, HG: tl.constexpr, TR: tl.constexpr):
+    """Rows r = head-in-chunk x TR tokens -> (query head, token, row is real)."""
+    in_group = hc * HG + r // TR
+    t = r % TR
+    return (g * G + in_group).to(tl.int64), t, (t < T) & (in_group < G)
+
+
+@triton.jit
+def _decode_select_kernel(Q, M, OUT, SC, T, S, HQ, G, BLOCK, sqb, sqh, sqt, sqd, smb, smh, smn, smd,
+                          sob, soh, sot, sok,
+                          HG: tl.constexpr, TM: tl.constexpr, TR: tl.constexpr, RB: tl.constexpr,
+                          BN: tl.constexpr, NBP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                          KR: tl.constexpr, KP: tl.constexpr, KOUT: tl.constexpr, KOP: tl.constexpr,
+                          HI_LO: tl.constexpr):
+    """HG heads of kv group pid(1), batch pid(2): score every ranked block into SC [B, HQ, T, NBP], then
+    top-KP per row by sorting packed (score, id) keys; writes the selection as _write_selection does."""
+    hc = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n_rank = (S - 1) // BLOCK  # ranked blocks: j < L(t) <= L(T - 1)
+    if KR > 0:
+        # 1. scores of rows HG heads x TM tokens (TM >= TR pads the rows to a tl.dot tile)
+        head, t, row_ok = _group_rows(hc, g, tl.arange(0, HG * TM), G, T, HG, TM)
+        d = tl.arange(0, BD)
+        q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None].to(tl.int64) * sqt + d[None, :] * sqd,
+                    mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        sc_rows = SC + ((b * HQ + head) * T + t) * NBP
+        m_base = M + b * smb + g.to(tl.int64) * smh + d[None, :] * smd
+        for c0 in range(0, n_rank, BN):
+            j = c0 + tl.arange(0, BN)
+            m = tl.load(m_base + j[:, None] * smn, mask=(j[:, None] < n_rank) & (d[None, :] < D), other=0.0)
+            tl.store(sc_rows[:, None] + j[None, :], _scores(q, m, HI_LO),
+                     mask=row_ok[:, None] & (j[None, :] < n_rank))
+        tl.debug_barrier()  # the scores this CTA stored are read back by other threads
+    # 2. per RB rows: keys, top-KP (best first), selection
+    jb = tl.arange(0, NBP)
+    slot = tl.arange(0, KP)
+    c = tl.arange(0, KOP)
+    for r0 in tl.static_range(0, HG * TR, RB):
+        head, t, row_ok = _group_rows(hc, g, r0 + tl.arange(0, RB), G, T, HG, TR)
+        local = (S - T + t) // BLOCK
+        o_rows = OUT + b * sob + head * soh + t.to(tl.int64) * sot
+        n_valid = tl.minimum(local, KR)  # every j < L(t) is a candidate and beats every non-candidate
+        if KR > 0:
+            sc = tl.load(SC + ((b * HQ + head) * T + t)[:, None] * NBP + jb[None, :],
+                         mask=row_ok[:, None] & (jb[None, :] < n_rank), other=0.0)
+            best = tl.topk(_sort_keys(sc, jb[None, :], local[:, None]), KP)
+            ids = best.to(tl.int32) ^ 0x7FFFFFFF  # the low word
+            tl.store(o_rows[:, None] + slot[None, :] * sok, ids,
+                     mask=row_ok[:, None] & (slot[None, :] < n_valid[:, None]))
+        tail = tl.where(c[None, :] == n_valid[:, None], local[:, None], -1)
+        tl.store(o_rows[:, None] + c[None, :] * sok, tail,
+                 mask=row_ok[:, None] & (c[None, :] >= n_valid[:, None]) & (c[None, :] < KOUT))
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def _config(device, config: dict | None) -> dict:
@@ -284,10 +376,14 @@ def moba_select_from_means(q: torch.Tensor, means: torch.Tensor, S: int, block_s
                            config: dict | None = None) -> torch.Tensor:
     """q [B, Hq, T, D] (the last T of S tokens), means fp32 [B, Hkv, n, D] from moba_block_means ->
     int32 [B, Hq, T, topk], the MoBA selection per query head. Only the complete blocks' means are read
-    (n >= (S - 1) // block_size), so a decode cache may hold just those, or a longer preallocated buffer."""
+    (n >= (S - 1) // block_size), so a decode cache may hold just those, or a longer preallocated buffer.
+    T <= DECODE_T with at most DECODE_CAP ranked blocks runs the one-launch decode kernel (module
+    docstring, 4.); otherwise the streaming fold (2., 3.)."""
     _check(q, means, S, block_size, topk)
     cfg = _config(q.device, config)
     B, Hq, T, D = q.shape
+    if T <= cfg["DECODE_T"] and (S - 1) // block_size <= cfg["DECODE_CAP"]:
+        return _decode_select(q, means, S, block_size, topk, cfg)
     Hkv = means.shape[1]
     G = Hq // Hkv
     TM, HG = _select_tiling(T, G, cfg)
@@ -315,6 +411,28 @@ def moba_select_from_means(q: torch.Tensor, means: torch.Tensor, S: int, block_s
         MR = _pow2(cfg["MERGE_ROWS"])
         _merge_kernel[(triton.cdiv(rows, MR),)](ps, pi, out, rows, T, S, block_size, n_split,
                                                 BM=MR, KR=KR, KP=KP, KOUT=topk, KOP=KOP, num_warps=4)
+    return out
+
+
+def _decode_select(q: torch.Tensor, means: torch.Tensor, S: int, block_size: int, topk: int,
+                   cfg: dict) -> torch.Tensor:
+    """The decode path (module docstring, 4.): one launch; an fp32 scratch of B*Hq*T*NBP scores."""
+    B, Hq, T, D = q.shape
+    Hkv = means.shape[1]
+    G = Hq // Hkv
+    KR = topk - 1
+    KP, KOP = max(_pow2(KR), 2), max(_pow2(topk), 2)
+    NBP = max(_pow2((S - 1) // block_size), KP)
+    HG, TR = min(_pow2(G), _pow2(cfg["DECODE_HG"])), _pow2(T)
+    TM = max(TR, 16 // HG)  # the scoring dot's rows HG * TM >= 16
+    RB = min(HG * TR, max(1, 1 << int(math.log2(max(1, cfg["DECODE_TOPK_ELEMS"] // NBP)))))
+    out = torch.empty((B, Hq, T, topk), dtype=torch.int32, device=q.device)
+    scratch = torch.empty((B, Hq, T, NBP), dtype=torch.float32, device=q.device) if KR > 0 else out
+    _decode_select_kernel[(triton.cdiv(G, HG), Hkv, B)](
+        q, means, out, scratch, T, S, Hq, G, block_size, *q.stride(), *means.stride(), *out.stride(),
+        HG=HG, TM=TM, TR=TR, RB=RB, BN=max(16, _pow2(cfg["DECODE_BN"])), NBP=NBP, D=D, BD=max(_pow2(D), 16),
+        KR=KR, KP=KP, KOUT=topk, KOP=KOP, HI_LO=q.dtype != torch.float32,
+        num_warps=cfg["DECODE_WARPS"], num_stages=cfg["DECODE_STAGES"])
     return out
 
 

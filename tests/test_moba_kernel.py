@@ -137,16 +137,18 @@ def test_moba_select_16bit_queries_keep_the_means_precision():
 
 @pytest.mark.parametrize("T,B", [(1, 2), (3, 1)])
 def test_moba_select_decode_splits_are_exact(T, B):
-    # decode: few query rows, the candidates split over programs and merged; any split gives the same ids
+    # few query rows on the split path (DECODE_T = 0; tests/test_moba_decode_select.py covers the decode
+    # kernel): the candidates split over programs and merged; any split gives the same ids
     gen = torch.Generator().manual_seed(T * 10 + B)
     S, block, topk = 70, 2, 5
     q = torch.randn(B, 2, T, 16, generator=gen).to(DEV)
     k = torch.randn(B, 1, S, 16, generator=gen).to(DEV)
-    base = mst.moba_select_triton(q, k, block, topk, {"SPLIT": 1})
+    base = mst.moba_select_triton(q, k, block, topk, {"SPLIT": 1, "DECODE_T": 0})
     assert_moba_selection(base, q, k, block, topk, eps=1e-4)
-    assert torch.equal(mst.moba_select_triton(q, k, block, topk, {"SPLIT": 3}), base)
+    assert torch.equal(mst.moba_select_triton(q, k, block, topk, {"SPLIT": 3, "DECODE_T": 0}), base)
     means = mst.moba_block_means(k, block)[:, :, :S // block]  # a decode cache of the complete blocks
-    assert torch.equal(mst.moba_select_from_means(q, means, S, block, topk, {"SPLIT": 2}), base)
+    assert torch.equal(mst.moba_select_from_means(q, means, S, block, topk, {"SPLIT": 2, "DECODE_T": 0}), base)
+    assert_moba_selection(mst.moba_select_from_means(q, means, S, block, topk), q, k, block, topk, eps=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
