@@ -11,6 +11,7 @@ import torch
 from tests.test_compile import VARIANTS, assert_compiled_matches_eager, cold_start, tiny_gpt  # noqa: F401
 
 pytestmark = pytest.mark.gpu
+LINEAR = ("lightning", "gdn")
 
 GPU_TINY = {  # GPU tiles need blocks of >= 16 keys and power-of-two groups
     "msa": {"block_size": 16, "topk": 2, "index_dim": 16},
@@ -27,5 +28,6 @@ def test_gpt_trains_compiled_on_the_gpu(variant, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     layers = ["dense", variant] if variant != "dense" else ["dense", "dense"]
     model = tiny_gpt(layers, **GPU_TINY.get(variant, {})).cuda()
-    compiled = torch.compile(model, fullgraph=True)
+    # fla's kernels (lightning, gdn) are wrapped in torch.compiler.disable: the graph breaks around them
+    compiled = torch.compile(model, fullgraph=variant not in LINEAR)
     assert_compiled_matches_eager(model, compiled, train=True, T=64, device="cuda", tol=dict(rtol=2e-3, atol=2e-3))

@@ -53,6 +53,21 @@ def supports(req) -> str | None:
     return None
 
 
+def gated_backward_refused() -> str | None:
+    """fla refuses the backward of its gated chunk kernels (chunk_gated_delta_rule) on Hopper GPUs with
+    Triton 3.4.0 up to 3.7.1, which compute it wrongly there, unless tilelang is installed (fla issue 640)."""
+    import torch
+    import triton
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return None
+    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:3])
+    if not (3, 4, 0) <= version < (3, 7, 1) or importlib.util.find_spec("tilelang") is not None:
+        return None
+    return (f"fla's gated chunk backward is wrong on Hopper GPUs with Triton {triton.__version__} (fla issue 640): "
+            f"install Triton >= 3.7.1 or tilelang for training on fla's kernels")
+
+
 def load() -> SimpleNamespace:
     """fla's four kernels this library calls (imported on first use)."""
     global _kernels

@@ -9,6 +9,10 @@ from ..dispatch import needs_grad
 
 
 def supports(req) -> str | None:
+    if req.needs_grad and req.device == "cuda":
+        reason = fla_kernels.gated_backward_refused()
+        if reason:
+            return reason
     return fla_kernels.supports(req)
 
 
