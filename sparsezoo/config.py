@@ -253,6 +253,14 @@ def packaged_config(name: str | Path) -> Path | None:
     return Path(str(path)) if path.is_file() else None
 
 
+def packaged_config_names() -> list[str]:
+    """Every packaged config name create_attention takes: "msa", ..., "published/<name>"."""
+    folder = resources.files("sparsezoo.configs")
+    names = sorted(p.name[:-5] for p in folder.iterdir()
+                   if p.name.endswith(".yaml") and "variant" in (yaml.safe_load(p.read_text()) or {}))
+    return names + published_config_names()
+
+
 def published_config_names() -> list[str]:
     """The packaged configs at published sizes, as names create_attention takes ("published/<name>")."""
     folder = resources.files("sparsezoo.configs.published")
@@ -264,7 +272,11 @@ def normalize(config: Any) -> dict[str, Any] | AttentionConfig:
     if isinstance(config, AttentionConfig):
         return config
     if isinstance(config, (str, Path)):
-        config = read_yaml(packaged_config(config) or config)
+        path = packaged_config(config)
+        if path is None and not Path(config).is_file() and not Path(config).suffix:
+            raise ConfigError(f"no config file and no packaged config named {str(config)!r}; packaged: "
+                              f"{packaged_config_names()} (or a YAML path, a dict, an AttentionConfig)")
+        config = read_yaml(path or config)
     if not isinstance(config, dict):
         raise ConfigError(f"a config is a YAML path, a dict or an AttentionConfig, got {type(config).__name__}")
     config = dict(config)

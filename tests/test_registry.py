@@ -176,5 +176,7 @@ def test_a_bare_variant_name_uses_the_packaged_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ folder here: the name must resolve inside the package
     layer = create_attention("msa")
     assert type(layer).__name__ == "MSAAttention" and layer.config.block_size == 64
-    with pytest.raises(ConfigError, match="not found: nope"):
-        create_attention("nope")
+    with pytest.raises(ConfigError, match=r"no packaged config named 'msaa'; packaged: \['csa', 'dense'.*'msa'"):
+        create_attention("msaa")
+    with pytest.raises(ConfigError, match="not found: nope.yaml"):
+        create_attention("nope.yaml")
