@@ -247,7 +247,14 @@ def test_fla_chunk_kernels_match_the_references_on_gpu(dtype, tol, T):
     q, k, v, g, beta, state = gdn_inputs(B=2, Hk=2, H=4, T=T, K=64, V=64, dtype=dtype, device="cuda")
     state = state.float()
     g = g.float()
-    leaves = [t.requires_grad_() for t in (q, k, v, g, beta, state)]
+    refused = fla_kernels.gated_backward_refused()
+    if refused:  # Hopper with Triton 3.4-3.7.0: fla computes this backward wrongly, so the op refuses it
+        with pytest.raises(ValueError, match="issue 640"):
+            ops.gated_delta_rule(q.requires_grad_(), k, v, g, beta, backend="triton")
+        q = q.detach()
+        leaves = []
+    else:
+        leaves = [t.requires_grad_() for t in (q, k, v, g, beta, state)]
     with ops.track_implementations() as used:
         fast = ops.gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True, backend="triton")
     assert used == {"gated_delta_rule": "triton"}
@@ -258,7 +265,7 @@ def test_fla_chunk_kernels_match_the_references_on_gpu(dtype, tol, T):
         backend="reference",
     )
     assert rel_err(fast[0], ref[0]) < tol and rel_err(fast[1], ref[1]) < tol
-    for a, b in zip(grads(fast, leaves), grads(ref, leaves)):
+    for a, b in zip(grads(fast, leaves), grads(ref, leaves)) if leaves else ():
         assert rel_err(a, b) < tol
 
 
