@@ -55,6 +55,13 @@ class LayerCache:
         buf, dim = self._buffers[name]
         return buf[:batch].narrow(dim, 0, self.pos if length is None else length)
 
+    def buffer(self, name: str) -> torch.Tensor:
+        """The whole preallocated buffer [max_batch_size, ..., max_seq_len, ...] (a static decode step
+        writes into it at a position tensor)."""
+        if name not in self._buffers:
+            raise KeyError(f"cache buffer {name!r} is not allocated yet (present: {sorted(self._buffers)})")
+        return self._buffers[name][0]
+
     def derived(self, name: str) -> torch.Tensor | None:
         """A summary a variant stored with set_derived and can rebuild from the buffers (per-block mean
         keys, say); None after reset()."""

@@ -10,7 +10,7 @@ Training: `python examples/train.py --config configs/gpt_tiny.yaml --set model.a
 
 from .checkpoint import LoadReport, load_model, load_weights, save_checkpoint, save_weights
 from .data import Data, DataConfig
-from .gpt import GPT, GPTConfig
+from .gpt import GPT, GPTConfig, static_decode_variants
 
 __all__ = ["Data", "DataConfig", "GPT", "GPTConfig", "LoadReport", "load_model", "load_weights",
-           "save_checkpoint", "save_weights"]
+           "save_checkpoint", "save_weights", "static_decode_variants"]

@@ -21,6 +21,11 @@ one softmax layer; MiniMax-01: 7 lightning layers, then one softmax layer). Vari
 Padded and packed batches: `forward(idx, attention_mask=m)` (left padding) or `forward(idx,
 cu_seqlens=c)` (documents packed in one row) run each sequence alone in every attention layer
 (`sparsezoo.sequences`); `generate(prompts, n, attention_mask=m)` continues left-padded prompts.
+
+Compiled generation: `generate(prompts, n, compile=True)` prefills eagerly, then runs `decode_step`
+through `torch.compile(fullgraph=True)` (`mode="reduce-overhead"` on CUDA: CUDA-graph decode). The step
+writes into the caches' preallocated K/V buffers at a position tensor, so one graph serves every
+position. Only layers with a static decode step qualify (`static_decode_variants()`); others raise.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from torch import nn
 
 import sparsezoo
 from sparsezoo.config import AttentionConfig, CheckedConfig, ConfigError, from_known_fields, read_yaml
+from sparsezoo.ops.dispatch import record
 
 DENSE = "dense"  # the baseline variant `dense_layers` falls back to
+STATIC_DECODE_OP = "decode_step"  # dispatch record: "static_compiled" after a compiled generate
 MODEL_FIELDS = ("variant", "d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta", "layer_index", "n_layers")
 
 
@@ -149,6 +156,11 @@ class GPTConfig(CheckedConfig):
         return configs
 
 
+def static_decode_variants() -> list[str]:
+    """The variants with a static decode step (`decode_static`), which compiled generation needs."""
+    return [v for v in sparsezoo.list_variants() if sparsezoo.variant_class(v).static_decode]
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
@@ -252,17 +264,66 @@ class GPT(nn.Module):
     def clear_cache(self) -> None:
         self.caches = None
 
+    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]):
+        """idx [B, 1], the tokens at position pos (long [1]) -> logits [B, 1, V], with static shapes.
+
+        kv holds each layer's preallocated (K, V) buffers [B, Hkv, max_len, D]; the step writes the
+        token's K/V at pos and reads the slots up to pos. Meant for torch.compile(fullgraph=True):
+        one graph for every position (generate(..., compile=...) drives it).
+        """
+        x = self.tok_emb(idx)
+        for block, (k_cache, v_cache) in zip(self.blocks, kv):
+            x = x + block.attn.decode_static(block.attn_norm(x), pos, k_cache, v_cache)
+            x = x + block.mlp(block.mlp_norm(x))
+        return F.linear(self.norm(x), self.tok_emb.weight)
+
+    def _compiled_decode_step(self, compile: bool | dict, use_cache: bool, idx, attention_mask):
+        """torch.compile(decode_step) with the options of `compile`, after checking the model and batch."""
+        missing = sorted({b.attn.variant_name for b in self.blocks if not b.attn.static_decode})
+        if missing:
+            raise ValueError(f"compiled generation needs a static decode step in every layer; {missing} have none "
+                             f"(variants that have one: {static_decode_variants()}); use compile=False")
+        if not use_cache:
+            raise ValueError("compiled generation decodes over the cache: use_cache=False takes compile=False")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("compiled generation takes unpadded prompts only (one position for the whole batch); "
+                             "generate a padded batch with compile=False")
+        if compile is True:
+            options = {"fullgraph": True}
+            if idx.device.type == "cuda":
+                options["mode"] = "reduce-overhead"
+        elif isinstance(compile, dict):
+            options = {"fullgraph": True, **compile}
+        else:
+            raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
+        return torch.compile(self.decode_step, **options)
+
+    def _static_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's whole K/V cache buffers (written by the prefill), marked as static addresses so
+        CUDA graphs read and write them in place."""
+        kv = []
+        for cache in self.caches:
+            pair = (cache.buffer("k"), cache.buffer("v"))
+            for buf in pair:
+                torch._dynamo.mark_static_address(buf)
+            kv.append(pair)
+        return kv
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
                  top_k: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, compile: bool | dict = False) -> torch.Tensor:
         """Continue idx [B, T] by max_new_tokens. With the cache: one prefill, then one token per step.
 
         attention_mask [B, T] (1 = real token): left-padded prompts; each row continues as it would alone.
+        compile=True (or a dict of torch.compile options, fullgraph=True by default) runs the decode
+        steps through one compiled `decode_step` (`mode="reduce-overhead"` by default on CUDA); the
+        prefill stays eager. Every layer needs a static decode step, and the prompts no padding.
         """
         if attention_mask is not None and attention_mask.shape == idx.shape and not bool(attention_mask[:, -1].all()):
             raise ValueError("generate needs left-padded prompts: the last column of attention_mask must be 1 in "
                              "every row (each prompt ends there)")
+        step = None if compile is False else self._compiled_decode_step(compile, use_cache, idx, attention_mask)
         was_training = self.training
         self.eval()
         try:
@@ -276,12 +337,19 @@ class GPT(nn.Module):
                 return seq
             self.setup_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
             logits, _ = self(idx, use_cache=True, attention_mask=attention_mask)  # later steps: real in every row
+            kv = self._static_kv() if step is not None and max_new_tokens > 1 else None
             out = [idx]
             for i in range(max_new_tokens):
                 nxt = self._pick(logits[:, -1], greedy, temperature, top_k, generator)
                 out.append(nxt)
                 if i + 1 < max_new_tokens:
-                    logits, _ = self(nxt, use_cache=True)
+                    if step is None:
+                        logits, _ = self(nxt, use_cache=True)
+                    else:
+                        pos = torch.full((1,), idx.shape[1] + i, dtype=torch.long, device=idx.device)
+                        logits = step(nxt, pos, kv)
+            if step is not None and max_new_tokens > 1:
+                record(STATIC_DECODE_OP, "static_compiled")
             return torch.cat(out, 1)
         finally:
             self.clear_cache()

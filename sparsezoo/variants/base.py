@@ -18,6 +18,10 @@
   serves prefill, chunked prefill and decode: the T new tokens are the last T of S = pos + T tokens.
 - `aux_loss` is set by every variant (None when it has none), so trainers collect it the same way
   for all: `sparsezoo.aux_loss(model)`.
+- Static decode (`static_decode = True`, dense only so far): `decode_static(x, pos, k_cache, v_cache)`
+  decodes one token per row at a position held in a tensor over preallocated [B, Hkv, max_len, D]
+  buffers, with static shapes and no host reads, so one compiled graph (and one CUDA graph) serves
+  every position (`GPT.generate(..., compile=True)`).
 - `kv_pattern(x)` returns the boolean [B, Hq, T, S] map of which keys each query reads (small inputs
   only: it is O(T x S)), used for pictures and KV-fraction reports.
 """
@@ -39,6 +43,7 @@ from ..rope import apply_rope
 class AttentionLayer(nn.Module):
     config_class = AttentionConfig
     variant_name = "base"
+    static_decode = False  # True: decode_static works (GPT.generate(compile=...))
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
@@ -156,6 +161,31 @@ class AttentionLayer(nn.Module):
     def cache_kv(self, cache, k: torch.Tensor, v: torch.Tensor):
         """Add the new tokens' K/V to the cache; return the K/V the attention reads (cache included)."""
         return cache.append("k", k, seq_dim=2), cache.append("v", v, seq_dim=2)
+
+    # -- static decode (torch.compile, CUDA graphs) --------------------------------------------
+    def decode_static(self, x: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, d_model], the token at position pos (long [1]) -> [B, 1, d_model].
+
+        Writes the token's K/V into k_cache/v_cache [B, Hkv, max_len, D] at pos (in place) and attends
+        over the whole buffer, keys masked to key_pos <= pos (slots past pos are never read, whatever
+        they hold). Shapes never depend on pos and nothing reads the device, so torch.compile traces
+        one graph for every position. Dense causal attention only: variants whose decode does more
+        (selection, compression, recurrent state) leave static_decode False.
+        """
+        if not self.static_decode:
+            raise NotImplementedError(f"{self.variant_name} has no static decode step")
+        B = x.shape[0]
+        q, k, v = self.project_qkv(x, pos)
+        k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+        visible = torch.arange(k_cache.shape[2], device=x.device) <= pos  # [max_len]
+        qg = q.float().view(B, self.n_kv_heads, self.group_size, self.head_dim)
+        scores = torch.einsum("bhgd,bhld->bhgl", qg, k_cache.float()) * self.scale
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        values = torch.where(visible[:, None], v_cache.float(), 0.0)  # 0 * NaN past pos would leak
+        out = torch.einsum("bhgl,bhld->bhgd", probs, values).to(q.dtype)
+        return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))
 
     # -- shared pieces ------------------------------------------------------------------------
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):

@@ -19,6 +19,7 @@ class DenseConfig(AttentionConfig):
 @register_variant("dense")
 class DenseAttention(AttentionLayer):
     config_class = DenseConfig
+    static_decode = True
 
     def attend(self, x, q, k, v, positions, cache):
         return ops.dense_attention(q, k, v, scale=self.scale, backend=self.config.backend_for("dense_attention"))
