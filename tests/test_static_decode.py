@@ -115,7 +115,7 @@ def test_refusals_name_the_static_variants():
         model.generate(prompts(), 4, compile="yes")
     # an all-ones mask is no padding: allowed
     counter = CompileCounterWithBackend("aot_eager")
-    got = model.generate(prompts(), 4, compile={"backend": counter}, attention_mask=torch.ones(2, 5))
+    got = model.generate(prompts(), 4, compile={"backend": counter}, attention_mask=torch.ones(2, 5, dtype=torch.long))
     assert torch.equal(got, model.generate(prompts(), 4))
 
 
