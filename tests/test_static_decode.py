@@ -29,8 +29,15 @@ def cold_start():
 
 def tiny_gpt(layers=("dense", "dense"), device="cpu", **overrides) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, layers=list(layers),
-                         attention_overrides=overrides)).to(device).eval()
+    return (
+        GPT(
+            GPTConfig(
+                vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, layers=list(layers), attention_overrides=overrides
+            )
+        )
+        .to(device)
+        .eval()
+    )
 
 
 def prompts(B=2, T=5, device="cpu", seed=1):
@@ -69,7 +76,7 @@ def test_step_logits_match_eager_cached_forward():
         step = torch.compile(model.decode_step, backend="aot_eager", fullgraph=True)
         for i in range(n):
             pos = torch.full((1,), T + i, dtype=torch.long)
-            logits = step(seq[:, T + i:T + i + 1], pos, kv)
+            logits = step(seq[:, T + i : T + i + 1], pos, kv)
             torch.testing.assert_close(logits[:, 0], eager[:, T + i], **TOL)
     model.clear_cache()
 
@@ -87,14 +94,14 @@ def test_no_slot_past_the_position_is_read(junk):
         clean = [(k.clone(), v.clone()) for k, v in kv]
         expected = model.decode_step(nxt, pos, clean)
         for k, v in kv:  # everything after the position holds junk
-            k[:, :, T + 1:] = junk
-            v[:, :, T + 1:] = junk
+            k[:, :, T + 1 :] = junk
+            v[:, :, T + 1 :] = junk
         got = model.decode_step(nxt, pos, kv)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     for (k, v), (k0, v0) in zip(kv, clean):  # the step wrote slot T, the same K/V either way
         torch.testing.assert_close(k[:, :, T], k0[:, :, T], rtol=0, atol=0)
-        torch.testing.assert_close(v[:, :, :T + 1], v0[:, :, :T + 1], rtol=0, atol=0)
+        torch.testing.assert_close(v[:, :, : T + 1], v0[:, :, : T + 1], rtol=0, atol=0)
         assert not torch.equal(k0[:, :, T], torch.zeros_like(k0[:, :, T]))
     model.clear_cache()
 
