@@ -17,6 +17,13 @@ from sparsezoo.models import GPT, GPTConfig, static_decode_variants
 from sparsezoo.ops import implementations_used
 
 TOL = dict(rtol=1e-4, atol=1e-5)
+MSA = {"block_size": 16, "topk": 2, "index_dim": 16}  # 1 ranked block + the local one: selection matters past 32
+NSA = {"cmp_block": 16, "cmp_stride": 8, "sel_block": 16, "sel_topk": 3, "window": 16, "compressor_hidden": 32}
+MODELS = {
+    "dense": (["dense", "dense"], {}),
+    "msa": (["dense", "msa"], {"msa": MSA}),
+    "msa_warmup": (["msa", "msa"], {"msa": {**MSA, "routing": "dense"}}),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -44,9 +51,11 @@ def prompts(B=2, T=5, device="cpu", seed=1):
     return torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def test_compiled_generate_compiles_once_and_matches_eager():
-    model, idx = tiny_gpt(), prompts()
-    n = 10  # 9 decode steps after the prefill
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_generate_compiles_once_and_matches_eager(name):
+    layers, overrides = MODELS[name]
+    model, idx = tiny_gpt(layers, **overrides), prompts(T=20)
+    n = 30  # 29 decode steps after the prefill, over 4 MSA blocks
     expected = model.generate(idx, n)
     counter = CompileCounterWithBackend("aot_eager")
     got = model.generate(idx, n, compile={"backend": counter})
@@ -54,6 +63,14 @@ def test_compiled_generate_compiles_once_and_matches_eager():
     assert counters["stats"]["unique_graphs"] == 1
     assert torch.equal(got, expected)
     assert implementations_used()["decode_step"] == "static_compiled"
+
+
+def test_compiled_graph_is_reused_per_shape():
+    model, idx = tiny_gpt(), prompts()
+    n = 10
+    counter = CompileCounterWithBackend("aot_eager")
+    assert torch.equal(model.generate(idx, n, compile={"backend": counter}), model.generate(idx, n))
+    assert counter.frame_count == 1
     # a second generation of the same shapes (fresh cache buffers) reuses the graph ...
     idx2 = prompts(seed=2)
     assert torch.equal(model.generate(idx2, n, compile={"backend": counter}), model.generate(idx2, n))
@@ -64,9 +81,11 @@ def test_compiled_generate_compiles_once_and_matches_eager():
     assert counter.frame_count == 2
 
 
-def test_step_logits_match_eager_cached_forward():
-    model, idx = tiny_gpt(), prompts()
-    B, T, n = idx.shape[0], idx.shape[1], 9
+@pytest.mark.parametrize("name", MODELS)
+def test_step_logits_match_eager_forward(name):
+    layers, overrides = MODELS[name]
+    model, idx = tiny_gpt(layers, **overrides), prompts(T=20)
+    B, T, n = idx.shape[0], idx.shape[1], 30
     seq = torch.cat([idx, prompts(T=n, seed=3)], 1)
     with torch.no_grad():
         eager, _ = model(seq)  # full causal forward: the oracle
@@ -81,35 +100,38 @@ def test_step_logits_match_eager_cached_forward():
     model.clear_cache()
 
 
+@pytest.mark.parametrize("name", ["dense", "msa"])
 @pytest.mark.parametrize("junk", [float("nan"), 1e4])
-def test_no_slot_past_the_position_is_read(junk):
-    model, idx = tiny_gpt(), prompts()
+def test_no_slot_past_the_position_is_read(junk, name):
+    layers, overrides = MODELS[name]
+    model, idx = tiny_gpt(layers, **overrides), prompts(T=40)
     B, T = idx.shape
     nxt = prompts(T=1, seed=4)
     pos = torch.full((1,), T, dtype=torch.long)
     with torch.no_grad():
-        model.setup_cache(B, T + 6)
+        model.setup_cache(B, T + 24)
         model(idx, use_cache=True)
         kv = model._static_kv()
-        clean = [(k.clone(), v.clone()) for k, v in kv]
+        clean = [{n: b.clone() for n, b in buffers.items()} for buffers in kv]
         expected = model.decode_step(nxt, pos, clean)
-        for k, v in kv:  # everything after the position holds junk
-            k[:, :, T + 1 :] = junk
-            v[:, :, T + 1 :] = junk
+        for buffers in kv:  # everything after the position holds junk
+            for buf in buffers.values():
+                buf.narrow(buf.dim() - 2, T + 1, buf.shape[-2] - T - 1).fill_(junk)
         got = model.decode_step(nxt, pos, kv)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    for (k, v), (k0, v0) in zip(kv, clean):  # the step wrote slot T, the same K/V either way
-        torch.testing.assert_close(k[:, :, T], k0[:, :, T], rtol=0, atol=0)
-        torch.testing.assert_close(v[:, :, : T + 1], v0[:, :, : T + 1], rtol=0, atol=0)
-        assert not torch.equal(k0[:, :, T], torch.zeros_like(k0[:, :, T]))
+    for buffers, buffers0 in zip(kv, clean):  # the step wrote slot T, the same entries either way
+        for n, buf in buffers.items():
+            written = buffers0[n].narrow(buf.dim() - 2, T, 1)
+            torch.testing.assert_close(buf.narrow(buf.dim() - 2, 0, T + 1), buffers0[n].narrow(buf.dim() - 2, 0, T + 1))
+            assert written.abs().sum() > 0, n
     model.clear_cache()
 
 
 def test_refusals_name_the_static_variants():
-    assert static_decode_variants() == ["dense"]
-    model = tiny_gpt(["dense", "msa"], msa={"block_size": 16, "topk": 2, "index_dim": 16})
-    with pytest.raises(ValueError, match=r"\['msa'\] have none.*\['dense'\]"):
+    assert static_decode_variants() == ["dense", "msa"]
+    model = tiny_gpt(["dense", "moba", "nsa"], moba={"block_size": 16, "topk": 2}, nsa=NSA)
+    with pytest.raises(ValueError, match=r"\['moba', 'nsa'\] have none.*\['dense', 'msa'\]"):
         model.generate(prompts(), 4, compile=True)
     model = tiny_gpt()
     mask = torch.ones(2, 5, dtype=torch.long)

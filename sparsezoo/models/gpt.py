@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsezoo
+from sparsezoo.cache import LayerCache
 from sparsezoo.config import AttentionConfig, CheckedConfig, ConfigError, from_known_fields, read_yaml
 from sparsezoo.ops.dispatch import record
 
@@ -264,16 +265,16 @@ class GPT(nn.Module):
     def clear_cache(self) -> None:
         self.caches = None
 
-    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, kv: list[dict[str, torch.Tensor]]):
         """idx [B, 1], the tokens at position pos (long [1]) -> logits [B, 1, V], with static shapes.
 
-        kv holds each layer's preallocated (K, V) buffers [B, Hkv, max_len, D]; the step writes the
-        token's K/V at pos and reads the slots up to pos. Meant for torch.compile(fullgraph=True):
+        kv holds each layer's preallocated cache buffers by name ("k", "v" [B, Hkv, max_len, D], MSA's
+        "k_idx"); the step writes the token's entries at pos and reads the slots up to pos. Meant for torch.compile(fullgraph=True):
         one graph for every position (generate(..., compile=...) drives it).
         """
         x = self.tok_emb(idx)
-        for block, (k_cache, v_cache) in zip(self.blocks, kv):
-            x = x + block.attn.decode_static(block.attn_norm(x), pos, k_cache, v_cache)
+        for block, buffers in zip(self.blocks, kv):
+            x = x + block.attn.decode_static(block.attn_norm(x), pos, buffers)
             x = x + block.mlp(block.mlp_norm(x))
         return F.linear(self.norm(x), self.tok_emb.weight)
 
@@ -298,15 +299,18 @@ class GPT(nn.Module):
             raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
         return torch.compile(self.decode_step, **options)
 
-    def _static_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's whole K/V cache buffers (written by the prefill), marked as static addresses so
+    def _static_kv(self) -> list[dict[str, torch.Tensor]]:
+        """Each layer's whole cache buffers (written by the prefill), marked as static addresses so
         CUDA graphs read and write them in place."""
         kv = []
-        for cache in self.caches:
-            pair = (cache.buffer("k"), cache.buffer("v"))
-            for buf in pair:
+        for block, cache in zip(self.blocks, self.caches):
+            if not isinstance(cache, LayerCache):
+                raise ValueError(f"compiled generation decodes over contiguous caches; layer {block.attn.variant_name} "
+                                 f"made a {type(cache).__name__} (for MSA set decode_backend='reference')")
+            buffers = {name: cache.buffer(name) for name in block.attn.static_buffers}
+            for buf in buffers.values():
                 torch._dynamo.mark_static_address(buf)
-            kv.append(pair)
+            kv.append(buffers)
         return kv
 
     @torch.no_grad()

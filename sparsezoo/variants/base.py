@@ -18,7 +18,7 @@
   serves prefill, chunked prefill and decode: the T new tokens are the last T of S = pos + T tokens.
 - `aux_loss` is set by every variant (None when it has none), so trainers collect it the same way
   for all: `sparsezoo.aux_loss(model)`.
-- Static decode (`static_decode = True`, dense only so far): `decode_static(x, pos, k_cache, v_cache)`
+- Static decode (`static_decode = True`: dense, MSA): `decode_static(x, pos, buffers)`
   decodes one token per row at a position held in a tensor over preallocated [B, Hkv, max_len, D]
   buffers, with static shapes and no host reads, so one compiled graph (and one CUDA graph) serves
   every position (`GPT.generate(..., compile=True)`).
@@ -44,6 +44,7 @@ class AttentionLayer(nn.Module):
     config_class = AttentionConfig
     variant_name = "base"
     static_decode = False  # True: decode_static works (GPT.generate(compile=...))
+    static_buffers = ("k", "v")  # the cache buffers decode_static reads and writes
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
@@ -163,29 +164,33 @@ class AttentionLayer(nn.Module):
         return cache.append("k", k, seq_dim=2), cache.append("v", v, seq_dim=2)
 
     # -- static decode (torch.compile, CUDA graphs) --------------------------------------------
-    def decode_static(self, x: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor) -> torch.Tensor:
+    def decode_static(self, x: torch.Tensor, pos: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         """x [B, 1, d_model], the token at position pos (long [1]) -> [B, 1, d_model].
 
-        Writes the token's K/V into k_cache/v_cache [B, Hkv, max_len, D] at pos (in place) and attends
-        over the whole buffer, keys masked to key_pos <= pos (slots past pos are never read, whatever
-        they hold). Shapes never depend on pos and nothing reads the device, so torch.compile traces
-        one graph for every position. Dense causal attention only: variants whose decode does more
-        (selection, compression, recurrent state) leave static_decode False.
+        buffers are the layer cache's whole preallocated buffers (`LayerCache.buffer`): "k", "v"
+        [B, Hkv, max_len, D] and whatever the variant keeps. The step writes the token's entries at pos
+        (in place) and attends over the whole buffer, keys masked by `static_visible` (never a slot past
+        pos, whatever it holds). Shapes never depend on pos and nothing reads the device, so
+        torch.compile traces one graph for every position.
         """
         if not self.static_decode:
             raise NotImplementedError(f"{self.variant_name} has no static decode step")
         B = x.shape[0]
+        k_cache, v_cache = buffers["k"], buffers["v"]
         q, k, v = self.project_qkv(x, pos)
         k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
         v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
-        visible = torch.arange(k_cache.shape[2], device=x.device) <= pos  # [max_len]
+        visible = self.static_visible(x, pos, buffers)  # [B or 1, Hkv or 1, max_len]
         qg = q.float().view(B, self.n_kv_heads, self.group_size, self.head_dim)
         scores = torch.einsum("bhgd,bhld->bhgl", qg, k_cache.float()) * self.scale
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        values = torch.where(visible[:, None], v_cache.float(), 0.0)  # 0 * NaN past pos would leak
+        probs = torch.softmax(scores.masked_fill(~visible[:, :, None], float("-inf")), dim=-1)
+        values = torch.where(visible[..., None], v_cache.float(), 0.0)  # 0 * NaN past pos would leak
         out = torch.einsum("bhgl,bhld->bhgd", probs, values).to(q.dtype)
         return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))
+
+    def static_visible(self, x: torch.Tensor, pos: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The keys the token at pos reads, bool [B or 1, Hkv or 1, max_len]: causal (key_pos <= pos)."""
+        return (torch.arange(buffers["k"].shape[2], device=x.device) <= pos).view(1, 1, -1)
 
     # -- shared pieces ------------------------------------------------------------------------
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):

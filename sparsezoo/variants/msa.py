@@ -19,6 +19,8 @@ from torch import nn
 from .. import ops
 from ..config import AttentionConfig
 from ..registry import register_variant
+from ..ops.common import compute_dtype, select_from_block_scores
+from ..ops.msa_select.reference import block_scores
 from ..rope import apply_rope
 from .base import AttentionLayer, WarmupRouting, selection_token_mask
 
@@ -64,6 +66,8 @@ class MSAConfig(AttentionConfig):
 @register_variant("msa")
 class MSAAttention(WarmupRouting, AttentionLayer):
     config_class = MSAConfig
+    static_decode = True
+    static_buffers = ("k", "v", "k_idx")
 
     def __init__(self, config: MSAConfig):
         super().__init__(config)
@@ -173,6 +177,25 @@ class MSAAttention(WarmupRouting, AttentionLayer):
                 scale=self.scale, index_scale=self.index_scale, coeff=c.kl_coeff, temperature=c.kl_temperature,
                 main_lse=None if lse is None else lse.detach(), backend=c.backend_for("msa_index_kl"))
         return out
+
+    # -- static decode: the reference selection over the whole index-key buffer --------------------
+    def static_visible(self, x, pos, buffers):
+        """Sparse routing: the keys of the selected blocks up to pos, per KV head (the eager rule,
+        `select_from_block_scores`, over block scores of the whole buffer, tokens past pos at -inf).
+        Dense routing: causal."""
+        if self.routing == "dense":
+            return super().static_visible(x, pos, buffers)
+        c = self.config
+        k_idx_cache = buffers["k_idx"]
+        q_idx, k_idx = self.index_projections(x, pos, None)
+        k_idx_cache.index_copy_(1, pos, k_idx.to(k_idx_cache.dtype))
+        dt = compute_dtype(q_idx)
+        scores = block_scores(q_idx.to(dt), k_idx_cache.to(dt), pos, c.block_size, self.index_scale)
+        sel = select_from_block_scores(scores, pos, c.block_size, c.topk)[:, :, 0]  # [B, Hkv, topk], -1 = none
+        L = k_idx_cache.shape[1]
+        key_pos = torch.arange(L, device=x.device)
+        picked = (sel[..., None] == (key_pos // c.block_size)).any(-2)  # [B, Hkv, L]
+        return picked & (key_pos <= pos)
 
     @torch.no_grad()
     def kv_pattern(self, x: torch.Tensor) -> torch.Tensor:
