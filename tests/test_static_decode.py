@@ -140,6 +140,8 @@ def test_refusals_name_the_static_variants():
         model.generate(prompts(), 4, compile=True, attention_mask=mask)
     with pytest.raises(ValueError, match="use_cache=False"):
         model.generate(prompts(), 4, compile=True, use_cache=False)
+    with pytest.raises(ValueError, match="paged"):
+        tiny_gpt(["msa"], msa={**MSA, "decode_backend": "triton"}).generate(prompts(), 4, compile=True)
     with pytest.raises(TypeError, match="compile must be"):
         model.generate(prompts(), 4, compile="yes")
     # an all-ones mask is no padding: allowed
@@ -149,17 +151,21 @@ def test_refusals_name_the_static_variants():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_decode_matches_eager():
+@pytest.mark.parametrize("name", MODELS)
+def test_cuda_graph_decode_matches_eager(name):
     from torch._inductor import cudagraph_trees
 
-    model, idx = tiny_gpt(device="cuda"), prompts(device="cuda")
-    n = 12
+    layers, overrides = MODELS[name]
+    if "msa" in overrides:  # fp32 references on both sides: greedy tokens must agree exactly
+        overrides = {"msa": {**overrides["msa"], "backend": "reference", "select_backend": "reference"}}
+    model, idx = tiny_gpt(layers, device="cuda", **overrides), prompts(T=20, device="cuda")
+    n = 30
     expected = model.generate(idx, n)
-    counter = CompileCounterWithBackend("inductor")
-    got = model.generate(idx, n, compile={"backend": counter, "mode": "reduce-overhead"})
-    assert counter.frame_count == 1
-    assert counters["inductor"]["cudagraph_skips"] == 0
+    got = model.generate(idx, n, compile=True)  # CUDA: mode="reduce-overhead", Inductor
+    assert counters["stats"]["unique_graphs"] == 1, "one graph for every position"
+    assert counters["inductor"]["cudagraph_skips"] == 0, "CUDA graphs were skipped"
     manager = cudagraph_trees.get_manager(idx.device.index or 0, create_if_none_exists=False)
     assert manager is not None and sum(len(nodes) for nodes in manager.roots.values()) >= 1, "no CUDA graph recorded"
     assert torch.equal(got, expected)
-    assert torch.equal(model.generate(idx, n, compile=True), expected)  # the default: reduce-overhead on CUDA
+    again = model.generate(idx, n, compile={"mode": "reduce-overhead"})  # fresh buffers: the graph re-records
+    assert torch.equal(again, expected) and counters["stats"]["unique_graphs"] == 1

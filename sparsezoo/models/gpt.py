@@ -256,11 +256,15 @@ class GPT(nn.Module):
         return max([getattr(a.config, "warmup_steps", 0) for a in self.routed_layers()], default=0)
 
     # -- generation -----------------------------------------------------------------------------
-    def setup_cache(self, batch: int, max_len: int) -> None:
+    def setup_cache(self, batch: int, max_len: int, *, contiguous: bool = False) -> None:
         """One fresh cache per layer, chosen by the layer (`make_cache`): a LayerCache, or for MSA on a
-        GPU a paged cache whose decode steps run the Triton kernels."""
+        GPU a paged cache whose decode steps run the Triton kernels. contiguous=True: a LayerCache for
+        every layer (what the static decode step reads)."""
         device = self.tok_emb.weight.device
-        self.caches = [block.attn.make_cache(batch, max_len, device) for block in self.blocks]
+        if contiguous:
+            self.caches = [LayerCache(batch, max_len) for _ in self.blocks]
+        else:
+            self.caches = [block.attn.make_cache(batch, max_len, device) for block in self.blocks]
 
     def clear_cache(self) -> None:
         self.caches = None
@@ -284,6 +288,13 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"compiled generation needs a static decode step in every layer; {missing} have none "
                              f"(variants that have one: {static_decode_variants()}); use compile=False")
+        paged = [b.attn.variant_name for b in self.blocks
+                 if getattr(b.attn.config, "decode_backend", "auto") == "triton"
+                 or getattr(b.attn.config, "decode_index_dtype", "model") != "model"]
+        if paged:
+            raise ValueError(f"compiled generation decodes over contiguous caches; layers {paged} ask for the paged "
+                             f"Triton decode (decode_backend='triton' or decode_index_dtype='fp8'): set "
+                             f"decode_backend='auto' and decode_index_dtype='model', or use compile=False")
         if not use_cache:
             raise ValueError("compiled generation decodes over the cache: use_cache=False takes compile=False")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -303,10 +314,7 @@ class GPT(nn.Module):
         """Each layer's whole cache buffers (written by the prefill), marked as static addresses so
         CUDA graphs read and write them in place."""
         kv = []
-        for block, cache in zip(self.blocks, self.caches):
-            if not isinstance(cache, LayerCache):
-                raise ValueError(f"compiled generation decodes over contiguous caches; layer {block.attn.variant_name} "
-                                 f"made a {type(cache).__name__} (for MSA set decode_backend='reference')")
+        for block, cache in zip(self.blocks, self.caches):  # LayerCaches (setup_cache(contiguous=True))
             buffers = {name: cache.buffer(name) for name in block.attn.static_buffers}
             for buf in buffers.values():
                 torch._dynamo.mark_static_address(buf)
@@ -339,7 +347,7 @@ class GPT(nn.Module):
                     if mask is not None:
                         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
                 return seq
-            self.setup_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
+            self.setup_cache(idx.shape[0], idx.shape[1] + max_new_tokens, contiguous=step is not None)
             logits, _ = self(idx, use_cache=True, attention_mask=attention_mask)  # later steps: real in every row
             kv = self._static_kv() if step is not None and max_new_tokens > 1 else None
             out = [idx]
