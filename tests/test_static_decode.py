@@ -157,7 +157,8 @@ def test_cuda_graph_decode_matches_eager(name):
 
     layers, overrides = MODELS[name]
     if "msa" in overrides:  # fp32 references on both sides: greedy tokens must agree exactly
-        overrides = {"msa": {**overrides["msa"], "backend": "reference", "select_backend": "reference"}}
+        refs = {"backend": "reference", "select_backend": "reference", "decode_backend": "reference"}
+        overrides = {"msa": {**overrides["msa"], **refs}}
     model, idx = tiny_gpt(layers, device="cuda", **overrides), prompts(T=20, device="cuda")
     n = 30
     expected = model.generate(idx, n)

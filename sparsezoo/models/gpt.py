@@ -273,8 +273,8 @@ class GPT(nn.Module):
         """idx [B, 1], the tokens at position pos (long [1]) -> logits [B, 1, V], with static shapes.
 
         kv holds each layer's preallocated cache buffers by name ("k", "v" [B, Hkv, max_len, D], MSA's
-        "k_idx"); the step writes the token's entries at pos and reads the slots up to pos. Meant for torch.compile(fullgraph=True):
-        one graph for every position (generate(..., compile=...) drives it).
+        "k_idx"); the step writes the token's entries at pos and reads the slots up to pos. Meant for
+        torch.compile(fullgraph=True): one graph for every position (generate(..., compile=...) drives it).
         """
         x = self.tok_emb(idx)
         for block, buffers in zip(self.blocks, kv):
@@ -335,7 +335,9 @@ class GPT(nn.Module):
         if attention_mask is not None and attention_mask.shape == idx.shape and not bool(attention_mask[:, -1].all()):
             raise ValueError("generate needs left-padded prompts: the last column of attention_mask must be 1 in "
                              "every row (each prompt ends there)")
-        step = None if compile is False else self._compiled_decode_step(compile, use_cache, idx, attention_mask)
+        step = None
+        if compile is not False and compile is not None:
+            step = self._compiled_decode_step(compile, use_cache, idx, attention_mask)
         was_training = self.training
         self.eval()
         try:
