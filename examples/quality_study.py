@@ -56,7 +56,7 @@ CARDS = {
     },
     "smoke": {
         "model": {"vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1},
-        "variants": ["dense", "msa", "nsa"],
+        "variants": ["dense", "msa"],
         "tasks": {"mqar": {"task": "recall", "n_pairs": 4, "n_queries": 4, "n_keys": 64, "n_values": 64},
                   "passkey": {"task": "needle", "passkey_len": 2, "n_values": 64, "n_keys": 64,
                               "needle_filler": "text"}},
