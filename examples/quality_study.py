@@ -134,9 +134,23 @@ def job_name(variant: str, task: str, seed: int) -> str:
     return f"{variant}/{task}/seed{seed}"
 
 
-def pending_jobs(out: Path, names: list[str]) -> list[str]:
-    """The jobs without a finished result in `out` (a rerun skips the others)."""
-    return [n for n in names if not (out / n / "train.json").is_file()]
+def pending_jobs(out: Path, names: list[str], runs: dict[str, dict] | None = None) -> list[str]:
+    """The jobs without a finished result in `out` (a rerun skips the others). With `runs` (name -> run
+    config), a finished result of another run config is refused rather than mixed in."""
+    todo = []
+    for n in names:
+        path = out / n / "train.json"
+        if not path.is_file():
+            todo.append(n)
+        elif runs is not None and json.loads(path.read_text()).get("run") != same_run(runs[n]):
+            raise SystemExit(f"{path} was trained with other settings than this call's; use another --out "
+                             f"(or delete that folder)")
+    return todo
+
+
+def same_run(run: dict) -> dict:
+    """The part of a run config that results depend on (not this call's time limit)."""
+    return {**run, "train": {k: v for k, v in run["train"].items() if k != "time_limit_s"}}
 
 
 @contextlib.contextmanager
@@ -169,7 +183,7 @@ def train_worker(spec: dict) -> dict:
     with deterministic(spec["deterministic"]):
         summary = train(run, resume=resume)
     result = {"job": spec["job"], "steps_done": summary["steps_done"], "train_seconds": time.perf_counter() - t0,
-              "resumed": resume, "deterministic": spec["deterministic"]}
+              "resumed": resume, "deterministic": spec["deterministic"], "run": same_run(run)}
     if summary["steps_done"] < run["train"]["steps"]:
         return {**result, "unfinished": True}  # the caller saves nothing: the next call resumes
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -294,6 +308,9 @@ def parse(argv=None):
     p.add_argument("--variants", default=None, help="comma list (default: the card's)")
     p.add_argument("--tasks", default=None, help="comma list of the card's tasks (default: all)")
     p.add_argument("--seeds", default=None, help="comma list (default: the card's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the card's)")
+    p.add_argument("--batch", type=int, default=None, help="rows per step at the training length (default: the card's)")
+    p.add_argument("--free-keys", type=int, default=None, help="free keys per query (default: the card's)")
     p.add_argument("--jobs", type=int, default=1, help="workers at once on the device; 0 = in this process")
     p.add_argument("--time-limit", type=float, default=540, help="seconds for this call: workers stop and "
                    "checkpoint by then, and no job starts after it")
@@ -322,21 +339,25 @@ def main(argv=None) -> dict:
             if bad:
                 raise SystemExit(f"--{key}: unknown {bad}; choose among {valid}")
             card[key] = {t: card["tasks"][t] for t in picked} if key == "tasks" else picked
+    for key in ("steps", "batch", "free_keys"):
+        if getattr(args, key) is not None:
+            card[key] = getattr(args, key)
     if "dense" not in card["variants"]:
         raise SystemExit("--variants must include dense (the paired baseline)")
     out = args.out or REPO / "runs" / f"quality_study_{args.card}"
     t_end = time.perf_counter() + args.time_limit
     names = [job_name(v, t, s) for v in card["variants"] for t in card["tasks"] for s in card["seeds"]]
-    todo = pending_jobs(out, names)
+    runs = {}
+    for name in names:
+        variant, task, seed = name.split("/")
+        runs[name] = run_config(card, variant, task, int(seed[4:]), out / name, None)
+        check_data_config(runs[name]["data"])
+    todo = pending_jobs(out, names, runs)
     print(f"{len(names) - len(todo)} of {len(names)} jobs finished earlier; {len(todo)} to run", flush=True)
     specs = {}
     for name in todo:
-        variant, task, seed = name.split("/")
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        run = run_config(card, variant, task, int(seed[4:]), folder, None)
-        check_data_config(run["data"])
-        specs[name] = {"job": name, "run": run, "card": card, "deterministic": not args.no_deterministic}
+        (out / name).mkdir(parents=True, exist_ok=True)
+        specs[name] = {"job": name, "run": runs[name], "card": card, "deterministic": not args.no_deterministic}
     if args.jobs == 0:  # in this process (the smoke test): one after another
         for name, spec in specs.items():
             spec["run"]["train"]["time_limit_s"] = max(1.0, t_end - time.perf_counter())

@@ -125,3 +125,5 @@ def test_smoke_pipeline_end_to_end_then_resume_skips_everything(tmp_path):
     assert all(r["free_keys_per_query"] == card["free_keys"] and 0 < r["kv_read"] < 1 for r in msa)
     again = study.main(args)
     assert again["ran"] == [] and again["records"] == first["records"]
+    with pytest.raises(SystemExit, match="trained with other settings"):  # never mixes two settings
+        study.main([*args, "--steps", "5"])
