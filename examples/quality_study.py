@@ -44,35 +44,68 @@ CARDS = {
     "gpu": {
         "model": {"vocab_size": 1024, "d_model": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 2},
         "variants": ["dense", "msa", "dsa", "csa", "nsa", "moba", "lightning", "gdn"],
-        "tasks": {"mqar": {"task": "recall", "n_pairs": 128, "n_queries": 64, "n_keys": 256, "n_values": 256},
-                  "passkey": {"task": "needle", "passkey_len": 8, "n_values": 256, "n_keys": 256,
-                              "needle_filler": "text"}},
-        "seeds": [0, 1, 2, 3, 4], "train_len": 8192, "curriculum": [1024, 600], "steps": 1500, "batch": 8,
-        "lr": 1e-3, "warmup_frac": 0.2, "free_keys": 1024, "block": 64, "csa_ratio": 4, "window": 128,
-        "extra": {"msa": {"index_dim": 32}, "dsa": {"n_index_heads": 4, "index_dim": 32},
-                  "csa": {"n_index_heads": 4, "index_dim": 32, "index_kl": True},
-                  "nsa": {"cmp_block": 32, "cmp_stride": 16}},
-        "eval_samples": 64, "eval_batch": 8, "backend": "auto", "eval_backend": "reference",
+        "tasks": {
+            "mqar": {"task": "recall", "n_pairs": 128, "n_queries": 64, "n_keys": 256, "n_values": 256},
+            "passkey": {"task": "needle", "passkey_len": 8, "n_values": 256, "n_keys": 256, "needle_filler": "text"},
+        },
+        "seeds": [0, 1, 2, 3, 4],
+        "train_len": 8192,
+        "curriculum": [1024, 600],
+        "steps": 1500,
+        "batch": 4,
+        "lr": 1e-3,
+        "warmup_frac": 0.2,
+        "free_keys": 1024,
+        "block": 64,
+        "csa_ratio": 4,
+        "window": 128,
+        "extra": {
+            "msa": {"index_dim": 32},
+            "dsa": {"n_index_heads": 4, "index_dim": 32},
+            "csa": {"n_index_heads": 4, "index_dim": 32, "index_kl": True},
+            "nsa": {"cmp_block": 32, "cmp_stride": 16},
+        },
+        "eval_samples": 64,
+        "eval_batch": 8,
+        "backend": "auto",
+        "eval_backend": "reference",
     },
     "smoke": {
         "model": {"vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1},
         "variants": ["dense", "msa"],
-        "tasks": {"mqar": {"task": "recall", "n_pairs": 4, "n_queries": 4, "n_keys": 64, "n_values": 64},
-                  "passkey": {"task": "needle", "passkey_len": 2, "n_values": 64, "n_keys": 64,
-                              "needle_filler": "text"}},
-        "seeds": [0, 1], "train_len": 128, "curriculum": [64, 2], "steps": 4, "batch": 2,
-        "lr": 3e-3, "warmup_frac": 0.25, "free_keys": 32, "block": 16, "csa_ratio": 4, "window": 16,
-        "extra": {"msa": {"index_dim": 16}, "dsa": {"n_index_heads": 1, "index_dim": 16},
-                  "csa": {"n_index_heads": 1, "index_dim": 16, "index_kl": True},
-                  "nsa": {"cmp_block": 16, "cmp_stride": 8, "compressor_hidden": 16}},
-        "eval_samples": 2, "eval_batch": 2, "backend": "reference", "eval_backend": "reference",
+        "tasks": {
+            "mqar": {"task": "recall", "n_pairs": 4, "n_queries": 4, "n_keys": 64, "n_values": 64},
+            "passkey": {"task": "needle", "passkey_len": 2, "n_values": 64, "n_keys": 64, "needle_filler": "text"},
+        },
+        "seeds": [0, 1],
+        "train_len": 128,
+        "curriculum": [64, 2],
+        "steps": 4,
+        "batch": 2,
+        "lr": 3e-3,
+        "warmup_frac": 0.25,
+        "free_keys": 32,
+        "block": 16,
+        "csa_ratio": 4,
+        "window": 16,
+        "extra": {
+            "msa": {"index_dim": 16},
+            "dsa": {"n_index_heads": 1, "index_dim": 16},
+            "csa": {"n_index_heads": 1, "index_dim": 16, "index_kl": True},
+            "nsa": {"cmp_block": 16, "cmp_stride": 8, "compressor_hidden": 16},
+        },
+        "eval_samples": 2,
+        "eval_batch": 2,
+        "backend": "reference",
+        "eval_backend": "reference",
     },
 }
 TEXT = {"text_path": str(REPO / "docs"), "text_glob": "*.md", "val_fraction": 0.25}  # the passkey's haystack
 
 
-def equal_budget(variant: str, free_keys: int, block: int = 64, csa_ratio: int = 4, window: int = 128,
-                 cmp_stride: int = 16) -> dict:
+def equal_budget(
+    variant: str, free_keys: int, block: int = 64, csa_ratio: int = 4, window: int = 128, cmp_stride: int = 16
+) -> dict:
     """The attention config that gives `variant` `free_keys` freely chosen keys per query, and the keys it
     reads without choosing them (`forced`: counts, or a formula in T = the query's position).
 
@@ -99,34 +132,67 @@ def equal_budget(variant: str, free_keys: int, block: int = 64, csa_ratio: int =
         cfg = {"sel_block": block, "sel_topk": n + 3, "window": window, "cmp_stride": cmp_stride}
         forced = {"block 0": block, "local blocks": 2 * block, "window": window, "compressed": f"T/{cmp_stride}"}
     else:
-        raise ValueError(f"no key budget rule for {variant!r}; known: dense, msa, moba, dsa, csa, nsa, "
-                         f"{', '.join(LINEAR)}")
-    return {"config": cfg, "free_keys": free_keys, "forced": forced,
-            "note": f"{n} chosen {'entries' if variant == 'csa' else 'tokens' if variant == 'dsa' else 'blocks'}"}
+        raise ValueError(
+            f"no key budget rule for {variant!r}; known: dense, msa, moba, dsa, csa, nsa, {', '.join(LINEAR)}"
+        )
+    return {
+        "config": cfg,
+        "free_keys": free_keys,
+        "forced": forced,
+        "note": f"{n} chosen {'entries' if variant == 'csa' else 'tokens' if variant == 'dsa' else 'blocks'}",
+    }
 
 
 def budget_table(card: dict) -> dict[str, dict]:
-    return {v: equal_budget(v, card["free_keys"], card["block"], card["csa_ratio"], card["window"],
-                            card["extra"].get("nsa", {}).get("cmp_stride", 16)) for v in card["variants"]}
+    return {
+        v: equal_budget(
+            v,
+            card["free_keys"],
+            card["block"],
+            card["csa_ratio"],
+            card["window"],
+            card["extra"].get("nsa", {}).get("cmp_stride", 16),
+        )
+        for v in card["variants"]
+    }
 
 
 def attention_config(card: dict, variant: str) -> dict:
     """Budget config + the card's fixed extras + warm-up/backend, only fields the variant's config has."""
     fields = sparsezoo.variant_class(variant).config_class.field_names()
-    out = {"warmup_steps": int(card["warmup_frac"] * card["steps"]), "backend": card["backend"],
-           **card["extra"].get(variant, {}), **budget_table(card)[variant]["config"]}
+    out = {
+        "warmup_steps": int(card["warmup_frac"] * card["steps"]),
+        "backend": card["backend"],
+        **card["extra"].get(variant, {}),
+        **budget_table(card)[variant]["config"],
+    }
     return {k: v for k, v in out.items() if k in fields}
 
 
 def run_config(card: dict, variant: str, task: str, seed: int, folder: Path, time_limit: float | None) -> dict:
     short_len, short_steps = card["curriculum"]
-    data = {**TEXT, **card["tasks"][task], "seq_len": card["train_len"], "curriculum_len": short_len,
-            "curriculum_steps": short_steps}
+    data = {
+        **TEXT,
+        **card["tasks"][task],
+        "seq_len": card["train_len"],
+        "curriculum_len": short_len,
+        "curriculum_steps": short_steps,
+    }
     model = {**card["model"], "attention": variant, "attention_overrides": {variant: attention_config(card, variant)}}
-    train = {"steps": card["steps"], "batch_size": card["batch"], "lr": card["lr"],
-             "lr_warmup": max(1, card["steps"] // 20), "seed": seed, "eval_every": 0, "eval_batches": 1,
-             "log_every": 10, "device": "auto", "out_dir": str(folder), "progress": False,
-             "time_limit_s": time_limit}
+    train = {
+        "steps": card["steps"],
+        "batch_size": card["batch"],
+        "lr": card["lr"],
+        "lr_warmup": max(1, card["steps"] // 20),
+        "seed": seed,
+        "eval_every": 0,
+        "eval_batches": 1,
+        "log_every": 10,
+        "device": "auto",
+        "out_dir": str(folder),
+        "progress": False,
+        "time_limit_s": time_limit,
+    }
     return {"model": model, "data": data, "train": train}
 
 
@@ -143,8 +209,9 @@ def pending_jobs(out: Path, names: list[str], runs: dict[str, dict] | None = Non
         if not path.is_file():
             todo.append(n)
         elif runs is not None and json.loads(path.read_text()).get("run") != same_run(runs[n]):
-            raise SystemExit(f"{path} was trained with other settings than this call's; use another --out "
-                             f"(or delete that folder)")
+            raise SystemExit(
+                f"{path} was trained with other settings than this call's; use another --out (or delete that folder)"
+            )
     return todo
 
 
@@ -157,8 +224,11 @@ def same_run(run: dict) -> dict:
 def deterministic(on: bool = True):
     """Deterministic kernels where torch has them (warn, not fail, where it has none), restored after;
     data order is already a pure function of (seed, step)."""
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.benchmark)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -182,15 +252,25 @@ def train_worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     with deterministic(spec["deterministic"]):
         summary = train(run, resume=resume)
-    result = {"job": spec["job"], "steps_done": summary["steps_done"], "train_seconds": time.perf_counter() - t0,
-              "resumed": resume, "deterministic": spec["deterministic"], "run": same_run(run)}
+    result = {
+        "job": spec["job"],
+        "steps_done": summary["steps_done"],
+        "train_seconds": time.perf_counter() - t0,
+        "resumed": resume,
+        "deterministic": spec["deterministic"],
+        "run": same_run(run),
+    }
     if summary["steps_done"] < run["train"]["steps"]:
         return {**result, "unfinished": True}  # the caller saves nothing: the next call resumes
     device = "cuda" if torch.cuda.is_available() else "cpu"
     variant = run["model"]["attention"]
     fields = sparsezoo.variant_class(variant).config_class.field_names()
-    over = {variant: {**run["model"]["attention_overrides"][variant],
-                      **({"backend": card["eval_backend"]} if "backend" in fields else {})}}
+    over = {
+        variant: {
+            **run["model"]["attention_overrides"][variant],
+            **({"backend": card["eval_backend"]} if "backend" in fields else {}),
+        }
+    }
     model, _ = load_model(summary["checkpoint"], {"attention_overrides": over}, strict=True, device=device)
     model.apply_routing_schedule(run["train"]["steps"])
     data = Data(DataConfig.from_dict(run["data"]), model.config.vocab_size, seed=run["train"]["seed"])
@@ -200,8 +280,10 @@ def train_worker(spec: dict) -> dict:
         res = evaluate(model, data, n_batches, card["eval_batch"], lens, device=device)
     result["accuracy"] = {k.split("@")[1]: v["exact"] for k, v in res.items()}
     result["implementations_eval"] = dict(impls)
-    needle = Data(DataConfig.from_dict({"task": "needle", "seq_len": card["train_len"], "n_values": 64,
-                                        "n_keys": 64}), model.config.vocab_size)
+    needle = Data(
+        DataConfig.from_dict({"task": "needle", "seq_len": card["train_len"], "n_values": 64, "n_keys": 64}),
+        model.config.vocab_size,
+    )
     try:
         result["kv_read"] = kv_read_fraction(model, needle, card["train_len"], device)["mean"]
     except Exception as e:  # noqa: BLE001 - recorded, and the record says n/a
@@ -222,16 +304,30 @@ def records(card_name: str, card: dict, results: dict[str, dict]) -> list[dict]:
                 for length, acc in r["accuracy"].items():
                     table.setdefault(variant, {}).setdefault(length, {})[int(seed[4:])] = acc
         for variant, by_len in summarize(table, "dense").items():
-            kv = [r["kv_read"] for n, r in results.items()
-                  if n.startswith(f"{variant}/{task}/") and r.get("kv_read") is not None]
+            kv = [
+                r["kv_read"]
+                for n, r in results.items()
+                if n.startswith(f"{variant}/{task}/") and r.get("kv_read") is not None
+            ]
             for length, row in by_len.items():
-                out.append({"variant": variant, "config": attention_config(card, variant), "task": task,
-                            "train_len": card["train_len"], "eval_len": int(length),
-                            "seeds": sorted(row["per_seed"]), "per_seed": row["per_seed"], "mean": row["mean"],
-                            "std": row["std"], "paired_diff_vs_dense": row.get("paired_diff_vs_dense"),
-                            "kv_read": statistics.fmean(kv) if kv else None,
-                            "free_keys_per_query": budgets[variant]["free_keys"],
-                            "forced_keys": budgets[variant]["forced"], "card": card_name})
+                out.append(
+                    {
+                        "variant": variant,
+                        "config": attention_config(card, variant),
+                        "task": task,
+                        "train_len": card["train_len"],
+                        "eval_len": int(length),
+                        "seeds": sorted(row["per_seed"]),
+                        "per_seed": row["per_seed"],
+                        "mean": row["mean"],
+                        "std": row["std"],
+                        "paired_diff_vs_dense": row.get("paired_diff_vs_dense"),
+                        "kv_read": statistics.fmean(kv) if kv else None,
+                        "free_keys_per_query": budgets[variant]["free_keys"],
+                        "forced_keys": budgets[variant]["forced"],
+                        "card": card_name,
+                    }
+                )
     return sorted(out, key=lambda r: (r["task"], r["variant"] != "dense", r["variant"], r["eval_len"]))
 
 
@@ -241,31 +337,54 @@ def fmt(x, pattern="{:.2f}") -> str:
 
 def write_report(prefix: Path, card_name: str, card: dict, recs: list[dict], missing: list[str], device: str) -> None:
     budgets = budget_table(card)
-    lines = [f"# Quality study, card `{card_name}`, on {device}", "",
-             f"Model {card['model']}; {card['steps']} steps x batch {card['batch']} x {card['train_len']} tokens "
-             f"(first {card['curriculum'][1]} steps at {card['curriculum'][0]} tokens, the same tokens per step); "
-             f"seeds {card['seeds']}; {card['eval_samples']} eval samples per length; exact-answer accuracy. "
-             f"Passkey haystack: the repository's docs (real prose; no other corpus ships, the GPU is offline).", "",
-             f"## Budgets: {card['free_keys']} free keys per query "
-             f"({card['free_keys'] / card['train_len']:.3f} of the KV at {card['train_len']})", "",
-             "| variant | config | free keys | forced keys (not counted) |", "|---|---|---|---|"]
+    lines = [
+        f"# Quality study, card `{card_name}`, on {device}",
+        "",
+        f"Model {card['model']}; {card['steps']} steps x batch {card['batch']} x {card['train_len']} tokens "
+        f"(first {card['curriculum'][1]} steps at {card['curriculum'][0]} tokens, the same tokens per step); "
+        f"seeds {card['seeds']}; {card['eval_samples']} eval samples per length; exact-answer accuracy. "
+        f"Passkey haystack: the repository's docs (real prose; no other corpus ships, the GPU is offline).",
+        "",
+        f"## Budgets: {card['free_keys']} free keys per query "
+        f"({card['free_keys'] / card['train_len']:.3f} of the KV at {card['train_len']})",
+        "",
+        "| variant | config | free keys | forced keys (not counted) |",
+        "|---|---|---|---|",
+    ]
     for v, b in budgets.items():
-        lines.append(f"| {v} | {b['config'] or '—'} | {fmt(b['free_keys'], '{}')} ({b['note']}) | "
-                     f"{b['forced'] or '—'} |")
-    lines += ["", "## Results", "",
-              "| task | variant | eval len | seeds | mean ± std | Δ vs dense (paired) | KV read |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {v} | {b['config'] or '—'} | {fmt(b['free_keys'], '{}')} ({b['note']}) | {b['forced'] or '—'} |"
+        )
+    lines += [
+        "",
+        "## Results",
+        "",
+        "| task | variant | eval len | seeds | mean ± std | Δ vs dense (paired) | KV read |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in recs:
         extra = " (2x)" if r["eval_len"] > r["train_len"] else ""
-        lines.append(f"| {r['task']} | {r['variant']} | {r['eval_len']}{extra} | {len(r['seeds'])} | "
-                     f"{r['mean']:.3f} ± {r['std']:.3f} | {fmt(r['paired_diff_vs_dense'], '{:+.3f}')} | "
-                     f"{fmt(r['kv_read'], '{:.3f}')} |")
+        lines.append(
+            f"| {r['task']} | {r['variant']} | {r['eval_len']}{extra} | {len(r['seeds'])} | "
+            f"{r['mean']:.3f} ± {r['std']:.3f} | {fmt(r['paired_diff_vs_dense'], '{:+.3f}')} | "
+            f"{fmt(r['kv_read'], '{:.3f}')} |"
+        )
     if missing:
         lines += ["", f"Not finished yet ({len(missing)} jobs; rerun the command): {', '.join(missing)}"]
     prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    prefix.with_suffix(".json").write_text(json.dumps({"card": card_name, "settings": card, "device": device,
-                                                      "budgets": budgets, "records": recs, "missing": missing},
-                                                     indent=1))
+    prefix.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "card": card_name,
+                "settings": card,
+                "device": device,
+                "budgets": budgets,
+                "records": recs,
+                "missing": missing,
+            },
+            indent=1,
+        )
+    )
     plot(prefix.with_suffix(".png"), card, recs, f"quality study `{card_name}`, {device}")
 
 
@@ -295,8 +414,12 @@ def launch(kind: str, spec_path: Path, log_path: Path):
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen([sys.executable, __file__, "--worker", str(spec_path)], stdout=open(log_path, "w"),
-                            stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(
+        [sys.executable, __file__, "--worker", str(spec_path)],
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
 
 def parse(argv=None):
@@ -312,8 +435,12 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=None, help="rows per step at the training length (default: the card's)")
     p.add_argument("--free-keys", type=int, default=None, help="free keys per query (default: the card's)")
     p.add_argument("--jobs", type=int, default=1, help="workers at once on the device; 0 = in this process")
-    p.add_argument("--time-limit", type=float, default=540, help="seconds for this call: workers stop and "
-                   "checkpoint by then, and no job starts after it")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=540,
+        help="seconds for this call: workers stop and checkpoint by then, and no job starts after it",
+    )
     p.add_argument("--no-deterministic", action="store_true", help="allow non-deterministic kernels")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -14,15 +14,30 @@ from sparsezoo.models.data import NEEDLE, QUERY, Data, DataConfig, batch_generat
 from tests.test_quality_tools import load_example
 
 study = load_example("quality_study")
-RECORD_KEYS = {"variant", "config", "task", "train_len", "eval_len", "seeds", "mean", "std", "paired_diff_vs_dense",
-               "kv_read", "free_keys_per_query"}
+RECORD_KEYS = {
+    "variant",
+    "config",
+    "task",
+    "train_len",
+    "eval_len",
+    "seeds",
+    "mean",
+    "std",
+    "paired_diff_vs_dense",
+    "kv_read",
+    "free_keys_per_query",
+}
 
 
 def free_keys_from_config(variant: str, cfg: dict) -> int:
     """Freely chosen keys per query, recomputed from a config (independently of equal_budget's branches)."""
-    return {"msa": lambda: (cfg["topk"] - 1) * cfg["block_size"], "moba": lambda: (cfg["topk"] - 1) * cfg["block_size"],
-            "dsa": lambda: cfg["topk"], "csa": lambda: cfg["topk"] * cfg["compress_ratio"],
-            "nsa": lambda: (cfg["sel_topk"] - 3) * cfg["sel_block"]}[variant]()
+    return {
+        "msa": lambda: (cfg["topk"] - 1) * cfg["block_size"],
+        "moba": lambda: (cfg["topk"] - 1) * cfg["block_size"],
+        "dsa": lambda: cfg["topk"],
+        "csa": lambda: cfg["topk"] * cfg["compress_ratio"],
+        "nsa": lambda: (cfg["sel_topk"] - 3) * cfg["sel_block"],
+    }[variant]()
 
 
 @pytest.mark.parametrize("target, block", [(1024, 64), (512, 32), (32, 16)])
@@ -60,8 +75,11 @@ def test_gpu_card_budget_is_an_eighth_of_the_kv_and_configs_are_valid():
 
 
 def synthetic_results(per_seed: dict[str, dict[int, float]], task: str = "mqar", lengths=(128, 256)) -> dict:
-    return {f"{v}/{task}/seed{s}": {"accuracy": {str(L): acc for L in lengths}, "kv_read": 0.5 if v != "dense" else 1.0}
-            for v, by_seed in per_seed.items() for s, acc in by_seed.items()}
+    return {
+        f"{v}/{task}/seed{s}": {"accuracy": {str(L): acc for L in lengths}, "kv_read": 0.5 if v != "dense" else 1.0}
+        for v, by_seed in per_seed.items()
+        for s, acc in by_seed.items()
+    }
 
 
 def test_records_mean_std_and_paired_difference_to_dense():
