@@ -454,8 +454,14 @@ def main(argv=None) -> dict:
     if args.worker:
         spec = json.loads(Path(args.worker).read_text())
         result = train_worker(spec)
-        if not result.get("unfinished"):
-            (Path(spec["run"]["train"]["out_dir"]) / "train.json").write_text(json.dumps(result, indent=1))
+        if result.get("unfinished"):  # the runner lists it as not finished (exit code 3): the next call resumes
+            print(
+                f"{spec['job']}: stopped at step {result['steps_done']} by the call's time limit; a checkpoint "
+                f"is saved and the next call resumes from it",
+                flush=True,
+            )
+            raise SystemExit(3)
+        (Path(spec["run"]["train"]["out_dir"]) / "train.json").write_text(json.dumps(result, indent=1))
         return result
     card = dict(CARDS[args.card])
     for key in ("variants", "tasks", "seeds"):
