@@ -282,9 +282,9 @@ def launch(kind: str, spec_path: Path, log_path: Path) -> subprocess.Popen:
 
 
 def run_jobs(kind: str, specs: dict[str, Path], out: Path, jobs: int, timeout: float,
-             deadline: float = math.inf) -> dict[str, dict]:
-    """Run workers, `jobs` at a time; a worker past `timeout` is killed, and none starts after
-    `deadline` (time.perf_counter()); both are reported as failures."""
+             deadline: float = math.inf, launcher=launch) -> dict[str, dict]:
+    """Run workers (`launcher(kind, spec_path, log_path)` -> Popen), `jobs` at a time; a worker past
+    `timeout` is killed, and none starts after `deadline` (time.perf_counter()); both are reported as failures."""
     pending, running, results = list(specs), {}, {}
     while pending or running:
         if pending and time.perf_counter() > deadline:
@@ -293,7 +293,7 @@ def run_jobs(kind: str, specs: dict[str, Path], out: Path, jobs: int, timeout: f
             pending = []
         while pending and len(running) < jobs:
             v = pending.pop(0)
-            running[v] = (launch(kind, specs[v], out / v / f"{kind}.log"), time.perf_counter())
+            running[v] = (launcher(kind, specs[v], out / v / f"{kind}.log"), time.perf_counter())
             print(f"[{kind}] started {v}", flush=True)
         time.sleep(0.5)
         for v, (proc, t0) in list(running.items()):

@@ -2,7 +2,8 @@
 
 Tasks (each gives inputs x [B, L] and targets y [B, L], -100 where nothing is scored):
 - `needle`: passkey retrieval. Filler tokens, somewhere `NEEDLE p1..pn`, at the end `QUERY p1..pn`;
-  only the answer p1..pn is scored.
+  only the answer p1..pn is scored. `needle_filler: text` takes the haystack from the local text
+  (a contiguous byte span, `text_path`) instead of random filler tokens.
 - `recall`: multi-query associative recall. Key-value pairs scattered through filler, then `QUERY`
   and n queried keys, each followed by its value; only the values after the keys are scored.
 - `text`: byte-level language modelling on a local text file or folder (every byte is scored).
@@ -42,6 +43,7 @@ class DataConfig(CheckedConfig):
     n_queries: int = 16
     text_path: str | None = None  # a file or folder of text (for `text`, and `mix` if set)
     text_glob: str = "**/*"
+    needle_filler: str = "random"  # random filler tokens | text (bytes of text_path)
     val_fraction: float = 0.1
     mix: dict[str, float] = field(default_factory=lambda: {"needle": 1.0, "recall": 1.0, "text": 1.0})
     # length curriculum: the first `curriculum_steps` train at `curriculum_len` with the same tokens
@@ -50,7 +52,7 @@ class DataConfig(CheckedConfig):
     curriculum_steps: int = 0
 
     LABEL: ClassVar[str] = "data"
-    CHOICES: ClassVar[dict[str, tuple]] = {"task": TASKS}
+    CHOICES: ClassVar[dict[str, tuple]] = {"task": TASKS, "needle_filler": ("random", "text")}
     POSITIVE: ClassVar[tuple[str, ...]] = ("seq_len", "n_values", "n_keys", "passkey_len", "n_pairs", "n_queries",
                                            "curriculum_len")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("curriculum_steps",)
@@ -119,15 +121,15 @@ def _randint(lo_hi: tuple[int, int], n: int, g: torch.Generator) -> torch.Tensor
 class NeedleTask:
     name = "needle"
 
-    def __init__(self, layout: Layout, passkey_len: int):
-        self.layout, self.n = layout, passkey_len
+    def __init__(self, layout: Layout, passkey_len: int, text: "TextTask | None" = None):
+        self.layout, self.n, self.text = layout, passkey_len, text
 
-    def row(self, length: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def row(self, length: int, g: torch.Generator, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         key = _randint(self.layout.values, self.n, g)
         hay = length + 1 - 1 - 2 * (self.n + 1)
         if hay < 1:
             raise ValueError(f"seq_len {length} is too short for a passkey of {self.n} tokens")
-        filler = _randint(self.layout.filler, hay, g)
+        filler = _randint(self.layout.filler, hay, g) if self.text is None else self.text.row(hay - 1, g, split)[0]
         depth = int(torch.randint(0, hay + 1, (1,), generator=g))
         needle = torch.cat([torch.tensor([NEEDLE]), key])
         tail = torch.cat([torch.tensor([QUERY]), key])
@@ -215,7 +217,12 @@ class Data:
         self.tasks: dict[str, Any] = {}
         if config.task in ("needle", "mix"):
             self.layout.check()
-            self.tasks["needle"] = NeedleTask(self.layout, config.passkey_len)
+            text = None
+            if config.needle_filler == "text":
+                if not config.text_path:
+                    raise ConfigError("data.needle_filler 'text' needs data.text_path (a local file or folder)")
+                text = TextTask(config.text_path, config.text_glob, config.val_fraction)
+            self.tasks["needle"] = NeedleTask(self.layout, config.passkey_len, text)
         if config.task in ("recall", "mix"):
             self.layout.check()
             self.tasks["recall"] = RecallTask(self.layout, config.n_pairs, config.n_queries)
@@ -241,7 +248,7 @@ class Data:
               device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
         for _ in range(batch_size):
-            if task == "text":
+            if task in ("text", "needle"):
                 rows.append(self.tasks[task].row(length, g, split))
             else:
                 rows.append(self.tasks[task].row(length, g))

@@ -1,0 +1,519 @@
+"""A quality study with signal: every variant at the same free-key budget, on retrieval tasks dense solves,
+over several seeds, with the paired difference to dense and extrapolation to twice the training length.
+
+- Equal budgets: `equal_budget` turns one target (free keys per query) into each variant's config; keys a
+  variant reads whether or not it chose them (local/own blocks, NSA's first block, windows, compressed
+  entries) are reported apart and not counted. Linear variants (lightning, gdn) read no keys: no budget.
+- Tasks: `mqar` (multi-query associative recall, Zoology-style: many key-value pairs in filler, then queries)
+  and `passkey` (a passkey hidden in real text: the repository's own docs, the only prose that ships with it;
+  the GPU machine is offline). Both trained with a length curriculum.
+- Jobs: one per (variant, task, seed), each its own process; a finished job writes result.json in its folder
+  and a rerun skips it; a job stopped by the call's time limit leaves a checkpoint and resumes from it.
+- Report: examples/results/quality_study_<card>.{json,md,png}, one record per variant x task x eval length.
+
+    python examples/quality_study.py --card gpu --time-limit 540    # one ~10-minute call; repeat until done
+    python examples/quality_study.py --card smoke                    # the whole pipeline on a CPU, < 1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sparsezoo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_quality import check_data_config, kv_read_fraction, run_jobs  # noqa: E402
+from quality_seeds import summarize  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LINEAR = ("lightning", "gdn")  # recurrent state, no KV read: no key budget
+
+# A card fixes everything a study's numbers depend on. `gpu`: ~25M parameters, 8 layers, 8k training,
+# 1/8 of the KV as free keys. `smoke`: the same pipeline at toy size, for the test on a CPU.
+CARDS = {
+    "gpu": {
+        "model": {"vocab_size": 1024, "d_model": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 2},
+        "variants": ["dense", "msa", "dsa", "csa", "nsa", "moba", "lightning", "gdn"],
+        "tasks": {
+            "mqar": {"task": "recall", "n_pairs": 128, "n_queries": 64, "n_keys": 256, "n_values": 256},
+            "passkey": {"task": "needle", "passkey_len": 8, "n_values": 256, "n_keys": 256, "needle_filler": "text"},
+        },
+        "seeds": [0, 1, 2, 3, 4],
+        "train_len": 8192,
+        "curriculum": [1024, 600],
+        "steps": 1500,
+        "batch": 4,
+        "lr": 1e-3,
+        "warmup_frac": 0.2,
+        "free_keys": 1024,
+        "block": 64,
+        "csa_ratio": 4,
+        "window": 128,
+        "extra": {
+            "msa": {"index_dim": 32},
+            "dsa": {"n_index_heads": 4, "index_dim": 32},
+            "csa": {"n_index_heads": 4, "index_dim": 32, "index_kl": True},
+            "nsa": {"cmp_block": 32, "cmp_stride": 16},
+        },
+        "eval_samples": 64,
+        "eval_batch": 8,
+        "backend": "auto",
+        "eval_backend": "reference",
+    },
+    "smoke": {
+        "model": {"vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1},
+        "variants": ["dense", "msa"],
+        "tasks": {
+            "mqar": {"task": "recall", "n_pairs": 4, "n_queries": 4, "n_keys": 64, "n_values": 64},
+            "passkey": {"task": "needle", "passkey_len": 2, "n_values": 64, "n_keys": 64, "needle_filler": "text"},
+        },
+        "seeds": [0, 1],
+        "train_len": 128,
+        "curriculum": [64, 2],
+        "steps": 4,
+        "batch": 2,
+        "lr": 3e-3,
+        "warmup_frac": 0.25,
+        "free_keys": 32,
+        "block": 16,
+        "csa_ratio": 4,
+        "window": 16,
+        "extra": {
+            "msa": {"index_dim": 16},
+            "dsa": {"n_index_heads": 1, "index_dim": 16},
+            "csa": {"n_index_heads": 1, "index_dim": 16, "index_kl": True},
+            "nsa": {"cmp_block": 16, "cmp_stride": 8, "compressor_hidden": 16},
+        },
+        "eval_samples": 2,
+        "eval_batch": 2,
+        "backend": "reference",
+        "eval_backend": "reference",
+    },
+}
+TEXT = {"text_path": str(REPO / "docs"), "text_glob": "*.md", "val_fraction": 0.25}  # the passkey's haystack
+
+
+def equal_budget(
+    variant: str, free_keys: int, block: int = 64, csa_ratio: int = 4, window: int = 128, cmp_stride: int = 16
+) -> dict:
+    """The attention config that gives `variant` `free_keys` freely chosen keys per query, and the keys it
+    reads without choosing them (`forced`: counts, or a formula in T = the query's position).
+
+    msa/moba: (topk - 1) chosen blocks of `block` keys + the query's own block (forced).
+    dsa: topk chosen tokens. csa: topk chosen entries of `csa_ratio` tokens each (free keys = tokens the
+    entries cover) + a raw window (forced). nsa: (sel_topk - 3) chosen blocks of `block`; block 0, the 2
+    local blocks, the window and every compressed entry are forced. dense: every key, nothing chosen.
+    lightning/gdn: no keys read (a recurrent state): free_keys None."""
+    if variant == "dense":
+        return {"config": {}, "free_keys": None, "forced": {"all keys": "T"}, "note": "reads every key"}
+    if variant in LINEAR:
+        return {"config": {}, "free_keys": None, "forced": {}, "note": "linear attention: no key budget"}
+    unit = csa_ratio if variant == "csa" else (1 if variant == "dsa" else block)
+    if free_keys <= 0 or free_keys % unit:
+        raise ValueError(f"free_keys {free_keys} must be a positive multiple of {unit} for {variant}")
+    n = free_keys // unit
+    if variant in ("msa", "moba"):
+        cfg, forced = {"block_size": block, "topk": n + 1}, {"own block": block}
+    elif variant == "dsa":
+        cfg, forced = {"topk": n}, {}
+    elif variant == "csa":
+        cfg, forced = {"compress_ratio": csa_ratio, "topk": n, "window": window}, {"window": window}
+    elif variant == "nsa":
+        cfg = {"sel_block": block, "sel_topk": n + 3, "window": window, "cmp_stride": cmp_stride}
+        forced = {"block 0": block, "local blocks": 2 * block, "window": window, "compressed": f"T/{cmp_stride}"}
+    else:
+        raise ValueError(
+            f"no key budget rule for {variant!r}; known: dense, msa, moba, dsa, csa, nsa, {', '.join(LINEAR)}"
+        )
+    return {
+        "config": cfg,
+        "free_keys": free_keys,
+        "forced": forced,
+        "note": f"{n} chosen {'entries' if variant == 'csa' else 'tokens' if variant == 'dsa' else 'blocks'}",
+    }
+
+
+def budget_table(card: dict) -> dict[str, dict]:
+    return {
+        v: equal_budget(
+            v,
+            card["free_keys"],
+            card["block"],
+            card["csa_ratio"],
+            card["window"],
+            card["extra"].get("nsa", {}).get("cmp_stride", 16),
+        )
+        for v in card["variants"]
+    }
+
+
+def attention_config(card: dict, variant: str) -> dict:
+    """Budget config + the card's fixed extras + warm-up/backend, only fields the variant's config has."""
+    fields = sparsezoo.variant_class(variant).config_class.field_names()
+    out = {
+        "warmup_steps": int(card["warmup_frac"] * card["steps"]),
+        "backend": card["backend"],
+        **card["extra"].get(variant, {}),
+        **budget_table(card)[variant]["config"],
+    }
+    return {k: v for k, v in out.items() if k in fields}
+
+
+def run_config(card: dict, variant: str, task: str, seed: int, folder: Path, time_limit: float | None) -> dict:
+    short_len, short_steps = card["curriculum"]
+    data = {
+        **TEXT,
+        **card["tasks"][task],
+        "seq_len": card["train_len"],
+        "curriculum_len": short_len,
+        "curriculum_steps": short_steps,
+    }
+    model = {**card["model"], "attention": variant, "attention_overrides": {variant: attention_config(card, variant)}}
+    train = {
+        "steps": card["steps"],
+        "batch_size": card["batch"],
+        "lr": card["lr"],
+        "lr_warmup": max(1, card["steps"] // 20),
+        "seed": seed,
+        "eval_every": 0,
+        "eval_batches": 1,
+        "log_every": 10,
+        "device": "auto",
+        "out_dir": str(folder),
+        "progress": False,
+        "time_limit_s": time_limit,
+    }
+    return {"model": model, "data": data, "train": train}
+
+
+def job_name(variant: str, task: str, seed: int) -> str:
+    return f"{variant}/{task}/seed{seed}"
+
+
+def pending_jobs(out: Path, names: list[str], runs: dict[str, dict] | None = None) -> list[str]:
+    """The jobs without a finished result in `out` (a rerun skips the others). With `runs` (name -> run
+    config), a finished result of another run config is refused rather than mixed in."""
+    todo = []
+    for n in names:
+        path = out / n / "train.json"
+        if not path.is_file():
+            todo.append(n)
+        elif runs is not None and json.loads(path.read_text()).get("run") != same_run(runs[n]):
+            raise SystemExit(
+                f"{path} was trained with other settings than this call's; use another --out (or delete that folder)"
+            )
+    return todo
+
+
+def same_run(run: dict) -> dict:
+    """The part of a run config that results depend on (not this call's time limit)."""
+    return {**run, "train": {k: v for k, v in run["train"].items() if k != "time_limit_s"}}
+
+
+@contextlib.contextmanager
+def deterministic(on: bool = True):
+    """Deterministic kernels where torch has them (warn, not fail, where it has none), restored after;
+    data order is already a pure function of (seed, step)."""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
+
+
+# -- the worker: train one (variant, task, seed), evaluate, write train.json ------------------------
+def train_worker(spec: dict) -> dict:
+    from sparsezoo.models import load_model
+    from sparsezoo.models.data import Data, DataConfig
+    from sparsezoo.models.train import evaluate, train
+
+    run, card = spec["run"], spec["card"]
+    folder = Path(run["train"]["out_dir"])
+    resume = (folder / "checkpoint" / "config.yaml").is_file()
+    t0 = time.perf_counter()
+    with deterministic(spec["deterministic"]):
+        summary = train(run, resume=resume)
+    result = {
+        "job": spec["job"],
+        "steps_done": summary["steps_done"],
+        "train_seconds": time.perf_counter() - t0,
+        "resumed": resume,
+        "deterministic": spec["deterministic"],
+        "run": same_run(run),
+    }
+    if summary["steps_done"] < run["train"]["steps"]:
+        return {**result, "unfinished": True}  # the caller saves nothing: the next call resumes
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    variant = run["model"]["attention"]
+    fields = sparsezoo.variant_class(variant).config_class.field_names()
+    over = {
+        variant: {
+            **run["model"]["attention_overrides"][variant],
+            **({"backend": card["eval_backend"]} if "backend" in fields else {}),
+        }
+    }
+    model, _ = load_model(summary["checkpoint"], {"attention_overrides": over}, strict=True, device=device)
+    model.apply_routing_schedule(run["train"]["steps"])
+    data = Data(DataConfig.from_dict(run["data"]), model.config.vocab_size, seed=run["train"]["seed"])
+    lens = [card["train_len"], 2 * card["train_len"]]
+    n_batches = max(1, card["eval_samples"] // card["eval_batch"])
+    with sparsezoo.ops.track_implementations() as impls, deterministic(spec["deterministic"]):
+        res = evaluate(model, data, n_batches, card["eval_batch"], lens, device=device)
+    result["accuracy"] = {k.split("@")[1]: v["exact"] for k, v in res.items()}
+    result["implementations_eval"] = dict(impls)
+    needle = Data(
+        DataConfig.from_dict({"task": "needle", "seq_len": card["train_len"], "n_values": 64, "n_keys": 64}),
+        model.config.vocab_size,
+    )
+    try:
+        result["kv_read"] = kv_read_fraction(model, needle, card["train_len"], device)["mean"]
+    except Exception as e:  # noqa: BLE001 - recorded, and the record says n/a
+        result["kv_read"], result["kv_read_error"] = None, f"{type(e).__name__}: {str(e)[:200]}"
+    return result
+
+
+# -- aggregation and report -------------------------------------------------------------------------
+def records(card_name: str, card: dict, results: dict[str, dict]) -> list[dict]:
+    """One record per variant x task x eval length over the seeds that finished (paired to dense)."""
+    budgets = budget_table(card)
+    out = []
+    for task in card["tasks"]:
+        table: dict = {}
+        for name, r in results.items():
+            variant, t, seed = name.split("/")
+            if t == task:
+                for length, acc in r["accuracy"].items():
+                    table.setdefault(variant, {}).setdefault(length, {})[int(seed[4:])] = acc
+        for variant, by_len in summarize(table, "dense").items():
+            kv = [
+                r["kv_read"]
+                for n, r in results.items()
+                if n.startswith(f"{variant}/{task}/") and r.get("kv_read") is not None
+            ]
+            for length, row in by_len.items():
+                out.append(
+                    {
+                        "variant": variant,
+                        "config": attention_config(card, variant),
+                        "task": task,
+                        "train_len": card["train_len"],
+                        "eval_len": int(length),
+                        "seeds": sorted(row["per_seed"]),
+                        "per_seed": row["per_seed"],
+                        "mean": row["mean"],
+                        "std": row["std"],
+                        "paired_diff_vs_dense": row.get("paired_diff_vs_dense"),
+                        "kv_read": statistics.fmean(kv) if kv else None,
+                        "free_keys_per_query": budgets[variant]["free_keys"],
+                        "forced_keys": budgets[variant]["forced"],
+                        "card": card_name,
+                    }
+                )
+    return sorted(out, key=lambda r: (r["task"], r["variant"] != "dense", r["variant"], r["eval_len"]))
+
+
+def fmt(x, pattern="{:.2f}") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else pattern.format(x)
+
+
+def write_report(prefix: Path, card_name: str, card: dict, recs: list[dict], missing: list[str], device: str) -> None:
+    budgets = budget_table(card)
+    lines = [
+        f"# Quality study, card `{card_name}`, on {device}",
+        "",
+        f"Model {card['model']}; {card['steps']} steps x batch {card['batch']} x {card['train_len']} tokens "
+        f"(first {card['curriculum'][1]} steps at {card['curriculum'][0]} tokens, the same tokens per step); "
+        f"seeds {card['seeds']}; {card['eval_samples']} eval samples per length; exact-answer accuracy. "
+        f"Passkey haystack: the repository's docs (real prose; no other corpus ships, the GPU is offline).",
+        "",
+        f"## Budgets: {card['free_keys']} free keys per query "
+        f"({card['free_keys'] / card['train_len']:.3f} of the KV at {card['train_len']})",
+        "",
+        "| variant | config | free keys | forced keys (not counted) |",
+        "|---|---|---|---|",
+    ]
+    for v, b in budgets.items():
+        lines.append(
+            f"| {v} | {b['config'] or '—'} | {fmt(b['free_keys'], '{}')} ({b['note']}) | {b['forced'] or '—'} |"
+        )
+    lines += [
+        "",
+        "## Results",
+        "",
+        "| task | variant | eval len | seeds | mean ± std | Δ vs dense (paired) | KV read |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        extra = " (2x)" if r["eval_len"] > r["train_len"] else ""
+        lines.append(
+            f"| {r['task']} | {r['variant']} | {r['eval_len']}{extra} | {len(r['seeds'])} | "
+            f"{r['mean']:.3f} ± {r['std']:.3f} | {fmt(r['paired_diff_vs_dense'], '{:+.3f}')} | "
+            f"{fmt(r['kv_read'], '{:.3f}')} |"
+        )
+    if missing:
+        lines += ["", f"Not finished yet ({len(missing)} jobs; rerun the command): {', '.join(missing)}"]
+    prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    prefix.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "card": card_name,
+                "settings": card,
+                "device": device,
+                "budgets": budgets,
+                "records": recs,
+                "missing": missing,
+            },
+            indent=1,
+        )
+    )
+    plot(prefix.with_suffix(".png"), card, recs, f"quality study `{card_name}`, {device}")
+
+
+def plot(path: Path, card: dict, recs: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(t, L) for t in card["tasks"] for L in (card["train_len"], 2 * card["train_len"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (task, length) in zip(axes[0], panels):
+        rows = [r for r in recs if r["task"] == task and r["eval_len"] == length]
+        for i, r in enumerate(rows):
+            ax.scatter([i] * len(r["per_seed"]), list(r["per_seed"].values()), alpha=0.6)
+            ax.errorbar(i + 0.15, r["mean"], yerr=r["std"], fmt="k_", capsize=4)
+        ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], fontsize=8)
+        ax.set(title=f"{task} @ {length}", ylim=(-0.05, 1.05), ylabel="exact accuracy")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- orchestration ----------------------------------------------------------------------------------
+def launch(kind: str, spec_path: Path, log_path: Path):
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen(
+        [sys.executable, __file__, "--worker", str(spec_path)],
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--card", choices=sorted(CARDS), default="gpu")
+    p.add_argument("--smoke", action="store_true", help="the same as --card smoke --jobs 0")
+    p.add_argument("--out", type=Path, default=None, help="job folders (default runs/quality_study_<card>)")
+    p.add_argument("--results", type=Path, default=REPO / "examples" / "results", help="where the report goes")
+    p.add_argument("--variants", default=None, help="comma list (default: the card's)")
+    p.add_argument("--tasks", default=None, help="comma list of the card's tasks (default: all)")
+    p.add_argument("--seeds", default=None, help="comma list (default: the card's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the card's)")
+    p.add_argument("--batch", type=int, default=None, help="rows per step at the training length (default: the card's)")
+    p.add_argument("--free-keys", type=int, default=None, help="free keys per query (default: the card's)")
+    p.add_argument("--jobs", type=int, default=1, help="workers at once on the device; 0 = in this process")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=540,
+        help="seconds for this call: workers stop and checkpoint by then, and no job starts after it",
+    )
+    p.add_argument("--no-deterministic", action="store_true", help="allow non-deterministic kernels")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.card, args.jobs = "smoke", 0
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.worker:
+        spec = json.loads(Path(args.worker).read_text())
+        result = train_worker(spec)
+        if result.get("unfinished"):  # the runner lists it as not finished (exit code 3): the next call resumes
+            print(
+                f"{spec['job']}: stopped at step {result['steps_done']} by the call's time limit; a checkpoint "
+                f"is saved and the next call resumes from it",
+                flush=True,
+            )
+            raise SystemExit(3)
+        (Path(spec["run"]["train"]["out_dir"]) / "train.json").write_text(json.dumps(result, indent=1))
+        return result
+    card = dict(CARDS[args.card])
+    for key in ("variants", "tasks", "seeds"):
+        if getattr(args, key):
+            picked = [int(x) if key == "seeds" else x for x in getattr(args, key).split(",")]
+            valid = list(card[key]) if key == "tasks" else (sparsezoo.list_variants() if key == "variants" else None)
+            bad = sorted(set(map(str, picked)) - set(valid)) if valid else []
+            if bad:
+                raise SystemExit(f"--{key}: unknown {bad}; choose among {valid}")
+            card[key] = {t: card["tasks"][t] for t in picked} if key == "tasks" else picked
+    for key in ("steps", "batch", "free_keys"):
+        if getattr(args, key) is not None:
+            card[key] = getattr(args, key)
+    if "dense" not in card["variants"]:
+        raise SystemExit("--variants must include dense (the paired baseline)")
+    out = args.out or REPO / "runs" / f"quality_study_{args.card}"
+    t_end = time.perf_counter() + args.time_limit
+    names = [job_name(v, t, s) for v in card["variants"] for t in card["tasks"] for s in card["seeds"]]
+    runs = {}
+    for name in names:
+        variant, task, seed = name.split("/")
+        runs[name] = run_config(card, variant, task, int(seed[4:]), out / name, None)
+        check_data_config(runs[name]["data"])
+    todo = pending_jobs(out, names, runs)
+    print(f"{len(names) - len(todo)} of {len(names)} jobs finished earlier; {len(todo)} to run", flush=True)
+    specs = {}
+    for name in todo:
+        (out / name).mkdir(parents=True, exist_ok=True)
+        specs[name] = {"job": name, "run": runs[name], "card": card, "deterministic": not args.no_deterministic}
+    if args.jobs == 0:  # in this process (the smoke test): one after another
+        for name, spec in specs.items():
+            spec["run"]["train"]["time_limit_s"] = max(1.0, t_end - time.perf_counter())
+            result = train_worker(spec)
+            if not result.get("unfinished"):
+                (out / name / "train.json").write_text(json.dumps(result, indent=1))
+    else:
+        paths = {}
+        for name, spec in specs.items():  # every worker stops (and checkpoints) by the call's end
+            spec["run"]["train"]["time_limit_s"] = max(1.0, t_end - time.perf_counter() - 60)
+            paths[name] = out / name / "spec.json"
+            paths[name].write_text(json.dumps(spec, indent=1))
+        run_jobs("train", paths, out, args.jobs, args.time_limit, t_end - 60, launcher=launch)
+    results = {n: json.loads((out / n / "train.json").read_text()) for n in names if (out / n / "train.json").is_file()}
+    missing = [n for n in names if n not in results]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    recs = records(args.card, card, results)
+    args.results.mkdir(parents=True, exist_ok=True)
+    prefix = args.results / f"quality_study_{args.card}"
+    write_report(prefix, args.card, card, recs, missing, device)
+    print(prefix.with_suffix(".md").read_text())
+    return {"records": recs, "missing": missing, "ran": list(specs)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""examples/quality_study.py: equal free-key budgets, the record schema, the aggregation over seeds, resume,
+and the --smoke pipeline end to end (a few seconds per job on a CPU); also the passkey-in-text data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sparsezoo
+from sparsezoo.config import ConfigError
+from sparsezoo.models.data import NEEDLE, QUERY, Data, DataConfig, batch_generator
+from tests.test_quality_tools import load_example
+
+study = load_example("quality_study")
+RECORD_KEYS = {
+    "variant",
+    "config",
+    "task",
+    "train_len",
+    "eval_len",
+    "seeds",
+    "mean",
+    "std",
+    "paired_diff_vs_dense",
+    "kv_read",
+    "free_keys_per_query",
+}
+
+
+def free_keys_from_config(variant: str, cfg: dict) -> int:
+    """Freely chosen keys per query, recomputed from a config (independently of equal_budget's branches)."""
+    return {
+        "msa": lambda: (cfg["topk"] - 1) * cfg["block_size"],
+        "moba": lambda: (cfg["topk"] - 1) * cfg["block_size"],
+        "dsa": lambda: cfg["topk"],
+        "csa": lambda: cfg["topk"] * cfg["compress_ratio"],
+        "nsa": lambda: (cfg["sel_topk"] - 3) * cfg["sel_block"],
+    }[variant]()
+
+
+@pytest.mark.parametrize("target, block", [(1024, 64), (512, 32), (32, 16)])
+def test_every_sparse_variant_gets_the_target_free_keys_and_reports_forced_keys(target, block):
+    for v in ("msa", "moba", "dsa", "csa", "nsa"):
+        b = study.equal_budget(v, target, block=block, csa_ratio=4, window=128)
+        assert b["free_keys"] == target == free_keys_from_config(v, b["config"]), v
+        assert set(b["config"]) <= set(sparsezoo.variant_class(v).config_class.field_names())
+    assert study.equal_budget("msa", target, block)["forced"] == {"own block": block}
+    assert study.equal_budget("moba", target, block)["forced"] == {"own block": block}
+    assert study.equal_budget("dsa", target, block)["forced"] == {}
+    assert study.equal_budget("csa", target, block, window=128)["forced"] == {"window": 128}
+    nsa = study.equal_budget("nsa", target, block, window=128, cmp_stride=16)["forced"]
+    assert nsa == {"block 0": block, "local blocks": 2 * block, "window": 128, "compressed": "T/16"}
+    for v in ("dense", "lightning", "gdn"):
+        assert study.equal_budget(v, target, block)["free_keys"] is None
+
+
+def test_budget_refuses_a_target_off_the_variants_grid():
+    with pytest.raises(ValueError, match="multiple of 64 for msa"):
+        study.equal_budget("msa", 1000, block=64)
+    with pytest.raises(ValueError, match="known: dense"):
+        study.equal_budget("nope", 1024)
+
+
+def test_gpu_card_budget_is_an_eighth_of_the_kv_and_configs_are_valid():
+    card = study.CARDS["gpu"]
+    assert card["free_keys"] * 8 == card["train_len"] == 8192
+    for v in card["variants"]:
+        cfg = study.attention_config(card, v)
+        if v not in ("dense", *study.LINEAR):
+            assert free_keys_from_config(v, cfg) == card["free_keys"]
+        cls = sparsezoo.variant_class(v).config_class  # the config builds (its own checks pass)
+        cls(**{**cfg, "d_model": 512, "n_heads": 8, "n_kv_heads": 2, "head_dim": 64})
+
+
+def synthetic_results(per_seed: dict[str, dict[int, float]], task: str = "mqar", lengths=(128, 256)) -> dict:
+    return {
+        f"{v}/{task}/seed{s}": {"accuracy": {str(L): acc for L in lengths}, "kv_read": 0.5 if v != "dense" else 1.0}
+        for v, by_seed in per_seed.items()
+        for s, acc in by_seed.items()
+    }
+
+
+def test_records_mean_std_and_paired_difference_to_dense():
+    card = {**study.CARDS["smoke"], "tasks": {"mqar": {}}}
+    results = synthetic_results({"dense": {0: 1.0, 1: 0.8, 2: 0.9}, "msa": {0: 0.9, 1: 0.8, 2: 0.6}})
+    recs = study.records("smoke", card, results)
+    assert len(recs) == 4 and all(RECORD_KEYS <= set(r) for r in recs)
+    msa = [r for r in recs if r["variant"] == "msa" and r["eval_len"] == 128][0]
+    assert msa["seeds"] == [0, 1, 2]
+    assert msa["mean"] == pytest.approx(2.3 / 3)
+    assert msa["std"] == pytest.approx(torch.tensor([0.9, 0.8, 0.6], dtype=torch.float64).std().item())
+    assert msa["paired_diff_vs_dense"] == pytest.approx((-0.1 + 0.0 - 0.3) / 3)
+    assert msa["kv_read"] == 0.5 and msa["free_keys_per_query"] == card["free_keys"]
+    dense = [r for r in recs if r["variant"] == "dense"][0]
+    assert dense["paired_diff_vs_dense"] is None and dense["free_keys_per_query"] is None
+
+
+def test_paired_difference_uses_only_seeds_both_finished():
+    card = {**study.CARDS["smoke"], "tasks": {"mqar": {}}}
+    results = synthetic_results({"dense": {0: 1.0, 1: 0.0}, "msa": {0: 0.5}})
+    msa = [r for r in study.records("smoke", card, results) if r["variant"] == "msa"][0]
+    assert msa["paired_diff_vs_dense"] == pytest.approx(-0.5)
+
+
+def test_pending_jobs_skips_finished_ones(tmp_path):
+    names = [study.job_name(v, "mqar", s) for v in ("dense", "msa") for s in (0, 1)]
+    (tmp_path / names[1]).mkdir(parents=True)
+    (tmp_path / names[1] / "train.json").write_text("{}")
+    (tmp_path / names[2]).mkdir(parents=True)  # started, not finished (a checkpoint only): still pending
+    assert study.pending_jobs(tmp_path, names) == [names[0], names[2], names[3]]
+
+
+def test_passkey_in_text_hides_the_needle_in_text_bytes(tmp_path):
+    (tmp_path / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    cfg = DataConfig(task="needle", seq_len=256, passkey_len=3, needle_filler="text", text_path=str(tmp_path))
+    data = Data(cfg, vocab_size=512)
+    x, y = data.batch("needle", 4, 256, batch_generator(0, 0), "val")
+    for row, target in zip(x, y):
+        special = row >= 256
+        assert int(special.sum()) == 1 + 1 + 3 + 1 + 2  # BOS, NEEDLE + 3, QUERY + 2 (the last is the target)
+        assert (row == NEEDLE).sum() == 1 and (row == QUERY).sum() == 1
+        assert (target != -100).sum() == 3
+    with pytest.raises(ConfigError, match="needs data.text_path"):
+        Data(DataConfig(task="needle", needle_filler="text"), vocab_size=512)
+
+
+def test_smoke_pipeline_end_to_end_then_resume_skips_everything(tmp_path):
+    args = ["--smoke", "--out", str(tmp_path / "jobs"), "--results", str(tmp_path)]
+    first = study.main(args)
+    card = study.CARDS["smoke"]
+    n_jobs = len(card["variants"]) * len(card["tasks"]) * len(card["seeds"])
+    assert len(first["ran"]) == n_jobs and first["missing"] == []
+    report = json.loads((tmp_path / "quality_study_smoke.json").read_text())
+    assert (tmp_path / "quality_study_smoke.md").is_file() and (tmp_path / "quality_study_smoke.png").is_file()
+    recs = report["records"]
+    assert len(recs) == len(card["variants"]) * len(card["tasks"]) * 2  # train length and 2x
+    assert all(RECORD_KEYS <= set(r) for r in recs)
+    assert {r["eval_len"] for r in recs} == {card["train_len"], 2 * card["train_len"]}
+    assert all(r["seeds"] == card["seeds"] and 0 <= r["mean"] <= 1 for r in recs)
+    msa = [r for r in recs if r["variant"] == "msa"]
+    assert all(r["free_keys_per_query"] == card["free_keys"] and 0 < r["kv_read"] < 1 for r in msa)
+    again = study.main(args)
+    assert again["ran"] == [] and again["records"] == first["records"]
+    with pytest.raises(SystemExit, match="trained with other settings"):  # never mixes two settings
+        study.main([*args, "--steps", "5"])
