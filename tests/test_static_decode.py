@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 
 from sparsezoo.models import GPT, GPTConfig, static_decode_variants
 from sparsezoo.ops import implementations_used
+from tests.test_compile import cold_start  # noqa: F401  (autouse: a fresh Dynamo state per test)
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 MSA = {"block_size": 16, "topk": 2, "index_dim": 16}  # 1 ranked block + the local one: selection matters past 32
@@ -24,14 +25,6 @@ MODELS = {
     "msa": (["dense", "msa"], {"msa": MSA}),
     "msa_warmup": (["msa", "msa"], {"msa": {**MSA, "routing": "dense"}}),
 }
-
-
-@pytest.fixture(autouse=True)
-def cold_start():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def tiny_gpt(layers=("dense", "dense"), device="cpu", **overrides) -> GPT:
