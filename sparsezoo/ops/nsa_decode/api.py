@@ -9,7 +9,7 @@ import torch
 from .. import checks
 from ..block_sparse_attention import block_sparse_attention
 from ..compressed_attention import compressed_attention
-from ..dispatch import Op, Request, needs_grad
+from ..dispatch import Op, Request, needs_grad, record
 from ..nsa_select import nsa_select
 from ..window_attention import window_attention
 
@@ -46,6 +46,7 @@ def nsa_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: torch.Ten
     args = (q, kc, vc, k, v, k_win, v_win, block_len, stride, sel_block, topk, window, scale, gates)
     impl = OP.choose(backend, req)
     if backend == "auto" and impl == "reference":  # the fused kernels cannot run: the branch ops' fast paths
+        record(OP.name, "branch_ops")  # each branch op records its own implementation too
         return branch_ops(*args, backend="auto")
     return OP.run(impl, req, *args)
 
