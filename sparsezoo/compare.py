@@ -183,6 +183,9 @@ def run(cfg: dict) -> list[dict]:
             if getattr(layer, "reuses_dense_projections", True) else []
         if missing:
             raise RuntimeError(f"{name} lacks the shared dense weights {missing}")
+        unused = sorted(set(shared) - set(layer.state_dict()))
+        if unused and getattr(layer, "reuses_dense_projections", True):  # CSA's shared K = V has no v_proj
+            tqdm.write(f"{name} has no place for the dense weights {unused}: left out")
         layers[name] = layer
         with torch.no_grad(), ops.track_implementations() as impls:
             out = layer(x)  # also the warm-up call

@@ -124,5 +124,6 @@ def test_main_job_prints_its_table_and_notes_and_no_profiler_noise(tmp_path, cap
         assert f"- **{note}**" in out
     assert (tmp_path / "compare.md").read_text().count("How to read it") == 1
     assert "median over 2 timed blocks" in out
+    assert "csa has no place for the dense weights ['v_proj.weight']: left out" in out + err  # shared K = V
     for noise in ("USDT", "profiler_start", "profiler_stop", "Visualization saved"):
         assert noise not in out and noise not in err, noise
