@@ -47,7 +47,7 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from sparsezoo.models.train import load_run_config, main, train
+from sparsezoo.models.train import load_run_config, main, teardown_process_group, train
 
 out, config, sets = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 steps, split = int(sys.argv[4]), int(sys.argv[5])
@@ -61,7 +61,7 @@ def pickled(*args, **kwargs):
 for name in ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list"):
     setattr(dist, name, pickled)
     setattr(c10d, name, pickled)
-rank = dist.get_rank()
+rank, finished = dist.get_rank(), False
 try:
     cli = [["--set", s] for s in sets + ["train.parallel=fsdp", f"train.out_dir={out / 'full'}", f"train.steps={steps}"]]
     full = main(["--config", config, *sum(cli, [])])  # what examples/train.py runs
@@ -74,8 +74,9 @@ try:
     train(load_run_config(config, sets + ["train.parallel=fsdp", "train.fsdp_param_dtype=bf16",
                                           f"train.out_dir={out / 'bf16'}", f"train.steps={split}"]))
     up = dist.is_initialized()
+    finished = True
 finally:
-    dist.destroy_process_group()
+    teardown_process_group(finished)
 result = {"parallel": full["parallel"], "local": full["local_param_elements"], "total": full["param_elements"],
           "group_up_during": up, "group_up_after": dist.is_initialized()}
 (out / f"rank{rank}.json").write_text(json.dumps(result))

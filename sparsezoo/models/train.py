@@ -137,6 +137,30 @@ def setup_distributed(device_pref: str) -> Dist:
     return Dist(dist.get_rank(), world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
 
 
+_teardowns = 0  # numbers each teardown's store keys (one process can set up and tear down several groups)
+
+
+def teardown_process_group(finished: bool = True) -> None:
+    """Destroy the default process group without cutting a peer's last message short.
+
+    A gloo rank can leave its last collective before its peer has read that collective's final message;
+    destroying the group then closes the connection under the peer, which aborts ("terminate called
+    without an active exception"). So when the run finished, every rank passes a barrier and then waits
+    on the rendezvous store (not a gloo connection) until all ranks are past it. After a failure (a rank
+    may be dead) the group is destroyed at once."""
+    global _teardowns
+    try:
+        if finished:
+            dist.barrier()
+            store, rank, world = dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
+            _teardowns += 1
+            key = f"sparsezoo/teardown/{_teardowns}"
+            store.set(f"{key}/{rank}", "1")
+            store.wait([f"{key}/{r}" for r in range(world)])
+    finally:  # even when the barrier fails (a rank died)
+        dist.destroy_process_group()
+
+
 def _all_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         dist.all_reduce(t)
@@ -255,11 +279,7 @@ def train(run: dict[str, Any], resume: bool = False) -> dict[str, Any]:
         return summary
     finally:
         if d.world > 1 and not joined and dist.is_initialized():
-            try:
-                if finished:
-                    dist.barrier()
-            finally:  # even when the barrier fails (a rank died)
-                dist.destroy_process_group()
+            teardown_process_group(finished)
 
 
 def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: DataConfig, cfg: TrainConfig,
