@@ -11,11 +11,13 @@ The functional layer lives in `sparsezoo.ops` (layout documented there once).
 from . import ops
 from .cache import LayerCache
 from .config import AttentionConfig, ConfigError
-from .registry import create_attention, list_variants, make_config, register_variant, variant_class
+from .context_parallel import ContextParallel
+from .registry import (context_parallel_variants, create_attention, list_variants, make_config, register_variant,
+                       variant_class)
 from .variants.base import AttentionLayer, aux_loss
 
 __all__ = [
-    "AttentionConfig", "AttentionLayer", "ConfigError", "LayerCache", "aux_loss", "create_attention",
-    "list_variants", "make_config", "ops", "register_variant", "variant_class",
+    "AttentionConfig", "AttentionLayer", "ConfigError", "ContextParallel", "LayerCache", "aux_loss",
+    "context_parallel_variants", "create_attention", "list_variants", "make_config", "ops", "register_variant", "variant_class",
 ]
 __version__ = "0.1.0"

@@ -45,6 +45,12 @@ def list_variants() -> list[str]:
     return sorted(_VARIANTS)
 
 
+def context_parallel_variants() -> list[str]:
+    """The variants whose layers run a context-parallel forward (`sparsezoo.context_parallel`)."""
+    _load_builtin()
+    return sorted(n for n, cls in _VARIANTS.items() if cls.supports_context_parallel)
+
+
 def variant_class(name: str) -> type:
     _load_builtin()
     if name not in _VARIANTS:

@@ -61,10 +61,10 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def run_torchrun(args: list[str], cwd: Path, timeout: int = 300) -> str:
-    """torchrun --standalone (its rendezvous binds a free port of its own) on 2 gloo processes; on a
+def run_torchrun(args: list[str], cwd: Path, timeout: int = 300, nproc: int = 2) -> str:
+    """torchrun --standalone (its rendezvous binds a free port of its own) on `nproc` gloo processes; on a
     non-zero exit or a timeout, fail with the command's output."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
                             start_new_session=True)

@@ -41,6 +41,7 @@ from torch import nn
 
 import sparsezoo
 from sparsezoo.cache import LayerCache
+from sparsezoo.context_parallel import ContextParallel
 from sparsezoo.config import AttentionConfig, CheckedConfig, ConfigError, from_known_fields, read_yaml
 from sparsezoo.ops.dispatch import record
 
@@ -181,9 +182,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.ffn_hidden)
 
-    def forward(self, x, positions=None, cache=None, attention_mask=None, cu_seqlens=None):
+    def forward(self, x, positions=None, cache=None, attention_mask=None, cu_seqlens=None, context_parallel=None):
         x = x + self.attn(self.attn_norm(x), positions=positions, cache=cache, attention_mask=attention_mask,
-                          cu_seqlens=cu_seqlens)
+                          cu_seqlens=cu_seqlens, context_parallel=context_parallel)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -209,25 +210,40 @@ class GPT(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, use_cache: bool = False,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None):
+                cu_seqlens: torch.Tensor | None = None, context_parallel: ContextParallel | None = None):
         """idx [B, T] -> (logits [B, T, V], mean cross-entropy over targets != -100, or None).
 
         use_cache=True continues the sequence held in the caches from `setup_cache`.
         attention_mask [B, past + T] (1 = real token, left padding) or cu_seqlens [n_docs + 1] (documents
         packed into one row): each sequence is computed alone. Logits at padding mean nothing, and
         their targets are ignored.
+        context_parallel (a `sparsezoo.ContextParallel`): idx and targets hold this rank's tokens
+        (`cp.shard`) of sequences split over a process group; the loss is this rank's share of the mean
+        over the group's targets (its sum over the group is the whole sequences' loss), and so is
+        `aux_loss()`.
         """
         if use_cache and self.caches is None:
             raise RuntimeError("use_cache=True needs setup_cache(batch, max_len) first")
+        if context_parallel is not None and use_cache:
+            raise ValueError("context_parallel runs whole sequences (training, prefill): use_cache must be False")
         caches = self.caches if use_cache else [None] * len(self.blocks)
         x = self.tok_emb(idx)
         for block, cache in zip(self.blocks, caches):
-            x = block(x, positions=positions, cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+            x = block(x, positions=positions, cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
+                      context_parallel=context_parallel)
         logits = F.linear(self.norm(x), self.tok_emb.weight)  # tied embeddings
         loss = None
         if targets is not None and attention_mask is not None:  # (checked by the attention layers above)
             targets = targets.masked_fill(attention_mask[:, -idx.shape[1]:] == 0, -100)
-        if targets is not None:
+        if targets is not None and context_parallel is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must match idx's shape {tuple(idx.shape)} (this rank's tokens), "
+                                 f"got {tuple(targets.shape)}")
+            flat = targets.flatten()
+            total = F.cross_entropy(logits.float().flatten(0, 1), flat, ignore_index=-100, reduction="sum")
+            counted = context_parallel.all_reduce_sum((flat != -100).sum())
+            loss = total / counted.clamp_min(1)  # a share of the group's mean
+        elif targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 

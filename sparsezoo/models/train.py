@@ -62,6 +62,7 @@ class TrainConfig(CheckedConfig):
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     progress: bool = True
     parallel: str = "ddp"  # with several processes: ddp (replicated model) | fsdp (FSDP2, sharded per block)
+    context_parallel: int = 1  # ranks that split each sequence (sparsezoo.context_parallel); world = data x this
     fsdp_param_dtype: str = "auto"  # FSDP compute params: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     find_unused_parameters: bool = False  # for DDP with variants that leave parameters unused
     time_limit_s: float | None = None  # stop early (and say so in the summary) after this many seconds
@@ -69,7 +70,8 @@ class TrainConfig(CheckedConfig):
     LABEL: ClassVar[str] = "train"
     CHOICES: ClassVar[dict[str, tuple]] = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "bf16", "fp32"),
                                            "parallel": ("ddp", "fsdp"), "fsdp_param_dtype": ("auto", "bf16", "fp32")}
-    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "eval_batches", "log_every", "time_limit_s")
+    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "eval_batches", "log_every", "time_limit_s",
+                                           "context_parallel")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("steps", "lr", "min_lr_ratio", "lr_warmup", "weight_decay",
                                                "grad_clip", "eval_every")
 
@@ -273,6 +275,9 @@ def train(run: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     d = setup_distributed(cfg.device)
     finished = False
     try:
+        if d.world % cfg.context_parallel:  # before anything is written
+            raise ConfigError(f"train.context_parallel = {cfg.context_parallel} must divide the number of "
+                              f"processes ({d.world}): world = data-parallel replicas x context-parallel ranks")
         with _exclusive_out_dir(Path(cfg.out_dir), d):
             summary = _train(run, resume, model_cfg, data_cfg, cfg, d)
         finished = True
@@ -297,6 +302,7 @@ def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: Da
         report = ckpt.load_weights(model, Path(cfg.init_from) / ckpt.WEIGHTS)
         _say(d, f"init_from {cfg.init_from}:\n{report}")
     parallel = _parallel_mode(cfg, d)
+    cp = _context_parallel_groups(cfg, d, model)
     if parallel == "fsdp":
         fsdp.shard_model(model, d.device.type, d.world, _fsdp_param_dtype(cfg, d.device))
     optimizer = make_optimizer(model, cfg, fused=d.device.type == "cuda")  # after sharding (DTensor parameters)
@@ -304,7 +310,8 @@ def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: Da
         state = _load_resume_state(ckpt_dir, model, optimizer, parallel)
         start, history, evals = state["step"], state["history"], state["evals"]
         _say(d, f"resumed from {ckpt_dir} at step {start}")
-    _say(d, model.describe() + f"\ntasks: {sorted(data.weights)}; world size {d.world} (parallel: {parallel}); "
+    _say(d, model.describe() + f"\ntasks: {sorted(data.weights)}; world size {d.world} (parallel: {parallel}"
+                               f"{f', context parallel {cp.size}' if cp else ''}); "
                                f"device {d.device}")
 
     wrapped = model  # FSDP2 shards `model` in place: calling it gathers each block's parameters in turn
@@ -346,7 +353,8 @@ def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: Da
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
     pending: list[tuple[int, str, str, torch.Tensor]] = []
-    tokens_per_step = cfg.batch_size * data_cfg.seq_len * d.world
+    cp_size = cp.size if cp else 1
+    tokens_per_step = cfg.batch_size * data_cfg.seq_len * d.world // cp_size
     t_last, steps_since = time.perf_counter(), 0
     model.train()
     t_start, stopped_at = time.perf_counter(), None
@@ -361,13 +369,18 @@ def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: Da
         phase = model.apply_routing_schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        task, x, y = data.train_batch(step, cfg.batch_size, d.rank, d.device)
+        task, x, y = data.train_batch(step, cfg.batch_size, d.rank // cp_size, d.device)
         with autocast_for(d.device, cfg.dtype):
-            _, lm_loss = wrapped(x, y)
+            if cp:  # this rank's tokens; the losses are its shares of the sequence means
+                seq = cp.split(x.shape[1])
+                _, lm_loss = wrapped(seq.shard(x), seq.shard(y), context_parallel=seq)
+            else:
+                _, lm_loss = wrapped(x, y)
         aux = sparsezoo.aux_loss(model)
         loss = lm_loss if aux is None else lm_loss + aux.float()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP and FSDP average gradients over every rank: a group of cp ranks holds one sequence's shares
+        (loss * cp_size if cp else loss).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -376,7 +389,7 @@ def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: Da
         steps_since += 1
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.log_every == 0 or last:
-            values = _all_mean(torch.stack([p[3] for p in pending]), d).tolist()
+            values = (_all_mean(torch.stack([p[3] for p in pending]), d) * cp_size).tolist()  # sum of shares
             now = time.perf_counter()
             tok_s = tokens_per_step * steps_since / (now - t_last)
             for (s, tk, ph, _), (lm, ix) in zip(pending, values):
@@ -401,7 +414,8 @@ def _train(run: dict[str, Any], resume: bool, model_cfg: GPTConfig, data_cfg: Da
         save(start)
     summary = {"history": history, "evals": evals, "out_dir": str(out), "checkpoint": str(ckpt_dir),
                "steps_done": stopped_at if stopped_at is not None else max(start, cfg.steps),
-               "implementations": sparsezoo.ops.implementations_used(), "world": d.world, "parallel": parallel}
+               "implementations": sparsezoo.ops.implementations_used(), "world": d.world, "parallel": parallel,
+               "context_parallel": cp_size}
     if parallel == "ddp":
         summary["rank_max_param_diff"] = _rank_param_diff(model, d)
         _say(d, f"DDP: max parameter difference between ranks {summary['rank_max_param_diff']:.2e}")
@@ -419,6 +433,40 @@ def _parallel_mode(cfg: TrainConfig, d: Dist) -> str:
             _say(d, "train.parallel = 'fsdp' in a single process: nothing to shard, the model trains unsharded")
         return "none"
     return cfg.parallel
+
+
+@dataclass
+class ContextParallelGroups:
+    """This rank's context-parallel groups: `size` consecutive ranks split each sequence, over a 2-D
+    (data x context) device mesh; a second group over the same ranks carries the prefetched gathers."""
+
+    size: int
+    mesh: Any
+    group: dist.ProcessGroup
+    prefetch_group: dist.ProcessGroup
+
+    def split(self, seq_len: int) -> sparsezoo.ContextParallel:
+        return sparsezoo.ContextParallel(seq_len, self.group, self.prefetch_group)
+
+
+def _context_parallel_groups(cfg: TrainConfig, d: Dist, model: GPT) -> ContextParallelGroups | None:
+    """None for train.context_parallel = 1; else the groups, after checking the world and the layers."""
+    n = cfg.context_parallel  # divides the world (checked in train())
+    if n == 1:
+        return None
+    unsupported = sorted({b.attn.variant_name for b in model.blocks if not b.attn.supports_context_parallel})
+    if unsupported:
+        raise ConfigError(f"train.context_parallel: the {unsupported} layers cannot split a sequence over ranks; "
+                          f"variants that can: {sparsezoo.context_parallel_variants()}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(d.device.type, (d.world // n, n), mesh_dim_names=("data", "context"))
+    prefetch = None
+    for replica in range(d.world // n):  # every rank takes part in making every group
+        group = dist.new_group(list(range(replica * n, (replica + 1) * n)))
+        if d.rank // n == replica:
+            prefetch = group
+    return ContextParallelGroups(n, mesh, mesh.get_group("context"), prefetch)
 
 
 def _fsdp_param_dtype(cfg: TrainConfig, device: torch.device) -> str:

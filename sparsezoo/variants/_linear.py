@@ -26,6 +26,8 @@ class LinearAttentionLayer(AttentionLayer):
     # the dense layer's weights into these layers, and the transformers integration (which reuses a model's
     # projections and its K/V cache) refuses them
     reuses_dense_projections = False
+    # a recurrence passes its state from chunk to chunk: gathering keys cannot split it over ranks
+    supports_context_parallel = False
 
     def __init__(self, config):
         if config.backend != "reference" and not fla_kernels.FLA_INSTALLED:

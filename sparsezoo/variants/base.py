@@ -22,6 +22,11 @@
   decodes one token per row at a position held in a tensor over preallocated [B, Hkv, max_len, D]
   buffers, with static shapes and no host reads, so one compiled graph (and one CUDA graph) serves
   every position (`GPT.generate(..., compile=True)`).
+- Context parallelism (`supports_context_parallel`): `layer(cp.shard(x), context_parallel=cp)` with
+  a `sparsezoo.context_parallel.ContextParallel` runs this rank's tokens of a sequence split over a
+  process group; each of its two chunks runs as a chunked prefill over the keys gathered from the group
+  (the layer's cache appends become all-gathers), so outputs and gradients equal one process's.
+  `aux_loss` is then this rank's share: its sum over the group is the whole sequence's loss.
 - `kv_pattern(x)` returns the boolean [B, Hq, T, S] map of which keys each query reads (small inputs
   only: it is O(T x S)), used for pictures and KV-fraction reports.
 """
@@ -36,8 +41,11 @@ from torch import nn
 from .. import sequences
 from ..cache import LayerCache
 from ..config import AttentionConfig
+from ..context_parallel import ContextParallel
 from ..ops.dispatch import record
 from ..rope import apply_rope
+
+CONTEXT_PARALLEL_OP = "context_parallel"  # dispatch record of a context-parallel forward
 
 
 class AttentionLayer(nn.Module):
@@ -45,6 +53,7 @@ class AttentionLayer(nn.Module):
     variant_name = "base"
     static_decode = False  # True: decode_static works (GPT.generate(compile=...))
     static_buffers = ("k", "v")  # the cache buffers decode_static reads and writes
+    supports_context_parallel = True  # forward(..., context_parallel=cp) (softmax attention over gathered keys)
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
@@ -61,7 +70,8 @@ class AttentionLayer(nn.Module):
 
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None, *,
-                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                context_parallel: ContextParallel | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.config.d_model:
             raise ValueError(f"{self.variant_name}: x must be [B, T, d_model={self.config.d_model}], got {tuple(x.shape)}")
         B, T, _ = x.shape
@@ -70,6 +80,9 @@ class AttentionLayer(nn.Module):
         if B == 0:  # an empty batch: an empty output, the cache untouched
             self.aux_loss = None
             return self.o_proj(x.new_zeros(0, T, self.n_heads * self.head_dim))
+        if context_parallel is not None:
+            self.check_context_parallel(x, positions, cache, attention_mask, cu_seqlens, context_parallel)
+            return self.forward_context_parallel(x, context_parallel)
         if attention_mask is not None or cu_seqlens is not None or getattr(cache, "rows", None) is not None:
             pieces = self.sequence_pieces(x, positions, cache, attention_mask, cu_seqlens)
             if pieces is not None:
@@ -89,6 +102,41 @@ class AttentionLayer(nn.Module):
         out = self.attend(x, q, k, v, positions, cache)
         if cache is not None:
             cache.advance(T)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    # -- context parallelism: this rank's two chunks over the gathered prefix ------------------------
+    def check_context_parallel(self, x, positions, cache, attention_mask, cu_seqlens, cp) -> None:
+        if not self.supports_context_parallel:
+            from ..registry import context_parallel_variants
+
+            raise ValueError(f"{self.variant_name} has no context-parallel forward; variants that have one: "
+                             f"{context_parallel_variants()}")
+        if cache is not None or positions is not None or attention_mask is not None or cu_seqlens is not None:
+            raise ValueError("context_parallel runs one whole sequence per row (training or a prefill): it takes no "
+                             "cache, positions, attention_mask or cu_seqlens")
+        cp.check_input(self.variant_name, x.shape[1])
+
+    def forward_context_parallel(self, x: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+        """Project this rank's tokens once, start the late chunk's K/V gathers, then run each chunk as a
+        chunked prefill whose cache is the gathered prefix."""
+        B, T, _ = x.shape
+        positions = cp.local_positions(x.device)
+        q, k, v = self.project_qkv(x, positions)
+        prefix = cp.prefix()
+        prefix.prefetch(lambda: self.cache_kv(prefix, k, v))
+        outs, shares = [], []
+        for slot in cp.slots:
+            prefix.enter(slot)
+            sl = slot.local
+            ks, vs = self.cache_kv(prefix, k[:, :, sl], v[:, :, sl])
+            self.aux_loss = None
+            outs.append(self.attend(x[:, sl], q[:, :, sl], ks, vs, positions[sl], prefix))
+            if self.aux_loss is not None:  # a mean over the chunk's tokens -> its share of the sequence mean
+                shares.append(self.aux_loss * ((slot.stop - slot.start) / cp.seq_len))
+        prefix.finish()
+        self.aux_loss = torch.stack(shares).sum() if shares else None
+        record(CONTEXT_PARALLEL_OP, "all_gather")
+        out = torch.cat(outs, dim=2)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     # -- padded and packed batches: each sequence alone --------------------------------------------
