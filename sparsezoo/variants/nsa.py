@@ -10,8 +10,10 @@ o = g_cmp * Attn(q, K_cmp, V_cmp) + g_slc * Attn(q, K_slc, V_slc) + g_win * Attn
   `gate_mlp_hidden` > 0 of a 2-layer MLP (the paper's "MLP and sigmoid activation"; its width is not
   published).
 With `separate_kv` the compression and window branches own their K/V projections (the paper's
-choice). Compressed entries are recomputed from the cached per-token keys, so prefill, chunked
-prefill and decode agree. No auxiliary loss: selection learns through the compression branch.
+choice). With a cache, the compressed entries are kept in it: each is computed once, in the call that
+brings its last token, from the cached per-token keys (the same ops on the same tokens as one prefill,
+so prefill, chunked prefill and decode agree); a forward that needs gradients recomputes them all. No
+auxiliary loss: selection learns through the compression branch.
 """
 
 from __future__ import annotations
@@ -138,7 +140,39 @@ class NSAAttention(AttentionLayer):
         """Compressed keys/values and the window branch's keys/values, shared by attend() and kv_pattern()."""
         k_c, v_c = self.branch_kv(x, positions, cache, "cmp", k, v)
         k_w, v_w = self.branch_kv(x, positions, cache, "win", k, v)
-        return self.compress_k(k_c), self.compress_v(v_c), k_w, v_w
+        return *self.compressed(k_c, v_c, q.shape[2], cache), k_w, v_w
+
+    def compressed(self, k_c: torch.Tensor, v_c: torch.Tensor, T: int, cache):
+        """Compressed keys and values [B, Hkv, n_compressed(S), D] of the S branch tokens, the last T new.
+        With a cache and no gradients they are kept in the cache: entry j (tokens [j*d, j*d + l)) is
+        computed once, in the call that brings token j*d + l - 1, so a decode step costs O(1) compressor
+        work, not O(S). The same ops on the same tokens as one prefill, but a matmul over fewer rows may round
+        differently (about an ulp). A forward that needs gradients recomputes every entry, for autograd."""
+        if cache is None or needs_grad(k_c, v_c, *self.compress_k.parameters(), *self.compress_v.parameters()):
+            kc, vc = self.compress_k(k_c), self.compress_v(v_c)
+            if cache is not None:  # a later no-grad step continues from these
+                cache.set_derived("nsa_cmp_k", kc.detach())
+                cache.set_derived("nsa_cmp_v", vc.detach())
+            return kc, vc
+        l, d, S = self.config.cmp_block, self.config.cmp_stride, k_c.shape[2]
+        done, now = n_compressed(S - T, l, d), n_compressed(S, l, d)
+        kc, vc = cache.derived("nsa_cmp_k"), cache.derived("nsa_cmp_v")
+        fits = lambda held, x: (held is not None and held.shape[:2] == x.shape[:2] and held.shape[2] >= done
+                                and held.dtype == x.dtype and held.device == x.device)
+        if not (fits(kc, k_c) and fits(vc, v_c)):
+            done = 0  # nothing usable held (a new sequence, or a cache that was reshaped): start over
+        if now > done:  # the entries not held: those whose last token arrived in this call (all, starting over)
+            tokens = slice(done * d, (now - 1) * d + l)
+            new_k, new_v = self.compress_k(k_c[:, :, tokens]), self.compress_v(v_c[:, :, tokens])
+            kc = new_k if done == 0 else torch.cat([kc[:, :, :done], new_k], dim=2)
+            vc = new_v if done == 0 else torch.cat([vc[:, :, :done], new_v], dim=2)
+        elif done == 0:
+            kc, vc = self.compress_k(k_c), self.compress_v(v_c)  # no complete block yet: empty
+        else:
+            kc, vc = kc[:, :, :done], vc[:, :, :done]
+        cache.set_derived("nsa_cmp_k", kc)
+        cache.set_derived("nsa_cmp_v", vc)
+        return kc, vc
 
     def select(self, q, kc, S: int, lse=None):
         c = self.config
