@@ -7,7 +7,8 @@ The model is a stack of `--layers` pre-norm residual MSA layers with m3 attentio
 index dim 128, block 128, top-16) on a `--d-model` residual stream (1024 by default, so that the
 per-token projections stay small next to the attention), bf16 weights, sparse routing with the index KL.
 One training step: forward, loss = mean(out^2) (a stand-in for the LM loss) + index KL, backward of
-both. Input: random x [1, T, d_model].
+both, with activation checkpointing per layer by default (a layer keeps only its input, so memory is one
+layer's working set, as in long-context training). Input: random x [1, T, d_model].
 
 Each (GPUs, length) point runs in its own torchrun (an out-of-memory there ends that point only, and is
 recorded as `oom`): one warm-up step, then the median of `--reps` timed steps; tokens/s counts the whole
@@ -39,8 +40,9 @@ MSA_SMOKE = dict(variant="msa", n_heads=4, n_kv_heads=2, head_dim=16, block_size
 
 # ----------------------------------------------------------------------------- one point (under torchrun)
 class Stack(torch.nn.Module):
-    def __init__(self, layers: int, d_model: int, attention: dict):
+    def __init__(self, layers: int, d_model: int, attention: dict, checkpoint: bool):
         super().__init__()
+        self.checkpoint = checkpoint
         import sparsezoo
 
         self.norms = torch.nn.ModuleList(torch.nn.RMSNorm(d_model) for _ in range(layers))
@@ -48,8 +50,13 @@ class Stack(torch.nn.Module):
                                           for _ in range(layers))
 
     def forward(self, x, cp):
+        from torch.utils.checkpoint import checkpoint
+
         for norm, layer in zip(self.norms, self.layers):
-            x = x + layer(norm(x), context_parallel=cp)
+            block = lambda x, norm=norm, layer=layer: x + layer(norm(x), context_parallel=cp)
+            # activation checkpointing: a layer keeps only its input; its backward recomputes the rest
+            # (the gathers too, in the same order on every rank)
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpoint else block(x)
         return x
 
 
@@ -81,7 +88,7 @@ def worker(args) -> None:
     # one GPU runs the plain layers (its best path); several split the sequence
     cp = sparsezoo.ContextParallel(T, prefetch_group=prefetch) if world > 1 else None
     torch.manual_seed(0)
-    model = Stack(args.layers, args.d_model, MSA_M3 if cuda else MSA_SMOKE).to(device, dtype).train()
+    model = Stack(args.layers, args.d_model, MSA_M3 if cuda else MSA_SMOKE, args.checkpoint).to(device, dtype).train()
     x = torch.randn(1, cp.local_len if cp else T, args.d_model, device=device, dtype=dtype)
 
     def step():
@@ -131,7 +138,8 @@ def run_point(gpus: int, T: int, args) -> dict:
         out = Path(tmp) / "point.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
                __file__, "--worker", "--length", str(T), "--json", str(out), "--layers", str(args.layers),
-               "--d-model", str(args.d_model), "--reps", str(args.reps), "--device", args.device]
+               "--d-model", str(args.d_model), "--reps", str(args.reps), "--device", args.device,
+               "--checkpoint" if args.checkpoint else "--no-checkpoint"]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.point_timeout)
@@ -161,12 +169,13 @@ def write(records: list[dict], out: Path, card: str, cmd: str, args) -> None:
     tag = card.lower().replace("nvidia ", "").split()[0]
     out.mkdir(parents=True, exist_ok=True)
     rows = [dict(card=card, variant="msa", mode="train_cp", torch=torch.__version__, layers=args.layers,
-                 d_model=args.d_model, **r) for r in records]
+                 d_model=args.d_model, activation_checkpointing=args.checkpoint, **r) for r in records]
     (out / f"scale_{tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
     heads = ("m3 attention (Hq 64, Hkv 4, d 128, block 128, top-16), bf16" if args.device == "cuda" else
              "smoke-test attention (Hq 4, Hkv 2, d 16, block 16, top-2), fp32 on gloo CPU processes")
     lines = [f"# Context-parallel MSA training on {card}", "",
-             f"{args.layers} MSA layers, {heads}, d_model {args.d_model}, batch 1; one step = forward + index KL "
+             f"{args.layers} MSA layers, {heads}, d_model {args.d_model}, batch 1"
+             f"{', activation checkpointing per layer' if args.checkpoint else ''}; one step = forward + index KL "
              f"+ backward.", "",
              f"Command: `{cmd}`", "",
              "| GPUs | tokens | step (s) | tokens/s | tokens/s per GPU | efficiency | peak GiB/GPU | comm |",
@@ -192,6 +201,8 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                   help="activation checkpointing per layer (default on: memory is one layer's, not the stack's)")
     p.add_argument("--point-timeout", type=int, default=240, help="seconds per (GPUs, length) point")
     p.add_argument("--out", type=Path, default=Path("examples/results"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test on gloo processes")

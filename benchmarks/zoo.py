@@ -782,8 +782,9 @@ def parse(argv=None):
     p.add_argument("--configs", default="published,equal_budget")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--dense-flex", default="prefill",
-                   help="modes whose dense baseline also times compiled flex (each new shape compiles, ~30 s)")
+    p.add_argument("--dense-flex", default="prefill,fwd+bwd,decode",
+                   help="modes whose dense baseline also times compiled flex, the default every mode (each new "
+                        "shape compiles, ~30 s); fewer modes make a quicker run whose ratios say so")
     p.add_argument("--reps", type=int, default=5, help="timed repeats of ops longer than 20 ms (median)")
     p.add_argument("--peers-only", action="store_true", help="time the peers alone")
     p.add_argument("--peer", default="", help="only the peers whose name contains this (one process per peer: "
