@@ -186,6 +186,7 @@ class _PendingGather:
         padded[: local.shape[0]] = local
         self.buffer = local.new_empty((cp.world * self.pad, *local.shape[1:]))
         group = cp.prefetch_group if async_op and cp.prefetch_group is not None else cp.group
+        self.padded = padded  # alive until the gather is read
         self.work = _all_gather(self.buffer, padded, group=group, async_op=async_op)
 
     def sequence_span(self) -> torch.Tensor:
@@ -193,7 +194,7 @@ class _PendingGather:
         0..R-1 (ranks in order), slot 1 chunks R..2R-1 (ranks in reverse)."""
         if self.work is not None:
             self.work.wait()
-            self.work = None
+            self.work, self.padded = None, None
         pieces = [self.buffer[r * self.pad: r * self.pad + n] for r, n in enumerate(self.sizes)]
         return torch.cat(pieces if self.slot == 0 else pieces[::-1])
 
