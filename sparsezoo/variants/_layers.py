@@ -152,10 +152,12 @@ class Compressor(nn.Module):
         shape = lambda t: t.view(B, T, self.n_heads, -1).transpose(1, 2)
         return shape(self.wkv(x)), shape(self.wgate(x))
 
-    def pool(self, kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        """Per-token values and scores of tokens 0..S-1 -> entries [B, H, S // ratio, dim]."""
+    def pool(self, kv: torch.Tensor, score: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Per-token values and scores of tokens first * ratio .. -> entries first, first + 1, ... [B, H, n, dim]
+        (n = S // ratio for S tokens; RoPE at each entry's own position). With overlap and first > 0 the
+        first of them misses its previous block (the caller drops it)."""
         out = entry_pooling.pool_channels(kv, score, self.ape, self.ratio, self.overlap)
         if self.norm is not None:
             out = self.norm(out)
-        starts = entry_pooling.entry_starts(out.shape[2], self.ratio, out.device)
+        starts = entry_pooling.entry_starts(out.shape[2], self.ratio, out.device) + first * self.ratio
         return apply_rope_part(out, starts, self.theta, self.rope_dim)

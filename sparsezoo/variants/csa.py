@@ -25,8 +25,10 @@ attn_sink false (no sink), shared_kv false (separate K and V, full RoPE: rope_di
 q_norm false, compressor "scalar_gate" (one gate logit per token and KV head plus a per-slot bias,
 shared by the channels; K and V pooled separately after RoPE per token), index_compressor "mean"
 (mean-pooled per-token index keys) and index_rope false.
-Per-token compressor inputs and index inputs are cached; compressed entries are recomputed from them,
-so prefill, chunked prefill and decode agree. aux_loss: the indexer KL when `index_kl` (default on; KL
+Per-token compressor inputs and index inputs are cached, and with them the compressed entries: each is
+pooled once, in the call that brings its last token, from the cached inputs (the same ops on the same
+tokens as one prefill, so prefill, chunked prefill and decode agree); a forward that needs gradients
+pools them all again. aux_loss: the indexer KL when `index_kl` (default on; KL
 from the main attention over the selected entries to the indexer, as DSA's sparse phase).
 A layer converted from a transformers model keeps the model's K and V (docs/transformers.md), whose
 values carry no RoPE: convert with shared_kv false there.
@@ -44,6 +46,7 @@ from torch import nn
 from .. import ops
 from ..config import AttentionConfig, ConfigError
 from ..ops import entry_pooling, low_precision
+from ..ops.dispatch import needs_grad
 from ..registry import register_variant
 from ..rope import apply_rope_part
 from ._layers import (Compressor, LightningIndexer, RMSNorm, check_index_options, half_rope_dims, rms_normalize,
@@ -108,14 +111,39 @@ class CSAConfig(AttentionConfig):
         return half_rope_dims(self.index_dim) if self.index_rope_dim is None else self.index_rope_dim
 
 
-def pooled(compressor: Compressor, name: str, x, cache):
-    """A V4 compressor's entries [B, H, S // m, dim]; with a cache, its per-token inputs are kept there
-    (`name`_kv, `name`_score) and the entries pooled from all of them."""
-    kv, score = compressor.tokens(x)
-    if cache is not None:
-        kv = cache.append(f"{name}_kv", kv, seq_dim=2)
-        score = cache.append(f"{name}_score", score, seq_dim=2)
-    return compressor.pool(kv, score)
+def cached_entries(cache, name: str, pool, tokens: tuple[torch.Tensor, ...], T: int, ratio: int, context: int,
+                   params) -> torch.Tensor:
+    """Compressed entries [B, H, S // ratio, D] of per-token tensors `tokens` ([B, H, S, ...], S tokens, the
+    last T new). `pool(*tokens, first)` pools tokens from first * ratio on into entries first, first + 1, ...;
+    entry j pools its own block and the `context` blocks before it (tokens [(j - context) * ratio, (j + 1) *
+    ratio), none before token 0).
+
+    With a cache and no gradients the entries are kept in it (derived `name`): entry j is pooled once, in
+    the call that brings its last token, from the same tokens through the same ops as pooling them all (a
+    matmul over fewer rows may round differently, about an ulp); nothing usable held (a new sequence, a
+    reshaped cache, a context-parallel prefix): all are pooled. A forward that needs gradients pools every
+    entry, for autograd, and keeps them detached."""
+    if cache is None or needs_grad(*tokens, *params):
+        out = pool(*tokens, 0)
+        if cache is not None:  # a later no-grad step continues from these
+            cache.set_derived(name, out.detach())
+        return out
+    ref, S = tokens[0], tokens[0].shape[2]
+    done, now = (S - T) // ratio, S // ratio
+    held = cache.derived(name)
+    if held is None or held.shape[:2] != ref.shape[:2] or held.shape[2] < done or held.dtype != ref.dtype \
+            or held.device != ref.device:
+        done = 0  # start over
+    if now > done:  # the entries whose last token arrived in this call, from their first token's block on
+        first = max(0, done - context)
+        new = pool(*(t[:, :, first * ratio:now * ratio] for t in tokens), first)[:, :, done - first:]
+        out = new if done == 0 else torch.cat([held[:, :, :done], new], dim=2)
+    elif done == 0:
+        out = pool(*tokens, 0)  # no complete entry yet: empty
+    else:
+        out = held[:, :, :done]
+    cache.set_derived(name, out)
+    return out
 
 
 @register_variant("csa")
@@ -174,23 +202,38 @@ class CSAAttention(AttentionLayer):
     # -- compressed entries and the indexer ---------------------------------------------------------
     def compressed(self, x, positions, cache):
         """Compressed keys/values [B, Hkv, Sc, D] (one tensor twice with shared_kv), index keys
-        [B, Sc, D_i], index queries and weights."""
+        [B, Sc, D_i], index queries and weights. With a cache, the per-token inputs of every pooling are
+        kept there and the entries too (cached_entries)."""
         c = self.config
+        T = x.shape[1]
         if c.compressor == "v4":
-            kc = pooled(self.compressor, "cmp", x, cache)
-            vc = kc if self.compressor_v is None else pooled(self.compressor_v, "cmp_v", x, cache)
+            kc = self.v4_entries(self.compressor, "cmp", x, cache)
+            vc = kc if self.compressor_v is None else self.v4_entries(self.compressor_v, "cmp_v", x, cache)
         else:
             kc, vc = self.scalar_gate_entries(x, positions, cache)
         xi = x.detach() if c.detach_index_input else x
         q_i, w, ki_tok = self.indexer(xi, positions)
         if c.index_compressor == "v4":
-            ki = round_index(pooled(self.indexer.compressor, "idx", xi, cache)[:, 0], c.index_quant)
-        else:  # mean pooling of the per-token index keys
+            ki = self.v4_entries(self.indexer.compressor, "idx", xi, cache, quant=c.index_quant)[:, 0]
+        else:  # mean pooling of the per-token index keys (rounded per token by the indexer)
             if cache is not None:
                 ki_tok = cache.append("k_idx", ki_tok, seq_dim=1)
-            ki = entry_pooling.pool_windows(ki_tok[:, None], ki_tok.new_zeros(ki_tok.shape[:2])[:, None],
-                                            ki_tok.new_zeros(self.pool_width), c.compress_ratio)[:, 0]
+            mean = lambda k, first: entry_pooling.pool_windows(k, k.new_zeros(k.shape[:3]),
+                                                              k.new_zeros(self.pool_width), c.compress_ratio)
+            ki = cached_entries(cache, "csa_idx", mean, (ki_tok[:, None],), T, c.compress_ratio, self.context_blocks,
+                                ())[:, 0]
         return kc, vc, ki, q_i, w
+
+    def v4_entries(self, compressor: Compressor, name: str, x, cache, quant: str = "none"):
+        """A V4 compressor's entries [B, H, S // m, dim] (through the index rounding `quant`); with a cache,
+        its per-token inputs are kept there (`name`_kv, `name`_score) and its entries as `csa_<name>`."""
+        kv, score = compressor.tokens(x)
+        if cache is not None:
+            kv = cache.append(f"{name}_kv", kv, seq_dim=2)
+            score = cache.append(f"{name}_score", score, seq_dim=2)
+        pool = lambda kv, score, first: round_index(compressor.pool(kv, score, first), quant)
+        return cached_entries(cache, f"csa_{name}", pool, (kv, score), x.shape[1], self.config.compress_ratio,
+                              self.context_blocks, list(compressor.parameters()))
 
     def scalar_gate_entries(self, x, positions, cache):
         """The simpler compressor: per-token keys (RoPE per token on the last rope_dim dims) and values,
@@ -206,14 +249,21 @@ class CSAAttention(AttentionLayer):
             k_tok = cache.append("cmp_kv" if v_tok is None else "cmp_k", k_tok, seq_dim=2)
             g_tok = cache.append("cmp_gate", g_tok, seq_dim=2)
             v_tok = None if v_tok is None else cache.append("cmp_v", v_tok, seq_dim=2)
-        m = c.compress_ratio
-        kc = entry_pooling.pool_windows(k_tok, g_tok, self.cmp_slot_bias, m)
-        return kc, kc if v_tok is None else entry_pooling.pool_windows(v_tok, g_tok, self.cmp_slot_bias, m)
+        m, bias = c.compress_ratio, self.cmp_slot_bias
+        pool = lambda t, g, first: entry_pooling.pool_windows(t, g, bias, m)
+        entries = lambda name, t: cached_entries(cache, name, pool, (t, g_tok), T, m, self.context_blocks, [bias])
+        kc = entries("csa_cmp", k_tok)
+        return kc, kc if v_tok is None else entries("csa_cmp_v", v_tok)
 
     @property
     def pool_width(self) -> int:
         """Tokens each entry pools: 2m with overlap, else m."""
         return (2 if self.config.overlap else 1) * self.config.compress_ratio
+
+    @property
+    def context_blocks(self) -> int:
+        """Blocks before its own that an entry pools: 1 with overlap, else 0."""
+        return 1 if self.config.overlap else 0
 
     def select(self, q_i, w, ki, S: int):
         ends = entry_pooling.entry_ends(ki.shape[1], self.config.compress_ratio, ki.device)

@@ -2,8 +2,8 @@
 
 A `DynamicCache` holds one `DynamicLayer` (keys, values) per decoder layer. A sparsezoo variant also
 keeps per-token state of its own: MSA/DSA index keys, CSA's compressor inputs and index keys, NSA's
-branch keys and values (CSA recomputes its compressed entries from these; NSA keeps its entries as a
-derived summary, as in `sparsezoo.LayerCache`).
+branch keys and values. CSA and NSA also keep their compressed entries, pooled from these, as derived
+summaries (as in `sparsezoo.LayerCache`), dropped whenever the cache changes shape.
 `SparseCacheLayer` is a `DynamicLayer` that holds those named buffers next to K/V and speaks the
 `append(name, x, seq_dim)` protocol the variants call, so the variant code runs unchanged. Every
 operation that reshapes the cache (reset, crop, beam reorder, batch repeat/select) applies to the
