@@ -466,7 +466,7 @@ def _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS,
               sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
               TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
               BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
-              KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr, CHECKED: tl.constexpr):
+              KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr):
     """Attention of one tile (selection head g, batch b): its out and LSE rows. CHECKED: the flagged k/v
     rows are read as 0 (no 0 * NaN reaches a row that does not see them) and a row is poisoned (NaN out
     and LSE) when its q, a k/v row it attends to, or a score is non-finite. -> whether some row's
@@ -496,7 +496,7 @@ def _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS,
             kmask = keys < S
             ok, kb = _key_rows(kbad, keys, kmask, CHECKED)
             kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D)
-            s = tl.dot(q, tl.trans(kt)) * qk_scale
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
             vis = _visible(member, row_ok, pos, keys, kmask)  # after the dot: a [BM, BN] mask live across it spills
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -506,7 +506,7 @@ def _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS,
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if not LSE_ONLY:
                 vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, ok, D)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
             m_i = m_new
             bad = _saw_bad_key(bad, vis, kb, CHECKED)
     lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -529,7 +529,7 @@ def _fwd_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, TBAD, QUEUE, T, S
                 sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
                 TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                 BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
-                KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr):
+                KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr):
     """Every tile, unchecked; queues the tiles that need the checked pass (_fwd_checked_kernel) unless
     _tile_bad_kernel did: on finite inputs, none."""
     n_tiles = tl.num_programs(0)
@@ -539,7 +539,7 @@ def _fwd_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, TBAD, QUEUE, T, S
     needs_check = _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, n_tiles, tl.num_programs(1),
                             T, S, NK, qk_scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                             sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
-                            TM, G, BM, BLOCK, BN, D, BD, LSE_ONLY, KV_DIV, KP, FROM_SEL, False)
+                            TM, G, BM, BLOCK, BN, D, BD, LSE_ONLY, KV_DIV, KP, FROM_SEL, PREC, False)
     if needs_check:
         _enqueue_if_unflagged(QUEUE, TBAD, (b * tl.num_programs(1) + g) * n_tiles + tile)
 
@@ -550,7 +550,7 @@ def _fwd_checked_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, QUEUE, NT
                         sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
                         TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                         BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
-                        KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr):
+                        KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr):
     """The queued tiles again, checked (a persistent grid: on finite inputs the queue is empty). Every
     tile with a poisoned row is queued."""
     for w in range(tl.program_id(0), tl.load(QUEUE), tl.num_programs(0)):
@@ -558,7 +558,7 @@ def _fwd_checked_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, QUEUE, NT
         _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS, T, S, NK, qk_scale,
                   sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                   sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
-                  TM, G, BM, BLOCK, BN, D, BD, LSE_ONLY, KV_DIV, KP, FROM_SEL, True)
+                  TM, G, BM, BLOCK, BN, D, BD, LSE_ONLY, KV_DIV, KP, FROM_SEL, PREC, True)
 
 
 @triton.jit
@@ -567,7 +567,7 @@ def _dq_tile(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, ti
              slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
              TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
              BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
-             KP: tl.constexpr, FROM_SEL: tl.constexpr, CHECKED: tl.constexpr):
+             KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr):
     """dQ of one tile. CHECKED (the queued tiles: every poisoned row is in one): a poisoned row (NaN LSE)
     attends to nothing (its q, dO are read as 0: dQ = 0) and the flagged k/v rows are read as 0 (only
     poisoned rows attend to them)."""
@@ -594,11 +594,11 @@ def _dq_tile(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, ti
             ok, kb = _key_rows(kbad, keys, kmask, CHECKED)
             kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D)
             vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, ok, D)
-            s = tl.dot(q, tl.trans(kt)) * qk_scale
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
             p = tl.where(_visible(member, row_ok, pos, keys, kmask), tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(vt))
+            dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), kt)
+            dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
     tl.store(DQ + row_off[:, None] + d[None, :] * sqd, (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (d[None, :] < D))
 
@@ -626,13 +626,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, T,
                    slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
                    TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                    BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
-                   KP: tl.constexpr, FROM_SEL: tl.constexpr):
+                   KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr):
     """Every tile, unchecked (the queued ones are redone by _bwd_dq_checked_kernel, which overwrites)."""
     n_tiles = tl.num_programs(0)
     _dq_tile(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, tl.program_id(2), tl.program_id(1),
              n_tiles - 1 - tl.program_id(0), n_tiles, tl.num_programs(1), T, S, NK, qk_scale, scale,
              sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, slb, slh, slt, scb, sch, sct,
-             ssb, ssh, sst, ssk, TM, G, BM, BLOCK, BN, D, BD, KV_DIV, KP, FROM_SEL, False)
+             ssb, ssh, sst, ssk, TM, G, BM, BLOCK, BN, D, BD, KV_DIV, KP, FROM_SEL, PREC, False)
 
 
 @triton.jit
@@ -641,14 +641,14 @@ def _bwd_dq_checked_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, 
                            slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
                            TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                            BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
-                           KP: tl.constexpr, FROM_SEL: tl.constexpr):
+                           KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr):
     """The forward's queued tiles again, checked (a persistent grid)."""
     for w in range(tl.program_id(0), tl.load(QUEUE), tl.num_programs(0)):
         b, g, tile = _queued_tile(QUEUE, w, NT, HS)
         _dq_tile(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS, T, S, NK,
                  qk_scale, scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                  slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk, TM, G, BM, BLOCK, BN, D, BD, KV_DIV, KP,
-                 FROM_SEL, True)
+                 FROM_SEL, PREC, True)
 
 
 @triton.jit
@@ -657,7 +657,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, SEL, ITEMS, ILEN, ETILE
                      slb, slh, slt, sdb, sdh, sds, sdd, ssb, ssh, sst, ssk,
                      TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                      BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
-                     KP: tl.constexpr, FROM_SEL: tl.constexpr, CHECKED: tl.constexpr):
+                     KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr):
     """dK/dV of one key sub-block over its item's entries. CHECKED (the entries of queued tiles): the
     block's non-finite k/v rows are read as 0 (their gradient is 0: only poisoned rows attend to them)
     and a poisoned row attends to nothing (_row_inputs)."""
@@ -678,12 +678,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, SEL, ITEMS, ILEN, ETILE
         member = _member(EBITS, start + i, tl_tok, sel, u, FROM_SEL)
         q, do, lse2, delta = _row_inputs(Q, DO, L, DELTA, b * sqb + head * sqh + t * sqt, b * slb + head * slh + t * slt,
                                          d, sqd, row_ok, D, CHECKED)
-        st = tl.dot(kt, tl.trans(q)) * qk_scale  # [BN, BM]
+        st = tl.dot(kt, tl.trans(q), input_precision=PREC) * qk_scale  # [BN, BM]
         pt = tl.where(_visible_t(member, row_ok, pos, keys, kmask), tl.exp2(st - lse2[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do)
-        dpt = tl.dot(vt, tl.trans(do))
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(vt, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q)
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     off = b * sdb + kv * sdh + keys[:, None] * sds + d[None, :] * sdd
     m = kmask[:, None] & (d[None, :] < D)
     tl.atomic_add(DK + off, dk * scale, mask=m)
@@ -691,6 +691,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, SEL, ITEMS, ILEN, ETILE
 
 
 # ----------------------------------------------------------------------------- launchers
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs take exact fp32 dots (as torch's matmuls do by default), not TF32."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
 
 def _tiling(G: int, block_size: int, device, cfg: dict, max_tokens: int | None = None):
     """(TM tokens per tile, BM rows, BN keys per sub-tile): TM = cfg TM, else ROWS // G (the
@@ -744,7 +749,7 @@ def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None):
     tensors = (q, k, v, out, lse, tok, block_idx, cnt, ids, ids if bits is None else bits, kbad)
     strides = (*q.stride(), *k.stride(), *v.stride(), *so, *lse.stride(), *ids.stride()[:3], *block_idx.stride())
     tiling = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), LSE_ONLY=lse_only,
-                  KV_DIV=KV_DIV, KP=_pow2(NK), FROM_SEL=from_sel, num_warps=cfg["num_warps"],
+                  KV_DIV=KV_DIV, KP=_pow2(NK), FROM_SEL=from_sel, PREC=_precision(q), num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"])
     _fwd_kernel[(NT, Hs, B)](*tensors, tbad, queue, T, S, NK, scale * LOG2E, *strides, **tiling)
     _fwd_checked_kernel[(_checked_programs(queue, q.device),)](*tensors, queue, NT, Hs, T, S, NK, scale * LOG2E,
@@ -812,7 +817,7 @@ def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, s
     q, do = q.contiguous(), do.contiguous()
     delta, lse = backward_delta(do, out, lse, dlse)
     tiling = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), KV_DIV=KV_DIV,
-                  KP=_pow2(NK), FROM_SEL=from_sel, num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+                  KP=_pow2(NK), FROM_SEL=from_sel, PREC=_precision(q), num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     kbad, queue = flags
     n_queued = int(queue[0])  # host sync (the dK/dV lists need several anyway): 0 on finite inputs
     dq = torch.empty_like(q)

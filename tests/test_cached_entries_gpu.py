@@ -2,8 +2,9 @@
 (`auto`). A chunked prefill followed by decode steps must equal one fp32 reference prefill of the same
 weights, and the ops that ran are recorded (no silent reference fallback on CUDA).
 
-Tolerance: bf16 layers against an fp32 reference, errors measured against the output's largest value
-(2.5e-2), since bf16 rounding of q/k moves scores by ~1e-2 relative.
+Both layers run in fp32 (the fast kernels take IEEE fp32 dots), so the sparse selections agree and the
+outputs differ by rounding only: errors are measured against the output's largest value (1e-3). In bf16
+a score that moves by ~1e-2 can swap a selected block or entry, which no tight tolerance survives.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def layers(name: str):
     ref = sparsezoo.create_attention(CONFIGS[name], backend="reference", select_backend="reference", **DIMS)
     fast = sparsezoo.create_attention(CONFIGS[name], backend="auto", select_backend="auto", **DIMS)
     fast.load_state_dict(ref.state_dict())
-    return ref.cuda().float().eval(), fast.cuda().to(torch.bfloat16).eval()
+    return ref.cuda().float().eval(), fast.cuda().float().eval()
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -40,16 +41,15 @@ def test_cached_steps_on_fast_paths_equal_one_reference_prefill(name):
     x = torch.randn(2, T, DIMS["d_model"], device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     want = ref(x)
     cache = LayerCache(2, T)
-    xb = x.to(torch.bfloat16)
     with ops.track_implementations() as used:
         steps, start = [], 0
         for n in CHUNKS:
-            steps.append(fast(xb[:, start : start + n], cache=cache))
+            steps.append(fast(x[:, start : start + n], cache=cache))
             start += n
         for t in range(start, T):
-            steps.append(fast(xb[:, t : t + 1], cache=cache))
-    got = torch.cat(steps, 1).float()
-    err = (got - want).abs().max() / want.abs().max()
-    assert err < 2.5e-2, f"{name}: relative max error {float(err):.3g}"
+            steps.append(fast(x[:, t : t + 1], cache=cache))
+    scale = want.abs().max()
+    errs = [float((g - w).abs().max() / scale) for g, w in zip(steps, want.split([*CHUNKS, *[1] * N_DECODE], 1))]
+    assert max(errs) < 1e-3, f"{name}: relative max error per call (chunks, then decode steps): {errs}"
     slow = {op: impl for op, impl in used.items() if impl == "reference"}
     assert not slow, f"{name} ran reference ops on CUDA: {slow}"

@@ -95,6 +95,21 @@ def test_transpose_compact_inverts_rows_and_columns():
             assert pairs == back
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_range_transpose_lists_the_query_tiles_of_each_key_tile(seed):
+    """The analytic column lists of range_block_mask (no data-dependent width, so it compiles): for
+    non-decreasing ranges [lo_i, hi_i), key tile j lists exactly the query tiles i with lo_i <= j < hi_i."""
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_kv = (int(n) for n in torch.randint(1, 12, (2,), generator=g))
+    hi = torch.randint(0, n_kv + 1, (n_q,), generator=g).sort().values
+    lo = torch.minimum(torch.randint(0, n_kv + 1, (n_q,), generator=g).sort().values, hi)
+    counts, rows = flex_utils._transpose_ranges(lo, hi, n_kv)
+    assert rows.shape == (1, 1, n_kv, n_q)
+    for j in range(n_kv):
+        want = [i for i in range(n_q) if lo[i] <= j < hi[i]]
+        assert rows[0, 0, j, : counts[0, 0, j]].tolist() == want
+
+
 GPU_CASES = [
     # B, Hq, Hkv, T, S, D, block, topk
     (1, 4, 2, 300, 300, 64, 32, 3),

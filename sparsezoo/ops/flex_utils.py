@@ -144,10 +144,24 @@ def transpose_compact(counts: torch.Tensor, ids: torch.Tensor, n_cols: int) -> t
     return col_counts.view(B, H, n_cols).to(torch.int32), rows.view(B, H, n_cols, width)
 
 
+def _transpose_ranges(lo: torch.Tensor, hi: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key tile j -> the query tiles i with lo[i] <= j < hi[i], for lo and hi non-decreasing in i (causal
+    ranges): a contiguous run of tiles, found by two searches. Full width (n_q) with no data-dependent shape,
+    so it traces under torch.compile."""
+    n_q = lo.shape[0]
+    cols = torch.arange(n_kv, device=lo.device, dtype=hi.dtype)
+    first = torch.searchsorted(hi.contiguous(), cols, right=True)  # first i with hi[i] > j
+    end = torch.searchsorted(lo.contiguous(), cols, right=True)  # i with lo[i] <= j are those before it
+    counts = (end - first).clamp_min(0)
+    rows = torch.clamp(first[:, None] + torch.arange(n_q, device=lo.device), max=n_q - 1)
+    return counts.to(torch.int32).view(1, 1, -1).contiguous(), rows.to(torch.int32).view(1, 1, n_kv, n_q).contiguous()
+
+
 def range_block_mask(lo: torch.Tensor, hi: torch.Tensor, T: int, S: int, mask_mod, with_backward: bool,
                      tile: int = Q_TILE) -> BlockMask:
     """BlockMask where query tile i visits key tiles lo[i] <= j < hi[i] (all partial: mask_mod decides),
-    built from per-tile ranges: [n_q_tiles, n_kv_tiles] block indices, never a T x S map."""
+    built from per-tile ranges: [n_q_tiles, n_kv_tiles] block indices, never a T x S map. lo and hi must be
+    non-decreasing in i (causal and sliding-window ranges are)."""
     n_kv = max(1, math.ceil(S / tile))
     counts = (hi - lo).clamp_min(0)
     # Full width n_kv (as flex.dense_causal_block_mask): flex infers the masked KV extent from it.
@@ -157,7 +171,7 @@ def range_block_mask(lo: torch.Tensor, hi: torch.Tensor, T: int, S: int, mask_mo
     mask = BlockMask.from_kv_blocks(counts, ids, BLOCK_SIZE=(tile, tile), mask_mod=mask_mod,
                                     seq_lengths=(T, S), compute_q_blocks=False)
     if with_backward:
-        mask.q_num_blocks, mask.q_indices = transpose_compact(counts, ids, n_kv)
+        mask.q_num_blocks, mask.q_indices = _transpose_ranges(lo, hi, n_kv)
     return mask
 
 

@@ -91,7 +91,7 @@ def per_query_head(rows: torch.Tensor, n_q_heads: int) -> torch.Tensor:
     return rows.repeat_interleave(n_q_heads // rows.shape[1], dim=1)
 
 
-def finish(out: torch.Tensor, bad_rows: torch.Tensor, lse: torch.Tensor | None = None):
+def finish(out: torch.Tensor, bad_rows: torch.Tensor, *, lse: torch.Tensor | None = None):
     """Poison the output rows (and LSE entries) bad_rows [B, Hq, T]; returns out, or (out, lse)."""
     out = poison_rows(out, bad_rows)
     return out if lse is None else (out, poison_rows(lse, bad_rows))

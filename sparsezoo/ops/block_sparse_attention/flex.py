@@ -74,7 +74,7 @@ def block_sparse_attention_flex(q, k, v, block_idx, block_size: int, scale: floa
     bad = q_bad | per_query_head(seen, Hq)
     if return_lse:
         out, lse = res
-        return finish(unfold_heads(out, Hq), bad, unfold_heads(lse, Hq))
+        return finish(unfold_heads(out, Hq), bad, lse=unfold_heads(lse, Hq))
     return finish(unfold_heads(res, Hq), bad)
 
 

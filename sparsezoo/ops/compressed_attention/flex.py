@@ -30,7 +30,7 @@ def compressed_attention_flex(q, kc, vc, S: int, block_len: int, stride: int, sc
     pos = torch.arange(S - T, S, device=q.device)
     n_seen = torch.where(pos >= block_len - 1, (pos - block_len + 1) // stride + 1, 0)  # visible entries
     bad = q_bad | rows_seeing_key_ranges(kv_bad, torch.zeros_like(pos), n_seen, Hq)
-    return finish(out[0], bad, out[1]) if return_lse else finish(out, bad)
+    return finish(out[0], bad, lse=out[1]) if return_lse else finish(out, bad)
 
 
 run = compressed_attention_flex

@@ -43,7 +43,7 @@ def dense_attention_flex(q, k, v, scale: float, return_lse: bool = False):
     res = run_flex(q, k, v, mask, scale, return_lse, enable_gqa=Hq != k.shape[1])
     pos = torch.arange(S - T, S, device=q.device)
     bad = q_bad | rows_seeing_key_ranges(kv_bad, torch.zeros_like(pos), pos + 1, Hq)
-    return finish(*res, bad) if return_lse else finish(res, bad)
+    return finish(res[0], bad, lse=res[1]) if return_lse else finish(res, bad)
 
 
 run = dense_attention_flex
