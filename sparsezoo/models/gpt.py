@@ -24,8 +24,9 @@ cu_seqlens=c)` (documents packed in one row) run each sequence alone in every at
 
 Compiled generation: `generate(prompts, n, compile=True)` prefills eagerly, then runs `decode_step`
 through `torch.compile(fullgraph=True)` (`mode="reduce-overhead"` on CUDA: CUDA-graph decode). The step
-writes into the caches' preallocated K/V buffers at a position tensor, so one graph serves every
-position. Only layers with a static decode step qualify (`static_decode_variants()`); others raise.
+writes into the caches' preallocated buffers (and fixed-size entries and states) at a position tensor, so
+one graph serves every position. Every built-in variant has a static decode step (`static_decode_variants()`);
+a layer without one raises.
 """
 
 from __future__ import annotations
@@ -288,9 +289,10 @@ class GPT(nn.Module):
     def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, kv: list[dict[str, torch.Tensor]]):
         """idx [B, 1], the tokens at position pos (long [1]) -> logits [B, 1, V], with static shapes.
 
-        kv holds each layer's preallocated cache buffers by name ("k", "v" [B, Hkv, max_len, D], MSA's
-        "k_idx"); the step writes the token's entries at pos and reads the slots up to pos. Meant for
-        torch.compile(fullgraph=True): one graph for every position (generate(..., compile=...) drives it).
+        kv holds each layer's static state by name (`static_state`: the preallocated cache buffers "k", "v"
+        [B, Hkv, max_len, D], index keys, compressed entries, recurrent states, ...); the step writes the
+        token's entries at pos and reads the slots up to pos. Meant for torch.compile(fullgraph=True): one
+        graph for every position (generate(..., compile=...) drives it).
         """
         x = self.tok_emb(idx)
         for block, buffers in zip(self.blocks, kv):
@@ -302,8 +304,9 @@ class GPT(nn.Module):
         """torch.compile(decode_step) with the options of `compile`, after checking the model and batch."""
         missing = sorted({b.attn.variant_name for b in self.blocks if not b.attn.static_decode})
         if missing:
-            raise ValueError(f"compiled generation needs a static decode step in every layer; {missing} have none "
-                             f"(variants that have one: {static_decode_variants()}); use compile=False")
+            raise ValueError(f"compiled generation needs a static decode step (decode_static) in every layer; "
+                             f"{missing} have none (variants that have one: {static_decode_variants()}); use "
+                             f"compile=False")
         paged = [b.attn.variant_name for b in self.blocks
                  if getattr(b.attn.config, "decode_backend", "auto") == "triton"
                  or getattr(b.attn.config, "decode_index_dtype", "model") != "model"]
@@ -327,14 +330,15 @@ class GPT(nn.Module):
         return torch.compile(self.decode_step, **options)
 
     def _static_kv(self) -> list[dict[str, torch.Tensor]]:
-        """Each layer's whole cache buffers (written by the prefill), marked as static addresses so
-        CUDA graphs read and write them in place."""
+        """Each layer's static decode state (`static_state`: its cache's whole buffers, written by the
+        prefill, and its fixed-size summaries), marked as static addresses so CUDA graphs read and write
+        them in place."""
         kv = []
         for block, cache in zip(self.blocks, self.caches):  # LayerCaches (setup_cache(contiguous=True))
-            buffers = {name: cache.buffer(name) for name in block.attn.static_buffers}
-            for buf in buffers.values():
+            state = block.attn.static_state(cache)
+            for buf in state.values():
                 torch._dynamo.mark_static_address(buf)
-            kv.append(buffers)
+            kv.append(state)
         return kv
 
     @torch.no_grad()

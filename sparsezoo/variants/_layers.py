@@ -10,6 +10,7 @@ from torch import nn
 from ..config import ConfigError
 from ..ops import entry_pooling, low_precision
 from ..ops.common import compute_dtype
+from ..ops.indexer_topk.reference import indexer_topk_reference
 from ..rope import apply_rope_part
 
 NORM_EPS = 1e-6  # DeepSeek-V3.2 / V4
@@ -66,6 +67,14 @@ def check_index_options(c) -> None:
 def round_index(x: torch.Tensor, quant: str) -> torch.Tensor:
     """The indexers' low-precision path (Hadamard rotation + block-scaled rounding), or x for "none"."""
     return x if quant == "none" else low_precision.rotate_and_round(x, quant)
+
+
+def static_indexer_topk(q_i, w, k_i, ends: torch.Tensor, pos: torch.Tensor, length: int, topk: int, scale: float):
+    """The reference indexer top-k (the cached decode's rule) of one query at the position tensor pos over whole
+    index-key buffers k_i [B, N, D_i] whose keys end at `ends` [N] (< length): a key ending past pos gets the
+    end `length`, past the reference's query (at length - 1), so it ranks nowhere. -> int32 [B, Hs, 1, topk]."""
+    hidden = torch.where(ends <= pos, ends, length)
+    return indexer_topk_reference(q_i, w, k_i, hidden, S=length, topk=topk, scale=scale)
 
 
 class LightningIndexer(nn.Module):

@@ -8,6 +8,8 @@
   enforced, for the contract's sake.
 - `kv_pattern` is the full causal map: every query reads the state that summarises every earlier token.
 - No auxiliary loss.
+- Static decode (`decode_static`, compiled generation): the cached decode of one token with the states in
+  fixed-size tensors (`static_state`), updated in place; the recurrence runs its plain-PyTorch reference.
 - fla-core runs the recurrences on GPUs; building a layer without it raises, naming the `linear` extra,
   unless the config asks for `backend: reference` (the plain-PyTorch path, any device).
 """
@@ -18,7 +20,7 @@ import torch
 
 from ..cache import LayerCache
 from ..ops import fla_kernels
-from .base import AttentionLayer
+from .base import AttentionLayer, StaticCache
 
 
 class LinearAttentionLayer(AttentionLayer):
@@ -28,6 +30,9 @@ class LinearAttentionLayer(AttentionLayer):
     reuses_dense_projections = False
     # a recurrence passes its state from chunk to chunk: gathering keys cannot split it over ranks
     supports_context_parallel = False
+    static_decode = True
+    static_buffers = ()  # no per-token buffer: the step reads and updates the recurrent states
+    recurrent_states: tuple[str, ...] = ("linear_state",)  # what the cache keeps (`state`, `keep`)
 
     def __init__(self, config):
         if config.backend != "reference" and not fla_kernels.FLA_INSTALLED:
@@ -64,6 +69,31 @@ class LinearAttentionLayer(AttentionLayer):
         """[B, H, T, D] -> the normalised, gated [B, T, H * D] that o_proj reads."""
         raise NotImplementedError
 
+    # -- static decode: the states in fixed-size tensors ----------------------------------------------
+    def static_state(self, cache: LayerCache) -> dict[str, torch.Tensor]:
+        """Copies of the states the prefill left in the cache, which decode_static updates in place."""
+        missing = [name for name in self.recurrent_states if self.state(cache, name) is None]
+        if missing:
+            raise ValueError(
+                f"static_state reads the states a cached forward keeps ({missing}): prefill the cache first"
+            )
+        return {name: self.state(cache, name).clone() for name in self.recurrent_states}
+
+    def static_slots(self, name, n_tokens):
+        return None  # fixed-size states, no slot per token
+
+    def decode_static(self, x: torch.Tensor, pos: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The cached decode of one token (project, attend, output) from the states in `state`, which it
+        updates in place (through a StaticCache); pos plays no part. Static shapes, no host reads."""
+        cache = StaticCache(state, pos)
+        q, k, v = self.project(x, cache)
+        return self.o_proj(self.output(x, self.attend(x, q, k, v, pos, cache)))
+
+    def backend(self, op: str, cache) -> str:
+        """The op's backend: the config's, or in decode_static the plain-PyTorch reference (one token: a few
+        small products, which torch.compile traces whole; fla's kernels are not traced)."""
+        return "reference" if isinstance(cache, StaticCache) else self.config.backend_for(op)
+
     # -- the state in the cache ---------------------------------------------------------------------
     def check_cache(self, cache: LayerCache, B: int, T: int) -> None:
         """The LayerCache checks (batch size, length), made before anything changes."""
@@ -84,11 +114,16 @@ class LinearAttentionLayer(AttentionLayer):
         cache.batch = B
 
     @staticmethod
-    def state(cache: LayerCache | None, name: str) -> torch.Tensor | None:
+    def state(cache: LayerCache | StaticCache | None, name: str) -> torch.Tensor | None:
         """A state this layer kept in the cache (None: no cache, or the start of a sequence)."""
+        if isinstance(cache, StaticCache):
+            return cache.state[name]
         return None if cache is None else cache.derived(name)
 
     @staticmethod
-    def keep(cache: LayerCache | None, name: str, value: torch.Tensor | None) -> None:
-        if cache is not None:
+    def keep(cache: LayerCache | StaticCache | None, name: str, value: torch.Tensor | None) -> None:
+        """Keep a state in the cache (in decode_static: copy it into the fixed-size tensor, in place)."""
+        if isinstance(cache, StaticCache):
+            cache.state[name].copy_(value)
+        elif cache is not None:
             cache.set_derived(name, value.detach())

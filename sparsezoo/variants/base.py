@@ -18,10 +18,11 @@
   serves prefill, chunked prefill and decode: the T new tokens are the last T of S = pos + T tokens.
 - `aux_loss` is set by every variant (None when it has none), so trainers collect it the same way
   for all: `sparsezoo.aux_loss(model)`.
-- Static decode (`static_decode = True`: dense, MSA): `decode_static(x, pos, buffers)`
-  decodes one token per row at a position held in a tensor over preallocated [B, Hkv, max_len, D]
-  buffers, with static shapes and no host reads, so one compiled graph (and one CUDA graph) serves
-  every position (`GPT.generate(..., compile=True)`).
+- Static decode (`static_decode = True`: every built-in variant): `decode_static(x, pos, state)`
+  decodes one token per row at a position held in a tensor over `static_state(cache)` (the prefilled
+  cache's preallocated [B, Hkv, max_len, D] buffers, plus fixed-size compressed entries, block means or
+  recurrent states), with static shapes and no host reads, so one compiled graph (and one CUDA graph)
+  serves every position (`GPT.generate(..., compile=True)`). It equals the cached decode.
 - Context parallelism (`supports_context_parallel`): `layer(cp.shard(x), context_parallel=cp)` with
   a `sparsezoo.context_parallel.ContextParallel` runs this rank's tokens of a sequence split over a
   process group; each of its two chunks runs as a chunked prefill over the keys gathered from the group
@@ -42,6 +43,7 @@ from .. import sequences
 from ..cache import LayerCache
 from ..config import AttentionConfig
 from ..context_parallel import ContextParallel
+from ..ops.common import compute_dtype, masked_softmax_lse
 from ..ops.dispatch import record
 from ..rope import apply_rope
 
@@ -52,7 +54,7 @@ class AttentionLayer(nn.Module):
     config_class = AttentionConfig
     variant_name = "base"
     static_decode = False  # True: decode_static works (GPT.generate(compile=...))
-    static_buffers = ("k", "v")  # the cache buffers decode_static reads and writes
+    static_buffers = ("k", "v")  # the cache buffers decode_static reads and writes (static_state)
     supports_context_parallel = True  # forward(..., context_parallel=cp) (softmax attention over gathered keys)
 
     def __init__(self, config: AttentionConfig):
@@ -212,33 +214,48 @@ class AttentionLayer(nn.Module):
         return cache.append("k", k, seq_dim=2), cache.append("v", v, seq_dim=2)
 
     # -- static decode (torch.compile, CUDA graphs) --------------------------------------------
-    def decode_static(self, x: torch.Tensor, pos: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    def static_state(self, cache: LayerCache) -> dict[str, torch.Tensor]:
+        """The tensors decode_static reads and updates in place, from a LayerCache after its eager prefill:
+        the cache's whole preallocated buffers `static_buffers` ([B, ..., max_len, ...]); variants that keep
+        summaries in the cache (compressed entries, block means, recurrent states) add fixed-size tensors
+        holding them, sized for the cache's whole length."""
+        return {name: cache.buffer(name) for name in self.static_buffers}
+
+    def static_slots(self, name: str, n_tokens: int) -> tuple[int, int] | None:
+        """Where static tensor `name` keeps its entries: (its sequence dim, the slots that hold data once
+        n_tokens tokens are in), or None for a fixed-size state. decode_static never reads a slot past
+        them, so whatever they hold changes nothing. Token buffers keep one slot per token, at dim 2
+        ([B, H, max_len, ...]) or, for the index keys "k_idx" [B, max_len, D_i], at dim 1."""
+        return (1 if name == "k_idx" else 2), n_tokens
+
+    def decode_static(self, x: torch.Tensor, pos: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """x [B, 1, d_model], the token at position pos (long [1]) -> [B, 1, d_model].
 
-        buffers are the layer cache's whole preallocated buffers (`LayerCache.buffer`): "k", "v"
-        [B, Hkv, max_len, D] and whatever the variant keeps. The step writes the token's entries at pos
-        (in place) and attends over the whole buffer, keys masked by `static_visible` (never a slot past
-        pos, whatever it holds). Shapes never depend on pos and nothing reads the device, so
-        torch.compile traces one graph for every position.
+        state is `static_state(cache)`: "k", "v" [B, Hkv, max_len, D] and whatever the variant keeps.
+        The step writes the token's entries at pos (in place; through a `StaticCache`, so the code that
+        appends to a LayerCache serves here too) and attends over the whole buffers, reading no slot past
+        pos (`attend_static`). Shapes never depend on pos and nothing reads the device, so torch.compile
+        traces one graph for every position. The result equals the cached decode's (`forward(x,
+        cache=...)` one token at a time): the same selections, the same entries.
         """
         if not self.static_decode:
             raise NotImplementedError(f"{self.variant_name} has no static decode step")
         B = x.shape[0]
-        k_cache, v_cache = buffers["k"], buffers["v"]
+        cache = StaticCache(state, pos)
         q, k, v = self.project_qkv(x, pos)
-        k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
-        v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
-        visible = self.static_visible(x, pos, buffers)  # [B or 1, Hkv or 1, max_len]
-        qg = q.float().view(B, self.n_kv_heads, self.group_size, self.head_dim)
-        scores = torch.einsum("bhgd,bhld->bhgl", qg, k_cache.float()) * self.scale
-        probs = torch.softmax(scores.masked_fill(~visible[:, :, None], float("-inf")), dim=-1)
-        values = torch.where(visible[..., None], v_cache.float(), 0.0)  # 0 * NaN past pos would leak
-        out = torch.einsum("bhgl,bhld->bhgd", probs, values).to(q.dtype)
-        return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))
+        k, v = self.cache_kv(cache, k, v)
+        out = self.attend_static(x, q, k, v, pos, cache)
+        return self.o_proj(out.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim))
 
-    def static_visible(self, x: torch.Tensor, pos: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The keys the token at pos reads, bool [B or 1, Hkv or 1, max_len]: causal (key_pos <= pos)."""
-        return (torch.arange(buffers["k"].shape[2], device=x.device) <= pos).view(1, 1, -1)
+    def attend_static(self, x, q, k, v, pos, cache: StaticCache) -> torch.Tensor:
+        """q [B, Hq, 1, D], the whole buffers k, v [B, Hkv, max_len, D] -> [B, Hq, 1, D] (attend's twin):
+        softmax over the keys `static_visible` allows."""
+        return buffer_attention(q, k, v, self.static_visible(x, q, pos, cache), self.scale)[0]
+
+    def static_visible(self, x, q, pos: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """The keys the token at pos reads, bool [B or 1, Hkv or 1, max_len] (or [B, Hkv, G, max_len] per
+        query head): causal (key_pos <= pos)."""
+        return causal_slots(cache.state["k"].shape[2], pos).view(1, 1, -1)
 
     # -- shared pieces ------------------------------------------------------------------------
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
@@ -277,6 +294,79 @@ def selection_token_mask(block_idx: torch.Tensor, S: int, block_size: int, n_hea
     pos = torch.arange(S - T, S, device=block_idx.device)
     hit &= torch.arange(S, device=block_idx.device)[None, :] <= pos[:, None]
     return hit.repeat_interleave(n_heads // Hs, dim=1)
+
+
+# -- static decode helpers: whole preallocated buffers, positions as tensors -------------------------
+class StaticCache:
+    """A LayerCache's stand-in inside decode_static, for the code written for one: `append` writes the token's
+    entries at the position tensor into the whole preallocated buffer of that name (`state`) and returns the
+    buffer, every slot of it (the reader masks those past pos). It has no Python position and nothing else of
+    a LayerCache: code that needs more raises."""
+
+    def __init__(self, state: dict[str, torch.Tensor], pos: torch.Tensor):
+        self.state, self.pos = state, pos
+
+    def append(self, name: str, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        write_at(self.state[name], self.pos, x, seq_dim)
+        return self.state[name]
+
+
+def summary_buffer(cache: LayerCache, name: str, batch: int, length: int) -> torch.Tensor:
+    """A summary a cached prefill left in the cache (derived `name` [B, H, n, ...]: compressed entries, block
+    means) copied into a zero buffer [batch, H, length, ...] that has room for the whole sequence's."""
+    held = cache.derived(name)
+    if held is None:
+        raise ValueError(f"static_state reads the {name!r} a cached forward keeps: prefill the cache first")
+    out = held.new_zeros((batch, held.shape[1], length, *held.shape[3:]))
+    out[: held.shape[0], :, : held.shape[2]] = held
+    return out
+
+
+def write_at(buffer: torch.Tensor, pos: torch.Tensor, x: torch.Tensor, dim: int = 2) -> None:
+    """Write x (one slot along `dim`) into buffer at the position tensor pos, in place."""
+    buffer.index_copy_(dim, pos, x.to(buffer.dtype))
+
+
+def causal_slots(length: int, pos: torch.Tensor) -> torch.Tensor:
+    """bool [length]: slot <= pos."""
+    return torch.arange(length, device=pos.device) <= pos
+
+
+def update_entry(buffer: torch.Tensor, j: torch.Tensor, entry: torch.Tensor, complete: torch.Tensor) -> None:
+    """buffer[:, :, j] = entry [B, H, 1, ...] where `complete` (bool [1]), else unchanged, in place: a summary
+    (a compressed entry, a block mean) is written in the step that brings its last token. Computed in
+    every step (a graph cannot branch on pos); the where keeps an entry built from slots past pos out."""
+    kept = buffer.index_select(2, j)
+    buffer.index_copy_(2, j, torch.where(complete, entry.to(buffer.dtype), kept))
+
+
+def selected_blocks_visible(sel: torch.Tensor, pos: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
+    """Block selections [..., k] (ids, -1 = none) -> bool [..., length]: the slots of the selected blocks
+    up to pos (block_size 1: token ids)."""
+    n_blocks = -(-length // block_size)
+    ids = torch.where(sel >= 0, sel.long(), n_blocks)
+    hit = torch.zeros(*sel.shape[:-1], n_blocks + 1, dtype=torch.bool, device=sel.device).scatter(-1, ids, True)
+    slots = torch.arange(length, device=sel.device)
+    return hit[..., slots // block_size] & (slots <= pos)
+
+
+def buffer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
+    """Softmax attention of one query per head q [B, Hq, 1, D] over whole buffers k, v [B, Hkv, L, D],
+    restricted to `visible` (bool, broadcastable to [B, Hkv, L] as [B or 1, Hkv or 1, L], or per query head
+    [B, Hkv, G, L]). Returns (out [B, Hq, 1, D] in q's dtype, probabilities [B, Hkv, G, L] in the compute
+    dtype). A slot no head sees is never read (NaN there changes nothing); a head that sees no slot gives 0."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    dt = compute_dtype(q)
+    if visible.dim() == 3:
+        visible = visible[:, :, None]
+    qg = q.to(dt).view(B, Hkv, Hq // Hkv, D)
+    scores = torch.einsum("bhgd,bhld->bhgl", qg, k.to(dt)) * scale
+    probs = masked_softmax_lse(scores, visible)[0]
+    read = visible.any(2) if visible.shape[2] > 1 else visible[:, :, 0]  # [B or 1, Hkv or 1, L]
+    values = torch.where(read[..., None], v.to(dt), 0.0)  # 0 * NaN past pos would leak
+    out = torch.einsum("bhgl,bhld->bhgd", probs, values)
+    return out.reshape(B, Hq, 1, D).to(q.dtype), probs
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:

@@ -44,14 +44,16 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..cache import LayerCache
 from ..config import AttentionConfig, ConfigError
 from ..ops import entry_pooling, low_precision
 from ..ops.dispatch import needs_grad
+from ..ops.gather_attention.reference import gather_attention_reference
 from ..registry import register_variant
 from ..rope import apply_rope_part
 from ._layers import (Compressor, LightningIndexer, RMSNorm, check_index_options, half_rope_dims, rms_normalize,
-                      round_index)
-from .base import AttentionLayer
+                      round_index, static_indexer_topk)
+from .base import AttentionLayer, StaticCache, summary_buffer, update_entry
 
 
 @dataclass
@@ -122,7 +124,9 @@ def cached_entries(cache, name: str, pool, tokens: tuple[torch.Tensor, ...], T: 
     the call that brings its last token, from the same tokens through the same ops as pooling them all (a
     matmul over fewer rows may round differently, about an ulp); nothing usable held (a new sequence, a
     reshaped cache, a context-parallel prefix): all are pooled. A forward that needs gradients pools every
-    entry, for autograd, and keeps them detached."""
+    entry, for autograd, and keeps them detached. In decode_static (a StaticCache): `static_entries`."""
+    if isinstance(cache, StaticCache):
+        return static_entries(cache, name, pool, tokens, ratio, context)
     if cache is None or needs_grad(*tokens, *params):
         out = pool(*tokens, 0)
         if cache is not None:  # a later no-grad step continues from these
@@ -146,9 +150,29 @@ def cached_entries(cache, name: str, pool, tokens: tuple[torch.Tensor, ...], T: 
     return out
 
 
+def static_entries(cache: StaticCache, name: str, pool, tokens: tuple[torch.Tensor, ...], ratio: int,
+                   context: int) -> torch.Tensor:
+    """cached_entries' twin in decode_static: `tokens` are whole buffers [B, H, max_len, ...] and the entries live
+    in the buffer `name` [B, H, max_len // ratio, D] (returned, every slot). The entry whose last token is at
+    cache.pos, if one is, is pooled as cached_entries pools it (from its own block and the `context` blocks
+    before it, none before token 0) and written there; in the other steps the entry pooled (from slots past
+    pos) is dropped."""
+    entries, pos = cache.state[name], cache.pos
+    n = entries.shape[2]
+    if n:
+        blocks = min(context + 1, n)  # pooled together: the entry's own block and those before it
+        j = (pos // ratio).clamp(max=n - 1)
+        first = (j - context).clamp(min=0, max=n - blocks)
+        ids = first * ratio + torch.arange(blocks * ratio, device=pos.device)
+        pooled = pool(*(t.index_select(2, ids) for t in tokens), first)  # entries first .. first + blocks - 1
+        update_entry(entries, j, pooled.index_select(2, j - first), (pos + 1) % ratio == 0)
+    return entries
+
+
 @register_variant("csa")
 class CSAAttention(AttentionLayer):
     config_class = CSAConfig
+    static_decode = True
 
     def __init__(self, config: CSAConfig):
         super().__init__(config)
@@ -289,6 +313,55 @@ class CSAAttention(AttentionLayer):
             self.aux_loss = ops.index_kl(q, kc, q_i, w, ki, ends, sel, S=S, scale=self.scale,
                                          index_scale=self.index_scale, coeff=c.kl_coeff,
                                          temperature=c.kl_temperature, backend=c.backend_for("index_kl"))
+        return out
+
+    # -- static decode: per-token inputs and entries in whole buffers ---------------------------------
+    @property
+    def static_buffers(self) -> tuple[str, ...]:
+        """The cache buffers of this layer's options: raw K (= V) or K and V, the compressor's per-token
+        inputs, the indexer's (+ the entry buffers, static_state)."""
+        c = self.config
+        names = ["k"] if c.shared_kv else ["k", "v"]
+        if c.compressor == "v4":
+            names += ["cmp_kv", "cmp_score"] + ([] if c.shared_kv else ["cmp_v_kv", "cmp_v_score"])
+        else:
+            names += ["cmp_kv", "cmp_gate"] if c.shared_kv else ["cmp_k", "cmp_gate", "cmp_v"]
+        return (*names, *(["idx_kv", "idx_score"] if c.index_compressor == "v4" else ["k_idx"]))
+
+    @property
+    def entry_names(self) -> tuple[str, ...]:
+        """The cached entries: compressed keys (or K = V), values, index keys."""
+        return ("csa_cmp", "csa_idx") if self.config.shared_kv else ("csa_cmp", "csa_cmp_v", "csa_idx")
+
+    def static_state(self, cache: LayerCache) -> dict[str, torch.Tensor]:
+        """The token buffers, and each kind of entry [B, H, max_len // compress_ratio, D]: the prefill's
+        cached entries, then room for the rest."""
+        state = super().static_state(cache)
+        B, L = state["k"].shape[0], state["k"].shape[2]
+        for name in self.entry_names:
+            state[name] = summary_buffer(cache, name, B, L // self.config.compress_ratio)
+        return state
+
+    def static_slots(self, name, n_tokens):
+        if name in self.entry_names:
+            return 2, n_tokens // self.config.compress_ratio
+        return super().static_slots(name, n_tokens)
+
+    def attend_static(self, x, q, k, v, pos, cache):
+        """The cached decode over whole buffers: the entries as compressed() keeps them (static_entries), the
+        reference indexer over the entries that end by pos, and the reference gather attention over the
+        window's raw tokens and the selected entries, with the sink."""
+        c = self.config
+        B, L = q.shape[0], k.shape[2]
+        kc, vc, ki, q_i, w = self.compressed(x, pos, cache)
+        ends = entry_pooling.entry_ends(ki.shape[1], c.compress_ratio, x.device)
+        sel = static_indexer_topk(q_i, w, ki, ends, pos, L, c.topk, self.index_scale)  # [B, 1, 1, topk]
+        window = pos - c.window + 1 + torch.arange(c.window, device=x.device)  # the window's ids, as window_ids
+        window = torch.where(window >= 0, window, -1).to(torch.int32).expand(B, 1, 1, c.window)
+        ids = torch.cat([window, entry_pooling.entry_ids(sel, L)], dim=-1)
+        out = gather_attention_reference(q, k, v, ids, self.scale, k_extra=kc, v_extra=vc, sink=self.attn_sink)
+        if c.shared_kv:
+            out = apply_rope_part(out, pos, c.rope_theta, self.rope_dim, inverse=True)
         return out
 
     @torch.no_grad()

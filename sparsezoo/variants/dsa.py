@@ -26,7 +26,8 @@ from .. import ops
 from ..config import AttentionConfig, ConfigError
 from ..ops import low_precision
 from ..registry import register_variant
-from ._layers import LightningIndexer, check_index_options, half_rope_dims
+from ..ops.gather_attention.reference import gather_attention_reference
+from ._layers import LightningIndexer, check_index_options, half_rope_dims, static_indexer_topk
 from .base import AttentionLayer, WarmupRouting
 
 
@@ -77,6 +78,8 @@ class DSAConfig(AttentionConfig):
 @register_variant("dsa")
 class DSAAttention(WarmupRouting, AttentionLayer):
     config_class = DSAConfig
+    static_decode = True
+    static_buffers = ("k", "v", "k_idx")
 
     def __init__(self, config: DSAConfig):
         super().__init__(config)
@@ -117,6 +120,19 @@ class DSAAttention(WarmupRouting, AttentionLayer):
                 S=S, scale=self.scale, index_scale=self.index_scale, coeff=c.kl_coeff, temperature=c.kl_temperature,
                 backend=c.backend_for("index_kl"))
         return out
+
+    # -- static decode: the reference indexer over the whole index-key buffer -------------------------
+    def attend_static(self, x, q, k, v, pos, cache):
+        """The cached decode's selection over the whole buffers: the reference indexer scores every slot,
+        those past pos rank nowhere, and the token attends to its top-k through the reference gather
+        attention (which reads only them). Dense routing: causal. The index key is written at pos either way."""
+        q_i, w, k_i = self.index_projections(x, pos, cache)  # k_i: the whole buffer [B, max_len, D_i]
+        if self.routing == "dense":
+            return super().attend_static(x, q, k, v, pos, cache)
+        L = k_i.shape[1]
+        sel = static_indexer_topk(q_i, w, k_i, torch.arange(L, device=x.device), pos, L, self.config.topk,
+                                  self.index_scale)
+        return gather_attention_reference(q, k, v, sel, self.scale)
 
     @torch.no_grad()
     def kv_pattern(self, x: torch.Tensor) -> torch.Tensor:

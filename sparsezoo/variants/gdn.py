@@ -49,6 +49,7 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 @register_variant("gdn")
 class GatedDeltaNet(LinearAttentionLayer):
     config_class = GatedDeltaNetConfig
+    recurrent_states = ("linear_state", "conv_state")
 
     def __init__(self, config: GatedDeltaNetConfig):
         super().__init__(config)
@@ -99,7 +100,7 @@ class GatedDeltaNet(LinearAttentionLayer):
             scale=self.head_dim**-0.5,
             initial_state=self.state(cache, "linear_state"),
             output_final_state=cache is not None,
-            backend=self.config.backend_for("gated_delta_rule"),
+            backend=self.backend("gated_delta_rule", cache),
         )
         self.keep(cache, "linear_state", state)
         return out

@@ -86,7 +86,7 @@ class LightningAttention(LinearAttentionLayer):
             scale=1.0,
             initial_state=self.state(cache, "linear_state"),
             output_final_state=cache is not None,
-            backend=self.config.backend_for("lightning_attention"),
+            backend=self.backend("lightning_attention", cache),
         )
         self.keep(cache, "linear_state", state)
         return out

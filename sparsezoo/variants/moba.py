@@ -13,9 +13,11 @@ from typing import ClassVar
 import torch
 
 from .. import ops
+from ..cache import LayerCache
 from ..config import AttentionConfig
+from ..ops.common import compute_dtype, select_from_block_scores
 from ..registry import register_variant
-from .base import AttentionLayer, selection_token_mask
+from .base import AttentionLayer, selected_blocks_visible, selection_token_mask, summary_buffer, update_entry
 
 
 @dataclass
@@ -41,6 +43,8 @@ class MoBAConfig(AttentionConfig):
 @register_variant("moba")
 class MoBAAttention(AttentionLayer):
     config_class = MoBAConfig
+    static_decode = True
+    static_buffers = ("k", "v")  # + "moba_means" (static_state)
 
     def __init__(self, config: MoBAConfig):
         super().__init__(config)
@@ -73,6 +77,35 @@ class MoBAAttention(AttentionLayer):
         self.last_selection = sel
         return ops.block_sparse_attention(q, k, v, sel, block_size=c.block_size, scale=self.scale,
                                           backend=c.backend_for("block_sparse_attention"))
+
+    # -- static decode: the cached block means in a buffer of every block ------------------------------
+    def static_state(self, cache: LayerCache) -> dict[str, torch.Tensor]:
+        """The K/V buffers and "moba_means" fp32 [B, Hkv, ceil(max_len / block_size), D]: the prefill's
+        cached means of its complete blocks, then room for the rest."""
+        state = super().static_state(cache)
+        B, L = state["k"].shape[0], state["k"].shape[2]
+        means = summary_buffer(cache, "moba_block_means", B, -(-L // self.config.block_size))
+        return {**state, "moba_means": means}
+
+    def static_slots(self, name, n_tokens):
+        return (2, n_tokens // self.config.block_size) if name == "moba_means" else super().static_slots(name, n_tokens)
+
+    def static_visible(self, x, q, pos, cache):
+        """Per query head: the cached decode's rule (`select_from_block_scores` over <q, block mean>, then
+        the local block) with the means buffer; a block's mean is written in the step that completes it."""
+        c = self.config
+        k, means = cache.state["k"], cache.state["moba_means"]
+        j = pos // c.block_size
+        tokens = (j * c.block_size + torch.arange(c.block_size, device=x.device)).clamp(max=k.shape[2] - 1)
+        mean = k.index_select(2, tokens).float().mean(2, keepdim=True)  # as cached_means: fp32 of the keys
+        update_entry(means, j, mean, (pos + 1) % c.block_size == 0)
+        B, Hq, _, D = q.shape
+        dt = compute_dtype(q)
+        qg = q.to(dt).view(B, self.n_kv_heads, self.group_size, D)
+        scores = torch.einsum("bhgd,bhnd->bhgn", qg, means.to(dt)).reshape(B, Hq, 1, -1)
+        sel = select_from_block_scores(scores, pos, c.block_size, c.topk)  # [B, Hq, 1, topk]
+        visible = selected_blocks_visible(sel[:, :, 0], pos, c.block_size, k.shape[2])  # [B, Hq, max_len]
+        return visible.view(B, self.n_kv_heads, self.group_size, -1)
 
     @torch.no_grad()
     def kv_pattern(self, x: torch.Tensor) -> torch.Tensor:

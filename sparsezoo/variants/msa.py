@@ -22,7 +22,7 @@ from ..registry import register_variant
 from ..ops.common import compute_dtype, select_from_block_scores
 from ..ops.msa_select.reference import block_scores
 from ..rope import apply_rope
-from .base import AttentionLayer, WarmupRouting, selection_token_mask
+from .base import AttentionLayer, WarmupRouting, selected_blocks_visible, selection_token_mask
 
 
 @dataclass
@@ -179,23 +179,18 @@ class MSAAttention(WarmupRouting, AttentionLayer):
         return out
 
     # -- static decode: the reference selection over the whole index-key buffer --------------------
-    def static_visible(self, x, pos, buffers):
+    def static_visible(self, x, q, pos, cache):
         """Sparse routing: the keys of the selected blocks up to pos, per KV head (the eager rule,
         `select_from_block_scores`, over block scores of the whole buffer, tokens past pos at -inf).
-        Dense routing: causal."""
-        if self.routing == "dense":
-            return super().static_visible(x, pos, buffers)
+        Dense routing: causal. The token's index key is written at pos either way, as the cached decode does."""
         c = self.config
-        k_idx_cache = buffers["k_idx"]
-        q_idx, k_idx = self.index_projections(x, pos, None)
-        k_idx_cache.index_copy_(1, pos, k_idx.to(k_idx_cache.dtype))
+        q_idx, k_idx = self.index_projections(x, pos, cache)  # k_idx: the whole buffer [B, max_len, D_i]
+        if self.routing == "dense":
+            return super().static_visible(x, q, pos, cache)
         dt = compute_dtype(q_idx)
-        scores = block_scores(q_idx.to(dt), k_idx_cache.to(dt), pos, c.block_size, self.index_scale)
+        scores = block_scores(q_idx.to(dt), k_idx.to(dt), pos, c.block_size, self.index_scale)
         sel = select_from_block_scores(scores, pos, c.block_size, c.topk)[:, :, 0]  # [B, Hkv, topk], -1 = none
-        L = k_idx_cache.shape[1]
-        key_pos = torch.arange(L, device=x.device)
-        picked = (sel[..., None] == (key_pos // c.block_size)).any(-2)  # [B, Hkv, L]
-        return picked & (key_pos <= pos)
+        return selected_blocks_visible(sel, pos, c.block_size, k_idx.shape[1])
 
     @torch.no_grad()
     def kv_pattern(self, x: torch.Tensor) -> torch.Tensor:

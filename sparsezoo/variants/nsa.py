@@ -25,13 +25,16 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..cache import LayerCache
 from ..config import AttentionConfig, ConfigError
-from ..ops.compressed_attention import n_compressed
+from ..ops.compressed_attention import compressed_visible, n_compressed
 from ..ops.dispatch import needs_grad
 from ..ops.nsa_decode import DECODE_T
+from ..ops.nsa_select.reference import add_overlaps, select_with_forced_blocks
 from ..registry import register_variant
 from ..rope import apply_rope
-from .base import AttentionLayer, selection_token_mask
+from .base import (AttentionLayer, buffer_attention, causal_slots, selected_blocks_visible, selection_token_mask,
+                   summary_buffer, update_entry)
 
 
 @dataclass
@@ -96,6 +99,7 @@ class BlockCompressor(nn.Module):
 @register_variant("nsa")
 class NSAAttention(AttentionLayer):
     config_class = NSAConfig
+    static_decode = True
 
     def __init__(self, config: NSAConfig):
         super().__init__(config)
@@ -203,6 +207,60 @@ class NSAAttention(AttentionLayer):
                                            backend=c.backend_for("block_sparse_attention"))
         o_win = ops.window_attention(q, k_w, v_w, window=c.window, scale=self.scale,
                                      backend=c.backend_for("window_attention"))
+        g = self.gates(x)
+        return g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
+
+    # -- static decode: compressed entries in a buffer of every entry, the branches over whole buffers ---
+    @property
+    def static_buffers(self) -> tuple[str, ...]:
+        """The main K/V, the branches' own with `separate_kv` (+ "nsa_cmp_k", "nsa_cmp_v": static_state)."""
+        return ("k", "v", "k_cmp", "v_cmp", "k_win", "v_win") if self.config.separate_kv else ("k", "v")
+
+    def static_state(self, cache: LayerCache) -> dict[str, torch.Tensor]:
+        """The token buffers and "nsa_cmp_k", "nsa_cmp_v" [B, Hkv, n_compressed(max_len), D]: the prefill's
+        cached compressed entries, then room for the rest."""
+        state = super().static_state(cache)
+        c, B, L = self.config, state["k"].shape[0], state["k"].shape[2]
+        for name in ("nsa_cmp_k", "nsa_cmp_v"):
+            state[name] = summary_buffer(cache, name, B, n_compressed(L, c.cmp_block, c.cmp_stride))
+        return state
+
+    def static_slots(self, name, n_tokens):
+        if name in ("nsa_cmp_k", "nsa_cmp_v"):
+            return 2, n_compressed(n_tokens, self.config.cmp_block, self.config.cmp_stride)
+        return super().static_slots(name, n_tokens)
+
+    def static_compressed(self, k_c, v_c, pos, cache):
+        """compressed()'s twin: the entry that ends at pos (if one does), compressed from the whole branch
+        buffers k_c, v_c as the cached decode does, is written into the entry buffers, which are returned."""
+        c = self.config
+        kc, vc = cache.state["nsa_cmp_k"], cache.state["nsa_cmp_v"]
+        if kc.shape[2]:
+            start = pos - c.cmp_block + 1  # the first token of the entry that ends at pos
+            j = start.clamp(min=0) // c.cmp_stride
+            complete = (start >= 0) & (start % c.cmp_stride == 0)
+            tokens = j * c.cmp_stride + torch.arange(c.cmp_block, device=pos.device)
+            update_entry(kc, j, self.compress_k(k_c.index_select(2, tokens)), complete)
+            update_entry(vc, j, self.compress_v(v_c.index_select(2, tokens)), complete)
+        return kc, vc
+
+    def attend_static(self, x, q, k, v, pos, cache):
+        """The cached decode (nsa_decode's branch ops) over whole buffers: compressed attention over the
+        entries that end by pos, whose probabilities score the selection blocks (the reference rule, forced
+        blocks first), attention over the selected blocks and over the window, and the gated sum."""
+        c = self.config
+        kc, vc = self.static_compressed(*self.branch_kv(x, pos, cache, "cmp", k, v), pos, cache)
+        k_w, v_w = self.branch_kv(x, pos, cache, "win", k, v)
+        B, L = q.shape[0], k.shape[2]
+        ok = compressed_visible(pos, kc.shape[2], c.cmp_block, c.cmp_stride)[None]  # [1, 1, n]
+        o_cmp, p = buffer_attention(q, kc, vc, ok, self.scale)
+        imp = q.new_zeros((B, self.n_kv_heads, 1, -(-L // c.sel_block)), dtype=p.dtype)
+        imp = add_overlaps(imp, p.sum(2)[:, :, None], c.cmp_block, c.cmp_stride, c.sel_block)
+        sel = select_with_forced_blocks(imp, pos, c.sel_block, c.sel_topk)[:, :, 0]  # [B, Hkv, topk]
+        o_slc = buffer_attention(q, k, v, selected_blocks_visible(sel, pos, c.sel_block, L), self.scale)[0]
+        slots = torch.arange(L, device=x.device)
+        window = causal_slots(L, pos) & (slots > pos - c.window)
+        o_win = buffer_attention(q, k_w, v_w, window.view(1, 1, L), self.scale)[0]
         g = self.gates(x)
         return g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
 
