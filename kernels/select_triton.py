@@ -62,16 +62,17 @@ def _select_kernel(Q, K, OUT, T, S, H, scale,
     n_tiles = tl.num_programs(0)
     tile = n_tiles - 1 - tl.program_id(0)  # longest (latest) tiles first
     hg0 = tl.program_id(1) * HG
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)
     BM: tl.constexpr = HG * TM
     r = tl.arange(0, BM)
-    head = hg0 + r // TM
+    head = (hg0 + r // TM).to(tl.int64)
     t = tile * TM + r % TM
     row_ok = (t < T) & (head < H)
     pos = S - T + t
     local = pos // BLOCK
     d = tl.arange(0, BD)
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
+    t64 = t.to(tl.int64)  # token * stride overflows int32 at long lengths
+    q = tl.load(Q + b * sqb + head[:, None] * sqh + t64[:, None] * sqt + d[None, :] * sqd,
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
     t_last = tl.minimum(tile * TM + TM, T) - 1
     n_rank_blocks = (S - T + t_last) // BLOCK  # ranked blocks are j < L(t) <= this
@@ -99,7 +100,7 @@ def _select_kernel(Q, K, OUT, T, S, H, scale,
             top_i = tl.where(repl, j, top_i)
         else:
             probe = tl.maximum(probe, score)
-    o_base = OUT + b * sob + head * soh + t * sot
+    o_base = OUT + b * sob + head * soh + t64 * sot
     if DO_TOPK:
         valid = (top_i >= 0) & (top_i < _BIG)
         rs = tl.where(valid, top_s, float("-inf"))

@@ -361,7 +361,8 @@ def _row_setup(TOK, bg, n_tiles, tile, g, T, S, TM: tl.constexpr, G: tl.constexp
     t = tl.load(TOK + (bg * n_tiles + tile) * TM + tl_tok, mask=r < TM * G, other=T)
     row_ok = (r < TM * G) & (t < T)
     pos = S - T + t
-    return tl_tok, head, t, row_ok, pos
+    # token * stride overflows int32 past 2^31 elements: [T, 64 heads, 128] at T = 256k
+    return tl_tok, head, t.to(tl.int64), row_ok, pos
 
 
 @triton.jit

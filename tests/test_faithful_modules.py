@@ -529,6 +529,24 @@ def test_hadamard_and_low_precision_rounding():
         low_precision.hadamard(torch.randn(2, 12))
 
 
+@pytest.mark.parametrize("width,length", [(4, 9), (8, 12), (12, 5), (12, 13)])
+def test_pool_windows_reads_each_window_slot_from_token_zero_on(width, length):
+    """Entry i pools tokens (i+1)*4 - width .. (i+1)*4 - 1, those before token 0 left out of the softmax."""
+    g = torch.Generator().manual_seed(width + length)
+    x = torch.randn(1, 2, length, 3, generator=g, dtype=F64)
+    logits = torch.randn(1, 2, length, generator=g, dtype=F64)
+    bias = torch.randn(width, generator=g, dtype=F64)
+    got = entry_pooling.pool_windows(x, logits, bias, 4)
+    assert got.shape == (1, 2, length // 4, 3)
+    for i in range(length // 4):
+        first = (i + 1) * 4 - width
+        toks = [t for t in range(first, (i + 1) * 4) if t >= 0]
+        a = torch.softmax(logits[0, :, toks] + bias[[t - first for t in toks]], -1)
+        torch.testing.assert_close(got[0, :, i], torch.einsum("hw,hwd->hd", a, x[0, :, toks]), rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="multiple of ratio"):
+        entry_pooling.pool_windows(x, logits, torch.zeros(6, dtype=F64), 4)
+
+
 def test_entry_pooling_fp64_oracle():
     """Logits that differ by 1e-9: an fp32 softmax rounds them together; fp64 pooling keeps them apart."""
     g = torch.Generator().manual_seed(4)

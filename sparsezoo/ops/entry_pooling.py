@@ -36,6 +36,13 @@ def entry_starts(n: int, ratio: int, device) -> torch.Tensor:
     return torch.arange(n, device=device) * ratio
 
 
+def _before_token0(n: int, width: int, ratio: int, device) -> torch.Tensor:
+    """[n, width] bool: slot w of entry i's window (tokens (i+1)*ratio - width .. (i+1)*ratio - 1) lies
+    before token 0."""
+    first = (torch.arange(n, device=device) + 1) * ratio - width
+    return (first[:, None] + torch.arange(width, device=device)) < 0
+
+
 def pool_channels(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool) -> torch.Tensor:
     """V4's gated pooling. kv, score [B, H, S, C * D] per-token values and gate scores (C = 2 with
     overlap, else 1), ape [ratio, C * D] or [H, ratio, C * D] -> entries [B, H, S // ratio, D]:
@@ -60,29 +67,37 @@ def pool_channels(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, rati
     sb = score[:, :, :n * ratio].unflatten(2, (n, ratio)).to(dt) + ape.to(dt)
     if overlap:  # slots: block i-1 through channels [:D], then block i through channels [D:]
         prev_k = F.pad(kb[:, :, :-1, :, :D], (0, 0, 0, 0, 1, 0))
-        prev_s = F.pad(sb[:, :, :-1, :, :D], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+        prev_s = F.pad(sb[:, :, :-1, :, :D], (0, 0, 0, 0, 1, 0))
         kb = torch.cat([prev_k, kb[..., D:]], dim=3)
-        sb = torch.cat([prev_s, sb[..., D:]], dim=3)
+        sb = torch.cat([prev_s, sb[..., D:]], dim=3).masked_fill(_before_token0(n, 2 * ratio, ratio, sb.device)[..., None],
+                                                                 float("-inf"))
     a = torch.softmax(sb, dim=3)
     return (kb.to(dt) * a).sum(3).to(kv.dtype)
 
 
 def pool_windows(x: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, ratio: int) -> torch.Tensor:
     """Softmax-weighted pooling. x [B, H, S, D], logits [B, H, S] (per-token gate), bias [W]
-    (per slot in the window, W = len(bias) >= ratio) -> [B, H, S // ratio, D]. Window slots before
-    token 0 are excluded from the softmax."""
+    (per slot in the window, W = C * ratio: the entry's own block and the C - 1 blocks before it)
+    -> [B, H, S // ratio, D]. Window slots before token 0 are excluded from the softmax."""
     B, H, S, D = x.shape
     W = bias.shape[0]
+    if W < ratio or W % ratio:
+        raise ValueError(f"bias must have a multiple of ratio={ratio} slots, got {W}")
     n = n_entries(S, ratio)
     if n == 0:
         return x.new_zeros(B, H, 0, D)
-    left = W - ratio
-    used = n * ratio
-    xw = F.pad(x[:, :, :used], (0, 0, left, 0)).unfold(2, W, ratio)  # [B, H, n, D, W]
-    lw = F.pad(logits[:, :, :used], (left, 0), value=float("-inf")).unfold(2, W, ratio)  # [B, H, n, W]
+    xb = x[:, :, : n * ratio].unflatten(2, (n, ratio))  # [B, H, n, m, D]
+    lb = logits[:, :, : n * ratio].unflatten(2, (n, ratio))  # [B, H, n, m]
+    # entry i's slots: blocks i - C + 1 .. i, earliest first; blocks before token 0 are zero padding, masked
+    # out of the softmax by position (a pad with -inf fused into a gathered input's index arithmetic
+    # generates Triton code that Inductor cannot compile under CUDA graphs)
+    back = [min(c, n) for c in range(W // ratio - 1, 0, -1)]
+    xw = torch.cat([F.pad(xb[:, :, : n - c], (0, 0, 0, 0, c, 0)) for c in back] + [xb], dim=3)
+    lw = torch.cat([F.pad(lb[:, :, : n - c], (0, 0, c, 0)) for c in back] + [lb], dim=3)
+    lw = lw.masked_fill(_before_token0(n, W, ratio, lw.device), float("-inf"))
     dt = compute_dtype(x)
     a = torch.softmax(lw.to(dt) + bias.to(dt), dim=-1).to(x.dtype)
-    return torch.einsum("bhndw,bhnw->bhnd", xw, a)
+    return torch.einsum("bhnwd,bhnw->bhnd", xw, a)
 
 
 def entry_ids(sel: torch.Tensor, S: int) -> torch.Tensor:

@@ -138,8 +138,8 @@ class AttentionLayer(nn.Module):
         prefix.finish()
         self.aux_loss = torch.stack(shares).sum() if shares else None
         record(CONTEXT_PARALLEL_OP, "all_gather")
-        out = torch.cat(outs, dim=2)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        out = torch.cat([o.transpose(1, 2) for o in outs], dim=1)  # [B, T, H, D]: the reshape is a view, no copy
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
 
     # -- padded and packed batches: each sequence alone --------------------------------------------
     def sequence_pieces(self, x, positions, cache, attention_mask, cu_seqlens) -> list[sequences.Piece] | None:
