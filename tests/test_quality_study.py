@@ -4,12 +4,14 @@ and the --smoke pipeline end to end (a few seconds per job on a CPU); also the p
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import sparsezoo
 from sparsezoo.config import ConfigError
+from sparsezoo.models import GPTConfig
 from sparsezoo.models.data import NEEDLE, QUERY, Data, DataConfig, batch_generator
 from tests.test_quality_tools import load_example
 
@@ -66,12 +68,21 @@ def test_budget_refuses_a_target_off_the_variants_grid():
 def test_gpu_card_budget_is_an_eighth_of_the_kv_and_configs_are_valid():
     card = study.CARDS["gpu"]
     assert card["free_keys"] * 8 == card["train_len"] == 8192
+    assert card["model"]["short_conv"] == 4 and len(card["seeds"]) >= 5
+    assert card["curriculum"][1] < card["steps"]  # some steps train at the full length
     for v in card["variants"]:
         cfg = study.attention_config(card, v)
         if v not in ("dense", *study.LINEAR):
             assert free_keys_from_config(v, cfg) == card["free_keys"]
-        cls = sparsezoo.variant_class(v).config_class  # the config builds (its own checks pass)
-        cls(**{**cfg, "d_model": 512, "n_heads": 8, "n_kv_heads": 2, "head_dim": 64})
+        run = study.run_config(card, v, "mqar", 0, Path("unused"), None)
+        GPTConfig.from_dict(run["model"])  # every layer's attention config builds (its own checks pass)
+        for task in card["tasks"]:
+            DataConfig.from_dict(study.run_config(card, v, task, 0, Path("unused"), None)["data"])
+
+
+def test_fewer_steps_than_the_curriculum_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no step would train at 128"):
+        study.main(["--smoke", "--out", str(tmp_path), "--results", str(tmp_path), "--steps", "2"])
 
 
 def synthetic_results(per_seed: dict[str, dict[int, float]], task: str = "mqar", lengths=(128, 256)) -> dict:

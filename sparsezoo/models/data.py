@@ -2,10 +2,12 @@
 
 Tasks (each gives inputs x [B, L] and targets y [B, L], -100 where nothing is scored):
 - `needle`: passkey retrieval. Filler tokens, somewhere `NEEDLE p1..pn`, at the end `QUERY p1..pn`;
-  only the answer p1..pn is scored. `needle_filler: text` takes the haystack from the local text
+  only the answer p1..pn is scored. The passkey tokens are distinct, so each answer token is the one
+  that follows its predecessor (NEEDLE for p1) in the needle: a single right answer. `needle_filler: text` takes the haystack from the local text
   (a contiguous byte span, `text_path`) instead of random filler tokens.
 - `recall`: multi-query associative recall. Key-value pairs scattered through filler, then `QUERY`
-  and n queried keys, each followed by its value; only the values after the keys are scored.
+  and n queried keys, each followed by its value; only the values after the keys are scored. Keys are
+  distinct and asked once each, so every queried key occurs once before its query (values may repeat).
 - `text`: byte-level language modelling on a local text file or folder (every byte is scored).
 - `mix`: one of the above per step, drawn by weight (each step is one task, so its loss is the mean
   over that task's scored tokens).
@@ -76,6 +78,9 @@ class DataConfig(CheckedConfig):
             raise ConfigError(f"n_queries ({self.n_queries}) must be <= n_pairs ({self.n_pairs})")
         if self.n_pairs > self.n_keys:
             raise ConfigError(f"n_pairs ({self.n_pairs}) must be <= n_keys ({self.n_keys}): keys are unique")
+        if self.task in ("needle", "mix") and self.passkey_len > self.n_values:
+            raise ConfigError(f"passkey_len ({self.passkey_len}) must be <= n_values ({self.n_values}): passkey "
+                              f"tokens are distinct")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DataConfig":
@@ -122,10 +127,14 @@ class NeedleTask:
     name = "needle"
 
     def __init__(self, layout: Layout, passkey_len: int, text: "TextTask | None" = None):
+        if passkey_len > layout.n_values:
+            raise ValueError(f"a passkey of {passkey_len} distinct tokens needs n_values >= {passkey_len}, "
+                             f"got {layout.n_values}")
         self.layout, self.n, self.text = layout, passkey_len, text
 
     def row(self, length: int, g: torch.Generator, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        key = _randint(self.layout.values, self.n, g)
+        # distinct tokens: with a repeat, "the token after p_j" would have two answers
+        key = self.layout.values[0] + torch.randperm(self.layout.n_values, generator=g)[: self.n]
         hay = length + 1 - 1 - 2 * (self.n + 1)
         if hay < 1:
             raise ValueError(f"seq_len {length} is too short for a passkey of {self.n} tokens")

@@ -22,6 +22,10 @@ Padded and packed batches: `forward(idx, attention_mask=m)` (left padding) or `f
 cu_seqlens=c)` (documents packed in one row) run each sequence alone in every attention layer
 (`sparsezoo.sequences`); `generate(prompts, n, attention_mask=m)` continues left-padded prompts.
 
+Short convolution: `GPTConfig(short_conv=4)` puts a causal depthwise convolution of 4 taps, with a
+residual, on every attention layer's input (after its norm; `sparsezoo.models.short_conv`), the same for
+every variant. It lets one layer learn associative recall; caches keep its last inputs per layer.
+
 Compiled generation: `generate(prompts, n, compile=True)` prefills eagerly, then runs `decode_step`
 through `torch.compile(fullgraph=True)` (`mode="reduce-overhead"` on CUDA: CUDA-graph decode). The step
 writes into the caches' preallocated buffers (and fixed-size entries and states) at a position tensor, so
@@ -46,6 +50,8 @@ from sparsezoo.context_parallel import ContextParallel
 from sparsezoo.config import AttentionConfig, CheckedConfig, ConfigError, from_known_fields, read_yaml
 from sparsezoo.ops.dispatch import record
 
+from .short_conv import ShortConv, ShortConvCache
+
 DENSE = "dense"  # the baseline variant `dense_layers` falls back to
 STATIC_DECODE_OP = "decode_step"  # dispatch record: "static_compiled" after a compiled generate
 MODEL_FIELDS = ("variant", "d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta", "layer_index", "n_layers")
@@ -68,11 +74,12 @@ class GPTConfig(CheckedConfig):
     layers: list[str] | None = None  # or name every layer explicitly
     layer_pattern: list[str] | None = None  # or repeat a block of layers (hybrid stacks)
     attention_overrides: dict[str, Any] = field(default_factory=dict)
+    short_conv: int = 0  # taps of a causal depthwise conv on every attention layer's input; 0 = none
 
     LABEL: ClassVar[str] = "model"
     POSITIVE: ClassVar[tuple[str, ...]] = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                                            "ffn_hidden", "rope_theta", "norm_eps")
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("init_std", "dense_layers")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("init_std", "dense_layers", "short_conv")
 
     def __post_init__(self) -> None:
         self.check_fields()  # what was given ...
@@ -180,11 +187,16 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = sparsezoo.create_attention(attention)
+        self.short_conv = ShortConv(config.d_model, config.short_conv) if config.short_conv else None
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.ffn_hidden)
 
-    def forward(self, x, positions=None, cache=None, attention_mask=None, cu_seqlens=None, context_parallel=None):
-        x = x + self.attn(self.attn_norm(x), positions=positions, cache=cache, attention_mask=attention_mask,
+    def forward(self, x, positions=None, cache=None, attention_mask=None, cu_seqlens=None, context_parallel=None,
+                conv_cache=None):
+        h = self.attn_norm(x)
+        if self.short_conv is not None:
+            h = self.short_conv(h, conv_cache, cache.pos if cache is not None else 0, attention_mask, cu_seqlens)
+        x = x + self.attn(h, positions=positions, cache=cache, attention_mask=attention_mask,
                           cu_seqlens=cu_seqlens, context_parallel=context_parallel)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -197,6 +209,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, a) for a in config.attention_configs())
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.caches: list | None = None
+        self.conv_caches: list[ShortConvCache] | None = None  # with short_conv: each layer's last conv inputs
         self._init_own_weights()
 
     def _init_own_weights(self) -> None:
@@ -227,11 +240,15 @@ class GPT(nn.Module):
             raise RuntimeError("use_cache=True needs setup_cache(batch, max_len) first")
         if context_parallel is not None and use_cache:
             raise ValueError("context_parallel runs whole sequences (training, prefill): use_cache must be False")
+        if context_parallel is not None and self.config.short_conv:
+            raise ValueError("short_conv does not run context-parallel (a rank's shard would need the inputs just "
+                             "before it): set model.short_conv = 0 or train.context_parallel = 1")
         caches = self.caches if use_cache else [None] * len(self.blocks)
+        conv_caches = self.conv_caches if use_cache and self.conv_caches else [None] * len(self.blocks)
         x = self.tok_emb(idx)
-        for block, cache in zip(self.blocks, caches):
+        for block, cache, conv_cache in zip(self.blocks, caches, conv_caches):
             x = block(x, positions=positions, cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
-                      context_parallel=context_parallel)
+                      context_parallel=context_parallel, conv_cache=conv_cache)
         logits = F.linear(self.norm(x), self.tok_emb.weight)  # tied embeddings
         loss = None
         if targets is not None and attention_mask is not None:  # (checked by the attention layers above)
@@ -276,8 +293,10 @@ class GPT(nn.Module):
     def setup_cache(self, batch: int, max_len: int, *, contiguous: bool = False) -> None:
         """One fresh cache per layer, chosen by the layer (`make_cache`): a LayerCache, or for MSA on a
         GPU a paged cache whose decode steps run the Triton kernels. contiguous=True: a LayerCache for
-        every layer (what the static decode step reads)."""
+        every layer (what the static decode step reads). With short_conv, each layer also gets a
+        ShortConvCache for its convolution's last inputs."""
         device = self.tok_emb.weight.device
+        self.conv_caches = [ShortConvCache() for _ in self.blocks] if self.config.short_conv else None
         if contiguous:
             self.caches = [LayerCache(batch, max_len) for _ in self.blocks]
         else:
@@ -285,18 +304,29 @@ class GPT(nn.Module):
 
     def clear_cache(self) -> None:
         self.caches = None
+        self.conv_caches = None
 
-    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, kv: list[dict[str, torch.Tensor]]):
+    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, kv: list[dict[str, torch.Tensor]],
+                    conv: list[torch.Tensor] | None = None):
         """idx [B, 1], the tokens at position pos (long [1]) -> logits [B, 1, V], with static shapes.
 
         kv holds each layer's static state by name (`static_state`: the preallocated cache buffers "k", "v"
         [B, Hkv, max_len, D], index keys, compressed entries, recurrent states, ...); the step writes the
         token's entries at pos and reads the slots up to pos. Meant for torch.compile(fullgraph=True): one
         graph for every position (generate(..., compile=...) drives it).
+        With short_conv, conv holds each layer's last conv inputs [B, short_conv - 1, d_model] (`_static_conv`),
+        updated in place.
         """
+        if self.config.short_conv and conv is None:
+            raise ValueError("a short_conv model's decode_step needs each layer's conv state: pass conv "
+                             "(GPT._static_conv() after the prefill)")
         x = self.tok_emb(idx)
-        for block, buffers in zip(self.blocks, kv):
-            x = x + block.attn.decode_static(block.attn_norm(x), pos, buffers)
+        for i, (block, buffers) in enumerate(zip(self.blocks, kv)):
+            h = block.attn_norm(x)
+            if block.short_conv is not None:
+                h, tail = block.short_conv.step(h, conv[i])
+                conv[i].copy_(tail)
+            x = x + block.attn.decode_static(h, pos, buffers)
             x = x + block.mlp(block.mlp_norm(x))
         return F.linear(self.norm(x), self.tok_emb.weight)
 
@@ -341,6 +371,16 @@ class GPT(nn.Module):
             kv.append(state)
         return kv
 
+    def _static_conv(self) -> list[torch.Tensor] | None:
+        """Copies of each layer's last short_conv inputs after the prefill (decode_step updates them in
+        place), marked as static addresses; None without short_conv."""
+        if not self.config.short_conv:
+            return None
+        conv = [c.tail.clone() for c in self.conv_caches]
+        for t in conv:
+            torch._dynamo.mark_static_address(t)
+        return conv
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
                  top_k: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
@@ -372,6 +412,7 @@ class GPT(nn.Module):
             self.setup_cache(idx.shape[0], idx.shape[1] + max_new_tokens, contiguous=step is not None)
             logits, _ = self(idx, use_cache=True, attention_mask=attention_mask)  # later steps: real in every row
             kv = self._static_kv() if step is not None and max_new_tokens > 1 else None
+            conv = self._static_conv() if kv is not None else None
             out = [idx]
             for i in range(max_new_tokens):
                 nxt = self._pick(logits[:, -1], greedy, temperature, top_k, generator)
@@ -381,7 +422,7 @@ class GPT(nn.Module):
                         logits, _ = self(nxt, use_cache=True)
                     else:
                         pos = torch.full((1,), idx.shape[1] + i, dtype=torch.long, device=idx.device)
-                        logits = step(nxt, pos, kv)
+                        logits = step(nxt, pos, kv, conv)
             if step is not None and max_new_tokens > 1:
                 record(STATIC_DECODE_OP, "static_compiled")
             return torch.cat(out, 1)
@@ -404,7 +445,8 @@ class GPT(nn.Module):
     # -- reporting ------------------------------------------------------------------------------
     def describe(self) -> str:
         n = sum(p.numel() for p in self.parameters())
-        rows = [f"GPT: {n / 1e6:.2f}M parameters, d_model {self.config.d_model}, vocab {self.config.vocab_size}"]
+        conv = f", short_conv {self.config.short_conv}" if self.config.short_conv else ""
+        rows = [f"GPT: {n / 1e6:.2f}M parameters, d_model {self.config.d_model}, vocab {self.config.vocab_size}{conv}"]
         for i, block in enumerate(self.blocks):
             rows.append(f"  layer {i}: {block.attn.variant_name}")
         return "\n".join(rows)

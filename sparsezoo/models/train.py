@@ -454,6 +454,9 @@ def _context_parallel_groups(cfg: TrainConfig, d: Dist, model: GPT) -> ContextPa
     n = cfg.context_parallel  # divides the world (checked in train())
     if n == 1:
         return None
+    if model.config.short_conv:
+        raise ConfigError("train.context_parallel: model.short_conv does not run context-parallel (a rank's shard "
+                          "would need the inputs just before it); set model.short_conv = 0 or context_parallel = 1")
     unsupported = sorted({b.attn.variant_name for b in model.blocks if not b.attn.supports_context_parallel})
     if unsupported:
         raise ConfigError(f"train.context_parallel: the {unsupported} layers cannot split a sequence over ranks; "
