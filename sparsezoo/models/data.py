@@ -3,8 +3,9 @@
 Tasks (each gives inputs x [B, L] and targets y [B, L], -100 where nothing is scored):
 - `needle`: passkey retrieval. Filler tokens, somewhere `NEEDLE p1..pn`, at the end `QUERY p1..pn`;
   only the answer p1..pn is scored. The passkey tokens are distinct, so each answer token is the one
-  that follows its predecessor (NEEDLE for p1) in the needle: a single right answer. `needle_filler: text` takes the haystack from the local text
-  (a contiguous byte span, `text_path`) instead of random filler tokens.
+  that follows its predecessor (NEEDLE for p1) in the needle: a single right answer. `needle_filler:
+  text` takes the haystack from the local text (a contiguous byte span, `text_path`) instead of random
+  filler tokens.
 - `recall`: multi-query associative recall. Key-value pairs scattered through filler, then `QUERY`
   and n queried keys, each followed by its value; only the values after the keys are scored. Keys are
   distinct and asked once each, so every queried key occurs once before its query (values may repeat).

@@ -69,8 +69,8 @@ def pool_channels(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, rati
         prev_k = F.pad(kb[:, :, :-1, :, :D], (0, 0, 0, 0, 1, 0))
         prev_s = F.pad(sb[:, :, :-1, :, :D], (0, 0, 0, 0, 1, 0))
         kb = torch.cat([prev_k, kb[..., D:]], dim=3)
-        sb = torch.cat([prev_s, sb[..., D:]], dim=3).masked_fill(_before_token0(n, 2 * ratio, ratio, sb.device)[..., None],
-                                                                 float("-inf"))
+        sb = torch.cat([prev_s, sb[..., D:]], dim=3)
+        sb = sb.masked_fill(_before_token0(n, 2 * ratio, ratio, sb.device)[..., None], float("-inf"))
     a = torch.softmax(sb, dim=3)
     return (kb.to(dt) * a).sum(3).to(kv.dtype)
 
