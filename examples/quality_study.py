@@ -11,7 +11,7 @@ over several seeds, with the paired difference to dense and extrapolation to twi
   and a rerun skips it; a job stopped by the call's time limit leaves a checkpoint and resumes from it.
 - Report: examples/results/quality_study_<card>.{json,md,png}, one record per variant x task x eval length.
 
-    python examples/quality_study.py --card gpu --jobs 8 --time-limit 540   # ~10-minute calls; repeat until done
+    python examples/quality_study.py --card h200 --jobs 8 --time-limit 540   # ~10-minute calls; repeat until done
     python examples/quality_study.py --card smoke                    # the whole pipeline on a CPU, < 1 min
 """
 
@@ -38,7 +38,7 @@ from quality_seeds import summarize  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 LINEAR = ("lightning", "gdn")  # recurrent state, no KV read: no key budget
 
-# A card fixes everything a study's numbers depend on. `gpu`: 8k training, 1/8 of the KV as free keys, sized so
+# A card fixes everything a study's numbers depend on. `h200`: 8k training, 1/8 of the KV as free keys, sized so
 # that its 80 jobs (8 variants x 2 tasks x 5 seeds) fit in about 12 minutes of one H200 with --jobs 8 (about a
 # minute per job, most of it start-up and evaluation; an estimate, not yet measured). The model is small (2 layers,
 # d_model 256, 1.7M parameters, where the issue asked for 20-50M at 6-8 layers) for two reasons: the time budget
@@ -49,7 +49,7 @@ LINEAR = ("lightning", "gdn")  # recurrent state, no KV read: no key budget
 # Zoology's MQAR setup. The first 400 steps run at 512 tokens (dense for every variant: the budget covers them),
 # the last 400 at 8k, where the budgets bite. `smoke`: the same pipeline at toy size, for the test on a CPU.
 CARDS = {
-    "gpu": {
+    "h200": {
         "model": {"vocab_size": 1024, "d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "short_conv": 4},
         "variants": ["dense", "msa", "dsa", "csa", "nsa", "moba", "lightning", "gdn"],
         "tasks": {
@@ -432,7 +432,7 @@ def launch(kind: str, spec_path: Path, log_path: Path):
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--card", choices=sorted(CARDS), default="gpu")
+    p.add_argument("--card", choices=sorted(CARDS), default="h200")
     p.add_argument("--smoke", action="store_true", help="the same as --card smoke --jobs 0")
     p.add_argument("--out", type=Path, default=None, help="job folders (default runs/quality_study_<card>)")
     p.add_argument("--results", type=Path, default=REPO / "examples" / "results", help="where the report goes")

@@ -2,7 +2,7 @@
 N steps, printed and written to a JSON file.
 
 The run is one job of examples/quality_study.py (the same run config: model, data, curriculum, budgets,
-optimizer, trainer), built from a card (default `gpu`) with the options below changed. Use it to check that a
+optimizer, trainer), built from a card (default `h200`) with the options below changed. Use it to check that a
 card learns before spending a whole study on it, or to compare settings (e.g. --short-conv 0 against 4).
 
     python scripts/quality_probe.py --variant dense --task mqar                        # the gpu card's job
@@ -41,7 +41,7 @@ def load_study():
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--card", default="gpu", help="the study card to start from (examples/quality_study.py)")
+    p.add_argument("--card", default="h200", help="the study card to start from (examples/quality_study.py)")
     p.add_argument("--variant", default="dense")
     p.add_argument("--task", default="mqar", help="a task of the card: mqar (recall) or passkey (needle)")
     p.add_argument("--short-conv", type=int, default=None, help="model.short_conv taps (0 = off)")

@@ -66,7 +66,7 @@ def test_budget_refuses_a_target_off_the_variants_grid():
 
 
 def test_gpu_card_budget_is_an_eighth_of_the_kv_and_configs_are_valid():
-    card = study.CARDS["gpu"]
+    card = study.CARDS["h200"]
     assert card["free_keys"] * 8 == card["train_len"] == 8192
     assert card["model"]["short_conv"] == 4 and len(card["seeds"]) >= 5
     assert card["curriculum"][1] < card["steps"]  # some steps train at the full length
