@@ -49,7 +49,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--heads", type=int, default=None, help="query heads (KV heads: a quarter, at least 1)")
     p.add_argument("--train-len", type=int, default=None)
-    p.add_argument("--curriculum", default=None, help="LEN:STEPS at the short length first, or 'none'")
+    p.add_argument(
+        "--curriculum", default=None, help="LEN:STEPS[,LEN:STEPS...]: stages before the training length, or 'none'"
+    )
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch", type=int, default=None, help="rows per step at the training length")
@@ -60,7 +62,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument(
+        "--eval-lens",
+        default=None,
+        help="comma list of eval lengths (default: the curriculum's lengths and the training length)",
+    )
     p.add_argument("--eval-samples", type=int, default=32, help="held-out rows per evaluation")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds: training stops (and reports) by then")
     p.add_argument("--out", type=Path, default=None, help="the JSON file (default runs/quality_probe/<name>.json)")
     p.add_argument("--work-dir", type=Path, default=None, help="the trainer's folder (default: a temporary one)")
     return p.parse_args(argv)
@@ -87,16 +95,19 @@ def probe_card(study, args: argparse.Namespace) -> dict:
         if value is not None:
             card[key] = value
     if args.curriculum is not None:
-        if args.curriculum == "none":
-            card["curriculum"] = [card["train_len"], 0]
-        else:
-            length, steps = args.curriculum.split(":")
-            card["curriculum"] = [int(length), int(steps)]
+        stages = [] if args.curriculum == "none" else args.curriculum.split(",")
+        card["curriculum"] = [[int(n) for n in stage.split(":")] for stage in stages]
     task = card["tasks"][args.task]
     for key, value in (("n_pairs", args.pairs), ("n_queries", args.queries), ("passkey_len", args.passkey_len)):
         if value is not None:
             task[key] = value
     return card
+
+
+def eval_lengths(args: argparse.Namespace, card: dict) -> list[int]:
+    if args.eval_lens:
+        return [int(n) for n in args.eval_lens.split(",")]
+    return sorted({length for length, _ in card["curriculum"]} | {card["train_len"]})
 
 
 def main(argv=None) -> dict:
@@ -118,6 +129,8 @@ def main(argv=None) -> dict:
             eval_batches=max(1, math.ceil(args.eval_samples / card["batch"])),
             device=args.device,
             log_every=max(1, min(10, args.eval_every)),
+            eval_lengths=eval_lengths(args, card),
+            time_limit_s=args.time_limit,
         )
         print(f"probe {name}: model {run['model']}, data {run['data']}", flush=True)
         t0 = time.perf_counter()
@@ -144,6 +157,10 @@ def main(argv=None) -> dict:
         "steps_done": summary["steps_done"],
         "final": evals[-1] if evals else None,
         "implementations": summary["implementations"],
+        "history": [  # every 10th step: losses and throughput, per phase of the curriculum
+            {k: h[k] for k in ("step", "phase", "lm_loss", "index_loss", "tokens_per_s")}
+            for h in summary["history"][9::10]
+        ],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))

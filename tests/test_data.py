@@ -88,7 +88,7 @@ def test_needle_in_text_has_one_answer_per_scored_token(seed, seq_len):
     seed=st.integers(0, 10**6),
     n_pairs=st.integers(1, 12),
     n_values=st.integers(2, 8),
-    seq_len=st.integers(40, 160),
+    seq_len=st.integers(49, 160),  # 2 * 12 pairs + 2 * 12 queries + the query mark fit
     data=st.data(),
 )
 def test_recall_has_one_answer_per_scored_token(seed, n_pairs, n_values, seq_len, data):

@@ -292,6 +292,23 @@ def test_modules_on_fla_match_the_reference_on_gpu(name):
     assert rel_err(torch.cat(parts, 1), want) < 3e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", LINEAR)
+def test_modules_train_under_bf16_autocast_on_gpu(name):
+    """The trainer's setting: fp32 weights under CUDA bf16 autocast, forward and backward on fla (autocast runs
+    some reductions in fp32; the kernels need q, k and v in one dtype)."""
+    torch.manual_seed(0)
+    cfg = {"variant": name, "d_model": 256, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64}
+    layer = sparsezoo.create_attention(cfg).cuda()
+    x = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16), ops.track_implementations() as used:
+        out = layer(x)
+    out.float().square().mean().backward()
+    assert set(used.values()) == {"triton"}
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
 # -- 3. the modules: as published, decode, causality, batches, the cache ---------------------------------
 def test_lightning_decay_schedule_is_minimax01s():
     """s_h = 2^(-8 (h+1) / H) scaled by 1 - l / (L - 1) (+1e-5): strong decay at the first layer, almost none

@@ -69,7 +69,7 @@ def test_gpu_card_budget_is_an_eighth_of_the_kv_and_configs_are_valid():
     card = study.CARDS["h200"]
     assert card["free_keys"] * 8 == card["train_len"] == 8192
     assert card["model"]["short_conv"] == 4 and len(card["seeds"]) >= 5
-    assert card["curriculum"][1] < card["steps"]  # some steps train at the full length
+    assert study.curriculum_steps(card) < card["steps"]  # some steps train at the full length
     for v in card["variants"]:
         cfg = study.attention_config(card, v)
         if v not in ("dense", *study.LINEAR):
@@ -94,7 +94,7 @@ def synthetic_results(per_seed: dict[str, dict[int, float]], task: str = "mqar",
 
 
 def test_records_mean_std_and_paired_difference_to_dense():
-    card = {**study.CARDS["smoke"], "tasks": {"mqar": {}}}
+    card = {**study.CARDS["smoke"], "tasks": {"mqar": study.CARDS["smoke"]["tasks"]["mqar"]}}
     results = synthetic_results({"dense": {0: 1.0, 1: 0.8, 2: 0.9}, "msa": {0: 0.9, 1: 0.8, 2: 0.6}})
     recs = study.records("smoke", card, results)
     assert len(recs) == 4 and all(RECORD_KEYS <= set(r) for r in recs)
@@ -104,12 +104,13 @@ def test_records_mean_std_and_paired_difference_to_dense():
     assert msa["std"] == pytest.approx(torch.tensor([0.9, 0.8, 0.6], dtype=torch.float64).std().item())
     assert msa["paired_diff_vs_dense"] == pytest.approx((-0.1 + 0.0 - 0.3) / 3)
     assert msa["kv_read"] == 0.5 and msa["free_keys_per_query"] == card["free_keys"]
+    assert msa["metric"] == "token_acc"  # recall scores each query; a passkey counts whole (METRIC)
     dense = [r for r in recs if r["variant"] == "dense"][0]
     assert dense["paired_diff_vs_dense"] is None and dense["free_keys_per_query"] is None
 
 
 def test_paired_difference_uses_only_seeds_both_finished():
-    card = {**study.CARDS["smoke"], "tasks": {"mqar": {}}}
+    card = {**study.CARDS["smoke"], "tasks": {"mqar": study.CARDS["smoke"]["tasks"]["mqar"]}}
     results = synthetic_results({"dense": {0: 1.0, 1: 0.0}, "msa": {0: 0.5}})
     msa = [r for r in study.records("smoke", card, results) if r["variant"] == "msa"][0]
     assert msa["paired_diff_vs_dense"] == pytest.approx(-0.5)

@@ -34,7 +34,19 @@ def test_curriculum_keeps_tokens_per_step_then_switches_to_seq_len():
         assert x.numel() == 2 * 256
 
 
+def test_curriculum_ladder_runs_its_stages_in_order_then_seq_len():
+    cfg = DataConfig(task="recall", seq_len=256, n_pairs=4, n_queries=2, curriculum=[[32, 2], [128, 3]])
+    data = Data(cfg, vocab_size=512)
+    shapes = [tuple(data.train_batch(step, batch_size=2)[1].shape) for step in range(7)]
+    assert shapes == [(16, 32)] * 2 + [(4, 128)] * 3 + [(2, 256)] * 2
+
+
 @pytest.mark.parametrize("kw, match", [
+    ({"curriculum": [[64, 5], [32, 5]]}, "grow from stage to stage"),
+    ({"curriculum": [[100, 5]]}, "must divide seq_len"),
+    ({"curriculum": [[64, 0]]}, "steps must be > 0"),
+    ({"curriculum": [[64]]}, r"\[length, steps\] pairs"),
+    ({"curriculum": [[64, 5]], "curriculum_len": 64}, "replaces data.curriculum_len"),
     ({"curriculum_len": 100}, "must divide seq_len"),
     ({"curriculum_len": 512}, "must divide seq_len"),
     ({"curriculum_steps": 10}, "needs data.curriculum_len"),

@@ -53,6 +53,9 @@ class DataConfig(CheckedConfig):
     # per step (batch x seq_len / curriculum_len rows), then at seq_len
     curriculum_len: int | None = None
     curriculum_steps: int = 0
+    # a ladder of such stages, shortest first: [[128, 600], [1024, 200]] trains 600 steps at 128 tokens, then
+    # 200 at 1,024, then at seq_len (instead of curriculum_len / curriculum_steps, not with them)
+    curriculum: list[list[int]] | None = None
 
     LABEL: ClassVar[str] = "data"
     CHOICES: ClassVar[dict[str, tuple]] = {"task": TASKS, "needle_filler": ("random", "text")}
@@ -72,6 +75,7 @@ class DataConfig(CheckedConfig):
                 0 < self.curriculum_len <= self.seq_len and self.seq_len % self.curriculum_len == 0):
             raise ConfigError(f"data.curriculum_len = {self.curriculum_len} must divide seq_len = {self.seq_len} "
                               f"(so every step trains on the same number of tokens)")
+        self._check_ladder()
         bad = sorted(set(self.mix) - {"needle", "recall", "text"})
         if bad:
             raise ConfigError(f"data.mix names unknown task(s) {bad}; choose among ['needle', 'recall', 'text']")
@@ -82,6 +86,32 @@ class DataConfig(CheckedConfig):
         if self.task in ("needle", "mix") and self.passkey_len > self.n_values:
             raise ConfigError(f"passkey_len ({self.passkey_len}) must be <= n_values ({self.n_values}): passkey "
                               f"tokens are distinct")
+
+    def _check_ladder(self) -> None:
+        if self.curriculum is None:
+            return
+        if self.curriculum_len is not None or self.curriculum_steps:
+            raise ConfigError("data.curriculum replaces data.curriculum_len / curriculum_steps: give one of them")
+        last = 0
+        for stage in self.curriculum:
+            if len(stage) != 2:
+                raise ConfigError(f"data.curriculum stages are [length, steps] pairs, got {stage!r}")
+            length, steps = stage
+            if not (last < length <= self.seq_len and self.seq_len % length == 0):
+                raise ConfigError(f"data.curriculum length {length} must divide seq_len = {self.seq_len} and grow "
+                                  f"from stage to stage (so every step trains on the same number of tokens)")
+            if steps <= 0:
+                raise ConfigError(f"data.curriculum stage {stage!r}: steps must be > 0")
+            last = length
+
+    def stage_ends(self) -> list[tuple[int, int]]:
+        """(length, first step after the stage) for each curriculum stage before seq_len."""
+        stages = self.curriculum or ([[self.curriculum_len, self.curriculum_steps]] if self.curriculum_len else [])
+        out, end = [], 0
+        for length, steps in stages:
+            end += steps
+            out.append((length, end))
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DataConfig":
@@ -268,10 +298,11 @@ class Data:
         return x.to(device), y.to(device)
 
     def train_shape(self, step: int, batch_size: int) -> tuple[int, int]:
-        """(rows, length) of a training step's batch: the curriculum's short length first, then seq_len."""
+        """(rows, length) of a training step's batch: the curriculum's stages first, then seq_len."""
         c = self.config
-        if c.curriculum_len is not None and step < c.curriculum_steps:
-            return batch_size * (c.seq_len // c.curriculum_len), c.curriculum_len
+        for length, end in c.stage_ends():
+            if step < end:
+                return batch_size * (c.seq_len // length), length
         return batch_size, c.seq_len
 
     def train_batch(self, step: int, batch_size: int, rank: int = 0, device="cpu"):

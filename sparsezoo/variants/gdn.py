@@ -42,8 +42,9 @@ class GatedDeltaNetConfig(AttentionConfig):
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(|x|^2 + eps) over the last dim (fla's and Qwen3-Next's form)."""
-    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+    """x / sqrt(|x|^2 + eps) over the last dim (fla's and Qwen3-Next's form), in x's dtype: CUDA autocast
+    runs the sum in fp32, and q, k must keep v's dtype for the kernels."""
+    return (x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 @register_variant("gdn")
