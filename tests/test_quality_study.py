@@ -157,3 +157,18 @@ def test_smoke_pipeline_end_to_end_then_resume_skips_everything(tmp_path):
     assert again["ran"] == [] and again["records"] == first["records"]
     with pytest.raises(SystemExit, match="trained with other settings"):  # never mixes two settings
         study.main([*args, "--steps", "5"])
+
+
+def test_linear_prewarm_covers_every_training_and_evaluation_shape():
+    card = study.CARDS["h200"]
+    train, evals = study.linear_shapes(card)
+    assert {n for _, n in train} == {n for n, _ in card["curriculum"]} | {card["train_len"]}
+    assert all(rows * n == card["batch"] * card["train_len"] for rows, n in train)  # the same tokens per step
+    assert (card["eval_batch"], 2 * card["train_len"]) in evals  # extrapolation
+    study.prewarm_linear(card, {"dense", "msa"})  # no linear variant: nothing runs (any device)
+
+
+@pytest.mark.gpu
+def test_linear_prewarm_runs_on_gpu():
+    card = {**study.CARDS["smoke"], "variants": ["dense", *study.LINEAR]}
+    study.prewarm_linear(card, set(card["variants"]))
