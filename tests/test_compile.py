@@ -184,6 +184,17 @@ def _index_kl_args(with_lse: bool):
     return torch.ops.sparsezoo.msa_index_kl_triton, (q, k, q_idx, k_idx, sel, lse, 8, 0.25, 0.25, 1.0, 1.0, True)
 
 
+def _gather_kl_args(dense: bool):
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 4, 12, 16, generator=g), torch.randn(1, 2, 12, 16, generator=g)
+    q_i = torch.randn(1, 1, 12, 2, 16, generator=g, requires_grad=True)
+    w = torch.randn(1, 1, 12, 2, generator=g, requires_grad=True)
+    k_i = torch.randn(1, 12, 16, generator=g, requires_grad=True)
+    idx = None if dense else torch.randint(-1, 12, (1, 1, 12, 5), dtype=torch.int32, generator=g)
+    args = (q, k, q_i, w, k_i, torch.arange(12), idx, 12, 0.25, 0.3, 1.0, 1.0, True)
+    return torch.ops.sparsezoo.index_kl_gather_triton, args
+
+
 def _select_args(name: str):
     q, k, _ = _qkv()
     if name == "msa_select":
@@ -203,6 +214,8 @@ CUSTOM_OPS = {
     "gather_attention-two-pools": lambda: _gather_args(True),
     "msa_index_kl": lambda: _index_kl_args(False),
     "msa_index_kl-lse": lambda: _index_kl_args(True),
+    "index_kl": lambda: _gather_kl_args(False),
+    "index_kl-dense": lambda: _gather_kl_args(True),
     **{name: (lambda name=name: _select_args(name)) for name in ("msa_select", "nsa_select", "indexer_topk",
                                                                   "moba_select")},
 }

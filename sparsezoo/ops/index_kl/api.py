@@ -10,7 +10,7 @@ from .. import checks
 from ..dispatch import Op, Request
 
 MSA_OP = Op("msa_index_kl", __package__, ("triton", "reference"), module_prefix="msa_")
-DSA_OP = Op("index_kl", __package__, ("reference",), module_prefix="dsa_")
+DSA_OP = Op("index_kl", __package__, ("triton", "reference"), module_prefix="dsa_")
 
 
 def _check_temperature(temperature: float) -> None:
