@@ -32,7 +32,7 @@ import torch
 import sparsezoo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_quality import check_data_config, kv_read_fraction, run_jobs  # noqa: E402
+from compare_quality import check_data_config, kv_read_fraction  # noqa: E402
 from quality_seeds import summarize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +76,19 @@ CARDS = {
         "eval_batch": 8,
         "backend": "auto",
         "eval_backend": "reference",
+        # seconds per job with ~10 sharing the GPU, for scheduling until this call has timed its own: dense, MSA,
+        # CSA, MoBA measured on probes (examples/results/quality_probe_h200); the others estimated from their
+        # seconds per step there (DSA before its KL kernel)
+        "job_seconds": {
+            "dense": 120,
+            "msa": 360,
+            "csa": 300,
+            "moba": 300,
+            "nsa": 360,
+            "dsa": 700,
+            "lightning": 300,
+            "gdn": 400,
+        },
     },
     "smoke": {
         "model": {"vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "short_conv": 4},
@@ -488,6 +501,67 @@ def launch(kind: str, spec_path: Path, log_path: Path):
     )
 
 
+STOP_MARGIN_S = 30  # a worker stops training this long before the call's end, to save its checkpoint
+
+
+def run_study_jobs(
+    specs: dict[str, dict],
+    out: Path,
+    jobs: int,
+    t_end: float,
+    estimates: dict[str, float],
+    launcher=None,
+    poll_s: float = 0.5,
+) -> dict[str, str]:
+    """Train the jobs, `jobs` at a time, by the call's end `t_end` (time.perf_counter()); returns each job's
+    status ("done", or why not). The longest jobs start first, and a job starts only if it can finish in the
+    time left: its variant's mean duration among this call's finished jobs, else `estimates[variant]`. Each
+    worker gets the time left (less STOP_MARGIN_S) as its training limit, so it stops and saves a checkpoint
+    before the end; one still running at the end is killed. The caller writes the report whatever happens."""
+    launcher = launcher or launch
+    variant = lambda name: name.split("/")[0]
+    pending = sorted(specs, key=lambda n: -estimates.get(variant(n), 0.0))
+    running: dict[str, tuple] = {}
+    took: dict[str, list[float]] = {}
+    status: dict[str, str] = {}
+    need = lambda v: statistics.fmean(took[v]) if took.get(v) else estimates.get(v, 0.0)
+    while pending or running:
+        left = t_end - time.perf_counter()
+        for name in [n for n in pending if need(variant(n)) <= left][: max(0, jobs - len(running))]:
+            pending.remove(name)
+            spec = specs[name]
+            spec["run"]["train"]["time_limit_s"] = max(1.0, left - STOP_MARGIN_S)
+            path = out / name / "spec.json"
+            path.write_text(json.dumps(spec, indent=1))
+            running[name] = (launcher("train", path, out / name / "train.log"), time.perf_counter())
+            print(f"[train] started {name} ({left:.0f} s left)", flush=True)
+        if not running:
+            for name in pending:
+                status[name] = f"not started: needs about {need(variant(name)):.0f} s, {left:.0f} s were left"
+            break
+        time.sleep(poll_s)
+        for name, (proc, t0) in list(running.items()):
+            if proc.poll() is None:
+                if time.perf_counter() < t_end:
+                    continue
+                proc.kill()
+                proc.wait()
+                status[name] = "killed at the call's end"
+            elif proc.returncode == 0 and (out / name / "train.json").is_file():
+                took.setdefault(variant(name), []).append(time.perf_counter() - t0)
+                status[name] = "done"
+                print(f"[train] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+            elif proc.returncode == 3:
+                status[name] = "stopped by the time limit; its checkpoint resumes it on this machine"
+            else:
+                log = out / name / "train.log"
+                status[name] = f"failed (exit code {proc.returncode})"
+                tail = log.read_text()[-1500:] if log.is_file() else ""
+                print(f"[train] {name} FAILED (exit code {proc.returncode}):\n{tail}", flush=True)
+            del running[name]
+    return status
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--card", choices=sorted(CARDS), default="h200")
@@ -569,13 +643,11 @@ def main(argv=None) -> dict:
             if not result.get("unfinished"):
                 (out / name / "train.json").write_text(json.dumps(result, indent=1))
     else:
-        paths = {}
-        for name, spec in specs.items():  # every worker stops (and checkpoints) by the call's end
-            spec["run"]["train"]["time_limit_s"] = max(1.0, t_end - time.perf_counter() - 60)
-            paths[name] = out / name / "spec.json"
-            paths[name].write_text(json.dumps(spec, indent=1))
         prewarm_linear(card, {name.split("/")[0] for name in specs})
-        run_jobs("train", paths, out, args.jobs, args.time_limit, t_end - 60, launcher=launch)
+        status = run_study_jobs(specs, out, args.jobs, t_end, card.get("job_seconds", {}))
+        not_done = {n: why for n, why in status.items() if why != "done"}
+        if not_done:
+            print("not finished in this call:\n" + "\n".join(f"  {n}: {why}" for n, why in not_done.items()))
     results = {n: json.loads((out / n / "train.json").read_text()) for n in names if (out / n / "train.json").is_file()}
     missing = [n for n in names if n not in results]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

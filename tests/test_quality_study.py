@@ -4,6 +4,7 @@ and the --smoke pipeline end to end (a few seconds per job on a CPU); also the p
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,58 @@ def test_linear_prewarm_covers_every_training_and_evaluation_shape():
 def test_linear_prewarm_runs_on_gpu():
     card = {**study.CARDS["smoke"], "variants": ["dense", *study.LINEAR]}
     study.prewarm_linear(card, set(card["variants"]))
+
+
+def fake_launcher(behaviour: dict[str, tuple[float, int]]):
+    """A launcher whose worker for job NAME sleeps behaviour[NAME][0] s, then exits with behaviour[NAME][1]
+    (0 writes train.json), and records the order of launches and each spec's training time limit."""
+    import subprocess
+    import sys
+
+    launched = []
+
+    def launch(kind, spec_path, log_path):
+        name = "/".join(spec_path.parent.parts[-3:])
+        launched.append((name, json.loads(spec_path.read_text())["run"]["train"]["time_limit_s"]))
+        sleep, code = behaviour[name]
+        done = spec_path.parent / "train.json"
+        script = f"import time, pathlib; time.sleep({sleep}); " + (
+            f"pathlib.Path({str(done)!r}).write_text('{{}}')" if code == 0 else f"raise SystemExit({code})")
+        return subprocess.Popen([sys.executable, "-c", script], stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+    return launch, launched
+
+
+def test_study_runner_schedules_by_time_left_and_reports_every_job(tmp_path):
+    names = ["a/mqar/seed0", "a/mqar/seed1", "b/mqar/seed0", "c/mqar/seed0", "d/mqar/seed0", "e/mqar/seed0"]
+    behaviour = {"a/mqar/seed0": (0.1, 0), "a/mqar/seed1": (0.1, 0), "b/mqar/seed0": (0.1, 1),
+                 "c/mqar/seed0": (0.1, 3), "d/mqar/seed0": (30, 0), "e/mqar/seed0": (0.1, 0)}
+    specs = {}
+    for n in names:
+        (tmp_path / n).mkdir(parents=True)
+        specs[n] = {"run": {"train": {"time_limit_s": None}}}
+    launch, launched = fake_launcher(behaviour)
+    # a: estimated at 100 s, more than is left; d: runs past the end; e: estimated beyond the call
+    estimates = {"a": 100.0, "b": 1.0, "c": 1.0, "d": 2.0, "e": 1e6}
+    t_end = time.perf_counter() + 4.0
+    status = study.run_study_jobs(specs, tmp_path, 2, t_end, estimates, launcher=launch, poll_s=0.05)
+    assert status["b/mqar/seed0"].startswith("failed")
+    assert status["c/mqar/seed0"].startswith("stopped by the time limit")
+    assert status["d/mqar/seed0"] == "killed at the call's end"
+    assert status["a/mqar/seed0"].startswith("not started") and status["e/mqar/seed0"].startswith("not started")
+    assert [n for n, _ in launched][0] == "d/mqar/seed0"  # the longest estimate that fits starts first
+    assert all(limit <= 4.0 for _, limit in launched)  # each worker's limit is the time left at its start
+    assert set(status) == set(names)
+
+
+def test_study_runner_learns_durations_from_finished_jobs(tmp_path):
+    names = ["a/mqar/seed0", "a/mqar/seed1"]
+    for n in names:
+        (tmp_path / n).mkdir(parents=True)
+    specs = {n: {"run": {"train": {"time_limit_s": None}}} for n in names}
+    launch, launched = fake_launcher({n: (0.1, 0) for n in names})
+    # one worker at a time: the second job starts only once the first has shown that "a" takes 0.1 s, not 3 s
+    t_end = time.perf_counter() + 5.0
+    time.sleep(1.0)  # 4 s left: the first job fits its 3.5 s estimate, the second fits only what the first took
+    status = study.run_study_jobs(specs, tmp_path, 1, t_end, {"a": 3.5}, launcher=launch, poll_s=0.05)
+    assert status == {n: "done" for n in names}
