@@ -45,8 +45,8 @@ LINEAR = ("lightning", "gdn")  # recurrent state, no KV read: no key budget
 # circuit forms), 200 at 512 and 200 at 2,048, then 1,200 at 8k, the same tokens in every step: measured on an
 # H200 (examples/results/quality_probe_h200/), a jump from 128 straight to 8k lost what was learned, and the
 # ladder carried it. Cost, measured with 10 probes sharing the GPU: 0.035 s per step for dense, 0.13-0.19 for
-# MSA, CSA, MoBA and NSA, 0.35-0.45 for DSA (its index KL runs on the chunked reference). `smoke`: the same
-# pipeline at toy size, for the test on a CPU.
+# MSA, CSA, MoBA and NSA, 0.35-0.45 for DSA (its index KL then ran on the chunked reference; it has a Triton
+# kernel now). `smoke`: the same pipeline at toy size, for the test on a CPU.
 CARDS = {
     "h200": {
         "model": {"vocab_size": 1024, "d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "short_conv": 4},
@@ -77,15 +77,16 @@ CARDS = {
         "backend": "auto",
         "eval_backend": "reference",
         # seconds per job with ~10 sharing the GPU, for scheduling until this call has timed its own: dense, MSA,
-        # CSA, MoBA measured on probes (examples/results/quality_probe_h200); the others estimated from their
-        # seconds per step there (DSA before its KL kernel)
+        # CSA, MoBA measured on probes (examples/results/quality_probe_h200); NSA and the linear variants estimated
+        # from their seconds per step there; DSA (700 s there, its KL on the reference) guessed at 400 s with
+        # the KL's Triton kernel. A job whose estimate exceeds a call never starts: keep them honest.
         "job_seconds": {
             "dense": 120,
             "msa": 360,
             "csa": 300,
             "moba": 300,
             "nsa": 360,
-            "dsa": 700,
+            "dsa": 400,
             "lightning": 300,
             "gdn": 400,
         },
