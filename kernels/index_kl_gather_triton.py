@@ -15,6 +15,9 @@ the gradients: dq_i and dw accumulate in registers and are stored once; dk_i is 
 bits). Rows of the teacher tile are the Gs = Hq / Hs query heads of the selection head, padded to BM >= 16;
 with one selection head for several KV heads, each tile's scores are computed once per KV head and each row
 keeps its own. Ids outside [0, N) are masked (never read). Memory: O(inputs); nothing of size T x N.
+Non-finite values: a query whose attended teacher scores or student logits hold a NaN/inf makes the loss
+NaN, as the reference's does (a max on the GPU may drop a NaN: the relu keeps it, and the kernel checks the scores before any max);
+keys no query attends to change nothing.
 """
 
 from __future__ import annotations
@@ -105,17 +108,21 @@ def _kl_gather_kernel(Q, KP, QI, W, KIP, KEY_END, IDX, LOSS, DQI, DW, DKI,
     l_t = tl.zeros([BM], tl.float32)
     m_s = tl.full([], float("-inf"), tl.float32)
     l_s = tl.full([], 0.0, tl.float32)
+    bad = tl.full([], 0, tl.int32)  # an attended teacher score or student logit is NaN/inf: the loss is NaN
     for n0 in range(0, n_slots, BN):
         ids, ok = _slot_ids(IDX, KEY_END, idx_base, sxk, n0, pos, N, K, BN, DENSE)
         st = _teacher_scores(q_rows, KP, k_base, skh, skn, skd, ids, ok, row_kv, kv0, d, D, BM, BN,
                              KV_PER_SEL) * qk_scale
+        seen = row_ok[:, None] & ok[None, :]
+        bad = tl.maximum(bad, tl.max(tl.max((seen & ~(tl.abs(st) < float("inf"))).to(tl.int32), 1), 0))
         st = tl.where(ok[None, :], st, float("-inf"))
         m_new = tl.maximum(m_t, tl.max(st, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_t = l_t * tl.exp2(m_t - m_use) + tl.sum(tl.exp2(st - m_use[:, None]), 1)
         m_t = m_new
         dots, ki = _student_dots(qi_rows, KIP, ki_base, skin, skid, ids, ok, di, DI)
-        z = tl.sum(tl.maximum(dots, 0.0) * w[:, None], 0) * (z_scale * 1.4426950408889634)
+        z = tl.sum(tl.maximum(dots, 0.0, propagate_nan=tl.PropagateNan.ALL) * w[:, None], 0) * (z_scale * 1.4426950408889634)
+        bad = tl.maximum(bad, tl.max((ok & ~(tl.abs(z) < float("inf"))).to(tl.int32), 0))
         z = tl.where(ok, z, float("-inf"))
         ms_new = tl.maximum(m_s, tl.max(z, 0))
         ms_use = tl.where(ms_new == float("-inf"), 0.0, ms_new)
@@ -137,7 +144,7 @@ def _kl_gather_kernel(Q, KP, QI, W, KIP, KEY_END, IDX, LOSS, DQI, DW, DKI,
         pt = tl.where(valid_rows[:, None] & ok[None, :], tl.exp2(st - lse_t[:, None]), 0.0)
         p = tl.sum(pt, 0) * inv_rows  # [BN]
         dots, ki = _student_dots(qi_rows, KIP, ki_base, skin, skid, ids, ok, di, DI)
-        relu = tl.maximum(dots, 0.0)
+        relu = tl.maximum(dots, 0.0, propagate_nan=tl.PropagateNan.ALL)
         z2 = tl.sum(relu * w[:, None], 0) * (z_scale * 1.4426950408889634)
         log_q = (z2 - lse_s) * 0.6931471805599453  # natural log
         log_q = tl.where(ok, log_q, 0.0)
@@ -152,7 +159,7 @@ def _kl_gather_kernel(Q, KP, QI, W, KIP, KEY_END, IDX, LOSS, DQI, DW, DKI,
             dk = tl.dot(tl.trans(a), qi_rows.to(tl.float32))  # [BN, BDI]
             tl.atomic_add(DKI + b * N * DI + ids[:, None] * DI + di[None, :], dk,
                           mask=ok[:, None] & (di[None, :] < DI))
-    tl.store(LOSS + b * slb + s * slh + t * slt, kl)
+    tl.store(LOSS + b * slb + s * slh + t * slt, tl.where(bad > 0, float("nan"), kl))
     if WITH_GRAD:
         tl.store(DQI + qi_base + j[:, None] * sij + di[None, :] * sid, dqi,
                  mask=(j[:, None] < J) & (di[None, :] < DI))

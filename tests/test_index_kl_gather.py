@@ -102,3 +102,20 @@ def test_triton_kl_matches_the_reference_in_bf16_on_gpu(dense, Hs):
     assert loss.item() == pytest.approx(want.item(), rel=2e-2)
     for a, b in zip(grads, want_grads):
         assert rel_err(a, b) < 3e-2
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_nan_key_makes_the_loss_nan_only_when_a_query_attends_to_it(dense):
+    q, k, q_i, w, k_i, key_end, idx = kl_inputs(1, 2, 1, 1, 8, 12, 16, 2, 8, 3, dense, 4)
+    attended = set(range(12)) if dense else {int(i) for i in idx.flatten() if i >= 0}
+    unseen = next(n for n in range(12) if n not in attended) if not dense else None
+    for n, want_nan in ([(min(attended), True)] + ([(unseen, False)] if unseen is not None else [])):
+        for tensor in ("k", "k_i"):
+            kk, ki = k.clone(), k_i.clone()
+            (kk[0, 0, n, 0] if tensor == "k" else ki[0, n, 0]).fill_(float("nan"))
+            got = index_kl_gather_triton(q, kk, q_i, w, ki, key_end, idx, 12, 0.3, 0.4)
+            want = index_kl_reference(q.double(), kk.double(), q_i.double(), w.double(), ki.double(), key_end,
+                                      idx, 12, 0.3, 0.4)
+            assert got.isnan().item() == want.isnan().item() == want_nan, (n, tensor)
+            if not want_nan:
+                assert got.item() == pytest.approx(want.item(), rel=1e-4)
