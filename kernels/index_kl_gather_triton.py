@@ -52,23 +52,23 @@ def _slot_ids(IDX, KEY_END, idx_base, sik, n0, pos, N, K, BN: tl.constexpr, DENS
 
 @triton.jit
 def _teacher_scores(Q_rows, KP, k_base, skh, skn, skd, ids, ok, row_kv, kv0, d, D: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, KV_PER_SEL: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, KV_PER_SEL: tl.constexpr, PREC: tl.constexpr):
     """[BM, BN] scores q_h . k[kv(h), id] (unscaled) for the tile's ids."""
     s = tl.zeros([BM, BN], tl.float32)
     for c in tl.static_range(KV_PER_SEL):
         kt = tl.load(KP + k_base + (kv0 + c) * skh + ids[None, :] * skn + d[:, None] * skd,
                      mask=ok[None, :] & (d[:, None] < D), other=0.0)  # [BD, BN]
-        sc = tl.dot(Q_rows, kt)
+        sc = tl.dot(Q_rows, kt, input_precision=PREC)
         s = tl.where(row_kv[:, None] == c, sc, s)
     return s
 
 
 @triton.jit
-def _student_dots(QI_rows, KIP, ki_base, skin, skid, ids, ok, di, DI: tl.constexpr):
+def _student_dots(QI_rows, KIP, ki_base, skin, skid, ids, ok, di, DI: tl.constexpr, PREC: tl.constexpr):
     """[BJ, BN] dots q_i[j] . k_i[id], and the gathered k_i tile [BN, BDI]."""
     ki = tl.load(KIP + ki_base + ids[:, None] * skin + di[None, :] * skid,
                  mask=ok[:, None] & (di[None, :] < DI), other=0.0)
-    return tl.dot(QI_rows, tl.trans(ki)), ki
+    return tl.dot(QI_rows, tl.trans(ki), input_precision=PREC), ki
 
 
 @triton.jit
@@ -79,7 +79,8 @@ def _kl_gather_kernel(Q, KP, QI, W, KIP, KEY_END, IDX, LOSS, DQI, DW, DKI,
                       sxb, sxh, sxt, sxk, slb, slh, slt,
                       GS: tl.constexpr, KV_PER_SEL: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
                       BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, J: tl.constexpr, BJ: tl.constexpr,
-                      DI: tl.constexpr, BDI: tl.constexpr, DENSE: tl.constexpr, WITH_GRAD: tl.constexpr):
+                      DI: tl.constexpr, BDI: tl.constexpr, DENSE: tl.constexpr, WITH_GRAD: tl.constexpr,
+                      PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -112,7 +113,7 @@ def _kl_gather_kernel(Q, KP, QI, W, KIP, KEY_END, IDX, LOSS, DQI, DW, DKI,
     for n0 in range(0, n_slots, BN):
         ids, ok = _slot_ids(IDX, KEY_END, idx_base, sxk, n0, pos, N, K, BN, DENSE)
         st = _teacher_scores(q_rows, KP, k_base, skh, skn, skd, ids, ok, row_kv, kv0, d, D, BM, BN,
-                             KV_PER_SEL) * qk_scale
+                             KV_PER_SEL, PREC) * qk_scale
         seen = row_ok[:, None] & ok[None, :]
         bad = tl.maximum(bad, tl.max(tl.max((seen & ~(tl.abs(st) < float("inf"))).to(tl.int32), 1), 0))
         st = tl.where(ok[None, :], st, float("-inf"))
@@ -120,7 +121,7 @@ def _kl_gather_kernel(Q, KP, QI, W, KIP, KEY_END, IDX, LOSS, DQI, DW, DKI,
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_t = l_t * tl.exp2(m_t - m_use) + tl.sum(tl.exp2(st - m_use[:, None]), 1)
         m_t = m_new
-        dots, ki = _student_dots(qi_rows, KIP, ki_base, skin, skid, ids, ok, di, DI)
+        dots, ki = _student_dots(qi_rows, KIP, ki_base, skin, skid, ids, ok, di, DI, PREC)
         z = tl.sum(tl.maximum(dots, 0.0, propagate_nan=tl.PropagateNan.ALL) * w[:, None], 0) * (z_scale * 1.4426950408889634)
         bad = tl.maximum(bad, tl.max((ok & ~(tl.abs(z) < float("inf"))).to(tl.int32), 0))
         z = tl.where(ok, z, float("-inf"))
@@ -140,10 +141,10 @@ def _kl_gather_kernel(Q, KP, QI, W, KIP, KEY_END, IDX, LOSS, DQI, DW, DKI,
     for n0 in range(0, n_slots, BN):
         ids, ok = _slot_ids(IDX, KEY_END, idx_base, sxk, n0, pos, N, K, BN, DENSE)
         st = _teacher_scores(q_rows, KP, k_base, skh, skn, skd, ids, ok, row_kv, kv0, d, D, BM, BN,
-                             KV_PER_SEL) * qk_scale
+                             KV_PER_SEL, PREC) * qk_scale
         pt = tl.where(valid_rows[:, None] & ok[None, :], tl.exp2(st - lse_t[:, None]), 0.0)
         p = tl.sum(pt, 0) * inv_rows  # [BN]
-        dots, ki = _student_dots(qi_rows, KIP, ki_base, skin, skid, ids, ok, di, DI)
+        dots, ki = _student_dots(qi_rows, KIP, ki_base, skin, skid, ids, ok, di, DI, PREC)
         relu = tl.maximum(dots, 0.0, propagate_nan=tl.PropagateNan.ALL)
         z2 = tl.sum(relu * w[:, None], 0) * (z_scale * 1.4426950408889634)
         log_q = (z2 - lse_s) * 0.6931471805599453  # natural log
@@ -155,8 +156,8 @@ def _kl_gather_kernel(Q, KP, QI, W, KIP, KEY_END, IDX, LOSS, DQI, DW, DKI,
             g = (qn * (n_rows > 0).to(tl.float32) - p) * gscale  # d loss / d (sum_j w_j relu), per slot
             dw += tl.sum(relu * g[None, :], 1)
             a = tl.where(dots > 0, w[:, None] * g[None, :], 0.0)  # [BJ, BN]
-            dqi += tl.dot(a, ki.to(tl.float32))
-            dk = tl.dot(tl.trans(a), qi_rows.to(tl.float32))  # [BN, BDI]
+            dqi += tl.dot(a, ki.to(tl.float32), input_precision=PREC)
+            dk = tl.dot(tl.trans(a), qi_rows.to(tl.float32), input_precision=PREC)  # [BN, BDI]
             tl.atomic_add(DKI + b * N * DI + ids[:, None] * DI + di[None, :], dk,
                           mask=ok[:, None] & (di[None, :] < DI))
     tl.store(LOSS + b * slb + s * slh + t * slt, tl.where(bad > 0, float("nan"), kl))
@@ -205,6 +206,7 @@ def index_kl_gather_forward(q, k, q_i, w, k_i, key_end, idx, S: int, scale: floa
         *loss_parts.stride(),
         GS=GS, KV_PER_SEL=Hkv // Hs, G=G, BM=BM, BN=BN, D=D, BD=max(16, _pow2(D)), J=J, BJ=max(16, _pow2(J)),
         DI=DI, BDI=max(16, _pow2(DI)), DENSE=dense, WITH_GRAD=with_grad,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # exact fp32 dots for fp32 inputs
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     loss = coeff * loss_parts.sum() / (B * Hs * T)
     if not with_grad:
