@@ -58,6 +58,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--free-keys", type=int, default=None, help="free keys per query of the sparse variants")
     p.add_argument("--pairs", type=int, default=None, help="mqar: key-value pairs per row")
     p.add_argument("--queries", type=int, default=None, help="mqar: queried keys per row")
+    p.add_argument("--keys", type=int, default=None, help="mqar: distinct keys (n_keys)")
+    p.add_argument("--values", type=int, default=None, help="distinct values (n_values; passkey tokens too)")
     p.add_argument("--passkey-len", type=int, default=None, help="passkey: tokens of the passkey")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -98,7 +100,13 @@ def probe_card(study, args: argparse.Namespace) -> dict:
         stages = [] if args.curriculum == "none" else args.curriculum.split(",")
         card["curriculum"] = [[int(n) for n in stage.split(":")] for stage in stages]
     task = card["tasks"][args.task]
-    for key, value in (("n_pairs", args.pairs), ("n_queries", args.queries), ("passkey_len", args.passkey_len)):
+    for key, value in (
+        ("n_pairs", args.pairs),
+        ("n_queries", args.queries),
+        ("passkey_len", args.passkey_len),
+        ("n_keys", args.keys),
+        ("n_values", args.values),
+    ):
         if value is not None:
             task[key] = value
     return card

@@ -25,10 +25,10 @@ def step_lengths(record: dict) -> list[tuple[int, int]]:
 
 
 def seconds_per_step(record: dict) -> dict[int, float]:
-    stages, tokens, by_len = step_lengths(record), None, {}
+    stages, by_len = step_lengths(record), {}
+    tokens = record["run"]["train"]["batch_size"] * record["run"]["data"]["seq_len"]  # every step's tokens
     for h in record.get("history", []):
-        length = next(n for n, end in stages if h["step"] < end or end == stages[-1][1])
-        tokens = record["run"]["train"]["batch_size"] * record["run"]["data"]["seq_len"]
+        length = next((n for n, end in stages if h["step"] < end), stages[-1][0])
         by_len.setdefault(length, []).append(tokens / h["tokens_per_s"])
     return {n: statistics.median(v) for n, v in by_len.items()}
 
