@@ -105,7 +105,8 @@ def test_records_mean_std_and_paired_difference_to_dense():
     assert msa["std"] == pytest.approx(torch.tensor([0.9, 0.8, 0.6], dtype=torch.float64).std().item())
     assert msa["paired_diff_vs_dense"] == pytest.approx((-0.1 + 0.0 - 0.3) / 3)
     assert msa["kv_read"] == 0.5 and msa["free_keys_per_query"] == card["free_keys"]
-    assert msa["metric"] == "token_acc"  # recall scores each query; a passkey counts whole (METRIC)
+    assert msa["metric"] == "token_acc"  # every answer token counts; whole rows beside it (row_metric)
+    assert msa["row_metric"]["mean"] is None  # these synthetic results hold no per-row scores
     dense = [r for r in recs if r["variant"] == "dense"][0]
     assert dense["paired_diff_vs_dense"] is None and dense["free_keys_per_query"] is None
 
@@ -189,7 +190,8 @@ def fake_launcher(behaviour: dict[str, tuple[float, int]]):
         sleep, code = behaviour[name]
         done = spec_path.parent / "train.json"
         script = f"import time, pathlib; time.sleep({sleep}); " + (
-            f"pathlib.Path({str(done)!r}).write_text('{{}}')" if code == 0 else f"raise SystemExit({code})")
+            f"pathlib.Path({str(done)!r}).write_text('{{}}')" if code == 0 else f"raise SystemExit({code})"
+        )
         return subprocess.Popen([sys.executable, "-c", script], stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
     return launch, launched
@@ -197,8 +199,14 @@ def fake_launcher(behaviour: dict[str, tuple[float, int]]):
 
 def test_study_runner_schedules_by_time_left_and_reports_every_job(tmp_path):
     names = ["a/mqar/seed0", "a/mqar/seed1", "b/mqar/seed0", "c/mqar/seed0", "d/mqar/seed0", "e/mqar/seed0"]
-    behaviour = {"a/mqar/seed0": (0.1, 0), "a/mqar/seed1": (0.1, 0), "b/mqar/seed0": (0.1, 1),
-                 "c/mqar/seed0": (0.1, 3), "d/mqar/seed0": (30, 0), "e/mqar/seed0": (0.1, 0)}
+    behaviour = {
+        "a/mqar/seed0": (0.1, 0),
+        "a/mqar/seed1": (0.1, 0),
+        "b/mqar/seed0": (0.1, 1),
+        "c/mqar/seed0": (0.1, 3),
+        "d/mqar/seed0": (30, 0),
+        "e/mqar/seed0": (0.1, 0),
+    }
     specs = {}
     for n in names:
         (tmp_path / n).mkdir(parents=True)
@@ -228,3 +236,21 @@ def test_study_runner_learns_durations_from_finished_jobs(tmp_path):
     time.sleep(1.0)  # 4 s left: the first job fits its 3.5 s estimate, the second fits only what the first took
     status = study.run_study_jobs(specs, tmp_path, 1, t_end, {"a": 3.5}, launcher=launch, poll_s=0.05)
     assert status == {n: "done" for n in names}
+
+
+def test_records_carry_the_whole_row_score_beside_the_per_token_one():
+    card = {**study.CARDS["smoke"], "tasks": {"passkey": study.CARDS["smoke"]["tasks"]["passkey"]}}
+    results = {
+        f"{v}/passkey/seed{s}": {
+            "accuracy": {"128": tok},
+            "eval": {"128": {"token_acc": tok, "exact": row}},
+            "kv_read": 1.0,
+        }
+        for v, by_seed in {"dense": {0: (0.9, 0.5), 1: (1.0, 1.0)}, "msa": {0: (0.8, 0.25), 1: (1.0, 0.75)}}.items()
+        for s, (tok, row) in by_seed.items()
+    }
+    msa = next(r for r in study.records("smoke", card, results) if r["variant"] == "msa")
+    assert msa["mean"] == pytest.approx(0.9) and msa["paired_diff_vs_dense"] == pytest.approx(-0.05)
+    assert msa["row_metric"]["mean"] == pytest.approx(0.5)
+    assert msa["row_metric"]["paired_diff_vs_dense"] == pytest.approx(-0.25)
+    assert msa["row_metric"]["per_seed"] == {0: 0.25, 1: 0.75}
