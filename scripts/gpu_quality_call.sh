@@ -4,7 +4,8 @@
 # seconds, then the report and every finished job's records packed into $OUT/quality_runs.tgz. Finished
 # jobs already under runs/quality_study_h200 (brought back by earlier calls and unpacked there) are skipped.
 #   CALL_S=560 VARIANTS=dense,msa,dsa JOBS=10 bash scripts/gpu_quality_call.sh
-# Unpack the archive into the repository root afterwards: tar xzf quality_runs.tgz
+# Unpack the archive into the repository root afterwards (tar xzf quality_runs.tgz); runs/ is git-ignored, so
+# the device tool's call must carry it (carry: ["runs", ".whl"]) for the next call to skip those jobs.
 set -u
 source scripts/gpu_setup.sh
 export PYTHONUNBUFFERED=1
