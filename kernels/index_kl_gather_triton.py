@@ -87,9 +87,9 @@ def _kl_gather_kernel(Q, KP, QI, W, KIP, KEY_END, IDX, LOSS, DQI, DW, DKI,
     pos = S - T + t
     r = tl.arange(0, BM)
     row_ok = r < GS
-    head = s * GS + r  # the query heads of selection head s
-    row_kv = (head // G) - s * KV_PER_SEL  # each row's KV head, relative to the selection head's first
-    kv0 = s * KV_PER_SEL
+    head = (s * GS + r).to(tl.int64)  # the query heads of selection head s (int64: head * stride may pass 2^31)
+    row_kv = (s * GS + r) // G - s * KV_PER_SEL  # each row's KV head, relative to the selection head's first
+    kv0 = (s * KV_PER_SEL).to(tl.int64)
     d = tl.arange(0, BD)
     q_rows = tl.load(Q + b * sqb + head[:, None] * sqh + t * sqt + d[None, :] * sqd,
                      mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
