@@ -4,6 +4,7 @@
 # seconds, then the report and every finished job's records packed into $OUT/quality_runs.tgz. Finished
 # jobs already under runs/quality_study_h200 (brought back by earlier calls and unpacked there) are skipped.
 #   CALL_S=560 VARIANTS=dense,msa,dsa JOBS=10 bash scripts/gpu_quality_call.sh
+#   (VARIANTS always names dense, the paired baseline; its finished jobs are skipped)
 # Unpack the archive into the repository root afterwards (tar xzf quality_runs.tgz); runs/ is git-ignored, so
 # the device tool's call must carry it (carry: ["runs", ".whl"]) for the next call to skip those jobs.
 set -u
