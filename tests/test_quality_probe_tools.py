@@ -1,19 +1,12 @@
 """scripts/quality_probe.py's options and scripts/quality_probe_table.py's table, without training."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.test_quality_tools import load_example
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example(name, folder="scripts")
 
 
 def test_probe_options_build_a_ladder_and_its_eval_lengths():

@@ -16,8 +16,9 @@ from sparsezoo.models.data import Data, DataConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
+def load_example(name: str, folder: str = "examples"):
+    """Import <folder>/<name>.py of the repository (examples and scripts are not packages)."""
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
