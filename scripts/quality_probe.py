@@ -82,34 +82,27 @@ def probe_card(study, args: argparse.Namespace) -> dict:
     if args.task not in card["tasks"]:
         raise SystemExit(f"--task {args.task!r}: the card has {sorted(card['tasks'])}")
     model = card["model"]
-    for key, value in (("short_conv", args.short_conv), ("n_layers", args.layers), ("d_model", args.d_model)):
-        if value is not None:
-            model[key] = value
+    set_given(model, short_conv=args.short_conv, n_layers=args.layers, d_model=args.d_model)
     if args.heads is not None:
         model["n_heads"], model["n_kv_heads"] = args.heads, max(1, args.heads // 4)
-    for key, value in (
-        ("train_len", args.train_len),
-        ("steps", args.steps),
-        ("lr", args.lr),
-        ("batch", args.batch),
-        ("free_keys", args.free_keys),
-    ):
-        if value is not None:
-            card[key] = value
+    set_given(card, train_len=args.train_len, steps=args.steps, lr=args.lr, batch=args.batch, free_keys=args.free_keys)
     if args.curriculum is not None:
         stages = [] if args.curriculum == "none" else args.curriculum.split(",")
         card["curriculum"] = [[int(n) for n in stage.split(":")] for stage in stages]
-    task = card["tasks"][args.task]
-    for key, value in (
-        ("n_pairs", args.pairs),
-        ("n_queries", args.queries),
-        ("passkey_len", args.passkey_len),
-        ("n_keys", args.keys),
-        ("n_values", args.values),
-    ):
-        if value is not None:
-            task[key] = value
+    set_given(
+        card["tasks"][args.task],
+        n_pairs=args.pairs,
+        n_queries=args.queries,
+        passkey_len=args.passkey_len,
+        n_keys=args.keys,
+        n_values=args.values,
+    )
     return card
+
+
+def set_given(target: dict, **options) -> None:
+    """Copy the options that were given (not None) into target."""
+    target.update({k: v for k, v in options.items() if v is not None})
 
 
 def eval_lengths(args: argparse.Namespace, card: dict) -> list[int]:
