@@ -12,16 +12,13 @@ import json
 import statistics
 from pathlib import Path
 
+from sparsezoo.models.data import DataConfig
+
 
 def step_lengths(record: dict) -> list[tuple[int, int]]:
     """(length, first step after it) for each curriculum stage, then the training length to the end."""
-    data, out, end = record["run"]["data"], [], 0
-    for length, steps in data.get("curriculum") or []:
-        end += steps
-        out.append((length, end))
-    if data.get("curriculum_len"):
-        out.append((data["curriculum_len"], data["curriculum_steps"]))
-    return [*out, (data["seq_len"], record["run"]["train"]["steps"])]
+    data = DataConfig.from_dict(record["run"]["data"])
+    return [*data.stage_ends(), (data.seq_len, record["run"]["train"]["steps"])]
 
 
 def seconds_per_step(record: dict) -> dict[int, float]:
