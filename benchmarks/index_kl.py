@@ -3,7 +3,7 @@ plus gradients (what a training step pays), at the quality study's shape and at 
 
     python benchmarks/index_kl.py --out examples/results
 
-Each point: median ms of forward + backward per implementation (one warm-up), the loss of each, and the
+Each point: median ms of forward + backward per implementation (zoo.py's `bench`), the loss of each, and the
 relative error of the kernel's gradients against the reference's. Writes index_kl_<card>.{json,md}, named
 after the GPU that ran it. The reference is skipped where it would take too long (--ref-max-len).
 """
@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
 from sparsezoo import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo import bench  # noqa: E402  (median of event-timed runs after a warm-up, as the zoo times)
 
 # (name, B, Hq, Hkv, Hs, T, D, J, D_i, topk): the quality study's DSA layer, then DSA's published indexer
 # (64 index heads of 128 dims, top-2048) on the m3 attention heads, one selection per token
@@ -27,11 +29,6 @@ SHAPES = [
     ("m3_32k", 1, 64, 4, 1, 32768, 128, 64, 128, 2048),
     ("m3_128k", 1, 64, 4, 1, 131072, 128, 64, 128, 2048),
 ]
-
-
-def card_name() -> str:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return next((c for c in ("h200", "h100", "b200", "a100") if c in name.lower()), name.split()[-1].lower())
 
 
 def inputs(B, Hq, Hkv, Hs, T, D, J, Di, topk, device, dtype=torch.bfloat16):
@@ -52,18 +49,6 @@ def step(backend, q, k, q_i, w, k_i, key_end, sel):
     return loss.detach(), grads
 
 
-def timed(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
-
-
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("examples/results"))
@@ -73,7 +58,8 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/index_kl.py times GPU kernels: it needs a CUDA device")
-    card = card_name()
+    card = torch.cuda.get_device_name()
+    tag = card.lower().replace("nvidia ", "").split()[0]  # result files are named as zoo.py and scale.py name theirs
     picked = args.shapes.split(",") if args.shapes else [s[0] for s in SHAPES]
     records = []
     for name, *shape in (s for s in SHAPES if s[0] in picked):
@@ -83,11 +69,11 @@ def main(argv=None) -> list[dict]:
         with ops.track_implementations() as used:
             loss, grads = step("triton", *x)
         rec["implementation"] = used["index_kl"]
-        rec["triton_ms"] = timed(lambda: step("triton", *x), args.reps)
+        rec["triton_ms"] = bench(lambda: step("triton", *x), args.reps)
         rec["loss"] = loss.item()
         if shape[4] <= args.ref_max_len:
             ref_loss, ref_grads = step("reference", *x)
-            rec["reference_ms"] = timed(lambda: step("reference", *x), max(1, args.reps // 2))
+            rec["reference_ms"] = bench(lambda: step("reference", *x), max(1, args.reps // 2))
             rec["reference_loss"] = ref_loss.item()
             rec["grad_rel_err"] = [((a.float() - b.float()).norm() / b.float().norm()).item()
                                    for a, b in zip(grads, ref_grads)]
@@ -96,9 +82,9 @@ def main(argv=None) -> list[dict]:
         del x
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    prefix = args.out / f"index_kl_{card}"
+    prefix = args.out / f"index_kl_{tag}"
     prefix.with_suffix(".json").write_text(json.dumps(records, indent=1))
-    lines = [f"# ops.index_kl forward + backward on {torch.cuda.get_device_name()}", "",
+    lines = [f"# ops.index_kl forward + backward on {card}", "",
              "Command: `python benchmarks/index_kl.py`", "",
              "| shape | T | topk | triton ms | reference ms | speedup | loss (triton / reference) | grad rel err |",
              "|---|---|---|---|---|---|---|---|"]
