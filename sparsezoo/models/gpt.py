@@ -50,7 +50,7 @@ from sparsezoo.context_parallel import ContextParallel
 from sparsezoo.config import AttentionConfig, CheckedConfig, ConfigError, from_known_fields, read_yaml
 from sparsezoo.ops.dispatch import record
 
-from .short_conv import ShortConv, ShortConvCache
+from .short_conv import CONTEXT_PARALLEL_REFUSAL, ShortConv, ShortConvCache
 
 DENSE = "dense"  # the baseline variant `dense_layers` falls back to
 STATIC_DECODE_OP = "decode_step"  # dispatch record: "static_compiled" after a compiled generate
@@ -241,8 +241,7 @@ class GPT(nn.Module):
         if context_parallel is not None and use_cache:
             raise ValueError("context_parallel runs whole sequences (training, prefill): use_cache must be False")
         if context_parallel is not None and self.config.short_conv:
-            raise ValueError("short_conv does not run context-parallel (a rank's shard would need the inputs just "
-                             "before it): set model.short_conv = 0 or train.context_parallel = 1")
+            raise ValueError(CONTEXT_PARALLEL_REFUSAL)
         caches = self.caches if use_cache else [None] * len(self.blocks)
         conv_caches = self.conv_caches if use_cache and self.conv_caches else [None] * len(self.blocks)
         x = self.tok_emb(idx)

@@ -25,6 +25,11 @@ from torch import nn
 from sparsezoo import sequences
 
 
+# The one statement of what short_conv cannot do, raised by the model and by the trainer's setup alike.
+CONTEXT_PARALLEL_REFUSAL = ("model.short_conv does not run context-parallel (a rank's shard would need the inputs "
+                            "just before it): set model.short_conv = 0 or train.context_parallel = 1")
+
+
 class ShortConvCache:
     """One layer's convolution state in a cached forward: its last width - 1 inputs [B, width - 1, C] and
     the number of tokens it has seen (which must follow the attention cache's position)."""

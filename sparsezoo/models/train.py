@@ -38,6 +38,7 @@ from . import checkpoint as ckpt
 from . import fsdp
 from .data import Data, DataConfig, score
 from .gpt import GPT, GPTConfig
+from .short_conv import CONTEXT_PARALLEL_REFUSAL
 
 log = logging.getLogger("sparsezoo.train")
 
@@ -455,8 +456,7 @@ def _context_parallel_groups(cfg: TrainConfig, d: Dist, model: GPT) -> ContextPa
     if n == 1:
         return None
     if model.config.short_conv:
-        raise ConfigError("train.context_parallel: model.short_conv does not run context-parallel (a rank's shard "
-                          "would need the inputs just before it); set model.short_conv = 0 or context_parallel = 1")
+        raise ConfigError(f"train.context_parallel: {CONTEXT_PARALLEL_REFUSAL}")
     unsupported = sorted({b.attn.variant_name for b in model.blocks if not b.attn.supports_context_parallel})
     if unsupported:
         raise ConfigError(f"train.context_parallel: the {unsupported} layers cannot split a sequence over ranks; "
