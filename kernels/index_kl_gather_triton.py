@@ -22,18 +22,14 @@ keys no query attends to change nothing.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from sparsezoo.kernels.sparse_attention_triton import _pow2
+
 LOG2E = 1.4426950408889634
 CONFIG = {"BN": 32, "num_warps": 4, "num_stages": 2}
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 @triton.jit
