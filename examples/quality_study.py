@@ -44,9 +44,8 @@ LINEAR = ("lightning", "gdn")  # recurrent state, no KV read: no key budget
 # deeper ones did not start (docs/quality.md). Training climbs a ladder of lengths, 400 steps at 128 tokens (the
 # circuit forms), 200 at 512 and 200 at 2,048, then 1,200 at 8k, the same tokens in every step: measured on an
 # H200 (examples/results/quality_probe_h200/), a jump from 128 straight to 8k lost what was learned, and the
-# ladder carried it. Cost, measured with 10 probes sharing the GPU: 0.035 s per step for dense, 0.13-0.19 for
-# MSA, CSA, MoBA and NSA, 0.35-0.45 for DSA (its index KL then ran on the chunked reference; it has a Triton
-# kernel now). `smoke`: the same pipeline at toy size, for the test on a CPU.
+# ladder carried it. What a job costs: `job_seconds` below. `smoke`: the same pipeline at toy size, for the test
+# on a CPU.
 CARDS = {
     "h200": {
         "model": {"vocab_size": 1024, "d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "short_conv": 4},
@@ -76,19 +75,21 @@ CARDS = {
         "eval_batch": 8,
         "backend": "auto",
         "eval_backend": "reference",
-        # seconds per job with ~10 sharing the GPU, for scheduling until this call has timed its own: dense, MSA,
-        # CSA, MoBA measured on probes (examples/results/quality_probe_h200); NSA and the linear variants estimated
-        # from their seconds per step there; DSA (700 s there, its KL on the reference) guessed at 400 s with
-        # the KL's Triton kernel. A job whose estimate exceeds a call never starts: keep them honest.
+        # seconds per job, for scheduling until this call has timed its own: measured on an H200 under MPS
+        # (docs/quality.md, "Cost"): dense 74-82 s (10 at once), DSA 475-500 s (beside 10 MSA jobs), MSA
+        # 545 s beside DSA and about 200 s without it, CSA 315-330 s, MoBA about 215 s, lightning 95-155 s
+        # (24 at once), NSA 160 s (4 at once; 24 at once it reached step 1,500 in 360 s). gdn: a guess (it
+        # reached step 800, all at 2k or shorter, in 360 s with 24 at once). A job whose estimate exceeds a
+        # call never starts.
         "job_seconds": {
-            "dense": 120,
-            "msa": 360,
-            "csa": 300,
-            "moba": 300,
-            "nsa": 360,
-            "dsa": 400,
-            "lightning": 300,
-            "gdn": 400,
+            "dense": 80,
+            "msa": 200,
+            "csa": 330,
+            "moba": 220,
+            "nsa": 160,
+            "dsa": 480,
+            "lightning": 160,
+            "gdn": 480,
         },
     },
     "smoke": {
@@ -290,6 +291,7 @@ def train_worker(spec: dict) -> dict:
         "train_seconds": time.perf_counter() - t0,
         "resumed": resume,
         "deterministic": spec["deterministic"],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
         "run": same_run(run),
         # every 10th step's losses and throughput: where a job learned (or did not), and what a step cost
         "history": [
@@ -348,10 +350,10 @@ def records(card_name: str, card: dict, results: dict[str, dict]) -> list[dict]:
                     rows.setdefault(variant, {}).setdefault(length, {})[int(seed[4:])] = ev[ROW_METRIC]
         whole = summarize(rows, "dense")
         for variant, by_len in summarize(table, "dense").items():
-            kv = [
+            kv = [  # linear variants keep a state and read no keys: no fraction
                 r["kv_read"]
                 for n, r in results.items()
-                if n.startswith(f"{variant}/{task}/") and r.get("kv_read") is not None
+                if n.startswith(f"{variant}/{task}/") and r.get("kv_read") is not None and variant not in LINEAR
             ]
             for length, row in by_len.items():
                 out.append(
@@ -380,12 +382,74 @@ def records(card_name: str, card: dict, results: dict[str, dict]) -> list[dict]:
     return sorted(out, key=lambda r: (r["task"], r["variant"] != "dense", r["variant"], r["eval_len"]))
 
 
+def stage_ends(card: dict) -> list[tuple[int, int]]:
+    """(length, first step after it) for each stage of training, the last at the training length."""
+    out, end = [], 0
+    for length, steps in card["curriculum"]:
+        end += steps
+        out.append((length, end))
+    return [*out, (card["train_len"], card["steps"])]
+
+
+def reads_every_key(card: dict, variant: str, length: int) -> bool | None:
+    """Whether `variant`'s budget covers every causal key at `length` (its choice then cannot miss);
+    None for linear variants (no keys read)."""
+    if variant in LINEAR:
+        return None
+    cfg = budget_table(card)[variant]["config"]
+    if variant == "dense":
+        return True
+    if variant == "dsa":
+        return cfg["topk"] >= length
+    if variant == "csa":
+        return cfg["topk"] * cfg["compress_ratio"] >= length
+    if variant == "nsa":
+        return cfg["sel_topk"] * cfg["sel_block"] >= length
+    return cfg["topk"] * cfg["block_size"] >= length  # msa, moba
+
+
+def stage_losses(card: dict, results: dict[str, dict], tail: int = 50) -> list[dict]:
+    """Per variant x task: the mean training answer loss over the last `tail` steps of each stage, averaged
+    over the finished seeds. Where a variant stops learning, this shows at which length it lost the skill."""
+    out = []
+    for task in card["tasks"]:
+        for variant in card["variants"]:
+            runs = [r for n, r in results.items() if n.startswith(f"{variant}/{task}/")]
+            if not runs:
+                continue
+            per_stage = []
+            for length, end in stage_ends(card):
+                means = []
+                for r in runs:
+                    losses = [h["lm_loss"] for h in r["history"] if end - tail <= h["step"] < end]
+                    if losses:
+                        means.append(statistics.fmean(losses))
+                per_stage.append(
+                    {
+                        "length": length,
+                        "loss": statistics.fmean(means) if means else None,
+                        "reads_every_key": reads_every_key(card, variant, length),
+                    }
+                )
+            out.append({"variant": variant, "task": task, "seeds": len(runs), "stages": per_stage})
+    return out
+
+
 def fmt(x, pattern="{:.2f}") -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else pattern.format(x)
 
 
-def write_report(prefix: Path, card_name: str, card: dict, recs: list[dict], missing: list[str], device: str) -> None:
+def write_report(
+    prefix: Path,
+    card_name: str,
+    card: dict,
+    recs: list[dict],
+    missing: list[str],
+    device: str,
+    results: dict[str, dict] | None = None,
+) -> None:
     budgets = budget_table(card)
+    stages = stage_losses(card, results or {})
     lines = [
         f"# Quality study, card `{card_name}`, on {device}",
         "",
@@ -422,6 +486,23 @@ def write_report(prefix: Path, card_name: str, card: dict, recs: list[dict], mis
             f"{r['mean']:.3f} ± {r['std']:.3f} | {fmt(r['paired_diff_vs_dense'], '{:+.3f}')} | {whole_mean} | "
             f"{fmt(whole.get('paired_diff_vs_dense'), '{:+.3f}')} | {fmt(r['kv_read'], '{:.3f}')} |"
         )
+    if stages:
+        lines += [
+            "",
+            "## Where each variant learned: training answer loss at the end of each stage",
+            "",
+            f"Mean over the finished seeds of the last 50 steps of each stage (chance: ln 64 = {math.log(64):.2f} "
+            "nats). `*`: the variant's budget covers every key at that length, so its choice cannot miss.",
+            "",
+            "| task | variant | seeds | " + " | ".join(f"{L} tokens" for L, _ in stage_ends(card)) + " |",
+            "|---|---|---|" + "---|" * len(stage_ends(card)),
+        ]
+        for row in stages:
+            cells = [
+                fmt(st["loss"]) + (" *" if st["reads_every_key"] and row["variant"] != "dense" else "")
+                for st in row["stages"]
+            ]
+            lines.append(f"| {row['task']} | {row['variant']} | {row['seeds']} | " + " | ".join(cells) + " |")
     if missing:
         lines += ["", f"Not finished yet ({len(missing)} jobs; rerun the command): {', '.join(missing)}"]
     prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -433,12 +514,22 @@ def write_report(prefix: Path, card_name: str, card: dict, recs: list[dict], mis
                 "device": device,
                 "budgets": budgets,
                 "records": recs,
+                "stage_losses": stages,
                 "missing": missing,
             },
             indent=1,
         )
     )
     plot(prefix.with_suffix(".png"), card, recs, f"quality study `{card_name}`, {device}")
+    if results:
+        plot_training(
+            prefix.with_name(prefix.name + "_training.png"), card, results, f"training, `{card_name}`, {device}"
+        )
+
+
+def variant_color(card: dict, variant: str) -> str:
+    """One colour per variant in every plot of a card."""
+    return f"C{card['variants'].index(variant) % 10}"
 
 
 def plot(path: Path, card: dict, recs: list[dict], title: str) -> None:
@@ -452,10 +543,48 @@ def plot(path: Path, card: dict, recs: list[dict], title: str) -> None:
     for ax, (task, length) in zip(axes[0], panels):
         rows = [r for r in recs if r["task"] == task and r["eval_len"] == length]
         for i, r in enumerate(rows):
-            ax.scatter([i] * len(r["per_seed"]), list(r["per_seed"].values()), alpha=0.6)
+            ax.scatter(
+                [i] * len(r["per_seed"]),
+                list(r["per_seed"].values()),
+                alpha=0.6,
+                color=variant_color(card, r["variant"]),
+            )
             ax.errorbar(i + 0.15, r["mean"], yerr=r["std"], fmt="k_", capsize=4)
         ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], fontsize=8)
         ax.set(title=f"{task} @ {length}", ylim=(-0.05, 1.05), ylabel="accuracy")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(path: Path, card: dict, results: dict[str, dict], title: str, window: int = 5) -> None:
+    """Answer loss against step per task, one line per variant (mean over its seeds, a running mean over
+    `window` logged points), the stage boundaries dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(card["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for variant in card["variants"]:
+            runs = [r["history"] for n, r in results.items() if n.startswith(f"{variant}/{task}/")]
+            if not runs:
+                continue
+            steps = sorted(set.intersection(*({h["step"] for h in run} for run in runs)))
+            by_step = [{h["step"]: h["lm_loss"] for h in run} for run in runs]
+            mean = [statistics.fmean(b[st] for b in by_step) for st in steps]
+            smooth = [statistics.fmean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))]
+            ax.plot(steps, smooth, label=f"{variant} ({len(runs)})", lw=1.2, color=variant_color(card, variant))
+        ends = stage_ends(card)
+        for (_, end), (following, _) in zip(ends, ends[1:]):
+            ax.axvline(end, color="grey", ls=":", lw=0.8)
+            ax.text(end, 0.98, f" →{following}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+        ax.axhline(math.log(64), color="k", lw=0.6, ls="--")
+        ax.set(title=f"{task} (dashed: chance)", xlabel="step", ylabel="answer loss (nats)")
+        ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -526,15 +655,19 @@ def run_study_jobs(
     estimates: dict[str, float],
     launcher=None,
     poll_s: float = 0.5,
+    first: tuple[str, ...] = (),
 ) -> dict[str, str]:
     """Train the jobs, `jobs` at a time, by the call's end `t_end` (time.perf_counter()); returns each job's
-    status ("done", or why not). The longest jobs start first, and a job starts only if it can finish in the
-    time left: its variant's mean duration among this call's finished jobs, else `estimates[variant]`. Each
+    status ("done", or why not). The variants in `first` start before the others; then seed by seed (every
+    variant gets a row before any gets its last seed), the longest jobs first; a job starts only if it can
+    finish in the time left: its variant's mean duration among this call's finished jobs, else `estimates[variant]`. Each
     worker gets the time left (less STOP_MARGIN_S) as its training limit, so it stops and saves a checkpoint
     before the end; one still running at the end is killed. The caller writes the report whatever happens."""
     launcher = launcher or launch
     variant = lambda name: name.split("/")[0]
-    pending = sorted(specs, key=lambda n: -estimates.get(variant(n), 0.0))
+    pending = sorted(
+        specs, key=lambda n: (variant(n) not in first, int(n.split("seed")[-1]), -estimates.get(variant(n), 0.0))
+    )
     running: dict[str, tuple] = {}
     took: dict[str, list[float]] = {}
     status: dict[str, str] = {}
@@ -588,6 +721,7 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the card's)")
     p.add_argument("--batch", type=int, default=None, help="rows per step at the training length (default: the card's)")
     p.add_argument("--free-keys", type=int, default=None, help="free keys per query (default: the card's)")
+    p.add_argument("--first", default="", help="comma list of variants whose jobs start before the others")
     p.add_argument("--jobs", type=int, default=1, help="workers at once on the device; 0 = in this process")
     p.add_argument(
         "--time-limit",
@@ -595,6 +729,12 @@ def parse(argv=None):
         default=540,
         help="seconds for this call: workers stop and checkpoint by then, and no job starts after it",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report from the jobs finished under --out",
+    )
+    p.add_argument("--device-name", default=None, help="the device of finished jobs that do not record one")
     p.add_argument("--no-deterministic", action="store_true", help="allow non-deterministic kernels")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -644,13 +784,15 @@ def main(argv=None) -> dict:
         variant, task, seed = name.split("/")
         runs[name] = run_config(card, variant, task, int(seed[4:]), out / name, None)
         check_data_config(runs[name]["data"])
-    todo = pending_jobs(out, names, runs)
+    todo = [] if args.report_only else pending_jobs(out, names, runs)
     print(f"{len(names) - len(todo)} of {len(names)} jobs finished earlier; {len(todo)} to run", flush=True)
     specs = {}
     for name in todo:
         (out / name).mkdir(parents=True, exist_ok=True)
         specs[name] = {"job": name, "run": runs[name], "card": card, "deterministic": not args.no_deterministic}
-    if args.jobs == 0:  # in this process (the smoke test): one after another
+    if args.report_only:
+        pass
+    elif args.jobs == 0:  # in this process (the smoke test): one after another
         for name, spec in specs.items():
             spec["run"]["train"]["time_limit_s"] = max(1.0, t_end - time.perf_counter())
             result = train_worker(spec)
@@ -658,17 +800,28 @@ def main(argv=None) -> dict:
                 (out / name / "train.json").write_text(json.dumps(result, indent=1))
     else:
         prewarm_linear(card, {name.split("/")[0] for name in specs})
-        status = run_study_jobs(specs, out, args.jobs, t_end, card.get("job_seconds", {}))
+        first = tuple(v for v in args.first.split(",") if v)
+        if set(first) - set(card["variants"]):
+            raise SystemExit(f"--first: {sorted(set(first) - set(card['variants']))} not among {card['variants']}")
+        status = run_study_jobs(specs, out, args.jobs, t_end, card.get("job_seconds", {}), first=first)
         not_done = {n: why for n, why in status.items() if why != "done"}
         if not_done:
             print("not finished in this call:\n" + "\n".join(f"  {n}: {why}" for n, why in not_done.items()))
     results = {n: json.loads((out / n / "train.json").read_text()) for n in names if (out / n / "train.json").is_file()}
     missing = [n for n in names if n not in results]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    here = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    unrecorded = sorted(n for n, r in results.items() if not r.get("device"))
+    if args.report_only and unrecorded and not args.device_name:
+        raise SystemExit(
+            f"{len(unrecorded)} finished jobs do not record their device (e.g. {unrecorded[0]}): "
+            f"name it with --device-name"
+        )
+    fallback = args.device_name or here
+    device = ", ".join(sorted({r.get("device") or fallback for r in results.values()})) or here
     recs = records(args.card, card, results)
     args.results.mkdir(parents=True, exist_ok=True)
     prefix = args.results / f"quality_study_{args.card}"
-    write_report(prefix, args.card, card, recs, missing, device)
+    write_report(prefix, args.card, card, recs, missing, device, results)
     print(prefix.with_suffix(".md").read_text())
     return {"records": recs, "missing": missing, "ran": list(specs)}
 

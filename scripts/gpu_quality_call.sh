@@ -5,6 +5,9 @@
 # jobs already under runs/quality_study_h200 (brought back by earlier calls and unpacked there) are skipped.
 #   CALL_S=560 VARIANTS=dense,msa,dsa JOBS=10 bash scripts/gpu_quality_call.sh
 #   (VARIANTS always names dense, the paired baseline; its finished jobs are skipped)
+# MPS=1 runs the jobs under an MPS daemon (kernels of several processes then share the GPU at once instead
+# of taking turns), if the machine has one and a test process runs under it; the log says which.
+# PROFILE=1 times one training step per variant, alone, before the jobs (scripts/profile_study_steps.py).
 # Unpack the archive into the repository root afterwards (tar xzf quality_runs.tgz); runs/ is git-ignored, so
 # the device tool's call must carry it (carry: ["runs", ".whl"]) for the next call to skip those jobs.
 set -u
@@ -13,15 +16,32 @@ export PYTHONUNBUFFERED=1
 START=$SECONDS
 DEST=${OUT:-out/gpu}
 mkdir -p "$DEST"
+if [ "${PROFILE:-0}" = 1 ]; then
+  timeout "${PROFILE_S:-120}" python scripts/profile_study_steps.py --variants "${PROFILE_VARIANTS:-dense,msa,dsa,csa,nsa,moba}" \
+    --steps 10 --out "$DEST/profile_study_steps_h200.json" 2>&1 | grep -v "Warning\|warn\|USDT\|profiler"
+fi
 TESTS=${TESTS:-"tests/test_index_kl_gather.py tests/test_quality_study.py"}  # fla autotunes: its tests need a call of their own
 if [ "$TESTS" != none ]; then
   # shellcheck disable=SC2086
-  timeout 240 python -m pytest -q -p no:cacheprovider -m gpu $TESTS 2>&1 | tail -n 15
+  timeout "${TESTS_S:-240}" python -m pytest -q -p no:cacheprovider -m gpu $TESTS 2>&1 | tail -n 15
 fi
+MPS_ON=0
+if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d && timeout 60 python -c "import torch; assert torch.ones(4, device='cuda').sum().item() == 4"; then
+    MPS_ON=1
+  else
+    echo quit | nvidia-cuda-mps-control 2>/dev/null
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+fi
+echo "== MPS asked ${MPS:-0}, on $MPS_ON (control: $(command -v nvidia-cuda-mps-control || echo none))"
 LEFT=$(( ${CALL_S:-560} - (SECONDS - START) - 20 ))
 echo "== study: $LEFT s"
 python examples/quality_study.py --card h200 --jobs "${JOBS:-10}" --time-limit "$LEFT" \
-  ${VARIANTS:+--variants "$VARIANTS"} ${TASKS:+--tasks "$TASKS"} --results "$DEST" 2>&1 | tail -n 60
+  ${VARIANTS:+--variants "$VARIANTS"} ${TASKS:+--tasks "$TASKS"} ${SEEDS:+--seeds "$SEEDS"} ${FIRST:+--first "$FIRST"} --results "$DEST" 2>&1 | tail -n 80
+[ "$MPS_ON" = 1 ] && { echo quit | nvidia-cuda-mps-control; cat /tmp/mps_log/control.log 2>/dev/null | tail -n 5; }
 find runs/quality_study_h200 \( -name train.json -o -name train.log -o -name metrics.jsonl \) \
   | tar czf "$DEST/quality_runs.tgz" -T -
 echo "== done in $((SECONDS - START)) s"

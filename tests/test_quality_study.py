@@ -159,6 +159,42 @@ def test_smoke_pipeline_end_to_end_then_resume_skips_everything(tmp_path):
     assert again["ran"] == [] and again["records"] == first["records"]
     with pytest.raises(SystemExit, match="trained with other settings"):  # never mixes two settings
         study.main([*args, "--steps", "5"])
+    assert (tmp_path / "quality_study_smoke_training.png").is_file()
+    assert {(s["variant"], s["task"]) for s in report["stage_losses"]} == {
+        (v, t) for v in card["variants"] for t in card["tasks"]
+    }
+    (tmp_path / "jobs" / "msa" / "mqar" / "seed1" / "train.json").unlink()  # one job not finished
+    only = study.main(["--card", "smoke", "--report-only", "--out", str(tmp_path / "jobs"), "--results", str(tmp_path)])
+    assert only["ran"] == [] and only["missing"] == ["msa/mqar/seed1"]
+    assert json.loads((tmp_path / "quality_study_smoke.json").read_text())["device"] == "CPU"  # recorded by the jobs
+
+
+def test_report_only_asks_for_the_device_of_jobs_that_do_not_record_it(tmp_path):
+    job = tmp_path / "dense" / "mqar" / "seed0"
+    job.mkdir(parents=True)
+    (job / "train.json").write_text(json.dumps({"accuracy": {"128": 1.0}, "history": []}))
+    with pytest.raises(SystemExit, match="--device-name"):
+        study.main(["--card", "smoke", "--report-only", "--out", str(tmp_path), "--results", str(tmp_path)])
+
+
+def test_reads_every_key_marks_lengths_the_budget_covers():
+    card = study.CARDS["h200"]  # 1024 free keys: 16 blocks of 64 (+ own / + 3 forced), 1024 tokens, 256 entries of 4
+    covered = {
+        v: [L for L in (128, 512, 1024, 2048, 8192) if study.reads_every_key(card, v, L)] for v in card["variants"]
+    }
+    assert covered["dense"] == [128, 512, 1024, 2048, 8192]
+    assert covered["msa"] == covered["moba"] == covered["dsa"] == covered["csa"] == covered["nsa"] == [128, 512, 1024]
+    assert study.reads_every_key(card, "gdn", 128) is None
+
+
+def test_stage_losses_average_the_tail_of_each_stage_over_seeds():
+    card = {**study.CARDS["smoke"], "curriculum": [[64, 4]], "steps": 8}  # stages end at steps 4 and 8
+    history = lambda offset: [{"step": s, "lm_loss": float(s + offset)} for s in range(8)]
+    results = {"dense/mqar/seed0": {"history": history(0)}, "dense/mqar/seed1": {"history": history(2)}}
+    (row,) = study.stage_losses(card, results, tail=2)
+    assert row["seeds"] == 2
+    assert [st["length"] for st in row["stages"]] == [64, card["train_len"]]
+    assert [st["loss"] for st in row["stages"]] == [pytest.approx(3.5), pytest.approx(7.5)]  # (2.5, 4.5), (6.5, 8.5)
 
 
 def test_linear_prewarm_covers_every_training_and_evaluation_shape():
@@ -223,6 +259,19 @@ def test_study_runner_schedules_by_time_left_and_reports_every_job(tmp_path):
     assert [n for n, _ in launched][0] == "d/mqar/seed0"  # the longest estimate that fits starts first
     assert all(limit <= 4.0 for _, limit in launched)  # each worker's limit is the time left at its start
     assert set(status) == set(names)
+
+
+def test_study_runner_starts_the_first_variants_then_goes_seed_by_seed(tmp_path):
+    names = ["a/mqar/seed0", "a/mqar/seed1", "b/mqar/seed0", "b/mqar/seed1", "c/mqar/seed1"]
+    for n in names:
+        (tmp_path / n).mkdir(parents=True)
+    specs = {n: {"run": {"train": {"time_limit_s": None}}} for n in names}
+    launch, launched = fake_launcher({n: (0.05, 0) for n in names})
+    estimates = {"a": 1.0, "b": 2.0, "c": 0.5}
+    t_end = time.perf_counter() + 10.0
+    status = study.run_study_jobs(specs, tmp_path, 1, t_end, estimates, launcher=launch, poll_s=0.02, first=("c",))
+    assert [n for n, _ in launched] == ["c/mqar/seed1", "b/mqar/seed0", "a/mqar/seed0", "b/mqar/seed1", "a/mqar/seed1"]
+    assert set(status.values()) == {"done"}
 
 
 def test_study_runner_learns_durations_from_finished_jobs(tmp_path):
