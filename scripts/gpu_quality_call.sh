@@ -8,6 +8,9 @@
 # MPS=1 runs the jobs under an MPS daemon (kernels of several processes then share the GPU at once instead
 # of taking turns), if the machine has one and a test process runs under it; the log says which.
 # PROFILE=1 times one training step per variant, alone, before the jobs (scripts/profile_study_steps.py).
+# KEEP_TRITON_CACHE=1 keeps Triton's cache (compiled kernels, fla's autotuning results) in .triton_cache/
+# and packs it into $OUT/triton_cache.tgz (if under 40 MB): unpack it in the repository root and carry
+# ".triton_cache" so the next fresh machine neither compiles nor autotunes again (that took ~190 s of a call).
 # Unpack the archive into the repository root afterwards (tar xzf quality_runs.tgz); runs/ is git-ignored, so
 # the device tool's call must carry it (carry: ["runs", ".whl"]) for the next call to skip those jobs.
 set -u
@@ -16,6 +19,11 @@ export PYTHONUNBUFFERED=1
 START=$SECONDS
 DEST=${OUT:-out/gpu}
 mkdir -p "$DEST"
+if [ "${KEEP_TRITON_CACHE:-0}" = 1 ]; then
+  export TRITON_CACHE_DIR=$PWD/.triton_cache
+  mkdir -p "$TRITON_CACHE_DIR"
+  echo "== Triton cache: $(du -sh "$TRITON_CACHE_DIR" | cut -f1) carried in"
+fi
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout "${PROFILE_S:-120}" python scripts/profile_study_steps.py --variants "${PROFILE_VARIANTS:-dense,msa,dsa,csa,nsa,moba}" \
     --steps 10 --out "$DEST/profile_study_steps_h200.json" 2>&1 | grep -v "Warning\|warn\|USDT\|profiler"
@@ -44,4 +52,12 @@ python examples/quality_study.py --card h200 --jobs "${JOBS:-10}" --time-limit "
 [ "$MPS_ON" = 1 ] && { echo quit | nvidia-cuda-mps-control; cat /tmp/mps_log/control.log 2>/dev/null | tail -n 5; }
 find runs/quality_study_h200 \( -name train.json -o -name train.log -o -name metrics.jsonl \) \
   | tar czf "$DEST/quality_runs.tgz" -T -
+if [ "${KEEP_TRITON_CACHE:-0}" = 1 ]; then
+  size_mb=$(du -sm .triton_cache | cut -f1)
+  if [ "$size_mb" -lt 40 ]; then
+    tar czf "$DEST/triton_cache.tgz" .triton_cache && echo "== Triton cache: ${size_mb} MB packed"
+  else
+    echo "== Triton cache: ${size_mb} MB, too large to bring back; not packed"
+  fi
+fi
 echo "== done in $((SECONDS - START)) s"
