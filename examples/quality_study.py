@@ -659,9 +659,9 @@ def run_study_jobs(
 ) -> dict[str, str]:
     """Train the jobs, `jobs` at a time, by the call's end `t_end` (time.perf_counter()); returns each job's
     status ("done", or why not). The variants in `first` start before the others; then seed by seed (every
-    variant gets a row before any gets its last seed), the longest jobs first; a job starts only if it can
-    finish in the time left: its variant's mean duration among this call's finished jobs, else `estimates[variant]`. Each
-    worker gets the time left (less STOP_MARGIN_S) as its training limit, so it stops and saves a checkpoint
+    variant gets a row before any gets its last seed), the longest jobs first. A job starts only if it can
+    finish in the time left: its variant's mean duration among this call's finished jobs, else
+    `estimates[variant]`. Each worker gets the time left (less STOP_MARGIN_S) as its training limit, so it stops and saves a checkpoint
     before the end; one still running at the end is killed. The caller writes the report whatever happens."""
     launcher = launcher or launch
     variant = lambda name: name.split("/")[0]
@@ -776,6 +776,9 @@ def main(argv=None) -> dict:
         )
     if "dense" not in card["variants"]:
         raise SystemExit("--variants must include dense (the paired baseline)")
+    first = tuple(v for v in args.first.split(",") if v)
+    if set(first) - set(card["variants"]):
+        raise SystemExit(f"--first: {sorted(set(first) - set(card['variants']))} not among {card['variants']}")
     out = args.out or REPO / "runs" / f"quality_study_{args.card}"
     t_end = time.perf_counter() + args.time_limit
     names = [job_name(v, t, s) for v in card["variants"] for t in card["tasks"] for s in card["seeds"]]
@@ -790,19 +793,14 @@ def main(argv=None) -> dict:
     for name in todo:
         (out / name).mkdir(parents=True, exist_ok=True)
         specs[name] = {"job": name, "run": runs[name], "card": card, "deterministic": not args.no_deterministic}
-    if args.report_only:
-        pass
-    elif args.jobs == 0:  # in this process (the smoke test): one after another
+    if args.jobs == 0 and not args.report_only:  # in this process (the smoke test): one after another
         for name, spec in specs.items():
             spec["run"]["train"]["time_limit_s"] = max(1.0, t_end - time.perf_counter())
             result = train_worker(spec)
             if not result.get("unfinished"):
                 (out / name / "train.json").write_text(json.dumps(result, indent=1))
-    else:
+    elif specs:
         prewarm_linear(card, {name.split("/")[0] for name in specs})
-        first = tuple(v for v in args.first.split(",") if v)
-        if set(first) - set(card["variants"]):
-            raise SystemExit(f"--first: {sorted(set(first) - set(card['variants']))} not among {card['variants']}")
         status = run_study_jobs(specs, out, args.jobs, t_end, card.get("job_seconds", {}), first=first)
         not_done = {n: why for n, why in status.items() if why != "done"}
         if not_done:
