@@ -602,9 +602,10 @@ def linear_shapes(card: dict) -> tuple[list[tuple[int, int]], list[tuple[int, in
 
 def prewarm_linear(card: dict, variants: set[str]) -> None:
     """Run each linear variant's layer once at every shape its jobs will see, so fla's Triton autotuning
-    happens here, once, with the GPU to itself: its results go to Triton's on-disk cache (fla turns
-    `cache_results` on), where every worker finds them instead of autotuning again under contention
-    (on an H200 that made lightning stall in evaluation and gdn take 1.1 s per step at 8k)."""
+    happens here, once, instead of in every worker (on an H200 that made lightning stall in evaluation and
+    gdn take 1.1 s per step at 8k): its results go to Triton's on-disk cache (fla turns `cache_results` on),
+    where the workers find them. The study runs it in a process of its own (`start_prewarm`) beside the
+    other variants' jobs, and holds the linear jobs until it is done."""
     todo = sorted(variants & set(LINEAR))
     if not todo or not torch.cuda.is_available():
         return
@@ -636,8 +637,9 @@ def launch(kind: str, spec_path: Path, log_path: Path):
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    flag = {"train": "--worker", "prewarm": "--prewarm"}[kind]
     return subprocess.Popen(
-        [sys.executable, __file__, "--worker", str(spec_path)],
+        [sys.executable, __file__, flag, str(spec_path)],
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
         env=env,
@@ -645,6 +647,18 @@ def launch(kind: str, spec_path: Path, log_path: Path):
 
 
 STOP_MARGIN_S = 30  # a worker stops training this long before the call's end, to save its checkpoint
+
+
+def start_prewarm(card: dict, variants: set[str], out: Path, launcher=None):
+    """`prewarm_linear` in a process of its own for the linear variants among `variants` (None if there
+    are none, or no GPU)."""
+    todo = sorted(variants & set(LINEAR))
+    if not todo or not torch.cuda.is_available():
+        return None
+    path = out / "prewarm.json"
+    path.write_text(json.dumps({"card": card, "variants": todo}, indent=1))
+    print(f"[prewarm] started for {todo}; their jobs wait for it", flush=True)
+    return (launcher or launch)("prewarm", path, out / "prewarm.log")
 
 
 def run_study_jobs(
@@ -656,13 +670,16 @@ def run_study_jobs(
     launcher=None,
     poll_s: float = 0.5,
     first: tuple[str, ...] = (),
+    ready=None,
 ) -> dict[str, str]:
     """Train the jobs, `jobs` at a time, by the call's end `t_end` (time.perf_counter()); returns each job's
     status ("done", or why not). The variants in `first` start before the others; then seed by seed (every
     variant gets a row before any gets its last seed), the longest jobs first. A job starts only if it can
-    finish in the time left: its variant's mean duration among this call's finished jobs, else
-    `estimates[variant]`. Each worker gets the time left (less STOP_MARGIN_S) as its training limit, so it stops and saves a checkpoint
-    before the end; one still running at the end is killed. The caller writes the report whatever happens."""
+    finish in the time left (its variant's mean duration among this call's finished jobs, else
+    `estimates[variant]`) and once `ready(variant)` says so (the linear variants wait for their pre-warm).
+    Each worker gets the time left (less STOP_MARGIN_S) as its training limit, so it stops and saves a
+    checkpoint before the end; one still running at the end is killed. The caller writes the report
+    whatever happens."""
     launcher = launcher or launch
     variant = lambda name: name.split("/")[0]
     pending = sorted(
@@ -672,9 +689,11 @@ def run_study_jobs(
     took: dict[str, list[float]] = {}
     status: dict[str, str] = {}
     need = lambda v: statistics.fmean(took[v]) if took.get(v) else estimates.get(v, 0.0)
+    ready = ready or (lambda v: True)
     while pending or running:
         left = t_end - time.perf_counter()
-        for name in [n for n in pending if need(variant(n)) <= left][: max(0, jobs - len(running))]:
+        fits = [n for n in pending if need(variant(n)) <= left]
+        for name in [n for n in fits if ready(variant(n))][: max(0, jobs - len(running))]:
             pending.remove(name)
             spec = specs[name]
             spec["run"]["train"]["time_limit_s"] = max(1.0, left - STOP_MARGIN_S)
@@ -682,7 +701,7 @@ def run_study_jobs(
             path.write_text(json.dumps(spec, indent=1))
             running[name] = (launcher("train", path, out / name / "train.log"), time.perf_counter())
             print(f"[train] started {name} ({left:.0f} s left)", flush=True)
-        if not running:
+        if not running and all(ready(variant(n)) for n in fits):  # nothing runs, and nothing that fits waits
             for name in pending:
                 status[name] = f"not started: needs about {need(variant(name)):.0f} s, {left:.0f} s were left"
             break
@@ -737,6 +756,7 @@ def parse(argv=None):
     p.add_argument("--device-name", default=None, help="the device of finished jobs that do not record one")
     p.add_argument("--no-deterministic", action="store_true", help="allow non-deterministic kernels")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--prewarm", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.card, args.jobs = "smoke", 0
@@ -745,6 +765,10 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.prewarm:
+        spec = json.loads(Path(args.prewarm).read_text())
+        prewarm_linear(spec["card"], set(spec["variants"]))
+        return {}
     if args.worker:
         spec = json.loads(Path(args.worker).read_text())
         result = train_worker(spec)
@@ -800,8 +824,13 @@ def main(argv=None) -> dict:
             if not result.get("unfinished"):
                 (out / name / "train.json").write_text(json.dumps(result, indent=1))
     elif specs:
-        prewarm_linear(card, {name.split("/")[0] for name in specs})
-        status = run_study_jobs(specs, out, args.jobs, t_end, card.get("job_seconds", {}), first=first)
+        warm = start_prewarm(card, {name.split("/")[0] for name in specs}, out)
+        ready = lambda v: v not in LINEAR or warm is None or warm.poll() is not None
+        try:
+            status = run_study_jobs(specs, out, args.jobs, t_end, card.get("job_seconds", {}), first=first, ready=ready)
+        finally:
+            if warm is not None and warm.poll() is None:
+                warm.kill()
         not_done = {n: why for n, why in status.items() if why != "done"}
         if not_done:
             print("not finished in this call:\n" + "\n".join(f"  {n}: {why}" for n, why in not_done.items()))

@@ -50,7 +50,7 @@ echo "== study: $LEFT s"
 python examples/quality_study.py --card h200 --jobs "${JOBS:-10}" --time-limit "$LEFT" \
   ${VARIANTS:+--variants "$VARIANTS"} ${TASKS:+--tasks "$TASKS"} ${SEEDS:+--seeds "$SEEDS"} ${FIRST:+--first "$FIRST"} --results "$DEST" 2>&1 | tail -n 80
 [ "$MPS_ON" = 1 ] && { echo quit | nvidia-cuda-mps-control; cat /tmp/mps_log/control.log 2>/dev/null | tail -n 5; }
-find runs/quality_study_h200 \( -name train.json -o -name train.log -o -name metrics.jsonl \) \
+find runs/quality_study_h200 \( -name train.json -o -name train.log -o -name metrics.jsonl -o -name prewarm.log \) \
   | tar czf "$DEST/quality_runs.tgz" -T -
 if [ "${KEEP_TRITON_CACHE:-0}" = 1 ]; then
   size_mb=$(du -sm .triton_cache | cut -f1)

@@ -274,6 +274,35 @@ def test_study_runner_starts_the_first_variants_then_goes_seed_by_seed(tmp_path)
     assert set(status.values()) == {"done"}
 
 
+def test_study_runner_holds_jobs_until_their_variant_is_ready(tmp_path):
+    names = ["a/mqar/seed0", "lin/mqar/seed0", "never/mqar/seed0"]
+    for n in names:
+        (tmp_path / n).mkdir(parents=True)
+    specs = {n: {"run": {"train": {"time_limit_s": None}}} for n in names}
+    launch, launched = fake_launcher({n: (0.05, 0) for n in names})
+    opens_at = time.perf_counter() + 0.6  # "lin" waits (like the linear variants for their pre-warm)
+    ready = lambda v: v == "a" or (v == "lin" and time.perf_counter() >= opens_at)
+    t_end = time.perf_counter() + 1.5
+    status = study.run_study_jobs(
+        specs, tmp_path, 4, t_end, {"a": 0.1, "lin": 0.1, "never": 0.1}, launcher=launch, poll_s=0.02, ready=ready
+    )
+    assert [n for n, _ in launched] == ["a/mqar/seed0", "lin/mqar/seed0"]  # "lin" started once ready, after "a"
+    assert status["a/mqar/seed0"] == status["lin/mqar/seed0"] == "done"
+    assert status["never/mqar/seed0"].startswith("not started")  # waited until it no longer fit, then reported
+
+
+def test_prewarm_starts_in_its_own_process_for_the_linear_variants_only(tmp_path, monkeypatch):
+    calls = []
+    launcher = lambda kind, path, log: calls.append((kind, json.loads(path.read_text())["variants"])) or "proc"
+    card = study.CARDS["h200"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert study.start_prewarm(card, {"dense", "msa"}, tmp_path, launcher) is None  # nothing linear: nothing runs
+    assert study.start_prewarm(card, {"dense", "gdn", "lightning"}, tmp_path, launcher) == "proc"
+    assert calls == [("prewarm", ["gdn", "lightning"])]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert study.main(["--prewarm", str(tmp_path / "prewarm.json")]) == {}  # the worker's side: no GPU, nothing to warm
+
+
 def test_study_runner_learns_durations_from_finished_jobs(tmp_path):
     names = ["a/mqar/seed0", "a/mqar/seed1"]
     for n in names:
