@@ -127,7 +127,10 @@ CARDS = {
 # compounds the per-token errors and so sits lower (dense's passkey: 0.95 per token, 0.69-0.78 whole on probes).
 METRIC = {"recall": "token_acc", "needle": "token_acc"}
 ROW_METRIC = "exact"
-TEXT = {"text_path": str(REPO / "docs"), "text_glob": "*.md", "val_fraction": 0.25}  # the passkey's haystack
+# The passkey's haystack: a frozen copy of the repository's docs (docs/*.md as the study's first jobs read them),
+# so that editing the docs does not change the study's data.
+HAYSTACK = REPO / "examples" / "data" / "passkey_haystack"
+TEXT = {"text_path": str(HAYSTACK), "text_glob": "*.md", "val_fraction": 0.25}
 
 
 def equal_budget(
@@ -457,7 +460,7 @@ def write_report(
         f"(first {stages_text(card)}, the same tokens per step); "
         f"seeds {card['seeds']}; {card['eval_samples']} eval samples per length. Accuracy per answer token: each "
         f"mqar query (Zoology's), each passkey token; 'whole rows': rows with every answer right. "
-        f"Passkey haystack: the repository's docs (real prose; no other corpus ships, the GPU is offline).",
+        f"Passkey haystack: a frozen copy of the repository's docs (real prose; no other corpus ships, the GPU is offline).",
         "",
         f"## Budgets: {card['free_keys']} free keys per query "
         f"({card['free_keys'] / card['train_len']:.3f} of the KV at {card['train_len']})",
