@@ -50,8 +50,6 @@ they share tend to hit L2.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -59,6 +57,7 @@ import triton.language as tl
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite
 from sparsezoo.kernels.sparse_attention_triton import _load_rows as _load_tile
 from sparsezoo.kernels.sparse_attention_triton import backward_delta
+from sparsezoo.kernels.sizes import pow2 as _pow2
 
 LOG2E = 1.4426950408889634  # host side: the kernels write log2(e) and ln(2) as literals (@jit reads no plain globals)
 
@@ -71,10 +70,6 @@ LOG2E = 1.4426950408889634  # host side: the kernels write log2(e) and ln(2) as 
 GATHER_CONFIG = {"BN": 64, "num_warps": 4, "num_stages": 3, "bwd_BN": 32, "bwd_warps": 8, "bwd_stages": 2,
                  "SPLITS": 0, "PROGRAMS_PER_SM": 2, "merge_warps": 4, "NF_CHECK": "sum"}
 _INTERPRET_CONFIG = {"BN": 16, "bwd_BN": 16}  # small tiles for the CPU interpreter
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 def split_plan(programs: int, K: int, BN: int, splits: int, n_sms: int, per_sm: int) -> tuple[int, int]:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsezoo.kernels.sparse_attention_triton import _pow2
+from sparsezoo.kernels.sizes import pow2 as _pow2
 
 LOG2E = 1.4426950408889634
 CONFIG = {"BN": 32, "num_warps": 4, "num_stages": 2}

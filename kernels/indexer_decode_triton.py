@@ -56,8 +56,6 @@ and the finish ~8 dependent steps on ~topk + candidates entries plus a few regis
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -65,6 +63,7 @@ import triton.language as tl
 from .indexer_triton import _check_inputs, _float_bin, _key_float, _ordered_key, _pick_bin, _ranked_logits, _relu
 from .indexer_triton import _resolve_config as _rows_config
 from .indexer_triton import _select_triton
+from sparsezoo.kernels.sizes import pow2 as _pow2
 
 # GPU tiling and select knobs (the lead tunes these on the H200).
 CONFIG = {
@@ -361,9 +360,6 @@ def _finish_kernel(BUF, WS, LIST, COUNTS, SCRATCH, OUT, N, T, BH, seg_len, nseg,
 
 
 # ----------------------------------------------------------------------------- launcher
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(int(n), 1))))
 
 
 def _resolve_config(config, device) -> dict:

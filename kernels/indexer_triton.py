@@ -72,6 +72,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsezoo.kernels.sizes import pow2 as _pow2
+
 # GPU tiling and select knobs (the lead tunes these on the H200).
 CONFIG = {
     "topk_mode": "triton",     # 'triton' (radix/threshold select) or 'torch' (torch.topk)
@@ -331,9 +333,6 @@ def _select_kernel(VALS, IDS, NVIS, STATS, OUT, SCRATCH, t0, Tcur, BH, N, seg_le
 
 
 # ----------------------------------------------------------------------------- launcher
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(int(n), 1))))
 
 
 def _check_inputs(q_i, w, k_i, key_end, topk):

@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsezoo.kernels.sizes import pow2 as _pow2
+
 _BIG = tl.constexpr(1 << 30)  # empty slots hold ids _BIG + slot
 _HUGE = tl.constexpr(3 << 29)  # larger than every id: "no id"
 
@@ -72,10 +74,6 @@ MOBA_SELECT_CONFIG = {"ROWS": 128, "TM": 32, "BN": 64, "num_warps": 4, "num_stag
 # Interpreter (CPU tests): small tiles keep them quick.
 _INTERPRET_CONFIG = {"ROWS": 16, "TM": 8, "BN": 16, "MEAN_ROWS": 8, "MEAN_BLOCKS": 32, "MERGE_ROWS": 16,
                      "TARGET_PROGRAMS": 1, "DECODE_BN": 16, "DECODE_TOPK_ELEMS": 256}
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 # ----------------------------------------------------------------------------- block means

@@ -61,14 +61,13 @@ L2-resident workspaces; their cost is mostly launch and latency (~3 us each).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from sparsezoo.kernels.indexer_triton import _ordered_key
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite, zero_rows
+from sparsezoo.kernels.sizes import pow2 as _pow2
 
 LOG2E = 1.4426950408889634
 MAX_NB = 256  # most selection blocks per chunk the geometry may need
@@ -411,9 +410,6 @@ def _combine_kernel(PO1, PL1, PO3, PL3, GATES, OUT, LSE, T, Hkv, n1, n_sel, n3,
 
 
 # ----------------------------------------------------------------------------- launcher
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 def chunk_geometry(block_len: int, stride: int, sel_block: int, nb: int, be: int) -> tuple[int, int, int, int]:

@@ -50,13 +50,12 @@ queries); partial LSEs fp32 [lse_splits, B, Hq, T]. No host syncs: capturable in
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from sparsezoo.kernels.indexer_triton import _ordered_key, _select_triton, stats_init
+from sparsezoo.kernels.sizes import pow2 as _pow2
 
 LOG2E = 1.4426950408889634
 MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride needs big chunks)
@@ -254,9 +253,6 @@ def _importance_kernel(Q, KC, LSE, BUF, STATS, t0, Tcur, T, S, Sc, n_blocks, Hkv
 
 
 # ----------------------------------------------------------------------------- launcher
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 def _n_visible_host(pos: int, Sc: int, block_len: int, stride: int) -> int:

@@ -17,13 +17,12 @@ values).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from sparsezoo.kernels.nonfinite import max_keep_nan
+from sparsezoo.kernels.sizes import pow2 as _pow2
 
 
 _BIG = tl.constexpr(1 << 30)
@@ -119,10 +118,6 @@ def _select_kernel(Q, K, OUT, T, S, H, scale,
                  mask=row_ok[:, None] & (c[None, :] >= n_valid[:, None]) & (c[None, :] < KOUT))
     else:
         tl.store(o_base, (probe > 0).to(tl.int32), mask=row_ok)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 def _key_tile(block_size: int, want: int) -> int:

@@ -41,13 +41,12 @@ Backward: delta = rowsum(dO * O) (minus dLSE), then
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows
+from sparsezoo.kernels.sizes import pow2 as _pow2
 
 LOG2E = 1.4426950408889634
 
@@ -64,10 +63,6 @@ UNION_MAX_W = 8192  # _union_kernel holds a tile's TM * k ids in registers; wide
 _KEY_LIST_CHUNK = 1 << 24  # dK/dV work entries transposed at once by key_block_lists
 FLAG_TILES = 16  # tiles per program of _tile_bad_kernel
 CHECKED_PROGRAMS_PER_SM = 2  # persistent grid of the checked kernels (an empty queue: one load each)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 def resolve_config(G: int, config: dict | None = None) -> dict:
