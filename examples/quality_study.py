@@ -387,11 +387,10 @@ def records(card_name: str, card: dict, results: dict[str, dict]) -> list[dict]:
 
 def stage_ends(card: dict) -> list[tuple[int, int]]:
     """(length, first step after it) for each stage of training, the last at the training length."""
-    out, end = [], 0
-    for length, steps in card["curriculum"]:
-        end += steps
-        out.append((length, end))
-    return [*out, (card["train_len"], card["steps"])]
+    from sparsezoo.models.data import DataConfig
+
+    data = DataConfig.from_dict({"seq_len": card["train_len"], "curriculum": card["curriculum"]})
+    return [*data.stage_ends(), (card["train_len"], card["steps"])]
 
 
 def reads_every_key(card: dict, variant: str, length: int) -> bool | None:
@@ -834,6 +833,9 @@ def main(argv=None) -> dict:
         finally:
             if warm is not None and warm.poll() is None:
                 warm.kill()
+                print("[prewarm] still running at the call's end: stopped", flush=True)
+            elif warm is not None and warm.returncode:  # the linear jobs then autotuned for themselves
+                print(f"[prewarm] failed (exit code {warm.returncode}); see {out / 'prewarm.log'}", flush=True)
         not_done = {n: why for n, why in status.items() if why != "done"}
         if not_done:
             print("not finished in this call:\n" + "\n".join(f"  {n}: {why}" for n, why in not_done.items()))
