@@ -53,7 +53,9 @@ def profile(variant: str, card: dict, lengths: list[int], steps: int, task: str)
     tokens = card["batch"] * card["train_len"]
     out = []
     for length in lengths:
-        data = Data(DataConfig.from_dict({**run["data"], "seq_len": length, "curriculum": None}), 1024, seed=0)
+        data = Data(
+            DataConfig.from_dict({**run["data"], "seq_len": length, "curriculum": None}), model_cfg.vocab_size, seed=0
+        )
         rows = tokens // length
         t0 = time.perf_counter()
         batches = [data.train_batch(i, rows, 0, dev)[1:] for i in range(steps)]
