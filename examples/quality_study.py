@@ -78,9 +78,9 @@ CARDS = {
         # seconds per job, for scheduling until this call has timed its own: measured on an H200 under MPS
         # (docs/quality.md, "Cost"): dense 74-82 s (10 at once), DSA 475-500 s (beside 10 MSA jobs), MSA
         # 545 s beside DSA and about 200 s without it, CSA 315-330 s, MoBA about 215 s, lightning 95-155 s
-        # (24 at once), NSA 160 s (4 at once; 24 at once it reached step 1,500 in 360 s). gdn: a guess (it
-        # reached step 800, all at 2k or shorter, in 360 s with 24 at once). A job whose estimate exceeds a
-        # call never starts.
+        # (24 at once), NSA 160 s (4 at once; 24 at once it reached step 1,500 in 360 s). gdn: a guess (it trains
+        # on the chunked PyTorch reference where fla refuses its backward, Hopper with Triton < 3.7.1). A job
+        # whose estimate exceeds a call never starts.
         "job_seconds": {
             "dense": 80,
             "msa": 200,
@@ -89,7 +89,7 @@ CARDS = {
             "nsa": 160,
             "dsa": 480,
             "lightning": 160,
-            "gdn": 480,
+            "gdn": 300,
         },
     },
     "smoke": {
@@ -636,9 +636,13 @@ def prewarm_linear(card: dict, variants: set[str]) -> None:
 
 
 def launch(kind: str, spec_path: Path, log_path: Path):
+    """A worker process for one spec; a spec naming a `triton_cache_dir` gets it as Triton's cache."""
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cache = json.loads(spec_path.read_text()).get("triton_cache_dir")
+    if cache:
+        env["TRITON_CACHE_DIR"] = cache
     flag = {"train": "--worker", "prewarm": "--prewarm"}[kind]
     return subprocess.Popen(
         [sys.executable, __file__, flag, str(spec_path)],
@@ -651,14 +655,14 @@ def launch(kind: str, spec_path: Path, log_path: Path):
 STOP_MARGIN_S = 30  # a worker stops training this long before the call's end, to save its checkpoint
 
 
-def start_prewarm(card: dict, variants: set[str], out: Path, launcher=None):
+def start_prewarm(card: dict, variants: set[str], out: Path, launcher=None, triton_cache_dir: str | None = None):
     """`prewarm_linear` in a process of its own for the linear variants among `variants` (None if there
-    are none, or no GPU)."""
+    are none, or no GPU), with `triton_cache_dir` as Triton's cache if given."""
     todo = sorted(variants & set(LINEAR))
     if not todo or not torch.cuda.is_available():
         return None
     path = out / "prewarm.json"
-    path.write_text(json.dumps({"card": card, "variants": todo}, indent=1))
+    path.write_text(json.dumps({"card": card, "variants": todo, "triton_cache_dir": triton_cache_dir}, indent=1))
     print(f"[prewarm] started for {todo}; their jobs wait for it", flush=True)
     return (launcher or launch)("prewarm", path, out / "prewarm.log")
 
@@ -757,6 +761,13 @@ def parse(argv=None):
     )
     p.add_argument("--device-name", default=None, help="the device of finished jobs that do not record one")
     p.add_argument("--no-deterministic", action="store_true", help="allow non-deterministic kernels")
+    p.add_argument(
+        "--linear-triton-cache",
+        type=Path,
+        default=None,
+        help="Triton's cache for the pre-warm and the linear variants' jobs only (fla's compiled and autotuned "
+        "kernels), apart from the other jobs' kernels, so that it stays small enough to carry to the next machine",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--prewarm", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -819,6 +830,8 @@ def main(argv=None) -> dict:
     for name in todo:
         (out / name).mkdir(parents=True, exist_ok=True)
         specs[name] = {"job": name, "run": runs[name], "card": card, "deterministic": not args.no_deterministic}
+        if args.linear_triton_cache and name.split("/")[0] in LINEAR:
+            specs[name]["triton_cache_dir"] = str(args.linear_triton_cache.resolve())
     if args.jobs == 0 and not args.report_only:  # in this process (the smoke test): one after another
         for name, spec in specs.items():
             spec["run"]["train"]["time_limit_s"] = max(1.0, t_end - time.perf_counter())
@@ -826,7 +839,8 @@ def main(argv=None) -> dict:
             if not result.get("unfinished"):
                 (out / name / "train.json").write_text(json.dumps(result, indent=1))
     elif specs:
-        warm = start_prewarm(card, {name.split("/")[0] for name in specs}, out)
+        cache = str(args.linear_triton_cache.resolve()) if args.linear_triton_cache else None
+        warm = start_prewarm(card, {name.split("/")[0] for name in specs}, out, triton_cache_dir=cache)
         ready = lambda v: v not in LINEAR or warm is None or warm.poll() is not None
         try:
             status = run_study_jobs(specs, out, args.jobs, t_end, card.get("job_seconds", {}), first=first, ready=ready)

@@ -8,9 +8,12 @@
 # MPS=1 runs the jobs under an MPS daemon (kernels of several processes then share the GPU at once instead
 # of taking turns), if the machine has one and a test process runs under it; the log says which.
 # PROFILE=1 times one training step per variant, alone, before the jobs (scripts/profile_study_steps.py).
-# KEEP_TRITON_CACHE=1 keeps Triton's cache (compiled kernels, fla's autotuning results) in .triton_cache/
-# and packs it into $OUT/triton_cache.tgz (if under 40 MB): unpack it in the repository root and carry
-# ".triton_cache" so the next fresh machine neither compiles nor autotunes again (that took ~190 s of a call).
+# KEEP_TRITON_CACHE=1 keeps the Triton cache of the linear variants' pre-warm and jobs (fla's compiled kernels and
+# autotuning results) in .triton_cache/, starting from .triton_cache.tgz if the call carried one, and packs it
+# into $OUT/triton_cache.tgz (in 15 MB parts, triton_cache.tgz.part-aa, -ab, ..., if larger). Join the parts
+# into .triton_cache.tgz in the repository root and carry it: the next fresh machine then neither compiles nor
+# autotunes fla's kernels again (that took ~190 s of a call).
+# TESTS_BG=1 runs the GPU tests beside the study's jobs (under MPS if it is on) instead of before them.
 # Unpack the archive into the repository root afterwards (tar xzf quality_runs.tgz); runs/ is git-ignored, so
 # the device tool's call must carry it (carry: ["runs", ".whl"]) for the next call to skip those jobs.
 set -u
@@ -19,19 +22,24 @@ export PYTHONUNBUFFERED=1
 START=$SECONDS
 DEST=${OUT:-out/gpu}
 mkdir -p "$DEST"
+CACHE_ARGS=()
 if [ "${KEEP_TRITON_CACHE:-0}" = 1 ]; then
-  export TRITON_CACHE_DIR=$PWD/.triton_cache
-  mkdir -p "$TRITON_CACHE_DIR"
-  echo "== Triton cache: $(du -sh "$TRITON_CACHE_DIR" | cut -f1) carried in"
+  mkdir -p .triton_cache
+  [ -f .triton_cache.tgz ] && tar xzf .triton_cache.tgz
+  echo "== Triton cache of the linear variants: $(du -sh .triton_cache | cut -f1) carried in"
+  CACHE_ARGS=(--linear-triton-cache .triton_cache)
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout "${PROFILE_S:-120}" python scripts/profile_study_steps.py --variants "${PROFILE_VARIANTS:-dense,msa,dsa,csa,nsa,moba}" \
     --steps 10 --out "$DEST/profile_study_steps_h200.json" 2>&1 | grep -v "Warning\|warn\|USDT\|profiler"
 fi
 TESTS=${TESTS:-"tests/test_index_kl_gather.py tests/test_quality_study.py"}  # fla autotunes: its tests need a call of their own
-if [ "$TESTS" != none ]; then
+run_tests() {
   # shellcheck disable=SC2086
   timeout "${TESTS_S:-240}" python -m pytest -q -p no:cacheprovider -m gpu $TESTS 2>&1 | tail -n 15
+}
+if [ "$TESTS" != none ] && [ "${TESTS_BG:-0}" != 1 ]; then
+  run_tests
 fi
 MPS_ON=0
 if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
@@ -45,19 +53,31 @@ if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
   fi
 fi
 echo "== MPS asked ${MPS:-0}, on $MPS_ON (control: $(command -v nvidia-cuda-mps-control || echo none))"
+if [ "$TESTS" != none ] && [ "${TESTS_BG:-0}" = 1 ]; then
+  run_tests > "$DEST/gpu_tests.log" 2>&1 &
+  TESTS_PID=$!
+fi
 LEFT=$(( ${CALL_S:-560} - (SECONDS - START) - 20 ))
 echo "== study: $LEFT s"
-python examples/quality_study.py --card h200 --jobs "${JOBS:-10}" --time-limit "$LEFT" \
-  ${VARIANTS:+--variants "$VARIANTS"} ${TASKS:+--tasks "$TASKS"} ${SEEDS:+--seeds "$SEEDS"} ${FIRST:+--first "$FIRST"} --results "$DEST" 2>&1 | tail -n 80
+python examples/quality_study.py --card h200 --jobs "${JOBS:-10}" --time-limit "$LEFT" "${CACHE_ARGS[@]}" \
+  ${VARIANTS:+--variants "$VARIANTS"} ${TASKS:+--tasks "$TASKS"} ${SEEDS:+--seeds "$SEEDS"} ${FIRST:+--first "$FIRST"} --results /tmp/study_report 2>&1 | tail -n 80
+cp /tmp/study_report/quality_study_h200.md "$DEST/"  # the rest is rebuilt here with --report-only (8 files come back)
+if [ -n "${TESTS_PID:-}" ]; then
+  wait "$TESTS_PID"
+  echo "== GPU tests (beside the study):"
+  cat "$DEST/gpu_tests.log"
+fi
 [ "$MPS_ON" = 1 ] && { echo quit | nvidia-cuda-mps-control; cat /tmp/mps_log/control.log 2>/dev/null | tail -n 5; }
 find runs/quality_study_h200 \( -name train.json -o -name train.log -o -name metrics.jsonl -o -name prewarm.log \) \
   | tar czf "$DEST/quality_runs.tgz" -T -
 if [ "${KEEP_TRITON_CACHE:-0}" = 1 ]; then
-  size_mb=$(du -sm .triton_cache | cut -f1)
-  if [ "$size_mb" -lt 40 ]; then
-    tar czf "$DEST/triton_cache.tgz" .triton_cache && echo "== Triton cache: ${size_mb} MB packed"
+  tar czf /tmp/triton_cache.tgz .triton_cache
+  size_mb=$(du -m /tmp/triton_cache.tgz | cut -f1)
+  if [ "$size_mb" -le 45 ]; then  # the device brings back 16 MB a file, 64 MB in all
+    split -b 15M /tmp/triton_cache.tgz "$DEST/triton_cache.tgz.part-"
+    echo "== Triton cache of the linear variants: $(du -sh .triton_cache | cut -f1), packed in ${size_mb} MB"
   else
-    echo "== Triton cache: ${size_mb} MB, too large to bring back; not packed"
+    echo "== Triton cache of the linear variants: ${size_mb} MB packed, too large to bring back"
   fi
 fi
 echo "== done in $((SECONDS - START)) s"

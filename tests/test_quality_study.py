@@ -303,6 +303,19 @@ def test_prewarm_starts_in_its_own_process_for_the_linear_variants_only(tmp_path
     assert study.main(["--prewarm", str(tmp_path / "prewarm.json")]) == {}  # the worker's side: no GPU, nothing to warm
 
 
+def test_a_spec_naming_a_triton_cache_gets_it_in_its_workers_environment(tmp_path, monkeypatch):
+    import subprocess
+
+    seen = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, stdout, stderr, env: seen.append(env.get("TRITON_CACHE_DIR")))
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")
+    for cache in ["/kept/cache", None]:
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps({"job": "gdn/mqar/seed0", "triton_cache_dir": cache}))
+        study.launch("train", spec, tmp_path / "log")
+    assert seen == ["/kept/cache", "/elsewhere"]  # the other jobs keep the cache they had
+
+
 def test_study_runner_learns_durations_from_finished_jobs(tmp_path):
     names = ["a/mqar/seed0", "a/mqar/seed1"]
     for n in names:
