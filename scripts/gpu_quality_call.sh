@@ -13,7 +13,8 @@
 # into $OUT/triton_cache.tgz (in 15 MB parts, triton_cache.tgz.part-aa, -ab, ..., if larger). Join the parts
 # into .triton_cache.tgz in the repository root and carry it: the next fresh machine then neither compiles nor
 # autotunes fla's kernels again (that took ~190 s of a call).
-# TESTS_BG=1 runs the GPU tests beside the study's jobs (under MPS if it is on) instead of before them.
+# TESTS_BG=1 runs the GPU tests beside the study's jobs (under MPS if it is on) instead of before them. The tests
+# share the linear variants' kept cache, where there is one.
 # Unpack the archive into the repository root afterwards (tar xzf quality_runs.tgz); runs/ is git-ignored, so
 # the device tool's call must carry it (carry: ["runs", ".whl"]) for the next call to skip those jobs.
 set -u
@@ -36,7 +37,7 @@ fi
 TESTS=${TESTS:-"tests/test_index_kl_gather.py tests/test_quality_study.py"}  # fla autotunes: its tests need a call of their own
 run_tests() {
   # shellcheck disable=SC2086
-  timeout "${TESTS_S:-240}" python -m pytest -q -p no:cacheprovider -m gpu $TESTS 2>&1 | tail -n 15
+  TRITON_CACHE_DIR=${CACHE_ARGS[1]:-${TRITON_CACHE_DIR:-}} timeout "${TESTS_S:-240}" python -m pytest -q -p no:cacheprovider -m gpu $TESTS 2>&1 | tail -n 15
 }
 if [ "$TESTS" != none ] && [ "${TESTS_BG:-0}" != 1 ]; then
   run_tests
