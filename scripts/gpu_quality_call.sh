@@ -36,8 +36,10 @@ if [ "${PROFILE:-0}" = 1 ]; then
 fi
 TESTS=${TESTS:-"tests/test_index_kl_gather.py tests/test_quality_study.py"}  # fla autotunes: its tests need a call of their own
 run_tests() {
+  local cache=()
+  [ "${KEEP_TRITON_CACHE:-0}" = 1 ] && cache=(env "TRITON_CACHE_DIR=$PWD/.triton_cache")
   # shellcheck disable=SC2086
-  TRITON_CACHE_DIR=${CACHE_ARGS[1]:-${TRITON_CACHE_DIR:-}} timeout "${TESTS_S:-240}" python -m pytest -q -p no:cacheprovider -m gpu $TESTS 2>&1 | tail -n 15
+  "${cache[@]}" timeout "${TESTS_S:-240}" python -m pytest -q -p no:cacheprovider -m gpu $TESTS 2>&1 | tail -n 15
 }
 if [ "$TESTS" != none ] && [ "${TESTS_BG:-0}" != 1 ]; then
   run_tests
