@@ -295,7 +295,7 @@ def test_modules_on_fla_match_the_reference_on_gpu(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", LINEAR)
 def test_modules_train_under_bf16_autocast_on_gpu(name):
-    """The trainer's setting: fp32 weights under CUDA bf16 autocast, forward and backward on fla (autocast runs
+    """The trainer's setting: fp32 weights under CUDA bf16 autocast, forward and backward on fla where it runs (autocast runs
     some reductions in fp32; the kernels need q, k and v in one dtype)."""
     torch.manual_seed(0)
     cfg = {"variant": name, "d_model": 256, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64}
@@ -304,7 +304,8 @@ def test_modules_train_under_bf16_autocast_on_gpu(name):
     with torch.autocast("cuda", dtype=torch.bfloat16), ops.track_implementations() as used:
         out = layer(x)
     out.float().square().mean().backward()
-    assert set(used.values()) == {"triton"}
+    refused = name == "gdn" and fla_kernels.gated_backward_refused()  # Hopper with Triton < 3.7.1: fla's backward
+    assert set(used.values()) == ({"reference"} if refused else {"triton"})  # is wrong there; auto says so
     assert torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
 
