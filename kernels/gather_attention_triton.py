@@ -42,6 +42,9 @@ popular keys (sinks, the local window) serialise at L2; this, not the dots, boun
 fp32 atomic sums make dK/dV run-to-run nondeterministic in the last bits. A key-major pass (transpose
 the selection, accumulate dK/dV in registers, as sparse_attention_triton does) would remove them.
 
+Shared K = V (DeepSeek-V4's MQA entries; v is k's memory, and v2 is k2's): the kernels gather each row
+once and use it as key and value (constexpr SHARED).
+
 GPU bottleneck (forward): gathers. A row of K+V (4 * D bytes in bf16) feeds 4 * G * D flops, G = 16
 gives ~16 flop/byte, far below the tensor cores' balance point, so the kernel is bound by L2/HBM
 gather bandwidth; neighbouring tokens' programs run together (token is the fastest grid axis) so rows
@@ -130,7 +133,7 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_s
                 sib, sih, sit, sob, soh, sot, sod, slb, slh, slt,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                 SPLIT: tl.constexpr, PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr,
-                KV_DIV: tl.constexpr, WINDOW: tl.constexpr, NF_SUM: tl.constexpr):
+                KV_DIV: tl.constexpr, WINDOW: tl.constexpr, NF_SUM: tl.constexpr, SHARED: tl.constexpr):
     t = (tl.program_id(0) // n_splits).to(tl.int64)
     sp = tl.program_id(0) % n_splits
     b = tl.program_id(2).to(tl.int64)
@@ -164,7 +167,10 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_s
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = _gather_rows(v_base, v2_base, ids, ok, N, svn, sv2n, d, svd, D, TWO, ALIGNED)
+        if SHARED:  # one K = V pool: the rows just gathered are the values too
+            vt = kt
+        else:
+            vt = _gather_rows(v_base, v2_base, ids, ok, N, svn, sv2n, d, svd, D, TWO, ALIGNED)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
     if NF_SUM:
@@ -221,7 +227,7 @@ def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, QOFF,
                 sib, sih, sit, slb, slh, slt, sdb, sdh, sdn, sdd,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                 PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr, KV_DIV: tl.constexpr,
-                WINDOW: tl.constexpr):
+                WINDOW: tl.constexpr, SHARED: tl.constexpr):
     # q, do, dq share strides (contiguous copies from the wrapper); so do L and DELTA, and DK and DV.
     # N: rows of the first pool, NK: of both. DK, DV hold NK rows: an id addresses its row there, whatever its pool.
     t = tl.program_id(0).to(tl.int64)
@@ -247,7 +253,10 @@ def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, QOFF,
     for start in range(0, KS, BN):
         ids, ok = _key_ids(idx_row, start + kn, KS, NK, QOFF + t, WINDOW)
         kt = _gather_rows(k_base, k2_base, ids, ok, N, skn, sk2n, d, skd, D, TWO, ALIGNED)
-        vt = _gather_rows(v_base, v2_base, ids, ok, N, svn, sv2n, d, svd, D, TWO, ALIGNED)
+        if SHARED:
+            vt = kt
+        else:
+            vt = _gather_rows(v_base, v2_base, ids, ok, N, svn, sv2n, d, svd, D, TWO, ALIGNED)
         live = row_ok[:, None] & ok[None, :]
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         p = tl.where(live, tl.exp2(s - lse2[:, None]), 0.0)
@@ -292,14 +301,24 @@ def _rows_aligned(*pools) -> bool:
                for x in pools)
 
 
+def _same(a, b) -> bool:
+    """a and b are one tensor's memory (V4's shared K = V): same storage, offset, shape and strides."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype)
+
+
 def _pools(k, v, k2, v2):
-    """The key pools as kernel arguments: (k, v, k2, v2, N2, k2 and v2 (b, h, n) strides, flags TWO and
-    ALIGNED). Without a second pool k2, v2 = k, v (never read) and N2 = 0. With one, every pool gets unit
-    column stride (the kernels give both pools one column stride; a copy only for an unusual layout)."""
+    """The key pools as kernel arguments: (k, v, k2, v2, N2, k2 and v2 (b, h, n) strides, flags TWO, ALIGNED
+    and SHARED). Without a second pool k2, v2 = k, v (never read) and N2 = 0. With one, every pool gets unit
+    column stride (the kernels give both pools one column stride; a copy only for an unusual layout).
+    SHARED: v is k's memory (and v2 is k2's), one K = V pool as DeepSeek-V4's: each row is gathered once."""
     if k2 is None:
-        return k, v, k, v, 0, (0,) * 6, dict(TWO=False, ALIGNED=False)
+        return k, v, k, v, 0, (0,) * 6, dict(TWO=False, ALIGNED=False, SHARED=_same(k, v))
+    shared = _same(k, v) and _same(k2, v2)
     k, v, k2, v2 = (x if x.stride(3) == 1 else x.contiguous() for x in (k, v, k2, v2))
-    flags = dict(TWO=True, ALIGNED=_rows_aligned(k, v, k2, v2))
+    if shared:  # one copy each, so the kernels may read the values where they read the keys
+        v, v2 = k, k2
+    flags = dict(TWO=True, ALIGNED=_rows_aligned(k, v, k2, v2), SHARED=shared)
     return k, v, k2, v2, k2.shape[2], (*k2.stride()[:3], *v2.stride()[:3]), flags
 
 

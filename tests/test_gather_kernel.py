@@ -508,3 +508,35 @@ def test_window_slots_equal_an_explicit_window_list(T, splits):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for got, want in zip(results[1], results[2]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("two_pools, window, splits", [(False, 0, 1), (True, 5, 1), (True, 0, 3)])
+def test_one_shared_k_equals_v_pool_equals_separate_copies(two_pools, window, splits):
+    """v is k (and v2 is k2: DeepSeek-V4's K = V entries) gathers each row once (SHARED); the result and the
+    gradient reaching the shared tensor equal those of separate copies (whose k and v gradients add up)."""
+    g = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, T, N, N2, D, K = 2, 4, 2, 3 if splits == 1 else 1, 19, 8, 16, 6
+    q = torch.randn(B, Hq, T, D, generator=g)
+    kv, kv2 = torch.randn(B, Hkv, N, D, generator=g), torch.randn(B, Hkv, N2, D, generator=g)
+    hi = N + (N2 if two_pools else 0)
+    idx = torch.randint(-1, hi, (B, 1, T, K), generator=g, dtype=torch.int32)
+    pools = {}
+
+    def run(shared):
+        leaves = [x.clone().requires_grad_() for x in (q, kv, kv2)]
+        qq, k, k2 = leaves
+        v, v2 = (k, k2) if shared else (k.clone(), k2.clone())
+        out, lse = gather_attention_triton(qq, k, v, idx, 0.4, return_lse=True, config={"SPLITS": splits},
+                                           k2=k2 if two_pools else None, v2=v2 if two_pools else None, window=window)
+        grads = torch.autograd.grad((out * out).sum() + lse.sum(), leaves[:2] + leaves[2:] * two_pools)
+        pools[shared] = (out, lse, *grads)
+
+    run(True)
+    run(False)
+    from sparsezoo.kernels.gather_attention_triton import _pools
+
+    second = (kv2, kv2) if two_pools else (None, None)
+    assert _pools(kv, kv, *second)[-1]["SHARED"]
+    assert not _pools(kv, kv.clone(), *second)[-1]["SHARED"]  # equal values in other memory: two pools
+    for got, want in zip(pools[True], pools[False]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
