@@ -674,7 +674,9 @@ def _tune_csa_attention(T: int) -> None:
     var = Variant("csa", CONFIGS["csa"]["published"], 1, T, T, False)
     with torch.no_grad():
         idx = entry_ids(var.select(), T)
-        for cfg in ({}, dict(NF_CHECK="tile"), dict(BN=32), dict(BN=128), dict(num_warps=8), dict(num_stages=4)):
+        # K = V here (v is k): BN_SHARED is the tile in use; BN applies to separate K and V
+        for cfg in ({}, dict(NF_CHECK="tile"), dict(BN_SHARED=64), dict(BN_SHARED=256), dict(num_warps=8),
+                    dict(num_stages=4), dict(num_warps=8, num_stages=2)):
             ms = _timed(lambda: ga.gather_attention_triton(var.q, var.k, var.v, idx, var.scale, config=cfg,
                                                            k2=var.extra["kc"], v2=var.extra["kc"],
                                                            window=var.cfg["w"]))
