@@ -12,7 +12,8 @@ copy bandwidth measured in the same run.
 
     python benchmarks/decode.py --out out/decode            # full run (GPU)
     python benchmarks/decode.py --out out/decode --quick    # small smoke run
-Writes decode.json (one record per configuration), decode.md and decode.png into --out.
+Writes decode_<card>.json (one record per configuration), decode_<card>.md and decode_<card>.png into --out,
+named after the card that ran them (decode_h200.json on an H200); --tune adds decode_tune_<card>.json.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from cards import card_tag
 
 SHAPES = {  # the m3 and m2 layer shapes (configs/shapes/)
     "m3": dict(hq=64, hkv=4, d=128, di=128, block=128, topk=16),
@@ -336,7 +338,8 @@ def tune_indexer(args, configs=((1 << 20, 1), (1 << 20, 8))):
 # ---- reports --------------------------------------------------------------------------------
 def write_reports(records, out_dir, env, cmd):
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "decode.json"), "w") as f:
+    stem = os.path.join(out_dir, f"decode_{card_tag(env['card'])}")
+    with open(stem + ".json", "w") as f:
         json.dump(records, f, indent=1)
     done = [r for r in records if "skipped" not in r]
     lines = [f"# MSA decode benchmark on {env['card']} (torch {env['torch']}, triton {env['triton']})", "",
@@ -358,9 +361,9 @@ def write_reports(records, out_dir, env, cmd):
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{r['shape']} S={r['seq_len']} B={r['batch']} Q={r['q_len']} "
                                               f"({r['skipped']})" for r in skipped)]
-    with open(os.path.join(out_dir, "decode.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(done, os.path.join(out_dir, "decode.png"), env)
+    plot(done, stem + ".png", env)
 
 
 def plot(records, path, env):
@@ -400,7 +403,7 @@ def plot(records, path, env):
 # ---- main -----------------------------------------------------------------------------------
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output directory for decode.json/.md/.png")
+    p.add_argument("--out", required=True, help="output directory for decode_<card>.json/.md/.png")
     p.add_argument("--quick", action="store_true", help="small smoke run (m3, 32k/128k, b=1/8)")
     p.add_argument("--shapes", default="m3,m2")
     p.add_argument("--lens", default="32768,131072,524288,1048576")
@@ -412,7 +415,7 @@ def parse(argv=None):
                    help="shape:len:batch:q_len configs that also time compiled FlexAttention ('' = none)")
     p.add_argument("--tune", action="store_true",
                    help="first sweep the indexer's launch config at m3 1M b=1/b=8 and use the best per index dtype")
-    p.add_argument("--replot", metavar="JSON", help="only redraw decode.png from an earlier decode.json")
+    p.add_argument("--replot", metavar="JSON", help="only redraw decode_<card>.png from an earlier decode_<card>.json")
     p.add_argument("--time-budget", type=float, default=420.0, help="stop starting new configs after this many s")
     args = p.parse_args(argv)
     if args.quick:
@@ -429,7 +432,7 @@ def main(argv=None):
     if args.replot:
         recs = [r for r in json.load(open(args.replot)) if "skipped" not in r]
         os.makedirs(args.out, exist_ok=True)
-        return plot(recs, os.path.join(args.out, "decode.png"), recs[0])
+        return plot(recs, os.path.join(args.out, f"decode_{card_tag(recs[0]['card'])}.png"), recs[0])
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py times CUDA kernels: it needs a CUDA GPU "
                          "(the CPU suite in tests/test_decode.py covers correctness)")
@@ -442,7 +445,7 @@ def main(argv=None):
     if args.tune:
         args.index_configs, tune_results = tune_indexer(args)
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "tune.json"), "w") as f:
+        with open(os.path.join(args.out, f"decode_tune_{card_tag(env['card'])}.json"), "w") as f:
             json.dump(dict(best=args.index_configs, results=tune_results), f, indent=1)
     cmd = "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
     records, t0 = [], time.time()
@@ -456,7 +459,7 @@ def main(argv=None):
                     records += run_config(name, SHAPES[name], S, B, Q, args, env, bw)
                     write_reports(records, args.out, env, cmd)
     write_reports(records, args.out, env, cmd)
-    print(open(os.path.join(args.out, "decode.md")).read())
+    print(open(os.path.join(args.out, f"decode_{card_tag(env['card'])}.md")).read())
 
 
 if __name__ == "__main__":

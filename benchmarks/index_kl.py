@@ -20,6 +20,7 @@ import torch
 from sparsezoo import ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cards import card_tag  # noqa: E402
 from zoo import bench  # noqa: E402  (median of event-timed runs after a warm-up, as the zoo times)
 
 # (name, B, Hq, Hkv, Hs, T, D, J, D_i, topk): the quality study's DSA layer, then DSA's published indexer
@@ -59,7 +60,7 @@ def main(argv=None) -> list[dict]:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/index_kl.py times GPU kernels: it needs a CUDA device")
     card = torch.cuda.get_device_name()
-    tag = card.lower().replace("nvidia ", "").split()[0]  # result files are named as zoo.py and scale.py name theirs
+    tag = card_tag(card)  # result files are named as zoo.py and scale.py name theirs
     picked = args.shapes.split(",") if args.shapes else [s[0] for s in SHAPES]
     records = []
     for name, *shape in (s for s in SHAPES if s[0] in picked):

@@ -23,6 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from cards import card_tag
 
 SHAPES = {"m3": dict(Hq=64, Hkv=4, D=128, Di=128, block=128, topk=16)}
 KB = 1024
@@ -400,8 +401,10 @@ def tune_attention(sh, T):
 # ----------------------------------------------------------------------------- outputs
 
 def write_outputs(records, out_dir, card):
+    """prefill_<card>.{json,md,png} in out_dir, named after the card that ran them (e.g. prefill_h200.json)."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "prefill_h100.json"), "w") as f:
+    stem = os.path.join(out_dir, f"prefill_{card_tag(card)}")
+    with open(stem + ".json", "w") as f:
         json.dump(records, f, indent=1)
     lines = [f"MSA prefill vs dense, m3 shape (Hq=64, Hkv=4, d=128, H_i=4, D_i=128, block 128, top-16), "
              f"bf16, batch 1 -- {card}", "",
@@ -422,7 +425,7 @@ def write_outputs(records, out_dir, card):
                 f"(with KL); {r['msa_attention_only_ms']:.1f} ms (no KL) | | | | **{r['speedup']:.1f}x** "
                 f"({r['speedup_attention_only']:.1f}x no KL) | {r['flop_limit']:.1f}x | "
                 f"{r['limit_fraction']:.2f} | {r['peak_extra_bytes'] / 2**30:.1f} GiB |")
-    with open(os.path.join(out_dir, "prefill_h100.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     import matplotlib
 
@@ -442,7 +445,7 @@ def write_outputs(records, out_dir, card):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "prefill_h100.png"), dpi=120)
+    fig.savefig(stem + ".png", dpi=120)
 
 
 def main(argv=None):

@@ -32,6 +32,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from cards import card_tag
 
 LENGTHS = (524288, 1048576, 2097152)
 MSA_M3 = dict(variant="msa", n_heads=64, n_kv_heads=4, head_dim=128, block_size=128, topk=16, index_dim=128)
@@ -166,7 +167,7 @@ def add_efficiency(records: list[dict]) -> None:
 
 
 def write(records: list[dict], out: Path, card: str, cmd: str, args) -> None:
-    tag = card.lower().replace("nvidia ", "").split()[0]
+    tag = card_tag(card)
     out.mkdir(parents=True, exist_ok=True)
     rows = [dict(card=card, variant="msa", mode="train_cp", torch=torch.__version__, layers=args.layers,
                  d_model=args.d_model, activation_checkpointing=args.checkpoint, **r) for r in records]

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import decode as decode_bench  # benchmarks/decode.py: CUDA-graph timing and the copy bandwidth
+from cards import card_tag
 
 M3 = dict(Hq=64, Hkv=4, D=128)
 CONFIGS = {
@@ -557,7 +558,7 @@ def _peer_nsa(T):
 
 def write(records, peers, out: Path, card: str, cmd: str, notes=()) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tag = card.lower().replace("nvidia ", "").split()[0]
+    tag = card_tag(card)
     (out / f"zoo_{tag}.json").write_text(json.dumps(dict(command=cmd, records=records, peers=peers,
                                                          notes=list(notes)), indent=1))
     lines = [f"# Zoo benchmark on one {card} (m3 heads, bf16)", "", f"Command: `{cmd}`", "",

@@ -43,3 +43,16 @@ def test_configs_that_coincide_run_once():
                                                                       zoo.CONFIGS["msa"]["published"])]
     assert [names for names, _ in zoo.configs_of("moba", ["published", "equal_budget"])] == [["published"],
                                                                                               ["equal_budget"]]
+
+
+def test_result_files_are_named_after_the_card_that_ran_them():
+    """Every benchmark names its result files through cards.card_tag: no file name claims a fixed card."""
+    import re
+
+    from cards import card_tag
+
+    assert card_tag("NVIDIA H200") == "h200" and card_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert card_tag("") == "cpu"
+    for path in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"):
+        fixed = re.findall(r"['\"]\w*_[hb]\d{3}\.(?:json|md|png)['\"]", path.read_text())
+        assert not fixed, f"{path.name} writes {fixed}: name results with card_tag(card)"
