@@ -84,27 +84,21 @@ def copy_bandwidth() -> float:
 # ----------------------------------------------------------------------------- dense baseline
 
 def dense_candidates(q, k, v, decode: bool, with_flex: bool):
-    """name -> fn over the same inputs; decode folds the group into the query axis (no mask needed)."""
+    """name -> fn over the same inputs; decode: decode.py's SDPA candidates (no mask needed)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from sparsezoo import ops
 
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    out = {}
-    for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-                     ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
-        if decode:
-            qf = q.reshape(B, Hkv, (Hq // Hkv) * T, D)
-
-            def fn(be=be, qf=qf):
-                with sdpa_kernel([be]):
-                    return F.scaled_dot_product_attention(qf, k, v)
-        else:
+    if decode:  # folded and enable_gqa forms of each SDPA backend (either can be the fastest)
+        out = decode_bench.sdpa_decode_candidates(q, k, v, q.shape[2])
+    else:
+        out = {}
+        for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                         ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
             def fn(be=be):
                 with sdpa_kernel([be]):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        out[name] = fn
+            out[name] = fn
     if with_flex:
         out["flex"] = lambda: ops.dense_attention(q, k, v, backend="flex")
     return out

@@ -56,3 +56,26 @@ def test_result_files_are_named_after_the_card_that_ran_them():
     for path in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"):
         fixed = re.findall(r"['\"]\w*_[hb]\d{3}\.(?:json|md|png)['\"]", path.read_text())
         assert not fixed, f"{path.name} writes {fixed}: name results with card_tag(card)"
+
+
+def test_dense_decode_candidates_offer_folded_and_grouped_sdpa_and_agree():
+    """Decode's dense baseline times each SDPA backend with the group folded into the query axis and with
+    enable_gqa (either can be the fastest); every form that runs here gives the same attention."""
+    import decode
+
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, Q, S, D = 2, 8, 2, 3, 20, 16
+    q, k, v = (torch.randn(*s, generator=g) for s in ((B, Hq, Q, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    cands = decode.sdpa_decode_candidates(q, k, v, Q)
+    assert {"sdpa_cudnn", "sdpa_cudnn_gqa", "sdpa_flash", "sdpa_flash_gqa"} <= set(cands)
+    kk, vv = (x.repeat_interleave(Hq // Hkv, 1) for x in (k, v))
+    want = torch.softmax(q @ kk.transpose(-1, -2) / D**0.5, -1) @ vv  # every key, as the candidates
+    ran = 0
+    for name, fn in cands.items():
+        try:
+            out = decode.fold_out(fn(), B, Hq, Q, D)
+        except RuntimeError:  # a backend this build lacks (cuDNN on a CPU)
+            continue
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=name)
+        ran += 1
+    assert ran >= 2
