@@ -78,9 +78,9 @@ CARDS = {
         # seconds per job, for scheduling until this call has timed its own: measured on an H200 under MPS
         # (docs/quality.md, "Cost"): dense 74-82 s (10 at once), DSA 475-500 s (beside 10 MSA jobs), MSA
         # 545 s beside DSA and about 200 s without it, CSA 315-330 s, MoBA about 215 s, lightning 95-155 s
-        # (24 at once), NSA 160 s (4 at once; 24 at once it reached step 1,500 in 360 s). gdn: a guess (it trains
-        # on the chunked PyTorch reference where fla refuses its backward, Hopper with Triton < 3.7.1). A job
-        # whose estimate exceeds a call never starts.
+        # (24 at once), NSA 160 s (4 at once; 24 at once 457 s), gdn 250-260 s (10 at once, training on the
+        # chunked PyTorch reference: fla refuses its backward on Hopper with Triton < 3.7.1). A job whose
+        # estimate exceeds a call never starts.
         "job_seconds": {
             "dense": 80,
             "msa": 200,
@@ -89,7 +89,7 @@ CARDS = {
             "nsa": 160,
             "dsa": 480,
             "lightning": 160,
-            "gdn": 300,
+            "gdn": 260,
         },
     },
     "smoke": {
