@@ -277,6 +277,11 @@ def deterministic(on: bool = True):
 
 
 # -- the worker: train one (variant, task, seed), evaluate, write train.json ------------------------
+def device_name() -> str:
+    """The device this process trains on, as the records name it."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
 def train_worker(spec: dict) -> dict:
     from sparsezoo.models import load_model
     from sparsezoo.models.data import Data, DataConfig
@@ -294,7 +299,7 @@ def train_worker(spec: dict) -> dict:
         "train_seconds": time.perf_counter() - t0,
         "resumed": resume,
         "deterministic": spec["deterministic"],
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+        "device": device_name(),
         "run": same_run(run),
         # every 10th step's losses and throughput: where a job learned (or did not), and what a step cost
         "history": [
@@ -452,6 +457,7 @@ def write_report(
 ) -> None:
     budgets = budget_table(card)
     stages = stage_losses(card, results or {})
+    ends = stage_ends(card)
     lines = [
         f"# Quality study, card `{card_name}`, on {device}",
         "",
@@ -496,8 +502,8 @@ def write_report(
             f"Mean over the finished seeds of the last 50 steps of each stage (chance: ln 64 = {math.log(64):.2f} "
             "nats). `*`: the variant's budget covers every key at that length, so its choice cannot miss.",
             "",
-            "| task | variant | seeds | " + " | ".join(f"{L} tokens" for L, _ in stage_ends(card)) + " |",
-            "|---|---|---|" + "---|" * len(stage_ends(card)),
+            "| task | variant | seeds | " + " | ".join(f"{L} tokens" for L, _ in ends) + " |",
+            "|---|---|---|" + "---|" * len(ends),
         ]
         for row in stages:
             cells = [
@@ -827,11 +833,12 @@ def main(argv=None) -> dict:
     todo = [] if args.report_only else pending_jobs(out, names, runs)
     print(f"{len(names) - len(todo)} of {len(names)} jobs finished earlier; {len(todo)} to run", flush=True)
     specs = {}
+    cache = str(args.linear_triton_cache.resolve()) if args.linear_triton_cache else None
     for name in todo:
         (out / name).mkdir(parents=True, exist_ok=True)
         specs[name] = {"job": name, "run": runs[name], "card": card, "deterministic": not args.no_deterministic}
-        if args.linear_triton_cache and name.split("/")[0] in LINEAR:
-            specs[name]["triton_cache_dir"] = str(args.linear_triton_cache.resolve())
+        if cache and name.split("/")[0] in LINEAR:
+            specs[name]["triton_cache_dir"] = cache
     if args.jobs == 0 and not args.report_only:  # in this process (the smoke test): one after another
         for name, spec in specs.items():
             spec["run"]["train"]["time_limit_s"] = max(1.0, t_end - time.perf_counter())
@@ -839,7 +846,6 @@ def main(argv=None) -> dict:
             if not result.get("unfinished"):
                 (out / name / "train.json").write_text(json.dumps(result, indent=1))
     elif specs:
-        cache = str(args.linear_triton_cache.resolve()) if args.linear_triton_cache else None
         warm = start_prewarm(card, {name.split("/")[0] for name in specs}, out, triton_cache_dir=cache)
         ready = lambda v: v not in LINEAR or warm is None or warm.poll() is not None
         try:
@@ -855,7 +861,7 @@ def main(argv=None) -> dict:
             print("not finished in this call:\n" + "\n".join(f"  {n}: {why}" for n, why in not_done.items()))
     results = {n: json.loads((out / n / "train.json").read_text()) for n in names if (out / n / "train.json").is_file()}
     missing = [n for n in names if n not in results]
-    here = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    here = device_name()
     unrecorded = sorted(n for n, r in results.items() if not r.get("device"))
     if args.report_only and unrecorded and not args.device_name:
         raise SystemExit(

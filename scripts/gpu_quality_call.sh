@@ -23,12 +23,12 @@ export PYTHONUNBUFFERED=1
 START=$SECONDS
 DEST=${OUT:-out/gpu}
 mkdir -p "$DEST"
-CACHE_ARGS=()
+CACHE_ARGS=() CACHE_ENV=()
 if [ "${KEEP_TRITON_CACHE:-0}" = 1 ]; then
   mkdir -p .triton_cache
   [ -f .triton_cache.tgz ] && tar xzf .triton_cache.tgz
   echo "== Triton cache of the linear variants: $(du -sh .triton_cache | cut -f1) carried in"
-  CACHE_ARGS=(--linear-triton-cache .triton_cache)
+  CACHE_ARGS=(--linear-triton-cache .triton_cache) CACHE_ENV=(env "TRITON_CACHE_DIR=$PWD/.triton_cache")
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout "${PROFILE_S:-120}" python scripts/profile_study_steps.py --variants "${PROFILE_VARIANTS:-dense,msa,dsa,csa,nsa,moba}" \
@@ -36,10 +36,8 @@ if [ "${PROFILE:-0}" = 1 ]; then
 fi
 TESTS=${TESTS:-"tests/test_index_kl_gather.py tests/test_quality_study.py"}  # fla autotunes: its tests need a call of their own
 run_tests() {
-  local cache=()
-  [ "${KEEP_TRITON_CACHE:-0}" = 1 ] && cache=(env "TRITON_CACHE_DIR=$PWD/.triton_cache")
   # shellcheck disable=SC2086
-  "${cache[@]}" timeout "${TESTS_S:-240}" python -m pytest -q -p no:cacheprovider -m gpu $TESTS 2>&1 | tail -n 15
+  "${CACHE_ENV[@]}" timeout "${TESTS_S:-240}" python -m pytest -q -p no:cacheprovider -m gpu $TESTS 2>&1 | tail -n 15
 }
 if [ "$TESTS" != none ] && [ "${TESTS_BG:-0}" != 1 ]; then
   run_tests
