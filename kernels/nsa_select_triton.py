@@ -31,6 +31,12 @@ masked). The group shares kc and the selection, so each kc tile feeds one [BM, B
       consistent LSE), the others their importance; and it folds each row's min/max
       (order-preserving int32 keys) into the select's stats with atomics. Tiles whose rows all see
       <= topk blocks, and ranges past a tile's last block, do nothing (the select takes all).
+   a'. or, with config schedule='stream', `_importance_stream_kernel`, grid (token tiles, B*Hkv):
+      one program per tile walks the entries from 0 like a flash-attention forward (STREAM_BE per
+      step, software-pipelined loads), so q and the LSE are loaded once and no halo is recomputed.
+      It needs sel_block to be a multiple of stride: a step's entries then start in exactly NBS
+      blocks, and their shares of the SPILL blocks after the step (exact fp32 row sums) are carried
+      in registers into the next step. It owns its rows' whole range, so it stores their stats.
    b. The indexer's exact row-wise select (indexer_triton._select_triton) with nvis = L + 1:
       histogram/radix threshold, ties to the smaller id, ascending ids then -1; rows with
       <= topk visible blocks take them all; few rows (decode) split into segments. The forced
@@ -66,13 +72,19 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # programs per SM, each split covering at least `lse_min_tiles` steps (lse_splits forces a count).
 # buffer_bytes bounds the importance buffer plus the select's scratch; select_* and split are the
 # indexer select's knobs (kernels/indexer_triton.py; split = segments per row, None: automatic).
-NSA_SELECT_CONFIG = {"ROWS": 64, "BE": 64, "BE_LSE": 128, "CHUNKS": 8, "num_warps": 4, "num_stages": 2,
-                     "waves": 2, "lse_min_tiles": 4, "lse_splits": None, "buffer_bytes": 1 << 30,
+# schedule: 'chunks' (programs over token tiles x chunk ranges, BE entries per chunk with a halo) or
+# 'stream' (one program per token tile walks every entry, STREAM_BE at a time, the spill carried in
+# registers; needs sel_block a multiple of stride, else 'chunks' runs); both write the same buffer.
+NSA_SELECT_CONFIG = {"schedule": "chunks", "ROWS": 64, "BE": 64, "STREAM_ROWS": 128, "STREAM_BE": 128,
+                     "stream_warps": 8, "stream_stages": 2, "BE_LSE": 128, "CHUNKS": 8, "num_warps": 4,
+                     "num_stages": 2, "waves": 2, "lse_min_tiles": 4, "lse_splits": None, "buffer_bytes": 1 << 30,
                      "select_block": 1024, "select_bins": 64, "select_cap": 4096, "select_warps": 8, "split": None}
+SCHEDULES = ("chunks", "stream")
 # interpreter: few programs, many chunk and range edges
-_INTERPRET_CONFIG = {"ROWS": 64, "BE": 16, "BE_LSE": 64, "CHUNKS": 2, "select_block": 64}
+_INTERPRET_CONFIG = {"ROWS": 64, "BE": 16, "STREAM_ROWS": 64, "STREAM_BE": 16, "BE_LSE": 64, "CHUNKS": 2,
+                     "select_block": 64}
 _INTERPRET_SMS = 4
-_POW2_KEYS = ("ROWS", "BE", "BE_LSE", "select_block", "select_bins", "select_cap")
+_POW2_KEYS = ("ROWS", "BE", "STREAM_ROWS", "STREAM_BE", "BE_LSE", "select_block", "select_bins", "select_cap")
 
 _P_SCALE = tl.constexpr(15.0)  # log2 of the factor on p before the fp16 split (p <= 1 stays finite)
 _P_UNSCALE = tl.constexpr(2.0 ** -15)
@@ -252,6 +264,72 @@ def _importance_kernel(Q, KC, LSE, BUF, STATS, t0, Tcur, T, S, Sc, n_blocks, Hkv
         tl.atomic_max(STATS + row * 2 + 1, key_max, mask=seen)
 
 
+@triton.jit
+def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, t0, Tcur, T, S, Sc, n_blocks, Hkv, K,
+                              qk2, lse_factor, n_splits, forced_value, max_importance, nan_value,
+                              sqb, sqh, sqt, sqd, skb, skh, sks, skd, sls, slb, slh, slt,
+                              G: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr, BE: tl.constexpr,
+                              NBS: tl.constexpr, NBX: tl.constexpr, SPILL: tl.constexpr, D: tl.constexpr,
+                              BD: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
+                              IEEE: tl.constexpr):
+    """The 'stream' schedule: one program per (token tile, group) walks every entry once, BE at a time,
+    as a flash-attention forward walks its keys. A step's BE entries start in exactly NBS blocks (SEL is
+    a multiple of STRIDE and BE * STRIDE of SEL); what its entries add to the SPILL blocks after them is
+    carried in registers into the next step. The program owns its rows' whole buffer range, so it
+    stores their stats without atomics."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest tiles first
+    bg = tl.program_id(1)
+    b = (bg // Hkv).to(tl.int64)
+    g = bg % Hkv
+    last_local = (S - T + t0 + tl.minimum(tile * TM + TM, Tcur) - 1) // SEL
+    if last_local >= K:  # some row sees more than K blocks
+        head, t, row_ok, pos = _rows(tile, g, t0, Tcur, T, S, G, GP, TM)
+        q = _load_q(Q, b, head, t, row_ok, sqb, sqh, sqt, sqd, D, BD)
+        lse2 = _merged_lse(LSE, b, head, t, row_ok, n_splits, lse_factor, sls, slb, slh, slt)
+        poisoned = tl.max(tl.reshape((lse2 != lse2).to(tl.int32), [TM, GP]), axis=1) > 0
+        lse2 = tl.where(lse2 == lse2, lse2, float("-inf"))
+        KC_G = KC + b * skb + g.to(tl.int64) * skh
+        tt = tile * TM + tl.arange(0, TM)
+        tok_ok = tt < Tcur
+        local = (S - T + t0 + tt) // SEL
+        row = tt.to(tl.int64) * tl.num_programs(1) + bg
+        c = tl.arange(0, NBX)
+        e = tl.arange(0, BE)
+        key_min = tl.full([TM], _KEY_HIGH, tl.int32)
+        key_max = tl.full([TM], _KEY_LOW, tl.int32)
+        carry = tl.zeros([TM, NBX], tl.float32)  # column s: block (k * NBS + s)'s share from earlier steps
+        for k in range(0, last_local // NBS + 1):
+            i = k * BE + e
+            i_ok = i < Sc
+            s = _scores(q, KC_G, i, i_ok, sks, skd, qk2, D, BD, IEEE)
+            p = tl.where(_visible(i, i_ok, pos, row_ok, BLOCK_LEN, STRIDE),
+                         tl.exp2(tl.minimum(s - lse2[:, None], 0.0) + _P_SCALE), 0.0)
+            first = (i * STRIDE) // SEL - k * NBS  # in [0, NBS)
+            last = (i * STRIDE + BLOCK_LEN - 1) // SEL - k * NBS  # < NBS + SPILL
+            overlap = ((first[:, None] <= c[None, :]) & (c[None, :] <= last[:, None]) & (c[None, :] < NBS))
+            overlap = overlap.to(tl.float16)
+            p_hi = p.to(tl.float16)
+            p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
+            imp_rows = tl.dot(p_hi, overlap) + tl.dot(p_lo, overlap)
+            imp = tl.sum(tl.reshape(imp_rows, [TM, GP, NBX]), axis=1) * _P_UNSCALE + carry
+            carry = tl.zeros([TM, NBX], tl.float32)
+            for sp in tl.static_range(SPILL):  # the blocks after the step: exact fp32 row sums
+                hit = (first <= NBS + sp) & (NBS + sp <= last)
+                share = tl.sum(tl.reshape(tl.sum(tl.where(hit[None, :], p, 0.0), axis=1), [TM, GP]), axis=1)
+                carry += tl.where(c[None, :] == sp, share[:, None] * _P_UNSCALE, 0.0)
+            j = (k * NBS + c)[None, :]
+            write = tok_ok[:, None] & (c[None, :] < NBS) & (j <= local[:, None])
+            forced = (j == 0) | (j >= local[:, None] - 1)
+            nan = poisoned[:, None] & (imp > 0)
+            value = tl.where(forced, forced_value, tl.where(nan, nan_value, tl.minimum(imp, max_importance)))
+            tl.store(BUF + row[:, None] * n_blocks + j, value, mask=write)
+            key = _ordered_key(value)
+            key_min = tl.minimum(key_min, tl.min(tl.where(write, key, _KEY_HIGH), axis=1))
+            key_max = tl.maximum(key_max, tl.max(tl.where(write, key, _KEY_LOW), axis=1))
+        tl.store(STATS + row * 2, key_min, mask=tok_ok)
+        tl.store(STATS + row * 2 + 1, key_max, mask=tok_ok)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 
@@ -272,6 +350,22 @@ def chunk_geometry(block_len: int, stride: int, sel_block: int, be: int) -> tupl
     return be, be * stride // sel_block - halo, halo
 
 
+def stream_geometry(block_len: int, stride: int, sel_block: int, be: int) -> tuple[int, int, int] | str:
+    """(BE, NBS, SPILL) of the 'stream' schedule, or why it cannot tile this geometry: a step of BE
+    entries starts in exactly NBS = BE * stride / sel_block blocks (BE grows to make NBS >= 1) and
+    adds to at most SPILL <= NBS blocks after them."""
+    if sel_block % stride:
+        return f"the stream schedule needs sel_block ({sel_block}) to be a multiple of stride ({stride})"
+    be = max(be, _pow2(sel_block // stride))
+    if be > MAX_ENTRY_TILE:
+        return f"the stream schedule needs {be} entries per step (at most {MAX_ENTRY_TILE})"
+    nbs = be * stride // sel_block
+    spill = max(0, -(-(block_len - stride) // sel_block))
+    if spill > nbs:
+        return f"the stream schedule carries at most {nbs} blocks per step, block_len={block_len} spills {spill}"
+    return be, nbs, spill
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _INTERPRET_SMS
 
@@ -287,7 +381,9 @@ def _resolve_config(config: dict | None, device: torch.device) -> dict:
     for key in _POW2_KEYS:
         if cfg[key] < 1 or cfg[key] & (cfg[key] - 1):
             raise ValueError(f"config {key} must be a power of two, got {cfg[key]}")
-    for key in ("ROWS", "BE", "BE_LSE"):
+    if cfg["schedule"] not in SCHEDULES:
+        raise ValueError(f"config schedule must be one of {SCHEDULES}, got {cfg['schedule']!r}")
+    for key in ("ROWS", "BE", "STREAM_ROWS", "STREAM_BE", "BE_LSE"):
         if cfg[key] < 16:
             raise ValueError(f"config {key} must be a power of two >= 16 (tensor-core dots), got {cfg[key]}")
     if cfg["CHUNKS"] < 1:
@@ -357,8 +453,13 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
         kc = kc.new_zeros((B, Hkv, 1, D))
     G = Hq // Hkv
     GP = _pow2(G)
-    TM = max(min(max(cfg["ROWS"] // GP, 1), _pow2(T)), -(-16 // GP))  # >= 16 rows for the dots
-    BE, NB, HALO = chunk_geometry(block_len, stride, sel_block, cfg["BE"])
+    stream = stream_geometry(block_len, stride, sel_block, cfg["STREAM_BE"]) if cfg["schedule"] == "stream" else None
+    if isinstance(stream, str):
+        raise ValueError(f"nsa_select_triton: {stream}; use config schedule='chunks'")
+    rows = cfg["STREAM_ROWS"] if stream else cfg["ROWS"]
+    TM = max(min(max(rows // GP, 1), _pow2(T)), -(-16 // GP))  # >= 16 rows for the dots
+    if not stream:
+        BE, NB, HALO = chunk_geometry(block_len, stride, sel_block, cfg["BE"])
     n_blocks = triton.cdiv(S, sel_block)
     qk2 = float(scale) * LOG2E
     dims = dict(G=G, GP=GP, TM=TM, D=D, BD=max(_pow2(D), 16), BLOCK_LEN=block_len, STRIDE=stride,
@@ -378,18 +479,25 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
     init = stats_init(q.device)
     positions = torch.arange(S - T, S, device=q.device, dtype=torch.int64)
     nvis = (positions // sel_block + 1).to(torch.int32)  # blocks 0..L
-    n_chunks = triton.cdiv(n_blocks, NB)
     flat = out.view(B * Hkv, T, topk)
+    values = (qk2, lse_factor, lse_parts.shape[0], float(G + 1), float(G), G + 0.5)
+    strides = (*q.stride(), *kc.stride(), *lse_parts.stride())
     for t0 in range(0, T, Tc):
         Tcur = min(Tc, T - t0)
         stats.copy_(init.expand_as(stats))
         n_tiles = triton.cdiv(Tcur, TM)
-        cpp = _chunks_per_program(cfg, n_tiles * B * Hkv, n_chunks, q.device)
-        grid = (n_tiles, triton.cdiv(n_chunks, cpp), B * Hkv)
-        _importance_kernel[grid](q, kc, lse_parts, buf, stats, t0, Tcur, T, S, Sc, n_blocks, Hkv, topk, cpp,
-                                 qk2, lse_factor, lse_parts.shape[0], float(G + 1), float(G), G + 0.5,
-                                 *q.stride(), *kc.stride(), *lse_parts.stride(),
-                                 BE=BE, NB=NB, HALO=HALO, NBX=max(_pow2(NB + HALO), 16), SEL=sel_block,
-                                 **dims, **launch)
+        if stream:
+            BE, NBS, SPILL = stream
+            _importance_stream_kernel[(n_tiles, B * Hkv)](
+                q, kc, lse_parts, buf, stats, t0, Tcur, T, S, Sc, n_blocks, Hkv, topk, *values, *strides,
+                BE=BE, NBS=NBS, NBX=max(_pow2(NBS), 16), SPILL=SPILL, SEL=sel_block, **dims,
+                num_warps=cfg["stream_warps"], num_stages=cfg["stream_stages"])
+        else:
+            n_chunks = triton.cdiv(n_blocks, NB)
+            cpp = _chunks_per_program(cfg, n_tiles * B * Hkv, n_chunks, q.device)
+            grid = (n_tiles, triton.cdiv(n_chunks, cpp), B * Hkv)
+            _importance_kernel[grid](q, kc, lse_parts, buf, stats, t0, Tcur, T, S, Sc, n_blocks, Hkv, topk, cpp,
+                                     *values, *strides, BE=BE, NB=NB, HALO=HALO, NBX=max(_pow2(NB + HALO), 16),
+                                     SEL=sel_block, **dims, **launch)
         _select_triton(buf, nvis, stats, flat, t0, Tcur, topk, sel_cfg)
     return out

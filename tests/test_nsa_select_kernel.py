@@ -131,13 +131,27 @@ def test_matches_reference(geom, G, Hkv, S, frac, topk, seed):
     assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
 
 
-@pytest.mark.parametrize("geom,G,T,S,topk", [((8, 4, 16), 2, 256, 256, 8), ((32, 16, 64), 4, 40, 300, 5),
-                                             ((5, 3, 8), 1, 64, 250, 10)])
-def test_long_and_chunked(geom, G, T, S, topk):
-    """Many chunks and chunk ranges per tile (the halo between chunks), full prefill and a chunked suffix."""
+@pytest.mark.parametrize("geom,G,T,S,topk,schedule", [
+    ((8, 4, 16), 2, 256, 256, 8, "chunks"), ((32, 16, 64), 4, 40, 300, 5, "chunks"), ((5, 3, 8), 1, 64, 250, 10, "chunks"),
+    ((8, 4, 16), 2, 256, 256, 8, "stream"), ((32, 16, 64), 4, 40, 300, 5, "stream"), ((16, 4, 8), 3, 50, 230, 6, "stream")])
+def test_long_and_chunked(geom, G, T, S, topk, schedule):
+    """Many chunks and chunk ranges per tile (the halo between chunks), or many stream steps (the spill
+    carried between steps; (16, 4, 8) spills into two blocks); full prefill and a chunked suffix."""
     block_len, stride, sel_block = geom
     q, kc = random_inputs(1, 1, G, T, S, 16, block_len, stride, seed=S + T)
-    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25)
+    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={"schedule": schedule})
+    assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
+
+
+@settings(max_examples=6)
+@given(geom=st.sampled_from(GEOMETRIES[:4] + [(16, 4, 8), (3, 1, 4)]), G=st.sampled_from([1, 2, 3]),
+       S=st.integers(1, 200), frac=st.floats(0.02, 1.0), topk=st.integers(1, 10), seed=st.integers(0, 2**16))
+def test_stream_schedule_matches_reference(geom, G, S, frac, topk, seed):
+    """The stream schedule on drawn shapes (geometries it tiles; spills of one and two blocks)."""
+    block_len, stride, sel_block = geom
+    T = max(1, int(min(S, 40) * frac))
+    q, kc = random_inputs(2, 1, G, T, S, 16, block_len, stride, seed)
+    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={"schedule": "stream"})
     assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
 
 
@@ -221,6 +235,10 @@ def test_rejects_what_it_cannot_run():
         nsa_select_triton(q, kc, 40, 8, 1, 1024, 4, 0.25)  # one block spans 1024 entries
     with pytest.raises(ValueError, match="power of two"):
         nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, config={"BE": 24})
+    with pytest.raises(ValueError, match="multiple of stride.*schedule='chunks'"):
+        nsa_select_triton(q, kc, 40, 5, 3, 8, 4, 0.25, config={"schedule": "stream"})
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, config={"schedule": "rows"})
     with pytest.raises(ValueError, match="unknown"):
         nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, config={"n_splits": 2})
     with pytest.raises(ValueError, match="lse"):
@@ -243,7 +261,9 @@ def _gpu_case(B, T, S, seed, config=None, given_lse=False):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,config,given_lse", [(8192, None, False), (8192, None, True),
-                                                (32768, {"buffer_bytes": 1 << 28}, False)])
+                                                (32768, {"buffer_bytes": 1 << 28}, False),
+                                                (8192, {"schedule": "stream"}, True),
+                                                (32768, {"schedule": "stream", "buffer_bytes": 1 << 28}, False)])
 def test_gpu_prefill_paper_config(T, config, given_lse):
     """bf16 prefill, batch 2 (8k also with the LSE given; 32k in five query chunks): every row
     well-formed and set-equal to the fp32 reference up to near-ties."""
