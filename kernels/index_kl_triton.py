@@ -7,8 +7,11 @@ z = index_scale / temperature * q_idx.k_idx. d loss / d z = coeff * (Q - P) / (B
 Two kernels on the attention's tiling (TM <= 16 tokens x G heads per tile, so the token bitmasks of the union):
 - query-major: pass 1 computes the index LSE over M, pass 2 the loss and dq_idx;
 - key-major (per key block, the tiles that chose it): dk_idx, one fp32 atomic add per segment.
-Rows are (token, head) pairs as in the attention; a token's index logits are computed once per
-row (G copies) so the group mean is a reshape-sum in registers. Memory: O(inputs), never O(T*S).
+The teacher needs the main scores per (token, head) row, as in the attention, and its group mean is a
+reshape-sum in registers; everything of the student (index logits, its softmax, the loss, dz) is per
+token: the tile's TM tokens sit at rows 0, R, 2R, ... of a TI = max(TM, 16)-row index tile (R = TI / TM;
+the rows between are 0), so the index dots are TI rows instead of TM * G, and the exponentials and logs
+of the student and the loss run once per token instead of G times. Memory: O(inputs), never O(T*S).
 """
 
 from __future__ import annotations
@@ -21,17 +24,35 @@ from sparsezoo.kernels import sparse_attention_triton as sat
 
 
 @triton.jit
-def _group_mean(p, TM: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
-    """p [TM*G, BN] (rows token-major) -> each row replaced by the mean over its token's G rows."""
-    m = tl.sum(tl.reshape(p, [TM, G, BN]), axis=1) / G
-    return tl.reshape(tl.broadcast_to(m[:, None, :], [TM, G, BN]), [TM * G, BN])
+def _token_mean(p, TM: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """p [TM*G, BN] (rows token-major) -> [TM, BN], the mean over each token's G rows."""
+    return tl.sum(tl.reshape(p, [TM, G, BN]), axis=1) / G
 
 
 @triton.jit
-def _group_mean_t(pt, TM: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
-    """Transposed version: pt [BN, TM*G]."""
-    m = tl.sum(tl.reshape(pt, [BN, TM, G]), axis=2) / G
-    return tl.reshape(tl.broadcast_to(m[:, :, None], [BN, TM, G]), [BN, TM * G])
+def _token_mean_t(pt, TM: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """Transposed version: pt [BN, TM*G] -> [BN, TM]."""
+    return tl.sum(tl.reshape(pt, [BN, TM, G]), axis=2) / G
+
+
+@triton.jit
+def _index_rows(TOK, QI, tok_base, b, g, T, sib, sih, sit, sid, di, DI: tl.constexpr, TM: tl.constexpr,
+                TI: tl.constexpr):
+    """The tile's index queries for the tensor cores: token i of the tile at row i * (TI // TM) of a TI-row
+    tile (TI >= 16, what a dot needs), the other rows 0, so a dot's row sums per token are exact."""
+    R: tl.constexpr = TI // TM
+    ri = tl.arange(0, TI)
+    lead = (ri % R) == 0
+    t = tl.load(TOK + tok_base + ri // R, mask=lead, other=T)
+    return sat._load_rows(QI, b * sib + g * sih + t.to(tl.int64) * sit, di, sid, lead & (t < T), DI)
+
+
+@triton.jit
+def _tile_tokens(TOK, tok_base, T, S, TM: tl.constexpr):
+    """(token slot, token, valid, position) of the tile's TM tokens."""
+    tt = tl.arange(0, TM)
+    t = tl.load(TOK + tok_base + tt)
+    return tt, t.to(tl.int64), t < T, S - T + t
 
 
 @triton.jit
@@ -40,66 +61,72 @@ def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, TOK, CNT, IDS, BITS, T, S, 
                      slb, slh, slt, sab, sah, sat_, scb, sch, sct,
                      TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                      BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr,
-                     BDI: tl.constexpr, WITH_GRAD: tl.constexpr):
+                     BDI: tl.constexpr, TI: tl.constexpr, WITH_GRAD: tl.constexpr):
+    """The teacher (main attention) per (token, head) row; the student and the loss per token."""
+    R: tl.constexpr = TI // TM
     n_tiles = tl.num_programs(0)
     tile = n_tiles - 1 - tl.program_id(0)
     g = tl.program_id(1)
     b = tl.program_id(2)
-    tl_tok, head, t, row_ok, pos = sat._row_setup(TOK, b * tl.num_programs(1) + g, n_tiles, tile, g, T, S,
-                                                  TM, G, BM)
+    bg = b * tl.num_programs(1) + g
+    tok_base = (bg * n_tiles + tile) * TM
+    tl_tok, head, t, row_ok, pos = sat._row_setup(TOK, bg, n_tiles, tile, g, T, S, TM, G, BM)
+    tt, t_tok, tok_ok, pos_tok = _tile_tokens(TOK, tok_base, T, S, TM)
     d = tl.arange(0, BD)
     di = tl.arange(0, BDI)
     q = sat._load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
-    qi = sat._load_rows(QI, b * sib + g * sih + t * sit, di, sid, row_ok, DI)
+    qi = _index_rows(TOK, QI, tok_base, b, g, T, sib, sih, sit, sid, di, DI, TM, TI)
     lse2 = tl.load(L + b * slb + head * slh + t * slt, mask=row_ok, other=0.0) * 1.4426950408889634
     u_base = b * scb + g * sch + tile * sct
-    n_u = tl.load(CNT + (b * tl.num_programs(1) + g) * n_tiles + tile)
+    n_u = tl.load(CNT + bg * n_tiles + tile)
     kn = tl.arange(0, BN)
-    # pass 1: index LSE over M (natural log)
-    m_i = tl.zeros([BM], tl.float32) + float("-inf")
-    l_i = tl.zeros([BM], tl.float32)
+    # pass 1: index LSE over M (natural log), per token
+    m_i = tl.zeros([TM], tl.float32) + float("-inf")
+    l_i = tl.zeros([TM], tl.float32)
     for i in range(0, n_u):
         u = tl.load(IDS + u_base + i)
-        member = sat._chose(BITS, u_base + i, tl_tok)
+        chose = sat._chose(BITS, u_base + i, tt)
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
             ki = sat._load_rows(KI, b * sjb + keys * sjs, di, sjd, kmask, DI)
-            z = tl.where(sat._visible(member, row_ok, pos, keys, kmask), tl.dot(qi, tl.trans(ki)) * z_scale,
-                         float("-inf"))
+            z = tl.sum(tl.reshape(tl.dot(qi, tl.trans(ki)), [TM, R, BN]), axis=1) * z_scale
+            z = tl.where(sat._visible(chose, tok_ok, pos_tok, keys, kmask), z, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(z - m_use[:, None]), axis=1)
             m_i = m_new
     lq = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    tl.store(LQ + b * sab + g * sah + t * sat_, lq, mask=row_ok & (head % G == 0))
+    tl.store(LQ + b * sab + g * sah + t_tok * sat_, lq, mask=tok_ok)
     lq_use = tl.where(l_i > 0, lq, 0.0)
     # pass 2: loss and dq_idx
-    loss = tl.zeros([BM], tl.float32)
-    dqi = tl.zeros([BM, BDI], tl.float32)
+    loss = tl.zeros([TM], tl.float32)
+    dqi = tl.zeros([TI, BDI], tl.float32)
+    lead = (tl.arange(0, R) == 0)[None, :, None]
     for i in range(0, n_u):
         u = tl.load(IDS + u_base + i)
         member = sat._chose(BITS, u_base + i, tl_tok)
+        chose = sat._chose(BITS, u_base + i, tt)
         for sub in tl.static_range(BLOCK // BN):
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
-            ok = sat._visible(member, row_ok, pos, keys, kmask)
             kt = sat._load_rows(K, b * skb + g * skh + keys * sks, d, skd, kmask, D)
             ki = sat._load_rows(KI, b * sjb + keys * sjs, di, sjd, kmask, DI)
-            p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(kt)) * qk_scale - lse2[:, None]), 0.0)
-            p = _group_mean(p, TM, G, BN)
-            log_q = tl.dot(qi, tl.trans(ki)) * z_scale - lq_use[:, None]
+            p = tl.where(sat._visible(member, row_ok, pos, keys, kmask),
+                         tl.exp2(tl.dot(q, tl.trans(kt)) * qk_scale - lse2[:, None]), 0.0)
+            p = _token_mean(p, TM, G, BN)
+            ok = sat._visible(chose, tok_ok, pos_tok, keys, kmask)
+            log_q = tl.sum(tl.reshape(tl.dot(qi, tl.trans(ki)), [TM, R, BN]), axis=1) * z_scale - lq_use[:, None]
             qq = tl.where(ok, tl.exp(log_q), 0.0)
             loss += tl.sum(tl.where(ok & (p > 0), p * (tl.log(tl.where(p > 0, p, 1.0)) - log_q), 0.0), axis=1)
             if WITH_GRAD:
-                dz = (qq - p) * gscale
-                dqi += tl.dot(dz.to(ki.dtype), ki)
-    tl.store(LOSS + (b * tl.num_programs(1) + g) * n_tiles + tile, tl.sum(loss) / G)
+                dz = tl.where(lead, tl.broadcast_to(((qq - p) * gscale)[:, None, :], [TM, R, BN]), 0.0)
+                dqi += tl.dot(tl.reshape(dz, [TI, BN]).to(ki.dtype), ki)
+    tl.store(LOSS + bg * n_tiles + tile, tl.sum(loss))
     if WITH_GRAD:
-        dqi_tok = tl.sum(tl.reshape(dqi, [TM, G, BDI]), axis=1)  # [TM, BDI]
-        tt = tl.load(TOK + ((b * tl.num_programs(1) + g) * n_tiles + tile) * TM + tl.arange(0, TM))
-        tl.store(DQI + b * sib + g * sih + tt[:, None] * sit + di[None, :] * sid, dqi_tok,
-                 mask=(tt[:, None] < T) & (di[None, :] < DI))
+        dqi_tok = tl.sum(tl.reshape(dqi, [TM, R, BDI]), axis=1)  # [TM, BDI]
+        tl.store(DQI + b * sib + g * sih + t_tok[:, None] * sit + di[None, :] * sid, dqi_tok,
+                 mask=tok_ok[:, None] & (di[None, :] < DI))
 
 
 @triton.jit
@@ -108,7 +135,8 @@ def _kl_key_kernel(Q, K, QI, KI, L, LQ, DKI, TOK, ITEMS, ILEN, ETILE, EBITS, T, 
                    slb, slh, slt, sab, sah, sat_,
                    TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                    BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr,
-                   BDI: tl.constexpr):
+                   BDI: tl.constexpr, TI: tl.constexpr):
+    R: tl.constexpr = TI // TM
     bh, u, start, n, b, g = sat._key_item(ITEMS, ILEN, HKV)
     sub = tl.program_id(1)
     d = tl.arange(0, BD)
@@ -120,18 +148,21 @@ def _kl_key_kernel(Q, K, QI, KI, L, LQ, DKI, TOK, ITEMS, ILEN, ETILE, EBITS, T, 
     dki = tl.zeros([BN, BDI], tl.float32)
     for i in range(0, n):
         tile = tl.load(ETILE + start + i)
+        tok_base = (bh * NT + tile) * TM
         tl_tok, head, t, row_ok, pos = sat._row_setup(TOK, bh, NT, tile, g, T, S, TM, G, BM)
-        member = sat._chose(EBITS, start + i, tl_tok)
+        tt, t_tok, tok_ok, pos_tok = _tile_tokens(TOK, tok_base, T, S, TM)
         q = sat._load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
-        qi = sat._load_rows(QI, b * sib + g * sih + t * sit, di, sid, row_ok, DI)
+        qi = _index_rows(TOK, QI, tok_base, b, g, T, sib, sih, sit, sid, di, DI, TM, TI)
         lse2 = tl.load(L + b * slb + head * slh + t * slt, mask=row_ok, other=0.0) * 1.4426950408889634
-        lq = tl.load(LQ + b * sab + g * sah + t * sat_, mask=row_ok, other=0.0)
-        ok = sat._visible_t(member, row_ok, pos, keys, kmask)
-        pt = tl.where(ok, tl.exp2(tl.dot(kt, tl.trans(q)) * qk_scale - lse2[None, :]), 0.0)
-        pt = _group_mean_t(pt, TM, G, BN)
-        qt = tl.where(ok, tl.exp(tl.dot(ki, tl.trans(qi)) * z_scale - lq[None, :]), 0.0)
-        dzt = (qt - pt) * gscale
-        dki += tl.dot(dzt.to(qi.dtype), qi)
+        lq = tl.load(LQ + b * sab + g * sah + t_tok * sat_, mask=tok_ok, other=0.0)
+        pt = tl.where(sat._visible_t(sat._chose(EBITS, start + i, tl_tok), row_ok, pos, keys, kmask),
+                      tl.exp2(tl.dot(kt, tl.trans(q)) * qk_scale - lse2[None, :]), 0.0)
+        pt = _token_mean_t(pt, TM, G, BN)
+        ok = sat._visible_t(sat._chose(EBITS, start + i, tt), tok_ok, pos_tok, keys, kmask)
+        zt = tl.sum(tl.reshape(tl.dot(ki, tl.trans(qi)), [BN, TM, R]), axis=2) * z_scale
+        qt = tl.where(ok, tl.exp(zt - lq[None, :]), 0.0)
+        dzt = tl.broadcast_to(((qt - pt) * gscale)[:, :, None], [BN, TM, R])  # qi's other rows are 0
+        dki += tl.dot(tl.reshape(dzt, [BN, TI]).to(qi.dtype), qi)
     tl.atomic_add(DKI + b * sjb + keys[:, None] * sjs + di[None, :] * sjd, dki,
                   mask=kmask[:, None] & (di[None, :] < DI))
 
@@ -152,13 +183,14 @@ def index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_sca
     _check_group(G)
     cfg = sat.resolve_config(G, config)
     TM, BM, BN = sat._tiling(G, block_size, q.device, cfg, max_tokens=sat.BITS_MAX_TM)  # token bitmasks
+    TM = BM // G  # the group means reshape the rows [TM, G]: a small TM fills the dot's 16 rows with tokens
     plan = sat.tile_plan(block_idx, TM, cfg["WINDOW"], triton.cdiv(S, block_size), cfg["UNION"])
     if main_lse is None:
         main_lse = sat._forward(q, k, k, block_idx, block_size, scale, True, cfg, plan)[1]
     tok, cnt, ids, bits = plan
     NT = cnt.shape[-1]
     z_scale = index_scale / temperature
-    gscale = coeff * z_scale / (B * Hkv * T * G)  # each token appears in G rows
+    gscale = coeff * z_scale / (B * Hkv * T)
     lq = torch.empty((B, Hkv, T), dtype=torch.float32, device=q.device)
     loss_parts = torch.empty((B, Hkv, NT), dtype=torch.float32, device=q.device)
     dqi = torch.empty(q_idx.shape, dtype=torch.float32, device=q.device) if with_grad else lq
@@ -167,7 +199,7 @@ def index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_sca
         q_idx = q_idx.contiguous()
         qi_strides = q_idx.stride()
     BD, BDI = max(sat._pow2(D), 16), max(sat._pow2(DI), 16)
-    common = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD, DI=DI, BDI=BDI)
+    common = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=BD, DI=DI, BDI=BDI, TI=max(TM, 16))
     _kl_query_kernel[(NT, Hkv, B)](
         q, k, q_idx, k_idx, main_lse, lq, dqi, loss_parts, tok, cnt, ids, bits, T, S,
         scale * sat.LOG2E, z_scale, gscale,
