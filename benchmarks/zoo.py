@@ -657,6 +657,13 @@ def tune(T: int, parts: list[str]) -> None:
                          ("selected", lambda: var.attend_part("selected", sel)),
                          ("window", lambda: var.attend_part("window", sel))):
             print(f"tune nsa attention part {part} {T}: {bench(fn):.3f} ms", flush=True)
+        # the selected branch's tiles: tokens per tile x the 16 heads that share a selection
+        from sparsezoo.kernels import sparse_attention_triton as sat
+
+        for cfg in (dict(TM=1), dict(TM=2), dict(TM=4), dict(TM=8), dict(TM=1, num_warps=2), dict(TM=2, BN=32)):
+            ms = _timed(lambda: sat.block_sparse_attention_triton(var.q, var.k, var.v, sel.to(torch.int32), c["lsel"],
+                                                                  var.scale, config=cfg))
+            print(f"tune nsa selected attention {T}: {cfg} -> {ms}", flush=True)
 
 
 def _timed(fn) -> float | str:
