@@ -3,7 +3,8 @@
 For each shape (m3, m2), context length, batch and q_len (1, and 4 for MTP):
 - dense = the fastest of SDPA's flash / cuDNN / efficient backends (GQA folded into the query axis)
   and, where enabled, compiled FlexAttention decode, over a contiguous copy of the same cache;
-- MSA = MSADecoder.run (indexer + attention), bf16 and fp8 (per-page scale) index keys;
+- MSA = MSADecoder.run (indexer + attention), bf16 and fp8 (per-page scale) index keys, and fp8 keys with
+  e4m3-rounded index queries (index_dtype "fp8_q8": the scores are one fp8 x fp8 tensor-core dot);
 - sanity: our attention kernel with a selection that covers every block (dense-equivalent).
 Every timed configuration is checked against the references first. Decode steps are captured in
 CUDA graphs and, where the working set is small, rotate over several caches (layers) so L2 does not
@@ -33,6 +34,9 @@ SHAPES = {  # the m3 and m2 layer shapes (configs/shapes/)
     "m3": dict(hq=64, hkv=4, d=128, di=128, block=128, topk=16),
     "m2": dict(hq=48, hkv=8, d=128, di=128, block=128, topk=16),
 }
+# index keys: bf16; fp8 (per-page scale); fp8_q8: fp8 keys and e4m3-rounded index queries (MSADecoder's
+# fp8_index_queries: one fp8 x fp8 tensor-core dot for the scores)
+INDEX_MODES = ("bf16", "fp8", "fp8_q8")
 L2_ROTATE_BYTES = 256 << 20
 MAX_ROTATE = 8
 
@@ -189,6 +193,7 @@ def check_dense(o, q, k, v, Q):
 # ---- one configuration ----------------------------------------------------------------------
 def run_config(name, shape, S, B, Q, args, env, bw):
     from sparsezoo.kernels import decode_attention as att
+    from sparsezoo.kernels.decode_indexer import fp8_query_round_trip
     from sparsezoo.paged_cache import MSADecoder
     from sparsezoo.ops import references as R
 
@@ -224,9 +229,10 @@ def run_config(name, shape, S, B, Q, args, env, bw):
     dense_ms = dense[dense_impl]
 
     decs = {}
-    for idt in ("bf16", "fp8"):
+    for idt in INDEX_MODES:  # fp8_q8: fp8 keys and e4m3-rounded queries (one fp8 x fp8 dot)
         decs[idt] = MSADecoder(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, index_dim=di, block_size=blk,
-                               topk=topk, index_config=args.index_configs.get(idt))
+                               topk=topk, index_config=args.index_configs.get(idt.split("_")[0]),
+                               fp8_index_queries=idt == "fp8_q8")
         decs[idt].plan(lens, table, Q, num_pages=caches[0].num_pages)
     dec = decs["bf16"]
     outs = [torch.empty_like(x) for x in qs]
@@ -253,12 +259,15 @@ def run_config(name, shape, S, B, Q, args, env, bw):
     del k, v
 
     records = []
-    for idx_name, cs in (("bf16", caches), ("fp8", caches8)):
+    for idx_name in INDEX_MODES:
+        cs = caches if idx_name == "bf16" else caches8
         if cs is None:
             continue
         dec = decs[idx_name]
         dec.run(qs[0], qis[0], cs[0], out=outs[0])
-        check_msa(dec, caches, table, S, qs[0], qis[0], outs[0], shape, fp8_cache=None if idx_name == "bf16" else cs[0])
+        q_ranked = fp8_query_round_trip(qis[0]) if idx_name == "fp8_q8" else qis[0]  # what the indexer ranked by
+        check_msa(dec, caches, table, S, qs[0], q_ranked, outs[0], shape,
+                  fp8_cache=None if idx_name == "bf16" else cs[0])
         sel_unique = torch.tensor([torch.unique(dec.selection[b, h][dec.selection[b, h] >= 0]).numel()
                                    for b in range(B) for h in range(hkv)]).sum().item()
 

@@ -18,12 +18,16 @@ from pathlib import Path
 import torch
 
 from sparsezoo import ops
+from sparsezoo.kernels.decode_indexer import fp8_query_round_trip
 from sparsezoo.models.checkpoint import load_model
 from sparsezoo.models.data import Data, DataConfig, batch_generator
 from sparsezoo.models.train import load_run_config, train
 from sparsezoo.variants.msa import MSAAttention
 
 FP8, FP8_MAX = torch.float8_e4m3fn, 448.0
+# fp8 keys with a per-token or per-page scale; "_q8": the queries rounded to e4m3 too (MSADecoder's
+# fp8_index_queries, one fp8 x fp8 dot in the decode indexer)
+MODES = ("token", "page", "token_q8", "page_q8")
 
 
 def fp8_round_trip(k_idx: torch.Tensor, block_size: int, mode: str) -> torch.Tensor:
@@ -48,7 +52,7 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return sum(fracs) / len(fracs)
 
 
-def outside_error_band(q_idx, k_idx, k8, full, sel8, block_size) -> float:
+def outside_error_band(q_idx, k_idx, q8, k8, full, sel8, block_size) -> float:
     """Fraction of rows where fp8 picked a block whose full-precision score lies below the full
     selection's worst ranked score by more than that row's fp8 score error: a swap that fp8 rounding
     alone cannot explain (ties and near-ties are explained)."""
@@ -57,7 +61,7 @@ def outside_error_band(q_idx, k_idx, k8, full, sel8, block_size) -> float:
     T, S = q_idx.shape[2], k_idx.shape[1]
     pos = torch.arange(S - T, S)
     b = block_scores(q_idx.double(), k_idx.double(), pos, block_size, q_idx.shape[-1] ** -0.5)
-    b8 = block_scores(q_idx.double(), k8.double(), pos, block_size, q_idx.shape[-1] ** -0.5)
+    b8 = block_scores(q8.double(), k8.double(), pos, block_size, q_idx.shape[-1] ** -0.5)
     finite = torch.isfinite(b) & torch.isfinite(b8)
     err = torch.where(finite, (b - b8).abs(), torch.zeros_like(b)).amax(-1)  # [B, H, T]
     local = (pos // block_size).view(1, 1, T, 1)
@@ -72,11 +76,13 @@ def outside_error_band(q_idx, k_idx, k8, full, sel8, block_size) -> float:
 def measure(q_idx, k_idx, block_size, topk) -> dict[str, float]:
     full = ops.msa_select(q_idx, k_idx, block_size=block_size, topk=topk, backend="reference")
     out = {}
-    for mode in ("token", "page"):
+    for name in MODES:
+        mode, fp8_queries = name.split("_")[0], name.endswith("_q8")
         k8 = fp8_round_trip(k_idx, block_size, mode)
-        sel8 = ops.msa_select(q_idx, k8, block_size=block_size, topk=topk, backend="reference")
-        out[mode] = overlap(full, sel8)
-        out[f"{mode}_unexplained"] = outside_error_band(q_idx, k_idx, k8, full, sel8, block_size)
+        q8 = fp8_query_round_trip(q_idx) if fp8_queries else q_idx
+        sel8 = ops.msa_select(q8, k8, block_size=block_size, topk=topk, backend="reference")
+        out[name] = overlap(full, sel8)
+        out[f"{name}_unexplained"] = outside_error_band(q_idx, k_idx, q8, k8, full, sel8, block_size)
     return out
 
 
@@ -123,8 +129,7 @@ def main(argv=None):
     summary = {}
     for kind in sorted({r["keys"].split(" ")[0] for r in rows}):
         sel = [r for r in rows if r["keys"].startswith(kind)]
-        summary[kind] = {m: sum(r[m] for r in sel) / len(sel)
-                         for m in ("token", "page", "token_unexplained", "page_unexplained")}
+        summary[kind] = {m: sum(r[m] for r in sel) / len(sel) for name in MODES for m in (name, f"{name}_unexplained")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"device": "cpu", "torch": torch.__version__, "model": "configs/gpt_tiny.yaml (msa, topk 4)",
@@ -133,13 +138,16 @@ def main(argv=None):
     (out / "fp8_index_overlap.json").write_text(json.dumps(record, indent=2))
     lines = [f"fp8 e4m3 index keys vs full precision: top-{k} overlap (block {bs}, {args.length} tokens, "
              f"tiny MSA GPT trained {args.steps} steps on the CPU, torch {torch.__version__}).", "",
-             "| index keys | overlap, per-token scale | overlap, per-page scale | rows with a swap fp8 error cannot "
-             "explain (token / page) |", "|---|---|---|---|"]
-    lines += [f"| {kind} | {v['token']:.4f} | {v['page']:.4f} | {v['token_unexplained']:.4f} / "
-              f"{v['page_unexplained']:.4f} |" for kind, v in summary.items()]
+             "| index keys | overlap, per-token scale | overlap, per-page scale | the same with e4m3 queries "
+             "(token / page) | rows with a swap fp8 error cannot explain (token / page / token q8 / page q8) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {kind} | {v['token']:.4f} | {v['page']:.4f} | {v['token_q8']:.4f} / {v['page_q8']:.4f} | "
+              + " / ".join(f"{v[f'{name}_unexplained']:.4f}" for name in MODES) + " |" for kind, v in summary.items()]
     lines += ["", "Overlap = mean |fp8 ∩ full| / |full| per (batch, index head, query). A swap is explained when the "
               "block fp8 picked scores (in full precision) within twice the row's largest fp8 score error of the "
-              "worst block the full-precision selection kept: ties and near-ties."]
+              "worst block the full-precision selection kept: ties and near-ties. e4m3 queries: each index query "
+              "row scaled to its largest magnitude and rounded to e4m3 as well (`MSADecoder(fp8_index_queries=True)`: "
+              "the decode indexer's scores become one fp8 x fp8 tensor-core dot)."]
     lines += ["", "Command: `python benchmarks/fp8_index_overlap.py --out examples/results`"]
     (out / "fp8_index_overlap.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -30,6 +30,8 @@ import triton.language as tl
 
 from sparsezoo.kernels.nonfinite import max_keep_nan
 
+FP8_MAX = tl.constexpr(448.0)  # the largest finite e4m3 value
+
 # Index-key scale modes (fp8 caches); 0 = unscaled keys.
 SCALE_NONE, SCALE_PAGE, SCALE_TOKEN = 0, 1, 2
 _SCALE_MODES = {None: SCALE_NONE, "page": SCALE_PAGE, "token": SCALE_TOKEN}
@@ -44,6 +46,31 @@ def _pack(score, block_id):
 
 
 @triton.jit
+def _e4m3_nearest(x):
+    """fp32 x (|x| <= 448) -> the nearest e4m3 value as fp32, ties to even (torch's cast): the cast to
+    fp8 after it is exact, so the rounding is the same on every backend (the interpreter's own cast
+    rounds ties and subnormals otherwise). Exponent and step from the bits; subnormals share 2^-6's step."""
+    ax = tl.abs(x)
+    e = tl.maximum(((ax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inv_step = ((3 - e + 127) << 23).to(tl.float32, bitcast=True)
+    r = ((ax * inv_step + 8388608.0) - 8388608.0) * step  # 2^23: rounds the 3-bit mantissa to even
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _fp8_rows(q):
+    """q [rows, D] -> (e4m3 q scaled so each row's largest magnitude is 448, the per-row unscale)."""
+    qf = q.to(tl.float32)
+    amax = tl.max(tl.abs(qf), axis=1)
+    live = amax > 0
+    ones = tl.zeros_like(amax) + 1.0
+    inv = tl.where(live, tl.math.div_rn(ones * FP8_MAX, tl.where(live, amax, 1.0)), 1.0)
+    unscale = tl.where(live, tl.math.div_rn(amax, ones * FP8_MAX), 1.0)
+    return _e4m3_nearest(qf * inv[:, None]).to(tl.float8e4nv), unscale
+
+
+@triton.jit
 def _index_split_kernel(
     q_ptr, kidx_ptr, kscale_ptr, pt_ptr, lens_ptr, part_ptr,
     stride_qb, stride_qh, stride_qt,
@@ -52,7 +79,7 @@ def _index_split_kernel(
     blocks_per_split, n_splits, sm_scale,
     H: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     K1: tl.constexpr, K1P: tl.constexpr, ROWS: tl.constexpr, SCALE_MODE: tl.constexpr,
-    IEEE: tl.constexpr, FP8_KEYS: tl.constexpr, NB: tl.constexpr,
+    IEEE: tl.constexpr, FP8_KEYS: tl.constexpr, FP8_QUERY: tl.constexpr, NB: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -71,7 +98,10 @@ def _index_split_kernel(
     q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :],
                 mask=row_ok[:, None], other=0.0)
     q_unscale = 1.0
-    if FP8_KEYS:
+    row_unscale = tl.full([ROWS], 1.0, tl.float32)
+    if FP8_QUERY:  # one fp8 x fp8 tensor-core dot: the keys stay e4m3, q is rounded to e4m3 per row
+        q, row_unscale = _fp8_rows(q)
+    elif FP8_KEYS:
         # e4m3 keys convert exactly to fp16; scale q by a power of two into fp16's range (exact).
         amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0)
         q_scale = tl.minimum(tl.exp2(tl.floor(tl.log2(16384.0 / tl.maximum(amax, 1e-30)))), 1.0)
@@ -101,6 +131,8 @@ def _index_split_kernel(
             tscale = tl.load(kscale_ptr + pages[:, None] * PAGE + tok[None, :], mask=ok[:, None], other=0.0)
             sc = sc * tl.reshape(tscale, [NB * PAGE])[None, :]
         m = tl.reduce(tl.reshape(sc, [ROWS, NB, PAGE]), 2, max_keep_nan)  # block max [ROWS, NB], NaN kept
+        if FP8_QUERY:  # a positive per-row factor commutes with the max
+            m = m * row_unscale[:, None]
         m = tl.where(m == m, m, float("inf"))  # a NaN score ranks first
         if SCALE_MODE == 1:
             m = m * tl.load(kscale_ptr + pages, mask=ok, other=0.0)[None, :]
@@ -172,10 +204,12 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
                   scale_mode: str | None, page_table: torch.Tensor, seq_lens: torch.Tensor, *,
                   topk: int, scale: float, blocks_per_split: int, n_splits: int,
                   out: torch.Tensor, workspace: torch.Tensor, num_warps: int = 4,
-                  num_stages: int = 3, pages_per_step: int = 2) -> torch.Tensor:
+                  num_stages: int = 3, pages_per_step: int = 2, fp8_queries: bool = False) -> torch.Tensor:
     """Launch split + merge. q_idx [B, H_i, Q, D_i]; k_idx_cache [P, page, D_i]; page_table int32
     [B, n_pages]; seq_lens int32 [B] (lengths including the Q new tokens); out int32 [B, H_i, Q, k].
-    No host syncs: capturable in a CUDA graph."""
+    fp8_queries (fp8 keys only): round each query row to e4m3 (scaled to the row's largest magnitude,
+    `fp8_query_round_trip`) so the scores are one fp8 x fp8 tensor-core dot instead of a key
+    conversion to fp16 per element. No host syncs: capturable in a CUDA graph."""
     B, H, Q, D = q_idx.shape
     page = k_idx_cache.shape[1]
     if topk < 2:
@@ -184,6 +218,9 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
         raise ValueError("q_idx and the index-key cache need a unit stride on the last dim")
     if D < 16 or D & (D - 1) or page < 16 or page & (page - 1):
         raise ValueError(f"index dim ({D}) and page size ({page}) must be powers of two >= 16")
+    fp8_keys = k_idx_cache.dtype == torch.float8_e4m3fn
+    if fp8_queries and not fp8_keys:
+        raise ValueError(f"fp8_queries needs fp8 (e4m3) index keys, got {k_idx_cache.dtype}")
     mode = _SCALE_MODES[scale_mode]
     if mode != SCALE_NONE and k_idx_scale is None:
         raise ValueError(f"scale mode {scale_mode!r} needs k_idx_scale")
@@ -199,7 +236,7 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
         blocks_per_split, n_splits, scale,
         H=H, Q=Q, D=D, PAGE=page, K1=k1, K1P=_next_pow2(k1), ROWS=rows, SCALE_MODE=mode,
         IEEE=q_idx.dtype == torch.float32 and k_idx_cache.dtype == torch.float32,
-        FP8_KEYS=k_idx_cache.dtype == torch.float8_e4m3fn, NB=pages_per_step,
+        FP8_KEYS=fp8_keys, FP8_QUERY=bool(fp8_queries), NB=pages_per_step,
         num_warps=num_warps, num_stages=num_stages,
     )
     nc = _next_pow2(n_splits * k1)
@@ -211,3 +248,13 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
         num_warps=4 if nc <= 2048 else 8,
     )
     return out
+
+
+def fp8_query_round_trip(q_idx: torch.Tensor) -> torch.Tensor:
+    """What `fp8_queries` does to the index queries, in torch (the reference): each row [..., D_i] scaled
+    so its largest magnitude is 448, rounded to e4m3 (ties to even), scaled back; fp32."""
+    q = q_idx.float()
+    amax = q.abs().amax(-1, keepdim=True)
+    live = amax > 0
+    inv = torch.where(live, 448.0 / torch.where(live, amax, 1.0), 1.0)
+    return (q * inv).to(torch.float8_e4m3fn).float() * torch.where(live, amax / 448.0, 1.0)

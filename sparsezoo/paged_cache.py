@@ -307,11 +307,15 @@ class MSADecoder:
     plan(seq_lens, page_table, q_len) once per step (copies into static buffers, validates);
     run(q, q_idx, cache) once per layer (no host syncs; CUDA-graph capturable once planned).
     The selection of the last run stays in `self.selection` (int32 [B, H_i, Q, topk]).
+    fp8_index_queries (caches with fp8 index keys): the index queries are rounded to e4m3 too, per row
+    scaled to its largest magnitude, so the index scores are one fp8 x fp8 tensor-core dot; the
+    selection then equals the reference on `kernels.decode_indexer.fp8_query_round_trip(q_idx)`.
     """
 
     def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, index_dim: int,
                  block_size: int = 128, topk: int = 16, scale: float | None = None,
-                 index_scale: float | None = None, max_q_len: int = 16, index_config: dict | None = None):
+                 index_scale: float | None = None, max_q_len: int = 16, index_config: dict | None = None,
+                 fp8_index_queries: bool = False):
         if num_q_heads % num_kv_heads:
             _err(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if topk < 2:
@@ -320,6 +324,8 @@ class MSADecoder:
         self.block_size, self.topk, self.max_q_len = block_size, topk, max_q_len
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         self.index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else index_scale
+        # with an fp8 index-key cache: round the index queries to e4m3 as well (one fp8 tensor-core dot)
+        self.fp8_index_queries = bool(fp8_index_queries)
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
         # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages.
         self.index_config = dict(programs_per_sm=2, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2)
@@ -398,7 +404,8 @@ class MSADecoder:
                                  blocks_per_split=self.index_split[0], n_splits=self.index_split[1],
                                  out=self.selection, workspace=self.index_ws,
                                  num_warps=self.index_config["num_warps"], num_stages=self.index_config["num_stages"],
-                                 pages_per_step=self.index_config["pages_per_step"])
+                                 pages_per_step=self.index_config["pages_per_step"],
+                                 fp8_queries=self.fp8_index_queries)
 
     def attend(self, q: torch.Tensor, cache: PagedKVCache, *, return_lse: bool = False,
                out: torch.Tensor | None = None, _checked: bool = False):
@@ -419,6 +426,8 @@ class MSADecoder:
     def _check_run(self, q, q_idx, cache):
         if not isinstance(cache, PagedKVCache):
             _err(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+        if self.fp8_index_queries and cache.index_dtype != FP8:
+            _err(f"fp8_index_queries needs a cache with fp8 index keys (index_dtype={FP8}), got {cache.index_dtype}")
         if self._key is None:
             _err("call plan(seq_lens, page_table, q_len) before run()")
         want = {"q": (self.B, self.hq, self.q_len, self.d), "q_idx": (self.B, self.hkv, self.q_len, self.di)}

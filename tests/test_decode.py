@@ -166,6 +166,59 @@ def test_fp8_index_keys_kernel_matches_dequantized_reference(mode, device):
                          atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=False)
 
 
+@pytest.mark.parametrize("mode", ["token", "page"])
+def test_fp8_index_queries_match_the_reference_on_rounded_queries(mode, device):
+    """fp8_index_queries: one fp8 x fp8 dot ranks like the reference on the dequantised keys and the
+    e4m3-rounded queries (fp8_query_round_trip); the attention is unchanged."""
+    from sparsezoo.kernels.decode_indexer import fp8_query_round_trip
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    lens, Q, topk = [700, 450, 40], 3, 8  # many blocks: e4m3-rounded queries reorder some of them
+    cache, alloc, table, seq_lens, _ = build(lens, **SMALL, hq=4, dtype=dtype, device=device, index_dtype=FP8,
+                                             index_scale=mode, seed=8)
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(len(lens), 4, Q, SMALL["d"], generator=g).to(dtype).to(device)
+    q_idx = torch.randn(len(lens), SMALL["hkv"], Q, SMALL["di"], generator=g).to(dtype).to(device)
+    q_idx[0, 0, 0] = 0.0  # an all-zero row keeps its zeros (no 0/0 scale)
+    dec = MSADecoder(num_q_heads=4, num_kv_heads=SMALL["hkv"], head_dim=SMALL["d"], index_dim=SMALL["di"],
+                     block_size=SMALL["page"], topk=topk, fp8_index_queries=True)
+    dec.plan(seq_lens, table, Q, num_pages=cache.num_pages)
+    out, lse = dec.run(q, q_idx, cache, return_lse=True)
+    exact = device.type == "cpu"  # the interpreter in fp32: the same sets as the reference
+    compare_to_reference(lens, Q, cache, alloc, q, fp8_query_round_trip(q_idx), dec, out, lse, topk=topk,
+                         sel_eps=1e-4 if exact else 5e-2, atol=1e-4 if exact else 3e-2, exact_sel=exact)
+    bf_cache = PagedKVCache(4, SMALL["hkv"], SMALL["d"], SMALL["di"], page_size=SMALL["page"], dtype=dtype,
+                            device=device)
+    with pytest.raises(ValueError, match="fp8_index_queries needs a cache with fp8 index keys"):
+        dec.run(q, q_idx, bf_cache)
+
+
+try:  # the kernel's rounding helper, run alone (the Triton interpreter resolves it from module globals)
+    import triton
+    import triton.language as tl
+
+    from sparsezoo.kernels.decode_indexer import _e4m3_nearest
+
+    @triton.jit
+    def _e4m3_kernel(X, Y, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(Y + i, _e4m3_nearest(tl.load(X + i)))
+except ImportError:
+    _e4m3_kernel = None
+
+
+@pytest.mark.skipif(_e4m3_kernel is None, reason="needs triton")
+def test_fp8_query_rounding_is_torchs_cast():
+    """The kernel's e4m3 rounding (exponent and step from the bits, ties to even) equals torch's cast,
+    ties and subnormals included (the interpreter's own cast rounds those otherwise)."""
+    grid = torch.tensor([0.0, -0.0, 17.0, 100.0, 9.5, 8.5, 0.001, 2.0**-10, 3 * 2.0**-10, 447.9, -448.0, 15.5,
+                         240.0, 1.0625, 1.1875, -0.3])
+    x = torch.cat([grid, torch.randn(240) * torch.logspace(-3, 2, 240)]).clamp(-448, 448).to(DEVICE)
+    y = torch.empty_like(x)
+    _e4m3_kernel[(1,)](x, y, N=x.numel())
+    torch.testing.assert_close(y, x.to(torch.float8_e4m3fn).float(), atol=0, rtol=0)
+
+
 # ---- cache operations ------------------------------------------------------------------------
 @pytest.mark.parametrize("index_dtype,mode", [(None, None), (FP8, "token"), (FP8, "page")])
 @pytest.mark.parametrize("q_len", [1, 3])
