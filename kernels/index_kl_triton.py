@@ -36,6 +36,44 @@ def _token_mean_t(pt, TM: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _per_token(x, TM: tl.constexpr, R: tl.constexpr, N: tl.constexpr):
+    """[TM * R, N] -> [TM, N]: the sum over each token's R rows (its lead row; the others hold 0)."""
+    if R == 1:
+        return x
+    else:
+        return tl.sum(tl.reshape(x, [TM, R, N]), axis=1)
+
+
+@triton.jit
+def _per_token_t(xt, TM: tl.constexpr, R: tl.constexpr, N: tl.constexpr):
+    """Transposed version: [N, TM * R] -> [N, TM]."""
+    if R == 1:
+        return xt
+    else:
+        return tl.sum(tl.reshape(xt, [N, TM, R]), axis=2)
+
+
+@triton.jit
+def _lead_rows(x, TM: tl.constexpr, R: tl.constexpr, N: tl.constexpr):
+    """[TM, N] -> [TM * R, N]: each token's values on its lead row, 0 on the others."""
+    if R == 1:
+        return x
+    else:
+        lead = (tl.arange(0, R) == 0)[None, :, None]
+        return tl.reshape(tl.where(lead, tl.broadcast_to(x[:, None, :], [TM, R, N]), 0.0), [TM * R, N])
+
+
+@triton.jit
+def _every_row_t(xt, TM: tl.constexpr, R: tl.constexpr, N: tl.constexpr):
+    """[N, TM] -> [N, TM * R], each token's column repeated on its R rows (for a dot with the index
+    rows, whose non-lead rows are 0)."""
+    if R == 1:
+        return xt
+    else:
+        return tl.reshape(tl.broadcast_to(xt[:, :, None], [N, TM, R]), [N, TM * R])
+
+
+@triton.jit
 def _index_rows(TOK, QI, tok_base, b, g, T, sib, sih, sit, sid, di, DI: tl.constexpr, TM: tl.constexpr,
                 TI: tl.constexpr):
     """The tile's index queries for the tensor cores: token i of the tile at row i * (TI // TM) of a TI-row
@@ -90,7 +128,7 @@ def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, TOK, CNT, IDS, BITS, T, S, 
             keys = u * BLOCK + sub * BN + kn
             kmask = keys < S
             ki = sat._load_rows(KI, b * sjb + keys * sjs, di, sjd, kmask, DI)
-            z = tl.sum(tl.reshape(tl.dot(qi, tl.trans(ki)), [TM, R, BN]), axis=1) * z_scale
+            z = _per_token(tl.dot(qi, tl.trans(ki)), TM, R, BN) * z_scale
             z = tl.where(sat._visible(chose, tok_ok, pos_tok, keys, kmask), z, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -102,7 +140,6 @@ def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, TOK, CNT, IDS, BITS, T, S, 
     # pass 2: loss and dq_idx
     loss = tl.zeros([TM], tl.float32)
     dqi = tl.zeros([TI, BDI], tl.float32)
-    lead = (tl.arange(0, R) == 0)[None, :, None]
     for i in range(0, n_u):
         u = tl.load(IDS + u_base + i)
         member = sat._chose(BITS, u_base + i, tl_tok)
@@ -116,15 +153,14 @@ def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, TOK, CNT, IDS, BITS, T, S, 
                          tl.exp2(tl.dot(q, tl.trans(kt)) * qk_scale - lse2[:, None]), 0.0)
             p = _token_mean(p, TM, G, BN)
             ok = sat._visible(chose, tok_ok, pos_tok, keys, kmask)
-            log_q = tl.sum(tl.reshape(tl.dot(qi, tl.trans(ki)), [TM, R, BN]), axis=1) * z_scale - lq_use[:, None]
+            log_q = _per_token(tl.dot(qi, tl.trans(ki)), TM, R, BN) * z_scale - lq_use[:, None]
             qq = tl.where(ok, tl.exp(log_q), 0.0)
             loss += tl.sum(tl.where(ok & (p > 0), p * (tl.log(tl.where(p > 0, p, 1.0)) - log_q), 0.0), axis=1)
             if WITH_GRAD:
-                dz = tl.where(lead, tl.broadcast_to(((qq - p) * gscale)[:, None, :], [TM, R, BN]), 0.0)
-                dqi += tl.dot(tl.reshape(dz, [TI, BN]).to(ki.dtype), ki)
+                dqi += tl.dot(_lead_rows((qq - p) * gscale, TM, R, BN).to(ki.dtype), ki)
     tl.store(LOSS + bg * n_tiles + tile, tl.sum(loss))
     if WITH_GRAD:
-        dqi_tok = tl.sum(tl.reshape(dqi, [TM, R, BDI]), axis=1)  # [TM, BDI]
+        dqi_tok = _per_token(dqi, TM, R, BDI)  # [TM, BDI]
         tl.store(DQI + b * sib + g * sih + t_tok[:, None] * sit + di[None, :] * sid, dqi_tok,
                  mask=tok_ok[:, None] & (di[None, :] < DI))
 
@@ -159,10 +195,9 @@ def _kl_key_kernel(Q, K, QI, KI, L, LQ, DKI, TOK, ITEMS, ILEN, ETILE, EBITS, T, 
                       tl.exp2(tl.dot(kt, tl.trans(q)) * qk_scale - lse2[None, :]), 0.0)
         pt = _token_mean_t(pt, TM, G, BN)
         ok = sat._visible_t(sat._chose(EBITS, start + i, tt), tok_ok, pos_tok, keys, kmask)
-        zt = tl.sum(tl.reshape(tl.dot(ki, tl.trans(qi)), [BN, TM, R]), axis=2) * z_scale
+        zt = _per_token_t(tl.dot(ki, tl.trans(qi)), TM, R, BN) * z_scale
         qt = tl.where(ok, tl.exp(zt - lq[None, :]), 0.0)
-        dzt = tl.broadcast_to(((qt - pt) * gscale)[:, :, None], [BN, TM, R])  # qi's other rows are 0
-        dki += tl.dot(tl.reshape(dzt, [BN, TI]).to(qi.dtype), qi)
+        dki += tl.dot(_every_row_t((qt - pt) * gscale, TM, R, BN).to(qi.dtype), qi)
     tl.atomic_add(DKI + b * sjb + keys[:, None] * sjs + di[None, :] * sjd, dki,
                   mask=kmask[:, None] & (di[None, :] < DI))
 
