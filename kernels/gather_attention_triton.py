@@ -130,12 +130,26 @@ def _group_rows(G: tl.constexpr, BM: tl.constexpr, KV_DIV: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_splits, qk_scale,
+def _with_sink(out, lse2, SINK, head, row_ok):
+    """A learned logit per query head in the softmax, with a zero value (DeepSeek-V4's attention sink):
+    out * sigmoid(lse - sink) and log2-sum-exp2(lse2, sink2): exact, as one more softmax slot whose score
+    is the sink (an empty row gets out 0 and the sink as its LSE; a NaN row stays NaN)."""
+    s2 = tl.load(SINK + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    diff = lse2 - s2
+    out = out * (1.0 / (1.0 + tl.exp2(-diff)))[:, None]
+    hi = tl.maximum(lse2, s2)
+    lse2 = tl.where(hi == float("-inf"), float("-inf"), hi + tl.log2(1.0 + tl.exp2(-tl.abs(diff))))
+    return out, lse2
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, K2, V2, IDX, SINK, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_splits, qk_scale,
                 sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n,
                 sib, sih, sit, sob, soh, sot, sod, slb, slh, slt,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                 SPLIT: tl.constexpr, PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr,
-                KV_DIV: tl.constexpr, WINDOW: tl.constexpr, NF_SUM: tl.constexpr, SHARED: tl.constexpr):
+                KV_DIV: tl.constexpr, WINDOW: tl.constexpr, NF_SUM: tl.constexpr, SHARED: tl.constexpr,
+                HAS_SINK: tl.constexpr):
     t = (tl.program_id(0) // n_splits).to(tl.int64)
     sp = tl.program_id(0) % n_splits
     b = tl.program_id(2).to(tl.int64)
@@ -187,14 +201,16 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_s
         tl.store(PO + prow[:, None] * D + d[None, :], out, mask=row_ok[:, None] & (d[None, :] < D))
         tl.store(PL + prow, lse2, mask=row_ok)
     else:
+        if HAS_SINK:
+            out, lse2 = _with_sink(out, lse2, SINK, head, row_ok)
         tl.store(O + b * sob + head[:, None] * soh + t * sot + d[None, :] * sod, out.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & (d[None, :] < D))
         tl.store(L + b * slb + head * slh + t * slt, lse2 * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
-def _merge_kernel(PO, PL, O, L, T, n_splits, sob, soh, sot, sod, slb, slh, slt,
-                  G: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+def _merge_kernel(PO, PL, SINK, O, L, T, n_splits, sob, soh, sot, sod, slb, slh, slt,
+                  G: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, HAS_SINK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     row_ok, head, _, _ = _group_rows(G, BM, 1)
@@ -218,9 +234,11 @@ def _merge_kernel(PO, PL, O, L, T, n_splits, sob, soh, sot, sod, slb, slh, slt,
         m = m_new
     empty = l == 0.0
     out = poison_rows(acc / tl.where(empty, 1.0, l)[:, None], bad)
+    lse2 = poison(tl.where(empty, float("-inf"), m + tl.log2(tl.where(empty, 1.0, l))), bad)
+    if HAS_SINK:
+        out, lse2 = _with_sink(out, lse2, SINK, head, row_ok)
     tl.store(O + b * sob + head[:, None] * soh + t * sot + d[None, :] * sod, out.to(O.dtype.element_ty), mask=d_ok)
-    lse = poison(tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) * 0.6931471805599453), bad)
-    tl.store(L + b * slb + head * slh + t * slt, lse, mask=row_ok)
+    tl.store(L + b * slb + head * slh + t * slt, lse2 * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
@@ -324,7 +342,8 @@ def _pools(k, v, k2, v2):
     return k, v, k2, v2, k2.shape[2], (*k2.stride()[:3], *v2.stride()[:3]), flags
 
 
-def _forward(q, k, v, k2, v2, idx, scale, window, cfg):
+def _forward(q, k, v, k2, v2, idx, scale, window, cfg, sink=None):
+    """(out, natural-log LSE); sink: fp32 [Hq] or None."""
     B, Hq, T, _ = q.shape
     k, v, k2, v2, N2, k2v2_strides, pool_flags = _pools(k, v, k2, v2)
     N, KS = k.shape[2], window + idx.shape[-1]
@@ -342,20 +361,25 @@ def _forward(q, k, v, k2, v2, idx, scale, window, cfg):
         pl = torch.empty((B, Hq, T, n_splits), dtype=torch.float32, device=q.device)
     else:
         po = pl = lse
+    sink_arg = lse if sink is None else sink  # a valid pointer when there is no sink
     _fwd_kernel[(T * n_splits, P, B)](
-        q, k, v, k2, v2, idx, out, lse, po, pl, T, N, N + N2, KS, N - T, per, n_splits, scale * LOG2E,
+        q, k, v, k2, v2, idx, sink_arg, out, lse, po, pl, T, N, N + N2, KS, N - T, per, n_splits, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *out.stride(), *lse.stride(),
         G=G, BM=BM, BN=BN, D=D, BD=BD, SPLIT=split, PREC=prec, **pool_flags, KV_DIV=KV_DIV, WINDOW=window,
-        NF_SUM=cfg["NF_CHECK"] == "sum", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        NF_SUM=cfg["NF_CHECK"] == "sum", HAS_SINK=sink is not None, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     if split:
         _merge_kernel[(T, P, B)](
-            po, pl, out, lse, T, n_splits, *out.stride(), *lse.stride(),
-            G=G, BM=BM, D=D, BD=BD, num_warps=cfg["merge_warps"])
+            po, pl, sink_arg, out, lse, T, n_splits, *out.stride(), *lse.stride(),
+            G=G, BM=BM, D=D, BD=BD, HAS_SINK=sink is not None, num_warps=cfg["merge_warps"])
     return out, lse
 
 
-def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, window, cfg):
-    """(dq, dk, dv, dk2, dv2); dk2, dv2 are None without a second pool."""
+def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, window, cfg, sink=None):
+    """(dq, dk, dv, dk2, dv2, dsink); dk2, dv2 are None without a second pool, dsink without a sink. With a
+    sink, out and lse are the forward's (sink included), so the kernel's p = exp(s - lse) are the sink
+    softmax's and dq, dk, dv need nothing else; dsink = -sum over rows of p_sink * delta, p_sink =
+    exp(sink - lse)."""
     B, Hq, T, _ = q.shape
     k, v, k2, v2, N2, k2v2_strides, pool_flags = _pools(k, v, k2, v2)
     Hkv, N, KS = k.shape[1], k.shape[2], window + idx.shape[-1]
@@ -371,26 +395,31 @@ def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, window, cfg):
         G=G, BM=BM, BN=cfg["bwd_BN"], D=D, BD=BD, PREC=prec, **pool_flags, KV_DIV=KV_DIV, WINDOW=window,
         num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    dsink = None
+    if sink is not None:  # a poisoned row (NaN LSE) passes no gradient, to the sink neither
+        dsink = -torch.where(torch.isnan(lse), 0.0, torch.exp(sink.view(1, -1, 1) - lse) * delta).sum((0, 2))
     if not pool_flags["TWO"]:
-        return dq, dk, dv, None, None
-    return dq, dk[:, :, :N], dv[:, :, :N], dk[:, :, N:], dv[:, :, N:]
+        return dq, dk, dv, None, None, dsink
+    return dq, dk[:, :, :N], dv[:, :, :N], dk[:, :, N:], dv[:, :, N:], dsink
 
 
 class _GatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k2, v2, idx, scale, window, cfg):
-        out, lse = _forward(q, k, v, k2, v2, idx, scale, window, cfg)
-        ctx.save_for_backward(q, k, v, k2, v2, idx, out, lse)
+    def forward(ctx, q, k, v, k2, v2, idx, scale, window, cfg, sink):
+        sink32 = None if sink is None else sink.float().contiguous()
+        out, lse = _forward(q, k, v, k2, v2, idx, scale, window, cfg, sink32)
+        ctx.save_for_backward(q, k, v, k2, v2, idx, out, lse, sink32)
         ctx.scale, ctx.window, ctx.cfg = scale, window, cfg
+        ctx.sink_dtype = None if sink is None else sink.dtype
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, k2, v2, idx, out, lse = ctx.saved_tensors
+        q, k, v, k2, v2, idx, out, lse, sink = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        return (*_backward(q, k, v, k2, v2, idx, out, lse, dout, dlse, ctx.scale, ctx.window, ctx.cfg),
-                None, None, None, None)
+        *grads, dsink = _backward(q, k, v, k2, v2, idx, out, lse, dout, dlse, ctx.scale, ctx.window, ctx.cfg, sink)
+        return (*grads, None, None, None, None, None if dsink is None else dsink.to(ctx.sink_dtype))
 
 
 def _check(q, k, v, idx):
@@ -424,7 +453,7 @@ def _check_second_pool(k, k2, v2):
 
 
 def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False, config: dict | None = None,
-                            k2=None, v2=None, window: int = 0):
+                            k2=None, v2=None, window: int = 0, sink=None):
     """q [B, Hq, T, D], k/v [B, Hkv, N, D], idx int [B, Hs, T, K] (Hs in {1, Hkv, Hq}; -1 or any id
     outside [0, N) = empty slot) -> out [B, Hq, T, D] (and natural-log LSE [B, Hq, T] fp32; a query
     with no key gets out 0, LSE -inf). Differentiable w.r.t. q, k, v (through out and LSE).
@@ -434,7 +463,9 @@ def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False
     k2 were concatenated after k, without the copy); differentiable w.r.t. k2, v2 too.
     window > 0: each query also attends to its last `window` raw tokens of k, v (positions
     p - window + 1 .. p, p = N - T + t: the queries are the last T of the N raw tokens), listed before
-    its ids without being stored (CSA's sliding window); idx then names the other keys only."""
+    its ids without being stored (CSA's sliding window); idx then names the other keys only.
+    sink [Hq] (optional): a learned logit per query head in every softmax, with a zero value (DeepSeek-V4):
+    applied in the kernels' epilogue (out * sigmoid(lse - sink), LSE logaddexp(lse, sink)); differentiable."""
     _check(q, k, v, idx)
     _check_second_pool(k, k2, v2)
     if window < 0 or (window > 0 and q.shape[2] > k.shape[2]):
@@ -448,6 +479,8 @@ def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False
         out = torch.where(bad[..., None], float("nan"), q * 0.0)
         lse = torch.where(bad, float("nan"), torch.full(q.shape[:3], float("-inf"), dtype=torch.float32,
                                                               device=q.device))
+        if sink is not None:  # every row is the sink alone: out stays 0 (NaN rows NaN), the LSE is the sink
+            lse = torch.logaddexp(lse, sink.to(lse.dtype).view(1, -1, 1))
         return (out, lse) if return_lse else out
     if idx.dtype == torch.int64:  # ids past int32 must not wrap into range: clamp to [-1, N + N2] (masked)
         idx = idx.clamp(-1, N + N2)
@@ -455,5 +488,8 @@ def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False
         k, v, k2, v2 = k2, v2, None, None
     elif N2 == 0:
         k2 = v2 = None
-    out, lse = _GatherAttention.apply(q, k, v, k2, v2, idx.to(torch.int32), float(scale), int(window), cfg)
+    if sink is not None and (sink.shape != (q.shape[1],) or not sink.is_floating_point() or sink.device != q.device):
+        raise ValueError(f"sink must be a float tensor [Hq={q.shape[1]}] on {q.device}, got "
+                         f"{tuple(sink.shape)} {sink.dtype} on {sink.device}")
+    out, lse = _GatherAttention.apply(q, k, v, k2, v2, idx.to(torch.int32), float(scale), int(window), cfg, sink)
     return (out, lse) if return_lse else out

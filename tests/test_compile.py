@@ -166,12 +166,13 @@ def _block_sparse_args():
     return torch.ops.sparsezoo.block_sparse_attention_triton, (q, k, v, sel, 16, 0.25)
 
 
-def _gather_args(second_pool: bool):
+def _gather_args(second_pool: bool, sink: bool = False):
     q, k, v = _qkv(T=8, S=16, grad=True)
     k2, v2 = (t[:, :, :4].detach().clone().requires_grad_() for t in (k, v)) if second_pool else (None, None)
     idx = torch.randint(-1, 16 + (4 if second_pool else 0), (1, 1, 8, 8), dtype=torch.int32,
                         generator=torch.Generator().manual_seed(1))
-    return torch.ops.sparsezoo.gather_attention_triton, (q, k, v, idx, 0.25, k2, v2, 3)  # 3: a raw window
+    logits = torch.randn(q.shape[1], requires_grad=True) if sink else None  # DeepSeek-V4's attention sink
+    return torch.ops.sparsezoo.gather_attention_triton, (q, k, v, idx, 0.25, k2, v2, 3, logits)  # 3: a raw window
 
 
 def _index_kl_args(with_lse: bool):
@@ -212,6 +213,7 @@ CUSTOM_OPS = {
     "block_sparse_attention": _block_sparse_args,
     "gather_attention": lambda: _gather_args(False),
     "gather_attention-two-pools": lambda: _gather_args(True),
+    "gather_attention-sink": lambda: _gather_args(True, sink=True),
     "msa_index_kl": lambda: _index_kl_args(False),
     "msa_index_kl-lse": lambda: _index_kl_args(True),
     "index_kl": lambda: _gather_kl_args(False),
@@ -239,12 +241,12 @@ def test_custom_op_gradients_match_the_reference():
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, **TOL)
 
-    op, (q, k, v, idx, scale, k2, v2, window) = _gather_args(second_pool=True)
-    out = op(q, k, v, idx, scale, k2, v2, window)[0]
+    op, (q, k, v, idx, scale, k2, v2, window, sink) = _gather_args(second_pool=True, sink=True)
+    out = op(q, k, v, idx, scale, k2, v2, window, sink)[0]
     ref_out = reference.gather_attention_reference(q, k, v, idx, scale, False, k_extra=k2, v_extra=v2,
-                                                   window=window)
+                                                   window=window, sink=sink)
     torch.testing.assert_close(out, ref_out, **TOL)
     cot = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad((out * cot).sum(), (q, k, v, k2, v2)),
-                    torch.autograd.grad((ref_out * cot).sum(), (q, k, v, k2, v2))):
+    for g, r in zip(torch.autograd.grad((out * cot).sum(), (q, k, v, k2, v2, sink)),
+                    torch.autograd.grad((ref_out * cot).sum(), (q, k, v, k2, v2, sink))):
         torch.testing.assert_close(g, r, **TOL)

@@ -540,3 +540,32 @@ def test_one_shared_k_equals_v_pool_equals_separate_copies(two_pools, window, sp
     assert not _pools(kv, kv.clone(), *second)[-1]["SHARED"]  # equal values in other memory: two pools
     for got, want in zip(pools[True], pools[False]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the attention sink
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_sink_in_the_epilogue_matches_the_reference(splits):
+    """The sink applied in the forward's epilogue (splits = 1) or in the split merge (3), with empty rows
+    (out 0, LSE = the sink) and a NaN row (stays NaN, passes no gradient to q, k, v); out, LSE and the
+    gradients of q, k, v and the sink against the fp64 reference."""
+    q, k, v, gen = random_inputs(2, 4, 2, 6, 20, 16, seed=40 + splits)
+    idx = random_selection(2, 2, 6, 20, 7, gen)  # row T // 2 lists no key
+    sink = torch.randn(4, generator=gen).to(DEV)
+    q[1, 3, 4, 2] = float("nan")
+    w, u = torch.randn(2, 4, 6, 16, generator=gen).to(DEV), torch.randn(2, 4, 6, generator=gen).to(DEV)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, sink)]
+    out, lse = gather_attention_triton(*leaves[:3], idx, 0.3, return_lse=True, config={"SPLITS": splits},
+                                       sink=leaves[3])
+    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v, sink)]
+    ref_out, ref_lse = gather_attention_reference(*ref_leaves[:3], idx, 0.3, True, sink=ref_leaves[3])
+    torch.testing.assert_close(out.double(), ref_out, atol=TOL, rtol=TOL, equal_nan=True)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=TOL, rtol=TOL, equal_nan=True)
+    torch.testing.assert_close(lse[:, :, 3], sink.view(1, 4).expand(2, 4), atol=1e-6, rtol=0)  # empty rows
+    live = torch.isfinite(ref_lse)  # the NaN row is left out of the loss: its gradient is not defined
+    grads = torch.autograd.grad(((out * w).sum(-1) + lse * u)[live].sum(), leaves)
+    ref_grads = torch.autograd.grad(((ref_out * w.double()).sum(-1) + ref_lse * u.double())[live].sum(), ref_leaves)
+    for name, g, r in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=TOL, rtol=TOL, msg=name)
+    with pytest.raises(ValueError, match=r"sink must be a float tensor \[Hq=4\]"):
+        gather_attention_triton(q, k, v, idx, 0.3, sink=sink[:3])

@@ -48,14 +48,6 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
                   sink=sink)
 
 
-def apply_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor):
-    """(out [B, Hq, T, D], lse [B, Hq, T]) of a softmax without the sink -> with it: out times
-    sigmoid(lse - sink) and logaddexp(lse, sink), per query head. Exact and differentiable through the
-    LSE; an empty row (LSE -inf) stays 0 and a poisoned one (NaN) stays NaN."""
-    s = sink.to(lse.dtype).view(1, -1, 1)
-    return out * torch.sigmoid(lse - s).to(out.dtype)[..., None], torch.logaddexp(lse, s)
-
-
 def _check_sink(q: torch.Tensor, sink: torch.Tensor | None) -> None:
     if sink is None:
         return

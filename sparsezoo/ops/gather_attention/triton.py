@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from ..dispatch import compiling, kernel_built
-from .api import apply_sink
 
 _KERNEL_BUILT = kernel_built("gather_attention_triton")
 
@@ -27,22 +26,14 @@ def supports(req) -> str | None:
 
 def run(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None, window: int = 0,
         sink=None):
-    """With a sink, the kernel's (out, LSE) are rescaled outside it (api.apply_sink: exact); its gradient
-    reaches the kernel's backward as d(LSE)."""
-    if sink is None:
-        return _run(q, k, v, idx, scale, return_lse, k_extra, v_extra, window)
-    out, lse = apply_sink(*_run(q, k, v, idx, scale, True, k_extra, v_extra, window), sink)
-    return (out, lse) if return_lse else out
-
-
-def _run(q, k, v, idx, scale: float, return_lse: bool, k_extra, v_extra, window: int):
+    """A sink is applied in the kernels' epilogue; its gradient is computed beside the kernel's backward."""
     from sparsezoo.kernels import gather_attention_triton
 
     N, N2 = k.shape[2], 0 if k_extra is None else k_extra.shape[2]
     window = window if N > 0 else 0  # as the launcher: no raw token, no window
     if not compiling() or q.numel() == 0 or N + N2 == 0 or window + idx.shape[-1] == 0:  # (no key: traceable)
         return gather_attention_triton.gather_attention_triton(q, k, v, idx, scale, return_lse, k2=k_extra,
-                                                               v2=v_extra, window=window)
+                                                               v2=v_extra, window=window, sink=sink)
     if idx.dtype == torch.int64:  # as the launcher: ids past int32 must not wrap into range
         idx = idx.clamp(-1, N + N2)
     if N == 0:  # only the second pool holds keys: its ids already start at 0
@@ -50,7 +41,7 @@ def _run(q, k, v, idx, scale: float, return_lse: bool, k_extra, v_extra, window:
     elif N2 == 0:
         k_extra = v_extra = None
     out, lse = torch.ops.sparsezoo.gather_attention_triton(q, k, v, idx.to(torch.int32), float(scale), k_extra,
-                                                           v_extra, int(window))
+                                                           v_extra, int(window), sink)
     return (out, lse) if return_lse else out
 
 
@@ -64,54 +55,58 @@ def _config(device: torch.device) -> dict:
 
 @torch.library.custom_op("sparsezoo::gather_attention_triton", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, k2: Tensor | None,
-                v2: Tensor | None, window: int) -> tuple[Tensor, Tensor]:
+                v2: Tensor | None, window: int, sink: Tensor | None) -> tuple[Tensor, Tensor]:
     """(out, lse) for int32 ids, a non-empty first pool and a second pool that is None or non-empty."""
     from sparsezoo.kernels import gather_attention_triton as gat
 
-    return gat._forward(q, k, v, k2, v2, idx, scale, window, _config(q.device))
+    sink = None if sink is None else sink.float().contiguous()
+    return gat._forward(q, k, v, k2, v2, idx, scale, window, _config(q.device), sink)
 
 
 @_forward_op.register_fake
-def _forward_fake(q, k, v, idx, scale, k2, v2, window):
+def _forward_fake(q, k, v, idx, scale, k2, v2, window, sink):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("sparsezoo::gather_attention_triton_backward", mutates_args=())
 def _backward_op(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                 dlse: Tensor | None, scale: float, k2: Tensor | None,
-                 v2: Tensor | None, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dk2, dv2); without a second pool dk2, dv2 are empty."""
+                 dlse: Tensor | None, scale: float, k2: Tensor | None, v2: Tensor | None, window: int,
+                 sink: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dk2, dv2, dsink); without a second pool dk2, dv2 are empty, without a sink dsink."""
     from sparsezoo.kernels import gather_attention_triton as gat
 
-    dq, dk, dv, dk2, dv2 = gat._backward(q, k, v, k2, v2, idx, out, lse, dout, dlse, scale, window,
-                                         _config(q.device))
+    sink32 = None if sink is None else sink.float().contiguous()
+    dq, dk, dv, dk2, dv2, dsink = gat._backward(q, k, v, k2, v2, idx, out, lse, dout, dlse, scale, window,
+                                                _config(q.device), sink32)
+    dsink = q.new_empty(0) if sink is None else dsink.to(sink.dtype)
     if dk2 is None:
-        return dq, dk, dv, q.new_empty(0), q.new_empty(0)
+        return dq, dk, dv, q.new_empty(0), q.new_empty(0), dsink
     # with two pools the kernel returns slices of one buffer: outputs of an op may not alias each other
-    return dq, dk.contiguous(), dv.contiguous(), dk2.contiguous(), dv2.contiguous()
+    return dq, dk.contiguous(), dv.contiguous(), dk2.contiguous(), dv2.contiguous(), dsink
 
 
 @_backward_op.register_fake
-def _backward_fake(q, k, v, idx, out, lse, dout, dlse, scale, k2, v2, window):
+def _backward_fake(q, k, v, idx, out, lse, dout, dlse, scale, k2, v2, window, sink):
     extra = (q.new_empty(0), q.new_empty(0)) if k2 is None else (k2.new_empty(k2.shape), v2.new_empty(v2.shape))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *extra
+    dsink = q.new_empty(0) if sink is None else sink.new_empty(sink.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *extra, dsink
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, idx, scale, k2, v2, window = inputs
-    ctx.save_for_backward(q, k, v, idx, *output, k2, v2)
+    q, k, v, idx, scale, k2, v2, window, sink = inputs
+    ctx.save_for_backward(q, k, v, idx, *output, k2, v2, sink)
     ctx.scale, ctx.window = scale, window
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, idx, out, lse, k2, v2 = ctx.saved_tensors
+    q, k, v, idx, out, lse, k2, v2, sink = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, dk2, dv2 = torch.ops.sparsezoo.gather_attention_triton_backward(
-        q, k, v, idx, out, lse, dout, dlse, ctx.scale, k2, v2, ctx.window)
+    dq, dk, dv, dk2, dv2, dsink = torch.ops.sparsezoo.gather_attention_triton_backward(
+        q, k, v, idx, out, lse, dout, dlse, ctx.scale, k2, v2, ctx.window, sink)
     if k2 is None:
         dk2 = dv2 = None
-    return dq, dk, dv, None, None, dk2, dv2, None
+    return dq, dk, dv, None, None, dk2, dv2, None, None if sink is None else dsink
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
