@@ -74,7 +74,7 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # indexer select's knobs (kernels/indexer_triton.py; split = segments per row, None: automatic).
 # schedule: 'chunks' (programs over token tiles x chunk ranges, BE entries per chunk with a halo) or
 # 'stream' (one program per token tile walks every entry, STREAM_BE at a time, the spill carried in
-# registers; needs sel_block a multiple of stride, else 'chunks' runs); both write the same buffer.
+# registers; it needs sel_block to be a multiple of stride and says so otherwise); both write the same buffer.
 NSA_SELECT_CONFIG = {"schedule": "chunks", "ROWS": 64, "BE": 64, "STREAM_ROWS": 128, "STREAM_BE": 128,
                      "stream_warps": 8, "stream_stages": 2, "BE_LSE": 128, "CHUNKS": 8, "num_warps": 4,
                      "num_stages": 2, "waves": 2, "lse_min_tiles": 4, "lse_splits": None, "buffer_bytes": 1 << 30,

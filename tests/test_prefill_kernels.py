@@ -228,7 +228,7 @@ def test_index_kl_matches_reference(dense_warmup, temperature):
 def test_index_kl_per_token_student_for_every_group(Hq, Hkv, config):
     """The student runs per token at rows 0, R, 2R, ... of a 16-row index tile: R = 16 (one token per
     tile), R = 4 (a config's TM of 2 raised to fill the rows) and R = 1 (G = 1), loss and gradients."""
-    q, k, q_idx, k_idx = _kl_inputs(1, Hq, Hkv, 17, 60, 16, 8, seed=Hq)
+    q, k, q_idx, k_idx = _kl_inputs(1, Hq, Hkv, 9, 40, 16, 8, seed=Hq)
     sel = ref.msa_select_reference(q_idx.detach(), k_idx.detach(), 4, 3, 0.35)
     loss = index_kl_triton.msa_index_kl_triton(q, k, q_idx, k_idx, sel, 4, 0.25, 0.35, 1.3, 0.8, config=config)
     want = ref.msa_index_kl_reference(q, k, q_idx, k_idx, sel, 4, 0.25, 0.35, 1.3, 0.8)
