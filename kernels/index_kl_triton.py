@@ -24,33 +24,15 @@ from sparsezoo.kernels import sparse_attention_triton as sat
 
 
 @triton.jit
-def _token_mean(p, TM: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
-    """p [TM*G, BN] (rows token-major) -> [TM, BN], the mean over each token's G rows."""
-    return tl.sum(tl.reshape(p, [TM, G, BN]), axis=1) / G
-
-
-@triton.jit
-def _token_mean_t(pt, TM: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
-    """Transposed version: pt [BN, TM*G] -> [BN, TM]."""
-    return tl.sum(tl.reshape(pt, [BN, TM, G]), axis=2) / G
-
-
-@triton.jit
-def _per_token(x, TM: tl.constexpr, R: tl.constexpr, N: tl.constexpr):
-    """[TM * R, N] -> [TM, N]: the sum over each token's R rows (its lead row; the others hold 0)."""
+def _per_token(x, TM: tl.constexpr, R: tl.constexpr, N: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """[TM * R, N] -> [TM, N] (TRANSPOSED: [N, TM * R] -> [N, TM]): the sum over each token's R rows (the
+    G heads of the teacher's rows; or the R rows of an index tile, where only the lead row is not 0)."""
     if R == 1:
         return x
+    elif TRANSPOSED:
+        return tl.sum(tl.reshape(x, [N, TM, R]), axis=2)
     else:
         return tl.sum(tl.reshape(x, [TM, R, N]), axis=1)
-
-
-@triton.jit
-def _per_token_t(xt, TM: tl.constexpr, R: tl.constexpr, N: tl.constexpr):
-    """Transposed version: [N, TM * R] -> [N, TM]."""
-    if R == 1:
-        return xt
-    else:
-        return tl.sum(tl.reshape(xt, [N, TM, R]), axis=2)
 
 
 @triton.jit
@@ -151,7 +133,7 @@ def _kl_query_kernel(Q, K, QI, KI, L, LQ, DQI, LOSS, TOK, CNT, IDS, BITS, T, S, 
             ki = sat._load_rows(KI, b * sjb + keys * sjs, di, sjd, kmask, DI)
             p = tl.where(sat._visible(member, row_ok, pos, keys, kmask),
                          tl.exp2(tl.dot(q, tl.trans(kt)) * qk_scale - lse2[:, None]), 0.0)
-            p = _token_mean(p, TM, G, BN)
+            p = _per_token(p, TM, G, BN) / G  # the group mean
             ok = sat._visible(chose, tok_ok, pos_tok, keys, kmask)
             log_q = _per_token(tl.dot(qi, tl.trans(ki)), TM, R, BN) * z_scale - lq_use[:, None]
             qq = tl.where(ok, tl.exp(log_q), 0.0)
@@ -193,9 +175,9 @@ def _kl_key_kernel(Q, K, QI, KI, L, LQ, DKI, TOK, ITEMS, ILEN, ETILE, EBITS, T, 
         lq = tl.load(LQ + b * sab + g * sah + t_tok * sat_, mask=tok_ok, other=0.0)
         pt = tl.where(sat._visible_t(sat._chose(EBITS, start + i, tl_tok), row_ok, pos, keys, kmask),
                       tl.exp2(tl.dot(kt, tl.trans(q)) * qk_scale - lse2[None, :]), 0.0)
-        pt = _token_mean_t(pt, TM, G, BN)
+        pt = _per_token(pt, TM, G, BN, TRANSPOSED=True) / G
         ok = sat._visible_t(sat._chose(EBITS, start + i, tt), tok_ok, pos_tok, keys, kmask)
-        zt = _per_token_t(tl.dot(ki, tl.trans(qi)), TM, R, BN) * z_scale
+        zt = _per_token(tl.dot(ki, tl.trans(qi)), TM, R, BN, TRANSPOSED=True) * z_scale
         qt = tl.where(ok, tl.exp(zt - lq[None, :]), 0.0)
         dki += tl.dot(_every_row_t((qt - pt) * gscale, TM, R, BN).to(qi.dtype), qi)
     tl.atomic_add(DKI + b * sjb + keys[:, None] * sjs + di[None, :] * sjd, dki,
