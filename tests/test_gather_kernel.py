@@ -569,3 +569,22 @@ def test_sink_in_the_epilogue_matches_the_reference(splits):
         torch.testing.assert_close(g.double(), r, atol=TOL, rtol=TOL, msg=name)
     with pytest.raises(ValueError, match=r"sink must be a float tensor \[Hq=4\]"):
         gather_attention_triton(q, k, v, idx, 0.3, sink=sink[:3])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_op_drops_ids_outside_both_pools(backend):
+    """ops.gather_attention: ids below -1, past both pools and int64 ids past int32 (which must not wrap into
+    range) are empty slots, with a window and a second pool, on each backend (the Triton kernel masks them
+    itself; the reference drops them before listing the window)."""
+    from sparsezoo import ops
+
+    q, k, v, gen = random_inputs(1, 4, 2, 5, 12, 16, seed=61)
+    kc, vc = torch.randn(2, 1, 2, 3, 16, generator=gen).to(DEV)
+    idx = random_selection(1, 1, 5, 15, 6, gen, empty_rows=False).long()
+    bad = idx.clone()
+    bad[..., 0], bad[..., 1], bad[..., 2] = -7, 15 + 4, 2**32 + 3  # 2**32 + 3 wraps to 3 in int32
+    kept = torch.where((bad >= 0) & (bad < 15), bad, -1)
+    run = lambda ids: ops.gather_attention(q, k, v, ids, scale=0.3, window=2, k_extra=kc, v_extra=vc,
+                                           return_lse=True, backend=backend)
+    for got, want in zip(run(bad), run(kept)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -32,7 +32,7 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
     v may be k and v_extra may be k_extra (one shared K = V pool, as V4's MQA entries)."""
     checks.check_keys(q, k, v)
     Hkv, N = k.shape[1], k.shape[2]
-    N2 = _check_extra(k, k_extra, v_extra)
+    _check_extra(k, k_extra, v_extra)
     if idx.dim() != 4 or idx.shape[0] != q.shape[0] or idx.shape[2] != q.shape[2] or idx.shape[1] not in (1, Hkv):
         raise ValueError(f"idx must be [B={q.shape[0]}, Hs=1 or {Hkv}, T={q.shape[2]}, K], got {tuple(idx.shape)}")
     if idx.dtype not in (torch.int32, torch.int64):
@@ -41,7 +41,6 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
     if window and q.shape[2] > N:
         raise ValueError(f"a window needs the {q.shape[2]} queries to be the last of the {N} tokens of k")
     _check_sink(q, sink)
-    idx = checks.drop_out_of_range(idx, N + N2)
     req = Request.of(q, needs_grad(q, k, v, k_extra, v_extra, sink), group=q.shape[1] // Hkv,
                      head_dim=q.shape[3], return_lse=return_lse, sink=sink is not None)
     return OP.run(backend, req, q, k, v, idx, scale, return_lse, k_extra=k_extra, v_extra=v_extra, window=window,
@@ -59,8 +58,10 @@ def _check_sink(q: torch.Tensor, sink: torch.Tensor | None) -> None:
 
 
 def explicit_keys(idx, k, v, k_extra, v_extra, window: int):
-    """(idx, k, v) with the window listed in idx and the second pool concatenated after k, v: the plain
-    form the reference and flex paths read (the Triton kernel does both without copies)."""
+    """(idx, k, v) with ids outside both pools dropped (-1), the window listed in idx and the second pool
+    concatenated after k, v: the plain form the reference and flex paths read (the Triton kernel does all
+    three itself, without copies or extra launches)."""
+    idx = checks.drop_out_of_range(idx, k.shape[2] + (0 if k_extra is None else k_extra.shape[2]))
     if window:
         idx = window_ids(idx, window, k.shape[2])
     if k_extra is not None:
