@@ -221,6 +221,8 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
     fp8_keys = k_idx_cache.dtype == torch.float8_e4m3fn
     if fp8_queries and not fp8_keys:
         raise ValueError(f"fp8_queries needs fp8 (e4m3) index keys, got {k_idx_cache.dtype}")
+    if fp8_queries and D < 32:
+        raise ValueError(f"fp8_queries needs index dim >= 32 (an fp8 tensor-core dot's K), got {D}")
     mode = _SCALE_MODES[scale_mode]
     if mode != SCALE_NONE and k_idx_scale is None:
         raise ValueError(f"scale mode {scale_mode!r} needs k_idx_scale")

@@ -75,11 +75,13 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # schedule: 'chunks' (programs over token tiles x chunk ranges, BE entries per chunk with a halo) or
 # 'stream' (one program per token tile walks every entry, STREAM_BE at a time, the spill carried in
 # registers; it needs sel_block to be a multiple of stride and says so otherwise); both write the same buffer.
-NSA_SELECT_CONFIG = {"schedule": "chunks", "ROWS": 64, "BE": 64, "STREAM_ROWS": 128, "STREAM_BE": 128,
+# 'auto': stream where the geometry allows it, else chunks. H200, 128k, the paper's config with the LSE
+# given: stream 57.8 ms at STREAM_BE 64 (63.5 at 128), chunks 70.2 ms (zoo.py --tune --tune-parts nsa).
+NSA_SELECT_CONFIG = {"schedule": "auto", "ROWS": 64, "BE": 64, "STREAM_ROWS": 128, "STREAM_BE": 64,
                      "stream_warps": 8, "stream_stages": 2, "BE_LSE": 128, "CHUNKS": 8, "num_warps": 4,
                      "num_stages": 2, "waves": 2, "lse_min_tiles": 4, "lse_splits": None, "buffer_bytes": 1 << 30,
                      "select_block": 1024, "select_bins": 64, "select_cap": 4096, "select_warps": 8, "split": None}
-SCHEDULES = ("chunks", "stream")
+SCHEDULES = ("auto", "chunks", "stream")
 # interpreter: few programs, many chunk and range edges
 _INTERPRET_CONFIG = {"ROWS": 64, "BE": 16, "STREAM_ROWS": 64, "STREAM_BE": 16, "BE_LSE": 64, "CHUNKS": 2,
                      "select_block": 64}
@@ -453,9 +455,11 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
         kc = kc.new_zeros((B, Hkv, 1, D))
     G = Hq // Hkv
     GP = _pow2(G)
-    stream = stream_geometry(block_len, stride, sel_block, cfg["STREAM_BE"]) if cfg["schedule"] == "stream" else None
+    stream = stream_geometry(block_len, stride, sel_block, cfg["STREAM_BE"]) if cfg["schedule"] != "chunks" else None
     if isinstance(stream, str):
-        raise ValueError(f"nsa_select_triton: {stream}; use config schedule='chunks'")
+        if cfg["schedule"] == "stream":
+            raise ValueError(f"nsa_select_triton: {stream}; use config schedule='chunks' or 'auto'")
+        stream = None  # 'auto': the chunk schedule tiles every geometry
     rows = cfg["STREAM_ROWS"] if stream else cfg["ROWS"]
     TM = max(min(max(rows // GP, 1), _pow2(T)), -(-16 // GP))  # >= 16 rows for the dots
     if not stream:

@@ -174,23 +174,30 @@ def test_fp8_index_queries_match_the_reference_on_rounded_queries(mode, device):
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     lens, Q, topk = [700, 450, 40], 3, 8  # many blocks: e4m3-rounded queries reorder some of them
-    cache, alloc, table, seq_lens, _ = build(lens, **SMALL, hq=4, dtype=dtype, device=device, index_dtype=FP8,
+    shape = dict(SMALL, di=32)  # an fp8 dot needs K >= 32 on the GPU
+    cache, alloc, table, seq_lens, _ = build(lens, **shape, hq=4, dtype=dtype, device=device, index_dtype=FP8,
                                              index_scale=mode, seed=8)
     g = torch.Generator().manual_seed(9)
-    q = torch.randn(len(lens), 4, Q, SMALL["d"], generator=g).to(dtype).to(device)
-    q_idx = torch.randn(len(lens), SMALL["hkv"], Q, SMALL["di"], generator=g).to(dtype).to(device)
+    q = torch.randn(len(lens), 4, Q, shape["d"], generator=g).to(dtype).to(device)
+    q_idx = torch.randn(len(lens), shape["hkv"], Q, shape["di"], generator=g).to(dtype).to(device)
     q_idx[0, 0, 0] = 0.0  # an all-zero row keeps its zeros (no 0/0 scale)
-    dec = MSADecoder(num_q_heads=4, num_kv_heads=SMALL["hkv"], head_dim=SMALL["d"], index_dim=SMALL["di"],
-                     block_size=SMALL["page"], topk=topk, fp8_index_queries=True)
+    dec = MSADecoder(num_q_heads=4, num_kv_heads=shape["hkv"], head_dim=shape["d"], index_dim=shape["di"],
+                     block_size=shape["page"], topk=topk, fp8_index_queries=True)
     dec.plan(seq_lens, table, Q, num_pages=cache.num_pages)
     out, lse = dec.run(q, q_idx, cache, return_lse=True)
     exact = device.type == "cpu"  # the interpreter in fp32: the same sets as the reference
     compare_to_reference(lens, Q, cache, alloc, q, fp8_query_round_trip(q_idx), dec, out, lse, topk=topk,
                          sel_eps=1e-4 if exact else 5e-2, atol=1e-4 if exact else 3e-2, exact_sel=exact)
-    bf_cache = PagedKVCache(4, SMALL["hkv"], SMALL["d"], SMALL["di"], page_size=SMALL["page"], dtype=dtype,
+    bf_cache = PagedKVCache(4, shape["hkv"], shape["d"], shape["di"], page_size=shape["page"], dtype=dtype,
                             device=device)
     with pytest.raises(ValueError, match="fp8_index_queries needs a cache with fp8 index keys"):
         dec.run(q, q_idx, bf_cache)
+    small = build([40], **SMALL, hq=4, dtype=dtype, device=device, index_dtype=FP8, index_scale=mode)[0]
+    dec16 = MSADecoder(num_q_heads=4, num_kv_heads=SMALL["hkv"], head_dim=SMALL["d"], index_dim=SMALL["di"],
+                       block_size=SMALL["page"], topk=topk, fp8_index_queries=True)
+    dec16.plan(seq_lens[:1], table[:1], Q)
+    with pytest.raises(ValueError, match="fp8_queries needs index dim >= 32"):
+        dec16.select(q_idx[:1, :, :, :SMALL["di"]].contiguous(), small)
 
 
 try:  # the kernel's rounding helper, run alone (the Triton interpreter resolves it from module globals)

@@ -35,7 +35,7 @@ def random_selection(B, Hs, T, N, K, gen, empty_frac=0.35, empty_rows=True):
     ids = torch.where(torch.rand(B, Hs, T, K, generator=gen) < empty_frac, -1, ids)
     if empty_rows and T > 1:
         ids[:, :, T // 2] = -1
-    return ids.to(torch.int32)
+    return ids.to(DEV, torch.int32)
 
 
 def random_inputs(B, Hq, Hkv, T, N, D, seed, dtype=torch.float32, device=DEV):

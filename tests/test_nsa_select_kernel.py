@@ -235,6 +235,8 @@ def test_rejects_what_it_cannot_run():
         nsa_select_triton(q, kc, 40, 8, 1, 1024, 4, 0.25)  # one block spans 1024 entries
     with pytest.raises(ValueError, match="power of two"):
         nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, config={"BE": 24})
+    assert torch.equal(nsa_select_triton(q, kc, 40, 5, 3, 8, 4, 0.25), nsa_select_triton(  # 'auto' takes chunks
+        q, kc, 40, 5, 3, 8, 4, 0.25, config={"schedule": "chunks"}))
     with pytest.raises(ValueError, match="multiple of stride.*schedule='chunks'"):
         nsa_select_triton(q, kc, 40, 5, 3, 8, 4, 0.25, config={"schedule": "stream"})
     with pytest.raises(ValueError, match="schedule must be one of"):
