@@ -743,18 +743,26 @@ def _tune_moba_attention(T: int) -> None:
 
 
 def _tune_indexer_decode(T: int) -> None:
-    """The decode indexer's knobs at batch 8 over T keys (DSA tokens, CSA entries)."""
+    """The decode indexer's knobs at batch 8 over T keys (DSA tokens, CSA entries), CUDA-graph timed as the
+    zoo's decode points are; the floor is the index keys at the copy bandwidth."""
     from sparsezoo.kernels import indexer_decode_triton as idk
 
+    bw = copy_bandwidth()
+    km = dict(key_major=False)
     for name in ("dsa", "csa"):
         var = Variant(name, CONFIGS[name]["published"], 8, 1, T, False)
         e, c = var.extra, var.cfg
-        for cfg in ({}, dict(BN=32), dict(BN=128), dict(num_stages=3), dict(num_stages=6), dict(programs_per_sm=1),
-                    dict(programs_per_sm=4), dict(finish="kernel"), dict(select="rows"), dict(hist_bins=256),
-                    dict(segments_per_sm=4), dict(select_warps=4)):
-            ms = _timed(lambda: idk.indexer_topk_decode_triton(e["q_i"], e["w"], e["k_i"], e["key_end"], T,
-                                                               c["topk"], 1 / math.sqrt(c["Di"]), config=cfg))
-            print(f"tune indexer decode {name} b8 {T}: {cfg} -> {ms}", flush=True)
+        floor_ms = e["k_i"].numel() * e["k_i"].element_size() / bw * 1e3
+        for cfg in ({}, km, dict(threshold="radix"), dict(cap=512), dict(cap=2048), dict(finish="kernel"),
+                    dict(hist_bins=256), dict(segments_per_sm=4), dict(select_warps=4), dict(write_block=512),
+                    dict(block=2048), dict(block=4096), dict(block=2048, select_warps=16)):
+            try:
+                ms = bench_graph(lambda: idk.indexer_topk_decode_triton(
+                    e["q_i"], e["w"], e["k_i"], e["key_end"], T, c["topk"], 1 / math.sqrt(c["Di"]), config=cfg))[0]
+            except Exception as exc:
+                ms = f"{type(exc).__name__}: {str(exc)[:80]}"
+            print(f"tune indexer decode {name} b8 {T}: {cfg} -> {ms} ms (index keys at copy bandwidth "
+                  f"{floor_ms:.4f} ms)", flush=True)
         del var
 
 

@@ -9,12 +9,15 @@ id, then -1 padding. Built for decode: few query rows (T <= 4), so rows = B * Hs
 fp32 logits [T, B * Hs, N] (rows x N x 4 B) are a few MB that stay in L2 for the select.
 
 Launches (no host syncs; CUDA-graph capturable):
-0. one memset of an int32 workspace, per row: [min code, max code, visible count, done, hist[NB]].
+0. one memset of an int32 workspace, per row: [min code, max code, visible count, done, candidates,
+   threshold key, tie cut, hist[NB]].
 1. `_logits_kernel`, grid (B * unit groups, splits), sized to CONFIG["programs_per_sm"] programs per
    SM. A unit is one (selection head h, query t) pair; a program holds UG units x J index heads
    (>= 16 rows, padded) of q_i and w resident and streams one contiguous key range of request b in
-   BN-key tiles (num_stages-deep software pipeline): one tensor-core dot per tile, relu * w summed
-   over the heads in registers, logits (-inf where not visible) stored to the buffer. Visibility is
+   BN-key tiles (num_stages-deep software pipeline): one tensor-core dot per tile, keys x rows
+   (CONFIG["key_major"]: the sum over the index heads then stays within thread groups; rows x keys
+   sums across warps through shared memory and ran at half the HBM rate), relu * w summed over the
+   heads, logits (-inf where not visible) stored to the buffer. Visibility is
    tested per key (key_end <= position), so no searchsorted runs first: each program adds its
    visible-key count per row to the workspace and folds the row's min/max logit into it, one
    atomic per row per program. The min/max are kept as "codes" (order-preserving int keys halved
@@ -25,33 +28,34 @@ Launches (no host syncs; CUDA-graph capturable):
 3. `_partition_kernel`, grid (rows, segments): from the histogram, the bin `best` holding the
    topk-th largest logit (indexer_triton's _pick_bin); every logit in a higher bin is selected for
    sure, those in `best` are candidates. Each segment writes its sure ids and (flagged) candidate
-   ids, in id order, into its own slice of a [rows, N] list, and its entry count. The last program
-   of a row to finish (an acq_rel counter in the workspace) finishes the row (`_finish_row`):
-   a. only while more than CAP candidates remain (rare: ties, outliers stretching the min/max):
-      passes over the list that histogram the candidates' order-preserving keys (radix digits) and
-      keep the digit holding the needed one, until <= CAP remain or one key value is left;
-   b. a gather pass puts the remaining candidates (<= CAP) in a scratch row, in id order;
-   c. in registers, the same radix narrowing runs down to a single key value t: candidates above t
-      are taken, and of those equal to t the `need` smallest ids (a cumsum in id order);
-   d. a write pass walks the list again and writes the taken ids in ascending order.
-   Typical rows: the histogram bin holds ~0.3% of the row (a few hundred candidates at 128k keys),
-   so the finish reads ~topk + candidates entries twice. CONFIG["finish"] = "kernel" runs the
-   finish as its own launch (grid (rows,)) instead of in the last partition program.
+   ids, in id order, into its own slice of a [rows, N] list, with its entry and candidate counts, and
+   appends its candidate ids to the row's CAP slots (one atomic per block reserves them). The last
+   program of a row to finish (an acq_rel counter in the workspace) ends the row:
+   a. typically (<= CAP candidates): one bitonic sort of the candidates by (logit desc, id asc) gives
+      the threshold (key t, tie cut: a candidate is taken iff its key > t, or = t and id <= cut), and
+      from the taken candidates per segment each segment's first output slot;
+   b. rarely (more candidates: ties, outliers stretching the min/max), the serial finish
+      (`_finish_row`): radix passes over the list narrow the candidates' keys until <= CAP remain or
+      one key value is left, a gather pass puts them in id order, a register radix narrowing finds the
+      threshold, and a write pass writes the taken ids in ascending order.
+   CONFIG["finish"] = "kernel" runs this end as its own launch (grid (rows,)).
+4. `_write_kernel`, grid (rows, segments): each segment writes its taken ids from its slot on, so the
+   output is in ascending id order (rows that took (b) are already written).
+   Typical rows: the histogram bin holds ~0.3% of the row (336-440 of 131,072 keys on the H200
+   benchmark's DSA rows), so (a) sorts a few hundred keys (CAP follows N, see _cap).
 Non-finite values: the logits epilogue is indexer_triton's (a NaN logit ranks as +inf); an infinite
-min/max code decodes to a NaN bound, so the row's bins collapse into one and the finish's radix
-passes resolve it.
-CONFIG["select"] = "rows" swaps 2-3 for indexer_triton's row select (`_select_triton`, whose split
+min/max code decodes to a NaN bound, so the row's bins collapse into one: the whole row is candidates,
+sorted in (a) where it fits CAP, else resolved by (b)'s radix passes.
+CONFIG["select"] = "rows" swaps 2-4 for indexer_triton's row select (`_select_triton`, whose split
 path handles few rows), fed with the same logits and min/max bounds.
 
-Cost (H200, B = 8, J = 64, D_i = 128, bf16, T = 1): the logits kernel reads the index keys once
-(N x 256 B per request; 67 MB for CSA at N = 32k, 268 MB for DSA at N = 128k) and writes 4 B per
-key and row; per 64-key tile its dot and epilogue take ~600-800 cycles, while at the per-SM share
-of HBM bandwidth (~30 GB/s) a 16 KB tile arrives every ~900 cycles, so each of two programs per SM
-has ~1800 cycles per tile: the kernel is HBM-bound, ~17 us (CSA) and ~65 us
-(DSA) at ~4 TB/s, plus ~3 us of launch and pipeline fill. The select is latency-bound: the logits
-are in L2, the histogram and partition programs make ~1 (CSA) to ~4 (DSA) dependent L2 steps each,
-and the finish ~8 dependent steps on ~topk + candidates entries plus a few register radix rounds:
-~8 us (CSA) and ~12 us (DSA) with the memset and launch gaps. Totals ~29 us and ~82 us.
+Cost (H200, B = 8, J = 64, D_i = 128, bf16, T = 1; measured with torch.profiler): the logits kernel
+reads the index keys once (N x 256 B per request; 67 MB for CSA at N = 32k, 268 MB for DSA at N = 128k):
+~74 us for DSA (76% of the HBM rate by ncu; rows x keys took 121 us) and ~23 us for CSA. The select is
+latency-bound (the logits are in L2): with a separate end launch, DSA's histogram took ~8 us, the
+partition ~13 us (~7 us without the candidate appends), the end 11-12 us and the write ~4 us (the serial
+finish alone took ~24 us); CSA's 3, 5, 11 and 4 us. Whole op, CUDA-graph timed: 0.118-0.122 ms (DSA) and
+0.052-0.057 ms (CSA), from 0.166 and 0.067 ms before the key-major dot and the parallel write.
 """
 
 from __future__ import annotations
@@ -72,15 +76,17 @@ CONFIG = {
     "num_warps_wide": 8,       # logits kernel, more dot rows (its per-column accumulators would spill at 4)
     "num_stages": 4,           # logits kernel: key tiles in flight per program
     "programs_per_sm": 2,      # logits programs per SM (splits of each request's key range)
+    "key_major": True,         # logits dot as keys x rows (the head sum within thread groups), else rows x keys
     "max_rows": 256,           # most dot rows (units x padded index heads) per logits program
     "max_T": 4,                # decode_applies: at most this many new queries per request
     "select": "decode",        # 'decode' (histogram + partition + finish) or 'rows' (indexer_triton's)
     "finish": "fused",         # 'fused' (last partition program of a row) or 'kernel' (own launch)
     "hist_bins": 128,          # linear bins of the first select pass (power of two, >= 32 on the GPU)
     "radix_bins": 64,          # bins per radix digit of the finish (power of two, >= 32 on the GPU)
-    "block": 1024,             # logits per step of the histogram and partition passes
+    "block": 2048,             # logits per step of the histogram and partition passes
     "finish_block": 2048,      # list entries per step of the finish
-    "cap": 2048,               # candidates resolved in registers (power of two)
+    "write_block": 1024,       # list entries per step of the parallel write
+    "cap": 0,                  # candidates resolved in registers (power of two); 0: from N (see _cap)
     "segments_per_sm": 2,      # select programs per SM (segments of each row)
     "max_segments": 64,        # most segments per row
     "select_warps": 8,
@@ -92,12 +98,13 @@ CONFIG = {
 }
 
 # Interpreter (CPU) tiles: tiny, so the tests stay quick.
-_INTERPRETER_CONFIG = {"BN": 128, "num_warps": 4, "num_stages": 1, "block": 256, "finish_block": 256, "cap": 64}
+_INTERPRETER_CONFIG = {"BN": 128, "num_warps": 4, "num_stages": 1, "block": 256, "finish_block": 256, "cap": 64,
+                       "write_block": 256}
 _INTERPRETER_SMS = 4  # stands in for the SM count on the CPU, so the default grids split rows too
 
 # Workspace fields per row (int32, zero-filled): min / max logit codes, visible keys, finished
-# partition programs, then the histogram.
-_WS_MIN, _WS_MAX, _WS_NVIS, _WS_DONE, _WS_HIST = (tl.constexpr(i) for i in range(5))
+# partition programs, candidates appended, the threshold's key and tie cut, then the histogram.
+_WS_MIN, _WS_MAX, _WS_NVIS, _WS_DONE, _WS_NCAND, _WS_TKEY, _WS_TCUT, _WS_HIST = (tl.constexpr(i) for i in range(8))
 
 
 # ----------------------------------------------------------------------------- logits
@@ -112,7 +119,8 @@ def _code(key):
 def _logits_kernel(QI, W, KI, KEND, BUF, WS, N, S, T, U, BH, Hs, n_groups, split_len, scale,
                    sqb, sqh, sqt, sqj, sqd, swb, swh, swt, swj, skb, skn, skd, sen,
                    J: tl.constexpr, UG: tl.constexpr, JP: tl.constexpr, BN: tl.constexpr,
-                   D: tl.constexpr, BD: tl.constexpr, WSR: tl.constexpr, IEEE: tl.constexpr):
+                   D: tl.constexpr, BD: tl.constexpr, WSR: tl.constexpr, IEEE: tl.constexpr,
+                   KEY_MAJOR: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // n_groups).to(tl.int64)
     g = pid % n_groups
@@ -126,7 +134,10 @@ def _logits_kernel(QI, W, KI, KEND, BUF, WS, N, S, T, U, BH, Hs, n_groups, split
     d = tl.arange(0, BD)
     d_ok = d < D
     q_rows = QI + b * sqb + (ru // T).to(tl.int64) * sqh + (ru % T).to(tl.int64) * sqt + j.to(tl.int64) * sqj
-    q = tl.load(q_rows[:, None] + d[None, :] * sqd, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if KEY_MAJOR:  # q^T [BD, rows]: the dot gives keys x rows, summed over the rows within each thread group
+        q = tl.load(q_rows[None, :] + d[:, None] * sqd, mask=r_ok[None, :] & d_ok[:, None], other=0.0)
+    else:
+        q = tl.load(q_rows[:, None] + d[None, :] * sqd, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     w_rows = W + b * swb + (ru // T).to(tl.int64) * swh + (ru % T).to(tl.int64) * swt + j * swj
     wr = tl.load(w_rows, mask=r_ok, other=0.0).to(tl.float32)
     # the program's units: buffer / workspace rows t * BH + b * Hs + h
@@ -143,15 +154,26 @@ def _logits_kernel(QI, W, KI, KEND, BUF, WS, N, S, T, U, BH, Hs, n_groups, split
         k = tl.load(KI + b * skb + cols[:, None].to(tl.int64) * skn + d[None, :] * skd,
                     mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         ends = tl.load(KEND + cols.to(tl.int64) * sen, mask=c_ok, other=0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+        if KEY_MAJOR:
+            if IEEE:
+                s = tl.dot(k.to(q.dtype), q, input_precision="ieee")
+            else:
+                s = tl.dot(k.to(q.dtype), q)
+            s = _relu(s) * wr[None, :]
+            if UG == 1:
+                z = tl.sum(s, axis=1)[None, :]
+            else:
+                z = tl.trans(tl.sum(tl.reshape(s, [BN, UG, JP]), axis=2))
         else:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))
-        s = _relu(s) * wr[:, None]
-        if UG == 1:
-            z = tl.sum(s, axis=0)[None, :]
-        else:
-            z = tl.sum(tl.reshape(s, [UG, JP, BN]), axis=1)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k.to(q.dtype)))
+            s = _relu(s) * wr[:, None]
+            if UG == 1:
+                z = tl.sum(s, axis=0)[None, :]
+            else:
+                z = tl.sum(tl.reshape(s, [UG, JP, BN]), axis=1)
         visible = c_ok[None, :] & (ends[None, :] <= pos[:, None])
         z = _ranked_logits(z * scale, visible)
         tl.store(BUF + row[:, None] * N + cols[None, :], z, mask=u_ok[:, None] & c_ok[None, :])
@@ -307,13 +329,57 @@ def _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, out_ptr, row, N, seg_len, nseg,
 
 
 @triton.jit
+def _threshold_row(BUF, WS, COUNTS, CCOUNTS, CANDS, OFFS, row, N, seg_len, nseg,
+                   K: tl.constexpr, NB: tl.constexpr, WSR: tl.constexpr, CAP: tl.constexpr,
+                   NSEGP: tl.constexpr):
+    """From the row's appended candidates (<= CAP, any order): the threshold (key t, tie cut: candidates
+    with key > t, or key == t and id <= cut, are taken) and each segment's first output slot."""
+    ws = WS + row * WSR
+    _, above, _ = _pick_bin(tl.load(ws + _WS_HIST + tl.arange(0, NB)), K, NB)
+    need = K - above
+    ci = tl.arange(0, CAP)
+    ok = ci < tl.load(ws + _WS_NCAND, cache_modifier=".cg")
+    ids = tl.load(CANDS + row * CAP + ci, mask=ok, other=0, cache_modifier=".cg")
+    key = _ordered_key(tl.load(BUF + row * N + ids, mask=ok, other=0.0)).to(tl.int64)
+    # one key per candidate ordering it by (logit desc, id asc), >= 0; the need-th of them is the threshold
+    rank_key = tl.where(ok, ((key + 2147483648) << 31) + (2147483647 - ids), -1)
+    t64 = tl.sum(tl.where(ci == need - 1, tl.sort(rank_key, descending=True), 0), axis=0)
+    t = (t64 >> 31) - 2147483648
+    cut = 2147483647 - (t64 & 2147483647)
+    equal = ok & (key == t)
+    taken = ok & ((key > t) | (equal & (ids <= cut)))
+    taken_per_seg = tl.histogram(tl.where(taken, ids // seg_len, 0), NSEGP, mask=taken)
+    si = tl.arange(0, NSEGP)
+    s_ok = si < nseg
+    sure = tl.load(COUNTS + row * nseg + si, mask=s_ok, other=0, cache_modifier=".cg") - \
+        tl.load(CCOUNTS + row * nseg + si, mask=s_ok, other=0, cache_modifier=".cg")
+    per_seg = sure + taken_per_seg
+    tl.store(OFFS + row * nseg + si, tl.cumsum(per_seg, axis=0) - per_seg, mask=s_ok)
+    tl.store(ws + _WS_TKEY, t.to(tl.int32))
+    tl.store(ws + _WS_TCUT, cut.to(tl.int32))
+
+
+@triton.jit
 def _out_row(OUT, row, T, BH, K: tl.constexpr):
     """Output row of buffer row t * BH + bh in OUT [B * Hs, T, K]."""
     return OUT + ((row % BH) * T + row // BH) * K
 
 
 @triton.jit
-def _partition_kernel(BUF, WS, LIST, COUNTS, SCRATCH, OUT, N, T, BH, seg_len, nseg,
+def _finish_or_threshold(BUF, WS, LIST, COUNTS, CCOUNTS, SCRATCH, OFFS, out_ptr, row, N, seg_len, nseg,
+                         K: tl.constexpr, NB: tl.constexpr, NBR: tl.constexpr, WSR: tl.constexpr,
+                         BLOCKF: tl.constexpr, CAP: tl.constexpr, NSEGP: tl.constexpr, LOGS: tl.constexpr):
+    """A row's end of the select: its threshold for the parallel write where its candidates fit CAP,
+    else (rare) the whole serial finish."""
+    if tl.load(WS + row * WSR + _WS_NCAND, cache_modifier=".cg") <= CAP:
+        _threshold_row(BUF, WS, COUNTS, CCOUNTS, SCRATCH, OFFS, row, N, seg_len, nseg, K, NB, WSR, CAP, NSEGP)
+    else:
+        _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, out_ptr, row, N, seg_len, nseg,
+                    K, NB, NBR, WSR, BLOCKF, CAP, NSEGP, LOGS)
+
+
+@triton.jit
+def _partition_kernel(BUF, WS, LIST, COUNTS, CCOUNTS, SCRATCH, OFFS, OUT, N, T, BH, seg_len, nseg,
                       K: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, NBR: tl.constexpr,
                       WSR: tl.constexpr, BLOCK: tl.constexpr, BLOCKF: tl.constexpr, CAP: tl.constexpr,
                       NSEGP: tl.constexpr, LOGS: tl.constexpr, FUSED: tl.constexpr):
@@ -333,6 +399,7 @@ def _partition_kernel(BUF, WS, LIST, COUNTS, SCRATCH, OUT, N, T, BH, seg_len, ns
         hi = tl.minimum(lo + seg_len, nvis)
         base = row * N
         n = 0
+        n_cand = 0
         for start in range(lo, hi, BLOCK):
             ids = start + tl.arange(0, BLOCK)
             ok = ids < hi
@@ -341,22 +408,58 @@ def _partition_kernel(BUF, WS, LIST, COUNTS, SCRATCH, OUT, N, T, BH, seg_len, ns
             rank = n + tl.cumsum(entry.to(tl.int32), axis=0) - 1
             tl.store(LIST + base + lo + rank, tl.where(bins > best, ids, -ids - 1), mask=entry)
             n += tl.sum(entry.to(tl.int32), axis=0)
+            # the candidates also go to the row's CAP slots, in any order (reserved by one atomic per block)
+            cand = ok & (bins == best)
+            c_count = tl.sum(cand.to(tl.int32), axis=0)
+            if c_count > 0:
+                c_rank = tl.atomic_add(ws + _WS_NCAND, c_count) + tl.cumsum(cand.to(tl.int32), axis=0) - 1
+                tl.store(SCRATCH + row * CAP + c_rank, ids, mask=cand & (c_rank < CAP))
+            n_cand += c_count
         tl.store(COUNTS + row * nseg + s, n)
+        tl.store(CCOUNTS + row * nseg + s, n_cand)
         if FUSED:
             tl.debug_barrier()  # every thread's list stores precede the release below
             if tl.atomic_add(ws + _WS_DONE, 1, sem="acq_rel") == nseg - 1:  # the row's last program
-                _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, out_ptr, row, N, seg_len, nseg,
-                            K, NB, NBR, WSR, BLOCKF, CAP, NSEGP, LOGS)
+                _finish_or_threshold(BUF, WS, LIST, COUNTS, CCOUNTS, SCRATCH, OFFS, out_ptr, row, N, seg_len,
+                                     nseg, K, NB, NBR, WSR, BLOCKF, CAP, NSEGP, LOGS)
 
 
 @triton.jit
-def _finish_kernel(BUF, WS, LIST, COUNTS, SCRATCH, OUT, N, T, BH, seg_len, nseg,
+def _finish_kernel(BUF, WS, LIST, COUNTS, CCOUNTS, SCRATCH, OFFS, OUT, N, T, BH, seg_len, nseg,
                    K: tl.constexpr, NB: tl.constexpr, NBR: tl.constexpr, WSR: tl.constexpr,
                    BLOCKF: tl.constexpr, CAP: tl.constexpr, NSEGP: tl.constexpr, LOGS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     if tl.load(WS + row * WSR + _WS_NVIS) > K:
-        _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, _out_row(OUT, row, T, BH, K), row, N, seg_len, nseg,
-                    K, NB, NBR, WSR, BLOCKF, CAP, NSEGP, LOGS)
+        _finish_or_threshold(BUF, WS, LIST, COUNTS, CCOUNTS, SCRATCH, OFFS, _out_row(OUT, row, T, BH, K), row, N,
+                             seg_len, nseg, K, NB, NBR, WSR, BLOCKF, CAP, NSEGP, LOGS)
+
+
+@triton.jit
+def _write_kernel(BUF, WS, LIST, COUNTS, OFFS, OUT, N, T, BH, seg_len, nseg,
+                  K: tl.constexpr, WSR: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+    """Each segment writes its taken ids (its sure ones, and its candidates above the row's threshold) from its
+    slot on: the output stays in ascending id order."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    ws = WS + row * WSR
+    if (tl.load(ws + _WS_NVIS) > K) & (tl.load(ws + _WS_NCAND) <= CAP):
+        t = tl.load(ws + _WS_TKEY)
+        cut = tl.load(ws + _WS_TCUT)
+        n_entries = tl.load(COUNTS + row * nseg + s)
+        out_ptr = _out_row(OUT, row, T, BH, K)
+        base = row * N + s * seg_len
+        n_out = tl.load(OFFS + row * nseg + s)
+        for p0 in range(0, n_entries, BLOCK):
+            p = p0 + tl.arange(0, BLOCK)
+            ok = p < n_entries
+            v = tl.load(LIST + base + p, mask=ok, other=0)
+            cand = ok & (v < 0)
+            ids = tl.where(v < 0, -v - 1, v)
+            key = _ordered_key(tl.load(BUF + row * N + ids, mask=cand, other=0.0))
+            take = ok & (~cand | (key > t) | ((key == t) & (ids <= cut)))
+            rank = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
+            tl.store(out_ptr + rank, ids, mask=take & (rank < K))
+            n_out += tl.sum(take.to(tl.int32), axis=0)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -416,8 +519,16 @@ def _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg):
         q_i, w, k_i, key_end, buf, ws, N, S, T, Hs * T, B * Hs, Hs, n_groups, split_len, float(scale),
         *q_i.stride(), *w.stride(), *k_i.stride(), key_end.stride(0),
         J=J, UG=UG, JP=JP, BN=cfg["BN"], D=D, BD=max(16, _pow2(D)), WSR=ws.shape[1],
-        IEEE=q_i.dtype == torch.float32 and cfg["fp32_ieee"],
+        IEEE=q_i.dtype == torch.float32 and cfg["fp32_ieee"], KEY_MAJOR=cfg["key_major"],
         num_warps=cfg["num_warps"] if UG * JP <= 64 else cfg["num_warps_wide"], num_stages=cfg["num_stages"])
+
+
+def _cap(cfg, N: int) -> int:
+    """The candidate slots per row: cfg["cap"], or N / (2 hist_bins) rounded up to a power of two in
+    [64, 2048]. Bell-shaped logits put ~0.3 N / hist_bins keys in the boundary bin (336-440 of 131,072 at
+    128 bins on the H200 benchmark's DSA rows); a row with more takes the serial finish. Fewer slots make a
+    cheaper sort (H200, DSA b8 at 128k: 0.118 ms at 512 slots, 0.122 at 1024, 0.145 at 2048)."""
+    return cfg["cap"] or min(2048, max(64, _pow2(triton.cdiv(N, 2 * cfg["hist_bins"]))))
 
 
 def _select_decode(buf, ws, out, topk, cfg):
@@ -427,19 +538,24 @@ def _select_decode(buf, ws, out, topk, cfg):
     nseg, seg_len = _splits(rows, N, cfg["block"], cfg["segments_per_sm"], cfg["segments"],
                             cfg["max_segments"], buf.device)
     nsegp = _pow2(nseg)
-    nb, cap = cfg["hist_bins"], cfg["cap"]
+    nb, cap = cfg["hist_bins"], _cap(cfg, N)
     lists = torch.empty((rows, N), dtype=torch.int32, device=buf.device)
-    counts = torch.empty((rows, nseg), dtype=torch.int32, device=buf.device)
+    counts = torch.empty((2, rows, nseg), dtype=torch.int32, device=buf.device)  # entries, candidates
+    offsets = torch.empty((rows, nseg), dtype=torch.int32, device=buf.device)
     scratch = torch.empty((rows, cap), dtype=torch.int32, device=buf.device)
     common = dict(K=topk, NB=nb, NBR=cfg["radix_bins"], WSR=ws.shape[1], BLOCKF=cfg["finish_block"], CAP=cap,
-                  NSEGP=nsegp, LOGS=nsegp.bit_length() - 1, num_warps=cfg["select_warps"])
+                  NSEGP=nsegp, LOGS=nsegp.bit_length() - 1,
+                  num_warps=cfg["select_warps"])
     _hist_kernel[(rows, nseg)](buf, ws, N, seg_len, K=topk, NB=nb, WSR=ws.shape[1], BLOCK=cfg["block"],
                                num_warps=cfg["select_warps"])
     fused = cfg["finish"] == "fused"
-    _partition_kernel[(rows, nseg)](buf, ws, lists, counts, scratch, out, N, T, BH, seg_len, nseg,
+    lists_etc = (lists, counts[0], counts[1], scratch, offsets)
+    _partition_kernel[(rows, nseg)](buf, ws, *lists_etc, out, N, T, BH, seg_len, nseg,
                                     KP=_pow2(topk), BLOCK=cfg["block"], FUSED=fused, **common)
     if not fused:
-        _finish_kernel[(rows,)](buf, ws, lists, counts, scratch, out, N, T, BH, seg_len, nseg, **common)
+        _finish_kernel[(rows,)](buf, ws, *lists_etc, out, N, T, BH, seg_len, nseg, **common)
+    _write_kernel[(rows, nseg)](buf, ws, lists, counts[0], offsets, out, N, T, BH, seg_len, nseg, K=topk,
+                                WSR=ws.shape[1], CAP=cap, BLOCK=cfg["write_block"], num_warps=cfg["select_warps"])
 
 
 def _select_rows(buf, ws, key_end, S, out, topk, cfg):

@@ -29,6 +29,9 @@ from sparsezoo.kernels.indexer_decode_triton import decode_applies, indexer_topk
 SPLIT = {"splits": 5, "segments": 7, "BN": 32, "block": 32, "finish_block": 32}
 # Few histogram bins and a tiny candidate cap: the finish's radix passes over the list decide.
 RADIX = {"hist_bins": 4, "cap": 8, "radix_bins": 4, "finish_block": 32}
+# Few histogram bins and a cap that holds them: many candidates (and ties) resolved in registers, then
+# the segments' parallel write.
+WIDE = {"hist_bins": 4, "cap": 512, "radix_bins": 4, "segments": 5, "block": 32, "write_block": 32}
 
 
 @pytest.fixture(autouse=True)
@@ -83,14 +86,16 @@ def default_run():
     return (q, w, k, ends, N, topk), sel
 
 
-@pytest.mark.parametrize("config", [SPLIT, RADIX, {"finish": "kernel"}, {"select": "rows"}])
+@pytest.mark.parametrize("config", [SPLIT, RADIX, WIDE, {"finish": "kernel"}, {"select": "rows"}])
 def test_configs_agree(default_run, config):
     """Same logits, so every select path and tiling must return the default's ids exactly."""
     args, want = default_run
     assert torch.equal(run(*args, config=config), want)
 
 
-@pytest.mark.parametrize("config", [{}, SPLIT, RADIX, {"finish": "kernel", **RADIX}, {"max_rows": 4}])
+@pytest.mark.parametrize("config", [{}, SPLIT, RADIX, {"finish": "kernel", **RADIX}, {"max_rows": 4},
+                                    {"key_major": False}, {"key_major": False, "max_rows": 4}, WIDE,
+                                    {"finish": "kernel", **WIDE}])
 def test_ties_go_to_the_smaller_id(config):
     """Integer inputs: exact logits with many ties; the ids must be the reference's exactly.
     max_rows 4: two (head, query) units per logits program, the second program's group half empty."""
@@ -124,7 +129,7 @@ def test_rows_with_few_visible_keys():
     assert (sel[:, :, 2] >= 0).all()
 
 
-@pytest.mark.parametrize("m,config", [(1, {}), (4, SPLIT)])
+@pytest.mark.parametrize("m,config", [(1, {}), (4, SPLIT), (1, {"key_major": False, **SPLIT})])
 def test_invisible_keys_are_never_selected(m, config):
     """Queries well before the last key: the invisible suffix (-inf in the buffer) must not count, even
     where its logits would win; with S < topk + 1 visible keys some rows take everything."""
@@ -190,6 +195,13 @@ def test_decode_applies():
     assert not decode_applies(64, 8, 4, 64, 1 << 20)  # logits + list over the buffer bound
 
 
+def test_candidate_slots_follow_the_key_count():
+    """cap 0: N / (2 hist_bins) slots, a power of two in [64, 2048]; a set cap wins."""
+    cfg = {**dec.CONFIG, "cap": 0, "hist_bins": 128}
+    assert [dec._cap(cfg, n) for n in (1000, 32768, 131072, 1 << 22)] == [64, 128, 512, 2048]
+    assert dec._cap({**cfg, "cap": 32}, 131072) == 32
+
+
 def test_rejects_fp64_and_bad_config():
     q, w, k = make_inputs(1, 1, 1, 2, 16, 8, seed=0, dtype=torch.float64)
     with pytest.raises(ValueError, match="backend='reference'"):
@@ -231,10 +243,12 @@ def test_gpu_bf16_decode_points(B, T, N, m, topk):
     z = exact_logits(q, w, k, SCALE)
     other = indexer_topk_triton(q, w, k, ends, S, topk, SCALE)
     assert torch.allclose(selected_scores(sel, z), selected_scores(other, z), atol=eps, rtol=0)
-    for config in ({"finish": "kernel"}, {"select": "rows"}):
+    for config in ({"finish": "kernel"}, {"select": "rows"}, {"cap": 64}):  # cap 64: the serial finish
         assert torch.equal(run(q, w, k, ends, S, topk, config=config), sel), config
-    tiled = run(q, w, k, ends, S, topk, config={"BN": 128, "num_stages": 3, "programs_per_sm": 1})
-    assert torch.allclose(selected_scores(tiled, z), selected_scores(sel, z), atol=eps, rtol=0)
+    for config in ({"BN": 128, "num_stages": 3, "programs_per_sm": 1}, {"key_major": False},
+                   {"key_major": False, "BN": 128, "num_warps": 8}):
+        tiled = run(q, w, k, ends, S, topk, config=config)
+        assert torch.allclose(selected_scores(tiled, z), selected_scores(sel, z), atol=eps, rtol=0), config
 
 
 @pytest.mark.gpu
