@@ -1,6 +1,6 @@
 """How much do fp8 (e4m3) index keys change MSA's top-k? On random keys and on a trained model's keys.
 
-    python benchmarks/fp8_index_overlap.py --out examples/results
+    python benchmarks/fp8_index_overlap.py --out examples/results   # writes fp8_index_overlap_cpu.{json,md}
 
 Trains the tiny MSA GPT (configs/gpt_tiny.yaml, CPU, a minute or two), captures every MSA layer's
 index queries and keys on held-out batches, and compares the selection made with full-precision
@@ -135,7 +135,7 @@ def main(argv=None):
     record = {"device": "cpu", "torch": torch.__version__, "model": "configs/gpt_tiny.yaml (msa, topk 4)",
               "steps": args.steps, "length": args.length, "block_size": bs, "topk": k, "rows": rows,
               "summary": summary}
-    (out / "fp8_index_overlap.json").write_text(json.dumps(record, indent=2))
+    (out / "fp8_index_overlap_cpu.json").write_text(json.dumps(record, indent=2))
     lines = [f"fp8 e4m3 index keys vs full precision: top-{k} overlap (block {bs}, {args.length} tokens, "
              f"tiny MSA GPT trained {args.steps} steps on the CPU, torch {torch.__version__}).", "",
              "| index keys | overlap, per-token scale | overlap, per-page scale | the same with e4m3 queries "
@@ -149,7 +149,7 @@ def main(argv=None):
               "row scaled to its largest magnitude and rounded to e4m3 as well (`MSADecoder(fp8_index_queries=True)`: "
               "the decode indexer's scores become one fp8 x fp8 tensor-core dot)."]
     lines += ["", "Command: `python benchmarks/fp8_index_overlap.py --out examples/results`"]
-    (out / "fp8_index_overlap.md").write_text("\n".join(lines) + "\n")
+    (out / "fp8_index_overlap_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
