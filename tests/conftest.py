@@ -6,6 +6,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one CPU thread per xdist worker (and the processes it spawns):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers x intra-op threads beyond the cores spin and stall
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
