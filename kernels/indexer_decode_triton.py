@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .indexer_triton import _check_inputs, _float_bin, _key_float, _ordered_key, _pick_bin, _ranked_logits, _relu
+from .indexer_triton import _check_inputs, _dot, _float_bin, _key_float, _ordered_key, _pick_bin, _ranked_logits, _relu
 from .indexer_triton import _resolve_config as _rows_config
 from .indexer_triton import _select_triton
 from sparsezoo.kernels.sizes import pow2 as _pow2
@@ -155,21 +155,13 @@ def _logits_kernel(QI, W, KI, KEND, BUF, WS, N, S, T, U, BH, Hs, n_groups, split
                     mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         ends = tl.load(KEND + cols.to(tl.int64) * sen, mask=c_ok, other=0)
         if KEY_MAJOR:
-            if IEEE:
-                s = tl.dot(k.to(q.dtype), q, input_precision="ieee")
-            else:
-                s = tl.dot(k.to(q.dtype), q)
-            s = _relu(s) * wr[None, :]
+            s = _relu(_dot(k.to(q.dtype), q, IEEE)) * wr[None, :]
             if UG == 1:
                 z = tl.sum(s, axis=1)[None, :]
             else:
                 z = tl.trans(tl.sum(tl.reshape(s, [BN, UG, JP]), axis=2))
         else:
-            if IEEE:
-                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k.to(q.dtype)))
-            s = _relu(s) * wr[:, None]
+            s = _relu(_dot(q, tl.trans(k.to(q.dtype)), IEEE)) * wr[:, None]
             if UG == 1:
                 z = tl.sum(s, axis=0)[None, :]
             else:

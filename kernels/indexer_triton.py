@@ -113,6 +113,16 @@ def _relu(s):
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b on the tensor cores; IEEE: full fp32 products (fp32 inputs), else the default precision."""
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
 def _ranked_logits(z, visible):
     """The visible logits, a NaN ranked as +inf (docs/ops.md, non-finite values); -inf elsewhere."""
     return tl.where(visible, tl.where(z == z, z, float("inf")), float("-inf"))
@@ -159,11 +169,7 @@ def _logits_kernel(QI, W, KI, NVIS, BUF, STATS, t0, Tcur, N, J, Hs, scale,
             q_rows = QI + b * sqb + h * sqh + rt * sqt + j.to(tl.int64) * sqj
             q = tl.load(q_rows[:, None] + d[None, :] * sqd, mask=qmask[:, None] & (d[None, :] < D), other=0.0)
             wj = tl.load(W + b * swb + h * swh + rt * swt + j * swj, mask=qmask, other=0.0).to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k.to(q.dtype)))
-            s = _relu(s) * wj[:, None]
+            s = _relu(_dot(q, tl.trans(k.to(q.dtype)), IEEE)) * wj[:, None]
             if JG == 1:
                 acc += s
             else:

@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsezoo.kernels.indexer_triton import _ordered_key
+from sparsezoo.kernels.indexer_triton import _dot, _ordered_key
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite, zero_rows
 from sparsezoo.kernels.sizes import pow2 as _pow2
 
@@ -99,15 +99,6 @@ def _n_visible(pos, Sc, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr):
     """Compressed entries visible to position pos (those ending at or before it)."""
     n = tl.where(pos >= BLOCK_LEN - 1, (pos - BLOCK_LEN + 1) // STRIDE + 1, 0)
     return tl.minimum(n, Sc)
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
 
 
 @triton.jit
