@@ -753,9 +753,9 @@ def _tune_indexer_decode(T: int) -> None:
         var = Variant(name, CONFIGS[name]["published"], 8, 1, T, False)
         e, c = var.extra, var.cfg
         floor_ms = e["k_i"].numel() * e["k_i"].element_size() / bw * 1e3
-        for cfg in ({}, km, dict(threshold="radix"), dict(cap=512), dict(cap=2048), dict(finish="kernel"),
+        for cfg in ({}, km, dict(cap=256), dict(cap=1024), dict(cap=2048), dict(finish="kernel"),
                     dict(hist_bins=256), dict(segments_per_sm=4), dict(select_warps=4), dict(write_block=512),
-                    dict(block=2048), dict(block=4096), dict(block=2048, select_warps=16)):
+                    dict(block=1024), dict(block=4096)):
             try:
                 ms = bench_graph(lambda: idk.indexer_topk_decode_triton(
                     e["q_i"], e["w"], e["k_i"], e["key_end"], T, c["topk"], 1 / math.sqrt(c["Di"]), config=cfg))[0]

@@ -52,10 +52,11 @@ path handles few rows), fed with the same logits and min/max bounds.
 Cost (H200, B = 8, J = 64, D_i = 128, bf16, T = 1; measured with torch.profiler): the logits kernel
 reads the index keys once (N x 256 B per request; 67 MB for CSA at N = 32k, 268 MB for DSA at N = 128k):
 ~74 us for DSA (76% of the HBM rate by ncu; rows x keys took 121 us) and ~23 us for CSA. The select is
-latency-bound (the logits are in L2): with a separate end launch, DSA's histogram took ~8 us, the
-partition ~13 us (~7 us without the candidate appends), the end 11-12 us and the write ~4 us (the serial
-finish alone took ~24 us); CSA's 3, 5, 11 and 4 us. Whole op, CUDA-graph timed: 0.118-0.122 ms (DSA) and
-0.052-0.057 ms (CSA), from 0.166 and 0.067 ms before the key-major dot and the parallel write.
+latency-bound (the logits are in L2): with a separate end launch, DSA's histogram took ~7 us, the
+partition ~12 us (~7 us without the candidate appends), the end (a sort of 512 slots) ~6 us and the
+write ~4 us, where the serial finish took ~24 us; CSA's 4, 6, 4 (128 slots) and 3 us. Whole op,
+CUDA-graph timed in the zoo's decode step: 0.114 ms (DSA) and 0.051 ms (CSA), from 0.161 and 0.067 ms
+before the key-major dot and the parallel write.
 """
 
 from __future__ import annotations
@@ -461,6 +462,9 @@ def _resolve_config(config, device) -> dict:
     cfg = dict(CONFIG)
     if device.type != "cuda":
         cfg.update(_INTERPRETER_CONFIG)
+    unknown = sorted(set(config or {}) - set(CONFIG))
+    if unknown:
+        raise ValueError(f"unknown decode indexer config keys {unknown}; valid keys: {sorted(CONFIG)}")
     cfg.update(config or {})
     if cfg["select"] not in ("decode", "rows"):
         raise ValueError(f"select must be 'decode' or 'rows', got {cfg['select']!r}")

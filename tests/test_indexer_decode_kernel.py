@@ -210,6 +210,8 @@ def test_rejects_fp64_and_bad_config():
         run(q.float(), w.float(), k.float(), dsa_ends(8), 8, 2, config={"select": "sort"})
     with pytest.raises(ValueError, match="finish"):
         run(q.float(), w.float(), k.float(), dsa_ends(8), 8, 2, config={"finish": "later"})
+    with pytest.raises(ValueError, match="unknown decode indexer config keys \\['threshold'\\]; valid keys"):
+        run(q.float(), w.float(), k.float(), dsa_ends(8), 8, 2, config={"threshold": "sort"})
 
 
 # ----------------------------------------------------------------------------- GPU (bf16, decode points)
