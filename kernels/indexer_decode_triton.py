@@ -49,7 +49,7 @@ sorted in (a) where it fits CAP, else resolved by (b)'s radix passes.
 CONFIG["select"] = "rows" swaps 2-4 for indexer_triton's row select (`_select_triton`, whose split
 path handles few rows), fed with the same logits and min/max bounds.
 
-Cost (H200, B = 8, J = 64, D_i = 128, bf16, T = 1; measured with torch.profiler): the logits kernel
+Cost (H200, B = 8, J = 64, D_i = 128, bf16, T = 1; benchmarks/indexer_decode_profile.py): the logits kernel
 reads the index keys once (N x 256 B per request; 67 MB for CSA at N = 32k, 268 MB for DSA at N = 128k):
 ~74 us for DSA (76% of the HBM rate by ncu; rows x keys took 121 us) and ~23 us for CSA. The select is
 latency-bound (the logits are in L2): with a separate end launch, DSA's histogram took ~7 us, the
