@@ -748,12 +748,12 @@ def _tune_indexer_decode(T: int) -> None:
     from sparsezoo.kernels import indexer_decode_triton as idk
 
     bw = copy_bandwidth()
-    km = dict(key_major=False)
+    rows_major = dict(key_major=False)
     for name in ("dsa", "csa"):
         var = Variant(name, CONFIGS[name]["published"], 8, 1, T, False)
         e, c = var.extra, var.cfg
         floor_ms = e["k_i"].numel() * e["k_i"].element_size() / bw * 1e3
-        for cfg in ({}, km, dict(cap=256), dict(cap=1024), dict(cap=2048), dict(finish="kernel"),
+        for cfg in ({}, rows_major, dict(cap=256), dict(cap=1024), dict(cap=2048), dict(finish="kernel"),
                     dict(hist_bins=256), dict(segments_per_sm=4), dict(select_warps=4), dict(write_block=512),
                     dict(block=1024), dict(block=4096)):
             try:

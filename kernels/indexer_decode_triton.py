@@ -339,8 +339,7 @@ def _threshold_row(BUF, WS, COUNTS, CCOUNTS, CANDS, OFFS, row, N, seg_len, nseg,
     t64 = tl.sum(tl.where(ci == need - 1, tl.sort(rank_key, descending=True), 0), axis=0)
     t = (t64 >> 31) - 2147483648
     cut = 2147483647 - (t64 & 2147483647)
-    equal = ok & (key == t)
-    taken = ok & ((key > t) | (equal & (ids <= cut)))
+    taken = rank_key >= t64  # key > t, or key == t and id <= cut (-1 where not a candidate)
     taken_per_seg = tl.histogram(tl.where(taken, ids // seg_len, 0), NSEGP, mask=taken)
     si = tl.arange(0, NSEGP)
     s_ok = si < nseg
