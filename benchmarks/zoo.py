@@ -721,25 +721,40 @@ def _tune_moba_select(T: int) -> None:
 
 
 def _tune_moba_attention(T: int) -> None:
-    """Per-head block-sparse attention tiles (G1_CONFIG) at MoBA's equal-budget prefill, and MSA's union builder."""
+    """Block-sparse attention at MoBA's and MSA's equal-budget prefill: query-major tilings (G1_CONFIG, the
+    union builder) against the key-major schedule's configs, the two schedules' largest difference, and the
+    key-major kernels' device times."""
+    from sparsezoo.kernels import sparse_attention_keys as sak
     from sparsezoo.kernels import sparse_attention_triton as sat
 
-    var = Variant("moba", CONFIGS["moba"]["equal_budget"], 1, T, T, False)
-    with torch.no_grad():
-        sel = var.select()
-        for cfg in ({}, dict(TM=32), dict(TM=128, num_warps=8, num_stages=2), dict(num_warps=8),
-                    dict(num_warps=8, num_stages=2), dict(UNION="torch")):
-            ms = _timed(lambda: sat.block_sparse_attention_triton(var.q, var.k, var.v, sel, var.cfg["block"], var.scale,
-                                                                  config=cfg))
-            print(f"tune moba attention {T}: {cfg} -> {ms}", flush=True)
-    del var
-    var = Variant("msa", CONFIGS["msa"]["published"], 1, T, T, False)
-    with torch.no_grad():
-        sel = var.select()
-        for cfg in ({}, dict(UNION="torch")):
-            ms = _timed(lambda: sat.block_sparse_attention_triton(var.q, var.k, var.v, sel, var.cfg["block"], var.scale,
-                                                                  config=cfg))
-            print(f"tune msa attention {T}: {cfg} -> {ms}", flush=True)
+    query_cfgs = {"moba": ({}, dict(TM=32), dict(num_warps=8, num_stages=2)), "msa": ({}, dict(UNION="torch"))}
+    key_cfgs = ({}, dict(BM=64, num_warps=4), dict(num_warps=4), dict(num_stages=3), dict(num_stages=1),
+                dict(CHUNK_BYTES=1 << 30), dict(CHUNK_BYTES=16 << 30), dict(MERGE_ROWS=128), dict(MERGE_ROWS=32))
+    for name in ("moba", "msa"):
+        var = Variant(name, CONFIGS[name]["equal_budget"], 1, T, T, False)
+        args = (var.q, var.k, var.v)
+        with torch.no_grad():
+            sel = var.select()
+            blk = var.cfg["block"]
+            for cfg in query_cfgs[name]:
+                ms = _timed(lambda: sat.block_sparse_attention_triton(*args, sel, blk, var.scale, config=cfg))
+                print(f"tune {name} attention query-major {T}: {cfg} -> {ms}", flush=True)
+            for cfg in key_cfgs:
+                ms = _timed(lambda: sak.block_sparse_attention_keys(*args, sel, blk, var.scale, config=cfg))
+                print(f"tune {name} attention key-major {T}: {cfg} -> {ms}", flush=True)
+            a = sat.block_sparse_attention_triton(*args, sel, blk, var.scale)
+            b = sak.block_sparse_attention_keys(*args, sel, blk, var.scale)
+            print(f"tune {name} attention {T}: schedules differ by at most {(a.float() - b.float()).abs().max():.3g}",
+                  flush=True)
+            del a, b
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                sak.block_sparse_attention_keys(*args, sel, blk, var.scale)
+                torch.cuda.synchronize()
+            for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+                if e.device_time_total > 0:
+                    print(f"tune {name} attention key-major {T} kernel: {e.key[:60]} {e.device_time_total / 1e3:.3f} ms "
+                          f"x{e.count}", flush=True)
+        del var, args, sel
 
 
 def _tune_indexer_decode(T: int) -> None:

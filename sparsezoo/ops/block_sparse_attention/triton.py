@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..dispatch import compiling
+from ..dispatch import compiling, needs_grad, record
 
 
 def _pow2(n: int) -> bool:
@@ -43,15 +43,37 @@ def supports(req) -> str | None:
 GATHER_DECODE_T = 4
 
 
+# Calls without gradients run the key-major schedule (kernels/sparse_attention_keys.py: one program per
+# key block over the rows that chose it, then an LSE merge) where KEY_MAJOR says so, by selection kind:
+# "per_head" (Hs = Hq, MoBA) or "per_group" (Hs = Hkv, MSA). Training calls run the query-major kernels,
+# whose backward reuses the forward's tile plan. The dispatch record's SCHEDULE_OP entry says which ran.
+KEY_MAJOR = {"per_head": True, "per_group": True}
+SCHEDULE_OP = "block_sparse_schedule"
+
+
+def schedule(q, k, v, block_idx) -> str:
+    """"key_major" or "query_major": the schedule `run` takes for this call."""
+    kind = "per_head" if block_idx.shape[1] == q.shape[1] != k.shape[1] else "per_group"
+    return "key_major" if KEY_MAJOR[kind] and not needs_grad(q, k, v) else "query_major"
+
+
 def run(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False):
-    from sparsezoo.kernels import gather_attention_triton, sparse_attention_triton
+    from sparsezoo.kernels import gather_attention_triton, sparse_attention_keys, sparse_attention_triton
 
     if block_idx.shape[1] == q.shape[1] != k.shape[1] and q.shape[2] <= GATHER_DECODE_T:
         ids = block_tokens(block_idx, block_size, q.shape[2], k.shape[2])
+        record(SCHEDULE_OP, "token_gather")
         if compiling():
             out, lse = torch.ops.sparsezoo.gather_attention_triton(q, k, v, ids, float(scale), None, None, 0)
             return (out, lse) if return_lse else out
         return gather_attention_triton.gather_attention_triton(q, k, v, ids, scale, return_lse)
+    sched = schedule(q, k, v, block_idx)
+    record(SCHEDULE_OP, sched)
+    if sched == "key_major":
+        if compiling():
+            out, lse = torch.ops.sparsezoo.block_sparse_attention_keys(q, k, v, block_idx, block_size, float(scale))
+            return (out, lse) if return_lse else out
+        return sparse_attention_keys.block_sparse_attention_keys(q, k, v, block_idx, block_size, scale, return_lse)
     if compiling():
         out, lse, *_plan = torch.ops.sparsezoo.block_sparse_attention_triton(q, k, v, block_idx, block_size,
                                                                              float(scale))
@@ -101,6 +123,19 @@ def _forward_fake(q, k, v, block_idx, block_size, scale):
             for shape in ((B, Hs, NT * TM), (B, Hs, NT), (B, Hs, NT, cap), bits)]
     flags = (k.new_empty(k.shape[:3], dtype=torch.int8), block_idx.new_empty(1 + B * Hs * NT, dtype=torch.int32))
     return torch.empty_like(q), q.new_empty((B, Hq, T), dtype=torch.float32), *plan, *flags
+
+
+@torch.library.custom_op("sparsezoo::block_sparse_attention_keys", mutates_args=())
+def _keys_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    """(out, LSE) of the key-major schedule: forward only (no autograd formula)."""
+    from sparsezoo.kernels import sparse_attention_keys
+
+    return sparse_attention_keys.block_sparse_attention_keys(q, k, v, block_idx, block_size, scale, True)
+
+
+@_keys_op.register_fake
+def _keys_fake(q, k, v, block_idx, block_size, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 # the dK/dV work lists are built with host syncs (boolean indexing): not CUDA-graph capturable

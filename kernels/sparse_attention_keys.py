@@ -1,0 +1,286 @@
+"""Key-major block-sparse attention, forward only (Triton): one program per (key block, tile of the rows
+that selected it), then a merge of each row's per-block results by their LSEs.
+
+Why a second schedule: the query-major kernels (sparse_attention_triton) give a tile of rows the union
+of their tokens' blocks. With one selection per query head (MoBA) or several tokens per tile (MSA: 4
+tokens x 16 heads) most of that tensor-core work lands on blocks a row did not choose. Here every row of
+a tile chose the tile's block, so the only masked work is the causal diagonal. The price is memory: each
+(row, chosen block) pair writes a partial output row (in q's dtype) and its LSE, which the merge reads
+back once.
+
+Steps (`block_sparse_attention_keys`), per chunk of queries:
+1. Lists. A column is (batch, kv head, key block); its entries are the selection entries (batch,
+   selection head, token, slot) that chose the block. A count pass and a scatter pass with atomics
+   (the order inside a column is arbitrary: a row's result does not depend on its tile-mates). A
+   repeated id in a row counts once; ids outside [0, n_blocks) make no entry.
+2. Attention (`_attn_kernel`). The grid is an upper bound on the (column, row tile) pairs, known
+   without a host sync; a tile's rows are EPT = BM // G entries x their G query heads. Each program
+   writes its rows' partial output [E, G, D] and natural-log LSE [E, G].
+3. Merge (`_merge_kernel`): per query row, the LSE-weighted sum of its partials.
+
+Memory: E * G * (D * itemsize + 4) bytes of partials for E = B * Hs * T * k entries, bounded by
+running the queries in chunks (config CHUNK_BYTES). Nothing is [T, S].
+
+Non-finite values (docs/ops.md): one read of K and V flags the key blocks holding a NaN/inf; a tile of
+such a block takes the checked path (flagged k/v rows read as 0, a row that attends to one or whose q is
+non-finite is poisoned). Elsewhere a NaN from q reaches the row's partial sum, and a row whose visible
+scores are all -inf (an inf in q) is poisoned too. The merge poisons a row with a poisoned partial, and a
+row with no key at all iff its q is non-finite.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows
+from sparsezoo.kernels.sizes import pow2 as _pow2
+from sparsezoo.kernels.sparse_attention_triton import (
+    _bad_keys_kernel,
+    _key_rows,
+    _load_rows,
+    _precision,
+    _saw_bad_key,
+    _selection_heads,
+)
+
+LOG2E = 1.4426950408889634
+
+# BM rows per attention tile on a GPU (at least G; the interpreter runs 16), BN keys per sub-tile,
+# LIST_IDS ids per list-building program, MERGE_ROWS rows per merge program, CHUNK_BYTES of partials
+# per query chunk.
+KEYS_CONFIG = {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 2, "LIST_IDS": 4096, "MERGE_ROWS": 64,
+               "CHUNK_BYTES": 4 << 30}
+_INTERPRET_BM = 16
+
+
+def resolve_config(config: dict | None = None) -> dict:
+    """KEYS_CONFIG with `config`'s overrides; unknown keys raise, naming the valid ones."""
+    unknown = set(config or {}) - set(KEYS_CONFIG)
+    if unknown:
+        raise ValueError(f"unknown key-major attention config keys {sorted(unknown)}; valid: {sorted(KEYS_CONFIG)}")
+    return {**KEYS_CONFIG, **(config or {})}
+
+
+@triton.jit
+def _list_kernel(SEL, CNT, CUR, START, ORDER, T, NK, n_blocks, ssb, ssh, sst, ssk,
+                 TT: tl.constexpr, KP: tl.constexpr, KV_DIV: tl.constexpr, SCATTER: tl.constexpr):
+    """Tokens TT * pid(0) + [0, TT) of selection head pid(1), batch pid(2): count each live entry in its
+    column (CNT), or (SCATTER) write its flat index (b, s, t, slot) at START[col] + a slot taken from CUR."""
+    s = tl.program_id(1)
+    b = tl.program_id(2)
+    t = tl.program_id(0) * TT + tl.arange(0, TT)
+    j = tl.arange(0, KP)
+    ok = (t < T)[:, None] & (j < NK)[None, :]
+    x = tl.load(SEL + b.to(tl.int64) * ssb + s.to(tl.int64) * ssh + t.to(tl.int64)[:, None] * sst + j[None, :] * ssk,
+                mask=ok, other=-1)
+    live = ok & (x >= 0) & (x < n_blocks)  # range check in the input dtype, before any cast
+    x = tl.where(live, x, -1).to(tl.int32)
+    earlier = (x[:, :, None] == x[:, None, :]) & (j[None, None, :] < j[None, :, None])
+    live = live & (tl.max(earlier.to(tl.int32), axis=2) == 0)  # a repeated id counts once
+    hkv = tl.num_programs(1) // KV_DIV
+    col = (b * hkv + s // KV_DIV) * n_blocks + x
+    if SCATTER:
+        at = tl.load(START + col, mask=live, other=0) + tl.atomic_add(CUR + col, 1, mask=live)
+        e = ((b.to(tl.int64) * tl.num_programs(1) + s) * T + t)[:, None] * NK + j[None, :]
+        tl.store(ORDER + at, e.to(ORDER.dtype.element_ty), mask=live)
+    else:
+        tl.atomic_add(CNT + col, 1, mask=live)
+
+
+@triton.jit
+def _partial_tile(Q, K, V, POUT, PLSE, KBAD, b, kv, blk, e, head, t, pos, row_ok, S, qk_scale,
+                  sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                  G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                  BD: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr):
+    """The rows' (entry e, query head `head`, token t at position pos) attention over key block blk of kv
+    head kv: their partial output and LSE, poisoned where the non-finite rule says so (CHECKED: the
+    block holds flagged k/v rows)."""
+    d = tl.arange(0, BD)
+    q = _load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
+    bad = tl.zeros([BM], tl.int1)
+    if CHECKED:
+        bad = nonfinite_rows(q) & row_ok
+    m_i = tl.zeros([BM], tl.float32) + float("-inf")
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    kn = tl.arange(0, BN)
+    for sub in tl.static_range(BLOCK // BN):
+        keys = blk * BLOCK + sub * BN + kn
+        kmask = keys < S
+        ok, kb = _key_rows(KBAD, keys, kmask, CHECKED)
+        kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        vis = row_ok[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, ok, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
+        bad = _saw_bad_key(bad, vis, kb, CHECKED)
+    seen = row_ok & (blk * BLOCK <= pos)  # the row sees at least the block's first key
+    bad = bad | (l_i != l_i) | (seen & (l_i == 0))  # NaN from q, or every visible score -inf (inf in q)
+    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    row = e * G + head % G
+    tl.store(PLSE + row, poison(lse, bad), mask=row_ok)
+    tl.store(POUT + row[:, None] * D + d[None, :], poison_rows(out, bad).to(POUT.dtype.element_ty),
+             mask=row_ok[:, None] & (d[None, :] < D))
+
+
+@triton.jit
+def _attn_kernel(Q, K, V, POUT, PLSE, ORDER, CNT, START, TILES, TILE_END, PCOL, KBAD, BBAD,
+                 T, S, pos0, NK, HS, n_blocks, n_cols, qk_scale,
+                 sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                 G: tl.constexpr, KV_DIV: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+                 D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    """One (column, row tile) pair: program p takes column PCOL[p] (n_cols past the last tile) and its
+    tile p - first tile of the column."""
+    p = tl.program_id(0)
+    col = tl.load(PCOL + p)
+    if col < n_cols:
+        tile = p - (tl.load(TILE_END + col) - tl.load(TILES + col))
+        bkv = col // n_blocks
+        blk = col % n_blocks
+        hkv = HS // KV_DIV
+        b = bkv // hkv
+        kv = bkv % hkv
+        r = tl.arange(0, BM)
+        ei = tile * (BM // G) + r // G
+        row_ok = ei < tl.load(CNT + col)
+        e = tl.load(ORDER + tl.load(START + col).to(tl.int64) + ei, mask=row_ok, other=0).to(tl.int64)
+        t = (e // NK) % T
+        head = ((e // NK) // T % HS) * G + r % G
+        pos = pos0 + t
+        kbad = KBAD + bkv.to(tl.int64) * S
+        if tl.load(BBAD + col) != 0:
+            _partial_tile(Q, K, V, POUT, PLSE, kbad, b, kv, blk, e, head, t, pos, row_ok, S, qk_scale,
+                          sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                          G, BM, BLOCK, BN, D, BD, PREC, True)
+        else:
+            _partial_tile(Q, K, V, POUT, PLSE, kbad, b, kv, blk, e, head, t, pos, row_ok, S, qk_scale,
+                          sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                          G, BM, BLOCK, BN, D, BD, PREC, False)
+
+
+@triton.jit
+def _merge_kernel(POUT, PLSE, Q, O, L, T, NK, sqb, sqh, sqt, sqd, sob, soh, sot, sod, slb, slh, slt,
+                  G: tl.constexpr, TT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """Rows of tokens TT * pid(0) + [0, TT) x the G heads of selection head pid(1), batch pid(2): the
+    LSE-weighted sum of their partials. A poisoned partial poisons the row; a row with no key is NaN
+    iff its q is non-finite (output 0 and LSE -inf otherwise)."""
+    s = tl.program_id(1)
+    b = tl.program_id(2)
+    r = tl.arange(0, TT * G)
+    t = tl.program_id(0) * TT + r // G
+    g = r % G
+    row_ok = t < T
+    head = (s * G + g).to(tl.int64)
+    d = tl.arange(0, BD)
+    e0 = ((b.to(tl.int64) * tl.num_programs(1) + s) * T + t) * NK
+    m = tl.zeros([TT * G], tl.float32) + float("-inf")
+    l_sum = tl.zeros([TT * G], tl.float32)
+    acc = tl.zeros([TT * G, BD], tl.float32)
+    bad = tl.zeros([TT * G], tl.int1)
+    for kk in range(NK):
+        row = (e0 + kk) * G + g
+        lk = tl.load(PLSE + row, mask=row_ok, other=float("-inf"))
+        bad = bad | (lk != lk)
+        live = lk > float("-inf")  # false for NaN too
+        m_new = tl.maximum(m, tl.where(live, lk, float("-inf")))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.where(live, tl.exp(lk - m_use), 0.0)
+        alpha = tl.exp(m - m_use)
+        o = tl.load(POUT + row[:, None] * D + d[None, :], mask=live[:, None] & (d[None, :] < D), other=0.0)
+        acc = acc * alpha[:, None] + w[:, None] * o.to(tl.float32)
+        l_sum = l_sum * alpha + w
+        m = m_new
+    empty = row_ok & ~(l_sum > 0)
+    q = _load_rows(Q, b * sqb + head * sqh + t.to(tl.int64) * sqt, d, sqd, empty, D)  # only keyless rows
+    bad = bad | (nonfinite_rows(q) & empty)
+    lse = tl.where(l_sum > 0, m + tl.log(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    tl.store(L + b * slb + head * slh + t * slt, poison(lse, bad), mask=row_ok)
+    tl.store(O + b * sob + head[:, None] * soh + t.to(tl.int64)[:, None] * sot + d[None, :] * sod,
+             poison_rows(out, bad).to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
+
+
+def _block_n(block_size: int, bn: int) -> int:
+    if block_size & (block_size - 1) == 0:
+        return min(block_size, bn)
+    if block_size % bn == 0:
+        return bn
+    raise ValueError(f"the key-major attention needs block_size to be a power of two or a multiple of {bn}, "
+                     f"got {block_size}")
+
+
+def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False,
+                                config: dict | None = None):
+    """Forward-only block-sparse attention with the key-major schedule: the same contract as
+    `sparse_attention_triton.block_sparse_attention_triton` (q [B, Hq, T, D], k/v [B, Hkv, S, D], block_idx
+    [B, Hs, T, k] with Hs = Hkv or Hq; ids outside [0, n_blocks) ignored, a repeated id counts once;
+    out [B, Hq, T, D] and natural-log LSE [B, Hq, T]) without gradients. No host sync."""
+    if q.dtype == torch.float64:
+        raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
+    cfg = resolve_config(config)
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    Hs, NK = block_idx.shape[1], block_idx.shape[3]
+    G, KV_DIV = _selection_heads(Hq, Hkv, Hs)
+    n_blocks = triton.cdiv(S, block_size)
+    n_cols = B * Hkv * n_blocks
+    BM = max(cfg["BM"] if q.device.type == "cuda" else _INTERPRET_BM, _pow2(G))
+    EPT = BM // G
+    BN = _block_n(block_size, cfg["BN"])
+    BD = max(_pow2(D), 16)
+    KP = _pow2(NK)
+    dev = q.device
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
+    if out.numel() == 0:
+        return (out, lse) if return_lse else out
+    kbad = torch.empty((B, Hkv, S), dtype=torch.int8, device=dev)
+    bbad = torch.empty((B, Hkv, n_blocks), dtype=torch.int8, device=dev)
+    _bad_keys_kernel[(n_blocks, Hkv, B)](k, v, kbad, bbad, S, n_blocks, *k.stride(), *v.stride(), BLOCK=block_size,
+                                         CH=min(block_size & -block_size, 64), D=D, BD=BD, WITH_V=True)
+    per_token = B * Hs * NK * G * (D * q.element_size() + 4)
+    chunk = max(1, min(T, cfg["CHUNK_BYTES"] // per_token))
+    E_max = B * Hs * chunk * NK
+    pout = torch.empty(E_max * G * D, dtype=q.dtype, device=dev)
+    plse = torch.empty(E_max * G, dtype=torch.float32, device=dev)
+    order = torch.empty(E_max, dtype=torch.int32 if E_max < 2**31 else torch.int64, device=dev)
+    TT = max(1, cfg["LIST_IDS"] // (KP * KP))
+    MT = max(1, cfg["MERGE_ROWS"] // G)
+    for t0 in range(0, T, chunk):
+        tc = min(chunk, T - t0)
+        sel = block_idx[:, :, t0:t0 + tc]
+        E = B * Hs * tc * NK
+        cnt = torch.zeros(n_cols, dtype=torch.int32, device=dev)
+        cur = torch.zeros(n_cols, dtype=torch.int32, device=dev)
+        grid = (triton.cdiv(tc, TT), Hs, B)
+        args = (cnt, cur, cnt, order, tc, NK, n_blocks, *sel.stride())
+        _list_kernel[grid](sel, *args, TT=TT, KP=KP, KV_DIV=KV_DIV, SCATTER=False)
+        start = torch.cumsum(cnt, 0, dtype=torch.int32) - cnt
+        _list_kernel[grid](sel, cnt, cur, start, order, tc, NK, n_blocks, *sel.stride(), TT=TT, KP=KP,
+                           KV_DIV=KV_DIV, SCATTER=True)
+        tiles = (cnt + EPT - 1) // EPT
+        tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
+        bound = triton.cdiv(E, EPT) + n_cols
+        pcol = torch.searchsorted(tile_end, torch.arange(bound, device=dev, dtype=torch.int32), right=True,
+                                  out_int32=True)
+        plse[:E * G].fill_(float("-inf"))
+        qc = q[:, :, t0:t0 + tc]
+        _attn_kernel[(bound,)](qc, k, v, pout, plse, order, cnt, start, tiles, tile_end, pcol, kbad, bbad,
+                               tc, S, S - T + t0, NK, Hs, n_blocks, n_cols, scale * LOG2E,
+                               *qc.stride(), *k.stride(), *v.stride(), G=G, KV_DIV=KV_DIV, BM=BM, BLOCK=block_size,
+                               BN=BN, D=D, BD=BD, PREC=_precision(q), num_warps=cfg["num_warps"],
+                               num_stages=cfg["num_stages"])
+        oc, lc = out[:, :, t0:t0 + tc], lse[:, :, t0:t0 + tc]
+        _merge_kernel[(triton.cdiv(tc, MT), Hs, B)](pout, plse, qc, oc, lc, tc, NK, *qc.stride(), *oc.stride(),
+                                                    *lc.stride(), G=G, TT=MT, D=D, BD=BD)
+    return (out, lse) if return_lse else out

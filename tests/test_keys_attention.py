@@ -1,0 +1,95 @@
+"""The key-major block-sparse attention forward (kernels/sparse_attention_keys.py) against the fp64 reference.
+
+On the CPU under TRITON_INTERPRET=1 (fp32, small shapes, hypothesis-drawn): messy selections (repeated ids,
+-1 anywhere, ids past the query's block, out-of-range ids in int32 and int64), per-KV-group (Hs = Hkv) and
+per-query-head (Hs = Hq) selections, query chunks forced small, non-finite inputs. bf16 at MSA- and
+MoBA-like shapes on the GPU (marked gpu). Tolerances: fp32 1e-4 (outputs and LSE); bf16 atol=rtol=3e-2 and
+LSE 2e-2, as tests/test_moba_kernel.py.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsezoo.ops import references as ref
+
+triton = pytest.importorskip("triton")
+
+from sparsezoo.kernels import sparse_attention_keys as sak  # noqa: E402
+from tests.test_moba_tiles import DEV, canonical, messy_selection  # noqa: E402
+
+
+def _reference(q, k, v, sel, block, scale):
+    n_blocks = math.ceil(k.shape[2] / block)
+    return ref.block_sparse_attention_reference(q.double(), k.double(), v.double(), canonical(sel, n_blocks), block,
+                                                scale, True)
+
+
+def _check(q, k, v, sel, block, tol, lse_tol, config=None):
+    scale = q.shape[-1] ** -0.5
+    out, lse = sak.block_sparse_attention_keys(q, k, v, sel, block, scale, True, config)
+    rout, rlse = _reference(q, k, v, sel, block, scale)
+    torch.testing.assert_close(out.double(), rout, atol=tol, rtol=tol, equal_nan=True)
+    torch.testing.assert_close(lse.double(), rlse, atol=lse_tol, rtol=0, equal_nan=True)
+
+
+@settings(max_examples=8, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 4]), per_head=st.booleans(),
+       T=st.integers(1, 40), extra=st.integers(0, 24), block=st.sampled_from([4, 8, 16]), topk=st.integers(1, 5),
+       wide=st.booleans(), chunk=st.sampled_from([None, 1]), seed=st.integers(0, 2**16))
+def test_key_major_matches_reference(B, Hkv, G, per_head, T, extra, block, topk, wide, chunk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    Hq, S, D = Hkv * G, T + extra, 16
+    Hs = Hq if per_head else Hkv
+    q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    sel = messy_selection(B, Hs, T, S, block, topk, gen, torch.int64 if wide else torch.int32)
+    per_token = B * Hs * topk * (Hq // Hs) * (D * 4 + 4)
+    config = None if chunk is None else {"CHUNK_BYTES": per_token * 3}  # chunks of 3 tokens
+    _check(q, k, v, sel, block, 1e-4, 1e-4, config)
+
+
+def test_block_of_several_key_tiles_and_padded_head_dim():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((1, 4, 37, 24), (1, 2, 70, 24), (1, 2, 70, 24)))
+    sel = messy_selection(1, 2, 37, 70, 32, 3, gen)
+    _check(q, k, v, sel, 32, 1e-4, 1e-4, {"BN": 16})
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "q_no_keys"])
+def test_non_finite_values_reach_exactly_the_rows_that_attend_to_them(where):
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, T, S, D, block = 1, 4, 2, 24, 40, 16, 8
+    q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    sel = messy_selection(B, Hq, T, S, block, 3, gen)
+    if where == "q":
+        q[0, 1, 9, 3] = float("inf")
+        q[0, 2, 4, 0] = float("nan")
+    elif where == "k":
+        k[0, 1, 21, 5] = float("nan")
+    elif where == "v":
+        v[0, 0, 18, 2] = float("-inf")
+    else:  # a row that sees no key: NaN iff its q is non-finite
+        sel[0, 3, 10] = -1
+        q[0, 3, 10, 1] = float("nan")
+    _check(q, k, v, sel, block, 1e-4, 1e-4)
+
+
+def test_unknown_config_keys_raise():
+    with pytest.raises(ValueError, match="valid"):
+        sak.resolve_config({"ROWS": 64})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("per_head", [False, True])
+def test_key_major_bf16_on_gpu(per_head):
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, T, S, D, block = 1, 32, 2, 1500, 2048, 128, 128
+    Hs = Hq if per_head else Hkv
+    q, k, v = (torch.randn(*s, generator=gen).to(DEV, torch.bfloat16)
+               for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    sel = messy_selection(B, Hs, T, S, block, 6, gen)
+    _check(q, k, v, sel, block, 3e-2, 2e-2, {"CHUNK_BYTES": 64 << 20})
