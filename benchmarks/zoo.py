@@ -728,10 +728,10 @@ def _tune_moba_attention(T: int) -> None:
     from sparsezoo.kernels import sparse_attention_triton as sat
 
     query_cfgs = {"moba": ({}, dict(TM=32), dict(num_warps=8, num_stages=2)), "msa": ({}, dict(UNION="torch"))}
-    key_cfgs = ({}, dict(BM=64, num_warps=4), dict(num_warps=4), dict(num_stages=3), dict(num_stages=1),
-                dict(CHUNK_BYTES=1 << 30), dict(CHUNK_BYTES=16 << 30), dict(MERGE_ROWS=128), dict(MERGE_ROWS=32))
+    key_cfgs = ({}, dict(R=1), dict(R=4), dict(R=16), dict(R=32), dict(num_warps=8), dict(num_stages=3),
+                dict(num_stages=1), dict(BM=64), dict(BM=64, R=16), dict(CHUNK_BYTES=16 << 30))
     for name in ("moba", "msa"):
-        var = Variant(name, CONFIGS[name]["equal_budget"], 1, T, T, False)
+        var = Variant(name, CONFIGS[name].get("equal_budget", CONFIGS[name]["published"]), 1, T, T, False)
         args = (var.q, var.k, var.v)
         with torch.no_grad():
             sel = var.select()

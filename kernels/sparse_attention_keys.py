@@ -13,9 +13,10 @@ Steps (`block_sparse_attention_keys`), per chunk of queries:
    selection head, token, slot) that chose the block. A count pass and a scatter pass with atomics
    (the order inside a column is arbitrary: a row's result does not depend on its tile-mates). A
    repeated id in a row counts once; ids outside [0, n_blocks) make no entry.
-2. Attention (`_attn_kernel`). The grid is an upper bound on the (column, row tile) pairs, known
-   without a host sync; a tile's rows are EPT = BM // G entries x their G query heads. Each program
-   writes its rows' partial output [E, G, D] and natural-log LSE [E, G].
+2. Attention (`_attn_kernel`). A program runs up to R row tiles of one column; the grid is an upper
+   bound on the (column, group of R tiles) pairs, known without a host sync. A tile's rows are
+   EPT = BM // G entries x their G query heads. Each row gets its partial output [E, G, D] and
+   natural-log LSE [E, G].
 3. Merge (`_merge_kernel`): per query row, the LSE-weighted sum of its partials.
 
 Memory: E * G * (D * itemsize + 4) bytes of partials for E = B * Hs * T * k entries, bounded by
@@ -47,10 +48,11 @@ from sparsezoo.kernels.sparse_attention_triton import (
 
 LOG2E = 1.4426950408889634
 
-# BM rows per attention tile on a GPU (at least G; the interpreter runs 16), BN keys per sub-tile,
+# BM rows per attention tile on a GPU (at least G; the interpreter runs 16), R row tiles per program (a
+# block of one key sub-tile is loaded once for them), BN keys per sub-tile,
 # LIST_IDS ids per list-building program, MERGE_ROWS rows per merge program, CHUNK_BYTES of partials
 # per query chunk.
-KEYS_CONFIG = {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 2, "LIST_IDS": 4096, "MERGE_ROWS": 64,
+KEYS_CONFIG = {"BM": 128, "BN": 128, "R": 8, "num_warps": 4, "num_stages": 2, "LIST_IDS": 4096, "MERGE_ROWS": 64,
                "CHUNK_BYTES": 4 << 30}
 _INTERPRET_BM = 16
 
@@ -82,90 +84,119 @@ def _list_kernel(SEL, CNT, CUR, START, ORDER, T, NK, n_blocks, ssb, ssh, sst, ss
     hkv = tl.num_programs(1) // KV_DIV
     col = (b * hkv + s // KV_DIV) * n_blocks + x
     if SCATTER:
-        at = tl.load(START + col, mask=live, other=0) + tl.atomic_add(CUR + col, 1, mask=live)
+        at = tl.load(START + col, mask=live, other=0) + tl.atomic_add(CUR + col, 1, mask=live, sem="relaxed")
         e = ((b.to(tl.int64) * tl.num_programs(1) + s) * T + t)[:, None] * NK + j[None, :]
         tl.store(ORDER + at, e.to(ORDER.dtype.element_ty), mask=live)
     else:
-        tl.atomic_add(CNT + col, 1, mask=live)
+        tl.atomic_add(CNT + col, 1, mask=live, sem="relaxed")
 
 
 @triton.jit
-def _partial_tile(Q, K, V, POUT, PLSE, KBAD, b, kv, blk, e, head, t, pos, row_ok, S, qk_scale,
-                  sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                  G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                  BD: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr):
-    """The rows' (entry e, query head `head`, token t at position pos) attention over key block blk of kv
-    head kv: their partial output and LSE, poisoned where the non-finite rule says so (CHECKED: the
-    block holds flagged k/v rows)."""
+def _key_tile(K, V, KBAD, b, kv, keys, S, skb, skh, sks, skd, svb, svh, svs, svd, D: tl.constexpr,
+              BD: tl.constexpr, CHECKED: tl.constexpr):
+    """(k, v, non-finite flags, inside S) of keys `keys` of kv head kv; CHECKED reads flagged rows as 0."""
     d = tl.arange(0, BD)
-    q = _load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
-    bad = tl.zeros([BM], tl.int1)
-    if CHECKED:
-        bad = nonfinite_rows(q) & row_ok
-    m_i = tl.zeros([BM], tl.float32) + float("-inf")
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, BD], tl.float32)
-    kn = tl.arange(0, BN)
-    for sub in tl.static_range(BLOCK // BN):
-        keys = blk * BLOCK + sub * BN + kn
-        kmask = keys < S
-        ok, kb = _key_rows(KBAD, keys, kmask, CHECKED)
-        kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-        vis = row_ok[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, ok, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-        m_i = m_new
-        bad = _saw_bad_key(bad, vis, kb, CHECKED)
-    seen = row_ok & (blk * BLOCK <= pos)  # the row sees at least the block's first key
-    bad = bad | (l_i != l_i) | (seen & (l_i == 0))  # NaN from q, or every visible score -inf (inf in q)
-    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    row = e * G + head % G
-    tl.store(PLSE + row, poison(lse, bad), mask=row_ok)
-    tl.store(POUT + row[:, None] * D + d[None, :], poison_rows(out, bad).to(POUT.dtype.element_ty),
-             mask=row_ok[:, None] & (d[None, :] < D))
+    kmask = keys < S
+    ok, kb = _key_rows(KBAD, keys, kmask, CHECKED)
+    kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D)
+    vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, ok, D)
+    return kt, vt, kb, kmask
 
 
 @triton.jit
-def _attn_kernel(Q, K, V, POUT, PLSE, ORDER, CNT, START, TILES, TILE_END, PCOL, KBAD, BBAD,
+def _softmax_step(q, kt, vt, kb, keys, kmask, pos, row_ok, m_i, l_i, acc, bad, qk_scale, PREC: tl.constexpr,
+                  CHECKED: tl.constexpr):
+    """One key sub-tile of the online softmax; flags (CHECKED) rows that attend to a flagged key."""
+    s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+    vis = row_ok[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+    return m_new, l_i, acc, _saw_bad_key(bad, vis, kb, CHECKED)
+
+
+@triton.jit
+def _tiles(Q, K, V, POUT, PLSE, ORDER, KBAD, b, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK, HS, qk_scale,
+           sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+           G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+           BD: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr):
+    """Row tiles tile0 .. tile0 + n_t of one column (key block blk of kv head kv, entries ORDER[start:
+    start + n_e]): each row's partial output and LSE over the block, poisoned where the non-finite rule
+    says so. A block of one key sub-tile is loaded once for all the tiles."""
+    d = tl.arange(0, BD)
+    kn = tl.arange(0, BN)
+    r = tl.arange(0, BM)
+    if BLOCK == BN:
+        kt0, vt0, kb0, kmask0 = _key_tile(K, V, KBAD, b, kv, blk * BLOCK + kn, S, skb, skh, sks, skd,
+                                          svb, svh, svs, svd, D, BD, CHECKED)
+    for i in range(n_t):
+        ei = (tile0 + i) * (BM // G) + r // G
+        row_ok = ei < n_e
+        e = tl.load(ORDER + start + ei, mask=row_ok, other=0).to(tl.int64)
+        t = (e // NK) % T
+        head = ((e // NK) // T % HS) * G + r % G
+        pos = pos0 + t
+        q = _load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
+        bad = tl.zeros([BM], tl.int1)
+        if CHECKED:
+            bad = nonfinite_rows(q) & row_ok
+        m_i = tl.zeros([BM], tl.float32) + float("-inf")
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, BD], tl.float32)
+        if BLOCK == BN:
+            m_i, l_i, acc, bad = _softmax_step(q, kt0, vt0, kb0, blk * BLOCK + kn, kmask0, pos, row_ok, m_i, l_i,
+                                               acc, bad, qk_scale, PREC, CHECKED)
+        else:
+            for sub in tl.static_range(BLOCK // BN):
+                keys = blk * BLOCK + sub * BN + kn
+                kt, vt, kb, kmask = _key_tile(K, V, KBAD, b, kv, keys, S, skb, skh, sks, skd, svb, svh, svs, svd,
+                                              D, BD, CHECKED)
+                m_i, l_i, acc, bad = _softmax_step(q, kt, vt, kb, keys, kmask, pos, row_ok, m_i, l_i, acc, bad,
+                                                   qk_scale, PREC, CHECKED)
+        seen = row_ok & (blk * BLOCK <= pos)  # the row sees at least the block's first key
+        bad = bad | (l_i != l_i) | (seen & (l_i == 0))  # NaN from q, or every visible score -inf (inf in q)
+        lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        row = e * G + head % G
+        tl.store(PLSE + row, poison(lse, bad), mask=row_ok)
+        tl.store(POUT + row[:, None] * D + d[None, :], poison_rows(out, bad).to(POUT.dtype.element_ty),
+                 mask=row_ok[:, None] & (d[None, :] < D))
+
+
+@triton.jit
+def _attn_kernel(Q, K, V, POUT, PLSE, ORDER, CNT, START, GROUPS, GROUP_END, PCOL, KBAD, BBAD,
                  T, S, pos0, NK, HS, n_blocks, n_cols, qk_scale,
                  sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                 G: tl.constexpr, KV_DIV: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
-                 D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
-    """One (column, row tile) pair: program p takes column PCOL[p] (n_cols past the last tile) and its
-    tile p - first tile of the column."""
+                 G: tl.constexpr, KV_DIV: tl.constexpr, BM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+                 BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    """R row tiles of one column: program p takes column PCOL[p] (n_cols past the last group) and its
+    group p - first group of the column."""
     p = tl.program_id(0)
     col = tl.load(PCOL + p)
     if col < n_cols:
-        tile = p - (tl.load(TILE_END + col) - tl.load(TILES + col))
+        group = p - (tl.load(GROUP_END + col) - tl.load(GROUPS + col))
         bkv = col // n_blocks
         blk = col % n_blocks
         hkv = HS // KV_DIV
         b = bkv // hkv
         kv = bkv % hkv
-        r = tl.arange(0, BM)
-        ei = tile * (BM // G) + r // G
-        row_ok = ei < tl.load(CNT + col)
-        e = tl.load(ORDER + tl.load(START + col).to(tl.int64) + ei, mask=row_ok, other=0).to(tl.int64)
-        t = (e // NK) % T
-        head = ((e // NK) // T % HS) * G + r % G
-        pos = pos0 + t
+        n_e = tl.load(CNT + col)
+        tile0 = group * R
+        n_t = tl.minimum(R, tl.cdiv(n_e, BM // G) - tile0)
+        start = tl.load(START + col).to(tl.int64)
         kbad = KBAD + bkv.to(tl.int64) * S
         if tl.load(BBAD + col) != 0:
-            _partial_tile(Q, K, V, POUT, PLSE, kbad, b, kv, blk, e, head, t, pos, row_ok, S, qk_scale,
-                          sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                          G, BM, BLOCK, BN, D, BD, PREC, True)
+            _tiles(Q, K, V, POUT, PLSE, ORDER, kbad, b, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK, HS,
+                   qk_scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                   G, BM, BLOCK, BN, D, BD, PREC, True)
         else:
-            _partial_tile(Q, K, V, POUT, PLSE, kbad, b, kv, blk, e, head, t, pos, row_ok, S, qk_scale,
-                          sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                          G, BM, BLOCK, BN, D, BD, PREC, False)
+            _tiles(Q, K, V, POUT, PLSE, ORDER, kbad, b, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK, HS,
+                   qk_scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                   G, BM, BLOCK, BN, D, BD, PREC, False)
 
 
 @triton.jit
@@ -236,6 +267,7 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
     n_cols = B * Hkv * n_blocks
     BM = max(cfg["BM"] if q.device.type == "cuda" else _INTERPRET_BM, _pow2(G))
     EPT = BM // G
+    R = cfg["R"]
     BN = _block_n(block_size, cfg["BN"])
     BD = max(_pow2(D), 16)
     KP = _pow2(NK)
@@ -268,16 +300,16 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
         start = torch.cumsum(cnt, 0, dtype=torch.int32) - cnt
         _list_kernel[grid](sel, cnt, cur, start, order, tc, NK, n_blocks, *sel.stride(), TT=TT, KP=KP,
                            KV_DIV=KV_DIV, SCATTER=True)
-        tiles = (cnt + EPT - 1) // EPT
-        tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
-        bound = triton.cdiv(E, EPT) + n_cols
-        pcol = torch.searchsorted(tile_end, torch.arange(bound, device=dev, dtype=torch.int32), right=True,
+        groups = (cnt + EPT * R - 1) // (EPT * R)  # programs per column
+        group_end = torch.cumsum(groups, 0, dtype=torch.int32)
+        bound = triton.cdiv(E, EPT * R) + n_cols
+        pcol = torch.searchsorted(group_end, torch.arange(bound, device=dev, dtype=torch.int32), right=True,
                                   out_int32=True)
         plse[:E * G].fill_(float("-inf"))
         qc = q[:, :, t0:t0 + tc]
-        _attn_kernel[(bound,)](qc, k, v, pout, plse, order, cnt, start, tiles, tile_end, pcol, kbad, bbad,
+        _attn_kernel[(bound,)](qc, k, v, pout, plse, order, cnt, start, groups, group_end, pcol, kbad, bbad,
                                tc, S, S - T + t0, NK, Hs, n_blocks, n_cols, scale * LOG2E,
-                               *qc.stride(), *k.stride(), *v.stride(), G=G, KV_DIV=KV_DIV, BM=BM, BLOCK=block_size,
+                               *qc.stride(), *k.stride(), *v.stride(), G=G, KV_DIV=KV_DIV, BM=BM, R=R, BLOCK=block_size,
                                BN=BN, D=D, BD=BD, PREC=_precision(q), num_warps=cfg["num_warps"],
                                num_stages=cfg["num_stages"])
         oc, lc = out[:, :, t0:t0 + tc], lse[:, :, t0:t0 + tc]

@@ -121,6 +121,16 @@ def test_msa_gpt_on_triton_compiles_fullgraph_through_custom_ops():
         assert any(f"sparsezoo.{op}" in target for target in seen), (op, sorted(seen))
 
 
+def test_msa_gpt_inference_on_triton_takes_the_key_major_custom_op():
+    """Without gradients the block-sparse attention runs the key-major schedule, traced as its own custom op."""
+    model = tiny_gpt(["msa"], **TRITON)
+    seen: set[str] = set()
+    compiled = torch.compile(model, fullgraph=True, backend=graph_ops(seen))
+    assert_compiled_matches_eager(model, compiled, train=False, T=32)
+    assert any("sparsezoo.block_sparse_attention_keys" in target for target in seen), sorted(seen)
+    assert not any("sparsezoo.block_sparse_attention_triton" in target for target in seen), sorted(seen)
+
+
 def test_triton_ops_compile_fullgraph_through_custom_ops():
     """gather_attention (two key pools, forward and backward), indexer_topk, moba_select and nsa_select
     with backend='triton', traced whole."""
@@ -164,6 +174,13 @@ def _block_sparse_args():
     sel = ops.msa_select(torch.randn(1, 2, 32, 16), torch.randn(1, 32, 16), block_size=16, topk=2,
                          backend="reference")
     return torch.ops.sparsezoo.block_sparse_attention_triton, (q, k, v, sel, 16, 0.25)
+
+
+def _block_sparse_keys_args():
+    q, k, v = _qkv()
+    sel = ops.msa_select(torch.randn(1, 2, 32, 16), torch.randn(1, 32, 16), block_size=16, topk=2,
+                         backend="reference")
+    return torch.ops.sparsezoo.block_sparse_attention_keys, (q, k, v, sel, 16, 0.25)
 
 
 def _gather_args(second_pool: bool, sink: bool = False):
@@ -211,6 +228,7 @@ def _select_args(name: str):
 
 CUSTOM_OPS = {
     "block_sparse_attention": _block_sparse_args,
+    "block_sparse_attention-key_major": _block_sparse_keys_args,
     "gather_attention": lambda: _gather_args(False),
     "gather_attention-two-pools": lambda: _gather_args(True),
     "gather_attention-sink": lambda: _gather_args(True, sink=True),
