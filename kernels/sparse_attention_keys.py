@@ -9,8 +9,9 @@ a tile chose the tile's block, so the only masked work is the causal diagonal. T
 back once.
 
 Steps (`block_sparse_attention_keys`), per chunk of queries:
-1. Lists. A column is (batch, kv head, key block); its entries are the selection entries (batch,
-   selection head, token, slot) that chose the block. A count pass and a scatter pass with atomics
+1. Lists. A column is (batch, selection head, key block); its entries are the selection entries
+   (token, slot) that chose the block. (Columns per selection head, not per kv head, keep the atomics of
+   concurrent list programs, which run different selection heads, on different counters.) A count pass and a scatter pass with atomics
    (the order inside a column is arbitrary: a row's result does not depend on its tile-mates). A
    repeated id in a row counts once; ids outside [0, n_blocks) make no entry.
 2. Attention (`_attn_kernel`). A program runs up to R row tiles of one column; the grid is an upper
@@ -48,11 +49,11 @@ from sparsezoo.kernels.sparse_attention_triton import (
 
 LOG2E = 1.4426950408889634
 
-# BM rows per attention tile on a GPU (at least G; the interpreter runs 16), R row tiles per program (a
-# block of one key sub-tile is loaded once for them), BN keys per sub-tile,
+# BM rows per attention tile on a GPU (at least G; the interpreter runs 16), R row tiles per program,
+# BN keys per sub-tile, HOIST: a block of one sub-tile loads its K/V once per program (else per tile),
 # LIST_IDS ids per list-building program, MERGE_ROWS rows per merge program, CHUNK_BYTES of partials
 # per query chunk.
-KEYS_CONFIG = {"BM": 128, "BN": 128, "R": 8, "num_warps": 4, "num_stages": 2, "LIST_IDS": 4096, "MERGE_ROWS": 64,
+KEYS_CONFIG = {"BM": 64, "BN": 128, "R": 8, "HOIST": False, "num_warps": 4, "num_stages": 1, "LIST_IDS": 4096, "MERGE_ROWS": 64,
                "CHUNK_BYTES": 4 << 30}
 _INTERPRET_BM = 16
 
@@ -66,13 +67,14 @@ def resolve_config(config: dict | None = None) -> dict:
 
 
 @triton.jit
-def _list_kernel(SEL, CNT, CUR, START, ORDER, T, NK, n_blocks, ssb, ssh, sst, ssk,
-                 TT: tl.constexpr, KP: tl.constexpr, KV_DIV: tl.constexpr, SCATTER: tl.constexpr):
-    """Tokens TT * pid(0) + [0, TT) of selection head pid(1), batch pid(2): count each live entry in its
-    column (CNT), or (SCATTER) write its flat index (b, s, t, slot) at START[col] + a slot taken from CUR."""
-    s = tl.program_id(1)
-    b = tl.program_id(2)
-    t = tl.program_id(0) * TT + tl.arange(0, TT)
+def _list_kernel(SEL, CNT, CUR, START, ORDER, T, NK, HS, n_blocks, ssb, ssh, sst, ssk,
+                 TT: tl.constexpr, KP: tl.constexpr, SCATTER: tl.constexpr):
+    """Tokens TT * (pid(0) // HS) + [0, TT) of selection head pid(0) % HS (the fastest-varying, so that
+    concurrent programs count on different columns), batch pid(1): count each live entry in its column
+    (CNT), or (SCATTER) write its flat index (b, s, t, slot) at START[col] + a slot taken from CUR."""
+    s = tl.program_id(0) % HS
+    b = tl.program_id(1)
+    t = (tl.program_id(0) // HS) * TT + tl.arange(0, TT)
     j = tl.arange(0, KP)
     ok = (t < T)[:, None] & (j < NK)[None, :]
     x = tl.load(SEL + b.to(tl.int64) * ssb + s.to(tl.int64) * ssh + t.to(tl.int64)[:, None] * sst + j[None, :] * ssk,
@@ -81,11 +83,10 @@ def _list_kernel(SEL, CNT, CUR, START, ORDER, T, NK, n_blocks, ssb, ssh, sst, ss
     x = tl.where(live, x, -1).to(tl.int32)
     earlier = (x[:, :, None] == x[:, None, :]) & (j[None, None, :] < j[None, :, None])
     live = live & (tl.max(earlier.to(tl.int32), axis=2) == 0)  # a repeated id counts once
-    hkv = tl.num_programs(1) // KV_DIV
-    col = (b * hkv + s // KV_DIV) * n_blocks + x
+    col = (b * HS + s) * n_blocks + x
     if SCATTER:
         at = tl.load(START + col, mask=live, other=0) + tl.atomic_add(CUR + col, 1, mask=live, sem="relaxed")
-        e = ((b.to(tl.int64) * tl.num_programs(1) + s) * T + t)[:, None] * NK + j[None, :]
+        e = ((b.to(tl.int64) * HS + s) * T + t)[:, None] * NK + j[None, :]
         tl.store(ORDER + at, e.to(ORDER.dtype.element_ty), mask=live)
     else:
         tl.atomic_add(CNT + col, 1, mask=live, sem="relaxed")
@@ -120,17 +121,19 @@ def _softmax_step(q, kt, vt, kb, keys, kmask, pos, row_ok, m_i, l_i, acc, bad, q
 
 
 @triton.jit
-def _tiles(Q, K, V, POUT, PLSE, ORDER, KBAD, b, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK, HS, qk_scale,
+def _tiles(Q, K, V, POUT, PLSE, ORDER, KBAD, b, s, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK, qk_scale,
            sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
            G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-           BD: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr):
-    """Row tiles tile0 .. tile0 + n_t of one column (key block blk of kv head kv, entries ORDER[start:
-    start + n_e]): each row's partial output and LSE over the block, poisoned where the non-finite rule
-    says so. A block of one key sub-tile is loaded once for all the tiles."""
+           BD: tl.constexpr, PREC: tl.constexpr, HOIST: tl.constexpr, CHECKED: tl.constexpr):
+    """Row tiles tile0 .. tile0 + n_t of one column (key block blk of selection head s, which reads kv head
+    kv; entries ORDER[start: start + n_e]): each row's partial output and LSE over the block, poisoned
+    where the non-finite rule says so. HOIST (a block of one key sub-tile): its K/V loaded once for all
+    the tiles."""
     d = tl.arange(0, BD)
     kn = tl.arange(0, BN)
     r = tl.arange(0, BM)
-    if BLOCK == BN:
+    head = (s * G + r % G).to(tl.int64)
+    if HOIST:
         kt0, vt0, kb0, kmask0 = _key_tile(K, V, KBAD, b, kv, blk * BLOCK + kn, S, skb, skh, sks, skd,
                                           svb, svh, svs, svd, D, BD, CHECKED)
     for i in range(n_t):
@@ -138,7 +141,6 @@ def _tiles(Q, K, V, POUT, PLSE, ORDER, KBAD, b, kv, blk, start, n_e, tile0, n_t,
         row_ok = ei < n_e
         e = tl.load(ORDER + start + ei, mask=row_ok, other=0).to(tl.int64)
         t = (e // NK) % T
-        head = ((e // NK) // T % HS) * G + r % G
         pos = pos0 + t
         q = _load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
         bad = tl.zeros([BM], tl.int1)
@@ -147,7 +149,7 @@ def _tiles(Q, K, V, POUT, PLSE, ORDER, KBAD, b, kv, blk, start, n_e, tile0, n_t,
         m_i = tl.zeros([BM], tl.float32) + float("-inf")
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, BD], tl.float32)
-        if BLOCK == BN:
+        if HOIST:
             m_i, l_i, acc, bad = _softmax_step(q, kt0, vt0, kb0, blk * BLOCK + kn, kmask0, pos, row_ok, m_i, l_i,
                                                acc, bad, qk_scale, PREC, CHECKED)
         else:
@@ -161,7 +163,7 @@ def _tiles(Q, K, V, POUT, PLSE, ORDER, KBAD, b, kv, blk, start, n_e, tile0, n_t,
         bad = bad | (l_i != l_i) | (seen & (l_i == 0))  # NaN from q, or every visible score -inf (inf in q)
         lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        row = e * G + head % G
+        row = e * G + r % G
         tl.store(PLSE + row, poison(lse, bad), mask=row_ok)
         tl.store(POUT + row[:, None] * D + d[None, :], poison_rows(out, bad).to(POUT.dtype.element_ty),
                  mask=row_ok[:, None] & (d[None, :] < D))
@@ -172,31 +174,32 @@ def _attn_kernel(Q, K, V, POUT, PLSE, ORDER, CNT, START, GROUPS, GROUP_END, PCOL
                  T, S, pos0, NK, HS, n_blocks, n_cols, qk_scale,
                  sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                  G: tl.constexpr, KV_DIV: tl.constexpr, BM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
-                 BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+                 BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, HOIST: tl.constexpr):
     """R row tiles of one column: program p takes column PCOL[p] (n_cols past the last group) and its
     group p - first group of the column."""
     p = tl.program_id(0)
     col = tl.load(PCOL + p)
     if col < n_cols:
         group = p - (tl.load(GROUP_END + col) - tl.load(GROUPS + col))
-        bkv = col // n_blocks
+        bs = col // n_blocks
         blk = col % n_blocks
-        hkv = HS // KV_DIV
-        b = bkv // hkv
-        kv = bkv % hkv
+        b = bs // HS
+        s = bs % HS
+        kv = s // KV_DIV
+        bkv = b * (HS // KV_DIV) + kv
         n_e = tl.load(CNT + col)
         tile0 = group * R
         n_t = tl.minimum(R, tl.cdiv(n_e, BM // G) - tile0)
         start = tl.load(START + col).to(tl.int64)
         kbad = KBAD + bkv.to(tl.int64) * S
-        if tl.load(BBAD + col) != 0:
-            _tiles(Q, K, V, POUT, PLSE, ORDER, kbad, b, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK, HS,
+        if tl.load(BBAD + bkv * n_blocks + blk) != 0:
+            _tiles(Q, K, V, POUT, PLSE, ORDER, kbad, b, s, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK,
                    qk_scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                   G, BM, BLOCK, BN, D, BD, PREC, True)
+                   G, BM, BLOCK, BN, D, BD, PREC, HOIST, True)
         else:
-            _tiles(Q, K, V, POUT, PLSE, ORDER, kbad, b, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK, HS,
+            _tiles(Q, K, V, POUT, PLSE, ORDER, kbad, b, s, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK,
                    qk_scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                   G, BM, BLOCK, BN, D, BD, PREC, False)
+                   G, BM, BLOCK, BN, D, BD, PREC, HOIST, False)
 
 
 @triton.jit
@@ -264,7 +267,7 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
     Hs, NK = block_idx.shape[1], block_idx.shape[3]
     G, KV_DIV = _selection_heads(Hq, Hkv, Hs)
     n_blocks = triton.cdiv(S, block_size)
-    n_cols = B * Hkv * n_blocks
+    n_cols = B * Hs * n_blocks
     BM = max(cfg["BM"] if q.device.type == "cuda" else _INTERPRET_BM, _pow2(G))
     EPT = BM // G
     R = cfg["R"]
@@ -294,12 +297,12 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
         E = B * Hs * tc * NK
         cnt = torch.zeros(n_cols, dtype=torch.int32, device=dev)
         cur = torch.zeros(n_cols, dtype=torch.int32, device=dev)
-        grid = (triton.cdiv(tc, TT), Hs, B)
-        args = (cnt, cur, cnt, order, tc, NK, n_blocks, *sel.stride())
-        _list_kernel[grid](sel, *args, TT=TT, KP=KP, KV_DIV=KV_DIV, SCATTER=False)
+        grid = (Hs * triton.cdiv(tc, TT), B)
+        args = (cnt, cur, cnt, order, tc, NK, Hs, n_blocks, *sel.stride())
+        _list_kernel[grid](sel, *args, TT=TT, KP=KP, SCATTER=False)
         start = torch.cumsum(cnt, 0, dtype=torch.int32) - cnt
-        _list_kernel[grid](sel, cnt, cur, start, order, tc, NK, n_blocks, *sel.stride(), TT=TT, KP=KP,
-                           KV_DIV=KV_DIV, SCATTER=True)
+        _list_kernel[grid](sel, cnt, cur, start, order, tc, NK, Hs, n_blocks, *sel.stride(), TT=TT, KP=KP,
+                           SCATTER=True)
         groups = (cnt + EPT * R - 1) // (EPT * R)  # programs per column
         group_end = torch.cumsum(groups, 0, dtype=torch.int32)
         bound = triton.cdiv(E, EPT * R) + n_cols
@@ -310,7 +313,7 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
         _attn_kernel[(bound,)](qc, k, v, pout, plse, order, cnt, start, groups, group_end, pcol, kbad, bbad,
                                tc, S, S - T + t0, NK, Hs, n_blocks, n_cols, scale * LOG2E,
                                *qc.stride(), *k.stride(), *v.stride(), G=G, KV_DIV=KV_DIV, BM=BM, R=R, BLOCK=block_size,
-                               BN=BN, D=D, BD=BD, PREC=_precision(q), num_warps=cfg["num_warps"],
+                               BN=BN, D=D, BD=BD, PREC=_precision(q), HOIST=cfg["HOIST"] and BN == block_size, num_warps=cfg["num_warps"],
                                num_stages=cfg["num_stages"])
         oc, lc = out[:, :, t0:t0 + tc], lse[:, :, t0:t0 + tc]
         _merge_kernel[(triton.cdiv(tc, MT), Hs, B)](pout, plse, qc, oc, lc, tc, NK, *qc.stride(), *oc.stride(),

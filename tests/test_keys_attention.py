@@ -39,15 +39,17 @@ def _check(q, k, v, sel, block, tol, lse_tol, config=None):
 @settings(max_examples=10, deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 4]), per_head=st.booleans(),
        T=st.integers(1, 40), extra=st.integers(0, 24), block=st.sampled_from([4, 8, 16]), topk=st.integers(1, 5),
-       wide=st.booleans(), chunk=st.sampled_from([None, 1]), R=st.sampled_from([1, 8]), seed=st.integers(0, 2**16))
-def test_key_major_matches_reference(B, Hkv, G, per_head, T, extra, block, topk, wide, chunk, R, seed):
+       wide=st.booleans(), chunk=st.sampled_from([None, 1]), R=st.sampled_from([1, 8]), hoist=st.booleans(), seed=st.integers(0, 2**16))
+def test_key_major_matches_reference(B, Hkv, G, per_head, T, extra, block, topk, wide, chunk, R, hoist, seed):
     gen = torch.Generator().manual_seed(seed)
     Hq, S, D = Hkv * G, T + extra, 16
     Hs = Hq if per_head else Hkv
     q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
     sel = messy_selection(B, Hs, T, S, block, topk, gen, torch.int64 if wide else torch.int32)
     per_token = B * Hs * topk * (Hq // Hs) * (D * 4 + 4)
-    config = {"R": R} if chunk is None else {"R": R, "CHUNK_BYTES": per_token * 3}  # chunks of 3 tokens
+    config = {"R": R, "HOIST": hoist}
+    if chunk is not None:
+        config["CHUNK_BYTES"] = per_token * 3  # chunks of 3 tokens
     _check(q, k, v, sel, block, 1e-4, 1e-4, config)
 
 
