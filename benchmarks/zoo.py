@@ -728,8 +728,8 @@ def _tune_moba_attention(T: int) -> None:
     from sparsezoo.kernels import sparse_attention_triton as sat
 
     query_cfgs = {"moba": ({}, dict(TM=32), dict(num_warps=8, num_stages=2)), "msa": ({}, dict(UNION="torch"))}
-    key_cfgs = ({}, dict(HOIST=False), dict(num_stages=2), dict(BM=128, num_warps=8), dict(R=16), dict(R=32),
-                dict(MERGE_ROWS=128), dict(LIST_IDS=8192))
+    key_cfgs = ({}, dict(num_warps=8), dict(BM=128, num_warps=8), dict(R=16), dict(R=32), dict(num_stages=2, R=16),
+                dict(HOIST=False, BN=64), dict(HOIST=False, num_warps=8), dict(MERGE_ROWS=128))
     for name in ("moba", "msa"):
         var = Variant(name, CONFIGS[name].get("equal_budget", CONFIGS[name]["published"]), 1, T, T, False)
         args = (var.q, var.k, var.v)
