@@ -53,7 +53,7 @@ LOG2E = 1.4426950408889634
 # BN keys per sub-tile, HOIST: a block of one sub-tile loads its K/V once per program (else per tile),
 # LIST_IDS ids per list-building program, MERGE_ROWS rows per merge program, CHUNK_BYTES of partials
 # per query chunk.
-KEYS_CONFIG = {"BM": 64, "BN": 128, "R": 8, "HOIST": True, "num_warps": 4, "num_stages": 1, "LIST_IDS": 4096, "MERGE_ROWS": 64,
+KEYS_CONFIG = {"BM": 64, "BN": 128, "R": 16, "HOIST": True, "num_warps": 4, "num_stages": 1, "LIST_IDS": 4096, "MERGE_ROWS": 128,
                "CHUNK_BYTES": 4 << 30}
 _INTERPRET_BM = 16
 
