@@ -121,8 +121,12 @@ def test_msa_gpt_on_triton_compiles_fullgraph_through_custom_ops():
         assert any(f"sparsezoo.{op}" in target for target in seen), (op, sorted(seen))
 
 
-def test_msa_gpt_inference_on_triton_takes_the_key_major_custom_op():
-    """Without gradients the block-sparse attention runs the key-major schedule, traced as its own custom op."""
+def test_msa_gpt_inference_on_triton_takes_the_key_major_custom_op(monkeypatch):
+    """Without gradients the block-sparse attention runs the key-major schedule, traced as its own custom op
+    (its block-size floor lowered to the tiny model's blocks)."""
+    from sparsezoo.ops.block_sparse_attention import triton as bsa_triton
+
+    monkeypatch.setattr(bsa_triton, "KEY_MAJOR_MIN_BLOCK", 1)
     model = tiny_gpt(["msa"], **TRITON)
     seen: set[str] = set()
     compiled = torch.compile(model, fullgraph=True, backend=graph_ops(seen))

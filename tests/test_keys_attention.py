@@ -79,6 +79,28 @@ def test_non_finite_values_reach_exactly_the_rows_that_attend_to_them(where):
     _check(q, k, v, sel, block, 1e-4, 1e-4)
 
 
+def test_schedule_rule_and_record(monkeypatch):
+    """The op runs key-major only without gradients and for blocks of at least KEY_MAJOR_MIN_BLOCK keys, and
+    records which schedule ran; both schedules match the reference."""
+    from sparsezoo import ops
+    from sparsezoo.ops.block_sparse_attention import triton as bsa_triton
+
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((1, 4, 20, 16), (1, 2, 20, 16), (1, 2, 20, 16)))
+    sel = messy_selection(1, 4, 20, 20, 8, 2, gen)
+    assert bsa_triton.schedule(q, k, v, sel, 8) == "query_major"  # blocks under the floor
+    monkeypatch.setattr(bsa_triton, "KEY_MAJOR_MIN_BLOCK", 8)
+    assert bsa_triton.schedule(q, k, v, sel, 8) == "key_major"
+    assert bsa_triton.schedule(q.clone().requires_grad_(), k, v, sel, 8) == "query_major"
+    rout = _reference(q, k, v, sel, 8, 0.25)[0]
+    for grad, want in ((False, "key_major"), (True, "query_major")):
+        with torch.set_grad_enabled(grad), ops.track_implementations() as used:
+            out = ops.block_sparse_attention(q.clone().requires_grad_(grad), k, v, sel, block_size=8, scale=0.25,
+                                             backend="triton")
+        assert used == {"block_sparse_schedule": want, "block_sparse_attention": "triton"}
+        torch.testing.assert_close(out.detach().double(), rout, atol=1e-4, rtol=1e-4)
+
+
 def test_unknown_config_keys_raise():
     with pytest.raises(ValueError, match="valid"):
         sak.resolve_config({"ROWS": 64})

@@ -45,16 +45,21 @@ GATHER_DECODE_T = 4
 
 # Calls without gradients run the key-major schedule (kernels/sparse_attention_keys.py: one program per
 # key block over the rows that chose it, then an LSE merge) where KEY_MAJOR says so, by selection kind:
-# "per_head" (Hs = Hq, MoBA) or "per_group" (Hs = Hkv, MSA). Training calls run the query-major kernels,
-# whose backward reuses the forward's tile plan. The dispatch record's SCHEDULE_OP entry says which ran.
+# "per_head" (Hs = Hq, MoBA) or "per_group" (Hs = Hkv, MSA), for blocks of at least KEY_MAJOR_MIN_BLOCK
+# keys. Each (row, chosen block) pair costs it a partial output row written and read back, so it wins
+# where a block gives that row enough work: on an H200 at 128k, blocks of 128 keys (MSA 77.8 -> 57.0 ms,
+# MoBA 215 -> 88 ms), not NSA's 64. Training calls run the query-major kernels, whose backward reuses
+# the forward's tile plan. The dispatch record's SCHEDULE_OP entry says which ran.
 KEY_MAJOR = {"per_head": True, "per_group": True}
+KEY_MAJOR_MIN_BLOCK = 128
 SCHEDULE_OP = "block_sparse_schedule"
 
 
-def schedule(q, k, v, block_idx) -> str:
-    """"key_major" or "query_major": the schedule `run` takes for this call."""
+def schedule(q, k, v, block_idx, block_size: int) -> str:
+    """"key_major" or "query_major": the schedule `run` takes for this call (after the token-gather decode)."""
     kind = "per_head" if block_idx.shape[1] == q.shape[1] != k.shape[1] else "per_group"
-    return "key_major" if KEY_MAJOR[kind] and not needs_grad(q, k, v) else "query_major"
+    fits = KEY_MAJOR[kind] and block_size >= KEY_MAJOR_MIN_BLOCK
+    return "key_major" if fits and not needs_grad(q, k, v) else "query_major"
 
 
 def run(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False):
@@ -67,7 +72,7 @@ def run(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = Fa
             out, lse = torch.ops.sparsezoo.gather_attention_triton(q, k, v, ids, float(scale), None, None, 0)
             return (out, lse) if return_lse else out
         return gather_attention_triton.gather_attention_triton(q, k, v, ids, scale, return_lse)
-    sched = schedule(q, k, v, block_idx)
+    sched = schedule(q, k, v, block_idx, block_size)
     record(SCHEDULE_OP, sched)
     if sched == "key_major":
         if compiling():
