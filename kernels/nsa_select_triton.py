@@ -435,6 +435,21 @@ def _chunks_per_program(cfg: dict, programs: int, n_chunks: int, device: torch.d
 
 
 @torch.no_grad()
+def _stream_or_none(block_len: int, stride: int, sel_block: int, cfg: dict):
+    """The stream schedule's geometry when cfg's schedule runs it here, else None (chunks)."""
+    stream = stream_geometry(block_len, stride, sel_block, cfg["STREAM_BE"]) if cfg["schedule"] != "chunks" else None
+    if isinstance(stream, str):
+        if cfg["schedule"] == "stream":
+            raise ValueError(f"nsa_select_triton: {stream}; use config schedule='chunks' or 'auto'")
+        return None  # 'auto': the chunk schedule tiles every geometry
+    return stream
+
+
+def schedule_for(block_len: int, stride: int, sel_block: int, device, config: dict | None = None) -> str:
+    """'stream' or 'chunks': the schedule nsa_select_triton runs for this geometry, device and config."""
+    return "stream" if _stream_or_none(block_len, stride, sel_block, _resolve_config(config, device)) else "chunks"
+
+
 def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int, stride: int, sel_block: int,
                       topk: int, scale: float, config: dict | None = None,
                       lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -455,11 +470,7 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
         kc = kc.new_zeros((B, Hkv, 1, D))
     G = Hq // Hkv
     GP = _pow2(G)
-    stream = stream_geometry(block_len, stride, sel_block, cfg["STREAM_BE"]) if cfg["schedule"] != "chunks" else None
-    if isinstance(stream, str):
-        if cfg["schedule"] == "stream":
-            raise ValueError(f"nsa_select_triton: {stream}; use config schedule='chunks' or 'auto'")
-        stream = None  # 'auto': the chunk schedule tiles every geometry
+    stream = _stream_or_none(block_len, stride, sel_block, cfg)
     rows = cfg["STREAM_ROWS"] if stream else cfg["ROWS"]
     TM = max(min(max(rows // GP, 1), _pow2(T)), -(-16 // GP))  # >= 16 rows for the dots
     if not stream:

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from sparsezoo.kernels.nonfinite import max_keep_nan
+from sparsezoo.kernels.sizes import key_tile
 from sparsezoo.kernels.sizes import pow2 as _pow2
 
 
@@ -120,15 +121,6 @@ def _select_kernel(Q, K, OUT, T, S, H, scale,
         tl.store(o_base, (probe > 0).to(tl.int32), mask=row_ok)
 
 
-def _key_tile(block_size: int, want: int) -> int:
-    if block_size & (block_size - 1) == 0:
-        return min(block_size, want)
-    if block_size % want == 0:
-        return want
-    raise ValueError(f"the triton indexer needs block_size to be a power of two or a multiple of "
-                     f"{want}, got {block_size}; use backend='reference'")
-
-
 def msa_select_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, topk: int,
                       scale: float, *, do_topk: bool = True, config: dict | None = None) -> torch.Tensor:
     """q_idx [B, H_i, T, D_i], k_idx [B, S, D_i] -> int32 [B, H_i, T, topk] (MSA's selection, docs/variants.md).
@@ -147,7 +139,7 @@ def msa_select_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int,
     TM = cfg["TM"]
     if q_idx.device.type != "cuda":  # interpreter: small tiles keep the CPU tests quick
         HG, TM = min(HG, 2), min(TM, 8)
-    BN = _key_tile(block_size, cfg["BN"])
+    BN = key_tile(block_size, cfg["BN"], "the triton indexer", "; use backend='reference'")
     TM, stages = fit_tiling(HG, TM, BN, cfg["num_stages"], max(_pow2(D), 16), q_idx.element_size())
     KR = topk - 1
     out = torch.empty((B, H, T, topk), dtype=torch.int32, device=q_idx.device)

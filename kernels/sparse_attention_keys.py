@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows
+from sparsezoo.kernels.sizes import key_tile
 from sparsezoo.kernels.sizes import pow2 as _pow2
 from sparsezoo.kernels.sparse_attention_triton import (
     _bad_keys_kernel,
@@ -45,6 +46,7 @@ from sparsezoo.kernels.sparse_attention_triton import (
     _precision,
     _saw_bad_key,
     _selection_heads,
+    online_softmax,
 )
 
 LOG2E = 1.4426950408889634
@@ -111,11 +113,7 @@ def _softmax_step(q, kt, vt, kb, keys, kmask, pos, row_ok, m_i, l_i, acc, bad, q
     s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
     vis = row_ok[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
     s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
     return m_new, l_i, acc, _saw_bad_key(bad, vis, kb, CHECKED)
 
@@ -244,15 +242,6 @@ def _merge_kernel(POUT, PLSE, Q, O, L, T, NK, sqb, sqh, sqt, sqd, sob, soh, sot,
              poison_rows(out, bad).to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
 
 
-def _block_n(block_size: int, bn: int) -> int:
-    if block_size & (block_size - 1) == 0:
-        return min(block_size, bn)
-    if block_size % bn == 0:
-        return bn
-    raise ValueError(f"the key-major attention needs block_size to be a power of two or a multiple of {bn}, "
-                     f"got {block_size}")
-
-
 def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False,
                                 config: dict | None = None):
     """Forward-only block-sparse attention with the key-major schedule: the same contract as
@@ -271,7 +260,7 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
     BM = max(cfg["BM"] if q.device.type == "cuda" else _INTERPRET_BM, _pow2(G))
     EPT = BM // G
     R = cfg["R"]
-    BN = _block_n(block_size, cfg["BN"])
+    BN = key_tile(block_size, cfg["BN"], "the key-major attention")
     BD = max(_pow2(D), 16)
     KP = _pow2(NK)
     dev = q.device

@@ -457,6 +457,18 @@ def _saw_bad_key(seen, vis, kb, CHECKED: tl.constexpr):
 
 
 @triton.jit
+def online_softmax(s, m_i, l_i):
+    """One key tile of the online softmax over base-2 scores s [rows, keys] (-inf where masked): (p, the
+    rescale alpha of the running sums, the new row max, the new row sum). A row with no key so far keeps
+    max -inf and sum 0."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS, T, S, NK, qk_scale,
               sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
               sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
@@ -495,11 +507,7 @@ def _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS,
             s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
             vis = _visible(member, row_ok, pos, keys, kmask)  # after the dot: a [BM, BN] mask live across it spills
             s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
             if not LSE_ONLY:
                 vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, ok, D)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)

@@ -227,6 +227,21 @@ def test_ties_and_forced_only(topk):
     assert torch.equal(got, ascending(want))
 
 
+def test_the_schedule_that_ran_is_recorded():
+    """ops.nsa_select records the kernel's schedule: 'stream' where sel_block is a multiple of stride, else
+    'chunks' (auto); schedule_for says the same as the launcher decides."""
+    from sparsezoo.kernels.nsa_select_triton import schedule_for
+
+    for (block_len, stride, sel_block), want in (((8, 4, 16), "stream"), ((5, 3, 8), "chunks")):
+        assert schedule_for(block_len, stride, sel_block, DEV) == want
+        q, kc = random_inputs(1, 1, 2, 4, 40, 16, block_len, stride, seed=1)
+        with ops.track_implementations() as used:
+            ops.nsa_select(q, kc, S=40, block_len=block_len, stride=stride, sel_block=sel_block, topk=3, scale=0.25,
+                           backend="triton")
+        assert used == {"nsa_select_schedule": want, "nsa_select": "triton"}
+    assert schedule_for(8, 4, 16, DEV, {"schedule": "chunks"}) == "chunks"
+
+
 def test_rejects_what_it_cannot_run():
     q, kc = random_inputs(1, 1, 1, 4, 40, 16, 8, 4, seed=0)
     with pytest.raises(ValueError, match="backend='reference'"):

@@ -56,7 +56,7 @@ SCHEDULE_OP = "block_sparse_schedule"
 
 
 def schedule(q, k, v, block_idx, block_size: int) -> str:
-    """"key_major" or "query_major": the schedule `run` takes for this call (after the token-gather decode)."""
+    """The schedule `run` takes for this call after the token-gather decode: "key_major" or "query_major"."""
     kind = "per_head" if block_idx.shape[1] == q.shape[1] != k.shape[1] else "per_group"
     fits = KEY_MAJOR[kind] and block_size >= KEY_MAJOR_MIN_BLOCK
     return "key_major" if fits and not needs_grad(q, k, v) else "query_major"

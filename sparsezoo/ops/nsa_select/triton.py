@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..dispatch import compiling, kernel_built
+from ..dispatch import compiling, kernel_built, record
 
 # On an H200 (torch 2.11, triton 3.6) the former kernel (a running top-k per token) faulted with an
 # illegal memory access at 32k tokens and returned malformed rows at 8k. The rewrite (importance
@@ -32,7 +32,13 @@ def supports(req) -> str | None:
     return None
 
 
+SCHEDULE_OP = "nsa_select_schedule"  # the dispatch record's entry: the kernel's schedule, "stream" or "chunks"
+
+
 def run(q, kc, S: int, block_len: int, stride: int, sel_block: int, topk: int, scale: float, lse=None):
+    from sparsezoo.kernels import nsa_select_triton
+
+    record(SCHEDULE_OP, nsa_select_triton.schedule_for(block_len, stride, sel_block, q.device))
     if compiling():
         return torch.ops.sparsezoo.nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, float(scale), lse)
     return _launch(q, kc, S, block_len, stride, sel_block, topk, scale, lse)
