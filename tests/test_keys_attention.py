@@ -60,6 +60,15 @@ def test_block_of_several_key_tiles_and_padded_head_dim():
     _check(q, k, v, sel, 32, 1e-4, 1e-4, {"BN": 16})
 
 
+def test_strided_fp16_inputs():
+    """[B, T, H, D] tensors seen as [B, H, T, D] (the model's layout) and an int64 selection, in fp16."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(*s, generator=gen).to(DEV, torch.float16).transpose(1, 2)
+               for s in ((2, 30, 4, 16), (2, 45, 2, 16), (2, 45, 2, 16)))
+    sel = messy_selection(2, 4, 30, 45, 8, 4, gen, torch.int64)
+    _check(q, k, v, sel, 8, 2e-3, 2e-3)
+
+
 @pytest.mark.parametrize("where", ["q", "k", "v", "q_no_keys"])
 def test_non_finite_values_reach_exactly_the_rows_that_attend_to_them(where):
     gen = torch.Generator().manual_seed(5)
