@@ -752,8 +752,8 @@ def _tune_moba_attention(T: int) -> None:
                 torch.cuda.synchronize()
             for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
                 if e.device_time_total > 0:
-                    print(f"tune {name} attention key-major {T} kernel: {e.key[:60]} {e.device_time_total / 1e3:.3f} ms "
-                          f"x{e.count}", flush=True)
+                    ms = e.device_time_total / 1e3
+                    print(f"tune {name} attention key-major {T} kernel: {e.key[:60]} {ms:.3f} ms x{e.count}", flush=True)
         del var, args, sel
 
 

@@ -10,10 +10,11 @@ back once.
 
 Steps (`block_sparse_attention_keys`), per chunk of queries:
 1. Lists. A column is (batch, selection head, key block); its entries are the selection entries
-   (token, slot) that chose the block. (Columns per selection head, not per kv head, keep the atomics of
-   concurrent list programs, which run different selection heads, on different counters.) A count pass and a scatter pass with atomics
-   (the order inside a column is arbitrary: a row's result does not depend on its tile-mates). A
-   repeated id in a row counts once; ids outside [0, n_blocks) make no entry.
+   (token, slot) that chose the block: a count pass and a scatter pass with atomics (the order inside a
+   column is arbitrary: a row's result does not depend on its tile-mates). Columns per selection head,
+   not per kv head, keep concurrent list programs (which run different selection heads) on different
+   counters: MoBA's lists took 51 ms per kv head, 5 ms per selection head (H200, 128k). A repeated id in
+   a row counts once; ids outside [0, n_blocks) make no entry.
 2. Attention (`_attn_kernel`). A program runs up to R row tiles of one column; the grid is an upper
    bound on the (column, group of R tiles) pairs, known without a host sync. A tile's rows are
    EPT = BM // G entries x their G query heads. Each row gets its partial output [E, G, D] and
@@ -54,9 +55,10 @@ LOG2E = 1.4426950408889634
 # BM rows per attention tile on a GPU (at least G; the interpreter runs 16), R row tiles per program,
 # BN keys per sub-tile, HOIST: a block of one sub-tile loads its K/V once per program (else per tile),
 # LIST_IDS ids per list-building program, MERGE_ROWS rows per merge program, CHUNK_BYTES of partials
-# per query chunk.
-KEYS_CONFIG = {"BM": 64, "BN": 128, "R": 16, "HOIST": True, "num_warps": 4, "num_stages": 1, "LIST_IDS": 4096, "MERGE_ROWS": 128,
-               "CHUNK_BYTES": 4 << 30}
+# per query chunk. Tuned on an H200 at 128k (zoo.py --tune --tune-parts moba_attention): HOIST 57 ms
+# against 77 ms per tile (MSA); 2-3 stages, 8 warps or 128-row tiles ran slower.
+KEYS_CONFIG = {"BM": 64, "BN": 128, "R": 16, "HOIST": True, "num_warps": 4, "num_stages": 1, "LIST_IDS": 4096,
+               "MERGE_ROWS": 128, "CHUNK_BYTES": 4 << 30}
 _INTERPRET_BM = 16
 
 
@@ -247,7 +249,8 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
     """Forward-only block-sparse attention with the key-major schedule: the same contract as
     `sparse_attention_triton.block_sparse_attention_triton` (q [B, Hq, T, D], k/v [B, Hkv, S, D], block_idx
     [B, Hs, T, k] with Hs = Hkv or Hq; ids outside [0, n_blocks) ignored, a repeated id counts once;
-    out [B, Hq, T, D] and natural-log LSE [B, Hq, T]) without gradients. No host sync."""
+    out [B, Hq, T, D] and natural-log LSE [B, Hq, T]) without gradients. No host sync. config: overrides of
+    KEYS_CONFIG."""
     if q.dtype == torch.float64:
         raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
     cfg = resolve_config(config)
@@ -261,6 +264,7 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
     EPT = BM // G
     R = cfg["R"]
     BN = key_tile(block_size, cfg["BN"], "the key-major attention")
+    hoist = cfg["HOIST"] and BN == block_size
     BD = max(_pow2(D), 16)
     KP = _pow2(NK)
     dev = q.device
@@ -273,11 +277,11 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
     _bad_keys_kernel[(n_blocks, Hkv, B)](k, v, kbad, bbad, S, n_blocks, *k.stride(), *v.stride(), BLOCK=block_size,
                                          CH=min(block_size & -block_size, 64), D=D, BD=BD, WITH_V=True)
     per_token = B * Hs * NK * G * (D * q.element_size() + 4)
-    chunk = max(1, min(T, cfg["CHUNK_BYTES"] // per_token))
+    chunk = max(1, min(T, cfg["CHUNK_BYTES"] // per_token, (2**31 - 1) // (B * Hs * NK)))  # int32 entry ids
     E_max = B * Hs * chunk * NK
     pout = torch.empty(E_max * G * D, dtype=q.dtype, device=dev)
     plse = torch.empty(E_max * G, dtype=torch.float32, device=dev)
-    order = torch.empty(E_max, dtype=torch.int32 if E_max < 2**31 else torch.int64, device=dev)
+    order = torch.empty(E_max, dtype=torch.int32, device=dev)
     TT = max(1, cfg["LIST_IDS"] // (KP * KP))
     MT = max(1, cfg["MERGE_ROWS"] // G)
     for t0 in range(0, T, chunk):
@@ -301,9 +305,9 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
         qc = q[:, :, t0:t0 + tc]
         _attn_kernel[(bound,)](qc, k, v, pout, plse, order, cnt, start, groups, group_end, pcol, kbad, bbad,
                                tc, S, S - T + t0, NK, Hs, n_blocks, n_cols, scale * LOG2E,
-                               *qc.stride(), *k.stride(), *v.stride(), G=G, KV_DIV=KV_DIV, BM=BM, R=R, BLOCK=block_size,
-                               BN=BN, D=D, BD=BD, PREC=_precision(q), HOIST=cfg["HOIST"] and BN == block_size, num_warps=cfg["num_warps"],
-                               num_stages=cfg["num_stages"])
+                               *qc.stride(), *k.stride(), *v.stride(), G=G, KV_DIV=KV_DIV, BM=BM, R=R,
+                               BLOCK=block_size, BN=BN, D=D, BD=BD, PREC=_precision(q), HOIST=hoist,
+                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         oc, lc = out[:, :, t0:t0 + tc], lse[:, :, t0:t0 + tc]
         _merge_kernel[(triton.cdiv(tc, MT), Hs, B)](pout, plse, qc, oc, lc, tc, NK, *qc.stride(), *oc.stride(),
                                                     *lc.stride(), G=G, TT=MT, D=D, BD=BD)

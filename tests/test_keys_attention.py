@@ -39,7 +39,8 @@ def _check(q, k, v, sel, block, tol, lse_tol, config=None):
 @settings(max_examples=10, deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 4]), per_head=st.booleans(),
        T=st.integers(1, 40), extra=st.integers(0, 24), block=st.sampled_from([4, 8, 16]), topk=st.integers(1, 5),
-       wide=st.booleans(), chunk=st.sampled_from([None, 1]), R=st.sampled_from([1, 8]), hoist=st.booleans(), seed=st.integers(0, 2**16))
+       wide=st.booleans(), chunk=st.sampled_from([None, 1]), R=st.sampled_from([1, 8]), hoist=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_key_major_matches_reference(B, Hkv, G, per_head, T, extra, block, topk, wide, chunk, R, hoist, seed):
     gen = torch.Generator().manual_seed(seed)
     Hq, S, D = Hkv * G, T + extra, 16

@@ -131,7 +131,8 @@ def _forward_fake(q, k, v, block_idx, block_size, scale):
 
 
 @torch.library.custom_op("sparsezoo::block_sparse_attention_keys", mutates_args=())
-def _keys_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+def _keys_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
+             scale: float) -> tuple[Tensor, Tensor]:
     """(out, LSE) of the key-major schedule: forward only (no autograd formula)."""
     from sparsezoo.kernels import sparse_attention_keys
 
