@@ -434,7 +434,6 @@ def _chunks_per_program(cfg: dict, programs: int, n_chunks: int, device: torch.d
     return max(cpp, triton.cdiv(n_chunks, 65535))
 
 
-@torch.no_grad()
 def _stream_or_none(block_len: int, stride: int, sel_block: int, cfg: dict):
     """The stream schedule's geometry when cfg's schedule runs it here, else None (chunks)."""
     stream = stream_geometry(block_len, stride, sel_block, cfg["STREAM_BE"]) if cfg["schedule"] != "chunks" else None
@@ -450,6 +449,7 @@ def schedule_for(block_len: int, stride: int, sel_block: int, device, config: di
     return "stream" if _stream_or_none(block_len, stride, sel_block, _resolve_config(config, device)) else "chunks"
 
 
+@torch.no_grad()
 def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int, stride: int, sel_block: int,
                       topk: int, scale: float, config: dict | None = None,
                       lse: torch.Tensor | None = None) -> torch.Tensor:
