@@ -41,12 +41,12 @@ from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows
 from sparsezoo.kernels.sizes import key_tile
 from sparsezoo.kernels.sizes import pow2 as _pow2
 from sparsezoo.kernels.sparse_attention_triton import (
-    _bad_keys_kernel,
     _key_rows,
     _load_rows,
     _precision,
     _saw_bad_key,
     _selection_heads,
+    bad_keys,
     online_softmax,
 )
 
@@ -272,10 +272,7 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
     if out.numel() == 0:
         return (out, lse) if return_lse else out
-    kbad = torch.empty((B, Hkv, S), dtype=torch.int8, device=dev)
-    bbad = torch.empty((B, Hkv, n_blocks), dtype=torch.int8, device=dev)
-    _bad_keys_kernel[(n_blocks, Hkv, B)](k, v, kbad, bbad, S, n_blocks, *k.stride(), *v.stride(), BLOCK=block_size,
-                                         CH=min(block_size & -block_size, 64), D=D, BD=BD, WITH_V=True)
+    kbad, bbad = bad_keys(k, v, block_size)
     per_token = B * Hs * NK * G * (D * q.element_size() + 4)
     chunk = max(1, min(T, cfg["CHUNK_BYTES"] // per_token, (2**31 - 1) // (B * Hs * NK)))  # int32 entry ids
     E_max = B * Hs * chunk * NK
@@ -291,11 +288,10 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
         cnt = torch.zeros(n_cols, dtype=torch.int32, device=dev)
         cur = torch.zeros(n_cols, dtype=torch.int32, device=dev)
         grid = (Hs * triton.cdiv(tc, TT), B)
-        args = (cnt, cur, cnt, order, tc, NK, Hs, n_blocks, *sel.stride())
-        _list_kernel[grid](sel, *args, TT=TT, KP=KP, SCATTER=False)
+        sizes = (tc, NK, Hs, n_blocks, *sel.stride())
+        _list_kernel[grid](sel, cnt, cur, cnt, order, *sizes, TT=TT, KP=KP, SCATTER=False)  # START unread
         start = torch.cumsum(cnt, 0, dtype=torch.int32) - cnt
-        _list_kernel[grid](sel, cnt, cur, start, order, tc, NK, Hs, n_blocks, *sel.stride(), TT=TT, KP=KP,
-                           SCATTER=True)
+        _list_kernel[grid](sel, cnt, cur, start, order, *sizes, TT=TT, KP=KP, SCATTER=True)
         groups = (cnt + EPT * R - 1) // (EPT * R)  # programs per column
         group_end = torch.cumsum(groups, 0, dtype=torch.int32)
         bound = triton.cdiv(E, EPT * R) + n_cols

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows
+from sparsezoo.kernels.sizes import key_tile
 from sparsezoo.kernels.sizes import pow2 as _pow2
 
 LOG2E = 1.4426950408889634
@@ -708,13 +709,7 @@ def _tiling(G: int, block_size: int, device, cfg: dict, max_tokens: int | None =
     want = min(cfg.get("TM") or max(1, rows // G), max_tokens or 1 << 30)
     TM = 1 << (max(1, want).bit_length() - 1)
     BM = max(_pow2(TM * G), 16)
-    if block_size & (block_size - 1) == 0:
-        BN = min(block_size, cfg["BN"])
-    elif block_size % cfg["BN"] == 0:
-        BN = cfg["BN"]
-    else:
-        raise ValueError(f"the triton sparse attention needs block_size to be a power of two or a "
-                         f"multiple of {cfg['BN']}, got {block_size}; use backend='reference' or 'flex'")
+    BN = key_tile(block_size, cfg["BN"], "the triton sparse attention", "; use backend='reference' or 'flex'")
     return TM, BM, BN
 
 
@@ -767,23 +762,32 @@ def _checked_programs(queue, device) -> int:
     return max(1, min(queue.numel() - 1, CHECKED_PROGRAMS_PER_SM * sms))
 
 
-def nonfinite_flags(k, v, plan, block_size: int, kv_div: int = 1):
-    """Non-finite k/v rows for a plan (v=None: k alone), one read of k and v -> (kbad int8 [B, Hkv, S]:
-    the key's k or v row holds a NaN/inf; tbad int8 [B, Hs, NT]: the tile's union holds such a key;
-    queue int32 [1 + B*Hs*NT]: the count of such tiles, then their flat ids, in any order). The attention
-    kernels check (read those rows as 0, flag the rows that attend to them) only the queued tiles."""
+def bad_keys(k, v, block_size: int):
+    """One read of k and v (v=None: k alone) -> (kbad int8 [B, Hkv, S]: the key's k or v row holds a
+    NaN/inf; bbad int8 [B, Hkv, n_blocks]: the key block holds such a key)."""
     B, Hkv, S, D = k.shape
-    tok, cnt, ids, bits = plan
     n_blocks = triton.cdiv(S, block_size)
     kbad = torch.empty((B, Hkv, S), dtype=torch.int8, device=k.device)
     bbad = torch.empty((B, Hkv, n_blocks), dtype=torch.int8, device=k.device)
-    tbad = torch.empty(cnt.shape, dtype=torch.int8, device=k.device)
-    queue = torch.zeros(1 + cnt.numel(), dtype=torch.int32, device=k.device)
     if kbad.numel():
         vv = k if v is None else v
         _bad_keys_kernel[(n_blocks, Hkv, B)](k, vv, kbad, bbad, S, n_blocks, *k.stride(), *vv.stride(),
                                              BLOCK=block_size, CH=min(block_size & -block_size, 64), D=D,
                                              BD=max(_pow2(D), 16), WITH_V=v is not None)
+    return kbad, bbad
+
+
+def nonfinite_flags(k, v, plan, block_size: int, kv_div: int = 1):
+    """Non-finite k/v rows for a plan (v=None: k alone), one read of k and v -> (kbad int8 [B, Hkv, S]:
+    the key's k or v row holds a NaN/inf; tbad int8 [B, Hs, NT]: the tile's union holds such a key;
+    queue int32 [1 + B*Hs*NT]: the count of such tiles, then their flat ids, in any order). The attention
+    kernels check (read those rows as 0, flag the rows that attend to them) only the queued tiles."""
+    B = k.shape[0]
+    tok, cnt, ids, bits = plan
+    n_blocks = triton.cdiv(k.shape[2], block_size)
+    kbad, bbad = bad_keys(k, v, block_size)
+    tbad = torch.empty(cnt.shape, dtype=torch.int8, device=k.device)
+    queue = torch.zeros(1 + cnt.numel(), dtype=torch.int32, device=k.device)
     if tbad.numel():
         NT = cnt.shape[2]
         _tile_bad_kernel[(triton.cdiv(NT, FLAG_TILES), cnt.shape[1], B)](

@@ -55,9 +55,14 @@ KEY_MAJOR_MIN_BLOCK = 128
 SCHEDULE_OP = "block_sparse_schedule"
 
 
+def _per_head(q, k, block_idx) -> bool:
+    """One selection per query head (Hs = Hq, MoBA) rather than per KV group."""
+    return block_idx.shape[1] == q.shape[1] != k.shape[1]
+
+
 def schedule(q, k, v, block_idx, block_size: int) -> str:
     """The schedule `run` takes for this call after the token-gather decode: "key_major" or "query_major"."""
-    kind = "per_head" if block_idx.shape[1] == q.shape[1] != k.shape[1] else "per_group"
+    kind = "per_head" if _per_head(q, k, block_idx) else "per_group"
     fits = KEY_MAJOR[kind] and block_size >= KEY_MAJOR_MIN_BLOCK
     return "key_major" if fits and not needs_grad(q, k, v) else "query_major"
 
@@ -65,7 +70,7 @@ def schedule(q, k, v, block_idx, block_size: int) -> str:
 def run(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False):
     from sparsezoo.kernels import gather_attention_triton, sparse_attention_keys, sparse_attention_triton
 
-    if block_idx.shape[1] == q.shape[1] != k.shape[1] and q.shape[2] <= GATHER_DECODE_T:
+    if _per_head(q, k, block_idx) and q.shape[2] <= GATHER_DECODE_T:
         ids = block_tokens(block_idx, block_size, q.shape[2], k.shape[2])
         record(SCHEDULE_OP, "token_gather")
         if compiling():
