@@ -167,18 +167,22 @@ def time_dense(q, k, v, scale, names, reps, train=False, warmup=1):
 # ----------------------------------------------------------------------------- MSA
 
 def msa_prefill_parts(q, k, v, q_idx, k_idx, sh):
+    """(selection, scores-only probe, attention, both): the attention goes through
+    `ops.block_sparse_attention`'s Triton dispatch, so it runs the schedule inference runs (key-major)."""
+    from sparsezoo import ops
     from sparsezoo.kernels import select_triton as st
-    from sparsezoo.kernels import sparse_attention_triton as sat
 
     scale, iscale = 1 / math.sqrt(sh["D"]), 1 / math.sqrt(sh["Di"])
     sel_fn = lambda: st.msa_select_triton(q_idx, k_idx, sh["block"], sh["topk"], iscale)
     probe_fn = lambda: st.msa_select_triton(q_idx, k_idx, sh["block"], sh["topk"], iscale, do_topk=False)
-    attn_fn = lambda sel: sat.block_sparse_attention_triton(q, k, v, sel, sh["block"], scale)
+    attn_fn = lambda sel: ops.block_sparse_attention(q, k, v, sel, block_size=sh["block"], scale=scale,
+                                                     backend="triton")
     total_fn = lambda: attn_fn(sel_fn())
     return sel_fn, probe_fn, attn_fn, total_fn
 
 
 def run_length(T, sh, args, mm_rate, records, with_train):
+    from sparsezoo import ops
     from sparsezoo.kernels import sparse_attention_triton as sat
 
     reps = None if T <= 128 * KB else (3 if T <= 512 * KB else 2)
@@ -189,7 +193,8 @@ def run_length(T, sh, args, mm_rate, records, with_train):
     base_mem = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     sel = sel_fn()
-    out = attn_fn(sel)
+    with ops.track_implementations() as used:
+        out = attn_fn(sel)
     torch.cuda.synchronize()
     peak_extra = torch.cuda.max_memory_allocated() - base_mem - out.numel() * out.element_size()
     sel_err, att_err = check_prefill(q, k, v, q_idx, k_idx, sel, out, sh)
@@ -218,7 +223,7 @@ def run_length(T, sh, args, mm_rate, records, with_train):
                flop_limit=flop_limit(T, sh), limit_fraction=dense[best] / t_total / flop_limit(T, sh),
                union_blocks_per_tile=union, peak_extra_bytes=peak_extra, qkv_bytes=qkv_bytes,
                peak_extra_over_qkv=peak_extra / qkv_bytes, sel_score_err=sel_err, attn_err=att_err,
-               tokens_per_tile=TM, attn_config=dict(sat.ATTN_CONFIG))
+               tokens_per_tile=TM, attn_config=dict(sat.ATTN_CONFIG), implementations=dict(used))
     if T <= 128 * KB:  # uncorrelated index queries: wider unions
         from sparsezoo.kernels import select_triton as st
 

@@ -8,11 +8,17 @@ def pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(int(n), 1))))
 
 
-def key_tile(block_size: int, want: int, who: str, hint: str = "") -> int:
+def key_tile(block_size: int, want: int, who: str, hint: str = "", gpu: bool = False) -> int:
     """Keys per sub-tile of a block: the block itself when it is a power of two no larger than `want`,
-    else `want` when it divides the block; otherwise a ValueError naming `who` (and `hint`)."""
+    else `want` when it divides the block; otherwise a ValueError naming `who` (and `hint`). gpu: the
+    tile is the K of a tensor-core dot (p @ v), which needs 16 keys or more on a GPU (the interpreter
+    takes fewer), so smaller tiles raise there too."""
     if block_size & (block_size - 1) == 0:
-        return min(block_size, want)
-    if block_size % want == 0:
-        return want
-    raise ValueError(f"{who} needs block_size to be a power of two or a multiple of {want}, got {block_size}{hint}")
+        tile = min(block_size, want)
+    elif block_size % want == 0:
+        tile = want
+    else:
+        raise ValueError(f"{who} needs block_size to be a power of two or a multiple of {want}, got {block_size}{hint}")
+    if gpu and tile < 16:
+        raise ValueError(f"{who} needs block_size >= 16 on a GPU (tensor-core tiles), got {block_size}{hint}")
+    return tile

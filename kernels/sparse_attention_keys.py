@@ -18,8 +18,11 @@ Steps (`block_sparse_attention_keys`), per chunk of queries:
 2. Attention (`_attn_kernel`). A program runs up to R row tiles of one column; the grid is an upper
    bound on the (column, group of R tiles) pairs, known without a host sync. A tile's rows are
    EPT = BM // G entries x their G query heads. Each row gets its partial output [E, G, D] and
-   natural-log LSE [E, G].
-3. Merge (`_merge_kernel`): per query row, the LSE-weighted sum of its partials.
+   natural-log LSE [E, G]. Two launches over the same grid: the columns whose key block holds a NaN/inf
+   (checked, rare), and the rest, whose blocks of one key sub-tile take `_tiles_fast` (a plain softmax
+   with few instructions per score: 160 registers against 243 on sm_90).
+3. Merge (`_merge_kernel`): per query row, the LSE-weighted sum of its partials (the LSEs first, then
+   the partials with known weights).
 
 Memory: E * G * (D * itemsize + 4) bytes of partials for E = B * Hs * T * k entries, bounded by
 running the queries in chunks (config CHUNK_BYTES). Nothing is [T, S].
@@ -55,10 +58,12 @@ LOG2E = 1.4426950408889634
 # BM rows per attention tile on a GPU (at least G; the interpreter runs 16), R row tiles per program,
 # BN keys per sub-tile, HOIST: a block of one sub-tile loads its K/V once per program (else per tile),
 # LIST_IDS ids per list-building program, MERGE_ROWS rows per merge program, CHUNK_BYTES of partials
-# per query chunk. Tuned on an H200 at 128k (zoo.py --tune --tune-parts moba_attention): HOIST 57 ms
-# against 77 ms per tile (MSA); 2-3 stages, 8 warps or 128-row tiles ran slower.
-KEYS_CONFIG = {"BM": 64, "BN": 128, "R": 16, "HOIST": True, "num_warps": 4, "num_stages": 1, "LIST_IDS": 4096,
-               "MERGE_ROWS": 128, "CHUNK_BYTES": 4 << 30}
+# per query chunk, MERGE_WARPS per merge program; FAST: `_tiles_fast` where it applies. Tuned on an H200
+# at 128k (zoo.py --tune --tune-parts moba_attention): HOIST 57 ms against 77 ms per tile (MSA); FAST
+# 45.5 ms against 54.1 ms (MSA), 58.9 against 85.1 ms (MoBA); 2-3 stages, 8 warps, 128-row tiles, R 8/32
+# and merges of 32-256 rows ran slower or within 1 ms.
+KEYS_CONFIG = {"BM": 64, "BN": 128, "R": 16, "HOIST": True, "FAST": True, "num_warps": 4, "num_stages": 1, "LIST_IDS": 4096,
+               "MERGE_ROWS": 128, "MERGE_WARPS": 4, "CHUNK_BYTES": 4 << 30}
 _INTERPRET_BM = 16
 
 
@@ -170,44 +175,90 @@ def _tiles(Q, K, V, POUT, PLSE, ORDER, KBAD, b, s, kv, blk, start, n_e, tile0, n
 
 
 @triton.jit
+def _tiles_fast(Q, POUT, PLSE, ORDER, kt, vt, b, s, blk, start, n_e, tile0, n_t, T, pos0, NK, qk_scale,
+                sqb, sqh, sqt, sqd, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+                BD: tl.constexpr, PREC: tl.constexpr):
+    """`_tiles` for the common case, with fewer instructions per score: a block of one key sub-tile whose
+    K/V (kt, vt) hold no NaN/inf, and qk_scale > 0. One plain softmax per row (no running max), the max
+    taken on the unscaled scores, the causal mask only on tiles that reach the block's last key, and the
+    poison folded into the row's reciprocal sum."""
+    d = tl.arange(0, BD)
+    r = tl.arange(0, BM)
+    kn = tl.arange(0, BLOCK)
+    head = (s * G + r % G).to(tl.int64)
+    first = blk * BLOCK
+    for i in range(n_t):
+        ei = (tile0 + i) * (BM // G) + r // G
+        row_ok = ei < n_e
+        e = tl.load(ORDER + start + ei, mask=row_ok, other=0)
+        t = (e // NK) % T
+        pos = pos0 + t
+        q = _load_rows(Q, b * sqb + head * sqh + t.to(tl.int64) * sqt, d, sqd, row_ok, D)
+        x = tl.dot(q, tl.trans(kt), input_precision=PREC)
+        if tl.min(tl.where(row_ok, pos, first + BLOCK)) < first + BLOCK - 1:  # a row misses some key
+            x = tl.where(kn[None, :] <= (pos - first)[:, None], x, float("-inf"))
+        m = tl.max(x, axis=1) * qk_scale
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(x * qk_scale - m[:, None])
+        l_i = tl.sum(p, axis=1)
+        acc = tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        seen = row_ok & (first <= pos)  # the row sees at least the block's first key
+        bad = (l_i != l_i) | (seen & (l_i == 0))  # NaN from q, or every visible score -inf (inf in q)
+        live = l_i > 0
+        inv = tl.where(bad, float("nan"), 1.0 / tl.where(live, l_i, 1.0))
+        lse = tl.where(live, (m + tl.log2(tl.where(live, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        row = e.to(tl.int64) * G + r % G
+        tl.store(PLSE + row, poison(lse, bad), mask=row_ok)
+        tl.store(POUT + row[:, None] * D + d[None, :], (acc * inv[:, None]).to(POUT.dtype.element_ty),
+                 mask=row_ok[:, None] & (d[None, :] < D))
+
+
+@triton.jit
 def _attn_kernel(Q, K, V, POUT, PLSE, ORDER, CNT, START, GROUPS, GROUP_END, PCOL, KBAD, BBAD,
                  T, S, pos0, NK, HS, n_blocks, n_cols, qk_scale,
                  sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                  G: tl.constexpr, KV_DIV: tl.constexpr, BM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
-                 BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, HOIST: tl.constexpr):
+                 BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, HOIST: tl.constexpr,
+                 FAST: tl.constexpr, CHECKED: tl.constexpr):
     """R row tiles of one column: program p takes column PCOL[p] (n_cols past the last group) and its
-    group p - first group of the column."""
+    group p - first group of the column. Two launches share the grid: CHECKED runs the columns whose key
+    block holds a NaN/inf, the other launch all the rest (so the rare checked path does not set the
+    registers of the common one). FAST (HOIST and scale > 0): the common launch takes `_tiles_fast`."""
     p = tl.program_id(0)
     col = tl.load(PCOL + p)
     if col < n_cols:
-        group = p - (tl.load(GROUP_END + col) - tl.load(GROUPS + col))
         bs = col // n_blocks
         blk = col % n_blocks
         b = bs // HS
         s = bs % HS
         kv = s // KV_DIV
         bkv = b * (HS // KV_DIV) + kv
-        n_e = tl.load(CNT + col)
-        tile0 = group * R
-        n_t = tl.minimum(R, tl.cdiv(n_e, BM // G) - tile0)
-        start = tl.load(START + col).to(tl.int64)
-        kbad = KBAD + bkv.to(tl.int64) * S
-        if tl.load(BBAD + bkv * n_blocks + blk) != 0:
-            _tiles(Q, K, V, POUT, PLSE, ORDER, kbad, b, s, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK,
-                   qk_scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                   G, BM, BLOCK, BN, D, BD, PREC, HOIST, True)
-        else:
-            _tiles(Q, K, V, POUT, PLSE, ORDER, kbad, b, s, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK,
-                   qk_scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                   G, BM, BLOCK, BN, D, BD, PREC, HOIST, False)
+        if (tl.load(BBAD + bkv * n_blocks + blk) != 0) == CHECKED:
+            group = p - (tl.load(GROUP_END + col) - tl.load(GROUPS + col))
+            n_e = tl.load(CNT + col)
+            tile0 = group * R
+            n_t = tl.minimum(R, tl.cdiv(n_e, BM // G) - tile0)
+            start = tl.load(START + col).to(tl.int64)
+            kbad = KBAD + bkv.to(tl.int64) * S
+            if FAST and not CHECKED:
+                kt, vt, kb, kmask = _key_tile(K, V, kbad, b, kv, blk * BLOCK + tl.arange(0, BN), S, skb, skh, sks,
+                                              skd, svb, svh, svs, svd, D, BD, False)
+                _tiles_fast(Q, POUT, PLSE, ORDER, kt, vt, b, s, blk, start, n_e, tile0, n_t, T, pos0, NK, qk_scale,
+                            sqb, sqh, sqt, sqd, G, BM, BLOCK, D, BD, PREC)
+            else:
+                _tiles(Q, K, V, POUT, PLSE, ORDER, kbad, b, s, kv, blk, start, n_e, tile0, n_t, T, S, pos0, NK,
+                       qk_scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                       G, BM, BLOCK, BN, D, BD, PREC, HOIST, CHECKED)
 
 
 @triton.jit
-def _merge_kernel(POUT, PLSE, Q, O, L, T, NK, sqb, sqh, sqt, sqd, sob, soh, sot, sod, slb, slh, slt,
-                  G: tl.constexpr, TT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+def _merge_kernel(POUT, PLSE, Q, O, L, T, sqb, sqh, sqt, sqd, sob, soh, sot, sod, slb, slh, slt,
+                  NK: tl.constexpr, G: tl.constexpr, TT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
     """Rows of tokens TT * pid(0) + [0, TT) x the G heads of selection head pid(1), batch pid(2): the
-    LSE-weighted sum of their partials. A poisoned partial poisons the row; a row with no key is NaN
-    iff its q is non-finite (output 0 and LSE -inf otherwise)."""
+    LSE-weighted sum of their partials. Two passes over the row's NK partials: the LSEs alone give the
+    max, then the partials are read with their weights known, in an unrolled loop whose loads do not wait
+    on each other. A poisoned partial poisons the row; a row with no key is NaN iff its q is non-finite
+    (output 0 and LSE -inf otherwise)."""
     s = tl.program_id(1)
     b = tl.program_id(2)
     r = tl.arange(0, TT * G)
@@ -218,30 +269,30 @@ def _merge_kernel(POUT, PLSE, Q, O, L, T, NK, sqb, sqh, sqt, sqd, sob, soh, sot,
     d = tl.arange(0, BD)
     e0 = ((b.to(tl.int64) * tl.num_programs(1) + s) * T + t) * NK
     m = tl.zeros([TT * G], tl.float32) + float("-inf")
+    bad = tl.zeros([TT * G], tl.int1)
+    for kk in tl.static_range(NK):
+        lk = tl.load(PLSE + (e0 + kk) * G + g, mask=row_ok, other=float("-inf"))
+        bad = bad | (lk != lk)
+        m = tl.maximum(m, lk)  # NaN-dropping max
+    m_use = tl.where(m == float("-inf"), 0.0, m)
     l_sum = tl.zeros([TT * G], tl.float32)
     acc = tl.zeros([TT * G, BD], tl.float32)
-    bad = tl.zeros([TT * G], tl.int1)
     for kk in range(NK):
         row = (e0 + kk) * G + g
         lk = tl.load(PLSE + row, mask=row_ok, other=float("-inf"))
-        bad = bad | (lk != lk)
         live = lk > float("-inf")  # false for NaN too
-        m_new = tl.maximum(m, tl.where(live, lk, float("-inf")))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.where(live, tl.exp(lk - m_use), 0.0)
-        alpha = tl.exp(m - m_use)
         o = tl.load(POUT + row[:, None] * D + d[None, :], mask=live[:, None] & (d[None, :] < D), other=0.0)
-        acc = acc * alpha[:, None] + w[:, None] * o.to(tl.float32)
-        l_sum = l_sum * alpha + w
-        m = m_new
+        acc += w[:, None] * o.to(tl.float32)
+        l_sum += w
     empty = row_ok & ~(l_sum > 0)
     q = _load_rows(Q, b * sqb + head * sqh + t.to(tl.int64) * sqt, d, sqd, empty, D)  # only keyless rows
     bad = bad | (nonfinite_rows(q) & empty)
-    lse = tl.where(l_sum > 0, m + tl.log(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
-    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    lse = tl.where(l_sum > 0, m_use + tl.log(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
+    inv = tl.where(bad, float("nan"), 1.0 / tl.where(l_sum > 0, l_sum, 1.0))
     tl.store(L + b * slb + head * slh + t * slt, poison(lse, bad), mask=row_ok)
     tl.store(O + b * sob + head[:, None] * soh + t.to(tl.int64)[:, None] * sot + d[None, :] * sod,
-             poison_rows(out, bad).to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
+             (acc * inv[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
 
 
 def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False,
@@ -263,8 +314,9 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
     BM = max(cfg["BM"] if q.device.type == "cuda" else _INTERPRET_BM, _pow2(G))
     EPT = BM // G
     R = cfg["R"]
-    BN = key_tile(block_size, cfg["BN"], "the key-major attention")
+    BN = key_tile(block_size, cfg["BN"], "the key-major attention", gpu=q.is_cuda)
     hoist = cfg["HOIST"] and BN == block_size
+    fast = hoist and cfg["FAST"] and scale > 0
     BD = max(_pow2(D), 16)
     KP = _pow2(NK)
     dev = q.device
@@ -299,12 +351,15 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
                                   out_int32=True)
         plse[:E * G].fill_(float("-inf"))
         qc = q[:, :, t0:t0 + tc]
-        _attn_kernel[(bound,)](qc, k, v, pout, plse, order, cnt, start, groups, group_end, pcol, kbad, bbad,
-                               tc, S, S - T + t0, NK, Hs, n_blocks, n_cols, scale * LOG2E,
-                               *qc.stride(), *k.stride(), *v.stride(), G=G, KV_DIV=KV_DIV, BM=BM, R=R,
-                               BLOCK=block_size, BN=BN, D=D, BD=BD, PREC=_precision(q), HOIST=hoist,
-                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        for checked in (False, True):
+            _attn_kernel[(bound,)](qc, k, v, pout, plse, order, cnt, start, groups, group_end, pcol, kbad, bbad,
+                                   tc, S, S - T + t0, NK, Hs, n_blocks, n_cols, scale * LOG2E,
+                                   *qc.stride(), *k.stride(), *v.stride(), G=G, KV_DIV=KV_DIV, BM=BM, R=R,
+                                   BLOCK=block_size, BN=BN, D=D, BD=BD, PREC=_precision(q), HOIST=hoist,
+                                   FAST=fast, CHECKED=checked, num_warps=cfg["num_warps"],
+                                   num_stages=cfg["num_stages"])
         oc, lc = out[:, :, t0:t0 + tc], lse[:, :, t0:t0 + tc]
-        _merge_kernel[(triton.cdiv(tc, MT), Hs, B)](pout, plse, qc, oc, lc, tc, NK, *qc.stride(), *oc.stride(),
-                                                    *lc.stride(), G=G, TT=MT, D=D, BD=BD)
+        _merge_kernel[(triton.cdiv(tc, MT), Hs, B)](pout, plse, qc, oc, lc, tc, *qc.stride(), *oc.stride(),
+                                                    *lc.stride(), NK=NK, G=G, TT=MT, D=D, BD=BD,
+                                                    num_warps=cfg["MERGE_WARPS"])
     return (out, lse) if return_lse else out

@@ -709,7 +709,8 @@ def _tiling(G: int, block_size: int, device, cfg: dict, max_tokens: int | None =
     want = min(cfg.get("TM") or max(1, rows // G), max_tokens or 1 << 30)
     TM = 1 << (max(1, want).bit_length() - 1)
     BM = max(_pow2(TM * G), 16)
-    BN = key_tile(block_size, cfg["BN"], "the triton sparse attention", "; use backend='reference' or 'flex'")
+    BN = key_tile(block_size, cfg["BN"], "the triton sparse attention", "; use backend='reference' or 'flex'",
+                  gpu=device.type == "cuda")
     return TM, BM, BN
 
 

@@ -21,6 +21,10 @@ triton = pytest.importorskip("triton")
 from sparsezoo.kernels import sparse_attention_keys as sak  # noqa: E402
 from tests.test_moba_tiles import DEV, canonical, messy_selection  # noqa: E402
 
+# The smallest block of the fixed-shape tests: the GPU's tensor-core dots need 16+ keys, the interpreter
+# runs 8 faster.
+SMALL = 8 if DEV.type == "cpu" else 16
+
 
 def _reference(q, k, v, sel, block, scale):
     n_blocks = math.ceil(k.shape[2] / block)
@@ -36,19 +40,20 @@ def _check(q, k, v, sel, block, tol, lse_tol, config=None):
     torch.testing.assert_close(lse.double(), rlse, atol=lse_tol, rtol=0, equal_nan=True)
 
 
+@pytest.mark.skipif(DEV.type == "cuda", reason="interpreter-sized blocks; the GPU runs the bf16 cases")
 @settings(max_examples=10, deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 4]), per_head=st.booleans(),
        T=st.integers(1, 40), extra=st.integers(0, 24), block=st.sampled_from([4, 8, 16]), topk=st.integers(1, 5),
        wide=st.booleans(), chunk=st.sampled_from([None, 1]), R=st.sampled_from([1, 8]), hoist=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_key_major_matches_reference(B, Hkv, G, per_head, T, extra, block, topk, wide, chunk, R, hoist, seed):
+       fast=st.booleans(), seed=st.integers(0, 2**16))
+def test_key_major_matches_reference(B, Hkv, G, per_head, T, extra, block, topk, wide, chunk, R, hoist, fast, seed):
     gen = torch.Generator().manual_seed(seed)
     Hq, S, D = Hkv * G, T + extra, 16
     Hs = Hq if per_head else Hkv
     q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
     sel = messy_selection(B, Hs, T, S, block, topk, gen, torch.int64 if wide else torch.int32)
     per_token = B * Hs * topk * (Hq // Hs) * (D * 4 + 4)
-    config = {"R": R, "HOIST": hoist}
+    config = {"R": R, "HOIST": hoist, "FAST": fast}
     if chunk is not None:
         config["CHUNK_BYTES"] = per_token * 3  # chunks of 3 tokens
     _check(q, k, v, sel, block, 1e-4, 1e-4, config)
@@ -66,14 +71,14 @@ def test_strided_fp16_inputs():
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(*s, generator=gen).to(DEV, torch.float16).transpose(1, 2)
                for s in ((2, 30, 4, 16), (2, 45, 2, 16), (2, 45, 2, 16)))
-    sel = messy_selection(2, 4, 30, 45, 8, 4, gen, torch.int64)
-    _check(q, k, v, sel, 8, 2e-3, 2e-3)
+    sel = messy_selection(2, 4, 30, 45, SMALL, 4, gen, torch.int64)
+    _check(q, k, v, sel, SMALL, 2e-3, 2e-3)
 
 
 @pytest.mark.parametrize("where", ["q", "k", "v", "q_no_keys"])
 def test_non_finite_values_reach_exactly_the_rows_that_attend_to_them(where):
     gen = torch.Generator().manual_seed(5)
-    B, Hq, Hkv, T, S, D, block = 1, 4, 2, 24, 40, 16, 8
+    B, Hq, Hkv, T, S, D, block = 1, 4, 2, 24, 40, 16, SMALL
     q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
     sel = messy_selection(B, Hq, T, S, block, 3, gen)
     if where == "q":
@@ -97,15 +102,15 @@ def test_schedule_rule_and_record(monkeypatch):
 
     gen = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((1, 4, 20, 16), (1, 2, 20, 16), (1, 2, 20, 16)))
-    sel = messy_selection(1, 4, 20, 20, 8, 2, gen)
-    assert bsa_triton.schedule(q, k, v, sel, 8) == "query_major"  # blocks under the floor
-    monkeypatch.setattr(bsa_triton, "KEY_MAJOR_MIN_BLOCK", 8)
-    assert bsa_triton.schedule(q, k, v, sel, 8) == "key_major"
-    assert bsa_triton.schedule(q.clone().requires_grad_(), k, v, sel, 8) == "query_major"
-    rout = _reference(q, k, v, sel, 8, 0.25)[0]
+    sel = messy_selection(1, 4, 20, 20, SMALL, 2, gen)
+    assert bsa_triton.schedule(q, k, v, sel, SMALL) == "query_major"  # blocks under the floor
+    monkeypatch.setattr(bsa_triton, "KEY_MAJOR_MIN_BLOCK", SMALL)
+    assert bsa_triton.schedule(q, k, v, sel, SMALL) == "key_major"
+    assert bsa_triton.schedule(q.clone().requires_grad_(), k, v, sel, SMALL) == "query_major"
+    rout = _reference(q, k, v, sel, SMALL, 0.25)[0]
     for grad, want in ((False, "key_major"), (True, "query_major")):
         with torch.set_grad_enabled(grad), ops.track_implementations() as used:
-            out = ops.block_sparse_attention(q.clone().requires_grad_(grad), k, v, sel, block_size=8, scale=0.25,
+            out = ops.block_sparse_attention(q.clone().requires_grad_(grad), k, v, sel, block_size=SMALL, scale=0.25,
                                              backend="triton")
         assert used == {"block_sparse_schedule": want, "block_sparse_attention": "triton"}
         torch.testing.assert_close(out.detach().double(), rout, atol=1e-4, rtol=1e-4)
@@ -119,11 +124,29 @@ def test_unknown_config_keys_raise():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("per_head", [False, True])
-def test_key_major_bf16_on_gpu(per_head):
+@pytest.mark.parametrize("poison", [None, "k", "q"])
+def test_key_major_bf16_on_gpu(per_head, poison):
+    """MSA- and MoBA-like shapes; poison "k" puts a NaN in one key (its block takes the checked launch), "q"
+    an inf and a NaN in two query rows (the fast path's poisoning)."""
     gen = torch.Generator().manual_seed(11)
     B, Hq, Hkv, T, S, D, block = 1, 32, 2, 1500, 2048, 128, 128
     Hs = Hq if per_head else Hkv
     q, k, v = (torch.randn(*s, generator=gen).to(DEV, torch.bfloat16)
                for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    if poison == "k":
+        k[0, 1, 700, 5] = float("nan")
+    elif poison == "q":
+        q[0, 3, 600, 7] = float("inf")
+        q[0, 5, 900, 1] = float("nan")
     sel = messy_selection(B, Hs, T, S, block, 6, gen)
     _check(q, k, v, sel, block, 3e-2, 2e-2, {"CHUNK_BYTES": 64 << 20})
+
+
+def test_key_tiles_under_16_keys_raise_on_a_gpu():
+    """The p @ v dot needs 16+ keys on a GPU: the launchers say so instead of failing to compile."""
+    from sparsezoo.kernels.sizes import key_tile
+
+    assert key_tile(8, 128, "x") == 8  # the interpreter runs it
+    with pytest.raises(ValueError, match="block_size >= 16 on a GPU"):
+        key_tile(8, 128, "the key-major attention", gpu=True)
+    assert key_tile(384, 128, "x", gpu=True) == 128

@@ -26,6 +26,9 @@ from sparsezoo.kernels import moba_select_triton as mst  # noqa: E402
 from sparsezoo.kernels import sparse_attention_triton as sat  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Block sizes of the attention tests times this: the GPU's tensor-core dots need blocks of 16+ keys, the
+# interpreter runs small ones quickly.
+_S = 1 if DEV.type == "cpu" else 4
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -188,7 +191,7 @@ def test_moba_select_rejects_bad_inputs():
 def test_per_head_attention_matches_reference(G, window):
     # window 4: tokens reordered inside windows of 4 before tiling (config WINDOW)
     gen = torch.Generator().manual_seed(G + window)
-    B, Hkv, T, S, D, block, topk = 2, 2, 9, 23, 16, 4, 3
+    B, Hkv, T, S, D, block, topk = 2, 2, 9, 23 * _S, 16, 4 * _S, 3
     mk = lambda *s: torch.randn(*s, generator=gen).to(DEV).requires_grad_()
     q, k, v = mk(B, Hkv * G, T, D), mk(B, Hkv, S, D), mk(B, Hkv, S, D)
     sel = moba_selection(q, k, block, topk, gen)  # [B, Hq, T, topk]
@@ -222,15 +225,16 @@ def test_out_of_range_ids_are_dropped(per_head, cases):
     # 2 blocks exist; id 3 (or an int64 id that wraps to a valid int32) must act like -1 and, above all,
     # must not send batch 0's key-block gradients into batch 1
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 2, 8, 16, generator=gen).to(DEV)
-    k = torch.randn(2, 1, 8, 16, generator=gen).to(DEV)
-    v = torch.randn(2, 1, 8, 16, generator=gen).to(DEV)
-    base = ref.full_selection(8, 8, 4, 2, 2 if per_head else 1, DEV).clone()
+    n = 8 * _S
+    q = torch.randn(2, 2, n, 16, generator=gen).to(DEV)
+    k = torch.randn(2, 1, n, 16, generator=gen).to(DEV)
+    v = torch.randn(2, 1, n, 16, generator=gen).to(DEV)
+    base = ref.full_selection(n, n, 4 * _S, 2, 2 if per_head else 1, DEV).clone()
     base[0, 0, 7, 1] = -1
 
     def run(sel):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        return attention_and_grads(*leaves, sel, 4, 0.25)
+        return attention_and_grads(*leaves, sel, 4 * _S, 0.25)
 
     want_out, want_lse, want_grads = run(base)
     for bad, dtype in cases:
@@ -300,11 +304,11 @@ def test_per_head_decode_runs_the_gather_kernel_exactly(T):
     from sparsezoo.ops.block_sparse_attention import triton as bs_triton
 
     g = torch.Generator().manual_seed(21)
-    B, Hq, Hkv, S, D, block = 2, 4, 2, 45, 16, 8
-    q = torch.randn(B, Hq, T, D, generator=g, requires_grad=True)
-    k, v = (torch.randn(B, Hkv, S, D, generator=g, requires_grad=True) for _ in range(2))
-    sel = torch.randint(0, S // block, (B, Hq, T, 4), generator=g, dtype=torch.int32)
-    sel[..., -1] = (S - T + torch.arange(T, dtype=torch.int32)).view(T) // block  # the local block
+    B, Hq, Hkv, S, D, block = 2, 4, 2, 45 * _S, 16, 8 * _S
+    q = torch.randn(B, Hq, T, D, generator=g).to(DEV).requires_grad_()
+    k, v = (torch.randn(B, Hkv, S, D, generator=g).to(DEV).requires_grad_() for _ in range(2))
+    sel = torch.randint(0, S // block, (B, Hq, T, 4), generator=g, dtype=torch.int32).to(DEV)
+    sel[..., -1] = (S - T + torch.arange(T, dtype=torch.int32, device=DEV)).view(T) // block  # the local block
     sel[0, 1, 0, 0] = -1
     sel[1, 2, -1, 1] = 99  # out of range: selects nothing
     assert T <= bs_triton.GATHER_DECODE_T
