@@ -138,13 +138,19 @@ def _index_split_kernel(
             m = m * tl.load(kscale_ptr + pages, mask=ok, other=0.0)[None, :]
         keys = _pack(m * (sm_scale * q_unscale), jj[None, :])
         takes = ok[None, :] & (jj[None, :] < local[:, None])
-        for i in tl.static_range(NB):  # insert in ascending block order (keeps the tie rule)
-            key = tl.max(tl.where(nb[None, :] == i, keys, -9223372036854775807), axis=1)
-            take = tl.max(tl.where(nb[None, :] == i, takes.to(tl.int32), 0), axis=1) > 0
-            # Evict the smallest key (lowest score; among equal scores the largest id) if beaten.
-            worst = tl.min(top, axis=1)
-            take = take & (key > worst)
-            top = tl.where((top == worst[:, None]) & take[:, None], key[:, None], top)
+        # Most steps improve no row's top-(k-1): once it is full, a block enters only if it beats the
+        # row's current worst, which only rises. One test against the worst before the step skips the
+        # insertion loop (per-block reductions over [ROWS, K1P] int64 keys), which otherwise bounds
+        # the fp8 path once its page reads halve.
+        beats = takes & (keys > tl.min(top, axis=1)[:, None])
+        if tl.max(tl.max(beats.to(tl.int32), axis=1), axis=0) > 0:
+            for i in tl.static_range(NB):  # insert in ascending block order (keeps the tie rule)
+                key = tl.max(tl.where(nb[None, :] == i, keys, -9223372036854775807), axis=1)
+                take = tl.max(tl.where(nb[None, :] == i, takes.to(tl.int32), 0), axis=1) > 0
+                # Evict the smallest key (lowest score; among equal scores the largest id) if beaten.
+                worst = tl.min(top, axis=1)
+                take = take & (key > worst)
+                top = tl.where((top == worst[:, None]) & take[:, None], key[:, None], top)
 
     out = ((b * n_splits + s) * (H * Q) + rows[:, None]) * K1 + slot[None, :]
     tl.store(part_ptr + out, top, mask=row_ok[:, None] & (slot[None, :] < K1))
