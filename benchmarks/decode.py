@@ -231,7 +231,7 @@ def run_config(name, shape, S, B, Q, args, env, bw):
     decs = {}
     for idt in INDEX_MODES:  # fp8_q8: fp8 keys and e4m3-rounded queries (one fp8 x fp8 dot)
         decs[idt] = MSADecoder(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, index_dim=di, block_size=blk,
-                               topk=topk, index_config=args.index_configs.get(idt.split("_")[0]),
+                               topk=topk, index_config=args.index_configs.get(idt),
                                fp8_index_queries=idt == "fp8_q8")
         decs[idt].plan(lens, table, Q, num_pages=caches[0].num_pages)
     dec = decs["bf16"]
@@ -334,11 +334,11 @@ def tune_indexer(args, configs=((1 << 20, 1), (1 << 20, 8))):
         caches, caches8, table = make_caches(shape, S, B, 1, dev, True, seed=0)
         qi = torch.randn(B, shape["hkv"], 1, shape["di"], device=dev, dtype=torch.bfloat16)
         lens = torch.full((B,), S, dtype=torch.int32, device=dev)
-        for idt, c in (("bf16", caches[0]), ("fp8", caches8[0])):
+        for idt, c in (("bf16", caches[0]), ("fp8", caches8[0]), ("fp8_q8", caches8[0])):
             idx_bytes = B * S * shape["di"] * (2 if idt == "bf16" else 1)
             for i, cfg in enumerate(grid):
                 dec = MSADecoder(num_q_heads=shape["hq"], num_kv_heads=shape["hkv"], head_dim=shape["d"],
-                                 index_dim=shape["di"], index_config=cfg)
+                                 index_dim=shape["di"], index_config=cfg, fp8_index_queries=idt == "fp8_q8")
                 dec.plan(lens, table, 1)
                 try:
                     ms = bench(lambda: dec.select(qi, c))[0]
@@ -352,7 +352,7 @@ def tune_indexer(args, configs=((1 << 20, 1), (1 << 20, 8))):
         del caches, caches8
         torch.cuda.empty_cache()
     best = {idt: dict(grid[min((i for (t, i) in total if t == idt), key=lambda i: total[(idt, i)])])
-            for idt in ("bf16", "fp8")}
+            for idt in INDEX_MODES}
     print("  tuned index configs:", best, flush=True)
     return best, results
 
