@@ -4,7 +4,7 @@ For each shape (m3, m2), context length, batch and q_len (1, and 4 for MTP):
 - dense = the fastest of SDPA's flash / cuDNN / efficient backends (GQA folded into the query axis)
   and, where enabled, compiled FlexAttention decode, over a contiguous copy of the same cache;
 - MSA = MSADecoder.run (indexer + attention), bf16 and fp8 (per-page scale) index keys, and fp8 keys with
-  e4m3-rounded index queries (index_dtype "fp8_q8": the scores are one fp8 x fp8 tensor-core dot);
+  e4m3-rounded index queries (index_dtype "fp8_q8": the scores are an fp8 x fp8 dot);
 - sanity: our attention kernel with a selection that covers every block (dense-equivalent).
 Every timed configuration is checked against the references first. Decode steps are captured in
 CUDA graphs and, where the working set is small, rotate over several caches (layers) so L2 does not
@@ -35,7 +35,7 @@ SHAPES = {  # the m3 and m2 layer shapes (configs/shapes/)
     "m2": dict(hq=48, hkv=8, d=128, di=128, block=128, topk=16),
 }
 # index keys: bf16; fp8 (per-page scale); fp8_q8: fp8 keys and e4m3-rounded index queries (MSADecoder's
-# fp8_index_queries: one fp8 x fp8 tensor-core dot for the scores)
+# fp8_index_queries: an fp8 x fp8 dot for the scores)
 INDEX_MODES = ("bf16", "fp8", "fp8_q8")
 L2_ROTATE_BYTES = 256 << 20
 MAX_ROTATE = 8
@@ -327,8 +327,8 @@ def tune_indexer(args, configs=((1 << 20, 1), (1 << 20, 8))):
 
     dev = torch.device("cuda")
     shape = SHAPES["m3"]
-    grid = [dict(programs_per_sm=pps, pages_per_step=nb, num_stages=ns)
-            for pps, nb, ns in itertools.product((2, 4, 8), (1, 2, 4), (3,))]
+    grid = [dict(programs_per_sm=pps, pages_per_step=nb, num_stages=3, min_rows=mr)
+            for pps, nb, mr in itertools.product((2, 4), (1, 2, 4), (16, 64))]
     results, total = [], {}
     for S, B in configs:
         caches, caches8, table = make_caches(shape, S, B, 1, dev, True, seed=0)

@@ -26,7 +26,7 @@ from sparsezoo.variants.msa import MSAAttention
 
 FP8, FP8_MAX = torch.float8_e4m3fn, 448.0
 # fp8 keys with a per-token or per-page scale; "_q8": the queries rounded to e4m3 too (MSADecoder's
-# fp8_index_queries, one fp8 x fp8 dot in the decode indexer)
+# fp8_index_queries, an fp8 x fp8 dot in the decode indexer)
 MODES = ("token", "page", "token_q8", "page_q8")
 
 
@@ -147,7 +147,7 @@ def main(argv=None):
               "block fp8 picked scores (in full precision) within twice the row's largest fp8 score error of the "
               "worst block the full-precision selection kept: ties and near-ties. e4m3 queries: each index query "
               "row scaled to its largest magnitude and rounded to e4m3 as well (`MSADecoder(fp8_index_queries=True)`: "
-              "the decode indexer's scores become one fp8 x fp8 tensor-core dot)."]
+              "the decode indexer's scores become an fp8 x fp8 dot)."]
     lines += ["", "Command: `python benchmarks/fp8_index_overlap.py --out examples/results`"]
     (out / "fp8_index_overlap_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

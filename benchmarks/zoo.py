@@ -721,9 +721,9 @@ def _tune_moba_select(T: int) -> None:
 
 
 def _tune_moba_attention(T: int) -> None:
-    """Block-sparse attention at MoBA's and MSA's equal-budget prefill: query-major tilings (G1_CONFIG, the
-    union builder) against the key-major schedule's configs, the two schedules' largest difference, and the
-    key-major kernels' device times."""
+    """Block-sparse attention at MoBA's and MSA's equal-budget prefill and NSA's selected branch: query-major
+    tilings (G1_CONFIG, the union builder) against the key-major schedule's configs, the two schedules'
+    largest difference, and the key-major kernels' device times."""
     from sparsezoo.kernels import sparse_attention_keys as sak
     from sparsezoo.kernels import sparse_attention_triton as sat
 

@@ -99,7 +99,7 @@ def _index_split_kernel(
                 mask=row_ok[:, None], other=0.0)
     q_unscale = 1.0
     row_unscale = tl.full([ROWS], 1.0, tl.float32)
-    if FP8_QUERY:  # one fp8 x fp8 tensor-core dot: the keys stay e4m3, q is rounded to e4m3 per row
+    if FP8_QUERY:  # an fp8 x fp8 dot (native on sm_90 from 64 rows): the keys stay e4m3, q is rounded per row
         q, row_unscale = _fp8_rows(q)
     elif FP8_KEYS:
         # e4m3 keys convert exactly to fp16; scale q by a power of two into fp16's range (exact).
@@ -210,12 +210,16 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
                   scale_mode: str | None, page_table: torch.Tensor, seq_lens: torch.Tensor, *,
                   topk: int, scale: float, blocks_per_split: int, n_splits: int,
                   out: torch.Tensor, workspace: torch.Tensor, num_warps: int = 4,
-                  num_stages: int = 3, pages_per_step: int = 2, fp8_queries: bool = False) -> torch.Tensor:
+                  num_stages: int = 3, pages_per_step: int = 2, fp8_queries: bool = False,
+                  min_rows: int = 16) -> torch.Tensor:
     """Launch split + merge. q_idx [B, H_i, Q, D_i]; k_idx_cache [P, page, D_i]; page_table int32
     [B, n_pages]; seq_lens int32 [B] (lengths including the Q new tokens); out int32 [B, H_i, Q, k].
     fp8_queries (fp8 keys only): round each query row to e4m3 (scaled to the row's largest magnitude,
-    `fp8_query_round_trip`) so the scores are one fp8 x fp8 tensor-core dot instead of a key
-    conversion to fp16 per element. No host syncs: capturable in a CUDA graph."""
+    `fp8_query_round_trip`) so the scores are an fp8 x fp8 dot instead of a key conversion to fp16 per
+    element. min_rows: the score dot's row count (H_i * Q padded to a power of two,
+    at least this). On sm_90 a dot of 16 rows is an mma.sync, which has no e4m3 form there: Triton unpacks
+    both fp8 operands to fp16 first. 64 rows make it a warpgroup dot, native in fp8 (an offline sm_90
+    compile shows QGMMA), for 16x the rows. No host syncs: capturable in a CUDA graph."""
     B, H, Q, D = q_idx.shape
     page = k_idx_cache.shape[1]
     if topk < 2:
@@ -232,9 +236,11 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
     mode = _SCALE_MODES[scale_mode]
     if mode != SCALE_NONE and k_idx_scale is None:
         raise ValueError(f"scale mode {scale_mode!r} needs k_idx_scale")
+    if min_rows < 16 or min_rows & (min_rows - 1):
+        raise ValueError(f"min_rows must be a power of two >= 16 (a tensor-core tile), got {min_rows}")
     k1 = topk - 1
     part = workspace
-    rows = max(16, _next_pow2(H * Q))
+    rows = max(min_rows, _next_pow2(H * Q))
     scale_arg = k_idx_scale if k_idx_scale is not None else q_idx
     _index_split_kernel[(B, n_splits)](
         q_idx, k_idx_cache, scale_arg, page_table, seq_lens, part,

@@ -62,8 +62,8 @@ LOG2E = 1.4426950408889634
 # at 128k (zoo.py --tune --tune-parts moba_attention): HOIST 57 ms against 77 ms per tile (MSA); FAST
 # 45.5 ms against 54.1 ms (MSA), 58.9 against 85.1 ms (MoBA); 2-3 stages, 8 warps, 128-row tiles, R 8/32
 # and merges of 32-256 rows ran slower or within 1 ms.
-KEYS_CONFIG = {"BM": 64, "BN": 128, "R": 16, "HOIST": True, "FAST": True, "num_warps": 4, "num_stages": 1, "LIST_IDS": 4096,
-               "MERGE_ROWS": 128, "MERGE_WARPS": 4, "CHUNK_BYTES": 4 << 30}
+KEYS_CONFIG = {"BM": 64, "BN": 128, "R": 16, "HOIST": True, "FAST": True, "num_warps": 4, "num_stages": 1,
+               "LIST_IDS": 4096, "MERGE_ROWS": 128, "MERGE_WARPS": 4, "CHUNK_BYTES": 4 << 30}
 _INTERPRET_BM = 16
 
 
@@ -256,9 +256,10 @@ def _merge_kernel(POUT, PLSE, Q, O, L, T, sqb, sqh, sqt, sqd, sob, soh, sot, sod
                   NK: tl.constexpr, G: tl.constexpr, TT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
     """Rows of tokens TT * pid(0) + [0, TT) x the G heads of selection head pid(1), batch pid(2): the
     LSE-weighted sum of their partials. Two passes over the row's NK partials: the LSEs alone give the
-    max, then the partials are read with their weights known, in an unrolled loop whose loads do not wait
-    on each other. A poisoned partial poisons the row; a row with no key is NaN iff its q is non-finite
-    (output 0 and LSE -inf otherwise)."""
+    max, then the partials are read with their weights known, so no running rescale sits between one
+    partial's load and the next (the second loop stays a runtime loop: fully unrolled, ptxas spilled it).
+    A poisoned partial poisons the row; a row with no key is NaN iff its q is non-finite (output 0 and LSE
+    -inf otherwise)."""
     s = tl.program_id(1)
     b = tl.program_id(2)
     r = tl.arange(0, TT * G)
@@ -295,6 +296,41 @@ def _merge_kernel(POUT, PLSE, Q, O, L, T, sqb, sqh, sqt, sqd, sob, soh, sot, sod
              (acc * inv[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
 
 
+def query_chunk(T: int, entries_per_token: int, bytes_per_entry: int, cap_bytes: int) -> int:
+    """Queries per chunk: at most cap_bytes of per-entry buffers, and entry ids that fit in int32."""
+    return max(1, min(T, cap_bytes // (entries_per_token * bytes_per_entry), (2**31 - 1) // entries_per_token))
+
+
+def column_lists(sel, n_blocks: int, order: torch.Tensor, list_ids: int):
+    """Key-major lists of a chunk's selections sel [B, Hs, tc, NK] -> (cnt, start): column
+    c = (b * Hs + s) * n_blocks + block holds cnt[c] entries, their flat ids ((b * Hs + s) * tc + t) * NK +
+    slot at order[start[c]:][:cnt[c]]."""
+    B, Hs, tc, NK = sel.shape
+    n_cols = B * Hs * n_blocks
+    KP = _pow2(NK)
+    TT = max(1, list_ids // (KP * KP))
+    cnt = torch.zeros(n_cols, dtype=torch.int32, device=sel.device)
+    cur = torch.zeros(n_cols, dtype=torch.int32, device=sel.device)
+    grid = (Hs * triton.cdiv(tc, TT), B)
+    sizes = (tc, NK, Hs, n_blocks, *sel.stride())
+    _list_kernel[grid](sel, cnt, cur, cnt, order, *sizes, TT=TT, KP=KP, SCATTER=False)  # START unread
+    start = torch.cumsum(cnt, 0, dtype=torch.int32) - cnt
+    _list_kernel[grid](sel, cnt, cur, start, order, *sizes, TT=TT, KP=KP, SCATTER=True)
+    return cnt, start
+
+
+def column_programs(cnt, per_program: int, n_entries: int):
+    """Programs of `per_program` entries over the columns -> (groups, group_end, pcol, bound): groups[c]
+    per column, group_end their running sum, pcol[p] the column of program p (len(cnt) past the last)
+    over a grid of `bound` programs, an upper bound known without a host sync."""
+    groups = (cnt + per_program - 1) // per_program
+    group_end = torch.cumsum(groups, 0, dtype=torch.int32)
+    bound = triton.cdiv(n_entries, per_program) + cnt.numel()
+    pcol = torch.searchsorted(group_end, torch.arange(bound, device=cnt.device, dtype=torch.int32), right=True,
+                              out_int32=True)
+    return groups, group_end, pcol, bound
+
+
 def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False,
                                 config: dict | None = None):
     """Forward-only block-sparse attention with the key-major schedule: the same contract as
@@ -318,37 +354,23 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
     hoist = cfg["HOIST"] and BN == block_size
     fast = hoist and cfg["FAST"] and scale > 0
     BD = max(_pow2(D), 16)
-    KP = _pow2(NK)
     dev = q.device
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
     if out.numel() == 0:
         return (out, lse) if return_lse else out
     kbad, bbad = bad_keys(k, v, block_size)
-    per_token = B * Hs * NK * G * (D * q.element_size() + 4)
-    chunk = max(1, min(T, cfg["CHUNK_BYTES"] // per_token, (2**31 - 1) // (B * Hs * NK)))  # int32 entry ids
+    chunk = query_chunk(T, B * Hs * NK, G * (D * q.element_size() + 4), cfg["CHUNK_BYTES"])
     E_max = B * Hs * chunk * NK
     pout = torch.empty(E_max * G * D, dtype=q.dtype, device=dev)
     plse = torch.empty(E_max * G, dtype=torch.float32, device=dev)
     order = torch.empty(E_max, dtype=torch.int32, device=dev)
-    TT = max(1, cfg["LIST_IDS"] // (KP * KP))
     MT = max(1, cfg["MERGE_ROWS"] // G)
     for t0 in range(0, T, chunk):
         tc = min(chunk, T - t0)
-        sel = block_idx[:, :, t0:t0 + tc]
         E = B * Hs * tc * NK
-        cnt = torch.zeros(n_cols, dtype=torch.int32, device=dev)
-        cur = torch.zeros(n_cols, dtype=torch.int32, device=dev)
-        grid = (Hs * triton.cdiv(tc, TT), B)
-        sizes = (tc, NK, Hs, n_blocks, *sel.stride())
-        _list_kernel[grid](sel, cnt, cur, cnt, order, *sizes, TT=TT, KP=KP, SCATTER=False)  # START unread
-        start = torch.cumsum(cnt, 0, dtype=torch.int32) - cnt
-        _list_kernel[grid](sel, cnt, cur, start, order, *sizes, TT=TT, KP=KP, SCATTER=True)
-        groups = (cnt + EPT * R - 1) // (EPT * R)  # programs per column
-        group_end = torch.cumsum(groups, 0, dtype=torch.int32)
-        bound = triton.cdiv(E, EPT * R) + n_cols
-        pcol = torch.searchsorted(group_end, torch.arange(bound, device=dev, dtype=torch.int32), right=True,
-                                  out_int32=True)
+        cnt, start = column_lists(block_idx[:, :, t0:t0 + tc], n_blocks, order, cfg["LIST_IDS"])
+        groups, group_end, pcol, bound = column_programs(cnt, EPT * R, E)
         plse[:E * G].fill_(float("-inf"))
         qc = q[:, :, t0:t0 + tc]
         for checked in (False, True):

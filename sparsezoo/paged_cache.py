@@ -308,7 +308,8 @@ class MSADecoder:
     run(q, q_idx, cache) once per layer (no host syncs; CUDA-graph capturable once planned).
     The selection of the last run stays in `self.selection` (int32 [B, H_i, Q, topk]).
     fp8_index_queries (caches with fp8 index keys): the index queries are rounded to e4m3 too, per row
-    scaled to its largest magnitude, so the index scores are one fp8 x fp8 tensor-core dot; the
+    scaled to its largest magnitude, so the index scores are an fp8 x fp8 dot (native fp8 tensor cores
+    on sm_90 with index_config min_rows=64; 16 rows unpack to fp16 there); the
     selection then equals the reference on `kernels.decode_indexer.fp8_query_round_trip(q_idx)`.
     """
 
@@ -327,8 +328,10 @@ class MSADecoder:
         # with an fp8 index-key cache: round the index queries to e4m3 as well (one fp8 tensor-core dot)
         self.fp8_index_queries = bool(fp8_index_queries)
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
-        # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages.
-        self.index_config = dict(programs_per_sm=2, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2)
+        # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages, pages per
+        # step, the score dot's minimum rows (64: a native fp8 warpgroup dot with fp8_index_queries on sm_90).
+        self.index_config = dict(programs_per_sm=2, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2,
+                                 min_rows=16)
         unknown = set(index_config or {}) - set(self.index_config)
         if unknown:
             _err(f"unknown index_config keys {sorted(unknown)}; valid: {sorted(self.index_config)}")
@@ -405,7 +408,7 @@ class MSADecoder:
                                  out=self.selection, workspace=self.index_ws,
                                  num_warps=self.index_config["num_warps"], num_stages=self.index_config["num_stages"],
                                  pages_per_step=self.index_config["pages_per_step"],
-                                 fp8_queries=self.fp8_index_queries)
+                                 fp8_queries=self.fp8_index_queries, min_rows=self.index_config["min_rows"])
 
     def attend(self, q: torch.Tensor, cache: PagedKVCache, *, return_lse: bool = False,
                out: torch.Tensor | None = None, _checked: bool = False):

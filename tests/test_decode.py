@@ -166,8 +166,8 @@ def test_fp8_index_keys_kernel_matches_dequantized_reference(mode, device):
                          atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=False)
 
 
-@pytest.mark.parametrize("mode", ["token", "page"])
-def test_fp8_index_queries_match_the_reference_on_rounded_queries(mode, device):
+@pytest.mark.parametrize("mode,min_rows", [("token", 16), ("page", 16), ("page", 64)])
+def test_fp8_index_queries_match_the_reference_on_rounded_queries(mode, min_rows, device):
     """fp8_index_queries: one fp8 x fp8 dot ranks like the reference on the dequantised keys and the
     e4m3-rounded queries (fp8_query_round_trip); the attention is unchanged."""
     from sparsezoo.kernels.decode_indexer import fp8_query_round_trip
@@ -182,7 +182,8 @@ def test_fp8_index_queries_match_the_reference_on_rounded_queries(mode, device):
     q_idx = torch.randn(len(lens), shape["hkv"], Q, shape["di"], generator=g).to(dtype).to(device)
     q_idx[0, 0, 0] = 0.0  # an all-zero row keeps its zeros (no 0/0 scale)
     dec = MSADecoder(num_q_heads=4, num_kv_heads=shape["hkv"], head_dim=shape["d"], index_dim=shape["di"],
-                     block_size=shape["page"], topk=topk, fp8_index_queries=True)
+                     block_size=shape["page"], topk=topk, fp8_index_queries=True,
+                     index_config=dict(min_rows=min_rows))
     dec.plan(seq_lens, table, Q, num_pages=cache.num_pages)
     out, lse = dec.run(q, q_idx, cache, return_lse=True)
     exact = device.type == "cpu"  # the interpreter in fp32: the same sets as the reference
@@ -340,6 +341,11 @@ def test_decoder_errors():
         dec.run(q, qi, PagedKVCache(4, 1, 16, 16, page_size=32, dtype=torch.float32))
     with pytest.raises(ValueError, match="multiple"):
         MSADecoder(num_q_heads=3, num_kv_heads=2, head_dim=16, index_dim=16)
+    bad_rows = MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, block_size=16, topk=3,
+                          index_config=dict(min_rows=24))
+    bad_rows.plan(torch.tensor([20], dtype=torch.int32), table, 1)
+    with pytest.raises(ValueError, match="min_rows must be a power of two >= 16"):
+        bad_rows.run(q, qi, c)
 
 
 # ---- fp8 vs full-precision index keys: top-k overlap, measured and bounded -------------------
