@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsezoo.kernels.sizes import key_tile
+from sparsezoo.kernels.sizes import key_tile, with_overrides
 from sparsezoo.kernels.sizes import pow2 as _pow2
 from sparsezoo.kernels.sparse_attention_keys import column_lists, column_programs, query_chunk
 from sparsezoo.kernels.sparse_attention_triton import _load_rows
@@ -47,10 +47,7 @@ _INTERPRET_BM = 16
 
 def resolve_config(config: dict | None = None) -> dict:
     """KL_KEYS_CONFIG with `config`'s overrides; unknown keys raise, naming the valid ones."""
-    unknown = set(config or {}) - set(KL_KEYS_CONFIG)
-    if unknown:
-        raise ValueError(f"unknown key-major KL config keys {sorted(unknown)}; valid: {sorted(KL_KEYS_CONFIG)}")
-    return {**KL_KEYS_CONFIG, **(config or {})}
+    return with_overrides(KL_KEYS_CONFIG, config, "key-major KL")
 
 
 @triton.jit

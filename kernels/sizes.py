@@ -22,3 +22,11 @@ def key_tile(block_size: int, want: int, who: str, hint: str = "", gpu: bool = F
     if gpu and tile < 16:
         raise ValueError(f"{who} needs block_size >= 16 on a GPU (tensor-core tiles), got {block_size}{hint}")
     return tile
+
+
+def with_overrides(defaults: dict, config: dict | None, what: str) -> dict:
+    """defaults updated by config; a key defaults lacks raises a ValueError naming `what` and the valid keys."""
+    unknown = set(config or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {sorted(unknown)}; valid: {sorted(defaults)}")
+    return {**defaults, **(config or {})}

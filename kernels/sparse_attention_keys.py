@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows
-from sparsezoo.kernels.sizes import key_tile
+from sparsezoo.kernels.sizes import key_tile, with_overrides
 from sparsezoo.kernels.sizes import pow2 as _pow2
 from sparsezoo.kernels.sparse_attention_triton import (
     _key_rows,
@@ -69,10 +69,7 @@ _INTERPRET_BM = 16
 
 def resolve_config(config: dict | None = None) -> dict:
     """KEYS_CONFIG with `config`'s overrides; unknown keys raise, naming the valid ones."""
-    unknown = set(config or {}) - set(KEYS_CONFIG)
-    if unknown:
-        raise ValueError(f"unknown key-major attention config keys {sorted(unknown)}; valid: {sorted(KEYS_CONFIG)}")
-    return {**KEYS_CONFIG, **(config or {})}
+    return with_overrides(KEYS_CONFIG, config, "key-major attention")
 
 
 @triton.jit
