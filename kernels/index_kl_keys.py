@@ -33,10 +33,10 @@ from sparsezoo.kernels.sparse_attention_triton import _load_rows
 
 LOG2E = 1.4426950408889634
 
-# BM teacher rows per tile (EPT = BM // G entries x G heads; the interpreter runs 16), TI rows of the index
-# tile (>= 16 and >= EPT), R tiles per program, BN keys per sub-tile, EI entries per tile of the student
-# LSE pass, LIST_IDS ids per list program, MERGE_TOKENS tokens per merge program, CHUNK_BYTES of
-# per-entry buffers per query chunk.
+# BM teacher rows per tile (EPT = BM // G entries x G heads; the interpreter runs 16), TI columns of the
+# student's keys x entries dots (>= 16 and >= EPT; the EPT entries on every (TI // EPT)-th), R tiles per
+# program, BN keys per sub-tile, EI entries per tile of the student-LSE pass, LIST_IDS ids per list
+# program, MERGE_TOKENS tokens per merge program, CHUNK_BYTES of per-entry buffers per query chunk.
 # num_warps / LSE_WARPS: warps of the KL / student-LSE programs. Not tuned on a GPU yet; an offline sm_90
 # compile (triton 3.6) gives the KL kernel 255 registers and a 112-byte spill at 8 warps (1 KB at 4: the
 # [BN, D_i] fp32 dk_idx accumulator), the LSE kernel 160 registers at 4.
