@@ -38,8 +38,8 @@ LOG2E = 1.4426950408889634
 # program, BN keys per sub-tile, EI entries per tile of the student-LSE pass, LIST_IDS ids per list
 # program, MERGE_TOKENS tokens per merge program, CHUNK_BYTES of per-entry buffers per query chunk.
 # num_warps / LSE_WARPS: warps of the KL / student-LSE programs. Not tuned on a GPU yet; an offline sm_90
-# compile (triton 3.6) gives the KL kernel 255 registers and a 112-byte spill at 8 warps (1 KB at 4: the
-# [BN, D_i] fp32 dk_idx accumulator), the LSE kernel 160 registers at 4.
+# compile (scripts/sm90_report.py, triton 3.6) gives the KL kernel 252 registers without spills at 8 warps
+# (a 544-byte spill at 4: the [BN, D_i] fp32 dk_idx accumulator), the LSE kernel 120 registers at 4.
 KL_KEYS_CONFIG = {"BM": 64, "TI": 16, "R": 16, "BN": 128, "EI": 64, "num_warps": 8, "LSE_WARPS": 4,
                   "num_stages": 1, "LIST_IDS": 4096, "MERGE_TOKENS": 32, "CHUNK_BYTES": 4 << 30}
 _INTERPRET_BM = 16
