@@ -28,7 +28,14 @@ import triton.language as tl
 
 from sparsezoo.kernels.sizes import key_tile, with_overrides
 from sparsezoo.kernels.sizes import pow2 as _pow2
-from sparsezoo.kernels.sparse_attention_keys import column_lists, column_programs, query_chunk
+from sparsezoo.kernels.sparse_attention_keys import (
+    _column,
+    _entries,
+    block_sparse_attention_keys,
+    column_lists,
+    column_programs,
+    query_chunk,
+)
 from sparsezoo.kernels.sparse_attention_triton import _load_rows
 
 LOG2E = 1.4426950408889634
@@ -48,25 +55,6 @@ _INTERPRET_BM = 16
 def resolve_config(config: dict | None = None) -> dict:
     """KL_KEYS_CONFIG with `config`'s overrides; unknown keys raise, naming the valid ones."""
     return with_overrides(KL_KEYS_CONFIG, config, "key-major KL")
-
-
-@triton.jit
-def _column(PCOL, GROUPS, GROUP_END, CNT, START, n_blocks, HS):
-    """(column, its group of this program, batch, selection head, block, entry count, first list slot)."""
-    p = tl.program_id(0)
-    col = tl.load(PCOL + p)
-    group = p - (tl.load(GROUP_END + col) - tl.load(GROUPS + col))
-    bs = col // n_blocks
-    return col, group, bs // HS, bs % HS, col % n_blocks, tl.load(CNT + col), tl.load(START + col).to(tl.int64)
-
-
-@triton.jit
-def _entries(ORDER, start, ei, n_e, NK, T, pos0):
-    """(valid, flat entry id, token, position) of list slots ei of a column."""
-    ok = ei < n_e
-    e = tl.load(ORDER + start + ei, mask=ok, other=0)
-    t = (e // NK) % T
-    return ok, e.to(tl.int64), t, pos0 + t
 
 
 @triton.jit
@@ -240,8 +228,6 @@ def index_kl_keys_forward(q, k, q_idx, k_idx, block_idx, block_size: int, scale:
     q, k = q.detach(), k.detach()
     q_idx, k_idx = q_idx.detach(), k_idx.detach()
     if main_lse is None:
-        from sparsezoo.kernels.sparse_attention_keys import block_sparse_attention_keys
-
         main_lse = block_sparse_attention_keys(q, k, k, block_idx, block_size, scale, True)[1]
     main_lse = main_lse.detach().float()
     BN = key_tile(block_size, cfg["BN"], "the key-major KL", gpu=q.is_cuda)

@@ -20,7 +20,8 @@ Steps (`block_sparse_attention_keys`), per chunk of queries:
    EPT = BM // G entries x their G query heads. Each row gets its partial output [E, G, D] and
    natural-log LSE [E, G]. Two launches over the same grid: the columns whose key block holds a NaN/inf
    (checked, rare), and the rest, whose blocks of one key sub-tile take `_tiles_fast` (a plain softmax
-   with few instructions per score: 160 registers against 231 on sm_90, scripts/sm90_report.py).
+   with few instructions per score: 160 registers on sm_90, scripts/sm90_report.py; the generic tile took
+   231 in the state the tune below measured).
 3. Merge (`_merge_kernel`): per query row, the LSE-weighted sum of its partials (the LSEs first, then
    the partials with known weights).
 
@@ -99,6 +100,26 @@ def _list_kernel(SEL, CNT, CUR, START, ORDER, T, NK, HS, n_blocks, ssb, ssh, sst
 
 
 @triton.jit
+def _column(PCOL, GROUPS, GROUP_END, CNT, START, n_blocks, HS):
+    """Program pid(0)'s column (from `column_programs`) -> (column, the program's group in it, batch,
+    selection head, key block, entry count, first slot in ORDER)."""
+    p = tl.program_id(0)
+    col = tl.load(PCOL + p)
+    group = p - (tl.load(GROUP_END + col) - tl.load(GROUPS + col))
+    bs = col // n_blocks
+    return col, group, bs // HS, bs % HS, col % n_blocks, tl.load(CNT + col), tl.load(START + col).to(tl.int64)
+
+
+@triton.jit
+def _entries(ORDER, start, ei, n_e, NK, T, pos0):
+    """(valid, flat entry id (int64), token, position) of list slots ei of a column."""
+    ok = ei < n_e
+    e = tl.load(ORDER + start + ei, mask=ok, other=0)
+    t = (e // NK) % T
+    return ok, e.to(tl.int64), t, pos0 + t
+
+
+@triton.jit
 def _key_tile(K, V, KBAD, b, kv, keys, S, skb, skh, sks, skd, svb, svh, svs, svd, D: tl.constexpr,
               BD: tl.constexpr, CHECKED: tl.constexpr):
     """(k, v, non-finite flags, inside S) of keys `keys` of kv head kv; CHECKED reads flagged rows as 0."""
@@ -139,12 +160,8 @@ def _tiles(Q, K, V, POUT, PLSE, ORDER, KBAD, b, s, kv, blk, start, n_e, tile0, n
         kt0, vt0, kb0, kmask0 = _key_tile(K, V, KBAD, b, kv, blk * BLOCK + kn, S, skb, skh, sks, skd,
                                           svb, svh, svs, svd, D, BD, CHECKED)
     for i in range(n_t):
-        ei = (tile0 + i) * (BM // G) + r // G
-        row_ok = ei < n_e
-        e = tl.load(ORDER + start + ei, mask=row_ok, other=0).to(tl.int64)
-        t = (e // NK) % T
-        pos = pos0 + t
-        q = _load_rows(Q, b * sqb + head * sqh + t * sqt, d, sqd, row_ok, D)
+        row_ok, e, t, pos = _entries(ORDER, start, (tile0 + i) * (BM // G) + r // G, n_e, NK, T, pos0)
+        q = _load_rows(Q, b * sqb + head * sqh + t.to(tl.int64) * sqt, d, sqd, row_ok, D)
         bad = tl.zeros([BM], tl.int1)
         if CHECKED:
             bad = nonfinite_rows(q) & row_ok
@@ -185,11 +202,7 @@ def _tiles_fast(Q, POUT, PLSE, ORDER, kt, vt, b, s, blk, start, n_e, tile0, n_t,
     head = (s * G + r % G).to(tl.int64)
     first = blk * BLOCK
     for i in range(n_t):
-        ei = (tile0 + i) * (BM // G) + r // G
-        row_ok = ei < n_e
-        e = tl.load(ORDER + start + ei, mask=row_ok, other=0)
-        t = (e // NK) % T
-        pos = pos0 + t
+        row_ok, e, t, pos = _entries(ORDER, start, (tile0 + i) * (BM // G) + r // G, n_e, NK, T, pos0)
         q = _load_rows(Q, b * sqb + head * sqh + t.to(tl.int64) * sqt, d, sqd, row_ok, D)
         x = tl.dot(q, tl.trans(kt), input_precision=PREC)
         if tl.min(tl.where(row_ok, pos, first + BLOCK)) < first + BLOCK - 1:  # a row misses some key
@@ -204,7 +217,7 @@ def _tiles_fast(Q, POUT, PLSE, ORDER, kt, vt, b, s, blk, start, n_e, tile0, n_t,
         live = l_i > 0
         inv = tl.where(bad, float("nan"), 1.0 / tl.where(live, l_i, 1.0))
         lse = tl.where(live, (m + tl.log2(tl.where(live, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        row = e.to(tl.int64) * G + r % G
+        row = e * G + r % G
         tl.store(PLSE + row, poison(lse, bad), mask=row_ok)
         tl.store(POUT + row[:, None] * D + d[None, :], (acc * inv[:, None]).to(POUT.dtype.element_ty),
                  mask=row_ok[:, None] & (d[None, :] < D))
@@ -221,21 +234,13 @@ def _attn_kernel(Q, K, V, POUT, PLSE, ORDER, CNT, START, GROUPS, GROUP_END, PCOL
     group p - first group of the column. Two launches share the grid: CHECKED runs the columns whose key
     block holds a NaN/inf, the other launch all the rest (so the rare checked path does not set the
     registers of the common one). FAST (HOIST and scale > 0): the common launch takes `_tiles_fast`."""
-    p = tl.program_id(0)
-    col = tl.load(PCOL + p)
-    if col < n_cols:
-        bs = col // n_blocks
-        blk = col % n_blocks
-        b = bs // HS
-        s = bs % HS
+    if tl.load(PCOL + tl.program_id(0)) < n_cols:
+        col, group, b, s, blk, n_e, start = _column(PCOL, GROUPS, GROUP_END, CNT, START, n_blocks, HS)
         kv = s // KV_DIV
         bkv = b * (HS // KV_DIV) + kv
         if (tl.load(BBAD + bkv * n_blocks + blk) != 0) == CHECKED:
-            group = p - (tl.load(GROUP_END + col) - tl.load(GROUPS + col))
-            n_e = tl.load(CNT + col)
             tile0 = group * R
             n_t = tl.minimum(R, tl.cdiv(n_e, BM // G) - tile0)
-            start = tl.load(START + col).to(tl.int64)
             kbad = KBAD + bkv.to(tl.int64) * S
             if FAST and not CHECKED:
                 kt, vt, kb, kmask = _key_tile(K, V, kbad, b, kv, blk * BLOCK + tl.arange(0, BN), S, skb, skh, sks,
