@@ -729,9 +729,10 @@ def _tune_moba_attention(T: int) -> None:
 
     query_cfgs = {"moba": ({}, dict(TM=32), dict(num_warps=8, num_stages=2)), "msa": ({}, dict(UNION="torch")),
                   "nsa": ({},)}
-    key_cfgs = ({}, dict(FAST=False), dict(BM=128, num_warps=8), dict(R=8), dict(R=32), dict(num_stages=2),
-                dict(MERGE_ROWS=64), dict(MERGE_ROWS=32), dict(MERGE_ROWS=128, MERGE_WARPS=8),
-                dict(MERGE_ROWS=256, MERGE_WARPS=8))
+    sweep = ({}, dict(FAST=False), dict(BM=128, num_warps=8), dict(R=8), dict(R=32), dict(num_stages=2),
+             dict(MERGE_ROWS=64), dict(MERGE_ROWS=32), dict(MERGE_ROWS=128, MERGE_WARPS=8),
+             dict(MERGE_ROWS=256, MERGE_WARPS=8))
+    key_cfgs = {"moba": sweep, "msa": sweep, "nsa": sweep[:3]}
     for name in ("moba", "msa", "nsa"):  # NSA: its selected branch (64-key blocks)
         var = Variant(name, CONFIGS[name].get("equal_budget", CONFIGS[name]["published"]), 1, T, T, False)
         args = (var.q, var.k, var.v)
@@ -741,7 +742,7 @@ def _tune_moba_attention(T: int) -> None:
             for cfg in query_cfgs[name]:
                 ms = _timed(lambda: sat.block_sparse_attention_triton(*args, sel, blk, var.scale, config=cfg))
                 print(f"tune {name} attention query-major {T}: {cfg} -> {ms}", flush=True)
-            for cfg in key_cfgs if name != "nsa" else ({}, dict(FAST=False), dict(BM=128, num_warps=8)):
+            for cfg in key_cfgs[name]:
                 ms = _timed(lambda: sak.block_sparse_attention_keys(*args, sel, blk, var.scale, config=cfg))
                 print(f"tune {name} attention key-major {T}: {cfg} -> {ms}", flush=True)
             a = sat.block_sparse_attention_triton(*args, sel, blk, var.scale)

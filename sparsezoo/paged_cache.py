@@ -325,7 +325,7 @@ class MSADecoder:
         self.block_size, self.topk, self.max_q_len = block_size, topk, max_q_len
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         self.index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else index_scale
-        # with an fp8 index-key cache: round the index queries to e4m3 as well (one fp8 tensor-core dot)
+        # with an fp8 index-key cache: round the index queries to e4m3 as well (an fp8 x fp8 score dot)
         self.fp8_index_queries = bool(fp8_index_queries)
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
         # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages, pages per
