@@ -327,8 +327,8 @@ def tune_indexer(args, configs=((1 << 20, 1), (1 << 20, 8))):
 
     dev = torch.device("cuda")
     shape = SHAPES["m3"]
-    grid = [dict(programs_per_sm=pps, pages_per_step=nb, num_stages=3, min_rows=mr)
-            for pps, nb, mr in itertools.product((2, 4), (1, 2, 4), (16, 64))]
+    grid = [dict(programs_per_sm=pps, pages_per_step=nb, num_stages=3, min_rows=mr, merge_warps=mw)
+            for pps, nb, mr, mw in itertools.product((1, 2), (2, 4), (16, 64), (0, 16))]
     results, total = [], {}
     for S, B in configs:
         caches, caches8, table = make_caches(shape, S, B, 1, dev, True, seed=0)

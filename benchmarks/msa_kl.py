@@ -3,11 +3,12 @@
 (`kernels/index_kl_keys.py`), loss plus both gradients, m3 heads, bf16, batch 1, MSA's own selections of
 correlated index queries (as benchmarks/prefill.py builds them), the main LSE given (as the model passes it).
 
-    python benchmarks/msa_kl.py --out examples/results [--lengths 32,128]
+    python benchmarks/msa_kl.py --out examples/results [--lengths 32,128] [--tune]
 
 Each point: median ms of each schedule (zoo.py's `bench`), the loss of each, the largest relative
-difference of their gradients, and the peak memory beyond the inputs. Writes msa_kl_<card>.{json,md},
-named after the GPU that ran it.
+difference of their gradients, the peak memory beyond the inputs, and the CUDA time of each kernel of
+the key-major call (torch.profiler). --tune also times key-major configs (KL_KEYS_CONFIG overrides) at
+the last length. Writes msa_kl_<card>.{json,md}, named after the GPU that ran it.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cards import card_tag  # noqa: E402
-from prefill import KB, SHAPES, make_inputs  # noqa: E402
+from prefill import KB, SHAPES, kernel_times, make_inputs  # noqa: E402
 from zoo import bench  # noqa: E402
 
 
-def run_length(T: int, sh: dict) -> dict:
+def run_length(T: int, sh: dict, tune: bool = False) -> dict:
     from sparsezoo.kernels import index_kl_keys, index_kl_triton, select_triton
     from sparsezoo.kernels.sparse_attention_keys import block_sparse_attention_keys
 
@@ -51,18 +52,41 @@ def run_length(T: int, sh: dict) -> dict:
         a, b = outs["query_major"][i], outs["key_major"][i]
         rec[f"{grad}_rel_diff"] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
     rec["speedup"] = round(rec["query_major_ms"] / rec["key_major_ms"], 2)
+    rec["key_major_kernels_ms"] = kernel_times(lambda: index_kl_keys.index_kl_keys_forward(*args))
     print(json.dumps(rec), flush=True)
+    if tune:
+        rec["tune"] = tune_configs(args)
     return rec
+
+
+TUNE = [dict(), dict(num_warps=8), dict(R=8), dict(R=32), dict(num_stages=2), dict(BM=256), dict(BM=256, num_warps=8),
+        dict(BM=64), dict(TI=32), dict(EI=128)]
+
+
+def tune_configs(args) -> list[dict]:
+    from sparsezoo.kernels import index_kl_keys
+
+    rows = []
+    for cfg in TUNE:
+        try:
+            ms = bench(lambda cfg=cfg: index_kl_keys.index_kl_keys_forward(*args, True, cfg))
+        except Exception as e:  # noqa: BLE001 (a config that does not compile is recorded, not fatal)
+            ms, cfg = float("inf"), {**cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"}
+        rows.append({"config": cfg, "ms": round(ms, 3)})
+        print(f"  tune {cfg}: {ms:.3f} ms", flush=True)
+    return rows
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--lengths", default="32,128", help="sequence lengths in k tokens")
+    p.add_argument("--tune", action="store_true", help="time key-major configs at the last length")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/msa_kl.py needs a CUDA GPU")
-    records = [run_length(int(x) * KB, SHAPES["m3"]) for x in args.lengths.split(",")]
+    lengths = [int(x) * KB for x in args.lengths.split(",")]
+    records = [run_length(T, SHAPES["m3"], args.tune and T == lengths[-1]) for T in lengths]
     card = records[0]["card"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

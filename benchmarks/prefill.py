@@ -251,9 +251,26 @@ def run_length(T, sh, args, mm_rate, records, with_train):
     torch.cuda.empty_cache()
 
 
+def kernel_times(fn) -> dict:
+    """CUDA ms per kernel name over one call of fn (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    times = {}
+    for ev in prof.key_averages():
+        if ev.device_type.name == "CUDA" and getattr(ev, "device_time_total", 0) > 0:
+            times[ev.key[:60]] = round(ev.device_time_total / 1e3, 3)
+    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:12])
+
+
 def run_train(T, sh, q, k, v, q_idx, k_idx, mm_rate):
-    from sparsezoo.kernels import sparse_attention_triton as sat
-    from sparsezoo.kernels import select_triton as st
+    from sparsezoo import ops
+    from sparsezoo.ops.block_sparse_attention import triton as bsa_triton
+    from sparsezoo.ops.index_kl import msa_triton as kl_triton
     from sparsezoo.training_step import msa_sparse_step
 
     leaves = [x.detach().requires_grad_() for x in (q, k, v, q_idx, k_idx)]
@@ -267,18 +284,29 @@ def run_train(T, sh, q, k, v, q_idx, k_idx, mm_rate):
             out, kl, _ = msa_sparse_step(qq, kk, vv, qi, ki, block_size=sh["block"], topk=sh["topk"])
             torch.autograd.backward([out, kl], [go, torch.ones_like(kl)])
         else:
-            sel = st.msa_select_triton(qi.detach(), ki.detach(), sh["block"], sh["topk"], 1 / math.sqrt(sh["Di"]))
-            out = sat.block_sparse_attention_triton(qq, kk, vv, sel, sh["block"], 1 / math.sqrt(sh["D"]))
+            sel = ops.msa_select(qi.detach(), ki.detach(), block_size=sh["block"], topk=sh["topk"], backend="triton")
+            out = ops.block_sparse_attention(qq, kk, vv, sel, block_size=sh["block"], backend="triton")
             torch.autograd.backward(out, go)
 
     torch.cuda.synchronize()
     base_mem = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    step()
+    with ops.track_implementations() as used:
+        step()
     torch.cuda.synchronize()
     peak_extra = torch.cuda.max_memory_allocated() - base_mem
     t_step = bench(step)
+    kernels = kernel_times(step)
     t_attn_only = bench(lambda: step(False))
+    # the schedules the step replaced, in the same run: the query-major forward, and the query-major KL
+    saved = bsa_triton.KEY_MAJOR_TRAIN, kl_triton.KEY_MAJOR
+    try:
+        bsa_triton.KEY_MAJOR_TRAIN = False
+        t_attn_only_qm = bench(lambda: step(False))
+        bsa_triton.KEY_MAJOR_TRAIN, kl_triton.KEY_MAJOR = True, False
+        t_step_qm_kl = bench(step)
+    finally:
+        bsa_triton.KEY_MAJOR_TRAIN, kl_triton.KEY_MAJOR = saved
     dense = time_dense(*leaves[:3], 1 / math.sqrt(sh["D"]), ["cudnn", "flash"], None, train=True)
     best = min(dense, key=dense.get)
     lim = 3 * dense_flops(T, sh) / (index_flops(T, sh) + 3 * sparse_flops(T, sh))
@@ -286,7 +314,9 @@ def run_train(T, sh, q, k, v, q_idx, k_idx, mm_rate):
                shape="m3", seq_len=T, batch=1, q_len=T, mode="fwd+bwd",
                dense_ms=dense[best], dense_backend=best, dense_all_ms=dense,
                msa_ms=t_step, msa_attention_only_ms=t_attn_only, speedup=dense[best] / t_step,
-               speedup_attention_only=dense[best] / t_attn_only, flop_limit=lim,
+               speedup_attention_only=dense[best] / t_attn_only, implementations=dict(used), kernels_ms=kernels,
+               msa_attention_only_query_major_forward_ms=t_attn_only_qm, msa_query_major_kl_ms=t_step_qm_kl,
+               flop_limit=lim,
                limit_fraction=dense[best] / t_attn_only / lim, matmul_tflops=mm_rate,
                peak_extra_bytes=peak_extra)
     print(json.dumps({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in rec.items()}), flush=True)

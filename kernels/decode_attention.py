@@ -6,7 +6,8 @@ of its selected blocks (selection int32 [B, Hkv, Q, k], -1 padded), read through
 1. `_attn_split_kernel`, grid (B * Hkv * Q, n_splits): one program serves all G query heads of a KV
    group for one query, so each selected K/V page is loaded once per group; it covers a slice of the
    selected blocks and writes a normalised partial output and its LSE.
-2. `_attn_merge_kernel`, grid (B * Hkv * Q,): LSE-merges the splits into the output (and the LSE).
+2. `_attn_merge_kernel`, grid (B * Hkv * Q, head groups): LSE-merges the splits into the output (and the
+   LSE), every split of a group of heads loaded at once.
 
 Non-finite values (kernels/nonfinite.py): a program's rows attend to every key it loads (keys past the
 query's position are never loaded), so a row is NaN (output and LSE) iff its q, one of its scores or its
@@ -24,6 +25,9 @@ import triton.language as tl
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite
 
 _LOG2E = 1.4426950408889634
+# partial-output elements one merge program loads at once (fp32, 32 per thread at 4 warps): the heads per
+# program follow from it and the split count
+MERGE_ELEMENTS = 4096
 
 
 @triton.jit
@@ -101,30 +105,27 @@ def _attn_merge_kernel(
     stride_ob, stride_oh, stride_ot,
     n_splits,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, Q: tl.constexpr, D: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
+    HM: tl.constexpr, NSP: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
+    """Heads HM * pid(1) + [0, HM) of row pid(0): every split's LSE and partial output in one load round
+    ([NSP, HM, D]), so the merge costs one memory latency, not one per split."""
     pid = tl.program_id(0)
     t = pid % Q
     g = (pid // Q) % HKV
     b = pid // (Q * HKV)
-    r = tl.arange(0, BLOCK_G)
+    r = tl.program_id(1) * HM + tl.arange(0, HM)
+    sp = tl.arange(0, NSP)
     d = tl.arange(0, D)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
-    bad = tl.zeros([BLOCK_G], tl.int1)
-    for s in range(0, n_splits):
-        base = (pid * n_splits + s) * BLOCK_G
-        lse_s = tl.load(plse_ptr + base + r)
-        bad = bad | (lse_s != lse_s)  # a split poisoned the row
-        m_new = tl.maximum(m, lse_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a = tl.exp2(m - m_safe)
-        w = tl.exp2(lse_s - m_safe)
-        o_s = tl.load(po_ptr + (base + r)[:, None] * D + d[None, :])
-        acc = acc * a[:, None] + w[:, None] * o_s
-        l = l * a + w
-        m = m_new
+    live = sp < n_splits
+    at = (pid * n_splits + sp)[:, None] * BLOCK_G + r[None, :]  # [NSP, HM]
+    lse_s = tl.load(plse_ptr + at, mask=live[:, None], other=float("-inf"))
+    o_s = tl.load(po_ptr + at[:, :, None] * D + d[None, None, :], mask=live[:, None, None], other=0.0)
+    bad = tl.max((lse_s != lse_s).to(tl.int32), axis=0) > 0  # a split poisoned the row
+    m = tl.max(tl.where(lse_s != lse_s, float("-inf"), lse_s), axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.where(live[:, None], tl.exp2(lse_s - m_safe[None, :]), 0.0)  # [NSP, HM]
+    l = tl.sum(w, axis=0)
+    acc = tl.sum(w[:, :, None] * o_s, axis=0)  # [HM, D]
     empty = l == 0.0
     o = poison_rows(acc / tl.where(empty, 1.0, l)[:, None], bad)
     r_ok = r < G
@@ -184,10 +185,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         HKV=Hkv, G=G, BLOCK_G=bg, Q=Q, D=D, PAGE=page, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )
-    _attn_merge_kernel[(grid_rows,)](
+    nsp = _next_pow2(n_splits)
+    hm = max(1, min(bg, MERGE_ELEMENTS // (nsp * D)))  # heads per merge program
+    _attn_merge_kernel[(grid_rows, bg // hm)](
         po, plse, out, lse if lse is not None else plse,
         out.stride(0), out.stride(1), out.stride(2),
         n_splits,
-        HKV=Hkv, G=G, BLOCK_G=bg, Q=Q, D=D, WRITE_LSE=lse is not None, num_warps=4,
+        HKV=Hkv, G=G, BLOCK_G=bg, Q=Q, D=D, HM=hm, NSP=nsp, WRITE_LSE=lse is not None, num_warps=4,
     )
     return out

@@ -211,7 +211,7 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
                   topk: int, scale: float, blocks_per_split: int, n_splits: int,
                   out: torch.Tensor, workspace: torch.Tensor, num_warps: int = 4,
                   num_stages: int = 3, pages_per_step: int = 2, fp8_queries: bool = False,
-                  min_rows: int = 16) -> torch.Tensor:
+                  min_rows: int = 16, merge_warps: int = 0) -> torch.Tensor:
     """Launch split + merge. q_idx [B, H_i, Q, D_i]; k_idx_cache [P, page, D_i]; page_table int32
     [B, n_pages]; seq_lens int32 [B] (lengths including the Q new tokens); out int32 [B, H_i, Q, k].
     fp8_queries (fp8 keys only): round each query row to e4m3 (scaled to the row's largest magnitude,
@@ -219,7 +219,9 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
     element. min_rows: the score dot's row count (H_i * Q padded to a power of two,
     at least this). On sm_90 a dot of 16 rows is an mma.sync, which has no e4m3 form there: Triton unpacks
     both fp8 operands to fp16 first. 64 rows make it a warpgroup dot, native in fp8 (an offline sm_90
-    compile shows QGMMA), for 16x the rows. No host syncs: capturable in a CUDA graph."""
+    compile shows QGMMA), for 16x the rows. merge_warps: warps of the merge program that picks a row's
+    top-k from every split's candidates (0: 4 up to 2,048 candidates, else 8). No host syncs: capturable
+    in a CUDA graph."""
     B, H, Q, D = q_idx.shape
     page = k_idx_cache.shape[1]
     if topk < 2:
@@ -238,6 +240,8 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
         raise ValueError(f"scale mode {scale_mode!r} needs k_idx_scale")
     if min_rows < 16 or min_rows & (min_rows - 1):
         raise ValueError(f"min_rows must be a power of two >= 16 (a tensor-core tile), got {min_rows}")
+    if merge_warps not in (0, 1, 2, 4, 8, 16, 32):
+        raise ValueError(f"merge_warps must be 0 (automatic) or a power of two up to 32, got {merge_warps}")
     k1 = topk - 1
     part = workspace
     rows = max(min_rows, _next_pow2(H * Q))
@@ -259,7 +263,7 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
         out.stride(0), out.stride(1), out.stride(2),
         n_splits,
         H=H, Q=Q, PAGE=page, K1=k1, KP=_next_pow2(topk), NC=nc,
-        num_warps=4 if nc <= 2048 else 8,
+        num_warps=merge_warps or (4 if nc <= 2048 else 8),
     )
     return out
 

@@ -44,10 +44,12 @@ LOG2E = 1.4426950408889634
 # student's keys x entries dots (>= 16 and >= EPT; the EPT entries on every (TI // EPT)-th), R tiles per
 # program, BN keys per sub-tile, EI entries per tile of the student-LSE pass, LIST_IDS ids per list
 # program, MERGE_TOKENS tokens per merge program, CHUNK_BYTES of per-entry buffers per query chunk.
-# num_warps / LSE_WARPS: warps of the KL / student-LSE programs. Not tuned on a GPU yet; an offline sm_90
-# compile (scripts/sm90_report.py, triton 3.6) gives the KL kernel 252 registers without spills at 8 warps
-# (a 544-byte spill at 4: the [BN, D_i] fp32 dk_idx accumulator), the LSE kernel 120 registers at 4.
-KL_KEYS_CONFIG = {"BM": 64, "TI": 16, "R": 16, "BN": 128, "EI": 64, "num_warps": 8, "LSE_WARPS": 4,
+# num_warps / LSE_WARPS: warps of the KL / student-LSE programs. Tuned on an H200 at 128k (m3 heads,
+# benchmarks/msa_kl.py --tune): BM 128 with 8 warps 62 ms (with 4 warps 58 ms); BM 64 with 8 warps 98 ms;
+# R 4 or 32, TI 32, BN 64, EI 32 or 128 were slower or within 3 ms. Not 4 warps: with D_i = 64 Triton 3.6
+# miscompiles the dq_idx dot there (compute-sanitizer: an out-of-bounds shared-memory read at BM 128;
+# NaN gradients at BM 64), where 8 warps are exact (scripts/probes/kl_keys_config.py).
+KL_KEYS_CONFIG = {"BM": 128, "TI": 16, "R": 16, "BN": 128, "EI": 64, "num_warps": 8, "LSE_WARPS": 4,
                   "num_stages": 1, "LIST_IDS": 4096, "MERGE_TOKENS": 32, "CHUNK_BYTES": 4 << 30}
 _INTERPRET_BM = 16
 

@@ -243,10 +243,11 @@ def index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_sca
 class _IndexKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_idx, k_idx, q, k, block_idx, main_lse, block_size, scale, index_scale, coeff,
-                temperature, config):
+                temperature, config, forward):
         with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss, _, dqi, dki = index_kl_forward(q, k, q_idx, k_idx, block_idx, block_size, scale, index_scale,
-                                             coeff, temperature, main_lse, with_grad, config)
+        loss, _, dqi, dki = (forward or index_kl_forward)(q, k, q_idx, k_idx, block_idx, block_size, scale,
+                                                          index_scale, coeff, temperature, main_lse, with_grad,
+                                                          config)
         if with_grad:
             ctx.save_for_backward(dqi, dki)
         ctx.dtypes = (q_idx.dtype, k_idx.dtype)
@@ -256,7 +257,7 @@ class _IndexKL(torch.autograd.Function):
     def backward(ctx, grad):
         dqi, dki = ctx.saved_tensors
         return ((dqi * grad).to(ctx.dtypes[0]), (dki * grad).to(ctx.dtypes[1]),
-                None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _every_visible_block(B: int, H: int, T: int, S: int, block_size: int, device) -> torch.Tensor:
@@ -268,13 +269,15 @@ def _every_visible_block(B: int, H: int, T: int, S: int, block_size: int, device
 
 
 def msa_index_kl_triton(q, k, q_idx, k_idx, block_idx, block_size: int, scale: float, index_scale: float,
-                        coeff: float = 1.0, temperature: float = 1.0, main_lse=None, config=None):
+                        coeff: float = 1.0, temperature: float = 1.0, main_lse=None, config=None, forward=None):
     """Sparse KL loss (scalar fp32), differentiable w.r.t. q_idx and k_idx only.
 
     q [B, Hq, T, D], k [B, Hkv, S, D] (detached: teacher), q_idx [B, H_i=Hkv, T, D_i],
     k_idx [B, S, D_i], block_idx int32 [B, Hkv, T, k] (None: every visible
     block, the dense warm-up). main_lse [B, Hq, T] (natural log, from the
-    attention forward) skips recomputing the teacher's normaliser. The gradients are computed in the forward pass and scaled in backward.
+    attention forward) skips recomputing the teacher's normaliser. The gradients are computed in the
+    forward pass and scaled in the backward. forward: a function with `index_kl_forward`'s contract run
+    instead of it (`index_kl_keys.index_kl_keys_forward`, the key-major schedule); config goes to it.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -287,4 +290,4 @@ def msa_index_kl_triton(q, k, q_idx, k_idx, block_idx, block_size: int, scale: f
     if main_lse is not None:
         main_lse = main_lse.detach().float()
     return _IndexKL.apply(q_idx, k_idx, q, k, block_idx, main_lse, block_size, float(scale),
-                          float(index_scale), float(coeff), float(temperature), config)
+                          float(index_scale), float(coeff), float(temperature), config, forward)

@@ -51,6 +51,7 @@ from sparsezoo.kernels.sparse_attention_triton import (
     _saw_bad_key,
     _selection_heads,
     bad_keys,
+    block_sparse_attention_triton,
     online_softmax,
 )
 
@@ -387,3 +388,19 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
                                                     *lc.stride(), NK=NK, G=G, TT=MT, D=D, BD=BD,
                                                     num_warps=cfg["MERGE_WARPS"])
     return (out, lse) if return_lse else out
+
+
+def _outputs(config):
+    return lambda q, k, v, block_idx, block_size, scale: block_sparse_attention_keys(
+        q, k, v, block_idx, block_size, scale, True, config)
+
+
+def block_sparse_attention_keys_trainable(q, k, v, block_idx, block_size: int, scale: float,
+                                          return_lse: bool = False, config: dict | None = None,
+                                          attn_config: dict | None = None):
+    """`block_sparse_attention_keys` with gradients: the key-major forward, then the query-major backward
+    (`sparse_attention_triton`), whose tile plan is built after the forward. config: overrides of
+    KEYS_CONFIG; attn_config: of the query-major ATTN_CONFIG (the backward's). Host syncs: the backward's
+    (see `block_sparse_attention_triton`)."""
+    return block_sparse_attention_triton(q, k, v, block_idx, block_size, scale, return_lse, attn_config,
+                                         outputs=_outputs(config))

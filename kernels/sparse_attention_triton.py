@@ -729,6 +729,14 @@ def _selection_heads(Hq: int, Hkv: int, Hs: int) -> tuple[int, int]:
     return Hq // Hs, Hs // Hkv
 
 
+def forward_plan(block_idx, G: int, block_size: int, S: int, device, cfg: dict):
+    """The tile plan (token order, per-tile unions and bitmasks) the query-major kernels run, forward and
+    backward, for a resolved config."""
+    NK = block_idx.shape[3]
+    TM = _tiling(G, block_size, device, cfg, None if _pow2(NK) <= SEL_MAX_K else BITS_MAX_TM)[0]
+    return tile_plan(block_idx, TM, cfg["WINDOW"], triton.cdiv(S, block_size), cfg["UNION"])
+
+
 def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None):
     """-> (out or None, LSE, plan, flags: nonfinite_flags' (per-key flags, queue), for the backward)."""
     B, Hq, T, D = q.shape
@@ -737,8 +745,7 @@ def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None):
     G, KV_DIV = _selection_heads(Hq, Hkv, Hs)
     cfg = resolve_config(G, cfg)
     if plan is None:
-        TM = _tiling(G, block_size, q.device, cfg, None if _pow2(NK) <= SEL_MAX_K else BITS_MAX_TM)[0]
-        plan = tile_plan(block_idx, TM, cfg["WINDOW"], triton.cdiv(S, block_size), cfg["UNION"])
+        plan = forward_plan(block_idx, G, block_size, S, q.device, cfg)
     TM, BM, BN, from_sel = _plan_tiling(plan, G, block_size, q.device, cfg)
     tok, cnt, ids, bits = plan
     NT = cnt.shape[-1]
@@ -855,10 +862,24 @@ def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, s
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _backward_inputs(q, k, v, block_idx, block_size, scale, config, outputs):
+    """(out, LSE, plan, flags) for the backward, with out and LSE from `outputs(q, k, v, block_idx,
+    block_size, scale)` (another forward schedule) rather than the query-major forward kernels."""
+    G, KV_DIV = _selection_heads(q.shape[1], k.shape[1], block_idx.shape[1])
+    cfg = resolve_config(G, config)
+    out, lse = outputs(q, k, v, block_idx, block_size, scale)
+    plan = forward_plan(block_idx, G, block_size, k.shape[2], q.device, cfg)
+    kbad, _, queue = nonfinite_flags(k, v, plan, block_size, KV_DIV)
+    return out, lse, plan, (kbad, queue)
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, scale, config):
-        out, lse, plan, (kbad, queue) = _forward(q, k, v, block_idx, block_size, scale, False, config)
+    def forward(ctx, q, k, v, block_idx, block_size, scale, config, outputs):
+        if outputs is None:
+            out, lse, plan, (kbad, queue) = _forward(q, k, v, block_idx, block_size, scale, False, config)
+        else:
+            out, lse, plan, (kbad, queue) = _backward_inputs(q, k, v, block_idx, block_size, scale, config, outputs)
         tok, cnt, ids, bits = plan
         ctx.save_for_backward(q, k, v, out, lse, block_idx, kbad, queue, tok, cnt, ids,
                               *([] if bits is None else [bits]))
@@ -873,20 +894,22 @@ class _BlockSparseAttention(torch.autograd.Function):
         plan = (tok, cnt, ids, bits[0] if bits else None)
         dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, block_idx, plan, (kbad, queue), ctx.block_size,
                                ctx.scale, ctx.config)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: float,
-                                  return_lse: bool = False, config: dict | None = None):
+                                  return_lse: bool = False, config: dict | None = None, outputs=None):
     """q [B, Hq, T, D], k/v [B, Hkv, S, D], block_idx int32/int64 [B, Hs, T, k] -> out [B, Hq, T, D]
     (and natural-log LSE [B, Hq, T] fp32). Differentiable w.r.t. q, k, v.
 
     Hs = Hkv: one selection per KV group, shared by its query heads (MSA). Hs = Hq: one selection per
     query head (MoBA), read straight from the unrepeated K/V. Ids outside [0, n_blocks) are ignored;
-    a repeated id counts once. config: overrides of ATTN_CONFIG (and G1_CONFIG).
+    a repeated id counts once. config: overrides of ATTN_CONFIG (and G1_CONFIG). outputs: a forward-only
+    function (q, k, v, block_idx, block_size, scale) -> (out, LSE) run instead of the query-major forward
+    kernels (the backward builds their tile plan then), as `sparse_attention_keys` trains.
     Host syncs: none in the forward; the backward's dK/dV work lists (entry and item counts) and the count
     of tiles with non-finite values (docs/ops.md)."""
     if q.dtype == torch.float64:
         raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
-    out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), config)
+    out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), config, outputs)
     return (out, lse) if return_lse else out

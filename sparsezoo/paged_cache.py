@@ -329,9 +329,10 @@ class MSADecoder:
         self.fp8_index_queries = bool(fp8_index_queries)
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
         # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages, pages per
-        # step, the score dot's minimum rows (64: a native fp8 warpgroup dot with fp8_index_queries on sm_90).
+        # step, the score dot's minimum rows (64: a native fp8 warpgroup dot with fp8_index_queries on sm_90),
+        # the top-k merge's warps (0: by candidate count).
         self.index_config = dict(programs_per_sm=2, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2,
-                                 min_rows=16)
+                                 min_rows=16, merge_warps=0)
         unknown = set(index_config or {}) - set(self.index_config)
         if unknown:
             _err(f"unknown index_config keys {sorted(unknown)}; valid: {sorted(self.index_config)}")
@@ -408,7 +409,8 @@ class MSADecoder:
                                  out=self.selection, workspace=self.index_ws,
                                  num_warps=self.index_config["num_warps"], num_stages=self.index_config["num_stages"],
                                  pages_per_step=self.index_config["pages_per_step"],
-                                 fp8_queries=self.fp8_index_queries, min_rows=self.index_config["min_rows"])
+                                 fp8_queries=self.fp8_index_queries, min_rows=self.index_config["min_rows"],
+                                 merge_warps=self.index_config["merge_warps"])
 
     def attend(self, q: torch.Tensor, cache: PagedKVCache, *, return_lse: bool = False,
                out: torch.Tensor | None = None, _checked: bool = False):

@@ -1,20 +1,20 @@
-"""Forward + backward of an MSA layer's sparse part at long context (Triton, CUDA or interpreter).
+"""Forward + backward of an MSA layer's sparse part at long context, through the Triton paths of
+`sparsezoo.ops` (CUDA, or the interpreter), dispatched as the model dispatches them:
 
-    block_idx = indexer(q_idx, k_idx)                    (no gradient: top-k)
+    block_idx = msa_select(q_idx, k_idx)                  (no gradient: top-k)
     out, lse  = block_sparse_attention(q, k, v, block_idx)   -> grads to q, k, v
-    kl        = sparse KL(teacher from q, k, lse; student q_idx, k_idx) -> grads to q_idx, k_idx
+    kl        = msa_index_kl(teacher from q, k, lse; student q_idx, k_idx) -> grads to q_idx, k_idx
 
-Memory stays O(inputs): the indexer keeps its top-k in registers, attention and KL walk per-tile
-unions of selected blocks; nothing of size T x S (or T x S / block) is built.
+`ops.implementations_used()` says which schedules ran. Memory stays O(inputs): the indexer keeps its
+top-k in registers, attention and KL walk the selected blocks per key block or per tile; nothing of size
+T x S (or T x S / block) is built.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from sparsezoo.ops.dispatch import record
+from sparsezoo import ops
 
 
 def msa_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
@@ -26,18 +26,13 @@ def msa_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: to
     out is differentiable w.r.t. q, k, v; kl_loss w.r.t. q_idx, k_idx only (the teacher is
     detached). Pass block_idx to reuse a selection (then topk is ignored).
     """
-    from sparsezoo.kernels.index_kl_triton import msa_index_kl_triton
-    from sparsezoo.kernels.select_triton import msa_select_triton
-    from sparsezoo.kernels.sparse_attention_triton import block_sparse_attention_triton
-
-    D, Di = q.shape[-1], q_idx.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    index_scale = 1.0 / math.sqrt(Di) if index_scale is None else index_scale
     if block_idx is None:
         with torch.no_grad():
-            block_idx = msa_select_triton(q_idx.detach(), k_idx.detach(), block_size, topk, index_scale)
-    out, lse = block_sparse_attention_triton(q, k, v, block_idx, block_size, scale, return_lse=True)
-    kl = msa_index_kl_triton(q, k, q_idx, k_idx, block_idx, block_size, scale, index_scale, coeff,
-                             temperature, main_lse=lse.detach())
-    record("msa_sparse_step", "triton")
+            block_idx = ops.msa_select(q_idx.detach(), k_idx.detach(), block_size=block_size, topk=topk,
+                                       scale=index_scale, backend="triton")
+    out, lse = ops.block_sparse_attention(q, k, v, block_idx, block_size=block_size, scale=scale,
+                                          backend="triton", return_lse=True)
+    kl = ops.msa_index_kl(q, k, q_idx, k_idx, block_idx, block_size=block_size, scale=scale,
+                          index_scale=index_scale, coeff=coeff, temperature=temperature, main_lse=lse.detach(),
+                          backend="triton")
     return out, kl, block_idx

@@ -124,6 +124,27 @@ def test_decode_matches_reference(lens, q_len, group, topk, dtype, seed):
                          sel_eps=1e-5 if exact else 5e-2, atol=1e-4 if exact else 3e-2, exact_sel=exact)
 
 
+@pytest.mark.parametrize("n_splits,merge_elements", [(5, 4096), (3, 4096), (5, 64)])
+def test_attention_splits_merge_exactly(n_splits, merge_elements, device, monkeypatch):
+    """The attention's split-K partials merge to the reference output and LSE for any split count (one
+    block per split, a last split of one block) and any heads per merge program (merge_elements 64: one
+    head each; a group of 3 heads padded to 16 rows)."""
+    from sparsezoo.kernels import decode_attention as att
+
+    monkeypatch.setattr(att, "MERGE_ELEMENTS", merge_elements)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    lens, Q, topk, group = [100, 37, 64], 2, 5, 3
+    args = dict(SMALL, hq=SMALL["hkv"] * group, topk=topk, dtype=dtype, device=device)
+    cache, alloc, _, q, q_idx, dec, _, _ = decode_case(lens, Q, seed=4, **args)
+    per = math.ceil(topk / n_splits)
+    dec.attn_split = (per, math.ceil(topk / per))
+    dec.attn_ws = att.attention_workspace(len(lens), SMALL["hkv"], Q, group, SMALL["d"], dec.attn_split[1], device)
+    out, lse = dec.run(q, q_idx, cache, return_lse=True)
+    compare_to_reference(lens, Q, cache, alloc, q, q_idx, dec, out, lse, topk=topk,
+                         sel_eps=1e-5 if device.type == "cpu" else 5e-2,
+                         atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=device.type == "cpu")
+
+
 @pytest.mark.parametrize("q_len,pages_per_step", [(1, 2), (3, 1), (2, 4)])
 def test_local_block_boundary_and_short(q_len, pages_per_step, device):
     """Queries straddling a block boundary get different candidate sets; tiny requests keep only
@@ -166,8 +187,8 @@ def test_fp8_index_keys_kernel_matches_dequantized_reference(mode, device):
                          atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=False)
 
 
-@pytest.mark.parametrize("mode,min_rows", [("token", 16), ("page", 16), ("page", 64)])
-def test_fp8_index_queries_match_the_reference_on_rounded_queries(mode, min_rows, device):
+@pytest.mark.parametrize("mode,min_rows,merge_warps", [("token", 16, 0), ("page", 16, 16), ("page", 64, 0)])
+def test_fp8_index_queries_match_the_reference_on_rounded_queries(mode, min_rows, merge_warps, device):
     """fp8_index_queries: one fp8 x fp8 dot ranks like the reference on the dequantised keys and the
     e4m3-rounded queries (fp8_query_round_trip); the attention is unchanged."""
     from sparsezoo.kernels.decode_indexer import fp8_query_round_trip
@@ -183,7 +204,7 @@ def test_fp8_index_queries_match_the_reference_on_rounded_queries(mode, min_rows
     q_idx[0, 0, 0] = 0.0  # an all-zero row keeps its zeros (no 0/0 scale)
     dec = MSADecoder(num_q_heads=4, num_kv_heads=shape["hkv"], head_dim=shape["d"], index_dim=shape["di"],
                      block_size=shape["page"], topk=topk, fp8_index_queries=True,
-                     index_config=dict(min_rows=min_rows))
+                     index_config=dict(min_rows=min_rows, merge_warps=merge_warps))
     dec.plan(seq_lens, table, Q, num_pages=cache.num_pages)
     out, lse = dec.run(q, q_idx, cache, return_lse=True)
     exact = device.type == "cpu"  # the interpreter in fp32: the same sets as the reference
@@ -346,6 +367,11 @@ def test_decoder_errors():
     bad_rows.plan(torch.tensor([20], dtype=torch.int32), table, 1)
     with pytest.raises(ValueError, match="min_rows must be a power of two >= 16"):
         bad_rows.run(q, qi, c)
+    bad_merge = MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, block_size=16, topk=3,
+                           index_config=dict(merge_warps=3))
+    bad_merge.plan(torch.tensor([20], dtype=torch.int32), table, 1)
+    with pytest.raises(ValueError, match="merge_warps must be 0"):
+        bad_merge.run(q, qi, c)
 
 
 # ---- fp8 vs full-precision index keys: top-k overlap, measured and bounded -------------------

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsezoo.ops import references as ref
+from sparsezoo.ops.common import full_selection
 
 triton = pytest.importorskip("triton")
 
@@ -104,14 +105,42 @@ def test_loss_without_gradients_and_bad_input():
         klk.resolve_config({"ROWS": 64})
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_op_schedule_rule_and_record(monkeypatch, sparse):
+    """`ops.msa_index_kl` runs key-major for sparse selections of blocks of at least KEY_MAJOR_MIN_BLOCK keys
+    (the dense warm-up runs query-major), records which ran, and matches the reference either way."""
+    from sparsezoo import ops
+    from sparsezoo.ops.index_kl import msa_triton
+
+    gen = torch.Generator().manual_seed(13)
+    block = 4 if DEV.type == "cpu" else 16
+    q, k, q_idx, k_idx = _inputs(1, 4, 2, 14, 19, 16, 16, gen)
+    sel = messy_selection(1, 2, 14, 19, block, 3, gen) if sparse else None
+    assert msa_triton.schedule(sel, block) == "query_major"  # blocks under the floor
+    monkeypatch.setattr(msa_triton, "KEY_MAJOR_MIN_BLOCK", block)
+    want = "key_major" if sparse else "query_major"
+    assert msa_triton.schedule(sel, block) == want
+    qi, ki = (x.clone().requires_grad_() for x in (q_idx, k_idx))
+    with ops.track_implementations() as used:
+        loss = ops.msa_index_kl(q, k, qi, ki, sel, block_size=block, index_scale=0.35, coeff=1.7, backend="triton")
+    assert used == {"msa_index_kl_schedule": want, "msa_index_kl": "triton"}
+    dqi, dki = torch.autograd.grad(loss, (qi, ki))
+    full = sel if sparse else full_selection(14, 19, block, 1, 2, DEV)
+    rloss, rdq, rdk = _reference(q, k, q_idx, k_idx, full, block, 0.25, 0.35, 1.7, 1.0)
+    torch.testing.assert_close(loss.double(), rloss, atol=1e-6, rtol=1e-5)
+    _assert_grad(dqi, rdq, 1e-4)
+    _assert_grad(dki, rdk, 1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_key_major_kl_bf16_on_gpu():
+@pytest.mark.parametrize("Di", [64, 128])
+def test_key_major_kl_bf16_on_gpu(Di):
     """MSA's heads (G = 16) and blocks of 128 in bf16, against the query-major Triton KL."""
     from sparsezoo.kernels import index_kl_triton
 
     gen = torch.Generator().manual_seed(11)
-    q, k, q_idx, k_idx = _inputs(1, 32, 2, 1500, 2048, 128, 64, gen, torch.bfloat16)
+    q, k, q_idx, k_idx = _inputs(1, 32, 2, 1500, 2048, 128, Di, gen, torch.bfloat16)
     sel = ref.msa_select_reference(q_idx.float(), k_idx.float(), 128, 6, 0.125).to(DEV)
     args = (q, k, q_idx, k_idx, sel, 128, 128**-0.5, 0.125, 1.0, 1.0)
     want = index_kl_triton.index_kl_forward(*args)

@@ -94,26 +94,67 @@ def test_non_finite_values_reach_exactly_the_rows_that_attend_to_them(where):
     _check(q, k, v, sel, block, 1e-4, 1e-4)
 
 
-def test_schedule_rule_and_record(monkeypatch):
-    """The op runs key-major only without gradients and for blocks of at least KEY_MAJOR_MIN_BLOCK keys, and
-    records which schedule ran; both schedules match the reference."""
+@pytest.mark.parametrize("train", [False, True])
+def test_schedule_rule_and_record(monkeypatch, train):
+    """Blocks of at least KEY_MAJOR_MIN_BLOCK keys run key-major: without gradients the whole op, with them
+    the forward (the query-major backward after it) unless KEY_MAJOR_TRAIN is off. The op records which
+    schedule ran; every schedule matches the reference, outputs and gradients."""
     from sparsezoo import ops
     from sparsezoo.ops.block_sparse_attention import triton as bsa_triton
 
     gen = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((1, 4, 20, 16), (1, 2, 20, 16), (1, 2, 20, 16)))
     sel = messy_selection(1, 4, 20, 20, SMALL, 2, gen)
+    monkeypatch.setattr(bsa_triton, "KEY_MAJOR_TRAIN", train)
     assert bsa_triton.schedule(q, k, v, sel, SMALL) == "query_major"  # blocks under the floor
     monkeypatch.setattr(bsa_triton, "KEY_MAJOR_MIN_BLOCK", SMALL)
     assert bsa_triton.schedule(q, k, v, sel, SMALL) == "key_major"
-    assert bsa_triton.schedule(q.clone().requires_grad_(), k, v, sel, SMALL) == "query_major"
-    rout = _reference(q, k, v, sel, SMALL, 0.25)[0]
-    for grad, want in ((False, "key_major"), (True, "query_major")):
+    with_grad = "key_major_forward" if train else "query_major"
+    assert bsa_triton.schedule(q.clone().requires_grad_(), k, v, sel, SMALL) == with_grad
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    rout = _reference(*leaves, sel, SMALL, 0.25)[0]
+    go = torch.randn(rout.shape, generator=gen).to(DEV)
+    rgrads = torch.autograd.grad((rout * go).sum(), leaves)
+    for grad, want in ((False, "key_major"), (True, with_grad)):
+        qkv = [x.clone().requires_grad_(grad) for x in (q, k, v)]
         with torch.set_grad_enabled(grad), ops.track_implementations() as used:
-            out = ops.block_sparse_attention(q.clone().requires_grad_(grad), k, v, sel, block_size=SMALL, scale=0.25,
-                                             backend="triton")
+            out = ops.block_sparse_attention(*qkv, sel, block_size=SMALL, scale=0.25, backend="triton")
         assert used == {"block_sparse_schedule": want, "block_sparse_attention": "triton"}
-        torch.testing.assert_close(out.detach().double(), rout, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.detach().double(), rout.detach(), atol=1e-4, rtol=1e-4)
+        if grad:
+            for name, g, rg in zip("qkv", torch.autograd.grad((out * go).sum(), qkv), rgrads):
+                torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.skipif(DEV.type == "cuda", reason="interpreter-sized blocks; the GPU runs the bf16 case")
+@settings(max_examples=6, deadline=None)
+@given(Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 4]), per_head=st.booleans(), T=st.integers(1, 30),
+       extra=st.integers(0, 20), block=st.sampled_from([8, 16]), topk=st.integers(1, 4), nan_key=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_trainable_key_major_gradients_match_reference(Hkv, G, per_head, T, extra, block, topk, nan_key, seed):
+    """The key-major forward with the query-major backward: out, LSE and dq, dk, dv against the fp64
+    reference (fp32, 1e-4), with messy selections and, when drawn, a NaN key (its rows' gradients NaN)."""
+    gen = torch.Generator().manual_seed(seed)
+    Hq, S, D = Hkv * G, T + extra, 16
+    Hs = Hq if per_head else Hkv
+    q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((1, Hq, T, D), (1, Hkv, S, D), (1, Hkv, S, D)))
+    if nan_key:
+        k[0, 0, S // 2, 3] = float("nan")
+    sel = messy_selection(1, Hs, T, S, block, topk, gen)
+    canon = canonical(sel, math.ceil(S / block))
+    go = torch.randn(q.shape, generator=gen).to(DEV)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = sak.block_sparse_attention_keys_trainable(*leaves, sel, block, 0.25, True)
+    grads = torch.autograd.grad((out * go).sum() + lse.nan_to_num(0.0, 0.0, 0.0).sum(), leaves, allow_unused=True)
+    rleaves = [x.double().requires_grad_() for x in (q, k, v)]
+    rout, rlse = ref.block_sparse_attention_reference(*rleaves, canon, block, 0.25, True)
+    rgrads = torch.autograd.grad((rout * go.double()).sum() + rlse.nan_to_num(0.0, 0.0, 0.0).sum(), rleaves,
+                                 allow_unused=True)
+    torch.testing.assert_close(out.double(), rout.detach(), atol=1e-4, rtol=1e-4, equal_nan=True)
+    torch.testing.assert_close(lse.double(), rlse.detach(), atol=1e-4, rtol=0, equal_nan=True)
+    for name, g, rg in zip("qkv", grads, rgrads):
+        torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=1e-4, equal_nan=True,
+                                   msg=lambda m: f"d{name}: {m}")
 
 
 def test_unknown_config_keys_raise():
@@ -140,6 +181,31 @@ def test_key_major_bf16_on_gpu(per_head, poison):
         q[0, 5, 900, 1] = float("nan")
     sel = messy_selection(B, Hs, T, S, block, 6, gen)
     _check(q, k, v, sel, block, 3e-2, 2e-2, {"CHUNK_BYTES": 64 << 20})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_trainable_key_major_bf16_on_gpu():
+    """MSA-like shape: the key-major forward's gradients equal the query-major kernels' (bf16, 3e-2 of the
+    largest entry) and the reference's outputs."""
+    from sparsezoo.kernels import sparse_attention_triton as sat
+
+    gen = torch.Generator().manual_seed(12)
+    B, Hq, Hkv, T, S, D, block = 1, 32, 2, 1500, 2048, 128, 128
+    q, k, v = (torch.randn(*s, generator=gen).to(DEV, torch.bfloat16)
+               for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    sel = messy_selection(B, Hkv, T, S, block, 6, gen)
+    go = torch.randn(q.shape, generator=gen).to(DEV, torch.bfloat16)
+    results = []
+    for fn in (sak.block_sparse_attention_keys_trainable, sat.block_sparse_attention_triton):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves, sel, block, D ** -0.5)
+        results.append((out, torch.autograd.grad((out * go).sum(), leaves)))
+    rout = _reference(q, k, v, sel, block, D ** -0.5)[0]
+    torch.testing.assert_close(results[0][0].double(), rout, atol=3e-2, rtol=3e-2)
+    for name, g, g_q in zip("qkv", results[0][1], results[1][1]):
+        err = ((g.float() - g_q.float()).abs().max() / g_q.float().abs().max()).item()
+        assert err < 3e-2, f"d{name}: {err:.3g} of the largest entry"
 
 
 def test_key_tiles_under_16_keys_raise_on_a_gpu():

@@ -48,9 +48,12 @@ GATHER_DECODE_T = 4
 # "per_head" (Hs = Hq, MoBA) or "per_group" (Hs = Hkv, MSA), for blocks of at least KEY_MAJOR_MIN_BLOCK
 # keys. Each (row, chosen block) pair costs it a partial output row written and read back, so it wins
 # where a block gives that row enough work: on an H200 at 128k, blocks of 128 keys (MSA 77.8 -> 57.0 ms,
-# MoBA 215 -> 88 ms), not NSA's 64. Training calls run the query-major kernels, whose backward reuses
-# the forward's tile plan. The dispatch record's SCHEDULE_OP entry says which ran.
+# MoBA 215 -> 88 ms), not NSA's 64. Calls with gradients run the key-major forward too where
+# KEY_MAJOR_TRAIN says so ("key_major_forward": the query-major backward then builds its tile plan after
+# the forward); under torch.compile they run the query-major kernels, forward and backward. The dispatch
+# record's SCHEDULE_OP entry says which ran.
 KEY_MAJOR = {"per_head": True, "per_group": True}
+KEY_MAJOR_TRAIN = True
 KEY_MAJOR_MIN_BLOCK = 128
 SCHEDULE_OP = "block_sparse_schedule"
 
@@ -61,10 +64,14 @@ def _per_head(q, k, block_idx) -> bool:
 
 
 def schedule(q, k, v, block_idx, block_size: int) -> str:
-    """The schedule `run` takes for this call after the token-gather decode: "key_major" or "query_major"."""
+    """The schedule `run` takes for this call after the token-gather decode: "key_major", "key_major_forward"
+    (with gradients: the key-major forward, the query-major backward) or "query_major"."""
     kind = "per_head" if _per_head(q, k, block_idx) else "per_group"
-    fits = KEY_MAJOR[kind] and block_size >= KEY_MAJOR_MIN_BLOCK
-    return "key_major" if fits and not needs_grad(q, k, v) else "query_major"
+    if not (KEY_MAJOR[kind] and block_size >= KEY_MAJOR_MIN_BLOCK):
+        return "query_major"
+    if not needs_grad(q, k, v):
+        return "key_major"
+    return "key_major_forward" if KEY_MAJOR_TRAIN and not compiling() else "query_major"
 
 
 def run(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = False):
@@ -84,6 +91,9 @@ def run(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = Fa
             out, lse = torch.ops.sparsezoo.block_sparse_attention_keys(q, k, v, block_idx, block_size, float(scale))
             return (out, lse) if return_lse else out
         return sparse_attention_keys.block_sparse_attention_keys(q, k, v, block_idx, block_size, scale, return_lse)
+    if sched == "key_major_forward":
+        return sparse_attention_keys.block_sparse_attention_keys_trainable(q, k, v, block_idx, block_size, scale,
+                                                                           return_lse)
     if compiling():
         out, lse, *_plan = torch.ops.sparsezoo.block_sparse_attention_triton(q, k, v, block_idx, block_size,
                                                                              float(scale))
