@@ -457,8 +457,8 @@ def write_outputs(records, out_dir, card):
         else:
             lines.append(
                 f"| fwd+bwd | {L} | {r['dense_ms']:.1f} ms ({r['dense_backend']}) | {r['msa_ms']:.1f} ms "
-                f"(with KL); {r['msa_attention_only_ms']:.1f} ms (no KL) | | | | **{r['speedup']:.1f}x** "
-                f"({r['speedup_attention_only']:.1f}x no KL) | {r['flop_limit']:.1f}x | "
+                f"(with KL); {r['msa_attention_only_ms']:.1f} ms (no KL) | | | | **{r['speedup']:.2f}x** "
+                f"({r['speedup_attention_only']:.2f}x no KL) | {r['flop_limit']:.1f}x | "
                 f"{r['limit_fraction']:.2f} | {r['peak_extra_bytes'] / 2**30:.1f} GiB |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
