@@ -299,14 +299,19 @@ def run_train(T, sh, q, k, v, q_idx, k_idx, mm_rate):
     kernels = kernel_times(step)
     t_attn_only = bench(lambda: step(False))
     # the schedules the step replaced, in the same run: the query-major forward, and the query-major KL
-    saved = bsa_triton.KEY_MAJOR_TRAIN, kl_triton.KEY_MAJOR
+    # and the key-major dK/dV the other way round from the default
+    saved = bsa_triton.KEY_MAJOR_TRAIN, kl_triton.KEY_MAJOR, bsa_triton.KEY_MAJOR_DKDV
     try:
         bsa_triton.KEY_MAJOR_TRAIN = False
         t_attn_only_qm = bench(lambda: step(False))
         bsa_triton.KEY_MAJOR_TRAIN, kl_triton.KEY_MAJOR = True, False
         t_step_qm_kl = bench(step)
+        bsa_triton.KEY_MAJOR_TRAIN, kl_triton.KEY_MAJOR, bsa_triton.KEY_MAJOR_DKDV = saved[0], saved[1], not saved[2]
+        t_attn_only_dkdv = bench(lambda: step(False))
+        t_step_dkdv = bench(step)
+        kernels_dkdv = kernel_times(step)
     finally:
-        bsa_triton.KEY_MAJOR_TRAIN, kl_triton.KEY_MAJOR = saved
+        bsa_triton.KEY_MAJOR_TRAIN, kl_triton.KEY_MAJOR, bsa_triton.KEY_MAJOR_DKDV = saved
     dense = time_dense(*leaves[:3], 1 / math.sqrt(sh["D"]), ["cudnn", "flash"], None, train=True)
     best = min(dense, key=dense.get)
     lim = 3 * dense_flops(T, sh) / (index_flops(T, sh) + 3 * sparse_flops(T, sh))
@@ -316,6 +321,8 @@ def run_train(T, sh, q, k, v, q_idx, k_idx, mm_rate):
                msa_ms=t_step, msa_attention_only_ms=t_attn_only, speedup=dense[best] / t_step,
                speedup_attention_only=dense[best] / t_attn_only, implementations=dict(used), kernels_ms=kernels,
                msa_attention_only_query_major_forward_ms=t_attn_only_qm, msa_query_major_kl_ms=t_step_qm_kl,
+               key_major_dkdv=saved[2], msa_other_dkdv_ms=t_step_dkdv,
+               msa_attention_only_other_dkdv_ms=t_attn_only_dkdv, kernels_other_dkdv_ms=kernels_dkdv,
                flop_limit=lim,
                limit_fraction=dense[best] / t_attn_only / lim, matmul_tflops=mm_rate,
                peak_extra_bytes=peak_extra)

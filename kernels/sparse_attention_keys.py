@@ -48,6 +48,7 @@ from sparsezoo.kernels.sparse_attention_triton import (
     _key_rows,
     _load_rows,
     _precision,
+    _row_inputs,
     _saw_bad_key,
     _selection_heads,
     bad_keys,
@@ -64,8 +65,12 @@ LOG2E = 1.4426950408889634
 # at 128k (zoo.py --tune --tune-parts moba_attention): HOIST 57 ms against 77 ms per tile (MSA); FAST
 # 45.5 ms against 54.1 ms (MSA), 58.9 against 85.1 ms (MoBA); 2-3 stages, 8 warps, 128-row tiles, R 8/32
 # and merges of 32-256 rows ran slower or within 1 ms.
+# BWD_BM / BWD_R / BWD_WARPS: rows per tile, tiles per program and warps of the key-major dK/dV kernel
+# (`dkdv_keys`; 254 registers without spills at 8 warps in an offline sm_90 compile, 1 KB of spills at 4;
+# 76 ms at 128k on an H200 for MSA; no other config measured).
 KEYS_CONFIG = {"BM": 64, "BN": 128, "R": 16, "HOIST": True, "FAST": True, "num_warps": 4, "num_stages": 1,
-               "LIST_IDS": 4096, "MERGE_ROWS": 128, "MERGE_WARPS": 4, "CHUNK_BYTES": 4 << 30}
+               "LIST_IDS": 4096, "MERGE_ROWS": 128, "MERGE_WARPS": 4, "CHUNK_BYTES": 4 << 30,
+               "BWD_BM": 64, "BWD_R": 16, "BWD_WARPS": 8}
 _INTERPRET_BM = 16
 
 
@@ -299,6 +304,77 @@ def _merge_kernel(POUT, PLSE, Q, O, L, T, sqb, sqh, sqt, sqd, sob, soh, sot, sod
              (acc * inv[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
 
 
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, ORDER, CNT, START, GROUPS, GROUP_END, PCOL,
+                 T, S, NK, HS, n_blocks, n_cols, qk_scale, scale,
+                 sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, slb, slh, slt, sdb, sdh, sds, sdd,
+                 G: tl.constexpr, KV_DIV: tl.constexpr, BM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+                 BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    """dK/dV of key sub-tile pid(1) of one column over R row tiles of exactly the entries that chose it
+    (the rows of the query-major dK/dV kernel, with no row of a token that did not choose the block), one
+    fp32 atomic add per program. Finite inputs only: the backward runs the query-major kernels when the
+    forward flagged a NaN/inf key."""
+    if tl.load(PCOL + tl.program_id(0)) < n_cols:
+        col, group, b, s, blk, n_e, start = _column(PCOL, GROUPS, GROUP_END, CNT, START, n_blocks, HS)
+        kv = s // KV_DIV
+        d = tl.arange(0, BD)
+        r = tl.arange(0, BM)
+        head = (s * G + r % G).to(tl.int64)
+        keys = blk * BLOCK + tl.program_id(1) * BN + tl.arange(0, BN)
+        kmask = keys < S
+        kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, kmask, D)
+        vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, kmask, D)
+        dk = tl.zeros([BN, BD], tl.float32)
+        dv = tl.zeros([BN, BD], tl.float32)
+        tile0 = group * R
+        for i in range(tl.minimum(R, tl.cdiv(n_e, BM // G) - tile0)):
+            row_ok, e, t, pos = _entries(ORDER, start, (tile0 + i) * (BM // G) + r // G, n_e, NK, T, S - T)
+            q, do, lse2, delta = _row_inputs(Q, DO, L, DELTA, b * sqb + head * sqh + t * sqt,
+                                             b * slb + head * slh + t * slt, d, sqd, row_ok, D, False)
+            st = tl.dot(kt, tl.trans(q), input_precision=PREC) * qk_scale  # [BN, BM]
+            vis = row_ok[None, :] & (keys[:, None] <= pos[None, :]) & kmask[:, None]
+            pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+            dpt = tl.dot(vt, tl.trans(do), input_precision=PREC)
+            dk += tl.dot((pt * (dpt - delta[None, :])).to(q.dtype), q, input_precision=PREC)
+        off = b * sdb + kv * sdh + keys[:, None] * sds + d[None, :] * sdd
+        m = kmask[:, None] & (d[None, :] < D)
+        tl.atomic_add(DK + off, dk * scale, mask=m)
+        tl.atomic_add(DV + off, dv, mask=m)
+
+
+def dkdv_keys(q, k, v, do, lse, delta, block_idx, block_size: int, scale: float, config: dict | None = None):
+    """dK, dV (fp32 [B, Hkv, S, D]) of block-sparse attention with the key-major schedule, for finite inputs:
+    q, do [B, Hq, T, D] with one layout, k/v [B, Hkv, S, D], lse (natural log) and delta = rowsum(dO * O) -
+    dLSE [B, Hq, T] fp32, block_idx [B, Hs, T, k] as the forward's. Host syncs: none."""
+    if q.stride() != do.stride():
+        raise ValueError("dkdv_keys reads q and dO with one set of strides; make both contiguous")
+    cfg = resolve_config(config)
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    Hs, NK = block_idx.shape[1], block_idx.shape[3]
+    G, KV_DIV = _selection_heads(Hq, Hkv, Hs)
+    dk = torch.zeros((B, Hkv, S, D), dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    if q.numel() == 0 or NK == 0:
+        return dk, dv
+    n_blocks = triton.cdiv(S, block_size)
+    BM = max(cfg["BWD_BM"] if q.is_cuda else _INTERPRET_BM, _pow2(G))
+    R = cfg["BWD_R"]
+    BN = key_tile(block_size, cfg["BN"], "the key-major attention backward", gpu=q.is_cuda)
+    E = B * Hs * T * NK
+    order = torch.empty(E, dtype=torch.int32, device=q.device)
+    cnt, start = column_lists(block_idx, n_blocks, order, cfg["LIST_IDS"])
+    groups, group_end, pcol, bound = column_programs(cnt, (BM // G) * R, E)
+    _dkdv_kernel[(bound, block_size // BN)](
+        q, k, v, do, dk, dv, lse, delta, order, cnt, start, groups, group_end, pcol,
+        T, S, NK, Hs, n_blocks, B * Hs * n_blocks, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *dk.stride(),
+        G=G, KV_DIV=KV_DIV, BM=BM, R=R, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), PREC=_precision(q),
+        num_warps=cfg["BWD_WARPS"], num_stages=1)
+    return dk, dv
+
+
 def query_chunk(T: int, entries_per_token: int, bytes_per_entry: int, cap_bytes: int) -> int:
     """Queries per chunk: at most cap_bytes of per-entry buffers, and entry ids that fit in int32."""
     return max(1, min(T, cap_bytes // (entries_per_token * bytes_per_entry), (2**31 - 1) // entries_per_token))
@@ -397,10 +473,15 @@ def _outputs(config):
 
 def block_sparse_attention_keys_trainable(q, k, v, block_idx, block_size: int, scale: float,
                                           return_lse: bool = False, config: dict | None = None,
-                                          attn_config: dict | None = None):
+                                          attn_config: dict | None = None, key_major_dkdv: bool = False):
     """`block_sparse_attention_keys` with gradients: the key-major forward, then the query-major backward
-    (`sparse_attention_triton`), whose tile plan is built after the forward. config: overrides of
-    KEYS_CONFIG; attn_config: of the query-major ATTN_CONFIG (the backward's). Host syncs: the backward's
-    (see `block_sparse_attention_triton`)."""
+    (`sparse_attention_triton`), whose tile plan is built after the forward. key_major_dkdv: dK/dV by
+    `dkdv_keys` instead (the query-major kernels still run when the forward flagged a NaN/inf key).
+    config: overrides of KEYS_CONFIG; attn_config: of the query-major ATTN_CONFIG (the backward's). Host
+    syncs: the backward's (see `block_sparse_attention_triton`)."""
+    dkdv = None
+    if key_major_dkdv:
+        def dkdv(q_, k_, v_, do, lse, delta, sel, bs, sc):
+            return dkdv_keys(q_, k_, v_, do, lse, delta, sel, bs, sc, config)
     return block_sparse_attention_triton(q, k, v, block_idx, block_size, scale, return_lse, attn_config,
-                                         outputs=_outputs(config))
+                                         outputs=_outputs(config), dkdv=dkdv)

@@ -821,7 +821,7 @@ def backward_delta(do, out, lse, dlse):
     return delta.contiguous(), lse.contiguous()
 
 
-def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, scale, cfg):
+def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, scale, cfg, dkdv=None):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     Hs, NK = block_idx.shape[1], block_idx.shape[3]
@@ -848,6 +848,9 @@ def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, s
         queued[queue[1:1 + n_queued].long()] = True
         queued = queued.view(cnt.shape)
         counts = {False: cnt.masked_fill(queued, 0), True: cnt.masked_fill(~queued, 0)}
+    if dkdv is not None and not n_queued:  # another dK/dV schedule, for finite inputs
+        dk, dv = dkdv(q, k, v, do, lse, delta, block_idx, block_size, scale)
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
     n_blocks = triton.cdiv(S, block_size)
     dk = torch.zeros((B, Hkv, S, D), dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
@@ -875,7 +878,7 @@ def _backward_inputs(q, k, v, block_idx, block_size, scale, config, outputs):
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, scale, config, outputs):
+    def forward(ctx, q, k, v, block_idx, block_size, scale, config, outputs, dkdv):
         if outputs is None:
             out, lse, plan, (kbad, queue) = _forward(q, k, v, block_idx, block_size, scale, False, config)
         else:
@@ -883,7 +886,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         tok, cnt, ids, bits = plan
         ctx.save_for_backward(q, k, v, out, lse, block_idx, kbad, queue, tok, cnt, ids,
                               *([] if bits is None else [bits]))
-        ctx.block_size, ctx.scale, ctx.config = block_size, scale, config
+        ctx.block_size, ctx.scale, ctx.config, ctx.dkdv = block_size, scale, config, dkdv
         return out, lse
 
     @staticmethod
@@ -893,12 +896,12 @@ class _BlockSparseAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         plan = (tok, cnt, ids, bits[0] if bits else None)
         dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, block_idx, plan, (kbad, queue), ctx.block_size,
-                               ctx.scale, ctx.config)
-        return dq, dk, dv, None, None, None, None, None
+                               ctx.scale, ctx.config, ctx.dkdv)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: float,
-                                  return_lse: bool = False, config: dict | None = None, outputs=None):
+                                  return_lse: bool = False, config: dict | None = None, outputs=None, dkdv=None):
     """q [B, Hq, T, D], k/v [B, Hkv, S, D], block_idx int32/int64 [B, Hs, T, k] -> out [B, Hq, T, D]
     (and natural-log LSE [B, Hq, T] fp32). Differentiable w.r.t. q, k, v.
 
@@ -906,10 +909,12 @@ def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: fl
     query head (MoBA), read straight from the unrepeated K/V. Ids outside [0, n_blocks) are ignored;
     a repeated id counts once. config: overrides of ATTN_CONFIG (and G1_CONFIG). outputs: a forward-only
     function (q, k, v, block_idx, block_size, scale) -> (out, LSE) run instead of the query-major forward
-    kernels (the backward builds their tile plan then), as `sparse_attention_keys` trains.
+    kernels (the backward builds their tile plan then), as `sparse_attention_keys` trains. dkdv: a function
+    (q, k, v, dO, LSE, delta, block_idx, block_size, scale) -> fp32 (dK, dV) run instead of the dK/dV
+    kernels when no key is NaN/inf (`sparse_attention_keys.dkdv_keys`).
     Host syncs: none in the forward; the backward's dK/dV work lists (entry and item counts) and the count
     of tiles with non-finite values (docs/ops.md)."""
     if q.dtype == torch.float64:
         raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
-    out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), config, outputs)
+    out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), config, outputs, dkdv)
     return (out, lse) if return_lse else out

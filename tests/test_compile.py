@@ -196,14 +196,15 @@ def _gather_args(second_pool: bool, sink: bool = False):
     return torch.ops.sparsezoo.gather_attention_triton, (q, k, v, idx, 0.25, k2, v2, 3, logits)  # 3: a raw window
 
 
-def _index_kl_args(with_lse: bool):
+def _index_kl_args(with_lse: bool, key_major: bool = False):
     q, k, _ = _qkv(T=16, S=16)
     q_idx = torch.randn(1, 2, 16, 16, requires_grad=True)
     k_idx = torch.randn(1, 16, 16, requires_grad=True)
     sel = ops.msa_select(q_idx.detach(), k_idx.detach(), block_size=8, topk=2, backend="reference")
     lse = ops.block_sparse_attention(q, k, k, sel, block_size=8, scale=0.25, backend="reference",
                                      return_lse=True)[1] if with_lse else None
-    return torch.ops.sparsezoo.msa_index_kl_triton, (q, k, q_idx, k_idx, sel, lse, 8, 0.25, 0.25, 1.0, 1.0, True)
+    return torch.ops.sparsezoo.msa_index_kl_triton, (q, k, q_idx, k_idx, sel, lse, 8, 0.25, 0.25, 1.0, 1.0, True,
+                                                     key_major)
 
 
 def _gather_kl_args(dense: bool):
@@ -238,6 +239,7 @@ CUSTOM_OPS = {
     "gather_attention-sink": lambda: _gather_args(True, sink=True),
     "msa_index_kl": lambda: _index_kl_args(False),
     "msa_index_kl-lse": lambda: _index_kl_args(True),
+    "msa_index_kl-key_major": lambda: _index_kl_args(True, key_major=True),
     "index_kl": lambda: _gather_kl_args(False),
     "index_kl-dense": lambda: _gather_kl_args(True),
     **{name: (lambda name=name: _select_args(name)) for name in ("msa_select", "nsa_select", "indexer_topk",

@@ -130,21 +130,24 @@ def test_schedule_rule_and_record(monkeypatch, train):
 @settings(max_examples=6, deadline=None)
 @given(Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 4]), per_head=st.booleans(), T=st.integers(1, 30),
        extra=st.integers(0, 20), block=st.sampled_from([8, 16]), topk=st.integers(1, 4), nan_key=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_trainable_key_major_gradients_match_reference(Hkv, G, per_head, T, extra, block, topk, nan_key, seed):
-    """The key-major forward with the query-major backward: out, LSE and dq, dk, dv against the fp64
-    reference (fp32, 1e-4), with messy selections and, when drawn, a NaN key (its rows' gradients NaN)."""
+       dkdv=st.booleans(), B=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_trainable_key_major_gradients_match_reference(Hkv, G, per_head, T, extra, block, topk, nan_key, dkdv, B,
+                                                       seed):
+    """The key-major forward with the query-major backward, or with the key-major dK/dV (dkdv; the
+    query-major kernels when a key is NaN): out, LSE and dq, dk, dv against the fp64 reference (fp32, 1e-4),
+    with messy selections and, when drawn, a NaN key (its rows' gradients NaN)."""
     gen = torch.Generator().manual_seed(seed)
     Hq, S, D = Hkv * G, T + extra, 16
     Hs = Hq if per_head else Hkv
-    q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((1, Hq, T, D), (1, Hkv, S, D), (1, Hkv, S, D)))
+    q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
     if nan_key:
         k[0, 0, S // 2, 3] = float("nan")
-    sel = messy_selection(1, Hs, T, S, block, topk, gen)
+    sel = messy_selection(B, Hs, T, S, block, topk, gen)
     canon = canonical(sel, math.ceil(S / block))
     go = torch.randn(q.shape, generator=gen).to(DEV)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = sak.block_sparse_attention_keys_trainable(*leaves, sel, block, 0.25, True)
+    out, lse = sak.block_sparse_attention_keys_trainable(*leaves, sel, block, 0.25, True, {"BWD_R": 2},
+                                                         key_major_dkdv=dkdv)
     grads = torch.autograd.grad((out * go).sum() + lse.nan_to_num(0.0, 0.0, 0.0).sum(), leaves, allow_unused=True)
     rleaves = [x.double().requires_grad_() for x in (q, k, v)]
     rout, rlse = ref.block_sparse_attention_reference(*rleaves, canon, block, 0.25, True)
@@ -185,9 +188,10 @@ def test_key_major_bf16_on_gpu(per_head, poison):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_trainable_key_major_bf16_on_gpu():
-    """MSA-like shape: the key-major forward's gradients equal the query-major kernels' (bf16, 3e-2 of the
-    largest entry) and the reference's outputs."""
+@pytest.mark.parametrize("dkdv", [False, True])
+def test_trainable_key_major_bf16_on_gpu(dkdv):
+    """MSA-like shape: the key-major forward's gradients (with the key-major dK/dV when dkdv) equal the
+    query-major kernels' (bf16, 3e-2 of the largest entry) and the reference's outputs."""
     from sparsezoo.kernels import sparse_attention_triton as sat
 
     gen = torch.Generator().manual_seed(12)
@@ -197,7 +201,8 @@ def test_trainable_key_major_bf16_on_gpu():
     sel = messy_selection(B, Hkv, T, S, block, 6, gen)
     go = torch.randn(q.shape, generator=gen).to(DEV, torch.bfloat16)
     results = []
-    for fn in (sak.block_sparse_attention_keys_trainable, sat.block_sparse_attention_triton):
+    keys = lambda *a: sak.block_sparse_attention_keys_trainable(*a, key_major_dkdv=dkdv)
+    for fn in (keys, sat.block_sparse_attention_triton):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         out = fn(*leaves, sel, block, D ** -0.5)
         results.append((out, torch.autograd.grad((out * go).sum(), leaves)))
