@@ -312,8 +312,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, ORDER, CNT, START, GROUPS, GROUP
                  BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     """dK/dV of key sub-tile pid(1) of one column over R row tiles of exactly the entries that chose it
     (the rows of the query-major dK/dV kernel, with no row of a token that did not choose the block), one
-    fp32 atomic add per program. Finite inputs only: the backward runs the query-major kernels when the
-    forward flagged a NaN/inf key."""
+    fp32 atomic add per program. Finite K/V only: the backward runs the query-major kernels when the
+    forward flagged a NaN/inf key (a non-finite q reaches dK/dV as it does there)."""
     if tl.load(PCOL + tl.program_id(0)) < n_cols:
         col, group, b, s, blk, n_e, start = _column(PCOL, GROUPS, GROUP_END, CNT, START, n_blocks, HS)
         kv = s // KV_DIV
@@ -344,7 +344,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, ORDER, CNT, START, GROUPS, GROUP
 
 
 def dkdv_keys(q, k, v, do, lse, delta, block_idx, block_size: int, scale: float, config: dict | None = None):
-    """dK, dV (fp32 [B, Hkv, S, D]) of block-sparse attention with the key-major schedule, for finite inputs:
+    """dK, dV (fp32 [B, Hkv, S, D]) of block-sparse attention with the key-major schedule, for finite K/V:
     q, do [B, Hq, T, D] with one layout, k/v [B, Hkv, S, D], lse (natural log) and delta = rowsum(dO * O) -
     dLSE [B, Hq, T] fp32, block_idx [B, Hs, T, k] as the forward's. Host syncs: none."""
     if q.stride() != do.stride():
