@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite
+from sparsezoo.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
 
 _LOG2E = 1.4426950408889634
 # partial-output elements one merge program loads at once (fp32, 32 per thread at 4 warps): the heads per
@@ -39,7 +40,7 @@ def _attn_split_kernel(
     stride_sb, stride_sh, stride_st,
     topk, blocks_per_split, n_splits, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, Q: tl.constexpr, D: tl.constexpr,
-    PAGE: tl.constexpr, IEEE: tl.constexpr,
+    PAGE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     s = tl.program_id(1)
@@ -54,6 +55,9 @@ def _attn_split_kernel(
     tok = tl.arange(0, PAGE)
     q = tl.load(q_ptr + b * stride_qb + (g * G + r)[:, None] * stride_qh + t * stride_qt + d[None, :],
                 mask=r_ok[:, None], other=0.0)
+    if PDL:  # q and the lengths are inputs of the step; the selection is the indexer's output
+        gdc_wait()
+        gdc_launch_dependents()
 
     bad = nonfinite_rows(q)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -105,10 +109,12 @@ def _attn_merge_kernel(
     stride_ob, stride_oh, stride_ot,
     n_splits,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, Q: tl.constexpr, D: tl.constexpr,
-    HM: tl.constexpr, NSP: tl.constexpr, WRITE_LSE: tl.constexpr,
+    HM: tl.constexpr, NSP: tl.constexpr, WRITE_LSE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Heads HM * pid(1) + [0, HM) of row pid(0): every split's LSE and partial output in one load round
     ([NSP, HM, D]), so the merge costs one memory latency, not one per split."""
+    if PDL:
+        gdc_wait()
     pid = tl.program_id(0)
     t = pid % Q
     g = (pid // Q) % HKV
@@ -158,10 +164,12 @@ def attention_workspace(batch: int, hkv: int, q_len: int, group: int, head_dim: 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                      seq_lens: torch.Tensor, selection: torch.Tensor, *, scale: float, blocks_per_split: int,
                      n_splits: int, out: torch.Tensor, workspace: tuple[torch.Tensor, torch.Tensor],
-                     lse: torch.Tensor | None = None) -> torch.Tensor:
+                     lse: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """q [B, Hq, Q, D]; k/v cache [P, Hkv, page, D]; page_table int32 [B, n_pages]; seq_lens int32 [B]
     (including the Q new tokens); selection int32 [B, Hkv, Q, k]. Writes out [B, Hq, Q, D] (and lse
-    [B, Hq, Q], natural log, when given). No host syncs: capturable in a CUDA graph."""
+    [B, Hq, Q], natural log, when given). pdl: both launches are programmatic dependent launches
+    (`kernels/pdl.py`): each may start while the kernel before it runs, and waits for it before reading
+    its output. No host syncs: capturable in a CUDA graph."""
     B, Hq, Q, D = q.shape
     _, Hkv, page, _ = k_cache.shape
     G = Hq // Hkv
@@ -183,7 +191,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         selection.stride(0), selection.stride(1), selection.stride(2),
         topk, blocks_per_split, n_splits, scale * _LOG2E,
         HKV=Hkv, G=G, BLOCK_G=bg, Q=Q, D=D, PAGE=page, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **pdl_launch(pdl, q.device),
     )
     nsp = _next_pow2(n_splits)
     hm = max(1, min(bg, MERGE_ELEMENTS // (nsp * D)))  # heads per merge program
@@ -192,5 +200,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.stride(0), out.stride(1), out.stride(2),
         n_splits,
         HKV=Hkv, G=G, BLOCK_G=bg, Q=Q, D=D, HM=hm, NSP=nsp, WRITE_LSE=lse is not None, num_warps=4,
+        **pdl_launch(pdl, q.device),
     )
     return out

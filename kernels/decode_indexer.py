@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from sparsezoo.kernels.nonfinite import max_keep_nan
+from sparsezoo.kernels.pdl import check_pdl, gdc_launch_dependents, gdc_wait, pdl_launch
 
 FP8_MAX = tl.constexpr(448.0)  # the largest finite e4m3 value
 
@@ -80,7 +81,10 @@ def _index_split_kernel(
     H: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     K1: tl.constexpr, K1P: tl.constexpr, ROWS: tl.constexpr, SCALE_MODE: tl.constexpr,
     IEEE: tl.constexpr, FP8_KEYS: tl.constexpr, FP8_QUERY: tl.constexpr, NB: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # the merge may launch now; it waits for this kernel before reading its candidates
+        gdc_launch_dependents()
     b = tl.program_id(0)
     s = tl.program_id(1)
     seq_len = tl.load(lens_ptr + b)
@@ -162,13 +166,16 @@ def _index_merge_kernel(
     stride_sb, stride_sh, stride_st,
     n_splits,
     H: tl.constexpr, Q: tl.constexpr, PAGE: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
-    NC: tl.constexpr,
+    NC: tl.constexpr, PDL: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     row = tl.program_id(1)
     h = row // Q
     t = row % Q
     seq_len = tl.load(lens_ptr + b)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     local = (seq_len - Q + t) // PAGE
     n_valid = tl.minimum(local, K1)
 
@@ -211,7 +218,7 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
                   topk: int, scale: float, blocks_per_split: int, n_splits: int,
                   out: torch.Tensor, workspace: torch.Tensor, num_warps: int = 4,
                   num_stages: int = 3, pages_per_step: int = 2, fp8_queries: bool = False,
-                  min_rows: int = 16, merge_warps: int = 0) -> torch.Tensor:
+                  min_rows: int = 16, merge_warps: int = 0, pdl: bool = False) -> torch.Tensor:
     """Launch split + merge. q_idx [B, H_i, Q, D_i]; k_idx_cache [P, page, D_i]; page_table int32
     [B, n_pages]; seq_lens int32 [B] (lengths including the Q new tokens); out int32 [B, H_i, Q, k].
     fp8_queries (fp8 keys only): round each query row to e4m3 (scaled to the row's largest magnitude,
@@ -220,8 +227,9 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
     at least this). On sm_90 a dot of 16 rows is an mma.sync, which has no e4m3 form there: Triton unpacks
     both fp8 operands to fp16 first. 64 rows make it a warpgroup dot, native in fp8 (an offline sm_90
     compile shows QGMMA), for 16x the rows. merge_warps: warps of the merge program that picks a row's
-    top-k from every split's candidates (0: 4 up to 2,048 candidates, else 8). No host syncs: capturable
-    in a CUDA graph."""
+    top-k from every split's candidates (0: 4 up to 2,048 candidates, else 8). pdl: the merge is a
+    programmatic dependent launch (`kernels/pdl.py`) that the split kernel lets start at once; it waits
+    for the split kernel before reading the candidates. No host syncs: capturable in a CUDA graph."""
     B, H, Q, D = q_idx.shape
     page = k_idx_cache.shape[1]
     if topk < 2:
@@ -254,7 +262,7 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
         blocks_per_split, n_splits, scale,
         H=H, Q=Q, D=D, PAGE=page, K1=k1, K1P=_next_pow2(k1), ROWS=rows, SCALE_MODE=mode,
         IEEE=q_idx.dtype == torch.float32 and k_idx_cache.dtype == torch.float32,
-        FP8_KEYS=fp8_keys, FP8_QUERY=bool(fp8_queries), NB=pages_per_step,
+        FP8_KEYS=fp8_keys, FP8_QUERY=bool(fp8_queries), NB=pages_per_step, PDL=check_pdl(pdl, q_idx.device),
         num_warps=num_warps, num_stages=num_stages,
     )
     nc = _next_pow2(n_splits * k1)
@@ -263,7 +271,7 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
         out.stride(0), out.stride(1), out.stride(2),
         n_splits,
         H=H, Q=Q, PAGE=page, K1=k1, KP=_next_pow2(topk), NC=nc,
-        num_warps=merge_warps or (4 if nc <= 2048 else 8),
+        num_warps=merge_warps or (4 if nc <= 2048 else 8), **pdl_launch(pdl, q_idx.device),
     )
     return out
 

@@ -311,12 +311,15 @@ class MSADecoder:
     scaled to its largest magnitude, so the index scores are an fp8 x fp8 dot (native fp8 tensor cores
     on sm_90 with index_config min_rows=64; 16 rows unpack to fp16 there); the
     selection then equals the reference on `kernels.decode_indexer.fp8_query_round_trip(q_idx)`.
+    pdl (CUDA, compute capability 9.0+): the step's second to fourth kernels are programmatic dependent
+    launches (`kernels/pdl.py`), each started while the one before it runs, so their launch latency and
+    their loads of the step's inputs overlap it. Same results; not yet measured, so off by default.
     """
 
     def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, index_dim: int,
                  block_size: int = 128, topk: int = 16, scale: float | None = None,
                  index_scale: float | None = None, max_q_len: int = 16, index_config: dict | None = None,
-                 fp8_index_queries: bool = False):
+                 fp8_index_queries: bool = False, pdl: bool = False):
         if num_q_heads % num_kv_heads:
             _err(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if topk < 2:
@@ -327,6 +330,7 @@ class MSADecoder:
         self.index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else index_scale
         # with an fp8 index-key cache: round the index queries to e4m3 as well (an fp8 x fp8 score dot)
         self.fp8_index_queries = bool(fp8_index_queries)
+        self.pdl = bool(pdl)
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
         # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages, pages per
         # step, the score dot's minimum rows (64: a native fp8 warpgroup dot with fp8_index_queries on sm_90),
@@ -347,6 +351,10 @@ class MSADecoder:
             _err(f"q_len must be an integer in [1, {self.max_q_len}], got {q_len!r}")
         device = page_table.device if isinstance(page_table, torch.Tensor) else None
         _check_table(page_table, seq_lens, -1, device)
+        if self.pdl:
+            from sparsezoo.kernels.pdl import check_pdl
+
+            check_pdl(True, device)
         B, width = page_table.shape
         if check:
             lens = seq_lens.tolist()
@@ -410,7 +418,7 @@ class MSADecoder:
                                  num_warps=self.index_config["num_warps"], num_stages=self.index_config["num_stages"],
                                  pages_per_step=self.index_config["pages_per_step"],
                                  fp8_queries=self.fp8_index_queries, min_rows=self.index_config["min_rows"],
-                                 merge_warps=self.index_config["merge_warps"])
+                                 merge_warps=self.index_config["merge_warps"], pdl=self.pdl)
 
     def attend(self, q: torch.Tensor, cache: PagedKVCache, *, return_lse: bool = False,
                out: torch.Tensor | None = None, _checked: bool = False):
@@ -425,7 +433,7 @@ class MSADecoder:
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
         att.decode_attention(q, cache.k, cache.v, self.page_table, self.seq_lens, self.selection,
                              scale=self.scale, blocks_per_split=self.attn_split[0],
-                             n_splits=self.attn_split[1], out=out, workspace=self.attn_ws, lse=lse)
+                             n_splits=self.attn_split[1], out=out, workspace=self.attn_ws, lse=lse, pdl=self.pdl)
         return (out, lse) if return_lse else out
 
     def _check_run(self, q, q_idx, cache):

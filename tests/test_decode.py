@@ -367,6 +367,10 @@ def test_decoder_errors():
     bad_rows.plan(torch.tensor([20], dtype=torch.int32), table, 1)
     with pytest.raises(ValueError, match="min_rows must be a power of two >= 16"):
         bad_rows.run(q, qi, c)
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match="pdl .programmatic dependent launch. needs a CUDA GPU"):
+            MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, pdl=True).plan(
+                torch.tensor([20], dtype=torch.int32), table, 1)
     bad_merge = MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, block_size=16, topk=3,
                            index_config=dict(merge_warps=3))
     bad_merge.plan(torch.tensor([20], dtype=torch.int32), table, 1)
@@ -435,8 +439,10 @@ def test_gpu_m3_bf16(q_len, index_dtype, mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_len", [1, 4])
-def test_gpu_cuda_graph_capture_and_replan(q_len):
-    """Capture append + run for two layers once; re-plan new lengths, replay, match eager runs."""
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gpu_cuda_graph_capture_and_replan(q_len, pdl):
+    """Capture append + run for two layers once; re-plan new lengths, replay, match eager runs and the
+    reference; pdl: the same with programmatic dependent launches."""
     dev = torch.device("cuda")
     lens = [3000, 130, 5000]
     args = dict(M3, dtype=torch.bfloat16, device=dev)
@@ -445,7 +451,7 @@ def test_gpu_cuda_graph_capture_and_replan(q_len):
         c, alloc, table, _, _ = build(lens, seed=layer, spare=8, width=48, page_seed=0, **args)
         caches.append(c)
     B = len(lens)
-    dec = MSADecoder(num_q_heads=64, num_kv_heads=4, head_dim=128, index_dim=128)
+    dec = MSADecoder(num_q_heads=64, num_kv_heads=4, head_dim=128, index_dim=128, pdl=pdl)
     static = dict(q=torch.randn(B, 64, q_len, 128, device=dev, dtype=torch.bfloat16),
                   qi=torch.randn(B, 4, q_len, 128, device=dev, dtype=torch.bfloat16),
                   k=torch.randn(B, 4, q_len, 128, device=dev, dtype=torch.bfloat16),
