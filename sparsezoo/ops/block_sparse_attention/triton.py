@@ -49,9 +49,9 @@ GATHER_DECODE_T = 4
 # keys. Each (row, chosen block) pair costs it a partial output row written and read back, so it wins
 # where a block gives that row enough work: on an H200 at 128k, blocks of 128 keys (MSA 77.8 -> 57.0 ms,
 # MoBA 215 -> 88 ms), not NSA's 64. Calls with gradients run the key-major forward too where
-# KEY_MAJOR_TRAIN says so ("key_major_forward": the query-major backward then builds its tile plan after
-# the forward); under torch.compile they run the query-major kernels, forward and backward. The dispatch
-# record's SCHEDULE_OP entry says which ran.
+# KEY_MAJOR_TRAIN says so ("key_major_forward": the backward's dQ runs over the query-major tiles, planned
+# after the forward, and its dK/dV as KEY_MAJOR_DKDV says); under torch.compile they run the query-major
+# kernels, forward and backward. The dispatch record's SCHEDULE_OP entry says which ran.
 # KEY_MAJOR_DKDV: that backward's dK/dV key-major too (`sparse_attention_keys.dkdv_keys`: one program per
 # key block over the rows that chose it; the query-major dK/dV still runs when the forward flagged a
 # NaN/inf key). On an H200 at 128k (MSA): dK/dV 76 against 183 ms, the training step with the index KL
@@ -70,7 +70,7 @@ def _per_head(q, k, block_idx) -> bool:
 
 def schedule(q, k, v, block_idx, block_size: int) -> str:
     """The schedule `run` takes for this call after the token-gather decode: "key_major", "key_major_forward"
-    (with gradients: the key-major forward, the query-major backward) or "query_major"."""
+    (with gradients: the key-major forward and dK/dV, dQ over the query-major tiles) or "query_major"."""
     kind = "per_head" if _per_head(q, k, block_idx) else "per_group"
     if not (KEY_MAJOR[kind] and block_size >= KEY_MAJOR_MIN_BLOCK):
         return "query_major"

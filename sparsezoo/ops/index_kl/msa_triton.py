@@ -24,7 +24,7 @@ SCHEDULE_OP = "msa_index_kl_schedule"
 
 
 def schedule(block_idx, block_size: int) -> str:
-    """"key_major" or "query_major": the kernels `run` calls."""
+    """The kernels `run` calls: "key_major" or "query_major"."""
     sparse = block_idx is not None
     return "key_major" if KEY_MAJOR and sparse and block_size >= KEY_MAJOR_MIN_BLOCK else "query_major"
 
