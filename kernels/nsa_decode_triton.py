@@ -68,6 +68,7 @@ import triton.language as tl
 from sparsezoo.kernels.indexer_triton import _dot, _ordered_key
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite, zero_rows
 from sparsezoo.kernels.sizes import pow2 as _pow2
+from sparsezoo.kernels.sizes import with_overrides
 
 LOG2E = 1.4426950408889634
 MAX_NB = 256  # most selection blocks per chunk the geometry may need
@@ -433,10 +434,7 @@ def _resolve_config(config: dict | None, device: torch.device) -> dict:
     cfg = dict(CONFIG)
     if device.type != "cuda":
         cfg.update(_INTERPRET_CONFIG)
-    unknown = set(config or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown nsa_decode_triton config keys {sorted(unknown)}; valid: {sorted(cfg)}")
-    cfg.update(config or {})
+    cfg = with_overrides(cfg, config, "nsa_decode_triton")
     for key in _POW2_KEYS:
         if cfg[key] < 1 or cfg[key] & (cfg[key] - 1):
             raise ValueError(f"config {key} must be a power of two, got {cfg[key]}")

@@ -62,6 +62,7 @@ import triton.language as tl
 
 from sparsezoo.kernels.indexer_triton import _ordered_key, _select_triton, stats_init
 from sparsezoo.kernels.sizes import pow2 as _pow2
+from sparsezoo.kernels.sizes import with_overrides
 
 LOG2E = 1.4426950408889634
 MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride needs big chunks)
@@ -376,10 +377,7 @@ def _resolve_config(config: dict | None, device: torch.device) -> dict:
     cfg = dict(NSA_SELECT_CONFIG)
     if device.type != "cuda":
         cfg.update(_INTERPRET_CONFIG)
-    unknown = set(config or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown nsa_select_triton config keys {sorted(unknown)}; valid: {sorted(cfg)}")
-    cfg.update(config or {})
+    cfg = with_overrides(cfg, config, "nsa_select_triton")
     for key in _POW2_KEYS:
         if cfg[key] < 1 or cfg[key] & (cfg[key] - 1):
             raise ValueError(f"config {key} must be a power of two, got {cfg[key]}")
