@@ -37,6 +37,8 @@ row with no key at all iff its q is non-finite.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -466,11 +468,6 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
     return (out, lse) if return_lse else out
 
 
-def _outputs(config):
-    return lambda q, k, v, block_idx, block_size, scale: block_sparse_attention_keys(
-        q, k, v, block_idx, block_size, scale, True, config)
-
-
 def block_sparse_attention_keys_trainable(q, k, v, block_idx, block_size: int, scale: float,
                                           return_lse: bool = False, config: dict | None = None,
                                           attn_config: dict | None = None, key_major_dkdv: bool = False):
@@ -479,9 +476,7 @@ def block_sparse_attention_keys_trainable(q, k, v, block_idx, block_size: int, s
     `dkdv_keys` instead (the query-major kernels still run when the forward flagged a NaN/inf key).
     config: overrides of KEYS_CONFIG; attn_config: of the query-major ATTN_CONFIG (the backward's). Host
     syncs: the backward's (see `block_sparse_attention_triton`)."""
-    dkdv = None
-    if key_major_dkdv:
-        def dkdv(q_, k_, v_, do, lse, delta, sel, bs, sc):
-            return dkdv_keys(q_, k_, v_, do, lse, delta, sel, bs, sc, config)
+    outputs = functools.partial(block_sparse_attention_keys, return_lse=True, config=config)
+    dkdv = functools.partial(dkdv_keys, config=config) if key_major_dkdv else None
     return block_sparse_attention_triton(q, k, v, block_idx, block_size, scale, return_lse, attn_config,
-                                         outputs=_outputs(config), dkdv=dkdv)
+                                         outputs=outputs, dkdv=dkdv)
