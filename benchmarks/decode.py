@@ -232,7 +232,8 @@ def run_config(name, shape, S, B, Q, args, env, bw):
     for idt in INDEX_MODES:  # fp8_q8: fp8 keys and e4m3-rounded queries (one fp8 x fp8 dot)
         decs[idt] = MSADecoder(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, index_dim=di, block_size=blk,
                                topk=topk, index_config=args.index_configs.get(idt),
-                               fp8_index_queries=idt == "fp8_q8", pdl=args.pdl)
+                               fp8_index_queries=idt == "fp8_q8",
+                               pdl={"auto": None, "on": True, "off": False}[args.pdl])
         decs[idt].plan(lens, table, Q, num_pages=caches[0].num_pages)
     dec = decs["bf16"]
     outs = [torch.empty_like(x) for x in qs]
@@ -305,7 +306,7 @@ def run_config(name, shape, S, B, Q, args, env, bw):
                    index_gbps=round((n_cand_tokens * idx_tok_bytes + scale_bytes) / (index_ms * 1e-3) / 1e9, 1),
                    dense_gbps=round(kv_bytes / (dense_ms * 1e-3) / 1e9, 1),
                    sanity_full_ms=None if sanity_ms is None else round(sanity_ms, 4),
-                   graphed=graphed, pdl=args.pdl, rotated_layers=n_rot, index_splits=list(dec.index_split),
+                   graphed=graphed, pdl=dec.pdl, rotated_layers=n_rot, index_splits=list(dec.index_split),
                    attn_splits=list(dec.attn_split), index_config=dict(dec.index_config),
                    peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), copy_gbps=round(bw, 1))
         records.append(rec)
@@ -439,7 +440,8 @@ def parse(argv=None):
                    help="first sweep the indexer's launch config at m3 1M b=1/b=8 and use the best per index dtype")
     p.add_argument("--replot", metavar="JSON", help="only redraw decode_<card>.png from an earlier decode_<card>.json")
     p.add_argument("--time-budget", type=float, default=420.0, help="stop starting new configs after this many s")
-    p.add_argument("--pdl", action="store_true", help="MSADecoder(pdl=True): programmatic dependent launches")
+    p.add_argument("--pdl", choices=("auto", "on", "off"), default="auto",
+                   help="MSADecoder's programmatic dependent launches (auto: the decoder's default, on at batch 1)")
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.lens, args.batches, args.qlens = "m3", "32768,131072", "1,8", "1,4"

@@ -1,6 +1,7 @@
 """Where an MSA decode step's time goes: each kernel's device time against the step's CUDA-graph time.
 
-    python benchmarks/decode_kernels.py --points 1048576:1,131072:1,1048576:8 [--index bf16,fp8_q8] [--pdl off,on]
+    python benchmarks/decode_kernels.py --points 1048576:1,131072:1,1048576:8 [--index bf16,fp8_q8] [--pdl auto,off,on]
+        [--index-configs '[{}, {"best_splits": false}]']
 
 Per point (m3 heads, one layer): the step captured in a CUDA graph and replayed (median ms, decode.py's
 `bench`), then 20 replays under torch.profiler: the mean device time per step of each kernel. The step
@@ -23,7 +24,7 @@ from decode import SHAPES, bench, make_caches  # noqa: E402
 REPLAYS = 20
 
 
-def profile_point(S: int, B: int, index: str, pdl: bool = False) -> dict:
+def profile_point(S: int, B: int, index: str, pdl: bool | None = None, index_config: dict | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from sparsezoo.paged_cache import MSADecoder
@@ -35,7 +36,8 @@ def profile_point(S: int, B: int, index: str, pdl: bool = False) -> dict:
     q = torch.randn(B, sh["hq"], 1, sh["d"], device=dev, dtype=torch.bfloat16, generator=g)
     q_idx = torch.randn(B, sh["hkv"], 1, sh["di"], device=dev, dtype=torch.bfloat16, generator=g)
     dec = MSADecoder(num_q_heads=sh["hq"], num_kv_heads=sh["hkv"], head_dim=sh["d"], index_dim=sh["di"],
-                     block_size=sh["block"], topk=sh["topk"], fp8_index_queries=index == "fp8_q8", pdl=pdl)
+                     block_size=sh["block"], topk=sh["topk"], fp8_index_queries=index == "fp8_q8", pdl=pdl,
+                     index_config=index_config)
     dec.plan(torch.full((B,), S, dtype=torch.int32, device=dev), table, 1, num_pages=cache.num_pages)
     out = torch.empty_like(q)
     step = lambda: dec.run(q, q_idx, cache, out=out)
@@ -54,7 +56,8 @@ def profile_point(S: int, B: int, index: str, pdl: bool = False) -> dict:
         if ev.device_type.name == "CUDA" and getattr(ev, "device_time_total", 0) > 0:
             kernels[ev.key[:50]] = round(ev.device_time_total / REPLAYS / 1e3, 4)
     total = sum(kernels.values())
-    rec = dict(card=torch.cuda.get_device_name(), seq_len=S, batch=B, index_dtype=index, pdl=pdl,
+    rec = dict(card=torch.cuda.get_device_name(), seq_len=S, batch=B, index_dtype=index, pdl=dec.pdl,
+               index_config=index_config or {},
                step_ms=round(step_ms, 4),
                graphed=graphed, kernels_ms=kernels, kernels_sum_ms=round(total, 4),
                launch_and_gaps_ms=round(step_ms - total, 4), index_splits=list(dec.index_split),
@@ -67,13 +70,17 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", default="1048576:1,131072:1,1048576:8", help="seq_len:batch, comma-separated")
     p.add_argument("--index", default="bf16,fp8_q8", help="index key modes: bf16, fp8, fp8_q8")
-    p.add_argument("--pdl", default="off", help="off, on, or off,on: MSADecoder's programmatic dependent launches")
+    p.add_argument("--pdl", default="auto", help="auto, off, on, or a list (off,on): MSADecoder's programmatic "
+                   "dependent launches (auto: the decoder's default, on at batch 1)")
+    p.add_argument("--index-configs", default="[{}]", help="JSON list of MSADecoder index_config overrides")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode_kernels.py needs a CUDA GPU")
     points = [tuple(int(x) for x in pt.split(":")) for pt in args.points.split(",")]
-    pdls = [{"off": False, "on": True}[x] for x in args.pdl.split(",")]
-    return [profile_point(S, B, idx, pdl) for S, B in points for idx in args.index.split(",") for pdl in pdls]
+    pdls = [{"auto": None, "off": False, "on": True}[x] for x in args.pdl.split(",")]
+    configs = json.loads(args.index_configs)
+    return [profile_point(S, B, idx, pdl, cfg) for S, B in points for idx in args.index.split(",") for pdl in pdls
+            for cfg in configs]
 
 
 if __name__ == "__main__":

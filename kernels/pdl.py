@@ -13,12 +13,17 @@ from __future__ import annotations
 import torch
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["check_pdl", "gdc_launch_dependents", "gdc_wait", "pdl_launch"]
+__all__ = ["check_pdl", "gdc_launch_dependents", "gdc_wait", "pdl_launch", "pdl_supported"]
+
+
+def pdl_supported(device: torch.device | None) -> bool:
+    """Whether the device can run programmatic dependent launches (a CUDA GPU of compute capability 9.0+)."""
+    return device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def check_pdl(pdl: bool, device: torch.device) -> bool:
     """pdl, after checking that the device can run it (a CUDA GPU of compute capability 9.0 or newer)."""
-    if pdl and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
+    if pdl and not pdl_supported(device):
         raise ValueError(f"pdl (programmatic dependent launch) needs a CUDA GPU of compute capability 9.0 or "
                          f"newer, got {device}")
     return bool(pdl)

@@ -313,13 +313,16 @@ class MSADecoder:
     selection then equals the reference on `kernels.decode_indexer.fp8_query_round_trip(q_idx)`.
     pdl (CUDA, compute capability 9.0+): the step's second to fourth kernels are programmatic dependent
     launches (`kernels/pdl.py`), each started while the one before it runs, so their launch latency and
-    their loads of the step's inputs overlap it. Same results; not yet measured, so off by default.
+    their loads of the step's inputs overlap it. Same results. None (the default) turns it on for batch 1
+    on such a GPU, where it saves 2-3 us of a 30-100 us step on an H200, and off otherwise (at batch 8 it
+    cost 1-6%: the early kernels hold SM slots); `plan()` decides and `run()` records the choice
+    (`msa_decode_launch`: `pdl` or `plain`). True insists (an error without such a GPU), False never.
     """
 
     def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, index_dim: int,
                  block_size: int = 128, topk: int = 16, scale: float | None = None,
                  index_scale: float | None = None, max_q_len: int = 16, index_config: dict | None = None,
-                 fp8_index_queries: bool = False, pdl: bool = False):
+                 fp8_index_queries: bool = False, pdl: bool | None = None):
         if num_q_heads % num_kv_heads:
             _err(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if topk < 2:
@@ -330,7 +333,10 @@ class MSADecoder:
         self.index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else index_scale
         # with an fp8 index-key cache: round the index queries to e4m3 as well (an fp8 x fp8 score dot)
         self.fp8_index_queries = bool(fp8_index_queries)
-        self.pdl = bool(pdl)
+        if pdl not in (None, True, False):
+            _err(f"pdl must be None (automatic), True or False, got {pdl!r}")
+        self.pdl_setting = pdl
+        self.pdl = False  # whether the planned steps use it (plan() decides)
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
         # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages, pages per
         # step, the score dot's minimum rows (64: a native fp8 warpgroup dot with fp8_index_queries on sm_90),
@@ -351,11 +357,13 @@ class MSADecoder:
             _err(f"q_len must be an integer in [1, {self.max_q_len}], got {q_len!r}")
         device = page_table.device if isinstance(page_table, torch.Tensor) else None
         _check_table(page_table, seq_lens, -1, device)
-        if self.pdl:
-            from sparsezoo.kernels.pdl import check_pdl
-
-            check_pdl(True, device)
         B, width = page_table.shape
+        from sparsezoo.kernels.pdl import check_pdl, pdl_supported
+
+        if self.pdl_setting:
+            self.pdl = check_pdl(True, device)
+        else:
+            self.pdl = self.pdl_setting is None and B == 1 and pdl_supported(device)
         if check:
             lens = seq_lens.tolist()
             if min(lens) < q_len:
@@ -403,6 +411,7 @@ class MSADecoder:
         self.select(q_idx, cache, _checked=True)
         out = self.attend(q, cache, return_lse=return_lse, out=out, _checked=True)
         record("msa_decode", "triton")
+        record("msa_decode_launch", "pdl" if self.pdl else "plain")
         return out
 
     def select(self, q_idx: torch.Tensor, cache: PagedKVCache, *, _checked: bool = False) -> torch.Tensor:

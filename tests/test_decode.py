@@ -367,6 +367,8 @@ def test_decoder_errors():
     bad_rows.plan(torch.tensor([20], dtype=torch.int32), table, 1)
     with pytest.raises(ValueError, match="min_rows must be a power of two >= 16"):
         bad_rows.run(q, qi, c)
+    with pytest.raises(ValueError, match="pdl must be None"):
+        MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, pdl="yes")
     if not HAS_CUDA:
         with pytest.raises(ValueError, match="pdl .programmatic dependent launch. needs a CUDA GPU"):
             MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, pdl=True).plan(
@@ -376,6 +378,24 @@ def test_decoder_errors():
     bad_merge.plan(torch.tensor([20], dtype=torch.int32), table, 1)
     with pytest.raises(ValueError, match="merge_warps must be 0"):
         bad_merge.run(q, qi, c)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pdl_default_follows_the_batch_and_is_recorded(batch, device):
+    """pdl=None turns programmatic dependent launches on for batch 1 on a GPU of compute capability 9.0+
+    only, and run() records which launch ran."""
+    from sparsezoo import ops
+    from sparsezoo.kernels.pdl import pdl_supported
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    args = dict(SMALL, hq=4, topk=3, dtype=dtype, device=device)
+    with ops.track_implementations() as used:
+        cache, alloc, _, q, q_idx, dec, out, lse = decode_case([40, 21, 33][:batch], 1, seed=2, **args)
+    assert dec.pdl == (batch == 1 and pdl_supported(device))
+    assert used["msa_decode_launch"] == ("pdl" if dec.pdl else "plain")
+    compare_to_reference([40, 21, 33][:batch], 1, cache, alloc, q, q_idx, dec, out, lse, topk=3,
+                         sel_eps=1e-5 if device.type == "cpu" else 5e-2,
+                         atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=device.type == "cpu")
 
 
 # ---- fp8 vs full-precision index keys: top-k overlap, measured and bounded -------------------
