@@ -440,6 +440,8 @@ def parse(argv=None):
                    help="first sweep the indexer's launch config at m3 1M b=1/b=8 and use the best per index dtype")
     p.add_argument("--replot", metavar="JSON", help="only redraw decode_<card>.png from an earlier decode_<card>.json")
     p.add_argument("--time-budget", type=float, default=420.0, help="stop starting new configs after this many s")
+    p.add_argument("--index-config", default="", metavar="JSON",
+                   help="MSADecoder index_config overrides for every index dtype (--tune replaces them)")
     p.add_argument("--pdl", choices=("auto", "on", "off"), default="auto",
                    help="MSADecoder's programmatic dependent launches (auto: the decoder's default, on at batch 1)")
     args = p.parse_args(argv)
@@ -466,7 +468,8 @@ def main(argv=None):
     env = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     bw = copy_bandwidth()
     print(f"{env}; copy bandwidth {bw:.0f} GB/s", flush=True)
-    args.index_configs, tune_results = {}, []
+    args.index_configs = {idt: json.loads(args.index_config) for idt in INDEX_MODES} if args.index_config else {}
+    tune_results = []
     if args.tune:
         args.index_configs, tune_results = tune_indexer(args)
         os.makedirs(args.out, exist_ok=True)

@@ -1,7 +1,7 @@
 """Where an MSA decode step's time goes: each kernel's device time against the step's CUDA-graph time.
 
     python benchmarks/decode_kernels.py --points 1048576:1,131072:1,1048576:8 [--index bf16,fp8_q8] [--pdl auto,off,on]
-        [--index-configs '[{}, {"best_splits": false}]']
+        [--index-configs '[{}, {"merge_warps": 8}]']
 
 Per point (m3 heads, one layer): the step captured in a CUDA graph and replayed (median ms, decode.py's
 `bench`), then 20 replays under torch.profiler: the mean device time per step of each kernel. The step
