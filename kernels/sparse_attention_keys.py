@@ -470,13 +470,14 @@ def block_sparse_attention_keys(q, k, v, block_idx, block_size: int, scale: floa
 
 def block_sparse_attention_keys_trainable(q, k, v, block_idx, block_size: int, scale: float,
                                           return_lse: bool = False, config: dict | None = None,
-                                          attn_config: dict | None = None, key_major_dkdv: bool = False):
+                                          attn_config: dict | None = None, key_major_dkdv: bool = False,
+                                          on_dkdv=None):
     """`block_sparse_attention_keys` with gradients: the key-major forward, then the query-major backward
     (`sparse_attention_triton`), whose tile plan is built after the forward. key_major_dkdv: dK/dV by
     `dkdv_keys` instead (the query-major kernels still run when the forward flagged a NaN/inf key).
-    config: overrides of KEYS_CONFIG; attn_config: of the query-major ATTN_CONFIG (the backward's). Host
-    syncs: the backward's (see `block_sparse_attention_triton`)."""
+    config: overrides of KEYS_CONFIG; attn_config: of the query-major ATTN_CONFIG (the backward's). on_dkdv: told
+    which dK/dV schedule the backward ran (see `block_sparse_attention_triton`). Host syncs: the backward's."""
     outputs = functools.partial(block_sparse_attention_keys, return_lse=True, config=config)
     dkdv = functools.partial(dkdv_keys, config=config) if key_major_dkdv else None
     return block_sparse_attention_triton(q, k, v, block_idx, block_size, scale, return_lse, attn_config,
-                                         outputs=outputs, dkdv=dkdv)
+                                         outputs=outputs, dkdv=dkdv, on_dkdv=on_dkdv)

@@ -821,7 +821,7 @@ def backward_delta(do, out, lse, dlse):
     return delta.contiguous(), lse.contiguous()
 
 
-def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, scale, cfg, dkdv=None):
+def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, scale, cfg, dkdv=None, on_dkdv=None):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     Hs, NK = block_idx.shape[1], block_idx.shape[3]
@@ -850,7 +850,11 @@ def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, s
         counts = {False: cnt.masked_fill(queued, 0), True: cnt.masked_fill(~queued, 0)}
     if dkdv is not None and not n_queued:  # another dK/dV schedule, for finite inputs
         dk, dv = dkdv(q, k, v, do, lse, delta, block_idx, block_size, scale)
+        if on_dkdv is not None:
+            on_dkdv("key_major")
         return dq, dk.to(k.dtype), dv.to(v.dtype)
+    if on_dkdv is not None:  # queued tiles (non-finite values, rows without a finite score) run checked
+        on_dkdv("query_major_checked" if n_queued else "query_major")
     n_blocks = triton.cdiv(S, block_size)
     dk = torch.zeros((B, Hkv, S, D), dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
@@ -878,7 +882,7 @@ def _backward_inputs(q, k, v, block_idx, block_size, scale, config, outputs):
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, scale, config, outputs, dkdv):
+    def forward(ctx, q, k, v, block_idx, block_size, scale, config, outputs, dkdv, on_dkdv):
         if outputs is None:
             out, lse, plan, (kbad, queue) = _forward(q, k, v, block_idx, block_size, scale, False, config)
         else:
@@ -886,7 +890,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         tok, cnt, ids, bits = plan
         ctx.save_for_backward(q, k, v, out, lse, block_idx, kbad, queue, tok, cnt, ids,
                               *([] if bits is None else [bits]))
-        ctx.block_size, ctx.scale, ctx.config, ctx.dkdv = block_size, scale, config, dkdv
+        ctx.block_size, ctx.scale, ctx.config, ctx.dkdv, ctx.on_dkdv = block_size, scale, config, dkdv, on_dkdv
         return out, lse
 
     @staticmethod
@@ -896,12 +900,13 @@ class _BlockSparseAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         plan = (tok, cnt, ids, bits[0] if bits else None)
         dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, block_idx, plan, (kbad, queue), ctx.block_size,
-                               ctx.scale, ctx.config, ctx.dkdv)
-        return dq, dk, dv, None, None, None, None, None, None
+                               ctx.scale, ctx.config, ctx.dkdv, ctx.on_dkdv)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: float,
-                                  return_lse: bool = False, config: dict | None = None, outputs=None, dkdv=None):
+                                  return_lse: bool = False, config: dict | None = None, outputs=None, dkdv=None,
+                                  on_dkdv=None):
     """q [B, Hq, T, D], k/v [B, Hkv, S, D], block_idx int32/int64 [B, Hs, T, k] -> out [B, Hq, T, D]
     (and natural-log LSE [B, Hq, T] fp32). Differentiable w.r.t. q, k, v.
 
@@ -911,10 +916,14 @@ def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: fl
     function (q, k, v, block_idx, block_size, scale) -> (out, LSE) run instead of the query-major forward
     kernels (the backward builds their tile plan then), as `sparse_attention_keys` trains. dkdv: a function
     (q, k, v, dO, LSE, delta, block_idx, block_size, scale) -> fp32 (dK, dV) run instead of the dK/dV
-    kernels when no key is NaN/inf (`sparse_attention_keys.dkdv_keys`).
+    kernels when no key is NaN/inf (`sparse_attention_keys.dkdv_keys`). on_dkdv: called by the backward with
+    the dK/dV schedule that ran: 'key_major' (dkdv), 'query_major', or 'query_major_checked' (the query-major
+    kernels with the queued tiles checked: a NaN/inf key or value, or a row without a finite score; dkdv is
+    not used then).
     Host syncs: none in the forward; the backward's dK/dV work lists (entry and item counts) and the count
     of tiles with non-finite values (docs/ops.md)."""
     if q.dtype == torch.float64:
         raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
-    out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), config, outputs, dkdv)
+    out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), config, outputs, dkdv,
+                                           on_dkdv)
     return (out, lse) if return_lse else out

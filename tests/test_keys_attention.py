@@ -124,6 +124,30 @@ def test_schedule_rule_and_record(monkeypatch, train):
         if grad:
             for name, g, rg in zip("qkv", torch.autograd.grad((out * go).sum(), qkv), rgrads):
                 torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+            # the backward records its dK/dV schedule (query-major: checked where a messy row sees no key)
+            got = ops.implementations_used()["block_sparse_dkdv_schedule"]
+            assert got == "key_major" if train else got in ("query_major", "query_major_checked"), got
+
+
+@pytest.mark.parametrize("nan_key", [False, True])
+def test_dkdv_schedule_record_names_the_non_finite_fallback(monkeypatch, nan_key):
+    """Training key-major: the backward records 'key_major' for its dK/dV, or 'query_major_checked' when a
+    NaN key sent it to the checked query-major kernels (whose gradients stay exact elsewhere)."""
+    from sparsezoo import ops
+    from sparsezoo.ops.block_sparse_attention import triton as bsa_triton
+
+    monkeypatch.setattr(bsa_triton, "KEY_MAJOR_MIN_BLOCK", SMALL)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(*s, generator=gen).to(DEV) for s in ((1, 4, 20, 16), (1, 2, 20, 16), (1, 2, 20, 16)))
+    if nan_key:
+        k[0, 1, 3, 2] = float("nan")
+    sel = messy_selection(1, 4, 20, 20, SMALL, 2, gen)
+    qkv = [x.clone().requires_grad_() for x in (q, k, v)]
+    with ops.track_implementations() as used:
+        out = ops.block_sparse_attention(*qkv, sel, block_size=SMALL, scale=0.25, backend="triton")
+        torch.autograd.grad(out.nansum(), qkv)
+    assert used["block_sparse_schedule"] == "key_major_forward"
+    assert used["block_sparse_dkdv_schedule"] == ("query_major_checked" if nan_key else "key_major")
 
 
 @pytest.mark.skipif(DEV.type == "cuda", reason="interpreter-sized blocks; the GPU runs the bf16 case")

@@ -61,6 +61,9 @@ KEY_MAJOR_TRAIN = True
 KEY_MAJOR_DKDV = True
 KEY_MAJOR_MIN_BLOCK = 128
 SCHEDULE_OP = "block_sparse_schedule"
+# the backward's dK/dV schedule, recorded when a gradient runs: key_major, query_major, or query_major_checked (the
+# query-major kernels with queued tiles checked: a NaN/inf key or value, or a row without a finite score)
+DKDV_OP = "block_sparse_dkdv_schedule"
 
 
 def _per_head(q, k, block_idx) -> bool:
@@ -98,12 +101,18 @@ def run(q, k, v, block_idx, block_size: int, scale: float, return_lse: bool = Fa
         return sparse_attention_keys.block_sparse_attention_keys(q, k, v, block_idx, block_size, scale, return_lse)
     if sched == "key_major_forward":
         return sparse_attention_keys.block_sparse_attention_keys_trainable(q, k, v, block_idx, block_size, scale,
-                                                                           return_lse, key_major_dkdv=KEY_MAJOR_DKDV)
+                                                                           return_lse, key_major_dkdv=KEY_MAJOR_DKDV,
+                                                                           on_dkdv=_record_dkdv)
     if compiling():
         out, lse, *_plan = torch.ops.sparsezoo.block_sparse_attention_triton(q, k, v, block_idx, block_size,
                                                                              float(scale))
         return (out, lse) if return_lse else out
-    return sparse_attention_triton.block_sparse_attention_triton(q, k, v, block_idx, block_size, scale, return_lse)
+    return sparse_attention_triton.block_sparse_attention_triton(q, k, v, block_idx, block_size, scale, return_lse,
+                                                                 on_dkdv=_record_dkdv)
+
+
+def _record_dkdv(schedule: str) -> None:
+    record(DKDV_OP, schedule)
 
 
 def block_tokens(block_idx, block_size: int, T: int, S: int):
