@@ -37,6 +37,7 @@ SHAPES = {  # the m3 and m2 layer shapes (configs/shapes/)
 # index keys: bf16; fp8 (per-page scale); fp8_q8: fp8 keys and e4m3-rounded index queries (MSADecoder's
 # fp8_index_queries: an fp8 x fp8 dot for the scores)
 INDEX_MODES = ("bf16", "fp8", "fp8_q8")
+PDL_MODES = {"auto": None, "on": True, "off": False}  # --pdl -> MSADecoder(pdl=...)
 L2_ROTATE_BYTES = 256 << 20
 MAX_ROTATE = 8
 
@@ -233,7 +234,7 @@ def run_config(name, shape, S, B, Q, args, env, bw):
         decs[idt] = MSADecoder(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, index_dim=di, block_size=blk,
                                topk=topk, index_config=args.index_configs.get(idt),
                                fp8_index_queries=idt == "fp8_q8",
-                               pdl={"auto": None, "on": True, "off": False}[args.pdl])
+                               pdl=PDL_MODES[args.pdl])
         decs[idt].plan(lens, table, Q, num_pages=caches[0].num_pages)
     dec = decs["bf16"]
     outs = [torch.empty_like(x) for x in qs]
@@ -442,7 +443,7 @@ def parse(argv=None):
     p.add_argument("--time-budget", type=float, default=420.0, help="stop starting new configs after this many s")
     p.add_argument("--index-config", default="", metavar="JSON",
                    help="MSADecoder index_config overrides for every index dtype (--tune replaces them)")
-    p.add_argument("--pdl", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--pdl", choices=tuple(PDL_MODES), default="auto",
                    help="MSADecoder's programmatic dependent launches (auto: the decoder's default, on at batch 1)")
     args = p.parse_args(argv)
     if args.quick:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import SHAPES, bench, make_caches  # noqa: E402
+from decode import PDL_MODES, SHAPES, bench, make_caches  # noqa: E402
 
 REPLAYS = 20
 
@@ -77,7 +77,7 @@ def main(argv=None) -> list[dict]:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode_kernels.py needs a CUDA GPU")
     points = [tuple(int(x) for x in pt.split(":")) for pt in args.points.split(",")]
-    pdls = [{"auto": None, "off": False, "on": True}[x] for x in args.pdl.split(",")]
+    pdls = [PDL_MODES[x] for x in args.pdl.split(",")]
     configs = json.loads(args.index_configs)
     return [profile_point(S, B, idx, pdl, cfg) for S, B in points for idx in args.index.split(",") for pdl in pdls
             for cfg in configs]
