@@ -110,6 +110,66 @@ def test_range_transpose_lists_the_query_tiles_of_each_key_tile(seed):
         assert rows[0, 0, j, : counts[0, 0, j]].tolist() == want
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_range_transpose_of_two_runs_lists_both(seed):
+    """The partial tiles of a range mask with full tiles are two runs per query tile, [lo, flo) and [fhi, hi):
+    key tile j lists the query tiles of the first run, then those of the second."""
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_kv = (int(n) for n in torch.randint(1, 12, (2,), generator=g))
+    bounds = torch.randint(0, n_kv + 1, (4, n_q), generator=g).sort(dim=1).values.sort(dim=0).values
+    lo, flo, fhi, hi = bounds  # lo <= flo <= fhi <= hi per tile, each non-decreasing over tiles
+    counts, rows = flex_utils._transpose_two_ranges(lo, flo, fhi, hi, n_kv)
+    for j in range(n_kv):
+        want = [i for i in range(n_q) if lo[i] <= j < flo[i]] + [i for i in range(n_q) if fhi[i] <= j < hi[i]]
+        assert rows[0, 0, j, : counts[0, 0, j]].tolist() == want
+
+
+# Shapes whose masks hold full tiles and partial tiles on both sides of them (window) or before the diagonal
+# (compressed entries: stride 4, so a 128-entry tile spans 512 positions)
+RANGE_CASES = [("window", dict(window=400)), ("compressed", dict(block_len=8, stride=4))]
+
+
+def _range_op(kind, kw, q, k, v, backend):
+    if kind == "window":
+        return ops.window_attention(q, k, v, scale=0.25, backend=backend, **kw)
+    S = 1280
+    return ops.compressed_attention(q, k, v, S=S, scale=0.25, backend=backend, **kw)
+
+
+def _range_inputs(kind, kw, dtype, device, requires_grad=False):
+    from sparsezoo.ops.compressed_attention import n_compressed
+
+    T = 1280 if kind == "window" else 1000  # chunked: the last 1000 of 1280 positions
+    S = 1280 if kind == "window" else n_compressed(1280, kw["block_len"], kw["stride"])
+    return rand_qkv(1, 4, 2, T, S, 32, dtype=dtype, device=device, seed=T, requires_grad=requires_grad)
+
+
+@compile_mark
+@pytest.mark.parametrize("kind,kw", RANGE_CASES)
+def test_range_masks_with_full_tiles_match_reference_cpu(kind, kw):
+    q, k, v = _range_inputs(kind, kw, torch.float32, "cpu")
+    out = _range_op(kind, kw, q, k, v, "flex")
+    ref = _range_op(kind, kw, q.double(), k.double(), v.double(), "reference")
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,kw", RANGE_CASES)
+def test_range_masks_with_full_tiles_forward_backward_gpu(kind, kw, dtype):
+    q, k, v = _range_inputs(kind, kw, dtype, "cuda", requires_grad=True)
+    w = torch.randn_like(q)
+    out = _range_op(kind, kw, q, k, v, "flex")
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _range_op(kind, kw, q64, k64, v64, "reference")
+    ref_grads = torch.autograd.grad((ref * w.double()).sum(), (q64, k64, v64))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert rel_err(out, ref) < tol
+    for g_, r_ in zip(grads, ref_grads):
+        assert rel_err(g_, r_) < 5 * tol
+
+
 GPU_CASES = [
     # B, Hq, Hkv, T, S, D, block, topk
     (1, 4, 2, 300, 300, 64, 32, 3),

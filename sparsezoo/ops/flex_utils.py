@@ -157,21 +157,47 @@ def _transpose_ranges(lo: torch.Tensor, hi: torch.Tensor, n_kv: int) -> tuple[to
     return counts.to(torch.int32).view(1, 1, -1).contiguous(), rows.to(torch.int32).view(1, 1, n_kv, n_q).contiguous()
 
 
+def _transpose_two_ranges(lo1, hi1, lo2, hi2, n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_transpose_ranges of the union of two disjoint range families [lo1, hi1) and [lo2, hi2): each key
+    tile's two runs of query tiles, the first run's tiles first."""
+    c1, r1 = _transpose_ranges(lo1, hi1, n_kv)
+    c2, r2 = _transpose_ranges(lo2, hi2, n_kv)
+    n_q = lo1.shape[0]
+    k = torch.arange(n_q, device=lo1.device, dtype=c1.dtype)
+    first2 = r2[..., :1].to(c1.dtype)  # the second run starts here (its rows are first2 + offset)
+    rows = torch.where(k < c1[..., None], r1, torch.clamp(first2 + k - c1[..., None], max=n_q - 1).to(r1.dtype))
+    return (c1 + c2).contiguous(), rows.contiguous()
+
+
 def range_block_mask(lo: torch.Tensor, hi: torch.Tensor, T: int, S: int, mask_mod, with_backward: bool,
-                     tile: int = Q_TILE) -> BlockMask:
-    """BlockMask where query tile i visits key tiles lo[i] <= j < hi[i] (all partial: mask_mod decides),
-    built from per-tile ranges: [n_q_tiles, n_kv_tiles] block indices, never a T x S map. lo and hi must be
-    non-decreasing in i (causal and sliding-window ranges are)."""
+                     tile: int = Q_TILE, full: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlockMask:
+    """BlockMask where query tile i visits key tiles lo[i] <= j < hi[i], built from per-tile ranges:
+    [n_q_tiles, n_kv_tiles] block indices, never a T x S map. lo and hi must be non-decreasing in i (causal and
+    sliding-window ranges are).
+
+    full: optional (flo, fhi), also non-decreasing: the tiles flo[i] <= j < fhi[i] are visible to every query of
+    tile i (flex skips mask_mod there); the rest of [lo, hi) are partial tiles, where mask_mod decides. Without
+    it every tile is partial."""
     n_kv = max(1, math.ceil(S / tile))
-    counts = (hi - lo).clamp_min(0)
+    flo = torch.minimum(torch.maximum(full[0], lo), hi) if full is not None else hi
+    fhi = torch.minimum(torch.maximum(full[1], flo), hi) if full is not None else hi
+    before = (flo - lo).clamp_min(0)  # partial tiles [lo, flo), then [fhi, hi)
+    counts = before + (hi - fhi).clamp_min(0)
     # Full width n_kv (as flex.dense_causal_block_mask): flex infers the masked KV extent from it.
-    ids = torch.clamp(lo[:, None] + torch.arange(n_kv, device=lo.device), 0, n_kv - 1)
-    counts = counts.to(torch.int32).view(1, 1, -1).contiguous()
-    ids = ids.to(torch.int32).view(1, 1, *ids.shape).contiguous()
-    mask = BlockMask.from_kv_blocks(counts, ids, BLOCK_SIZE=(tile, tile), mask_mod=mask_mod,
-                                    seq_lengths=(T, S), compute_q_blocks=False)
+    cols = torch.arange(n_kv, device=lo.device)
+    ids = torch.where(cols < before[:, None], lo[:, None] + cols, fhi[:, None] + cols - before[:, None])
+    view = lambda x: x.to(torch.int32).view(1, 1, *x.shape).contiguous()
+    parts = (view(counts), view(ids.clamp(0, n_kv - 1)))
+    if full is not None:
+        parts += (view((fhi - flo).clamp_min(0)), view(torch.clamp(flo[:, None] + cols, 0, n_kv - 1)))
+    mask = BlockMask.from_kv_blocks(*parts, BLOCK_SIZE=(tile, tile), mask_mod=mask_mod, seq_lengths=(T, S),
+                                    compute_q_blocks=False)
     if with_backward:
-        mask.q_num_blocks, mask.q_indices = _transpose_ranges(lo, hi, n_kv)
+        if full is None:
+            mask.q_num_blocks, mask.q_indices = _transpose_ranges(lo, hi, n_kv)
+        else:
+            mask.q_num_blocks, mask.q_indices = _transpose_two_ranges(lo, flo, fhi, hi, n_kv)
+            mask.full_q_num_blocks, mask.full_q_indices = _transpose_ranges(flo, fhi, n_kv)
     return mask
 
 

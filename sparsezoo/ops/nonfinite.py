@@ -39,15 +39,17 @@ def poison_rows(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, torch.full((), NAN, dtype=x.dtype, device=x.device), x)
 
 
-def clean_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, zero_kv: bool = True):
+def clean_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, zero_kv: bool = True, zero_q: bool = True):
     """(q, k, v with their non-finite rows zeroed, q_bad [B, Hq, T], kv_bad [B, Hkv, S]). zero_kv=False
     keeps k and v as they are (for callers where every key that is read is visible to every query that
-    reads it, without gradients: the bad rows then only reach rows that are poisoned anyway)."""
+    reads it, without gradients: the bad rows then only reach rows that are poisoned anyway). zero_q=False
+    keeps q as it is (for calls without gradients: a query row reaches only its own output row, which is
+    poisoned anyway; it saves a copy of q)."""
     q_bad = nonfinite_rows(q)
     kv_bad = nonfinite_rows(k) | nonfinite_rows(v)
     if zero_kv:
         k, v = zero_rows(k, kv_bad), zero_rows(v, kv_bad)
-    return zero_rows(q, q_bad), k, v, q_bad, kv_bad
+    return zero_rows(q, q_bad) if zero_q else q, k, v, q_bad, kv_bad
 
 
 def bad_prefix_counts(kv_bad: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Compressed attention through FlexAttention: a causal BlockMask over entries from per-tile ranges.
+"""Compressed attention through FlexAttention: a causal BlockMask over entries from per-tile ranges, the
+entry tiles every query of a tile sees marked full (no mask_mod there).
 Non-finite values: the O(Sc) pre-pass of sparsezoo.ops.nonfinite (docs/ops.md)."""
 
 from __future__ import annotations
@@ -16,16 +17,21 @@ def supports(req) -> str | None:
 
 def compressed_attention_flex(q, kc, vc, S: int, block_len: int, stride: int, scale: float, return_lse: bool = False):
     Hq, T, Sc = q.shape[1], q.shape[2], kc.shape[2]
-    q, kc, vc, q_bad, kv_bad = clean_qkv(q, kc, vc)
+    q, kc, vc, q_bad, kv_bad = clean_qkv(q, kc, vc, zero_q=needs_grad(q, kc, vc))
     offset = S - T
 
     def compressed_causal(b, h, q_idx, kv_idx):
         return kv_idx * stride + block_len - 1 <= q_idx + offset
 
-    _, last = tile_last_positions(T, S, q.device)
-    n_visible = torch.where(last >= block_len - 1, (last - block_len + 1) // stride + 1, 0).clamp(max=Sc)
-    hi = (n_visible + Q_TILE - 1) // Q_TILE
-    mask = range_block_mask(torch.zeros_like(hi), hi, T, Sc, compressed_causal, needs_grad(q, kc, vc))
+    first, last = tile_last_positions(T, S, q.device)
+
+    def n_visible(pos):
+        return torch.where(pos >= block_len - 1, (pos - block_len + 1) // stride + 1, 0).clamp(max=Sc)
+
+    hi = (n_visible(last) + Q_TILE - 1) // Q_TILE
+    zero = torch.zeros_like(hi)
+    full_hi = n_visible(first) // Q_TILE  # whole tiles of entries visible to the tile's first query, so to all
+    mask = range_block_mask(zero, hi, T, Sc, compressed_causal, needs_grad(q, kc, vc), full=(zero, full_hi))
     out = run_flex(q, kc, vc, mask, scale, return_lse, enable_gqa=Hq != kc.shape[1])
     pos = torch.arange(S - T, S, device=q.device)
     n_seen = torch.where(pos >= block_len - 1, (pos - block_len + 1) // stride + 1, 0)  # visible entries
