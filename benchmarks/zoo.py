@@ -791,13 +791,11 @@ def _tune_nsa_decode(T: int) -> None:
     var = Variant("nsa", CONFIGS["nsa"]["published"], 8, 1, T, False)
     e, c = var.extra, var.cfg
     floor_ms = var.B * var.decode_bytes()["variant"] / copy_bandwidth() * 1e3
-    for cfg in ({}, dict(BE=128), dict(BE=32), dict(NB=64), dict(NB=16), dict(cmp_stages=3), dict(cmp_stages=4),
-                dict(cmp_warps=8), dict(programs_per_sm=1), dict(programs_per_sm=4), dict(cmp_splits=16),
-                dict(BJ=128), dict(BJ=512, imp_warps=8), dict(BN=32), dict(BN=128), dict(attn_stages=3),
-                dict(merge_cols=64), dict(cmp_warps=2), dict(cmp_warps=2, programs_per_sm=4),
-                dict(BE=32, cmp_stages=4), dict(cmp_stages=3, programs_per_sm=3), dict(cmp_splits=32),
-                dict(BE=32, cmp_warps=2, programs_per_sm=4), dict(BE=128, cmp_stages=3), dict(BE=128, cmp_warps=8),
-                dict(BE=128, cmp_stages=3, BN=128)):
+    for cfg in ({}, dict(block_sums="dot"), dict(block_sums="dot", BE=128), dict(NB_reshape=16),
+                dict(NB_reshape=16, BJ=512), dict(NB_reshape=64), dict(cmp_stages=3), dict(cmp_warps=8),
+                dict(programs_per_sm=1), dict(programs_per_sm=3), dict(programs_per_sm=4), dict(cmp_splits=16),
+                dict(BJ=128), dict(BJ=512), dict(segments=4), dict(BN=32), dict(BN=128), dict(attn_splits=16),
+                dict(attn_stages=3), dict(merge_cols=64)):
         try:
             ms = bench_graph(lambda: nd.nsa_decode_triton(var.q, e["kc"], e["vc"], var.k, var.v, var.k, var.v, c["l"],
                                                           c["d"], c["lsel"], c["n"], c["w"], var.scale, config=cfg))[0]

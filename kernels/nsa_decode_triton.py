@@ -11,7 +11,8 @@ positions (S = k.shape[2]): query t sits at pos = S - T + t, in selection block 
 - window branch: attention over the last `window` tokens (pos - window + 1 .. pos) of k_win, v_win;
 - out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (gates [3, B, Hq, T]; unit gates when none are given).
 
-Launches (grids follow from shapes alone: no host syncs, CUDA-graph capturable):
+Launches (grids follow from shapes alone: no host syncs, CUDA-graph capturable; on sm_90+ kernels 2-4 are
+programmatic dependent launches by default, each waiting for the one before it before reading anything):
 1. `_compressed_kernel`, grid (splits, B * Hkv): flash-decoding over the compressed entries. A program owns one
    KV group: its rows are the T queries (padded to a power of two) x the G heads (padded), >= 16, so each
    kc / vc tile is loaded once for the whole group and all T queries. Its split is a run of chunks, a chunk
@@ -21,7 +22,10 @@ Launches (grids follow from shapes alone: no host syncs, CUDA-graph capturable):
    tensor-core dot of p [rows, BE] with the tile's 0/1 overlap map [BE, 2 NB] (p through an fp16 hi/lo split
    for 16-bit inputs, about 21 bits; an IEEE fp32 dot for fp32 inputs), rescaled with the output accumulator.
    At a chunk's end it stores the sums of its NB own blocks, of the HALO blocks after them that its last
-   entries reach, and the running max they are relative to.
+   entries reach, and the running max they are relative to. Where sel_block is a power-of-two multiple R of
+   stride and no entry reaches past the next block (NSA's geometries), config block_sums='auto' takes the
+   'reshape' sums instead: a tile is one chunk, and each block's sum is an exact fp32 sum of its R entries'
+   p plus the previous block's entries that reach into it (no dots, no rescaling).
 2. `_importance_kernel`, grid (B * Hkv * T, segments): merges each head's partial LSEs; then per BJ blocks of
    its segment: importance = sum over the heads of exp2(max - lse) x sums (block j: chunk j // NB's own sums
    plus the previous chunk's halo), the forced / NaN / causal rules folded into a 64-bit key (the importance's
@@ -53,10 +57,11 @@ Memory (fp32 workspaces, per KV group): the partial outputs [splits, rows, D]; p
 [rows, NB + HALO] and maxima [rows]; candidates [T, segments, KP] int64. At 128k tokens, B = 8, Hkv = 4,
 G = 16, T = 1: ~4.5 MB of block sums, against ~160 MB of K/V read.
 
-GPU cost (H200, m3, bf16, the paper's NSA config at 128k, B = 8, T = 1): (1) reads kc and vc, 134 MB of the
-step's ~160 MB: HBM-bound (per 64-entry tile 32 KB of K/V against four 16-row dots); the block sums add two
-[16, 64] x [64, 64] fp16 dots per tile. (2)-(4) touch ~25 MB (the selected blocks and the window) plus
-L2-resident workspaces; their cost is mostly launch and latency (~3 us each).
+GPU cost (H200, m3, bf16, the paper's NSA config at 128k, B = 8, T = 1; scripts/probes/nsa_decode_compressed.py):
+(1) reads kc and vc, 134 MB of the step's ~160 MB (32 us at the copy rate): 41.5 us with the reshape sums (55 us
+with the dot sums; 37 us as a plain flash-decoding loop, 34 us for the loads alone). (2)-(4) touch ~25 MB (the
+selected blocks and the window) plus L2-resident workspaces: 8, 13 and 7.5 us, mostly latency. The step: 71 us
+back to back, 78 us with L2 flushed (benchmarks/zoo.py), against a 37 us byte floor.
 """
 
 from __future__ import annotations
@@ -67,11 +72,13 @@ import triton.language as tl
 
 from sparsezoo.kernels.indexer_triton import _dot, _ordered_key
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite, zero_rows
+from sparsezoo.kernels.pdl import check_pdl, gdc_launch_dependents, gdc_wait, pdl_launch, pdl_supported
 from sparsezoo.kernels.sizes import pow2 as _pow2
 from sparsezoo.kernels.sizes import with_overrides
 
 LOG2E = 1.4426950408889634
 MAX_NB = 256  # most selection blocks per chunk the geometry may need
+MAX_TILE = 256  # most compressed entries per tile of the reshape block sums
 MAX_ROWS = 128  # most rows (queries x padded heads) of one compressed-branch program
 
 # GPU tiling, an untimed first guess for the H200 (to be tuned). BE: compressed entries per tile; NB: selection
@@ -79,14 +86,22 @@ MAX_ROWS = 128  # most rows (queries x padded heads) of one compressed-branch pr
 # with <= 16 / more rows; BJ: blocks per importance step; BN: tokens per tile of kernel 3; merge_cols: output
 # columns per combine program; programs_per_sm: kernels 1-3 split their work to give every SM this many
 # programs; cmp_splits / segments / attn_splits: force those counts (0: from programs_per_sm).
-CONFIG = {"BE": 64, "NB": 32, "cmp_warps": 4, "cmp_warps_wide": 8, "cmp_stages": 2,
+# block_sums: how kernel 1 sums the probabilities per selection block: 'dot' (the 0/1 overlap map through the
+# tensor cores, any geometry), 'reshape' (fp32 sums of each block's R = sel_block / stride entries, one chunk
+# of NB_reshape blocks per tile; needs R a power of two and no entry reaching past the next block), 'auto':
+# reshape where the geometry allows it. H200, 128k, B = 8, the paper's config (scripts/probes/
+# nsa_decode_compressed.py): kernel 1 takes 55 us with the dot sums, 42 us with the reshape sums at NB_reshape 32
+# (128 entries per tile; 16: 50 us, and kernel 2 20 us against 8; 64: 57 us), 37 us as a plain flash-decoding loop.
+CONFIG = {"BE": 64, "NB": 32, "block_sums": "auto", "NB_reshape": 32, "cmp_warps": 4, "cmp_warps_wide": 8,
+          "cmp_stages": 2,
           "BJ": 256, "imp_warps": 4,
           "BN": 64, "attn_warps": 4, "attn_stages": 2,
           "merge_cols": 32, "merge_warps": 4,
           "programs_per_sm": 2, "cmp_splits": 0, "segments": 0, "attn_splits": 0}
-_INTERPRET_CONFIG = {"BE": 16, "NB": 8, "BJ": 32, "BN": 16, "merge_cols": 16}  # tiny tiles for the CPU
+_INTERPRET_CONFIG = {"BE": 16, "NB": 8, "NB_reshape": 4, "BJ": 32, "BN": 16, "merge_cols": 16}  # tiny tiles
+BLOCK_SUMS = ("auto", "dot", "reshape")
 _INTERPRET_SMS = 4  # stands in for the SM count on the CPU, so the default grids split too
-_POW2_KEYS = ("BE", "NB", "BJ", "BN", "merge_cols")
+_POW2_KEYS = ("BE", "NB", "NB_reshape", "BJ", "BN", "merge_cols")
 
 _KEY_NONE = tl.constexpr(-(2 ** 63))  # below every block's key: a block the query cannot select
 _LOW_ID = tl.constexpr(2 ** 31 - 1)  # a key's low 32 bits hold _LOW_ID - block id
@@ -139,6 +154,26 @@ def _block_sums(p, i, c0, col, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, SE
         o16 = overlap.to(tl.float16)
         sums = (tl.dot(hi, o16) + tl.dot(lo, o16)) * (1.0 / 32768.0)
     return sums
+
+
+@triton.jit
+def _block_sums_reshaped(p, BM: tl.constexpr, NB: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+                         SEL: tl.constexpr):
+    """The block sums of one chunk's p [rows, NB * R] (R = SEL / STRIDE entries start in each block, whole
+    chunks of NB blocks, no entry reaching past the next block), exact fp32 sums of the entries' own groups:
+    (own [rows, NB]: block c's sum over the entries starting in it and the previous block's that reach into it;
+    halo [rows]: what the last block's entries add to the next chunk's first block)."""
+    R: tl.constexpr = SEL // STRIDE
+    p3 = tl.reshape(p, [BM, NB, R])
+    k = tl.arange(0, R)
+    reaches = (k * STRIDE + BLOCK_LEN - 1 >= SEL)[None, None, :]  # entry k of a block reaches the next one
+    own = tl.sum(p3, axis=2)
+    out = tl.sum(tl.where(reaches, p3, 0.0), axis=2)  # [rows, NB]: block c's share of block c + 1
+    c = tl.arange(0, NB)[None, :]
+    prev = tl.gather(out, tl.broadcast_to(tl.maximum(c - 1, 0), [BM, NB]), axis=1)
+    own = own + tl.where(c >= 1, prev, 0.0)
+    halo = tl.sum(tl.where(c == NB - 1, out, 0.0), axis=1)
+    return own, halo
 
 
 @triton.jit
@@ -230,7 +265,7 @@ def _compressed_kernel(Q, KC, VC, PO, PL, SUM_OWN, SUM_HALO, SUM_MAX, T, S, Sc, 
                        G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr,
                        NB: tl.constexpr, HALO: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                        BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, MULTI: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       RESHAPE: tl.constexpr, IEEE: tl.constexpr):
     sp = tl.program_id(0)
     bg = tl.program_id(1)
     b = (bg // Hkv).to(tl.int64)
@@ -270,15 +305,23 @@ def _compressed_kernel(Q, KC, VC, PO, PL, SUM_OWN, SUM_HALO, SUM_MAX, T, S, Sc, 
             bad = bad | (tl.max((seen & v_bad[None, :]).to(tl.int32), axis=1) > 0)
         p, alpha, m_i, l_i, acc = _online_step(s, m_i, l_i, acc, vt, IEEE)
         chunk = tile // CT
-        sums = sums * alpha[:, None] + _block_sums(p, i, chunk * NB, col, BLOCK_LEN, STRIDE, SEL, IEEE)
-        if ((tile + 1) % CT == 0) | (tile + 1 == tile_hi):  # the chunk ends: its sums and their max
+        if RESHAPE:  # the tile is the chunk: its own sums and halo straight from p, relative to m_i
+            own, spill = _block_sums_reshaped(p, BM, NB, BLOCK_LEN, STRIDE, SEL)
             at = (bg * n_chunks + chunk).to(tl.int64) * BM + r
-            tl.store(SUM_OWN + at[:, None] * NB + col[None, :], sums, mask=col[None, :] < NB)
+            tl.store(SUM_OWN + at[:, None] * NB + tl.arange(0, NB)[None, :], own)
             if HALO > 0:
-                tl.store(SUM_HALO + at[:, None] * HALO + (col[None, :] - NB), sums,
-                         mask=(col[None, :] >= NB) & (col[None, :] < NB + HALO))
+                tl.store(SUM_HALO + at * HALO, spill)
             tl.store(SUM_MAX + at, m_i)
-            sums = tl.zeros([BM, 2 * NB], tl.float32)
+        else:
+            sums = sums * alpha[:, None] + _block_sums(p, i, chunk * NB, col, BLOCK_LEN, STRIDE, SEL, IEEE)
+            if ((tile + 1) % CT == 0) | (tile + 1 == tile_hi):  # the chunk ends: its sums and their max
+                at = (bg * n_chunks + chunk).to(tl.int64) * BM + r
+                tl.store(SUM_OWN + at[:, None] * NB + col[None, :], sums, mask=col[None, :] < NB)
+                if HALO > 0:
+                    tl.store(SUM_HALO + at[:, None] * HALO + (col[None, :] - NB), sums,
+                             mask=(col[None, :] >= NB) & (col[None, :] < NB + HALO))
+                tl.store(SUM_MAX + at, m_i)
+                sums = tl.zeros([BM, 2 * NB], tl.float32)
     o, lse2 = _finish(acc, m_i, l_i, bad)
     at = (bg * tl.num_programs(0) + sp).to(tl.int64) * BM + r
     tl.store(PO + at[:, None] * D + d[None, :], o, mask=d_ok)
@@ -289,7 +332,10 @@ def _compressed_kernel(Q, KC, VC, PO, PL, SUM_OWN, SUM_HALO, SUM_MAX, T, S, Sc, 
 def _importance_kernel(PL, SUM_OWN, SUM_HALO, SUM_MAX, CAND, T, S, Sc, n_splits, n_chunks, steps,
                        G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr, HALO: tl.constexpr,
                        CPI: tl.constexpr, EC: tl.constexpr, KP: tl.constexpr, BLOCK_LEN: tl.constexpr,
-                       STRIDE: tl.constexpr, SEL: tl.constexpr):
+                       STRIDE: tl.constexpr, SEL: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # everything it reads is kernel 1's output
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)  # (b * Hkv + g) * T + t
     seg = tl.program_id(1)
     t = row % T
@@ -315,7 +361,11 @@ def _sparse_kernel(Q, K, V, KW, VW, CAND, SEL_OUT, PO, PL, T, S, Hkv, n_cand, n_
                    qk2, sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    swb, swh, swn, swd, sxb, sxh, sxn, sxd, ssb, ssh, sst,
                    G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                   KP: tl.constexpr, NC: tl.constexpr, SEL: tl.constexpr, IEEE: tl.constexpr):
+                   KP: tl.constexpr, NC: tl.constexpr, SEL: tl.constexpr, IEEE: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    if PDL:  # the candidates are kernel 2's output (and the partials' buffers kernel 4's input)
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)  # (b * Hkv + g) * T + t
     sp = tl.program_id(1)
     t = row % T
@@ -371,7 +421,9 @@ def _sparse_kernel(Q, K, V, KW, VW, CAND, SEL_OUT, PO, PL, T, S, Hkv, n_cand, n_
 def _combine_kernel(PO1, PL1, PO3, PL3, GATES, OUT, LSE, T, Hkv, n1, n_sel, n3,
                     sgk, sgb, sgh, sgt, sob, soh, sot, sod, slb, slh, slt,
                     G: tl.constexpr, GP: tl.constexpr, BM1: tl.constexpr, BM3: tl.constexpr, DC: tl.constexpr,
-                    D: tl.constexpr, GATED: tl.constexpr):
+                    D: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # the partials of kernels 1 and 3 (kernel 3's wait covers kernel 1)
+        gdc_wait()
     row = tl.program_id(0)
     t = row % T
     bg = row // T
@@ -422,6 +474,50 @@ def chunk_geometry(block_len: int, stride: int, sel_block: int, nb: int, be: int
     return nb, ec, min(be, ec & -ec), halo
 
 
+def reshape_geometry(block_len: int, stride: int, sel_block: int, nb: int) -> tuple[int, int, int, int] | str:
+    """(NB, EC, BE, HALO) of the 'reshape' block sums, one chunk per tile (BE = EC = NB * R entries, R =
+    sel_block / stride; NB starts at nb and doubles until EC >= 16), or why this geometry cannot take them."""
+    if sel_block % stride:
+        return f"reshape block sums need sel_block ({sel_block}) to be a multiple of stride ({stride})"
+    R = sel_block // stride
+    if R & (R - 1):
+        return f"reshape block sums need sel_block / stride to be a power of two, got {R}"
+    halo = max(0, (block_len - stride - 1) // sel_block + 1)
+    if halo > 1:
+        return f"reshape block sums need entries ({block_len} tokens) that reach at most one block past their own"
+    while nb * R < 16:
+        nb *= 2
+    if nb * R > MAX_TILE:
+        return f"reshape block sums hold at most {MAX_TILE} entries per tile, got {nb * R}"
+    return nb, nb * R, nb * R, halo
+
+
+def block_sums_for(block_len: int, stride: int, sel_block: int, device, config: dict | None = None) -> str:
+    """'reshape' or 'dot': the block sums nsa_decode_triton runs for this geometry, device and config."""
+    cfg = _resolve_config(config, torch.device(device))
+    if cfg["block_sums"] == "dot":
+        return "dot"
+    why = reshape_geometry(block_len, stride, sel_block, cfg["NB_reshape"])
+    if isinstance(why, str):
+        if cfg["block_sums"] == "reshape":
+            raise ValueError(f"nsa_decode_triton: {why}; use config block_sums='dot' or 'auto'")
+        return "dot"
+    return "reshape"
+
+
+LAUNCH_MODES = ("pdl", "plain")
+
+
+def launch_mode_for(device, pdl: bool | None = None) -> str:
+    """'pdl' or 'plain': how nsa_decode_triton launches kernels 2-4 for this device and pdl argument."""
+    if pdl is not None and not isinstance(pdl, bool):
+        raise ValueError(f"pdl must be None, True or False, got {pdl!r}")
+    device = torch.device(device)
+    if pdl is None:
+        pdl = pdl_supported(device)
+    return "pdl" if check_pdl(pdl, device) else "plain"
+
+
 def _n_visible_host(pos: int, Sc: int, block_len: int, stride: int) -> int:
     return 0 if pos < block_len - 1 else min(Sc, (pos - block_len + 1) // stride + 1)
 
@@ -441,6 +537,8 @@ def _resolve_config(config: dict | None, device: torch.device) -> dict:
     for key, least in (("BE", 16), ("BN", 16), ("merge_cols", 16), ("NB", 8)):
         if cfg[key] < least:
             raise ValueError(f"config {key} must be >= {least} (tensor-core tiles), got {cfg[key]}")
+    if cfg["block_sums"] not in BLOCK_SUMS:
+        raise ValueError(f"config block_sums must be one of {BLOCK_SUMS}, got {cfg['block_sums']!r}")
     return cfg
 
 
@@ -481,21 +579,31 @@ def _splits(want: int, units: int) -> tuple[int, int]:
 @torch.no_grad()
 def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_win: torch.Tensor, v_win: torch.Tensor, block_len: int, stride: int, sel_block: int, topk: int,
-                      window: int, scale: float, gates: torch.Tensor | None = None, config: dict | None = None):
+                      window: int, scale: float, gates: torch.Tensor | None = None, config: dict | None = None,
+                      pdl: bool | None = None):
     """NSA's attention for the T new queries q [B, Hq, T, D] (the last T of S = k.shape[2] positions): compressed
     entries kc, vc [B, Hkv, Sc, D], selected blocks of k, v [B, Hkv, S, D], window of k_win, v_win [B, Hkv, S, D].
     gates [3, B, Hq, T] (any float dtype and strides; None: unit gates) weigh the compressed, selected and
     window branches. Returns (out [B, Hq, T, D] in q's dtype, selection int32 [B, Hkv, T, topk]: per row the
     min(topk, L + 1) selected block ids ascending, then -1; the compressed branch's natural-log LSE [B, Hq, T]
-    fp32). Not differentiable (decode is inference-only). config overrides CONFIG. No host syncs."""
+    fp32). Not differentiable (decode is inference-only). config overrides CONFIG. No host syncs.
+
+    pdl: kernels 2-4 as programmatic dependent launches (kernels/pdl.py: each starts while the one before it
+    finishes, hiding the launch gaps); None: launch_mode_for decides (on where the GPU supports it), True insists
+    (an error without such a GPU), False never."""
     _check_inputs(q, kc, vc, k, v, k_win, v_win, block_len, stride, sel_block, topk, window, gates)
     cfg = _resolve_config(config, q.device)
+    chained = pdl_launch(launch_mode_for(q.device, pdl) == "pdl", q.device)
     B, Hq, T, D = q.shape
     Hkv, S, Sc = k.shape[1], k.shape[2], kc.shape[2]
     G = Hq // Hkv
     GP = _pow2(G)
     BM1, BM3, BD, KP = max(16, _pow2(T) * GP), max(16, GP), max(16, _pow2(D)), max(2, _pow2(topk))
-    NB, EC, BE, HALO = chunk_geometry(block_len, stride, sel_block, cfg["NB"], cfg["BE"])
+    reshape = block_sums_for(block_len, stride, sel_block, q.device, config) == "reshape"
+    if reshape:
+        NB, EC, BE, HALO = reshape_geometry(block_len, stride, sel_block, cfg["NB_reshape"])
+    else:
+        NB, EC, BE, HALO = chunk_geometry(block_len, stride, sel_block, cfg["NB"], cfg["BE"])
     want = cfg["programs_per_sm"] * _sm_count(q.device)
     rows, dev, f32 = B * Hkv * T, q.device, torch.float32
     ieee = q.dtype == torch.float32
@@ -515,7 +623,8 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
     _compressed_kernel[(n1, B * Hkv)](
         q, kc, vc, po1, pl1, own, halo, sum_max, T, S, Sc, Hkv, max(1, n_chunks), cps, scale * LOG2E,
         *q.stride(), *kc.stride(), *vc.stride(),
-        G=G, GP=GP, BM=BM1, BE=BE, CT=EC // BE, NB=NB, HALO=HALO, D=D, BD=BD, **geometry, MULTI=T > 1, IEEE=ieee,
+        G=G, GP=GP, BM=BM1, BE=BE, CT=EC // BE, NB=NB, HALO=HALO, D=D, BD=BD, **geometry, MULTI=T > 1,
+        RESHAPE=reshape, IEEE=ieee,
         num_warps=cfg["cmp_warps"] if BM1 <= 16 else cfg["cmp_warps_wide"], num_stages=cfg["cmp_stages"])
 
     # 2. importance and each segment's best KP blocks
@@ -524,7 +633,8 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
     cand = torch.empty((rows, n_seg, KP), dtype=torch.int64, device=dev)
     _importance_kernel[(rows, n_seg)](
         pl1, own, halo, sum_max, cand, T, S, Sc, n1, max(1, n_chunks), steps,
-        G=G, GP=GP, BM=BM1, NB=NB, HALO=HALO, CPI=BJ // NB, EC=EC, KP=KP, **geometry, num_warps=cfg["imp_warps"])
+        G=G, GP=GP, BM=BM1, NB=NB, HALO=HALO, CPI=BJ // NB, EC=EC, KP=KP, **geometry, num_warps=cfg["imp_warps"],
+        **chained)
 
     # 3. selected blocks and window: partial outputs and LSEs, split inside each branch; the selection
     sel_slots = min(topk, (S - 1) // sel_block + 1) * sel_block  # the last query's selected tokens (the most)
@@ -539,7 +649,7 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
         q, k, v, k_win, v_win, cand, sel, po3, pl3, T, S, Hkv, n_seg * KP, n_sel, per, topk, win_slots,
         scale * LOG2E, *q.stride(), *k.stride(), *v.stride(), *k_win.stride(), *v_win.stride(), *sel.stride()[:3],
         G=G, BM=BM3, BN=BN, D=D, BD=BD, KP=KP, NC=_pow2(n_seg * KP), SEL=sel_block, IEEE=ieee,
-        num_warps=cfg["attn_warps"], num_stages=cfg["attn_stages"])
+        num_warps=cfg["attn_warps"], num_stages=cfg["attn_stages"], **chained)
 
     # 4. the gated sum of the three branches (and the compressed branch's LSE)
     out = torch.empty_like(q)
@@ -549,5 +659,5 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
     _combine_kernel[(rows, triton.cdiv(D, DC))](
         po1, pl1, po3, pl3, gates if gates is not None else out, out, lse, T, Hkv, n1, n_sel, n3,
         *g_strides, *out.stride(), *lse.stride(),
-        G=G, GP=GP, BM1=BM1, BM3=BM3, DC=DC, D=D, GATED=gates is not None, num_warps=cfg["merge_warps"])
+        G=G, GP=GP, BM1=BM1, BM3=BM3, DC=DC, D=D, GATED=gates is not None, num_warps=cfg["merge_warps"], **chained)
     return out, sel, lse

@@ -90,6 +90,13 @@ CASES = [
     (2, 150, (16, 8, 8), 7, 20, {"cmp_splits": 2, "segments": 3}),
     (3, 131, (4, 4, 8), 4, 24, {"attn_splits": 1}),
     (4, 90, (16, 8, 32), 2, 9, None),
+    # the same geometries through the overlap-map dot sums ('auto' takes the reshape sums for all of them)
+    (3, 100, (8, 4, 16), 5, 12, {"block_sums": "dot"}),
+    (1, 203, (12, 4, 16), 5, 300, {"block_sums": "dot", "cmp_splits": 3}),
+    (2, 150, (16, 8, 8), 7, 20, {"block_sums": "dot", "cmp_splits": 2}),
+    (4, 90, (16, 8, 32), 2, 9, {"block_sums": "dot"}),
+    # a geometry only the dot sums tile: sel_block / stride = 3
+    (2, 160, (8, 4, 12), 4, 12, None),
 ]
 
 
@@ -101,7 +108,8 @@ def test_matches_reference(T, S, geom, topk, window, config):
 
 
 @CPU_ONLY
-def test_entry_straddling_two_chunks_counts_in_both():
+@pytest.mark.parametrize("block_sums", ["reshape", "dot"])
+def test_entry_straddling_two_chunks_counts_in_both(block_sums):
     """A dominant compressed entry overlapping the last block of one chunk and the first of the next (that
     chunk's halo): with NB = 8 blocks of 16 tokens per chunk, entry 31 covers tokens 124..131, blocks 7 and 8,
     which must take the two free slots."""
@@ -110,7 +118,7 @@ def test_entry_straddling_two_chunks_counts_in_both():
     for g in range(2):
         direction = q[0, 2 * g:2 * g + 2, 0].sum(0)
         kc[0, g, 31] = 20 * direction / direction.norm()
-    _, sel, _ = check_against_reference(inputs, (8, 4, 16), 5, 12, 0.25, config={"NB": 8})
+    _, sel, _ = check_against_reference(inputs, (8, 4, 16), 5, 12, 0.25, config={"NB": 8, "block_sums": block_sums})
     assert all({7, 8} <= set(sel[0, g, 0].tolist()) for g in range(2))
 
 
@@ -127,7 +135,38 @@ def test_unit_gates_group_of_three_and_strided_inputs():
 def test_fp16_block_sums():
     """fp16 inputs: the block sums go through the fp16 hi/lo split (the GPU's 16-bit path)."""
     inputs = make_inputs(1, 2, 2, 2, 180, 16, 8, 4, seed=11, dtype=torch.float16)
-    check_against_reference(inputs, (8, 4, 16), 6, 20, 0.25, tol=2e-3, eps=1e-4)
+    check_against_reference(inputs, (8, 4, 16), 6, 20, 0.25, config={"block_sums": "dot"}, tol=2e-3, eps=1e-4)
+
+
+def test_block_sums_follow_the_geometry():
+    """'auto' takes the reshape sums where sel_block is a power-of-two multiple of stride and no entry reaches
+    past the next block; 'reshape' says why it cannot tile another geometry; a bad value is an error."""
+    from sparsezoo.kernels.nsa_decode_triton import block_sums_for, reshape_geometry
+
+    assert block_sums_for(32, 16, 64, DEV) == "reshape"  # the paper's NSA
+    assert block_sums_for(32, 16, 64, DEV, {"block_sums": "dot"}) == "dot"
+    assert reshape_geometry(32, 16, 64, 16) == (16, 64, 64, 1)
+    for geom, why in (((8, 4, 12), "power of two"), ((8, 3, 16), "multiple of stride"), ((40, 4, 16), "at most one")):
+        assert block_sums_for(*geom, DEV) == "dot"
+        with pytest.raises(ValueError, match=why):
+            block_sums_for(*geom, DEV, {"block_sums": "reshape"})
+    with pytest.raises(ValueError, match="block_sums must be one of"):
+        block_sums_for(32, 16, 64, DEV, {"block_sums": "fast"})
+
+
+def test_launch_mode_follows_the_device():
+    """Kernels 2-4 launch as programmatic dependent launches by default on sm_90+, plainly elsewhere; pdl=True
+    insists (an error where the device cannot), a value that is not a bool or None is an error."""
+    from sparsezoo.kernels.nsa_decode_triton import launch_mode_for
+    from sparsezoo.kernels.pdl import pdl_supported
+
+    assert launch_mode_for(DEV) == ("pdl" if pdl_supported(DEV) else "plain")
+    assert launch_mode_for(DEV, False) == "plain"
+    if not pdl_supported(DEV):
+        with pytest.raises(ValueError, match="compute capability 9.0"):
+            launch_mode_for(DEV, True)
+    with pytest.raises(ValueError, match="pdl must be None, True or False"):
+        launch_mode_for(DEV, "on")
 
 
 def test_rejects_what_it_cannot_run():
@@ -235,7 +274,7 @@ def test_op_triton_matches_reference_and_records_it():
     args, kw = _op_args()
     with ops.track_implementations() as used:
         out, sel = ops.nsa_decode(*args, **kw, backend="triton")
-    assert used == {"nsa_decode": "triton"}
+    assert used == {"nsa_decode": "triton", "nsa_decode_block_sums": "reshape", "nsa_decode_launch": "plain"}
     want, want_sel = ops.nsa_decode(*(x.double() for x in args), **kw, backend="reference")
     assert torch.equal(torch.sort(sel, -1).values, torch.sort(want_sel, -1).values)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
@@ -333,7 +372,9 @@ def test_gpu_auto_is_triton_and_captures_in_a_cuda_graph():
     kw = dict(**PAPER, scale=128 ** -0.5, gates=gates)
     with ops.track_implementations() as used:
         want, want_sel = ops.nsa_decode(*args, **kw)  # warm-up: compiles the kernels outside the capture
-    assert used == {"nsa_decode": "triton"}
+    assert used == {"nsa_decode": "triton", "nsa_decode_block_sums": "reshape", "nsa_decode_launch": "pdl"}
+    plain, plain_sel, _ = nsa_decode_triton(*args, **kw, pdl=False)  # the same step without pdl
+    assert torch.equal(plain, want) and torch.equal(plain_sel, want_sel)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..dispatch import compiling, kernel_built
+from ..dispatch import compiling, kernel_built, record
 from .api import DECODE_T
 
 _KERNEL_BUILT = kernel_built("nsa_decode_triton")
@@ -42,8 +42,16 @@ def supports(req) -> str | None:
     return None
 
 
+BLOCK_SUMS_OP = "nsa_decode_block_sums"  # the dispatch record's entry: the kernel's block sums, "reshape" or "dot"
+LAUNCH_OP = "nsa_decode_launch"  # and how kernels 2-4 launch: "pdl" (programmatic dependent launches) or "plain"
+
+
 def run(q, kc, vc, k, v, k_win, v_win, block_len: int, stride: int, sel_block: int, topk: int, window: int,
         scale: float, gates=None):
+    from sparsezoo.kernels import nsa_decode_triton
+
+    record(BLOCK_SUMS_OP, nsa_decode_triton.block_sums_for(block_len, stride, sel_block, q.device))
+    record(LAUNCH_OP, nsa_decode_triton.launch_mode_for(q.device))
     if compiling():
         return torch.ops.sparsezoo.nsa_decode_triton(q, kc, vc, k, v, k_win, v_win, block_len, stride, sel_block,
                                                      topk, window, float(scale), gates)
