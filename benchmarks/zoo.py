@@ -643,7 +643,9 @@ def tune(T: int, parts: list[str]) -> None:
     for cfg in ({}, dict(ROWS=128), dict(BE=128), dict(ROWS=128, BE=128, num_warps=8), dict(num_stages=3),
                 dict(CHUNKS=16), dict(CHUNKS=4), dict(num_warps=8), dict(select_block=512), stream,
                 dict(stream, STREAM_ROWS=64), dict(stream, STREAM_BE=64), dict(stream, STREAM_BE=256),
-                dict(stream, stream_stages=3), dict(stream, stream_warps=4), dict(stream, STREAM_ROWS=256)):
+                dict(stream, stream_stages=3), dict(stream, stream_warps=4), dict(stream, STREAM_ROWS=256),
+                dict(schedule="stream_topk"), dict(schedule="stream_topk", STREAM_ROWS=64),
+                dict(schedule="stream_topk", STREAM_ROWS=256), dict(schedule="stream_topk", stream_warps=4)):
         # with the compressed branch's LSE, as the NSA step runs it (the LSE pass is timed once below)
         ms = _timed(lambda: nsa_select_triton.nsa_select_triton(*sel_args, config=cfg, lse=var.extra["cmp_lse"]))
         print(f"tune nsa_select {T}: {cfg} -> {ms}", flush=True)

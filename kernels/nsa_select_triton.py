@@ -37,6 +37,10 @@ masked). The group shares kc and the selection, so each kc tile feeds one [BM, B
       It needs sel_block to be a multiple of stride: a step's entries then start in exactly NBS
       blocks, and their shares of the SPILL blocks after the step (exact fp32 row sums) are carried
       in registers into the next step. It owns its rows' whole range, so it stores their stats.
+   a''. or, with config schedule='stream_topk', the same walk over all T queries in one launch keeps each
+      row's best pow2(topk) blocks as ranking keys (the value's order-preserving bits, then the complemented
+      id) in registers, merged with each step's blocks by tl.topk, and writes the selection itself: no
+      buffer, no (b).
    b. The indexer's exact row-wise select (indexer_triton._select_triton) with nvis = L + 1:
       histogram/radix threshold, ties to the smaller id, ascending ids then -1; rows with
       <= topk visible blocks take them all; few rows (decode) split into segments. The forced
@@ -77,12 +81,16 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # 'stream' (one program per token tile walks every entry, STREAM_BE at a time, the spill carried in
 # registers; it needs sel_block to be a multiple of stride and says so otherwise); both write the same buffer.
 # 'auto': stream where the geometry allows it, else chunks. H200, 128k, the paper's config with the LSE
-# given: stream 57.8 ms at STREAM_BE 64 (63.5 at 128), chunks 70.2 ms (zoo.py --tune --tune-parts nsa).
+# given: stream 57.8 ms at STREAM_BE 64 (63.5 at 128), chunks 70.2 ms (zoo.py --tune --tune-parts nsa); of the
+# stream's 58 ms, 38 ms write the importances and 20 ms select from them (zoo_profile.py).
+# 'stream_topk' (asked for only: not yet timed on a GPU): the stream walk keeps each row's best blocks itself,
+# merging each step's blocks into a running top-k (int64 ranking keys, bitonic), and writes the selection: no
+# buffer and no select. It needs the stream geometry and pow2(topk) <= the step's padded block count.
 NSA_SELECT_CONFIG = {"schedule": "auto", "ROWS": 64, "BE": 64, "STREAM_ROWS": 128, "STREAM_BE": 64,
                      "stream_warps": 8, "stream_stages": 2, "BE_LSE": 128, "CHUNKS": 8, "num_warps": 4,
                      "num_stages": 2, "waves": 2, "lse_min_tiles": 4, "lse_splits": None, "buffer_bytes": 1 << 30,
                      "select_block": 1024, "select_bins": 64, "select_cap": 4096, "select_warps": 8, "split": None}
-SCHEDULES = ("auto", "chunks", "stream")
+SCHEDULES = ("auto", "chunks", "stream", "stream_topk")
 # interpreter: few programs, many chunk and range edges
 _INTERPRET_CONFIG = {"ROWS": 64, "BE": 16, "STREAM_ROWS": 64, "STREAM_BE": 16, "BE_LSE": 64, "CHUNKS": 2,
                      "select_block": 64}
@@ -94,6 +102,9 @@ _P_UNSCALE = tl.constexpr(2.0 ** -15)
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 _KEY_LOW = tl.constexpr(_INT32_MIN)  # below every int32 key
 _KEY_HIGH = tl.constexpr(_INT32_MAX)
+_KEY_NONE = tl.constexpr(-(2 ** 63))  # 'stream_topk': below every block's ranking key (a block not to select)
+_LOW_ID = tl.constexpr(_INT32_MAX)  # a ranking key's low 32 bits hold _LOW_ID - block id
+_ID_PAD = tl.constexpr(_INT32_MAX)  # sorts after every id
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -268,24 +279,28 @@ def _importance_kernel(Q, KC, LSE, BUF, STATS, t0, Tcur, T, S, Sc, n_blocks, Hkv
 
 
 @triton.jit
-def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, t0, Tcur, T, S, Sc, n_blocks, Hkv, K,
+def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, OUT, t0, Tcur, T, S, Sc, n_blocks, Hkv, K,
                               qk2, lse_factor, n_splits, forced_value, max_importance, nan_value,
-                              sqb, sqh, sqt, sqd, skb, skh, sks, skd, sls, slb, slh, slt,
+                              sqb, sqh, sqt, sqd, skb, skh, sks, skd, sls, slb, slh, slt, sob, sot,
                               G: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr, BE: tl.constexpr,
                               NBS: tl.constexpr, NBX: tl.constexpr, SPILL: tl.constexpr, D: tl.constexpr,
                               BD: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
-                              IEEE: tl.constexpr):
+                              IEEE: tl.constexpr, FUSED: tl.constexpr = False, KP: tl.constexpr = 2):
     """The 'stream' schedule: one program per (token tile, group) walks every entry once, BE at a time,
     as a flash-attention forward walks its keys. A step's BE entries start in exactly NBS blocks (SEL is
     a multiple of STRIDE and BE * STRIDE of SEL); what its entries add to the SPILL blocks after them is
     carried in registers into the next step. The program owns its rows' whole buffer range, so it
-    stores their stats without atomics."""
+    stores their stats without atomics.
+
+    FUSED ('stream_topk'): no buffer; each row keeps its KP best blocks as int64 ranking keys (the value's
+    order-preserving bits, then the complemented block id: ties to the smaller id) in registers, merged with
+    each step's NBS blocks by a bitonic top-KP, and writes its selection (OUT: [B * Hkv, T, K]) at the end."""
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest tiles first
     bg = tl.program_id(1)
     b = (bg // Hkv).to(tl.int64)
     g = bg % Hkv
     last_local = (S - T + t0 + tl.minimum(tile * TM + TM, Tcur) - 1) // SEL
-    if last_local >= K:  # some row sees more than K blocks
+    if (last_local >= K) | FUSED:  # some row sees more than K blocks (the buffer's select takes the others)
         head, t, row_ok, pos = _rows(tile, g, t0, Tcur, T, S, G, GP, TM)
         q = _load_q(Q, b, head, t, row_ok, sqb, sqh, sqt, sqd, D, BD)
         lse2 = _merged_lse(LSE, b, head, t, row_ok, n_splits, lse_factor, sls, slb, slh, slt)
@@ -301,6 +316,7 @@ def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, t0, Tcur, T, S, Sc, n_bloc
         key_min = tl.full([TM], _KEY_HIGH, tl.int32)
         key_max = tl.full([TM], _KEY_LOW, tl.int32)
         carry = tl.zeros([TM, NBX], tl.float32)  # column s: block (k * NBS + s)'s share from earlier steps
+        best = tl.full([TM, KP], _KEY_NONE, tl.int64)
         for k in range(0, last_local // NBS + 1):
             i = k * BE + e
             i_ok = i < Sc
@@ -325,12 +341,28 @@ def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, t0, Tcur, T, S, Sc, n_bloc
             forced = (j == 0) | (j >= local[:, None] - 1)
             nan = poisoned[:, None] & (imp > 0)
             value = tl.where(forced, forced_value, tl.where(nan, nan_value, tl.minimum(imp, max_importance)))
-            tl.store(BUF + row[:, None] * n_blocks + j, value, mask=write)
             key = _ordered_key(value)
-            key_min = tl.minimum(key_min, tl.min(tl.where(write, key, _KEY_HIGH), axis=1))
-            key_max = tl.maximum(key_max, tl.max(tl.where(write, key, _KEY_LOW), axis=1))
-        tl.store(STATS + row * 2, key_min, mask=tok_ok)
-        tl.store(STATS + row * 2 + 1, key_max, mask=tok_ok)
+            if FUSED:
+                rank = tl.where(write, (key.to(tl.int64) << 32) + (j.to(tl.int64) * -1 + _LOW_ID), _KEY_NONE)
+                # merge only when a block beats a row's current KP-th best (most steps of a long row do not)
+                if tl.max(tl.where(rank > tl.min(best, axis=1)[:, None], 1, 0)) > 0:
+                    if NBX > KP:
+                        rank = tl.topk(rank, KP)
+                    best = tl.topk(tl.reshape(tl.join(best, rank), [TM, 2 * KP]), KP)
+            else:
+                tl.store(BUF + row[:, None] * n_blocks + j, value, mask=write)
+                key_min = tl.minimum(key_min, tl.min(tl.where(write, key, _KEY_HIGH), axis=1))
+                key_max = tl.maximum(key_max, tl.max(tl.where(write, key, _KEY_LOW), axis=1))
+        if FUSED:  # the min(K, L + 1) best ids, ascending, then -1
+            slot = tl.arange(0, KP)[None, :]
+            ids = ((best - ((best >> 32) << 32)) * -1 + _LOW_ID).to(tl.int32)
+            ids = tl.sort(tl.where(slot < tl.minimum(local + 1, K)[:, None], ids, _ID_PAD), dim=1)
+            t_out = (t0 + tt).to(tl.int64)
+            tl.store(OUT + bg.to(tl.int64) * sob + t_out[:, None] * sot + slot, tl.where(ids < _ID_PAD, ids, -1),
+                     mask=tok_ok[:, None] & (slot < K))
+        else:
+            tl.store(STATS + row * 2, key_min, mask=tok_ok)
+            tl.store(STATS + row * 2 + 1, key_max, mask=tok_ok)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -436,15 +468,31 @@ def _stream_or_none(block_len: int, stride: int, sel_block: int, cfg: dict):
     """The stream schedule's geometry when cfg's schedule runs it here, else None (chunks)."""
     stream = stream_geometry(block_len, stride, sel_block, cfg["STREAM_BE"]) if cfg["schedule"] != "chunks" else None
     if isinstance(stream, str):
-        if cfg["schedule"] == "stream":
+        if cfg["schedule"] in ("stream", "stream_topk"):
             raise ValueError(f"nsa_select_triton: {stream}; use config schedule='chunks' or 'auto'")
         return None  # 'auto': the chunk schedule tiles every geometry
     return stream
 
 
+def _fused_topk_or_none(topk: int, stream, cfg: dict) -> int | None:
+    """KP (the power of two >= topk the rows keep) when cfg's schedule is 'stream_topk', else None; an error
+    where a step's blocks cannot feed that many (KP above the step's padded block count)."""
+    if cfg["schedule"] != "stream_topk":
+        return None
+    kp, nbx = max(2, _pow2(topk)), max(_pow2(stream[1]), 16)
+    if kp > nbx:
+        raise ValueError(f"nsa_select_triton: schedule 'stream_topk' keeps at most {nbx} blocks per row with this "
+                         f"geometry and STREAM_BE (topk={topk}); use schedule 'stream' or a larger STREAM_BE")
+    return kp
+
+
 def schedule_for(block_len: int, stride: int, sel_block: int, device, config: dict | None = None) -> str:
-    """'stream' or 'chunks': the schedule nsa_select_triton runs for this geometry, device and config."""
-    return "stream" if _stream_or_none(block_len, stride, sel_block, _resolve_config(config, device)) else "chunks"
+    """'stream_topk', 'stream' or 'chunks': the schedule nsa_select_triton runs for this geometry, device and
+    config ('stream_topk' only when asked for)."""
+    cfg = _resolve_config(config, device)
+    if not _stream_or_none(block_len, stride, sel_block, cfg):
+        return "chunks"
+    return "stream_topk" if cfg["schedule"] == "stream_topk" else "stream"
 
 
 @torch.no_grad()
@@ -482,6 +530,17 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
         lse_parts, lse_factor = _lse_partials(q, kc, S, block_len, stride, qk2, TM, cfg, dims, launch), 1.0
     else:
         lse_parts, lse_factor = lse.unsqueeze(0), LOG2E
+    values = (qk2, lse_factor, lse_parts.shape[0], float(G + 1), float(G), G + 0.5)
+    strides = (*q.stride(), *kc.stride(), *lse_parts.stride())
+    flat = out.view(B * Hkv, T, topk)
+    kp = _fused_topk_or_none(topk, stream, cfg) if stream else None
+    if kp:  # 'stream_topk': one launch over every token, no buffer, no select
+        BE, NBS, SPILL = stream
+        _importance_stream_kernel[(triton.cdiv(T, TM), B * Hkv)](
+            q, kc, lse_parts, flat, flat, flat, 0, T, T, S, Sc, n_blocks, Hkv, topk, *values, *strides,
+            *flat.stride()[:2], BE=BE, NBS=NBS, NBX=max(_pow2(NBS), 16), SPILL=SPILL, SEL=sel_block, **dims,
+            FUSED=True, KP=kp, num_warps=cfg["stream_warps"], num_stages=cfg["stream_stages"])
+        return out
     # the select: scratch of `cap` ids per row; a row has at most n_blocks candidates
     sel_cfg = {key: cfg[key] for key in ("select_block", "select_bins", "select_warps", "split")}
     sel_cfg["select_cap"] = min(cfg["select_cap"], max(16, _pow2(n_blocks)))
@@ -492,9 +551,6 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
     init = stats_init(q.device)
     positions = torch.arange(S - T, S, device=q.device, dtype=torch.int64)
     nvis = (positions // sel_block + 1).to(torch.int32)  # blocks 0..L
-    flat = out.view(B * Hkv, T, topk)
-    values = (qk2, lse_factor, lse_parts.shape[0], float(G + 1), float(G), G + 0.5)
-    strides = (*q.stride(), *kc.stride(), *lse_parts.stride())
     for t0 in range(0, T, Tc):
         Tcur = min(Tc, T - t0)
         stats.copy_(init.expand_as(stats))
@@ -502,8 +558,8 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
         if stream:
             BE, NBS, SPILL = stream
             _importance_stream_kernel[(n_tiles, B * Hkv)](
-                q, kc, lse_parts, buf, stats, t0, Tcur, T, S, Sc, n_blocks, Hkv, topk, *values, *strides,
-                BE=BE, NBS=NBS, NBX=max(_pow2(NBS), 16), SPILL=SPILL, SEL=sel_block, **dims,
+                q, kc, lse_parts, buf, stats, flat, t0, Tcur, T, S, Sc, n_blocks, Hkv, topk, *values, *strides,
+                *flat.stride()[:2], BE=BE, NBS=NBS, NBX=max(_pow2(NBS), 16), SPILL=SPILL, SEL=sel_block, **dims,
                 num_warps=cfg["stream_warps"], num_stages=cfg["stream_stages"])
         else:
             n_chunks = triton.cdiv(n_blocks, NB)

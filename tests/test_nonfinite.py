@@ -491,7 +491,8 @@ def test_nsa_select_nan_query_head(backend, topk, want):
     assert sel[0, 0, 20].sort().values.tolist() == want  # local block 9
 
 
-@pytest.mark.parametrize("config", [{"BE_LSE": 16, "lse_splits": 4, "lse_min_tiles": 1}, {"lse_splits": 1}])
+@pytest.mark.parametrize("config", [{"BE_LSE": 16, "lse_splits": 4, "lse_min_tiles": 1}, {"lse_splits": 1},
+                                    {"lse_splits": 2, "schedule": "stream_topk"}])
 def test_nsa_select_triton_nan_survives_the_lse_splits(config):
     """A NaN compressed key in a long sequence: the split LSE pass and its merge keep the NaN (a max that drops
     it would leave the other splits' finite LSE), so the rows that see it take the forced blocks, then the

@@ -133,7 +133,9 @@ def test_matches_reference(geom, G, Hkv, S, frac, topk, seed):
 
 @pytest.mark.parametrize("geom,G,T,S,topk,schedule", [
     ((8, 4, 16), 2, 256, 256, 8, "chunks"), ((32, 16, 64), 4, 40, 300, 5, "chunks"), ((5, 3, 8), 1, 64, 250, 10, "chunks"),
-    ((8, 4, 16), 2, 256, 256, 8, "stream"), ((32, 16, 64), 4, 40, 300, 5, "stream"), ((16, 4, 8), 3, 50, 230, 6, "stream")])
+    ((8, 4, 16), 2, 256, 256, 8, "stream"), ((32, 16, 64), 4, 40, 300, 5, "stream"), ((16, 4, 8), 3, 50, 230, 6, "stream"),
+    ((8, 4, 16), 2, 256, 256, 8, "stream_topk"), ((32, 16, 64), 4, 40, 300, 5, "stream_topk"),
+    ((16, 4, 8), 3, 50, 230, 16, "stream_topk")])
 def test_long_and_chunked(geom, G, T, S, topk, schedule):
     """Many chunks and chunk ranges per tile (the halo between chunks), or many stream steps (the spill
     carried between steps; (16, 4, 8) spills into two blocks); full prefill and a chunked suffix."""
@@ -146,12 +148,14 @@ def test_long_and_chunked(geom, G, T, S, topk, schedule):
 @settings(max_examples=6)
 @given(geom=st.sampled_from(GEOMETRIES[:4] + [(16, 4, 8), (3, 1, 4)]), G=st.sampled_from([1, 2, 3]),
        S=st.integers(1, 200), frac=st.floats(0.02, 1.0), topk=st.integers(1, 10), seed=st.integers(0, 2**16))
-def test_stream_schedule_matches_reference(geom, G, S, frac, topk, seed):
-    """The stream schedule on drawn shapes (geometries it tiles; spills of one and two blocks)."""
+@pytest.mark.parametrize("schedule", ["stream", "stream_topk"])
+def test_stream_schedule_matches_reference(schedule, geom, G, S, frac, topk, seed):
+    """The stream schedules on drawn shapes (geometries they tile; spills of one and two blocks): the buffer and
+    select, or each row's running top-k ('stream_topk')."""
     block_len, stride, sel_block = geom
     T = max(1, int(min(S, 40) * frac))
     q, kc = random_inputs(2, 1, G, T, S, 16, block_len, stride, seed)
-    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={"schedule": "stream"})
+    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={"schedule": schedule})
     assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
 
 
@@ -240,6 +244,7 @@ def test_the_schedule_that_ran_is_recorded():
                            backend="triton")
         assert used == {"nsa_select_schedule": want, "nsa_select": "triton"}
     assert schedule_for(8, 4, 16, DEV, {"schedule": "chunks"}) == "chunks"
+    assert schedule_for(8, 4, 16, DEV, {"schedule": "stream_topk"}) == "stream_topk"
 
 
 def test_rejects_what_it_cannot_run():
@@ -256,6 +261,8 @@ def test_rejects_what_it_cannot_run():
         nsa_select_triton(q, kc, 40, 5, 3, 8, 4, 0.25, config={"schedule": "stream"})
     with pytest.raises(ValueError, match="schedule must be one of"):
         nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, config={"schedule": "rows"})
+    with pytest.raises(ValueError, match="stream_topk' keeps at most 16"):  # 32 best of a 16-block step
+        nsa_select_triton(q, kc, 40, 8, 4, 16, 17, 0.25, config={"schedule": "stream_topk"})
     with pytest.raises(ValueError, match="unknown"):
         nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, config={"n_splits": 2})
     with pytest.raises(ValueError, match="lse"):
@@ -280,7 +287,9 @@ def _gpu_case(B, T, S, seed, config=None, given_lse=False):
 @pytest.mark.parametrize("T,config,given_lse", [(8192, None, False), (8192, None, True),
                                                 (32768, {"buffer_bytes": 1 << 28}, False),
                                                 (8192, {"schedule": "stream"}, True),
-                                                (32768, {"schedule": "stream", "buffer_bytes": 1 << 28}, False)])
+                                                (32768, {"schedule": "stream", "buffer_bytes": 1 << 28}, False),
+                                                (8192, {"schedule": "stream_topk"}, True),
+                                                (32768, {"schedule": "stream_topk"}, False)])
 def test_gpu_prefill_paper_config(T, config, given_lse):
     """bf16 prefill, batch 2 (8k also with the LSE given; 32k in five query chunks): every row
     well-formed and set-equal to the fp32 reference up to near-ties."""

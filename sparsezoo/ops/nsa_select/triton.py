@@ -32,7 +32,7 @@ def supports(req) -> str | None:
     return None
 
 
-SCHEDULE_OP = "nsa_select_schedule"  # the dispatch record's entry: the kernel's schedule, "stream" or "chunks"
+SCHEDULE_OP = "nsa_select_schedule"  # the dispatch record's entry: the kernel's schedule ("stream", "chunks", ...)
 
 
 def run(q, kc, S: int, block_len: int, stride: int, sel_block: int, topk: int, scale: float, lse=None):
