@@ -318,14 +318,17 @@ class Variant:
         if self.name in ("msa", "moba"):
             return ops.block_sparse_attention(q, self.k, self.v, sel, block_size=c["block"], backend=backend)
         if self.name == "nsa":  # fixed unit gates: the gate MLP is not an attention cost
-            out = 0
+            parts = []
             if "compressed" in branches:
-                out = out + ops.compressed_attention(q, e["kc"], e["vc"], S=S, block_len=c["l"], stride=c["d"],
-                                                     scale=self.scale, backend=backend)
+                parts.append(ops.compressed_attention(q, e["kc"], e["vc"], S=S, block_len=c["l"], stride=c["d"],
+                                                      scale=self.scale, backend=backend))
             if "selected" in branches:
-                out = out + ops.block_sparse_attention(q, self.k, self.v, sel, block_size=c["lsel"], backend=backend)
+                parts.append(ops.block_sparse_attention(q, self.k, self.v, sel, block_size=c["lsel"], backend=backend))
             if "window" in branches:
-                out = out + ops.window_attention(q, self.k, self.v, window=c["w"], backend=backend)
+                parts.append(ops.window_attention(q, self.k, self.v, window=c["w"], backend=backend))
+            out = parts[0]
+            for part in parts[1:]:  # one pass per added branch (no copy of the first)
+                out = out + part
             return out
         if self.name == "dsa":
             return ops.gather_attention(q, self.k, self.v, sel, scale=self.scale, backend=backend)
