@@ -505,9 +505,6 @@ def block_sums_for(block_len: int, stride: int, sel_block: int, device, config: 
     return "reshape"
 
 
-LAUNCH_MODES = ("pdl", "plain")
-
-
 def launch_mode_for(device, pdl: bool | None = None) -> str:
     """'pdl' or 'plain': how nsa_decode_triton launches kernels 2-4 for this device and pdl argument."""
     if pdl is not None and not isinstance(pdl, bool):
