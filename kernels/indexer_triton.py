@@ -106,6 +106,24 @@ def _ordered_key(x):
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
+# int64 ranking keys of (value, id) pairs, for a top-k by value with ties to the smaller id: the value's
+# _ordered_key in the high 32 bits, _LOW_ID - id in the low ones. _KEY_NONE ranks below every such key.
+_KEY_NONE = tl.constexpr(-(2 ** 63))
+_LOW_ID = tl.constexpr(2 ** 31 - 1)
+
+
+@triton.jit
+def _rank_key(key, ids):
+    """int64 ranking keys of int32 order keys `key` (from _ordered_key) and ids `ids` (0 <= id < 2^31)."""
+    return (key.to(tl.int64) << 32) + (ids.to(tl.int64) * -1 + _LOW_ID)
+
+
+@triton.jit
+def _key_ids(keys):
+    """The ids of ranking keys (their low 32 bits)."""
+    return ((keys - ((keys >> 32) << 32)) * -1 + _LOW_ID).to(tl.int32)
+
+
 @triton.jit
 def _relu(s):
     """relu that keeps a NaN (tl.maximum's default drops it on the GPU); one max.NaN instruction on sm_80+."""

@@ -70,7 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsezoo.kernels.indexer_triton import _dot, _ordered_key
+from sparsezoo.kernels.indexer_triton import _KEY_NONE, _dot, _key_ids, _ordered_key, _rank_key
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite, zero_rows
 from sparsezoo.kernels.pdl import check_pdl, gdc_launch_dependents, gdc_wait, pdl_launch, pdl_supported
 from sparsezoo.kernels.sizes import pow2 as _pow2
@@ -103,8 +103,6 @@ BLOCK_SUMS = ("auto", "dot", "reshape")
 _INTERPRET_SMS = 4  # stands in for the SM count on the CPU, so the default grids split too
 _POW2_KEYS = ("BE", "NB", "NB_reshape", "BJ", "BN", "merge_cols")
 
-_KEY_NONE = tl.constexpr(-(2 ** 63))  # below every block's key: a block the query cannot select
-_LOW_ID = tl.constexpr(2 ** 31 - 1)  # a key's low 32 bits hold _LOW_ID - block id
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a NaN importance ranks as this (first, below forced blocks)
 
 
@@ -231,8 +229,7 @@ def _block_keys(imp, j, L):
     first, then a NaN importance, then by importance; ties to the smaller id; blocks past L get _KEY_NONE."""
     imp = tl.where(imp != imp, _FLT_MAX, imp)
     imp = tl.where((j == 0) | (j == L) | (j == L - 1), float("inf"), imp)
-    key = (_ordered_key(imp).to(tl.int64) << 32) + (j.to(tl.int64) * -1 + _LOW_ID)
-    return tl.where(j <= L, key, _KEY_NONE)
+    return tl.where(j <= L, _rank_key(_ordered_key(imp), j), _KEY_NONE)
 
 
 @triton.jit
@@ -249,12 +246,6 @@ def _step_keys(SUM_OWN, SUM_HALO, SUM_MAX, st, chunk0, r, h_ok, lse2, L, nvis, B
                               col < HALO, BM)
     j = st * CPI * NB + tl.arange(0, CPI * NB)
     return _block_keys(tl.reshape(imp, [CPI * NB]), j, L)
-
-
-@triton.jit
-def _key_ids(keys):
-    """Block ids of ranking keys (their low 32 bits)."""
-    return ((keys - ((keys >> 32) << 32)) * -1 + _LOW_ID).to(tl.int32)
 
 
 # ----------------------------------------------------------------------------- kernels

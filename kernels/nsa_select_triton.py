@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsezoo.kernels.indexer_triton import _ordered_key, _select_triton, stats_init
+from sparsezoo.kernels.indexer_triton import _KEY_NONE, _key_ids, _ordered_key, _rank_key, _select_triton, stats_init
 from sparsezoo.kernels.sizes import pow2 as _pow2
 from sparsezoo.kernels.sizes import with_overrides
 
@@ -102,8 +102,6 @@ _P_UNSCALE = tl.constexpr(2.0 ** -15)
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 _KEY_LOW = tl.constexpr(_INT32_MIN)  # below every int32 key
 _KEY_HIGH = tl.constexpr(_INT32_MAX)
-_KEY_NONE = tl.constexpr(-(2 ** 63))  # 'stream_topk': below every block's ranking key (a block not to select)
-_LOW_ID = tl.constexpr(_INT32_MAX)  # a ranking key's low 32 bits hold _LOW_ID - block id
 _ID_PAD = tl.constexpr(_INT32_MAX)  # sorts after every id
 
 
@@ -343,7 +341,7 @@ def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, OUT, t0, Tcur, T, S, Sc, n
             value = tl.where(forced, forced_value, tl.where(nan, nan_value, tl.minimum(imp, max_importance)))
             key = _ordered_key(value)
             if FUSED:
-                rank = tl.where(write, (key.to(tl.int64) << 32) + (j.to(tl.int64) * -1 + _LOW_ID), _KEY_NONE)
+                rank = tl.where(write, _rank_key(key, j), _KEY_NONE)
                 # merge only when a block beats a row's current KP-th best (most steps of a long row do not)
                 if tl.max(tl.where(rank > tl.min(best, axis=1)[:, None], 1, 0)) > 0:
                     if NBX > KP:
@@ -355,8 +353,7 @@ def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, OUT, t0, Tcur, T, S, Sc, n
                 key_max = tl.maximum(key_max, tl.max(tl.where(write, key, _KEY_LOW), axis=1))
         if FUSED:  # the min(K, L + 1) best ids, ascending, then -1
             slot = tl.arange(0, KP)[None, :]
-            ids = ((best - ((best >> 32) << 32)) * -1 + _LOW_ID).to(tl.int32)
-            ids = tl.sort(tl.where(slot < tl.minimum(local + 1, K)[:, None], ids, _ID_PAD), dim=1)
+            ids = tl.sort(tl.where(slot < tl.minimum(local + 1, K)[:, None], _key_ids(best), _ID_PAD), dim=1)
             t_out = (t0 + tt).to(tl.int64)
             tl.store(OUT + bg.to(tl.int64) * sob + t_out[:, None] * sot + slot, tl.where(ids < _ID_PAD, ids, -1),
                      mask=tok_ok[:, None] & (slot < K))
