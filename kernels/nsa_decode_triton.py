@@ -72,7 +72,7 @@ import triton.language as tl
 
 from sparsezoo.kernels.indexer_triton import _KEY_NONE, _dot, _key_ids, _ordered_key, _rank_key
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite, zero_rows
-from sparsezoo.kernels.pdl import check_pdl, gdc_launch_dependents, gdc_wait, pdl_launch, pdl_supported
+from sparsezoo.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_launch, resolve_pdl
 from sparsezoo.kernels.sizes import pow2 as _pow2
 from sparsezoo.kernels.sizes import with_overrides
 
@@ -498,12 +498,7 @@ def block_sums_for(block_len: int, stride: int, sel_block: int, device, config: 
 
 def launch_mode_for(device, pdl: bool | None = None) -> str:
     """'pdl' or 'plain': how nsa_decode_triton launches kernels 2-4 for this device and pdl argument."""
-    if pdl is not None and not isinstance(pdl, bool):
-        raise ValueError(f"pdl must be None, True or False, got {pdl!r}")
-    device = torch.device(device)
-    if pdl is None:
-        pdl = pdl_supported(device)
-    return "pdl" if check_pdl(pdl, device) else "plain"
+    return "pdl" if resolve_pdl(pdl, torch.device(device)) else "plain"
 
 
 def _n_visible_host(pos: int, Sc: int, block_len: int, stride: int) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["check_pdl", "gdc_launch_dependents", "gdc_wait", "pdl_launch", "pdl_supported"]
+__all__ = ["check_pdl", "gdc_launch_dependents", "gdc_wait", "pdl_launch", "pdl_supported", "resolve_pdl"]
 
 
 def pdl_supported(device: torch.device | None) -> bool:
@@ -27,6 +27,16 @@ def check_pdl(pdl: bool, device: torch.device) -> bool:
         raise ValueError(f"pdl (programmatic dependent launch) needs a CUDA GPU of compute capability 9.0 or "
                          f"newer, got {device}")
     return bool(pdl)
+
+
+def resolve_pdl(pdl: bool | None, device: torch.device | None, auto: bool = True) -> bool:
+    """Whether to launch with pdl: None (automatic) -> `auto` where the device supports it, True -> yes after
+    check_pdl (an error where it cannot), False -> no. Another value is an error."""
+    if pdl is None:
+        return auto and pdl_supported(device)
+    if not isinstance(pdl, bool):
+        raise ValueError(f"pdl must be None (automatic), True or False, got {pdl!r}")
+    return check_pdl(pdl, device)
 
 
 def pdl_launch(pdl: bool, device: torch.device) -> dict:

@@ -335,7 +335,7 @@ class MSADecoder:
         self.fp8_index_queries = bool(fp8_index_queries)
         if pdl not in (None, True, False):
             _err(f"pdl must be None (automatic), True or False, got {pdl!r}")
-        self.pdl_setting = pdl
+        self.pdl_setting = None if pdl is None else bool(pdl)
         self.pdl = False  # whether the planned steps use it (plan() decides)
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
         # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages, pages per
@@ -358,12 +358,9 @@ class MSADecoder:
         device = page_table.device if isinstance(page_table, torch.Tensor) else None
         _check_table(page_table, seq_lens, -1, device)
         B, width = page_table.shape
-        from sparsezoo.kernels.pdl import check_pdl, pdl_supported
+        from sparsezoo.kernels.pdl import resolve_pdl
 
-        if self.pdl_setting:
-            self.pdl = check_pdl(True, device)
-        else:
-            self.pdl = self.pdl_setting is None and B == 1 and pdl_supported(device)
+        self.pdl = resolve_pdl(self.pdl_setting, device, auto=B == 1)
         if check:
             lens = seq_lens.tolist()
             if min(lens) < q_len:

@@ -165,7 +165,7 @@ def test_launch_mode_follows_the_device():
     if not pdl_supported(DEV):
         with pytest.raises(ValueError, match="compute capability 9.0"):
             launch_mode_for(DEV, True)
-    with pytest.raises(ValueError, match="pdl must be None, True or False"):
+    with pytest.raises(ValueError, match=r"pdl must be None \(automatic\), True or False"):
         launch_mode_for(DEV, "on")
 
 
