@@ -485,7 +485,10 @@ def reshape_geometry(block_len: int, stride: int, sel_block: int, nb: int) -> tu
 
 def block_sums_for(block_len: int, stride: int, sel_block: int, device, config: dict | None = None) -> str:
     """'reshape' or 'dot': the block sums nsa_decode_triton runs for this geometry, device and config."""
-    cfg = _resolve_config(config, torch.device(device))
+    return _block_sums_mode(_resolve_config(config, torch.device(device)), block_len, stride, sel_block)
+
+
+def _block_sums_mode(cfg: dict, block_len: int, stride: int, sel_block: int) -> str:
     if cfg["block_sums"] == "dot":
         return "dot"
     why = reshape_geometry(block_len, stride, sel_block, cfg["NB_reshape"])
@@ -582,7 +585,7 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
     G = Hq // Hkv
     GP = _pow2(G)
     BM1, BM3, BD, KP = max(16, _pow2(T) * GP), max(16, GP), max(16, _pow2(D)), max(2, _pow2(topk))
-    reshape = block_sums_for(block_len, stride, sel_block, q.device, config) == "reshape"
+    reshape = _block_sums_mode(cfg, block_len, stride, sel_block) == "reshape"
     if reshape:
         NB, EC, BE, HALO = reshape_geometry(block_len, stride, sel_block, cfg["NB_reshape"])
     else:
