@@ -83,9 +83,12 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # 'auto': stream where the geometry allows it, else chunks. H200, 128k, the paper's config with the LSE
 # given: stream 57.8 ms at STREAM_BE 64 (63.5 at 128), chunks 70.2 ms (zoo.py --tune --tune-parts nsa); of the
 # stream's 58 ms, 38 ms write the importances and 20 ms select from them (zoo_profile.py).
-# 'stream_topk' (asked for only: not yet timed on a GPU): the stream walk keeps each row's best blocks itself,
-# merging each step's blocks into a running top-k (int64 ranking keys, bitonic), and writes the selection: no
-# buffer and no select. It needs the stream geometry and pow2(topk) <= the step's padded block count.
+# 'stream_topk' (asked for only): the stream walk keeps each row's best blocks itself, merging each step's
+# blocks into a running top-k (int64 ranking keys, bitonic), and writes the selection: no buffer and no
+# select. It needs the stream geometry and pow2(topk) <= the step's padded block count. Same selection, but
+# slower where it matters (H200, scripts/probes/nsa_select_schedules.py): 69.9 ms against stream's 57.6 ms at
+# 128k (its merges double the walk: 69 ms against 37 + 19), 5.0 against 5.2 ms at 32k; STREAM_ROWS 64 / 256
+# and 4 warps slower still. So `auto` keeps 'stream'.
 NSA_SELECT_CONFIG = {"schedule": "auto", "ROWS": 64, "BE": 64, "STREAM_ROWS": 128, "STREAM_BE": 64,
                      "stream_warps": 8, "stream_stages": 2, "BE_LSE": 128, "CHUNKS": 8, "num_warps": 4,
                      "num_stages": 2, "waves": 2, "lse_min_tiles": 4, "lse_splits": None, "buffer_bytes": 1 << 30,

@@ -1,0 +1,59 @@
+"""NSA selection at the zoo's prefill point (m3 heads, bf16, the paper's config, the compressed branch's LSE
+given): the 'stream' schedule (importances to a buffer, then a select pass) against 'stream_topk' (each row's
+running top-k kept during the walk), kernel device times and whether the two selections agree.
+
+    python scripts/probes/nsa_select_schedules.py [--lengths 32768,131072] [--configs '{"STREAM_ROWS": 64}' ...]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import zoo  # noqa: E402
+
+from sparsezoo.kernels import nsa_select_triton as nst  # noqa: E402
+
+
+def kernel_times(fn, reps=5) -> dict:
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key.strip("_")[:32]: round(e.device_time_total / reps / 1e3, 2) for e in prof.key_averages()
+            if e.device_time_total > 0}
+
+
+def probe(T: int, extra: list[dict]) -> None:
+    var = zoo.Variant("nsa", zoo.CONFIGS["nsa"]["published"], 1, T, T, False)
+    c = var.cfg
+    sel_args = (var.q, var.extra["kc"], T, c["l"], c["d"], c["lsel"], c["n"], var.scale)
+    run = lambda cfg: nst.nsa_select_triton(*sel_args, config=cfg, lse=var.extra["cmp_lse"])
+    want = run({"schedule": "stream"})
+    for cfg in [{"schedule": "stream"}, {"schedule": "stream_topk"}] + [{"schedule": "stream_topk", **x} for x in extra]:
+        try:
+            same = torch.equal(run(cfg), want)
+            ms = zoo.bench(lambda: run(cfg))
+            print(f"T {T} {cfg}: {ms:.2f} ms, same selection as 'stream': {same}, kernels (ms) "
+                  f"{kernel_times(lambda: run(cfg))}", flush=True)
+        except Exception as exc:  # a config that does not compile or fit: say so, go on
+            print(f"T {T} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", default="32768,131072")
+    p.add_argument("--configs", nargs="*", default=[], help="extra JSON configs (stream_topk unless they say)")
+    args = p.parse_args()
+    for T in (int(x) for x in args.lengths.split(",")):
+        probe(T, [json.loads(x) for x in args.configs])
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
