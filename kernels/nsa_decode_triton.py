@@ -579,7 +579,7 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
     (an error without such a GPU), False never."""
     _check_inputs(q, kc, vc, k, v, k_win, v_win, block_len, stride, sel_block, topk, window, gates)
     cfg = _resolve_config(config, q.device)
-    chained = pdl_launch(launch_mode_for(q.device, pdl) == "pdl", q.device)
+    chained = pdl_launch(resolve_pdl(pdl, q.device), q.device)
     B, Hq, T, D = q.shape
     Hkv, S, Sc = k.shape[1], k.shape[2], kc.shape[2]
     G = Hq // Hkv

@@ -34,8 +34,7 @@ def compressed_attention_flex(q, kc, vc, S: int, block_len: int, stride: int, sc
     mask = range_block_mask(zero, hi, T, Sc, compressed_causal, needs_grad(q, kc, vc), full=(zero, full_hi))
     out = run_flex(q, kc, vc, mask, scale, return_lse, enable_gqa=Hq != kc.shape[1])
     pos = torch.arange(S - T, S, device=q.device)
-    n_seen = torch.where(pos >= block_len - 1, (pos - block_len + 1) // stride + 1, 0)  # visible entries
-    bad = q_bad | rows_seeing_key_ranges(kv_bad, torch.zeros_like(pos), n_seen, Hq)
+    bad = q_bad | rows_seeing_key_ranges(kv_bad, torch.zeros_like(pos), n_visible(pos), Hq)
     return finish(out[0], bad, lse=out[1]) if return_lse else finish(out, bad)
 
 
