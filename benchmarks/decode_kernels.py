@@ -79,8 +79,28 @@ def main(argv=None) -> list[dict]:
     points = [tuple(int(x) for x in pt.split(":")) for pt in args.points.split(",")]
     pdls = [PDL_MODES[x] for x in args.pdl.split(",")]
     configs = json.loads(args.index_configs)
-    return [profile_point(S, B, idx, pdl, cfg) for S, B in points for idx in args.index.split(",") for pdl in pdls
+    recs = [profile_point(S, B, idx, pdl, cfg) for S, B in points for idx in args.index.split(",") for pdl in pdls
             for cfg in configs]
+    print_registers()
+    return recs
+
+
+def print_registers() -> None:
+    """Registers and spills per thread of every compiled variant of the indexer's split kernels (what
+    bounds how many programs an SM keeps resident). Reads Triton's per-device kernel caches."""
+    from sparsezoo.kernels import decode_indexer as idx
+
+    for name in ("_index_split_kernel", "_index_split_deferred_kernel"):
+        fn = getattr(idx, name)
+        for cache in getattr(fn, "device_caches", {}).values():
+            for kernel in cache[0].values():
+                consts = {k: v for k, v in getattr(kernel.src, "constants", {}).items()
+                          if isinstance(v, (int, bool)) and not isinstance(k, tuple)}
+                print(json.dumps(dict(kernel=name, n_regs=getattr(kernel, "n_regs", None),
+                                      n_spills=getattr(kernel, "n_spills", None),
+                                      num_warps=kernel.metadata.num_warps,
+                                      maxnreg=getattr(kernel.metadata, "maxnreg", None),
+                                      constants={str(k): v for k, v in consts.items()})), flush=True)
 
 
 if __name__ == "__main__":

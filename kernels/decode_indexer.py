@@ -35,6 +35,8 @@ FP8_MAX = tl.constexpr(448.0)  # the largest finite e4m3 value
 
 # Index-key scale modes (fp8 caches); 0 = unscaled keys.
 SCALE_NONE, SCALE_PAGE, SCALE_TOKEN = 0, 1, 2
+# deferred_topk: scores ranked per chunk of at most this many (row, block) pairs.
+RANK_ELEMENTS = 4096
 _SCALE_MODES = {None: SCALE_NONE, "page": SCALE_PAGE, "token": SCALE_TOKEN}
 
 
@@ -72,6 +74,55 @@ def _fp8_rows(q):
 
 
 @triton.jit
+def _load_queries(q_ptr, b, stride_qb, stride_qh, stride_qt, rows,
+                  H: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, FP8_KEYS: tl.constexpr,
+                  FP8_QUERY: tl.constexpr):
+    """The H_i x Q index-query rows of request b in the score dot's operand type, the factor that undoes
+    the scalar query scaling, and the per-row factor that undoes the fp8 query rounding."""
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + (rows // Q)[:, None] * stride_qh + (rows % Q)[:, None] * stride_qt
+                + d[None, :], mask=(rows < H * Q)[:, None], other=0.0)
+    q_unscale = 1.0
+    row_unscale = tl.full(rows.shape, 1.0, tl.float32)
+    if FP8_QUERY:  # an fp8 x fp8 dot (native on sm_90 from 64 rows): the keys stay e4m3, q is rounded per row
+        q, row_unscale = _fp8_rows(q)
+    elif FP8_KEYS:
+        # e4m3 keys convert exactly to fp16; scale q by a power of two into fp16's range (exact).
+        amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0)
+        q_scale = tl.minimum(tl.exp2(tl.floor(tl.log2(16384.0 / tl.maximum(amax, 1e-30)))), 1.0)
+        q = (q.to(tl.float32) * q_scale).to(tl.float16)
+        q_unscale = 1.0 / q_scale
+    return q, q_unscale, row_unscale
+
+
+@triton.jit
+def _step_maxima(q, kidx_ptr, kscale_ptr, pages, ok, stride_kp, stride_kt, score_scale, row_unscale,
+                 D: tl.constexpr, PAGE: tl.constexpr, NB: tl.constexpr, SCALE_MODE: tl.constexpr,
+                 IEEE: tl.constexpr, FP8_QUERY: tl.constexpr):
+    """Scaled block scores [rows, NB] of NB pages (one tensor-core dot, then the max per page); a NaN
+    score ranks first (+inf)."""
+    tok = tl.arange(0, PAGE)
+    d = tl.arange(0, D)
+    offs = pages[:, None, None] * stride_kp + tok[None, :, None] * stride_kt + d[None, None, :]
+    k = tl.load(kidx_ptr + offs, mask=ok[:, None, None], other=0.0)
+    k = tl.reshape(k, [NB * PAGE, D]).to(q.dtype)
+    if IEEE:
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        sc = tl.dot(q, tl.trans(k))
+    if SCALE_MODE == 2:
+        tscale = tl.load(kscale_ptr + pages[:, None] * PAGE + tok[None, :], mask=ok[:, None], other=0.0)
+        sc = sc * tl.reshape(tscale, [NB * PAGE])[None, :]
+    m = tl.reduce(tl.reshape(sc, [q.shape[0], NB, PAGE]), 2, max_keep_nan)  # block max, NaN kept
+    if FP8_QUERY:  # a positive per-row factor commutes with the max
+        m = m * row_unscale[:, None]
+    m = tl.where(m == m, m, float("inf"))  # a NaN score ranks first
+    if SCALE_MODE == 1:
+        m = m * tl.load(kscale_ptr + pages, mask=ok, other=0.0)[None, :]
+    return m * score_scale
+
+
+@triton.jit
 def _index_split_kernel(
     q_ptr, kidx_ptr, kscale_ptr, pt_ptr, lens_ptr, part_ptr,
     stride_qb, stride_qh, stride_qt,
@@ -94,53 +145,25 @@ def _index_split_kernel(
     end = tl.minimum(start + blocks_per_split, n_cand)
 
     rows = tl.arange(0, ROWS)
-    h = rows // Q
-    t = rows % Q
     row_ok = rows < H * Q
-    local = (seq_len - Q + t) // PAGE  # local block per query row
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    q_unscale = 1.0
-    row_unscale = tl.full([ROWS], 1.0, tl.float32)
-    if FP8_QUERY:  # an fp8 x fp8 dot (native on sm_90 from 64 rows): the keys stay e4m3, q is rounded per row
-        q, row_unscale = _fp8_rows(q)
-    elif FP8_KEYS:
-        # e4m3 keys convert exactly to fp16; scale q by a power of two into fp16's range (exact).
-        amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0)
-        q_scale = tl.minimum(tl.exp2(tl.floor(tl.log2(16384.0 / tl.maximum(amax, 1e-30)))), 1.0)
-        q = (q.to(tl.float32) * q_scale).to(tl.float16)
-        q_unscale = 1.0 / q_scale
+    local = (seq_len - Q + rows % Q) // PAGE  # local block per query row
+    q, q_unscale, row_unscale = _load_queries(q_ptr, b, stride_qb, stride_qh, stride_qt, rows, H, Q, D,
+                                              FP8_KEYS, FP8_QUERY)
 
     # Running top-(k-1) per row as packed keys. Empty slots hold distinct keys below any real one;
     # padding slots (>= K1) hold the largest key so they are never evicted.
     slot = tl.arange(0, K1P)
     empty = tl.where(slot < K1, -9223372036854775807 + slot.to(tl.int64), 9223372036854775807)
     top = empty[None, :] + tl.zeros([ROWS, K1P], tl.int64)
-    tok = tl.arange(0, PAGE)
     nb = tl.arange(0, NB)
 
     for j0 in range(start, end, NB):  # NB pages per step: one [ROWS, NB*PAGE] dot
         jj = j0 + nb
         ok = jj < end
         pages = tl.load(pt_ptr + b * stride_ptb + jj, mask=ok, other=0).to(tl.int64)
-        offs = pages[:, None, None] * stride_kp + tok[None, :, None] * stride_kt + d[None, None, :]
-        k = tl.load(kidx_ptr + offs, mask=ok[:, None, None], other=0.0)
-        k = tl.reshape(k, [NB * PAGE, D]).to(q.dtype)
-        if IEEE:
-            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            sc = tl.dot(q, tl.trans(k))
-        if SCALE_MODE == 2:
-            tscale = tl.load(kscale_ptr + pages[:, None] * PAGE + tok[None, :], mask=ok[:, None], other=0.0)
-            sc = sc * tl.reshape(tscale, [NB * PAGE])[None, :]
-        m = tl.reduce(tl.reshape(sc, [ROWS, NB, PAGE]), 2, max_keep_nan)  # block max [ROWS, NB], NaN kept
-        if FP8_QUERY:  # a positive per-row factor commutes with the max
-            m = m * row_unscale[:, None]
-        m = tl.where(m == m, m, float("inf"))  # a NaN score ranks first
-        if SCALE_MODE == 1:
-            m = m * tl.load(kscale_ptr + pages, mask=ok, other=0.0)[None, :]
-        keys = _pack(m * (sm_scale * q_unscale), jj[None, :])
+        m = _step_maxima(q, kidx_ptr, kscale_ptr, pages, ok, stride_kp, stride_kt, sm_scale * q_unscale,
+                         row_unscale, D, PAGE, NB, SCALE_MODE, IEEE, FP8_QUERY)
+        keys = _pack(m, jj[None, :])
         takes = ok[None, :] & (jj[None, :] < local[:, None])
         # Most steps improve no row's top-(k-1): once it is full, a block enters only if it beats the
         # row's current worst, which only rises. One test against the worst before the step skips the
@@ -158,6 +181,69 @@ def _index_split_kernel(
 
     out = ((b * n_splits + s) * (H * Q) + rows[:, None]) * K1 + slot[None, :]
     tl.store(part_ptr + out, top, mask=row_ok[:, None] & (slot[None, :] < K1))
+
+
+@triton.jit
+def _index_split_deferred_kernel(
+    q_ptr, kidx_ptr, kscale_ptr, pt_ptr, lens_ptr, part_ptr, mx_ptr,
+    stride_qb, stride_qh, stride_qt,
+    stride_kp, stride_kt,
+    stride_ptb,
+    blocks_per_split, n_splits, sm_scale,
+    H: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    K1: tl.constexpr, K1P: tl.constexpr, ROWS: tl.constexpr, SCALE_MODE: tl.constexpr,
+    IEEE: tl.constexpr, FP8_KEYS: tl.constexpr, FP8_QUERY: tl.constexpr, NB: tl.constexpr,
+    RR: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """The split kernel with the top-(k-1) after the page loop: the loop only scores pages and stores
+    each block's score (fp32, the real rows only) in this program's slice of `mx_ptr`
+    [B, n_splits, H_i * Q, blocks_per_split]; then the program ranks its own scores in chunks of CH
+    blocks. No top-k state lives through the loop, so the loop holds only the dot's registers."""
+    if PDL:
+        gdc_launch_dependents()
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    seq_len = tl.load(lens_ptr + b)
+    n_cand = (seq_len - 1) // PAGE
+    start = s * blocks_per_split
+    end = tl.minimum(start + blocks_per_split, n_cand)
+
+    rows = tl.arange(0, ROWS)
+    q, q_unscale, row_unscale = _load_queries(q_ptr, b, stride_qb, stride_qh, stride_qt, rows, H, Q, D,
+                                              FP8_KEYS, FP8_QUERY)
+    base = mx_ptr + (b * n_splits + s).to(tl.int64) * (H * Q) * blocks_per_split
+    nb = tl.arange(0, NB)
+    for j0 in range(start, end, NB):
+        jj = j0 + nb
+        ok = jj < end
+        pages = tl.load(pt_ptr + b * stride_ptb + jj, mask=ok, other=0).to(tl.int64)
+        m = _step_maxima(q, kidx_ptr, kscale_ptr, pages, ok, stride_kp, stride_kt, sm_scale * q_unscale,
+                         row_unscale, D, PAGE, NB, SCALE_MODE, IEEE, FP8_QUERY)
+        tl.store(base + rows[:, None] * blocks_per_split + (jj - start)[None, :], m,
+                 mask=(rows < H * Q)[:, None] & ok[None, :])
+    tl.debug_barrier()  # this program's scores, written by all its threads, are visible to all of them
+
+    r = tl.arange(0, RR)
+    r_ok = r < H * Q
+    local = (seq_len - Q + r % Q) // PAGE
+    slot = tl.arange(0, K1P)
+    empty = tl.where(slot < K1, -9223372036854775807 + slot.to(tl.int64), 9223372036854775807)
+    top = empty[None, :] + tl.zeros([RR, K1P], tl.int64)
+    for c0 in range(0, end - start, CH):
+        i = c0 + tl.arange(0, CH)
+        jj = start + i
+        valid = r_ok[:, None] & (jj < end)[None, :] & (jj[None, :] < local[:, None])
+        v = tl.load(base + r[:, None] * blocks_per_split + i[None, :], mask=valid, other=0.0)
+        cand = tl.where(valid, _pack(v, jj[None, :]), -9223372036854775807)
+        for _ in tl.static_range(K1):  # each row's best remaining block replaces its worst if it beats it
+            best = tl.max(cand, axis=1)
+            worst = tl.min(top, axis=1)
+            take = best > worst
+            top = tl.where((top == worst[:, None]) & take[:, None], best[:, None], top)
+            cand = tl.where(cand == best[:, None], -9223372036854775807, cand)
+
+    out = ((b * n_splits + s) * (H * Q) + r[:, None]) * K1 + slot[None, :]
+    tl.store(part_ptr + out, top, mask=r_ok[:, None] & (slot[None, :] < K1))
 
 
 @triton.jit
@@ -213,12 +299,18 @@ def index_workspace(batch: int, q_len: int, heads: int, topk: int, n_splits: int
     return torch.empty((batch, n_splits, heads * q_len, k1), dtype=torch.int64, device=device)
 
 
+def score_workspace(batch: int, q_len: int, heads: int, blocks_per_split: int, n_splits: int, device):
+    """Scratch for `deferred_topk`: every candidate block's score (fp32) per split and query row."""
+    return torch.empty((batch, n_splits, heads * q_len, blocks_per_split), dtype=torch.float32, device=device)
+
+
 def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: torch.Tensor | None,
                   scale_mode: str | None, page_table: torch.Tensor, seq_lens: torch.Tensor, *,
                   topk: int, scale: float, blocks_per_split: int, n_splits: int,
                   out: torch.Tensor, workspace: torch.Tensor, num_warps: int = 4,
                   num_stages: int = 3, pages_per_step: int = 2, fp8_queries: bool = False,
-                  min_rows: int = 16, merge_warps: int = 0, pdl: bool = False) -> torch.Tensor:
+                  min_rows: int = 16, merge_warps: int = 0, pdl: bool = False,
+                  scores: torch.Tensor | None = None) -> torch.Tensor:
     """Launch split + merge. q_idx [B, H_i, Q, D_i]; k_idx_cache [P, page, D_i]; page_table int32
     [B, n_pages]; seq_lens int32 [B] (lengths including the Q new tokens); out int32 [B, H_i, Q, k].
     fp8_queries (fp8 keys only): round each query row to e4m3 (scaled to the row's largest magnitude,
@@ -229,7 +321,9 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
     compile shows QGMMA), for 16x the rows. merge_warps: warps of the merge program that picks a row's
     top-k from every split's candidates (0: 4 up to 2,048 candidates, else 8). pdl: the merge is a
     programmatic dependent launch (`kernels/pdl.py`) that the split kernel lets start at once; it waits
-    for the split kernel before reading the candidates. No host syncs: capturable in a CUDA graph."""
+    for the split kernel before reading the candidates. scores (`score_workspace`): rank after the page loop
+    (`_index_split_deferred_kernel`) instead of keeping a running top-k in it. No host syncs: capturable in a
+    CUDA graph."""
     B, H, Q, D = q_idx.shape
     page = k_idx_cache.shape[1]
     if topk < 2:
@@ -250,21 +344,27 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
         raise ValueError(f"min_rows must be a power of two >= 16 (a tensor-core tile), got {min_rows}")
     if merge_warps not in (0, 1, 2, 4, 8, 16, 32):
         raise ValueError(f"merge_warps must be 0 (automatic) or a power of two up to 32, got {merge_warps}")
+    if scores is not None and (scores.dtype != torch.float32 or tuple(scores.shape) != (B, n_splits, H * Q,
+                                                                                       blocks_per_split)):
+        raise ValueError(f"scores must be fp32 {(B, n_splits, H * Q, blocks_per_split)} (score_workspace), got "
+                         f"{scores.dtype} {tuple(scores.shape)}")
     k1 = topk - 1
     part = workspace
     rows = max(min_rows, _next_pow2(H * Q))
     scale_arg = k_idx_scale if k_idx_scale is not None else q_idx
-    _index_split_kernel[(B, n_splits)](
-        q_idx, k_idx_cache, scale_arg, page_table, seq_lens, part,
-        q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
-        k_idx_cache.stride(0), k_idx_cache.stride(1),
-        page_table.stride(0),
-        blocks_per_split, n_splits, scale,
-        H=H, Q=Q, D=D, PAGE=page, K1=k1, K1P=_next_pow2(k1), ROWS=rows, SCALE_MODE=mode,
-        IEEE=q_idx.dtype == torch.float32 and k_idx_cache.dtype == torch.float32,
-        FP8_KEYS=fp8_keys, FP8_QUERY=bool(fp8_queries), NB=pages_per_step, PDL=check_pdl(pdl, q_idx.device),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    args = (q_idx.stride(0), q_idx.stride(1), q_idx.stride(2), k_idx_cache.stride(0), k_idx_cache.stride(1),
+            page_table.stride(0), blocks_per_split, n_splits, scale)
+    meta = dict(H=H, Q=Q, D=D, PAGE=page, K1=k1, K1P=_next_pow2(k1), ROWS=rows, SCALE_MODE=mode,
+                IEEE=q_idx.dtype == torch.float32 and k_idx_cache.dtype == torch.float32,
+                FP8_KEYS=fp8_keys, FP8_QUERY=bool(fp8_queries), NB=pages_per_step,
+                PDL=check_pdl(pdl, q_idx.device), num_warps=num_warps, num_stages=num_stages)
+    if scores is None:
+        _index_split_kernel[(B, n_splits)](q_idx, k_idx_cache, scale_arg, page_table, seq_lens, part, *args, **meta)
+    else:
+        rr = _next_pow2(H * Q)
+        ch = max(16, min(_next_pow2(blocks_per_split), RANK_ELEMENTS // rr))
+        _index_split_deferred_kernel[(B, n_splits)](q_idx, k_idx_cache, scale_arg, page_table, seq_lens, part,
+                                                    scores, *args, RR=rr, CH=ch, **meta)
     nc = _next_pow2(n_splits * k1)
     _index_merge_kernel[(B, H * Q)](
         part, seq_lens, out,

@@ -295,6 +295,21 @@ def _check_table(page_table, seq_lens, B, device):
         _err(f"page_table and seq_lens must be on {device}, got {page_table.device} and {seq_lens.device}")
 
 
+# The decode indexer's launch settings (MSADecoder's index_config; kernels/decode_indexer.decode_select).
+INDEX_CONFIG = dict(programs_per_sm=2, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2, min_rows=16,
+                    merge_warps=0, deferred_topk=False)
+
+
+def index_defaults(batch: int, fp8_index_queries: bool) -> dict:
+    """INDEX_CONFIG, tuned for the batch and the score dot. fp8 x fp8 scores from batch 2 on: a 64-row
+    warpgroup dot (native fp8 on sm_90), one page per step and the top-k after the page loop, which leaves
+    the loop 96 registers per thread, so 4 programs fit per SM (H200, 1M tokens, batch 8: the split
+    kernel 0.274 ms against 0.327 ms, 3.9 TB/s; benchmarks/decode_kernels.py)."""
+    if fp8_index_queries and batch >= 2:
+        return {**INDEX_CONFIG, "min_rows": 64, "deferred_topk": True, "programs_per_sm": 4, "pages_per_step": 1}
+    return dict(INDEX_CONFIG)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -309,7 +324,7 @@ class MSADecoder:
     The selection of the last run stays in `self.selection` (int32 [B, H_i, Q, topk]).
     fp8_index_queries (caches with fp8 index keys): the index queries are rounded to e4m3 too, per row
     scaled to its largest magnitude, so the index scores are an fp8 x fp8 dot (native fp8 tensor cores
-    on sm_90 with index_config min_rows=64; 16 rows unpack to fp16 there); the
+    on sm_90 with index_config min_rows=64, the default from batch 2 on; 16 rows unpack to fp16 there); the
     selection then equals the reference on `kernels.decode_indexer.fp8_query_round_trip(q_idx)`.
     pdl (CUDA, compute capability 9.0+): the step's second to fourth kernels are programmatic dependent
     launches (`kernels/pdl.py`), each started while the one before it runs, so their launch latency and
@@ -340,13 +355,14 @@ class MSADecoder:
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
         # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages, pages per
         # step, the score dot's minimum rows (64: a native fp8 warpgroup dot with fp8_index_queries on sm_90),
-        # the top-k merge's warps (0: by candidate count).
-        self.index_config = dict(programs_per_sm=2, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2,
-                                 min_rows=16, merge_warps=0)
-        unknown = set(index_config or {}) - set(self.index_config)
+        # the top-k merge's warps (0: by candidate count), and whether the split kernel ranks its blocks after
+        # its page loop (deferred_topk) instead of in it. `plan()` resolves the defaults for the batch
+        # (`index_defaults`); the keys given here override them.
+        unknown = set(index_config or {}) - set(INDEX_CONFIG)
         if unknown:
-            _err(f"unknown index_config keys {sorted(unknown)}; valid: {sorted(self.index_config)}")
-        self.index_config.update(index_config or {})
+            _err(f"unknown index_config keys {sorted(unknown)}; valid: {sorted(INDEX_CONFIG)}")
+        self.index_overrides = dict(index_config or {})
+        self.index_config = {**INDEX_CONFIG, **self.index_overrides}  # plan() resolves it for the batch
 
     def plan(self, seq_lens: torch.Tensor, page_table: torch.Tensor, q_len: int, *,
              num_pages: int | None = None, check: bool = True) -> None:
@@ -389,6 +405,7 @@ class MSADecoder:
 
         sms = _num_sms(device)
         self.B, self.q_len = B, q_len
+        self.index_config = {**index_defaults(B, self.fp8_index_queries), **self.index_overrides}
         self.page_table = torch.zeros((B, width), dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(B, dtype=torch.int32, device=device)
         self.selection = torch.full((B, self.hkv, q_len, self.topk), -1, dtype=torch.int32, device=device)
@@ -396,6 +413,8 @@ class MSADecoder:
         self.index_split = idx.plan_splits(B, width, sms, min_blocks=cfg["min_blocks"] if device.type == "cuda" else 2,
                                            programs_per_sm=cfg["programs_per_sm"])
         self.index_ws = idx.index_workspace(B, q_len, self.hkv, self.topk, self.index_split[1], device)
+        self.index_scores = (idx.score_workspace(B, q_len, self.hkv, *self.index_split, device)
+                             if cfg["deferred_topk"] else None)
         self.attn_split = att.plan_splits(B * self.hkv * q_len, self.topk, sms)
         self.attn_ws = att.attention_workspace(B, self.hkv, q_len, self.hq // self.hkv, self.d,
                                                self.attn_split[1], device)
@@ -424,7 +443,8 @@ class MSADecoder:
                                  num_warps=self.index_config["num_warps"], num_stages=self.index_config["num_stages"],
                                  pages_per_step=self.index_config["pages_per_step"],
                                  fp8_queries=self.fp8_index_queries, min_rows=self.index_config["min_rows"],
-                                 merge_warps=self.index_config["merge_warps"], pdl=self.pdl)
+                                 merge_warps=self.index_config["merge_warps"], pdl=self.pdl,
+                                 scores=self.index_scores)
 
     def attend(self, q: torch.Tensor, cache: PagedKVCache, *, return_lse: bool = False,
                out: torch.Tensor | None = None, _checked: bool = False):

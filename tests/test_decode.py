@@ -145,16 +145,39 @@ def test_attention_splits_merge_exactly(n_splits, merge_elements, device, monkey
                          atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=device.type == "cpu")
 
 
-@pytest.mark.parametrize("q_len,pages_per_step", [(1, 2), (3, 1), (2, 4)])
-def test_local_block_boundary_and_short(q_len, pages_per_step, device):
+@pytest.mark.parametrize("q_len,index_config", [
+    (1, dict(pages_per_step=2)), (3, dict(pages_per_step=1)), (2, dict(pages_per_step=4)),
+    (1, dict(deferred_topk=True)), (3, dict(deferred_topk=True, pages_per_step=1))])
+def test_local_block_boundary_and_short(q_len, index_config, device):
     """Queries straddling a block boundary get different candidate sets; tiny requests keep only
-    their visible blocks."""
+    their visible blocks (both split kernels: top-k in the page loop and after it)."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     lens = [16 * 5 + 1, 16 * 5 + 2, q_len, 16 + q_len - 1, 16 * 7]
     args = dict(SMALL, hq=4, topk=4, dtype=dtype, device=device)
-    cache, alloc, _, q, q_idx, dec, out, lse = decode_case(lens, q_len, seed=3, **args,
-                                                           index_config=dict(pages_per_step=pages_per_step))
+    cache, alloc, _, q, q_idx, dec, out, lse = decode_case(lens, q_len, seed=3, **args, index_config=index_config)
     compare_to_reference(lens, q_len, cache, alloc, q, q_idx, dec, out, lse, topk=4,
+                         sel_eps=1e-5 if device.type == "cpu" else 5e-2,
+                         atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=device.type == "cpu")
+
+
+@pytest.mark.parametrize("blocks_per_split", [7, 40])
+def test_deferred_topk_ranks_in_chunks(blocks_per_split, device, monkeypatch):
+    """deferred_topk with chunks of 16 blocks: a split of 40 blocks ranks three chunks (the last one
+    partial), one of 7 a single partial chunk; the selections equal the reference's sets."""
+    from sparsezoo.kernels import decode_indexer as idx
+
+    monkeypatch.setattr(idx, "RANK_ELEMENTS", 16)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    lens, Q, topk = [16 * 90 + 3, 16 * 41, 200], 2, 6
+    args = dict(SMALL, hq=4, topk=topk, dtype=dtype, device=device)
+    cache, alloc, _, q, q_idx, dec, _, _ = decode_case(lens, Q, seed=6, **args,
+                                                       index_config=dict(deferred_topk=True))
+    n_splits = math.ceil(90 / blocks_per_split)
+    dec.index_split = (blocks_per_split, n_splits)
+    dec.index_ws = idx.index_workspace(len(lens), Q, SMALL["hkv"], topk, n_splits, device)
+    dec.index_scores = idx.score_workspace(len(lens), Q, SMALL["hkv"], blocks_per_split, n_splits, device)
+    out, lse = dec.run(q, q_idx, cache, return_lse=True)
+    compare_to_reference(lens, Q, cache, alloc, q, q_idx, dec, out, lse, topk=topk,
                          sel_eps=1e-5 if device.type == "cpu" else 5e-2,
                          atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=device.type == "cpu")
 
@@ -187,8 +210,9 @@ def test_fp8_index_keys_kernel_matches_dequantized_reference(mode, device):
                          atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=False)
 
 
-@pytest.mark.parametrize("mode,min_rows,merge_warps", [("token", 16, 0), ("page", 16, 16), ("page", 64, 0)])
-def test_fp8_index_queries_match_the_reference_on_rounded_queries(mode, min_rows, merge_warps, device):
+@pytest.mark.parametrize("mode,min_rows,merge_warps,deferred", [
+    ("token", 16, 0, False), ("page", 16, 16, False), ("page", 64, 0, False), ("token", 64, 0, True)])
+def test_fp8_index_queries_match_the_reference_on_rounded_queries(mode, min_rows, merge_warps, deferred, device):
     """fp8_index_queries: one fp8 x fp8 dot ranks like the reference on the dequantised keys and the
     e4m3-rounded queries (fp8_query_round_trip); the attention is unchanged."""
     from sparsezoo.kernels.decode_indexer import fp8_query_round_trip
@@ -204,7 +228,7 @@ def test_fp8_index_queries_match_the_reference_on_rounded_queries(mode, min_rows
     q_idx[0, 0, 0] = 0.0  # an all-zero row keeps its zeros (no 0/0 scale)
     dec = MSADecoder(num_q_heads=4, num_kv_heads=shape["hkv"], head_dim=shape["d"], index_dim=shape["di"],
                      block_size=shape["page"], topk=topk, fp8_index_queries=True,
-                     index_config=dict(min_rows=min_rows, merge_warps=merge_warps))
+                     index_config=dict(min_rows=min_rows, merge_warps=merge_warps, deferred_topk=deferred))
     dec.plan(seq_lens, table, Q, num_pages=cache.num_pages)
     out, lse = dec.run(q, q_idx, cache, return_lse=True)
     exact = device.type == "cpu"  # the interpreter in fp32: the same sets as the reference
@@ -448,11 +472,13 @@ M3 = dict(hq=64, hkv=4, d=128, di=128, page=128)
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_len", [1, 4])
 @pytest.mark.parametrize("index_dtype,mode", [(None, None), (FP8, "token"), (FP8, "page")])
-def test_gpu_m3_bf16(q_len, index_dtype, mode):
+@pytest.mark.parametrize("deferred", [False, True])
+def test_gpu_m3_bf16(q_len, index_dtype, mode, deferred):
     lens = [40 * 128 + 5, 3 * 128, 17 * 128 + 127, 9000]
     cache, alloc, _, q, q_idx, dec, out, lse = decode_case(lens, q_len, topk=16, dtype=torch.bfloat16,
                                                            device=torch.device("cuda"), index_dtype=index_dtype,
-                                                           index_scale=mode, seed=11, **M3)
+                                                           index_scale=mode, seed=11, **M3,
+                                                           index_config=dict(deferred_topk=deferred))
     compare_to_reference(lens, q_len, cache, alloc, q, q_idx, dec, out, lse, topk=16, sel_eps=2e-2,
                          atol=3e-2, exact_sel=False)
 
