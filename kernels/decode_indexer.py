@@ -41,6 +41,8 @@ FP8_MAX = tl.constexpr(448.0)  # the largest finite e4m3 value
 SCALE_NONE, SCALE_PAGE, SCALE_TOKEN = 0, 1, 2
 # deferred_topk: scores ranked per chunk of at most this many (row, block) pairs.
 RANK_ELEMENTS = 4096
+# rank_in_merge: the most blocks one merge program ranks (n_splits * blocks_per_split).
+MERGE_BLOCKS = 16384
 _SCALE_MODES = {None: SCALE_NONE, "page": SCALE_PAGE, "token": SCALE_TOKEN}
 
 
@@ -197,7 +199,7 @@ def _index_split_deferred_kernel(
     H: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     K1: tl.constexpr, K1P: tl.constexpr, ROWS: tl.constexpr, SCALE_MODE: tl.constexpr,
     IEEE: tl.constexpr, FP8_KEYS: tl.constexpr, FP8_QUERY: tl.constexpr, NB: tl.constexpr,
-    RR: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr = False,
+    RR: tl.constexpr, CH: tl.constexpr, RANK: tl.constexpr = True, PDL: tl.constexpr = False,
 ):
     """The split kernel with the top-(k-1) after the page loop: the loop only scores pages and stores
     each block's score (fp32, the real rows only) in this program's slice of `mx_ptr`
@@ -225,6 +227,16 @@ def _index_split_deferred_kernel(
                          row_unscale, D, PAGE, NB, SCALE_MODE, IEEE, FP8_QUERY)
         tl.store(base + rows[:, None] * blocks_per_split + (jj - start)[None, :], m,
                  mask=(rows < H * Q)[:, None] & ok[None, :])
+    if RANK:
+        _rank_scores(base, part_ptr, b, s, n_splits, start, end, blocks_per_split, seq_len,
+                     H, Q, PAGE, K1, K1P, RR, CH)
+
+
+@triton.jit
+def _rank_scores(base, part_ptr, b, s, n_splits, start, end, blocks_per_split, seq_len,
+                 H: tl.constexpr, Q: tl.constexpr, PAGE: tl.constexpr, K1: tl.constexpr, K1P: tl.constexpr,
+                 RR: tl.constexpr, CH: tl.constexpr):
+    """The split's top-(k-1) per row from the block scores its program just stored at `base`."""
     tl.debug_barrier()  # this program's scores, written by all its threads, are visible to all of them
 
     r = tl.arange(0, RR)
@@ -256,7 +268,7 @@ def _index_merge_kernel(
     stride_sb, stride_sh, stride_st,
     n_splits,
     H: tl.constexpr, Q: tl.constexpr, PAGE: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
-    NC: tl.constexpr, PDL: tl.constexpr = False,
+    NC: tl.constexpr, SCORES: tl.constexpr = False, blocks_per_split=1, PDL: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     row = tl.program_id(1)
@@ -270,8 +282,15 @@ def _index_merge_kernel(
     n_valid = tl.minimum(local, K1)
 
     c = tl.arange(0, NC)
-    src = ((b * n_splits + c // K1) * (H * Q) + row) * K1 + c % K1
-    keys = tl.load(part_ptr + src, mask=c < n_splits * K1, other=-9223372036854775807)
+    if SCORES:  # part_ptr holds every block's score ([B, n_splits, H * Q, blocks_per_split]): block c
+        split = c // blocks_per_split
+        ok = c < local
+        src = ((b * n_splits + split) * (H * Q) + row).to(tl.int64) * blocks_per_split + c % blocks_per_split
+        score = tl.load(part_ptr + src, mask=ok, other=0.0)
+        keys = tl.where(ok, _pack(score, c), -9223372036854775807)
+    else:
+        src = ((b * n_splits + c // K1) * (H * Q) + row) * K1 + c % K1
+        keys = tl.load(part_ptr + src, mask=c < n_splits * K1, other=-9223372036854775807)
 
     kk = tl.arange(0, KP)
     out = tl.zeros([KP], tl.int32) - 1
@@ -314,7 +333,7 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
                   out: torch.Tensor, workspace: torch.Tensor, num_warps: int = 4,
                   num_stages: int = 3, pages_per_step: int = 2, fp8_queries: bool = False,
                   min_rows: int = 16, merge_warps: int = 0, pdl: bool = False,
-                  scores: torch.Tensor | None = None) -> torch.Tensor:
+                  scores: torch.Tensor | None = None, rank_in_merge: bool = False) -> torch.Tensor:
     """Launch split + merge. q_idx [B, H_i, Q, D_i]; k_idx_cache [P, page, D_i]; page_table int32
     [B, n_pages]; seq_lens int32 [B] (lengths including the Q new tokens); out int32 [B, H_i, Q, k].
     fp8_queries (fp8 keys only): round each query row to e4m3 (scaled to the row's largest magnitude,
@@ -326,8 +345,9 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
     top-k from every split's candidates (0: 4 up to 2,048 candidates, else 8). pdl: the merge is a
     programmatic dependent launch (`kernels/pdl.py`) that the split kernel lets start at once; it waits
     for the split kernel before reading the candidates. scores (`score_workspace`): rank after the page loop
-    (`_index_split_deferred_kernel`) instead of keeping a running top-k in it. No host syncs: capturable in a
-    CUDA graph."""
+    (`_index_split_deferred_kernel`) instead of keeping a running top-k in it; rank_in_merge (with scores):
+    the split kernel only stores the scores and the merge ranks every block of a row at once (no per-split
+    candidates: worth it when splits hold few blocks). No host syncs: capturable in a CUDA graph."""
     B, H, Q, D = q_idx.shape
     page = k_idx_cache.shape[1]
     if topk < 2:
@@ -352,6 +372,11 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
                                                                                        blocks_per_split)):
         raise ValueError(f"scores must be fp32 {(B, n_splits, H * Q, blocks_per_split)} (score_workspace), got "
                          f"{scores.dtype} {tuple(scores.shape)}")
+    if rank_in_merge and scores is None:
+        raise ValueError("rank_in_merge needs the scores workspace (score_workspace)")
+    if rank_in_merge and n_splits * blocks_per_split > MERGE_BLOCKS:
+        raise ValueError(f"rank_in_merge ranks at most {MERGE_BLOCKS} blocks per row in one program, got "
+                         f"{n_splits * blocks_per_split}; leave it off for this length")
     k1 = topk - 1
     part = workspace
     rows = max(min_rows, _next_pow2(H * Q))
@@ -368,13 +393,14 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
         rr = _next_pow2(H * Q)
         ch = max(16, min(_next_pow2(blocks_per_split), RANK_ELEMENTS // rr))
         _index_split_deferred_kernel[(B, n_splits)](q_idx, k_idx_cache, scale_arg, page_table, seq_lens, part,
-                                                    scores, *args, RR=rr, CH=ch, **meta)
-    nc = _next_pow2(n_splits * k1)
+                                                    scores, *args, RR=rr, CH=ch, RANK=not rank_in_merge, **meta)
+    nc = _next_pow2(n_splits * (blocks_per_split if rank_in_merge else k1))
     _index_merge_kernel[(B, H * Q)](
-        part, seq_lens, out,
+        scores if rank_in_merge else part, seq_lens, out,
         out.stride(0), out.stride(1), out.stride(2),
         n_splits,
-        H=H, Q=Q, PAGE=page, K1=k1, KP=_next_pow2(topk), NC=nc,
+        H=H, Q=Q, PAGE=page, K1=k1, KP=_next_pow2(topk), NC=nc, SCORES=rank_in_merge,
+        blocks_per_split=blocks_per_split,
         num_warps=merge_warps or (4 if nc <= 2048 else 8), **pdl_launch(pdl, q_idx.device),
     )
     return out

@@ -297,16 +297,22 @@ def _check_table(page_table, seq_lens, B, device):
 
 # The decode indexer's launch settings (MSADecoder's index_config; kernels/decode_indexer.decode_select).
 INDEX_CONFIG = dict(programs_per_sm=2, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2, min_rows=16,
-                    merge_warps=0, deferred_topk=False)
+                    merge_warps=0, deferred_topk=False, rank_in_merge=False)
+MERGE_RANKED_BLOCKS = 2048  # batch 1 up to this many blocks: rank_in_merge by default
 
 
-def index_defaults(batch: int, fp8_index_queries: bool) -> dict:
-    """INDEX_CONFIG, tuned for the batch and the score dot. fp8 x fp8 scores from batch 2 on: a 64-row
-    warpgroup dot (native fp8 on sm_90), one page per step and the top-k after the page loop, which leaves
-    the loop 96 registers per thread, so 4 programs fit per SM (H200, 1M tokens, batch 8: the split
-    kernel 0.274 ms against 0.327 ms, 3.9 TB/s; benchmarks/decode_kernels.py)."""
+def index_defaults(batch: int, fp8_index_queries: bool, max_blocks: int) -> dict:
+    """INDEX_CONFIG, tuned for the batch, the page-table width (max_blocks) and the score dot (H200,
+    benchmarks/decode_kernels.py and decode.py):
+    - fp8 x fp8 scores from batch 2 on: a 64-row warpgroup dot (native fp8 on sm_90), one page per step and
+      the top-k after the page loop, which leaves the loop 96 registers per thread, so 4 programs fit per
+      SM (1M tokens, batch 8: the split kernel 0.274 ms against 0.327 ms, 3.9 TB/s);
+    - batch 1 up to 2,048 blocks: splits of 4 blocks that only store their scores, ranked by the merge
+      (128k: 0.0259 against 0.0287 ms a step; at 1M, 8,192 blocks, one merge program per row is slower)."""
     if fp8_index_queries and batch >= 2:
         return {**INDEX_CONFIG, "min_rows": 64, "deferred_topk": True, "programs_per_sm": 4, "pages_per_step": 1}
+    if batch == 1 and max_blocks <= MERGE_RANKED_BLOCKS:
+        return {**INDEX_CONFIG, "rank_in_merge": True, "min_blocks": 4}
     return dict(INDEX_CONFIG)
 
 
@@ -356,7 +362,8 @@ class MSADecoder:
         # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages, pages per
         # step, the score dot's minimum rows (64: a native fp8 warpgroup dot with fp8_index_queries on sm_90),
         # the top-k merge's warps (0: by candidate count), and whether the split kernel ranks its blocks after
-        # its page loop (deferred_topk) instead of in it. `plan()` resolves the defaults for the batch
+        # its page loop (deferred_topk) instead of in it, or leaves every block's score to the merge to rank
+        # (rank_in_merge, which overrides deferred_topk). `plan()` resolves the defaults for the batch
         # (`index_defaults`); the keys given here override them.
         unknown = set(index_config or {}) - set(INDEX_CONFIG)
         if unknown:
@@ -405,7 +412,7 @@ class MSADecoder:
 
         sms = _num_sms(device)
         self.B, self.q_len = B, q_len
-        self.index_config = {**index_defaults(B, self.fp8_index_queries), **self.index_overrides}
+        self.index_config = {**index_defaults(B, self.fp8_index_queries, width), **self.index_overrides}
         self.page_table = torch.zeros((B, width), dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(B, dtype=torch.int32, device=device)
         self.selection = torch.full((B, self.hkv, q_len, self.topk), -1, dtype=torch.int32, device=device)
@@ -414,7 +421,7 @@ class MSADecoder:
                                            programs_per_sm=cfg["programs_per_sm"])
         self.index_ws = idx.index_workspace(B, q_len, self.hkv, self.topk, self.index_split[1], device)
         self.index_scores = (idx.score_workspace(B, q_len, self.hkv, *self.index_split, device)
-                             if cfg["deferred_topk"] else None)
+                             if cfg["deferred_topk"] or cfg["rank_in_merge"] else None)
         self.attn_split = att.plan_splits(B * self.hkv * q_len, self.topk, sms)
         self.attn_ws = att.attention_workspace(B, self.hkv, q_len, self.hq // self.hkv, self.d,
                                                self.attn_split[1], device)
@@ -444,7 +451,7 @@ class MSADecoder:
                                  pages_per_step=self.index_config["pages_per_step"],
                                  fp8_queries=self.fp8_index_queries, min_rows=self.index_config["min_rows"],
                                  merge_warps=self.index_config["merge_warps"], pdl=self.pdl,
-                                 scores=self.index_scores)
+                                 scores=self.index_scores, rank_in_merge=self.index_config["rank_in_merge"])
 
     def attend(self, q: torch.Tensor, cache: PagedKVCache, *, return_lse: bool = False,
                out: torch.Tensor | None = None, _checked: bool = False):

@@ -147,7 +147,8 @@ def test_attention_splits_merge_exactly(n_splits, merge_elements, device, monkey
 
 @pytest.mark.parametrize("q_len,index_config", [
     (1, dict(pages_per_step=2)), (3, dict(pages_per_step=1)), (2, dict(pages_per_step=4)),
-    (1, dict(deferred_topk=True)), (3, dict(deferred_topk=True, pages_per_step=1))])
+    (1, dict(deferred_topk=True)), (3, dict(deferred_topk=True, pages_per_step=1)),
+    (3, dict(rank_in_merge=True)), (1, dict(rank_in_merge=True, min_blocks=4))])
 def test_local_block_boundary_and_short(q_len, index_config, device):
     """Queries straddling a block boundary get different candidate sets; tiny requests keep only
     their visible blocks (both split kernels: top-k in the page loop and after it)."""
@@ -182,7 +183,8 @@ def test_deferred_topk_ranks_in_chunks(blocks_per_split, device, monkeypatch):
                          atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=device.type == "cpu")
 
 
-def test_ties_go_to_smaller_ids(device):
+@pytest.mark.parametrize("index_config", [None, dict(deferred_topk=True), dict(rank_in_merge=True)])
+def test_ties_go_to_smaller_ids(index_config, device):
     """All-equal block scores: the spec's example (L = 17, k = 16 -> [0..14, 17])."""
     page, L = 16, 17 * 16 + 1
     cache = PagedKVCache(20, 1, 16, 16, page_size=page, dtype=torch.float32, device=device)
@@ -190,7 +192,8 @@ def test_ties_go_to_smaller_ids(device):
     cache.fill(pages, torch.randn(1, L, 16, device=device), torch.randn(1, L, 16, device=device),
                torch.ones(L, 16, device=device))
     table = torch.tensor([pages], dtype=torch.int32, device=device)
-    dec = MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, block_size=page, topk=16)
+    dec = MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, block_size=page, topk=16,
+                     index_config=index_config)
     dec.plan(torch.tensor([L], dtype=torch.int32, device=device), table, 1)
     dec.run(torch.randn(1, 2, 1, 16, device=device), torch.ones(1, 1, 1, 16, device=device), cache)
     assert dec.selection[0, 0, 0].tolist() == list(range(15)) + [17]
@@ -360,6 +363,23 @@ def test_cache_errors():
                  torch.randn(1, 1, 1, 16), torch.randn(1, 1, 16))
 
 
+@pytest.mark.parametrize("batch,width,fp8_queries,want", [
+    (1, 1024, False, dict(rank_in_merge=True, min_blocks=4, deferred_topk=False)),
+    (1, 8192, False, dict(rank_in_merge=False, deferred_topk=False)),
+    (2, 1024, False, dict(rank_in_merge=False, deferred_topk=False)),
+    (8, 8192, True, dict(rank_in_merge=False, deferred_topk=True, min_rows=64, programs_per_sm=4)),
+    (1, 8192, True, dict(rank_in_merge=False, deferred_topk=False, min_rows=16))])
+def test_index_defaults_follow_batch_width_and_dot(batch, width, fp8_queries, want):
+    """plan() resolves the indexer's defaults for the batch, the page-table width and the score dot; keys
+    given to the decoder override them."""
+    for overrides in ({}, dict(rank_in_merge=False, deferred_topk=False)):
+        dec = MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=32, block_size=16,
+                         fp8_index_queries=fp8_queries, index_config=overrides)
+        dec.plan(torch.full((batch,), 40, dtype=torch.int32), torch.zeros((batch, width), dtype=torch.int32), 1)
+        expect = {**want, **overrides}
+        assert {k: dec.index_config[k] for k in expect} == expect
+
+
 def test_decoder_errors():
     c = _small_cache()
     dec = MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, block_size=16, topk=3)
@@ -402,6 +422,11 @@ def test_decoder_errors():
     bad_merge.plan(torch.tensor([20], dtype=torch.int32), table, 1)
     with pytest.raises(ValueError, match="merge_warps must be 0"):
         bad_merge.run(q, qi, c)
+    wide = MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, block_size=16, topk=3,
+                      index_config=dict(rank_in_merge=True))
+    wide.plan(torch.tensor([20], dtype=torch.int32), torch.zeros((1, 20000), dtype=torch.int32), 1)
+    with pytest.raises(ValueError, match="rank_in_merge ranks at most 16384 blocks"):
+        wide.run(q, qi, c)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -472,13 +497,14 @@ M3 = dict(hq=64, hkv=4, d=128, di=128, page=128)
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_len", [1, 4])
 @pytest.mark.parametrize("index_dtype,mode", [(None, None), (FP8, "token"), (FP8, "page")])
-@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("deferred", [False, True, "merge"])
 def test_gpu_m3_bf16(q_len, index_dtype, mode, deferred):
     lens = [40 * 128 + 5, 3 * 128, 17 * 128 + 127, 9000]
     cache, alloc, _, q, q_idx, dec, out, lse = decode_case(lens, q_len, topk=16, dtype=torch.bfloat16,
                                                            device=torch.device("cuda"), index_dtype=index_dtype,
                                                            index_scale=mode, seed=11, **M3,
-                                                           index_config=dict(deferred_topk=deferred))
+                                                           index_config=dict(deferred_topk=deferred is True,
+                                                                             rank_in_merge=deferred == "merge"))
     compare_to_reference(lens, q_len, cache, alloc, q, q_idx, dec, out, lse, topk=16, sel_eps=2e-2,
                          atol=3e-2, exact_sel=False)
 
