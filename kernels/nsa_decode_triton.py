@@ -60,8 +60,8 @@ G = 16, T = 1: ~4.5 MB of block sums, against ~160 MB of K/V read.
 GPU cost (H200, m3, bf16, the paper's NSA config at 128k, B = 8, T = 1; scripts/probes/nsa_decode_compressed.py):
 (1) reads kc and vc, 134 MB of the step's ~160 MB (32 us at the copy rate): 41.5 us with the reshape sums (55 us
 with the dot sums; 37 us as a plain flash-decoding loop, 34 us for the loads alone). (2)-(4) touch ~25 MB (the
-selected blocks and the window) plus L2-resident workspaces: 8, 13 and 7.5 us, mostly latency. The step: 71 us
-back to back, 78 us with L2 flushed (benchmarks/zoo.py), against a 37 us byte floor.
+selected blocks and the window) plus L2-resident workspaces: 6, 13 and 5 us, mostly latency. The step: 68.5 us
+back to back (benchmarks/zoo.py flushes L2 and reads more), against a 37 us byte floor.
 """
 
 from __future__ import annotations
@@ -92,11 +92,13 @@ MAX_ROWS = 128  # most rows (queries x padded heads) of one compressed-branch pr
 # reshape where the geometry allows it. H200, 128k, B = 8, the paper's config (scripts/probes/
 # nsa_decode_compressed.py): kernel 1 takes 55 us with the dot sums, 42 us with the reshape sums at NB_reshape 32
 # (128 entries per tile; 16: 50 us, and kernel 2 20 us against 8; 64: 57 us), 37 us as a plain flash-decoding loop.
+# imp_warps 2 and merge_cols 16 (from 4 and 32): kernel 2 5.8 against 8.3 us, kernel 4 5.0 against 7.3 us at B = 8,
+# the step 68.5 against 71.6 us (B = 1: 32.5 against 43.2 us); other kernel knobs slower or tied.
 CONFIG = {"BE": 64, "NB": 32, "block_sums": "auto", "NB_reshape": 32, "cmp_warps": 4, "cmp_warps_wide": 8,
           "cmp_stages": 2,
-          "BJ": 256, "imp_warps": 4,
+          "BJ": 256, "imp_warps": 2,
           "BN": 64, "attn_warps": 4, "attn_stages": 2,
-          "merge_cols": 32, "merge_warps": 4,
+          "merge_cols": 16, "merge_warps": 4,
           "programs_per_sm": 2, "cmp_splits": 0, "segments": 0, "attn_splits": 0}
 _INTERPRET_CONFIG = {"BE": 16, "NB": 8, "NB_reshape": 4, "BJ": 32, "BN": 16, "merge_cols": 16}  # tiny tiles
 BLOCK_SUMS = ("auto", "dot", "reshape")
