@@ -94,13 +94,9 @@ def print_registers() -> None:
         fn = getattr(idx, name)
         for cache in getattr(fn, "device_caches", {}).values():
             for kernel in cache[0].values():
-                consts = {k: v for k, v in getattr(kernel.src, "constants", {}).items()
-                          if isinstance(v, (int, bool)) and not isinstance(k, tuple)}
                 print(json.dumps(dict(kernel=name, n_regs=getattr(kernel, "n_regs", None),
                                       n_spills=getattr(kernel, "n_spills", None),
-                                      num_warps=kernel.metadata.num_warps,
-                                      maxnreg=getattr(kernel.metadata, "maxnreg", None),
-                                      constants={str(k): v for k, v in consts.items()})), flush=True)
+                                      num_warps=kernel.metadata.num_warps)), flush=True)
 
 
 if __name__ == "__main__":

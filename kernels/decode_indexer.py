@@ -15,9 +15,9 @@ Two kernels:
    Or `_index_split_deferred_kernel` (decode_select's `scores`): the loop only stores each block's score
    in a per-program scratch and the program ranks them after the loop, so no top-k state holds
    registers through it (at the fp8 64-row dot: 96-128 registers per thread against 203, 4 programs
-   per SM instead of 2).
+   per SM instead of 2). With `rank_in_merge` it stops after storing the scores.
 2. `_index_merge_kernel`, grid (B, H_i * Q): picks the global top-(k-1) from the n_splits * (k-1)
-   candidates and writes the final selection.
+   candidates (or, with `rank_in_merge`, from every block's score) and writes the final selection.
 
 A NaN score counts as +inf (the block max keeps NaN, then maps it to +inf): its block ranks
 first, as in the reference (docs/ops.md, non-finite values). Only full blocks before the query's local
@@ -323,7 +323,8 @@ def index_workspace(batch: int, q_len: int, heads: int, topk: int, n_splits: int
 
 
 def score_workspace(batch: int, q_len: int, heads: int, blocks_per_split: int, n_splits: int, device):
-    """Scratch for `deferred_topk`: every candidate block's score (fp32) per split and query row."""
+    """Scratch for `deferred_topk` and `rank_in_merge`: every candidate block's score (fp32) per split and
+    query row."""
     return torch.empty((batch, n_splits, heads * q_len, blocks_per_split), dtype=torch.float32, device=device)
 
 
