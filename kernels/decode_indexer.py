@@ -129,6 +129,17 @@ def _step_maxima(q, kidx_ptr, kscale_ptr, pages, ok, stride_kp, stride_kt, score
 
 
 @triton.jit
+def _split_range(lens_ptr, blocks_per_split, PAGE: tl.constexpr):
+    """(b, s, seq_len, start, end): this program's request, split and block range. The candidates are those
+    of the last query: every block before its local block (all of them full)."""
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    seq_len = tl.load(lens_ptr + b)
+    start = s * blocks_per_split
+    return b, s, seq_len, start, tl.minimum(start + blocks_per_split, (seq_len - 1) // PAGE)
+
+
+@triton.jit
 def _index_split_kernel(
     q_ptr, kidx_ptr, kscale_ptr, pt_ptr, lens_ptr, part_ptr,
     stride_qb, stride_qh, stride_qt,
@@ -142,13 +153,7 @@ def _index_split_kernel(
 ):
     if PDL:  # the merge may launch now; it waits for this kernel before reading its candidates
         gdc_launch_dependents()
-    b = tl.program_id(0)
-    s = tl.program_id(1)
-    seq_len = tl.load(lens_ptr + b)
-    # Candidates of the last query: every block before its local block (all of them full).
-    n_cand = (seq_len - 1) // PAGE
-    start = s * blocks_per_split
-    end = tl.minimum(start + blocks_per_split, n_cand)
+    b, s, seq_len, start, end = _split_range(lens_ptr, blocks_per_split, PAGE)
 
     rows = tl.arange(0, ROWS)
     row_ok = rows < H * Q
@@ -207,12 +212,7 @@ def _index_split_deferred_kernel(
     blocks. No top-k state lives through the loop, so the loop holds only the dot's registers."""
     if PDL:
         gdc_launch_dependents()
-    b = tl.program_id(0)
-    s = tl.program_id(1)
-    seq_len = tl.load(lens_ptr + b)
-    n_cand = (seq_len - 1) // PAGE
-    start = s * blocks_per_split
-    end = tl.minimum(start + blocks_per_split, n_cand)
+    b, s, seq_len, start, end = _split_range(lens_ptr, blocks_per_split, PAGE)
 
     rows = tl.arange(0, ROWS)
     q, q_unscale, row_unscale = _load_queries(q_ptr, b, stride_qb, stride_qh, stride_qt, rows, H, Q, D,
