@@ -58,10 +58,11 @@ Memory (fp32 workspaces, per KV group): the partial outputs [splits, rows, D]; p
 G = 16, T = 1: ~4.5 MB of block sums, against ~160 MB of K/V read.
 
 GPU cost (H200, m3, bf16, the paper's NSA config at 128k, B = 8, T = 1; scripts/probes/nsa_decode_compressed.py):
-(1) reads kc and vc, 134 MB of the step's ~160 MB (32 us at the copy rate): 41.5 us with the reshape sums (55 us
-with the dot sums; 37 us as a plain flash-decoding loop, 34 us for the loads alone). (2)-(4) touch ~25 MB (the
-selected blocks and the window) plus L2-resident workspaces: 6, 13 and 5 us, mostly latency. The step: 68.5 us
-back to back (benchmarks/zoo.py flushes L2 and reads more), against a 37 us byte floor.
+(1) reads kc and vc, 134 MB of the step's ~160 MB (32 us at the copy rate): 38.9 us with the reshape sums in one
+wave of one program per SM, 3 tiles in flight (42 us in two waves with 2; 55 us with the dot sums; 37 us as a
+plain flash-decoding loop, 34 us for the loads alone). (2)-(4) touch ~25 MB (the selected blocks and the window)
+plus L2-resident workspaces: 6, 13 and 4 us, mostly latency. The step: 63.7 us back to back (benchmarks/zoo.py
+flushes L2 and reads more: 0.074 ms there), against a 37 us byte floor.
 """
 
 from __future__ import annotations
@@ -80,12 +81,16 @@ LOG2E = 1.4426950408889634
 MAX_NB = 256  # most selection blocks per chunk the geometry may need
 MAX_TILE = 256  # most compressed entries per tile of the reshape block sums
 MAX_ROWS = 128  # most rows (queries x padded heads) of one compressed-branch program
+SMEM_BUDGET = 200 * 1024  # bytes of K/V tiles in flight per program (Hopper: 227 KB per block, the rest headroom)
 
 # GPU tiling, an untimed first guess for the H200 (to be tuned). BE: compressed entries per tile; NB: selection
 # blocks per chunk (grows until a chunk holds a multiple of 16 entries); cmp_warps / cmp_warps_wide: kernel 1
 # with <= 16 / more rows; BJ: blocks per importance step; BN: tokens per tile of kernel 3; merge_cols: output
-# columns per combine program; programs_per_sm: kernels 1-3 split their work to give every SM this many
-# programs; cmp_splits / segments / attn_splits: force those counts (0: from programs_per_sm).
+# columns per combine program; programs_per_sm: kernels 2-3 split their work to give every SM this many
+# programs; cmp_programs_per_sm: kernel 1 splits each KV group's entries into the most runs that keep its grid
+# within this many programs per SM (one wave, at least one run per group); cmp_splits / segments / attn_splits:
+# force those counts (0: from the programs per SM). cmp_stages / attn_stages: tiles in flight, lowered where
+# they would not fit SMEM_BUDGET (and a tile halved where one alone would not).
 # block_sums: how kernel 1 sums the probabilities per selection block: 'dot' (the 0/1 overlap map through the
 # tensor cores, any geometry), 'reshape' (fp32 sums of each block's R = sel_block / stride entries, one chunk
 # of NB_reshape blocks per tile; needs R a power of two and no entry reaching past the next block), 'auto':
@@ -93,9 +98,11 @@ MAX_ROWS = 128  # most rows (queries x padded heads) of one compressed-branch pr
 # nsa_decode_compressed.py): kernel 1 takes 55 us with the dot sums, 42 us with the reshape sums at NB_reshape 32
 # (128 entries per tile; 16: 50 us, and kernel 2 20 us against 8; 64: 57 us), 37 us as a plain flash-decoding loop.
 # imp_warps 2 and merge_cols 16 (from 4 and 32): kernel 2 5.8 against 8.3 us, kernel 4 5.0 against 7.3 us at B = 8,
-# the step 68.5 against 71.6 us (B = 1: 32.5 against 43.2 us); other kernel knobs slower or tied.
+# the step 68.5 against 71.6 us (B = 1: 32.5 against 43.2 us); other kernel knobs slower or tied. Kernel 1 in
+# one wave of one program per SM with 3 tiles in flight (from two waves and 2): 38.7 against 42.3 us at B = 8,
+# the step 63.8 against 67.9 us; one wave with 2 stages 61.7 us, two waves with 1 stage 47.4 us.
 CONFIG = {"BE": 64, "NB": 32, "block_sums": "auto", "NB_reshape": 32, "cmp_warps": 4, "cmp_warps_wide": 8,
-          "cmp_stages": 2,
+          "cmp_stages": 3, "cmp_programs_per_sm": 1,
           "BJ": 256, "imp_warps": 2,
           "BN": 64, "attn_warps": 4, "attn_stages": 2,
           "merge_cols": 16, "merge_warps": 4,
@@ -485,6 +492,29 @@ def reshape_geometry(block_len: int, stride: int, sel_block: int, nb: int) -> tu
     return nb, nb * R, nb * R, halo
 
 
+def compressed_tiles(cfg: dict, block_len: int, stride: int, sel_block: int, BD: int, itemsize: int,
+                     reshape: bool) -> tuple[int, int, int, int, int]:
+    """(NB, EC, BE, HALO, stages) of kernel 1: the configured geometry with as many of cmp_stages K + V tiles in
+    flight as SMEM_BUDGET holds, the tile halved (NB_reshape or BE) while a single one would not fit."""
+    nb, be = cfg["NB_reshape"], cfg["BE"]
+    while True:
+        if reshape:
+            NB, EC, BE, HALO = reshape_geometry(block_len, stride, sel_block, nb)
+        else:
+            NB, EC, BE, HALO = chunk_geometry(block_len, stride, sel_block, cfg["NB"], be)
+        tile = 2 * BE * BD * itemsize
+        if tile <= SMEM_BUDGET or BE <= 16 or (reshape and nb == 1):
+            return NB, EC, BE, HALO, max(1, min(cfg["cmp_stages"], SMEM_BUDGET // tile))
+        nb, be = max(1, nb // 2), be // 2
+
+
+def _fit(tile: int, stages: int, bytes_per_row: int) -> tuple[int, int]:
+    """(rows per tile, stages): tile halved (to >= 16) until one fits SMEM_BUDGET, then at most `stages` that fit."""
+    while tile > 16 and tile * bytes_per_row > SMEM_BUDGET:
+        tile //= 2
+    return tile, max(1, min(stages, SMEM_BUDGET // (tile * bytes_per_row)))
+
+
 def block_sums_for(block_len: int, stride: int, sel_block: int, device, config: dict | None = None) -> str:
     """'reshape' or 'dot': the block sums nsa_decode_triton runs for this geometry, device and config."""
     return _block_sums_mode(_resolve_config(config, torch.device(device)), block_len, stride, sel_block)
@@ -525,6 +555,9 @@ def _resolve_config(config: dict | None, device: torch.device) -> dict:
     for key, least in (("BE", 16), ("BN", 16), ("merge_cols", 16), ("NB", 8)):
         if cfg[key] < least:
             raise ValueError(f"config {key} must be >= {least} (tensor-core tiles), got {cfg[key]}")
+    for key in ("programs_per_sm", "cmp_programs_per_sm", "cmp_stages", "attn_stages"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"config {key} must be an int >= 1, got {cfg[key]!r}")
     if cfg["block_sums"] not in BLOCK_SUMS:
         raise ValueError(f"config block_sums must be one of {BLOCK_SUMS}, got {cfg['block_sums']!r}")
     return cfg
@@ -588,10 +621,7 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
     GP = _pow2(G)
     BM1, BM3, BD, KP = max(16, _pow2(T) * GP), max(16, GP), max(16, _pow2(D)), max(2, _pow2(topk))
     reshape = _block_sums_mode(cfg, block_len, stride, sel_block) == "reshape"
-    if reshape:
-        NB, EC, BE, HALO = reshape_geometry(block_len, stride, sel_block, cfg["NB_reshape"])
-    else:
-        NB, EC, BE, HALO = chunk_geometry(block_len, stride, sel_block, cfg["NB"], cfg["BE"])
+    NB, EC, BE, HALO, cmp_stages = compressed_tiles(cfg, block_len, stride, sel_block, BD, q.element_size(), reshape)
     want = cfg["programs_per_sm"] * _sm_count(q.device)
     rows, dev, f32 = B * Hkv * T, q.device, torch.float32
     ieee = q.dtype == torch.float32
@@ -600,7 +630,8 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
 
     # 1. compressed branch: partial outputs and LSEs, per-chunk block sums
     n_chunks = triton.cdiv(_n_visible_host(S - 1, Sc, block_len, stride), EC)
-    cps, n1 = _splits(cfg["cmp_splits"] or triton.cdiv(want, B * Hkv), n_chunks)
+    one_wave = max(1, cfg["cmp_programs_per_sm"] * _sm_count(q.device) // (B * Hkv))
+    cps, n1 = _splits(cfg["cmp_splits"] or one_wave, n_chunks)
     po1 = torch.empty((B * Hkv, n1, BM1, D), dtype=f32, device=dev)
     pl1 = torch.empty((B * Hkv, n1, BM1), dtype=f32, device=dev)
     tables = max(1, n_chunks) * B * Hkv * BM1
@@ -613,7 +644,7 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
         *q.stride(), *kc.stride(), *vc.stride(),
         G=G, GP=GP, BM=BM1, BE=BE, CT=EC // BE, NB=NB, HALO=HALO, D=D, BD=BD, **geometry, MULTI=T > 1,
         RESHAPE=reshape, IEEE=ieee,
-        num_warps=cfg["cmp_warps"] if BM1 <= 16 else cfg["cmp_warps_wide"], num_stages=cfg["cmp_stages"])
+        num_warps=cfg["cmp_warps"] if BM1 <= 16 else cfg["cmp_warps_wide"], num_stages=cmp_stages)
 
     # 2. importance and each segment's best KP blocks
     BJ = max(cfg["BJ"], NB, KP)
@@ -627,7 +658,7 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
     # 3. selected blocks and window: partial outputs and LSEs, split inside each branch; the selection
     sel_slots = min(topk, (S - 1) // sel_block + 1) * sel_block  # the last query's selected tokens (the most)
     win_slots = min(window, S)
-    BN = cfg["BN"]
+    BN, attn_stages = _fit(cfg["BN"], cfg["attn_stages"], 2 * BD * q.element_size())
     per = BN * triton.cdiv(sel_slots + win_slots, BN * (cfg["attn_splits"] or triton.cdiv(want, rows)))
     n_sel, n3 = triton.cdiv(sel_slots, per), triton.cdiv(sel_slots, per) + triton.cdiv(win_slots, per)
     po3 = torch.empty((rows, n3, BM3, D), dtype=f32, device=dev)
@@ -637,7 +668,7 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
         q, k, v, k_win, v_win, cand, sel, po3, pl3, T, S, Hkv, n_seg * KP, n_sel, per, topk, win_slots,
         scale * LOG2E, *q.stride(), *k.stride(), *v.stride(), *k_win.stride(), *v_win.stride(), *sel.stride()[:3],
         G=G, BM=BM3, BN=BN, D=D, BD=BD, KP=KP, NC=_pow2(n_seg * KP), SEL=sel_block, IEEE=ieee,
-        num_warps=cfg["attn_warps"], num_stages=cfg["attn_stages"], **chained)
+        num_warps=cfg["attn_warps"], num_stages=attn_stages, **chained)
 
     # 4. the gated sum of the three branches (and the compressed branch's LSE)
     out = torch.empty_like(q)

@@ -337,6 +337,23 @@ def test_module_decode_steps_run_the_fused_op():
     assert "nsa_decode" not in used and "compressed_attention" in used
 
 
+def test_tiles_fit_the_shared_memory_budget():
+    from sparsezoo.kernels import nsa_decode_triton as nd
+
+    cfg = dict(nd.CONFIG)
+    for itemsize, BD, reshape in [(2, 128, True), (4, 128, True), (4, 256, True), (2, 256, False), (4, 256, False)]:
+        NB, EC, BE, HALO, stages = nd.compressed_tiles(cfg, 32, 16, 64, BD, itemsize, reshape)
+        assert 1 <= stages <= cfg["cmp_stages"] and stages * 2 * BE * BD * itemsize <= nd.SMEM_BUDGET
+        assert EC % BE == 0 and BE >= 16
+    assert nd.compressed_tiles(cfg, 32, 16, 64, 128, 2, True)[2:] == (128, 1, 3)  # bf16 m3: one chunk, 3 stages
+    assert nd.compressed_tiles(cfg, 32, 16, 64, 256, 4, True)[2] == 64  # fp32 x 256: the tile halves
+    for bytes_per_row in (2 * 128 * 2, 2 * 256 * 4, 2 * 1024 * 4):
+        tile, stages = nd._fit(64, 2, bytes_per_row)
+        assert tile >= 16 and (tile == 16 or stages * tile * bytes_per_row <= nd.SMEM_BUDGET)
+    with pytest.raises(ValueError, match="cmp_programs_per_sm must be an int >= 1"):
+        nd._resolve_config({"cmp_programs_per_sm": 0}, torch.device("cpu"))
+
+
 @CPU_ONLY
 def test_custom_op_passes_opcheck():
     args, kw = _op_args(T=1, S=20)
@@ -363,6 +380,15 @@ def test_gpu_bf16_paper_config(B, T, S):
     geom = (PAPER["block_len"], PAPER["stride"], PAPER["sel_block"])
     check_against_reference(inputs, geom, PAPER["topk"], PAPER["window"], 128 ** -0.5, tol=2e-2, eps=EPS_GPU,
                             sel_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 256), (torch.bfloat16, 256), (torch.float32, 128)])
+def test_gpu_wide_tiles_fit_shared_memory(dtype, D):
+    """fp32 and 256-wide heads: kernels 1 and 3 shed stages (and halve tiles) to fit, and stay exact."""
+    inputs = make_inputs(2, 2, 4, 1, 5000, D, 32, 16, seed=D, dtype=dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
+    check_against_reference(inputs, (32, 16, 64), 16, 512, D ** -0.5, tol=tol, eps=EPS_GPU, sel_dtype=torch.float32)
 
 
 @pytest.mark.gpu
