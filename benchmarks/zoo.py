@@ -311,7 +311,6 @@ class Variant:
     def attend(self, sel, rows: slice | None = None, backend: str = "auto",
                branches=("compressed", "selected", "window")):
         from sparsezoo import ops
-        from sparsezoo.ops.entry_pooling import entry_ids
 
         c, e, S = self.cfg, self.extra, self.S
         q = self.q if rows is None else self.q[:, :, rows]  # rows: a tail of the T queries
@@ -332,7 +331,7 @@ class Variant:
             return out
         if self.name == "dsa":
             return ops.gather_attention(q, self.k, self.v, sel, scale=self.scale, backend=backend)
-        return ops.gather_attention(q, self.k, self.v, entry_ids(sel, S), scale=self.scale, window=c["w"],
+        return ops.gather_attention(q, self.k, self.v, sel, scale=self.scale, window=c["w"], extra_ids=True,
                                     backend=backend, k_extra=e["kc"], v_extra=e["kc"], sink=e["sink"])
 
     # cost models (per batch element; T queries, the last T of S)

@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite
+from sparsezoo.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_launch, resolve_pdl
 from sparsezoo.kernels.sparse_attention_triton import _load_rows as _load_tile
 from sparsezoo.kernels.sparse_attention_triton import backward_delta
 from sparsezoo.kernels.sizes import pow2 as _pow2
@@ -71,9 +72,12 @@ LOG2E = 1.4426950408889634  # host side: the kernels write log2(e) and ln(2) as 
 # 640 keys per query), 23.7 ms at 128 against 36.7 ms at 64 (with separate K and V, 128 took 59 ms).
 # NF_CHECK, how the forward spots a non-finite score: "sum" adds each row's raw scores (one add per score; a
 # row whose finite scores sum past the fp32 range counts as non-finite, as an overflowing score does), "tile"
-# tests every attended score (about five operations per score).
+# tests every attended score (about five operations per score). pdl: the split (decode) path's two kernels as
+# programmatic dependent launches (kernels/pdl.py), each waiting for the launch before it before reading
+# anything; None: at batch 1 where the GPU supports them (as the decode indexer before it: faster at b=1,
+# slower at b=8 on the H200), True / False: always / never.
 GATHER_CONFIG = {"BN": 64, "BN_SHARED": 128, "num_warps": 4, "num_stages": 3, "bwd_BN": 32, "bwd_warps": 8,
-                 "bwd_stages": 2, "SPLITS": 0, "PROGRAMS_PER_SM": 2, "merge_warps": 4, "NF_CHECK": "sum"}
+                 "bwd_stages": 2, "SPLITS": 0, "PROGRAMS_PER_SM": 2, "merge_warps": 4, "NF_CHECK": "sum", "pdl": None}
 _INTERPRET_CONFIG = {"BN": 16, "BN_SHARED": 16, "bwd_BN": 16}  # small tiles for the CPU interpreter
 
 
@@ -105,17 +109,20 @@ def _gather_rows(P1, P2, ids, ok, N, s1n, s2n, d, s_d, D: tl.constexpr, TWO: tl.
 
 
 @triton.jit
-def _key_ids(IDX_ROW, slots, hi, N, pos, WINDOW: tl.constexpr):
+def _key_ids(IDX_ROW, slots, hi, N, pos, base, WINDOW: tl.constexpr):
     """The ids in slots [BN] (< hi) of one query's list -> (int64 ids, 0 where empty; valid mask).
     With WINDOW > 0 the first WINDOW slots are the query's last raw tokens pos - WINDOW + 1 .. pos
-    (computed, not read) and slot s >= WINDOW reads the list's entry s - WINDOW.
+    (computed, not read) and slot s >= WINDOW reads the list's entry s - WINDOW. A listed id >= 0 counts
+    from `base` (0, or the first pool's rows when the list names the second pool's rows).
     Empty: -1 padding, slots past hi, and any id outside [0, N) (N: both pools' rows together)."""
     if WINDOW > 0:
-        listed = tl.load(IDX_ROW + (slots - WINDOW), mask=(slots >= WINDOW) & (slots < hi), other=-1)
-        ids = tl.where(slots < WINDOW, pos - (WINDOW - 1) + slots, listed.to(tl.int64))
+        listed = tl.load(IDX_ROW + (slots - WINDOW), mask=(slots >= WINDOW) & (slots < hi), other=-1).to(tl.int64)
+        listed = tl.where(listed >= 0, listed + base, listed)
+        ids = tl.where(slots < WINDOW, pos - (WINDOW - 1) + slots, listed)
         ok = (ids >= 0) & (ids < N) & (slots < hi)
     else:
-        ids = tl.load(IDX_ROW + slots, mask=slots < hi, other=-1)
+        ids = tl.load(IDX_ROW + slots, mask=slots < hi, other=-1).to(tl.int64)
+        ids = tl.where(ids >= 0, ids + base, ids)
         ok = (ids >= 0) & (ids < N)
     return tl.where(ok, ids, 0).to(tl.int64), ok
 
@@ -143,13 +150,16 @@ def _with_sink(out, lse2, SINK, head, row_ok):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, K2, V2, IDX, SINK, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_splits, qk_scale,
+def _fwd_kernel(Q, K, V, K2, V2, IDX, SINK, O, L, PO, PL, T, N, NK, KS, QOFF, PER, n_splits, qk_scale, BASE,
                 sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n,
                 sib, sih, sit, sob, soh, sot, sod, slb, slh, slt,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                 SPLIT: tl.constexpr, PREC: tl.constexpr, TWO: tl.constexpr, ALIGNED: tl.constexpr,
                 KV_DIV: tl.constexpr, WINDOW: tl.constexpr, NF_SUM: tl.constexpr, SHARED: tl.constexpr,
-                HAS_SINK: tl.constexpr):
+                HAS_SINK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # a decode step's ids come from the launch before it
+        gdc_wait()
+        gdc_launch_dependents()
     t = (tl.program_id(0) // n_splits).to(tl.int64)
     sp = tl.program_id(0) % n_splits
     b = tl.program_id(2).to(tl.int64)
@@ -170,7 +180,7 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, SINK, O, L, PO, PL, T, N, NK, KS, QOFF, PE
     hi = tl.minimum(lo + PER, KS)
     kn = tl.arange(0, BN)
     for start in range(lo, hi, BN):
-        ids, ok = _key_ids(idx_row, start + kn, hi, NK, QOFF + t, WINDOW)
+        ids, ok = _key_ids(idx_row, start + kn, hi, NK, QOFF + t, BASE, WINDOW)
         kt = _gather_rows(k_base, k2_base, ids, ok, N, skn, sk2n, d, skd, D, TWO, ALIGNED)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         if NF_SUM:
@@ -210,7 +220,10 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, SINK, O, L, PO, PL, T, N, NK, KS, QOFF, PE
 
 @triton.jit
 def _merge_kernel(PO, PL, SINK, O, L, T, n_splits, sob, soh, sot, sod, slb, slh, slt,
-                  G: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, HAS_SINK: tl.constexpr):
+                  G: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, HAS_SINK: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     row_ok, head, _, _ = _group_rows(G, BM, 1)
@@ -242,7 +255,7 @@ def _merge_kernel(PO, PL, SINK, O, L, T, n_splits, sob, soh, sot, sod, slb, slh,
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, QOFF, qk_scale, scale,
+def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, QOFF, qk_scale, scale, BASE,
                 sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n,
                 sib, sih, sit, slb, slh, slt, sdb, sdh, sdn, sdd,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
@@ -271,7 +284,7 @@ def _bwd_kernel(Q, K, V, K2, V2, DO, DQ, DK, DV, L, DELTA, IDX, N, NK, KS, QOFF,
     dq = tl.zeros([BM, BD], tl.float32)
     kn = tl.arange(0, BN)
     for start in range(0, KS, BN):
-        ids, ok = _key_ids(idx_row, start + kn, KS, NK, QOFF + t, WINDOW)
+        ids, ok = _key_ids(idx_row, start + kn, KS, NK, QOFF + t, BASE, WINDOW)
         kt = _gather_rows(k_base, k2_base, ids, ok, N, skn, sk2n, d, skd, D, TWO, ALIGNED)
         if SHARED:
             vt = kt
@@ -342,8 +355,8 @@ def _pools(k, v, k2, v2):
     return k, v, k2, v2, k2.shape[2], (*k2.stride()[:3], *v2.stride()[:3]), flags
 
 
-def _forward(q, k, v, k2, v2, idx, scale, window, cfg, sink=None):
-    """(out, natural-log LSE); sink: fp32 [Hq] or None."""
+def _forward(q, k, v, k2, v2, idx, scale, window, cfg, sink=None, base=0):
+    """(out, natural-log LSE); sink: fp32 [Hq] or None; base: added to every listed id >= 0."""
     B, Hq, T, _ = q.shape
     k, v, k2, v2, N2, k2v2_strides, pool_flags = _pools(k, v, k2, v2)
     N, KS = k.shape[2], window + idx.shape[-1]
@@ -362,20 +375,21 @@ def _forward(q, k, v, k2, v2, idx, scale, window, cfg, sink=None):
     else:
         po = pl = lse
     sink_arg = lse if sink is None else sink  # a valid pointer when there is no sink
+    chained = pdl_launch(resolve_pdl(cfg["pdl"], q.device, auto=B == 1), q.device) if split else {}
     _fwd_kernel[(T * n_splits, P, B)](
-        q, k, v, k2, v2, idx, sink_arg, out, lse, po, pl, T, N, N + N2, KS, N - T, per, n_splits, scale * LOG2E,
+        q, k, v, k2, v2, idx, sink_arg, out, lse, po, pl, T, N, N + N2, KS, N - T, per, n_splits, scale * LOG2E, base,
         *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *out.stride(), *lse.stride(),
         G=G, BM=BM, BN=BN, D=D, BD=BD, SPLIT=split, PREC=prec, **pool_flags, KV_DIV=KV_DIV, WINDOW=window,
         NF_SUM=cfg["NF_CHECK"] == "sum", HAS_SINK=sink is not None, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        num_stages=cfg["num_stages"], **chained)
     if split:
         _merge_kernel[(T, P, B)](
             po, pl, sink_arg, out, lse, T, n_splits, *out.stride(), *lse.stride(),
-            G=G, BM=BM, D=D, BD=BD, HAS_SINK=sink is not None, num_warps=cfg["merge_warps"])
+            G=G, BM=BM, D=D, BD=BD, HAS_SINK=sink is not None, num_warps=cfg["merge_warps"], **chained)
     return out, lse
 
 
-def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, window, cfg, sink=None):
+def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, window, cfg, sink=None, base=0):
     """(dq, dk, dv, dk2, dv2, dsink); dk2, dv2 are None without a second pool, dsink without a sink. With a
     sink, out and lse are the forward's (sink included), so the kernel's p = exp(s - lse) are the sink
     softmax's and dq, dk, dv need nothing else; dsink = -sum over rows of p_sink * delta, p_sink =
@@ -390,7 +404,7 @@ def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, window, cfg, sink
     dk = torch.zeros((B, Hkv, N + N2, D), dtype=torch.float32, device=q.device)  # rows of both pools
     dv = torch.zeros_like(dk)
     _bwd_kernel[(T, P, B)](
-        q, k, v, k2, v2, do, dq, dk, dv, lse, delta, idx, N, N + N2, KS, N - T, scale * LOG2E, scale,
+        q, k, v, k2, v2, do, dq, dk, dv, lse, delta, idx, N, N + N2, KS, N - T, scale * LOG2E, scale, base,
         *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *lse.stride(), *dk.stride(),
         G=G, BM=BM, BN=cfg["bwd_BN"], D=D, BD=BD, PREC=prec, **pool_flags, KV_DIV=KV_DIV, WINDOW=window,
         num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
@@ -405,11 +419,11 @@ def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, window, cfg, sink
 
 class _GatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k2, v2, idx, scale, window, cfg, sink):
+    def forward(ctx, q, k, v, k2, v2, idx, scale, window, cfg, sink, base):
         sink32 = None if sink is None else sink.float().contiguous()
-        out, lse = _forward(q, k, v, k2, v2, idx, scale, window, cfg, sink32)
+        out, lse = _forward(q, k, v, k2, v2, idx, scale, window, cfg, sink32, base)
         ctx.save_for_backward(q, k, v, k2, v2, idx, out, lse, sink32)
-        ctx.scale, ctx.window, ctx.cfg = scale, window, cfg
+        ctx.scale, ctx.window, ctx.cfg, ctx.base = scale, window, cfg, base
         ctx.sink_dtype = None if sink is None else sink.dtype
         return out, lse
 
@@ -418,8 +432,9 @@ class _GatherAttention(torch.autograd.Function):
         q, k, v, k2, v2, idx, out, lse, sink = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        *grads, dsink = _backward(q, k, v, k2, v2, idx, out, lse, dout, dlse, ctx.scale, ctx.window, ctx.cfg, sink)
-        return (*grads, None, None, None, None, None if dsink is None else dsink.to(ctx.sink_dtype))
+        *grads, dsink = _backward(q, k, v, k2, v2, idx, out, lse, dout, dlse, ctx.scale, ctx.window, ctx.cfg, sink,
+                                  ctx.base)
+        return (*grads, None, None, None, None, None if dsink is None else dsink.to(ctx.sink_dtype), None)
 
 
 def _check(q, k, v, idx):
@@ -453,7 +468,7 @@ def _check_second_pool(k, k2, v2):
 
 
 def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False, config: dict | None = None,
-                            k2=None, v2=None, window: int = 0, sink=None):
+                            k2=None, v2=None, window: int = 0, sink=None, extra_ids: bool = False):
     """q [B, Hq, T, D], k/v [B, Hkv, N, D], idx int [B, Hs, T, K] (Hs in {1, Hkv, Hq}; -1 or any id
     outside [0, N) = empty slot) -> out [B, Hq, T, D] (and natural-log LSE [B, Hq, T] fp32; a query
     with no key gets out 0, LSE -inf). Differentiable w.r.t. q, k, v (through out and LSE).
@@ -465,9 +480,13 @@ def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False
     p - window + 1 .. p, p = N - T + t: the queries are the last T of the N raw tokens), listed before
     its ids without being stored (CSA's sliding window); idx then names the other keys only.
     sink [Hq] (optional): a learned logit per query head in every softmax, with a zero value (DeepSeek-V4):
-    applied in the kernels' epilogue (out * sigmoid(lse - sink), LSE logaddexp(lse, sink)); differentiable."""
+    applied in the kernels' epilogue (out * sigmoid(lse - sink), LSE logaddexp(lse, sink)); differentiable.
+    extra_ids: idx names rows of k2/v2 (ids in [0, N2); CSA's selected entries beside its raw window), read as
+    ids N + id of the concatenation without rewriting idx (no extra launch)."""
     _check(q, k, v, idx)
     _check_second_pool(k, k2, v2)
+    if extra_ids and k2 is None:
+        raise ValueError("extra_ids=True names rows of a second pool: pass k2 and v2")
     if window < 0 or (window > 0 and q.shape[2] > k.shape[2]):
         raise ValueError(f"window must be >= 0, and with a window the {q.shape[2]} queries must be the last of "
                          f"the {k.shape[2]} raw tokens; got window {window}")
@@ -482,8 +501,9 @@ def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False
         if sink is not None:  # every row is the sink alone: out stays 0 (NaN rows NaN), the LSE is the sink
             lse = torch.logaddexp(lse, sink.to(lse.dtype).view(1, -1, 1))
         return (out, lse) if return_lse else out
+    base = N if extra_ids else 0  # added in the kernels to every listed id >= 0
     if idx.dtype == torch.int64:  # ids past int32 must not wrap into range: clamp to [-1, N + N2] (masked)
-        idx = idx.clamp(-1, N + N2)
+        idx = idx.clamp(-1, N + N2 - base)
     if N == 0:  # only the second pool holds keys: its ids already start at 0 (k, v get no gradient)
         k, v, k2, v2 = k2, v2, None, None
     elif N2 == 0:
@@ -491,5 +511,6 @@ def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False
     if sink is not None and (sink.shape != (q.shape[1],) or not sink.is_floating_point() or sink.device != q.device):
         raise ValueError(f"sink must be a float tensor [Hq={q.shape[1]}] on {q.device}, got "
                          f"{tuple(sink.shape)} {sink.dtype} on {sink.device}")
-    out, lse = _GatherAttention.apply(q, k, v, k2, v2, idx.to(torch.int32), float(scale), int(window), cfg, sink)
+    out, lse = _GatherAttention.apply(q, k, v, k2, v2, idx.to(torch.int32), float(scale), int(window), cfg, sink,
+                                      base)
     return (out, lse) if return_lse else out

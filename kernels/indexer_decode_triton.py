@@ -51,12 +51,13 @@ path handles few rows), fed with the same logits and min/max bounds.
 
 Cost (H200, B = 8, J = 64, D_i = 128, bf16, T = 1; benchmarks/indexer_decode_profile.py): the logits kernel
 reads the index keys once (N x 256 B per request; 67 MB for CSA at N = 32k, 268 MB for DSA at N = 128k):
-~74 us for DSA (76% of the HBM rate by ncu; rows x keys took 121 us) and ~23 us for CSA. The select is
+~70 us for DSA (~75 us on 64-key tiles in two waves, 76% of the HBM rate by ncu; rows x keys took 121 us) and
+~21 us for CSA, with 128-key tiles in one wave of 2 programs per SM. The select is
 latency-bound (the logits are in L2): with a separate end launch, DSA's histogram took ~7 us, the
 partition ~12 us (~7 us without the candidate appends), the end (a sort of 512 slots) ~6 us and the
 write ~4 us, where the serial finish took ~24 us; CSA's 4, 6, 4 (128 slots) and 3 us. Whole op,
-CUDA-graph timed in the zoo's decode step: 0.114 ms (DSA) and 0.051 ms (CSA), from 0.161 and 0.067 ms
-before the key-major dot and the parallel write.
+CUDA-graph timed: 0.110 ms (DSA) and 0.048 ms (CSA), from 0.161 and 0.067 ms before the key-major dot, the
+parallel write and the one-wave grid.
 """
 
 from __future__ import annotations
@@ -68,15 +69,17 @@ import triton.language as tl
 from .indexer_triton import _check_inputs, _dot, _float_bin, _key_float, _ordered_key, _pick_bin, _ranked_logits, _relu
 from .indexer_triton import _resolve_config as _rows_config
 from .indexer_triton import _select_triton
+from sparsezoo.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_launch, resolve_pdl
 from sparsezoo.kernels.sizes import pow2 as _pow2
 
 # GPU tiling and select knobs (the lead tunes these on the H200).
 CONFIG = {
-    "BN": 64,                  # keys per logits tile
+    "BN": 128,                 # keys per logits tile
     "num_warps": 4,            # logits kernel, <= 64 dot rows (T * Hs = 1 at J = 64)
     "num_warps_wide": 8,       # logits kernel, more dot rows (its per-column accumulators would spill at 4)
-    "num_stages": 4,           # logits kernel: key tiles in flight per program
+    "num_stages": 3,           # logits kernel: key tiles in flight per program (fewer where they would not fit)
     "programs_per_sm": 2,      # logits programs per SM (splits of each request's key range)
+    "whole_wave": True,        # logits grid: at most programs_per_sm per SM (one wave; rounds the splits down)
     "key_major": True,         # logits dot as keys x rows (the head sum within thread groups), else rows x keys
     "max_rows": 256,           # most dot rows (units x padded index heads) per logits program
     "max_T": 4,                # decode_applies: at most this many new queries per request
@@ -96,7 +99,17 @@ CONFIG = {
     "rows_select": None,       # 'rows' select: config overrides for indexer_triton
     "buffer_bytes": 1 << 30,   # decode_applies: bound of the logits buffer + the select list
     "fp32_ieee": True,         # fp32 inputs: IEEE dots (else tf32)
+    "pdl": None,               # decode select: logits, histogram, partition and write as programmatic dependent
+                               # launches (kernels/pdl.py); None: at batch 1 where the GPU supports them (H200,
+                               # 128k, with the gather attention after it: CSA 37.7 against 40.1 us at b=1,
+                               # 62.9 against 61.2 us at b=8; DSA 64.9 / 65.4 and 136.4 / 130.6 us)
 }
+
+# The logits grid in one wave of 2 programs per SM with 128-key tiles, 3 in flight (from 33 splits per request of
+# 64-key tiles, 4 in flight): H200, 128k, B = 8, bf16, logits 21.4 against 22.7 us (CSA) and 69.7 against 75.0 us
+# (DSA); one program per SM, 6-8 stages and 8 warps were slower (benchmarks/zoo.py's records of the sixteenth
+# session, examples/results/h200_2026-12-03/indexer_decode_grid_h200.log).
+SMEM_BUDGET = 200 * 1024  # bytes of key tiles in flight per logits program (Hopper: 227 KB per block)
 
 # Interpreter (CPU) tiles: tiny, so the tests stay quick.
 _INTERPRETER_CONFIG = {"BN": 128, "num_warps": 4, "num_stages": 1, "block": 256, "finish_block": 256, "cap": 64,
@@ -121,7 +134,10 @@ def _logits_kernel(QI, W, KI, KEND, BUF, WS, N, S, T, U, BH, Hs, n_groups, split
                    sqb, sqh, sqt, sqj, sqd, swb, swh, swt, swj, skb, skn, skd, sen,
                    J: tl.constexpr, UG: tl.constexpr, JP: tl.constexpr, BN: tl.constexpr,
                    D: tl.constexpr, BD: tl.constexpr, WSR: tl.constexpr, IEEE: tl.constexpr,
-                   KEY_MAJOR: tl.constexpr):
+                   KEY_MAJOR: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # the workspace it adds to is zeroed by the launch before it
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     b = (pid // n_groups).to(tl.int64)
     g = pid % n_groups
@@ -197,7 +213,10 @@ def _bin_scale(ws, NB: tl.constexpr):
 
 @triton.jit
 def _hist_kernel(BUF, WS, N, seg_len, K: tl.constexpr, NB: tl.constexpr, WSR: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # every input is the kernel before's output
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     ws = WS + row * WSR
     nvis = tl.load(ws + _WS_NVIS)
@@ -374,7 +393,10 @@ def _finish_or_threshold(BUF, WS, LIST, COUNTS, CCOUNTS, SCRATCH, OFFS, out_ptr,
 def _partition_kernel(BUF, WS, LIST, COUNTS, CCOUNTS, SCRATCH, OFFS, OUT, N, T, BH, seg_len, nseg,
                       K: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, NBR: tl.constexpr,
                       WSR: tl.constexpr, BLOCK: tl.constexpr, BLOCKF: tl.constexpr, CAP: tl.constexpr,
-                      NSEGP: tl.constexpr, LOGS: tl.constexpr, FUSED: tl.constexpr):
+                      NSEGP: tl.constexpr, LOGS: tl.constexpr, FUSED: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     ws = WS + row * WSR
@@ -428,9 +450,13 @@ def _finish_kernel(BUF, WS, LIST, COUNTS, CCOUNTS, SCRATCH, OFFS, OUT, N, T, BH,
 
 @triton.jit
 def _write_kernel(BUF, WS, LIST, COUNTS, OFFS, OUT, N, T, BH, seg_len, nseg,
-                  K: tl.constexpr, WSR: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+                  K: tl.constexpr, WSR: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+                  PDL: tl.constexpr = False):
     """Each segment writes its taken ids (its sure ones, and its candidates above the row's threshold) from its
     slot on: the output stays in ascending id order."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     ws = WS + row * WSR
@@ -495,27 +521,40 @@ def decode_applies(B: int, Hs: int, T: int, J: int, N: int, config: dict | None 
     return 1 <= T <= cfg["max_T"] and _pow2(J) <= cfg["max_rows"] and 8 * B * Hs * T * N <= cfg["buffer_bytes"]
 
 
-def _splits(n_units: int, length: int, block: int, per_sm: int, fixed, cap: int, device) -> tuple[int, int]:
-    """(pieces, piece length, a multiple of block) cutting `length` so n_units * pieces fill the SMs."""
-    want = fixed if fixed is not None else triton.cdiv(per_sm * _num_sms(device), n_units)
+def _splits(n_units: int, length: int, block: int, per_sm: int, fixed, cap: int, device,
+            whole_wave: bool = False) -> tuple[int, int]:
+    """(pieces, piece length, a multiple of block) cutting `length` so n_units * pieces fill the SMs (whole_wave:
+    without passing per_sm programs per SM, at least one piece per unit)."""
+    slots = per_sm * _num_sms(device)
+    want = fixed if fixed is not None else (max(1, slots // n_units) if whole_wave else triton.cdiv(slots, n_units))
     pieces = max(1, min(int(want), cap, triton.cdiv(length, block)))
     piece = triton.cdiv(triton.cdiv(length, pieces), block) * block
     return triton.cdiv(length, piece), piece
 
 
-def _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg):
+def _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg, chained):
     B, Hs, T, J, D = q_i.shape
     N = k_i.shape[1]
     UG, JP = _unit_tiling(Hs, T, J, cfg["max_rows"])
     n_groups = triton.cdiv(Hs * T, UG)
-    splits, split_len = _splits(B * n_groups, N, cfg["BN"], cfg["programs_per_sm"], cfg["splits"],
-                                triton.cdiv(N, cfg["BN"]), q_i.device)
+    BN, stages = fit_key_tiles(cfg["BN"], cfg["num_stages"], max(16, _pow2(D)) * max(k_i.element_size(),
+                                                                                  q_i.element_size()))
+    splits, split_len = _splits(B * n_groups, N, BN, cfg["programs_per_sm"], cfg["splits"], triton.cdiv(N, BN),
+                                q_i.device, cfg["whole_wave"])
     _logits_kernel[(B * n_groups, splits)](
         q_i, w, k_i, key_end, buf, ws, N, S, T, Hs * T, B * Hs, Hs, n_groups, split_len, float(scale),
         *q_i.stride(), *w.stride(), *k_i.stride(), key_end.stride(0),
-        J=J, UG=UG, JP=JP, BN=cfg["BN"], D=D, BD=max(16, _pow2(D)), WSR=ws.shape[1],
+        J=J, UG=UG, JP=JP, BN=BN, D=D, BD=max(16, _pow2(D)), WSR=ws.shape[1],
         IEEE=q_i.dtype == torch.float32 and cfg["fp32_ieee"], KEY_MAJOR=cfg["key_major"],
-        num_warps=cfg["num_warps"] if UG * JP <= 64 else cfg["num_warps_wide"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"] if UG * JP <= 64 else cfg["num_warps_wide"], num_stages=stages, **chained)
+
+
+def fit_key_tiles(BN: int, stages: int, bytes_per_key: int) -> tuple[int, int]:
+    """(keys per tile, tiles in flight): BN halved (to >= 16) until one tile fits SMEM_BUDGET, then at most
+    `stages` tiles that fit."""
+    while BN > 16 and BN * bytes_per_key > SMEM_BUDGET:
+        BN //= 2
+    return BN, max(1, min(stages, SMEM_BUDGET // (BN * bytes_per_key)))
 
 
 def _cap(cfg, N: int) -> int:
@@ -526,7 +565,7 @@ def _cap(cfg, N: int) -> int:
     return cfg["cap"] or min(2048, max(64, _pow2(triton.cdiv(N, 2 * cfg["hist_bins"]))))
 
 
-def _select_decode(buf, ws, out, topk, cfg):
+def _select_decode(buf, ws, out, topk, cfg, chained):
     """Histogram, partition (+ finish) of the rows of buf [T, B*Hs, N] into out [B*Hs, T, topk]."""
     T, BH, N = buf.shape
     rows = T * BH
@@ -542,15 +581,17 @@ def _select_decode(buf, ws, out, topk, cfg):
                   NSEGP=nsegp, LOGS=nsegp.bit_length() - 1,
                   num_warps=cfg["select_warps"])
     _hist_kernel[(rows, nseg)](buf, ws, N, seg_len, K=topk, NB=nb, WSR=ws.shape[1], BLOCK=cfg["block"],
-                               num_warps=cfg["select_warps"])
+                               num_warps=cfg["select_warps"], **chained)
     fused = cfg["finish"] == "fused"
     lists_etc = (lists, counts[0], counts[1], scratch, offsets)
     _partition_kernel[(rows, nseg)](buf, ws, *lists_etc, out, N, T, BH, seg_len, nseg,
-                                    KP=_pow2(topk), BLOCK=cfg["block"], FUSED=fused, **common)
-    if not fused:
+                                    KP=_pow2(topk), BLOCK=cfg["block"], FUSED=fused, **common, **chained)
+    if not fused:  # (a plain launch: the write after it then launches plainly too)
+        chained = {}
         _finish_kernel[(rows,)](buf, ws, *lists_etc, out, N, T, BH, seg_len, nseg, **common)
     _write_kernel[(rows, nseg)](buf, ws, lists, counts[0], offsets, out, N, T, BH, seg_len, nseg, K=topk,
-                                WSR=ws.shape[1], CAP=cap, BLOCK=cfg["write_block"], num_warps=cfg["select_warps"])
+                                WSR=ws.shape[1], CAP=cap, BLOCK=cfg["write_block"], num_warps=cfg["select_warps"],
+                                **chained)
 
 
 def _select_rows(buf, ws, key_end, S, out, topk, cfg):
@@ -585,10 +626,12 @@ def indexer_topk_decode_triton(q_i: torch.Tensor, w: torch.Tensor, k_i: torch.Te
     rows = T * B * Hs
     buf = torch.empty((T, B * Hs, N), dtype=torch.float32, device=q_i.device)
     ws = torch.zeros((rows, _WS_HIST.value + cfg["hist_bins"]), dtype=torch.int32, device=q_i.device)
-    _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg)
+    pdl = resolve_pdl(cfg["pdl"], q_i.device, auto=B == 1)
+    chained = pdl_launch(pdl, q_i.device) if cfg["select"] == "decode" else {}
+    _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg, chained)
     flat = out.view(B * Hs, T, topk)
     if cfg["select"] == "rows":
         _select_rows(buf, ws, key_end, S, flat, topk, cfg)
     else:
-        _select_decode(buf, ws, flat, topk, cfg)
+        _select_decode(buf, ws, flat, topk, cfg, chained)
     return out

@@ -193,7 +193,8 @@ def _gather_args(second_pool: bool, sink: bool = False):
     idx = torch.randint(-1, 16 + (4 if second_pool else 0), (1, 1, 8, 8), dtype=torch.int32,
                         generator=torch.Generator().manual_seed(1))
     logits = torch.randn(q.shape[1], requires_grad=True) if sink else None  # DeepSeek-V4's attention sink
-    return torch.ops.sparsezoo.gather_attention_triton, (q, k, v, idx, 0.25, k2, v2, 3, logits)  # 3: a raw window
+    # 3: a raw window; 0: listed ids count from the first pool's row 0
+    return torch.ops.sparsezoo.gather_attention_triton, (q, k, v, idx, 0.25, k2, v2, 3, logits, 0)
 
 
 def _index_kl_args(with_lse: bool, key_major: bool = False):
@@ -265,12 +266,14 @@ def test_custom_op_gradients_match_the_reference():
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, **TOL)
 
-    op, (q, k, v, idx, scale, k2, v2, window, sink) = _gather_args(second_pool=True, sink=True)
-    out = op(q, k, v, idx, scale, k2, v2, window, sink)[0]
-    ref_out = reference.gather_attention_reference(q, k, v, idx, scale, False, k_extra=k2, v_extra=v2,
-                                                   window=window, sink=sink)
-    torch.testing.assert_close(out, ref_out, **TOL)
-    cot = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad((out * cot).sum(), (q, k, v, k2, v2, sink)),
-                    torch.autograd.grad((ref_out * cot).sum(), (q, k, v, k2, v2, sink))):
-        torch.testing.assert_close(g, r, **TOL)
+    op, (q, k, v, idx, scale, k2, v2, window, sink, base) = _gather_args(second_pool=True, sink=True)
+    entries = torch.where(idx < k2.shape[2], idx, -1)  # base = N: the ids name the second pool's rows
+    for ids, base, extra_ids in ((idx, base, False), (entries, k.shape[2], True)):
+        out = op(q, k, v, ids, scale, k2, v2, window, sink, base)[0]
+        ref_out = reference.gather_attention_reference(q, k, v, ids, scale, False, k_extra=k2, v_extra=v2,
+                                                       window=window, sink=sink, extra_ids=extra_ids)
+        torch.testing.assert_close(out, ref_out, **TOL)
+        cot = torch.randn_like(out)
+        for g, r in zip(torch.autograd.grad((out * cot).sum(), (q, k, v, k2, v2, sink)),
+                        torch.autograd.grad((ref_out * cot).sum(), (q, k, v, k2, v2, sink))):
+            torch.testing.assert_close(g, r, **TOL)

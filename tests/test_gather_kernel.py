@@ -588,3 +588,39 @@ def test_op_drops_ids_outside_both_pools(backend):
                                            return_lse=True, backend=backend)
     for got, want in zip(run(bad), run(kept)):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend, window, splits, dtype", [("reference", 3, 1, torch.int32),
+                                                             ("triton", 3, 1, torch.int32),
+                                                             ("triton", 0, 3, torch.int64),
+                                                             ("triton", 2, 2, torch.int32)])
+def test_extra_ids_name_the_second_pool(backend, window, splits, dtype):
+    """extra_ids=True: the ids name rows of k_extra (CSA's selected entries), as ids N + id of the
+    concatenation would; out, LSE and every gradient (k_extra = v_extra shared, as V4's entries) match that
+    call exactly, and ids past the second pool (int64 past int32 too) are empty."""
+    from sparsezoo import ops
+
+    q, k, v, gen = random_inputs(2, 4, 2, 4, 11, 16, seed=71 + window)
+    kc = torch.randn(2, 2, 7, 16, generator=gen).to(DEV)
+    sel = random_selection(2, 1, 4, 7, 5, gen).to(dtype)
+    sel[0, 0, :, -1] = 7 if dtype == torch.int32 else 2**32 + 1  # past the second pool: empty
+    shifted = torch.where((sel >= 0) & (sel < 7), sel + 11, -1)
+    w = torch.randn(2, 4, 4, 16, generator=gen, dtype=torch.float64).to(DEV)
+    config = {"SPLITS": splits}
+
+    def run(ids, extra_ids):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, kc)]
+        qq, kk, vv, cc = leaves
+        call = dict(scale=0.3, window=window, k_extra=cc, v_extra=cc, return_lse=True, backend=backend)
+        if backend == "triton":  # the launcher, to force the split path
+            out, lse = gather_attention_triton(qq, kk, vv, ids, 0.3, True, config, k2=cc, v2=cc, window=window,
+                                               extra_ids=extra_ids)
+        else:
+            out, lse = ops.gather_attention(qq, kk, vv, ids, extra_ids=extra_ids, **call)
+        ((out.double() * w).sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()).backward()
+        return out, lse, *(x.grad for x in leaves)
+
+    for got, want in zip(run(sel, True), run(shifted, False)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="second pool"):
+        ops.gather_attention(q, k, v, sel, scale=0.3, extra_ids=True)

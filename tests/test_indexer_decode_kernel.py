@@ -86,7 +86,8 @@ def default_run():
     return (q, w, k, ends, N, topk), sel
 
 
-@pytest.mark.parametrize("config", [SPLIT, RADIX, WIDE, {"finish": "kernel"}, {"select": "rows"}])
+@pytest.mark.parametrize("config", [SPLIT, RADIX, WIDE, {"finish": "kernel"}, {"select": "rows"},
+                                    {"whole_wave": True, "programs_per_sm": 3}])
 def test_configs_agree(default_run, config):
     """Same logits, so every select path and tiling must return the default's ids exactly."""
     args, want = default_run
@@ -184,6 +185,16 @@ def test_dispatch_picks_the_decode_kernel(monkeypatch):
         sel = ops.indexer_topk(q, w, k, dsa_ends(S), S=S, topk=topk, scale=SCALE, backend="triton")
         assert_matches_reference(sel, q, w, k, dsa_ends(S), S, topk)
     assert len(calls) == 1 and calls[0][0].shape[2] == 2
+
+
+def test_whole_wave_grid_never_passes_the_programs_per_sm():
+    from sparsezoo.kernels import indexer_decode_triton as idk
+
+    sms = idk._num_sms(torch.device("cpu"))
+    for units, per_sm in [(1, 1), (3, 2), (8, 1), (2 * sms, 1), (5, 3)]:
+        pieces, piece = idk._splits(units, 10_000, 64, per_sm, None, 1000, torch.device("cpu"), whole_wave=True)
+        assert pieces >= 1 and piece % 64 == 0 and pieces * piece >= 10_000
+        assert units * pieces <= max(units, per_sm * sms)
 
 
 def test_decode_applies():

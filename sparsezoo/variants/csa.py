@@ -301,7 +301,7 @@ class CSAAttention(AttentionLayer):
         kc, vc, ki, q_i, w = self.compressed(x, positions, cache)
         sel = self.select(q_i, w, ki, S)  # [B, 1, T, topk] entry ids
         self.last_selection = sel
-        out = ops.gather_attention(q, k, v, entry_pooling.entry_ids(sel, S), scale=self.scale, window=c.window,
+        out = ops.gather_attention(q, k, v, sel, scale=self.scale, window=c.window, extra_ids=True,
                                    backend=c.backend_for("gather_attention"), k_extra=kc, v_extra=vc,
                                    sink=self.attn_sink)
         if c.shared_kv:  # the values' rotated dims: back to the query's own position

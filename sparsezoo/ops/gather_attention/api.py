@@ -12,7 +12,8 @@ OP = Op("gather_attention", __package__, ("triton", "flex", "reference"))
 
 def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, *, scale: float,
                      backend: str = "auto", return_lse: bool = False, k_extra: torch.Tensor | None = None,
-                     v_extra: torch.Tensor | None = None, window: int = 0, sink: torch.Tensor | None = None):
+                     v_extra: torch.Tensor | None = None, window: int = 0, sink: torch.Tensor | None = None,
+                     extra_ids: bool = False):
     """Exact softmax attention of q [B, Hq, T, D] over the keys idx [B, Hs, T, K] names in k, v
     [B, Hkv, N, D]; Hs is 1 (one list for every KV head) or Hkv. -1 is an empty slot; ids outside
     [0, N) are never read (treated as empty). Causality is the selection's job. A query with no key
@@ -20,7 +21,9 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
 
     A second key pool k_extra, v_extra [B, Hkv, N2, D] (CSA's compressed entries beside the raw
     tokens) acts as if concatenated after k, v without the copy: ids in [N, N + N2) read
-    k_extra/v_extra[:, :, id - N]. Differentiable w.r.t. every key tensor.
+    k_extra/v_extra[:, :, id - N]. Differentiable w.r.t. every key tensor. extra_ids=True: idx names rows
+    of the second pool instead (ids in [0, N2), read as N + id; CSA's selected entries beside its window),
+    so a caller need not rewrite its selection (the Triton kernels add N as they load the ids).
 
     window > 0: each query also attends to its last `window` tokens of k, v (positions p - window + 1
     .. p, where query t sits at p = N - T + t), as if they were listed before its ids (CSA's sliding
@@ -33,6 +36,8 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
     checks.check_keys(q, k, v)
     Hkv, N = k.shape[1], k.shape[2]
     _check_extra(k, k_extra, v_extra)
+    if extra_ids and k_extra is None:
+        raise ValueError("extra_ids=True names rows of the second pool: pass k_extra and v_extra")
     if idx.dim() != 4 or idx.shape[0] != q.shape[0] or idx.shape[2] != q.shape[2] or idx.shape[1] not in (1, Hkv):
         raise ValueError(f"idx must be [B={q.shape[0]}, Hs=1 or {Hkv}, T={q.shape[2]}, K], got {tuple(idx.shape)}")
     if idx.dtype not in (torch.int32, torch.int64):
@@ -44,7 +49,7 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
     req = Request.of(q, needs_grad(q, k, v, k_extra, v_extra, sink), group=q.shape[1] // Hkv,
                      head_dim=q.shape[3], return_lse=return_lse, sink=sink is not None)
     return OP.run(backend, req, q, k, v, idx, scale, return_lse, k_extra=k_extra, v_extra=v_extra, window=window,
-                  sink=sink)
+                  sink=sink, extra_ids=extra_ids)
 
 
 def _check_sink(q: torch.Tensor, sink: torch.Tensor | None) -> None:
@@ -57,11 +62,15 @@ def _check_sink(q: torch.Tensor, sink: torch.Tensor | None) -> None:
         raise ValueError(f"sink must be on q's device {q.device}, got {sink.device}")
 
 
-def explicit_keys(idx, k, v, k_extra, v_extra, window: int):
-    """(idx, k, v) with ids outside both pools dropped (-1), the window listed in idx and the second pool
-    concatenated after k, v: the plain form the reference and flex paths read (the Triton kernel does all
-    three itself, without copies or extra launches)."""
-    idx = checks.drop_out_of_range(idx, k.shape[2] + (0 if k_extra is None else k_extra.shape[2]))
+def explicit_keys(idx, k, v, k_extra, v_extra, window: int, extra_ids: bool = False):
+    """(idx, k, v) with ids outside both pools dropped (-1), ids of the second pool shifted past the first
+    (extra_ids), the window listed in idx and the second pool concatenated after k, v: the plain form the
+    reference and flex paths read (the Triton kernel does all of it itself, without copies or extra launches)."""
+    N2 = 0 if k_extra is None else k_extra.shape[2]
+    if extra_ids:
+        idx = checks.drop_out_of_range(idx, N2)
+        idx = torch.where(idx >= 0, idx + k.shape[2], -1)
+    idx = checks.drop_out_of_range(idx, k.shape[2] + N2)
     if window:
         idx = window_ids(idx, window, k.shape[2])
     if k_extra is not None:

@@ -23,11 +23,11 @@ def supports(req) -> str | None:
 
 
 def gather_attention_flex(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None,
-                          window: int = 0, sink=None):
+                          window: int = 0, sink=None, extra_ids: bool = False):
     """Each query becomes its own batch row: q [B*Tc, Hq, 1, D] against its gathered keys
     [B*Tc, Hkv, K, D]; a mask_mod drops the -1 slots. Chunked over queries. A second pool k_extra,
     v_extra is concatenated after k, v (the gathered rows are copied anyway)."""
-    idx, k, v = explicit_keys(idx, k, v, k_extra, v_extra, window)
+    idx, k, v = explicit_keys(idx, k, v, k_extra, v_extra, window, extra_ids)
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], idx.shape[-1]
     idx = expand_selection(idx, Hkv)

@@ -29,9 +29,9 @@ def _chunk(qg, kf, vf, q_bad, kv_bad, sel, scale: float, sink):
 
 
 def gather_attention_reference(q, k, v, idx, scale: float, return_lse: bool = False, k_extra=None, v_extra=None,
-                               window: int = 0, sink=None):
+                               window: int = 0, sink=None, extra_ids: bool = False):
     """k_extra, v_extra (optional): a second pool, read as if concatenated after k, v (here it is)."""
-    idx, k, v = explicit_keys(idx, k, v, k_extra, v_extra, window)
+    idx, k, v = explicit_keys(idx, k, v, k_extra, v_extra, window, extra_ids)
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], idx.shape[-1]
     G = Hq // Hkv
