@@ -80,17 +80,7 @@ if args.zoo:
         print("adopted", configs[best], flush=True)
     zoo.main(
         [
-            "--variants",
-            "dsa,csa",
-            "--configs",
-            "equal_budget",
-            "--modes",
-            "decode",
-            "--decode-batches",
-            "1,8,32",
-            "--no-peers",
-            "--reps",
-            "3",
+            *"--variants dsa,csa --configs equal_budget --modes decode --decode-batches 1,8,32 --no-peers --reps 3".split(),
             "--out",
             args.zoo,
         ]

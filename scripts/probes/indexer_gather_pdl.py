@@ -41,17 +41,7 @@ set_pdl(None)
 if args.zoo:
     zoo.main(
         [
-            "--variants",
-            "dsa,csa",
-            "--configs",
-            "equal_budget",
-            "--modes",
-            "decode",
-            "--decode-batches",
-            "1,8,32",
-            "--no-peers",
-            "--reps",
-            "3",
+            *"--variants dsa,csa --configs equal_budget --modes decode --decode-batches 1,8,32 --no-peers --reps 3".split(),
             "--out",
             args.zoo,
         ]
