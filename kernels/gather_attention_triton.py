@@ -61,6 +61,7 @@ from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw
 from sparsezoo.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_launch, resolve_pdl
 from sparsezoo.kernels.sparse_attention_triton import _load_rows as _load_tile
 from sparsezoo.kernels.sparse_attention_triton import backward_delta
+from sparsezoo.kernels.sizes import fit_tiles
 from sparsezoo.kernels.sizes import pow2 as _pow2
 
 LOG2E = 1.4426950408889634  # host side: the kernels write log2(e) and ln(2) as literals (@jit reads no plain globals)
@@ -362,6 +363,7 @@ def _forward(q, k, v, k2, v2, idx, scale, window, cfg, sink=None, base=0):
     N, KS = k.shape[2], window + idx.shape[-1]
     P, G, KV_DIV, BM, D, BD, prec = _group_tiling(q, k, idx)
     BN = cfg["BN_SHARED" if pool_flags["SHARED"] else "BN"]  # one gather per tile leaves room for twice the keys
+    BN, stages = fit_tiles(BN, cfg["num_stages"], (1 if pool_flags["SHARED"] else 2) * BD * q.element_size())
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     splits = cfg["SPLITS"]
@@ -381,7 +383,7 @@ def _forward(q, k, v, k2, v2, idx, scale, window, cfg, sink=None, base=0):
         *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *out.stride(), *lse.stride(),
         G=G, BM=BM, BN=BN, D=D, BD=BD, SPLIT=split, PREC=prec, **pool_flags, KV_DIV=KV_DIV, WINDOW=window,
         NF_SUM=cfg["NF_CHECK"] == "sum", HAS_SINK=sink is not None, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **chained)
+        num_stages=stages, **chained)
     if split:
         _merge_kernel[(T, P, B)](
             po, pl, sink_arg, out, lse, T, n_splits, *out.stride(), *lse.stride(),
@@ -403,11 +405,12 @@ def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, window, cfg, sink
     dq = torch.empty_like(q)
     dk = torch.zeros((B, Hkv, N + N2, D), dtype=torch.float32, device=q.device)  # rows of both pools
     dv = torch.zeros_like(dk)
+    bwd_BN, bwd_stages = fit_tiles(cfg["bwd_BN"], cfg["bwd_stages"], (1 if pool_flags["SHARED"] else 2) * BD * q.element_size())
     _bwd_kernel[(T, P, B)](
         q, k, v, k2, v2, do, dq, dk, dv, lse, delta, idx, N, N + N2, KS, N - T, scale * LOG2E, scale, base,
         *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *lse.stride(), *dk.stride(),
-        G=G, BM=BM, BN=cfg["bwd_BN"], D=D, BD=BD, PREC=prec, **pool_flags, KV_DIV=KV_DIV, WINDOW=window,
-        num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+        G=G, BM=BM, BN=bwd_BN, D=D, BD=BD, PREC=prec, **pool_flags, KV_DIV=KV_DIV, WINDOW=window,
+        num_warps=cfg["bwd_warps"], num_stages=bwd_stages)
     dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     dsink = None
     if sink is not None:  # a poisoned row (NaN LSE) passes no gradient, to the sink neither

@@ -70,6 +70,7 @@ from .indexer_triton import _check_inputs, _dot, _float_bin, _key_float, _ordere
 from .indexer_triton import _resolve_config as _rows_config
 from .indexer_triton import _select_triton
 from sparsezoo.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_launch, resolve_pdl
+from sparsezoo.kernels.sizes import fit_tiles
 from sparsezoo.kernels.sizes import pow2 as _pow2
 
 # GPU tiling and select knobs (the lead tunes these on the H200).
@@ -109,8 +110,6 @@ CONFIG = {
 # 64-key tiles, 4 in flight): H200, 128k, B = 8, bf16, logits 21.4 against 22.7 us (CSA) and 69.7 against 75.0 us
 # (DSA); one program per SM, 6-8 stages and 8 warps were slower (benchmarks/zoo.py's records of the sixteenth
 # session, examples/results/h200_2026-12-03/indexer_decode_grid_h200.log).
-SMEM_BUDGET = 200 * 1024  # bytes of key tiles in flight per logits program (Hopper: 227 KB per block)
-
 # Interpreter (CPU) tiles: tiny, so the tests stay quick.
 _INTERPRETER_CONFIG = {"BN": 128, "num_warps": 4, "num_stages": 1, "block": 256, "finish_block": 256, "cap": 64,
                        "write_block": 256}
@@ -537,8 +536,7 @@ def _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg, chained):
     N = k_i.shape[1]
     UG, JP = _unit_tiling(Hs, T, J, cfg["max_rows"])
     n_groups = triton.cdiv(Hs * T, UG)
-    BN, stages = fit_key_tiles(cfg["BN"], cfg["num_stages"], max(16, _pow2(D)) * max(k_i.element_size(),
-                                                                                  q_i.element_size()))
+    BN, stages = fit_tiles(cfg["BN"], cfg["num_stages"], max(16, _pow2(D)) * max(k_i.element_size(), q_i.element_size()))
     splits, split_len = _splits(B * n_groups, N, BN, cfg["programs_per_sm"], cfg["splits"], triton.cdiv(N, BN),
                                 q_i.device, cfg["whole_wave"])
     _logits_kernel[(B * n_groups, splits)](
@@ -548,13 +546,6 @@ def _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg, chained):
         IEEE=q_i.dtype == torch.float32 and cfg["fp32_ieee"], KEY_MAJOR=cfg["key_major"],
         num_warps=cfg["num_warps"] if UG * JP <= 64 else cfg["num_warps_wide"], num_stages=stages, **chained)
 
-
-def fit_key_tiles(BN: int, stages: int, bytes_per_key: int) -> tuple[int, int]:
-    """(keys per tile, tiles in flight): BN halved (to >= 16) until one tile fits SMEM_BUDGET, then at most
-    `stages` tiles that fit."""
-    while BN > 16 and BN * bytes_per_key > SMEM_BUDGET:
-        BN //= 2
-    return BN, max(1, min(stages, SMEM_BUDGET // (BN * bytes_per_key)))
 
 
 def _cap(cfg, N: int) -> int:

@@ -74,6 +74,7 @@ import triton.language as tl
 from sparsezoo.kernels.indexer_triton import _KEY_NONE, _dot, _key_ids, _ordered_key, _rank_key
 from sparsezoo.kernels.nonfinite import nonfinite_rows, poison, poison_rows, saw_nonfinite, zero_rows
 from sparsezoo.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_launch, resolve_pdl
+from sparsezoo.kernels.sizes import SMEM_BUDGET, fit_tiles
 from sparsezoo.kernels.sizes import pow2 as _pow2
 from sparsezoo.kernels.sizes import with_overrides
 
@@ -81,7 +82,6 @@ LOG2E = 1.4426950408889634
 MAX_NB = 256  # most selection blocks per chunk the geometry may need
 MAX_TILE = 256  # most compressed entries per tile of the reshape block sums
 MAX_ROWS = 128  # most rows (queries x padded heads) of one compressed-branch program
-SMEM_BUDGET = 200 * 1024  # bytes of K/V tiles in flight per program (Hopper: 227 KB per block, the rest headroom)
 
 # GPU tiling, an untimed first guess for the H200 (to be tuned). BE: compressed entries per tile; NB: selection
 # blocks per chunk (grows until a chunk holds a multiple of 16 entries); cmp_warps / cmp_warps_wide: kernel 1
@@ -508,13 +508,6 @@ def compressed_tiles(cfg: dict, block_len: int, stride: int, sel_block: int, BD:
         nb, be = max(1, nb // 2), be // 2
 
 
-def _fit(tile: int, stages: int, bytes_per_row: int) -> tuple[int, int]:
-    """(rows per tile, stages): tile halved (to >= 16) until one fits SMEM_BUDGET, then at most `stages` that fit."""
-    while tile > 16 and tile * bytes_per_row > SMEM_BUDGET:
-        tile //= 2
-    return tile, max(1, min(stages, SMEM_BUDGET // (tile * bytes_per_row)))
-
-
 def block_sums_for(block_len: int, stride: int, sel_block: int, device, config: dict | None = None) -> str:
     """'reshape' or 'dot': the block sums nsa_decode_triton runs for this geometry, device and config."""
     return _block_sums_mode(_resolve_config(config, torch.device(device)), block_len, stride, sel_block)
@@ -658,7 +651,7 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
     # 3. selected blocks and window: partial outputs and LSEs, split inside each branch; the selection
     sel_slots = min(topk, (S - 1) // sel_block + 1) * sel_block  # the last query's selected tokens (the most)
     win_slots = min(window, S)
-    BN, attn_stages = _fit(cfg["BN"], cfg["attn_stages"], 2 * BD * q.element_size())
+    BN, attn_stages = fit_tiles(cfg["BN"], cfg["attn_stages"], 2 * BD * q.element_size())
     per = BN * triton.cdiv(sel_slots + win_slots, BN * (cfg["attn_splits"] or triton.cdiv(want, rows)))
     n_sel, n3 = triton.cdiv(sel_slots, per), triton.cdiv(sel_slots, per) + triton.cdiv(win_slots, per)
     po3 = torch.empty((rows, n3, BM3, D), dtype=f32, device=dev)

@@ -2,6 +2,8 @@
 
 import math
 
+SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (Hopper: 227 KB of shared memory per block)
+
 
 def pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1): Triton's block sizes must be powers of two."""
@@ -30,3 +32,11 @@ def with_overrides(defaults: dict, config: dict | None, what: str) -> dict:
     if unknown:
         raise ValueError(f"unknown {what} config keys {sorted(unknown)}; valid: {sorted(defaults)}")
     return {**defaults, **(config or {})}
+
+
+def fit_tiles(tile: int, stages: int, bytes_per_row: int, budget: int = SMEM_BUDGET) -> tuple[int, int]:
+    """(rows per tile, tiles in flight): `tile` halved (down to 16) until one tile of bytes_per_row-byte rows fits
+    the budget, then at most `stages` tiles that fit (at least one)."""
+    while tile > 16 and tile * bytes_per_row > budget:
+        tile //= 2
+    return tile, max(1, min(stages, budget // (tile * bytes_per_row)))

@@ -456,6 +456,25 @@ def test_gpu_decode_bf16_m3_graph_capture(B, K):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype, D, K", [(torch.float32, 256, 96), (torch.bfloat16, 256, 96), (torch.float32, 128, 2048)])
+def test_gpu_wide_tiles_fit_shared_memory(dtype, D, K):
+    """fp32 and 256-wide heads: the forward and backward tiles shed stages (and halve) to fit, and stay exact,
+    with prefill-like rows (T 64) and split decode rows (T 1)."""
+    torch.manual_seed(3)
+    for T in (64, 1):
+        q, k, v = (torch.randn(2, h, n, D, device="cuda", dtype=dtype) for h, n in ((8, T), (2, 512), (2, 512)))
+        idx = causal_random_selection(2, T, 512, min(K, 512), "cuda")
+        w, u = torch.randn(2, 8, T, D, device="cuda"), torch.randn(2, 8, T, device="cuda")
+        out, lse, dq, dk, dv = kernel_run(q, k, v, idx, D ** -0.5, w, u)
+        qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
+        want_out, want_lse = dense_out_lse(qf, kf, vf, idx, D ** -0.5)
+        loss_of(want_out, want_lse, w, u).backward()
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
+        assert rel_err(out, want_out) < tol and rel_err(lse, want_lse) < tol
+        assert rel_err(dq, qf.grad) < tol and rel_err(dk, kf.grad) < tol and rel_err(dv, vf.grad) < tol
+
+
+@pytest.mark.gpu
 def test_gpu_decode_bf16_two_pools_graph_capture():
     """CSA decode (B 8, 8k raw tokens + 2k entries, window 128 + top-512): two pools in place against
     the fp32 reference on the concatenated pool, also replayed from a CUDA graph."""

@@ -339,6 +339,7 @@ def test_module_decode_steps_run_the_fused_op():
 
 def test_tiles_fit_the_shared_memory_budget():
     from sparsezoo.kernels import nsa_decode_triton as nd
+    from sparsezoo.kernels.sizes import fit_tiles
 
     cfg = dict(nd.CONFIG)
     for itemsize, BD, reshape in [(2, 128, True), (4, 128, True), (4, 256, True), (2, 256, False), (4, 256, False)]:
@@ -347,9 +348,13 @@ def test_tiles_fit_the_shared_memory_budget():
         assert EC % BE == 0 and BE >= 16
     assert nd.compressed_tiles(cfg, 32, 16, 64, 128, 2, True)[2:] == (128, 1, 3)  # bf16 m3: one chunk, 3 stages
     assert nd.compressed_tiles(cfg, 32, 16, 64, 256, 4, True)[2] == 64  # fp32 x 256: the tile halves
-    for bytes_per_row in (2 * 128 * 2, 2 * 256 * 4, 2 * 1024 * 4):
-        tile, stages = nd._fit(64, 2, bytes_per_row)
-        assert tile >= 16 and (tile == 16 or stages * tile * bytes_per_row <= nd.SMEM_BUDGET)
+    for bytes_per_row in (2 * 128 * 2, 2 * 256 * 4, 2 * 1024 * 4, 2 * 8192 * 4):
+        for tile, stages in ((64, 2), (128, 3), (16, 4)):
+            got_tile, got_stages = fit_tiles(tile, stages, bytes_per_row)
+            assert 16 <= got_tile <= tile and 1 <= got_stages <= stages
+            assert got_tile == 16 or got_stages * got_tile * bytes_per_row <= nd.SMEM_BUDGET
+            assert got_tile == tile or got_tile * 2 * bytes_per_row > nd.SMEM_BUDGET  # halved only when needed
+    assert fit_tiles(64, 2, 2 * 128 * 2) == (64, 2)  # the bf16 m3 tiles as configured
     with pytest.raises(ValueError, match="cmp_programs_per_sm must be an int >= 1"):
         nd._resolve_config({"cmp_programs_per_sm": 0}, torch.device("cpu"))
 
