@@ -405,7 +405,8 @@ def _backward(q, k, v, k2, v2, idx, out, lse, do, dlse, scale, window, cfg, sink
     dq = torch.empty_like(q)
     dk = torch.zeros((B, Hkv, N + N2, D), dtype=torch.float32, device=q.device)  # rows of both pools
     dv = torch.zeros_like(dk)
-    bwd_BN, bwd_stages = fit_tiles(cfg["bwd_BN"], cfg["bwd_stages"], (1 if pool_flags["SHARED"] else 2) * BD * q.element_size())
+    row_bytes = (1 if pool_flags["SHARED"] else 2) * BD * q.element_size()  # K and V rows (one when shared)
+    bwd_BN, bwd_stages = fit_tiles(cfg["bwd_BN"], cfg["bwd_stages"], row_bytes)
     _bwd_kernel[(T, P, B)](
         q, k, v, k2, v2, do, dq, dk, dv, lse, delta, idx, N, N + N2, KS, N - T, scale * LOG2E, scale, base,
         *q.stride(), *k.stride(), *v.stride(), *k2v2_strides, *_idx_strides(idx), *lse.stride(), *dk.stride(),

@@ -108,8 +108,9 @@ CONFIG = {
 
 # The logits grid in one wave of 2 programs per SM with 128-key tiles, 3 in flight (from 33 splits per request of
 # 64-key tiles, 4 in flight): H200, 128k, B = 8, bf16, logits 21.4 against 22.7 us (CSA) and 69.7 against 75.0 us
-# (DSA); one program per SM, 6-8 stages and 8 warps were slower (benchmarks/zoo.py's records of the sixteenth
-# session, examples/results/h200_2026-12-03/indexer_decode_grid_h200.log).
+# (DSA); one program per SM, 6-8 stages and 8 warps were slower (scripts/probes/indexer_decode_grid.py;
+# examples/results/h200_2026-12-03/indexer_decode_grid_h200.log).
+
 # Interpreter (CPU) tiles: tiny, so the tests stay quick.
 _INTERPRETER_CONFIG = {"BN": 128, "num_warps": 4, "num_stages": 1, "block": 256, "finish_block": 256, "cap": 64,
                        "write_block": 256}
@@ -536,7 +537,8 @@ def _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg, chained):
     N = k_i.shape[1]
     UG, JP = _unit_tiling(Hs, T, J, cfg["max_rows"])
     n_groups = triton.cdiv(Hs * T, UG)
-    BN, stages = fit_tiles(cfg["BN"], cfg["num_stages"], max(16, _pow2(D)) * max(k_i.element_size(), q_i.element_size()))
+    key_bytes = max(16, _pow2(D)) * max(k_i.element_size(), q_i.element_size())
+    BN, stages = fit_tiles(cfg["BN"], cfg["num_stages"], key_bytes)
     splits, split_len = _splits(B * n_groups, N, BN, cfg["programs_per_sm"], cfg["splits"], triton.cdiv(N, BN),
                                 q_i.device, cfg["whole_wave"])
     _logits_kernel[(B * n_groups, splits)](
@@ -545,7 +547,6 @@ def _launch_logits(q_i, w, k_i, key_end, buf, ws, S, scale, cfg, chained):
         J=J, UG=UG, JP=JP, BN=BN, D=D, BD=max(16, _pow2(D)), WSR=ws.shape[1],
         IEEE=q_i.dtype == torch.float32 and cfg["fp32_ieee"], KEY_MAJOR=cfg["key_major"],
         num_warps=cfg["num_warps"] if UG * JP <= 64 else cfg["num_warps_wide"], num_stages=stages, **chained)
-
 
 
 def _cap(cfg, N: int) -> int:

@@ -456,7 +456,8 @@ def test_gpu_decode_bf16_m3_graph_capture(B, K):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, D, K", [(torch.float32, 256, 96), (torch.bfloat16, 256, 96), (torch.float32, 128, 2048)])
+@pytest.mark.parametrize("dtype, D, K", [(torch.float32, 256, 96), (torch.bfloat16, 256, 96),
+                                         (torch.float32, 128, 2048)])
 def test_gpu_wide_tiles_fit_shared_memory(dtype, D, K):
     """fp32 and 256-wide heads: the forward and backward tiles shed stages (and halve) to fit, and stay exact,
     with prefill-like rows (T 64) and split decode rows (T 1)."""
