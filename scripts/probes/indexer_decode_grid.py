@@ -39,6 +39,9 @@ configs = [
     {**D, "num_stages": 6},
     {**D, "whole_wave": True, "num_stages": 6},
     {**D, "BN": 128},
+    {"select": "row"},  # one program per row for the whole select (one launch)
+    {"select": "row", "select_warps": 16},
+    {"select": "row", "finish_block": 4096},
 ]
 total = {}
 for name in ("csa", "dsa"):
