@@ -230,13 +230,20 @@ def _hist_kernel(BUF, WS, N, seg_len, K: tl.constexpr, NB: tl.constexpr, WSR: tl
     hi = tl.minimum(lo + seg_len, nvis)
     if (nvis > K) & (lo < hi):
         fmin, inv = _bin_scale(ws, NB)
-        hist = tl.zeros([NB], tl.int32)
-        for start in range(lo, hi, BLOCK):
-            ids = start + tl.arange(0, BLOCK)
-            ok = ids < hi
-            x = tl.load(BUF + row * N + ids, mask=ok, other=0.0)
-            hist += tl.histogram(tl.where(ok, _float_bin(x, fmin, inv, NB), 0), NB, mask=ok)
+        hist = _row_hist(BUF + row * N, lo, hi, fmin, inv, NB, BLOCK)
         tl.atomic_add(ws + _WS_HIST + tl.arange(0, NB), hist, mask=hist > 0)
+
+
+@triton.jit
+def _row_hist(ROW, lo, hi, fmin, inv, NB: tl.constexpr, BLOCK: tl.constexpr):
+    """The NB-bin linear histogram (_float_bin) of logits ROW[lo:hi]."""
+    hist = tl.zeros([NB], tl.int32)
+    for start in range(lo, hi, BLOCK):
+        ids = start + tl.arange(0, BLOCK)
+        ok = ids < hi
+        x = tl.load(ROW + ids, mask=ok, other=0.0)
+        hist += tl.histogram(tl.where(ok, _float_bin(x, fmin, inv, NB), 0), NB, mask=ok)
+    return hist
 
 
 @triton.jit
@@ -394,13 +401,7 @@ def _row_select_kernel(BUF, WS, SCRATCH, OUT, N, T, BH, K: tl.constexpr, KP: tl.
     else:
         fmin, inv = _bin_scale(ws, NB)
         base = row * N
-        hist = tl.zeros([NB], tl.int32)
-        for p0 in range(0, nvis, BLOCK):
-            ids = p0 + tl.arange(0, BLOCK)
-            ok = ids < nvis
-            x = tl.load(BUF + base + ids, mask=ok, other=0.0)
-            hist += tl.histogram(tl.where(ok, _float_bin(x, fmin, inv, NB), 0), NB, mask=ok)
-        best, above, inside = _pick_bin(hist, K, NB)
+        best, above, inside = _pick_bin(_row_hist(BUF + base, 0, nvis, fmin, inv, NB, BLOCK), K, NB)
         none = tl.zeros([2], tl.int32)  # no list segments
         _take_top(BUF, BUF, SCRATCH, out_ptr, row, base, nvis, none, none, K - above, inside, best, fmin, inv,
                   K, NB, NBR, BLOCK, CAP, 1, True)

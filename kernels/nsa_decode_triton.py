@@ -502,9 +502,8 @@ def compressed_tiles(cfg: dict, block_len: int, stride: int, sel_block: int, BD:
             NB, EC, BE, HALO = reshape_geometry(block_len, stride, sel_block, nb)
         else:
             NB, EC, BE, HALO = chunk_geometry(block_len, stride, sel_block, cfg["NB"], be)
-        tile = 2 * BE * BD * itemsize
-        if tile <= SMEM_BUDGET or BE <= 16 or (reshape and nb == 1):
-            return NB, EC, BE, HALO, max(1, min(cfg["cmp_stages"], SMEM_BUDGET // tile))
+        if 2 * BE * BD * itemsize <= SMEM_BUDGET or BE <= 16 or (reshape and nb == 1):
+            return NB, EC, BE, HALO, fit_tiles(BE, cfg["cmp_stages"], 2 * BD * itemsize)[1]
         nb, be = max(1, nb // 2), be // 2
 
 
