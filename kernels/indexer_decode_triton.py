@@ -46,9 +46,6 @@ Launches (no host syncs; CUDA-graph capturable):
 Non-finite values: the logits epilogue is indexer_triton's (a NaN logit ranks as +inf); an infinite
 min/max code decodes to a NaN bound, so the row's bins collapse into one: the whole row is candidates,
 sorted in (a) where it fits CAP, else resolved by (b)'s radix passes.
-CONFIG["select"] = "row" swaps 2-4 for one launch, `_row_select_kernel`, grid (rows,): each program histograms
-its row, then runs the finish's candidate, radix and write passes (`_take_top`, shared with (b)) over the row
-itself instead of a partition list (built for few rows; not yet timed on a GPU).
 CONFIG["select"] = "rows" swaps 2-4 for indexer_triton's row select (`_select_triton`, whose split
 path handles few rows), fed with the same logits and min/max bounds.
 
@@ -87,8 +84,7 @@ CONFIG = {
     "key_major": True,         # logits dot as keys x rows (the head sum within thread groups), else rows x keys
     "max_rows": 256,           # most dot rows (units x padded index heads) per logits program
     "max_T": 4,                # decode_applies: at most this many new queries per request
-    "select": "decode",        # 'decode' (histogram + partition + finish), 'row' (one program per row, one
-                               # launch; not yet timed on a GPU) or 'rows' (indexer_triton's)
+    "select": "decode",        # 'decode' (histogram + partition + finish) or 'rows' (indexer_triton's)
     "finish": "fused",         # 'fused' (last partition program of a row) or 'kernel' (own launch)
     "hist_bins": 128,          # linear bins of the first select pass (power of two, >= 32 on the GPU)
     "radix_bins": 64,          # bins per radix digit of the finish (power of two, >= 32 on the GPU)
@@ -115,7 +111,7 @@ CONFIG = {
 # (DSA); one program per SM, 6-8 stages and 8 warps were slower (scripts/probes/indexer_decode_grid.py;
 # examples/results/h200_2026-12-03/indexer_decode_grid_h200.log).
 
-SELECTS = ("decode", "row", "rows")
+SELECTS = ("decode", "rows")
 
 # Interpreter (CPU) tiles: tiny, so the tests stay quick.
 _INTERPRETER_CONFIG = {"BN": 128, "num_warps": 4, "num_stages": 1, "block": 256, "finish_block": 256, "cap": 64,
@@ -265,24 +261,6 @@ def _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF: tl.conste
 
 
 @triton.jit
-def _entries_block(BUF, LIST, base, p0, n_entries, incl, seg_off, best, fmin, inv, NB: tl.constexpr,
-                   BLOCKF: tl.constexpr, LOGS: tl.constexpr, RAW: tl.constexpr):
-    """Entries p0 + [0, BLOCKF) of a row: (ids, candidate?, int64 key, valid). RAW: straight from the row's
-    logits (its first n_entries = visible keys; an entry is a key binned at or above `best`, a candidate one
-    binned in it); else from the row's partition list (_list_block)."""
-    if RAW:
-        ids = p0 + tl.arange(0, BLOCKF)
-        x = tl.load(BUF + base + ids, mask=ids < n_entries, other=0.0)
-        bins = _float_bin(x, fmin, inv, NB)
-        ok = (ids < n_entries) & (bins >= best)
-        cand = ok & (bins == best)
-        key = _ordered_key(x).to(tl.int64)
-    else:
-        ids, cand, key, ok = _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF, LOGS)
-    return ids, cand, key, ok
-
-
-@triton.jit
 def _narrow(hist, klo, khi, shift, need, NBR: tl.constexpr):
     """Keep the radix digit (of width 2^shift above klo) holding the need-th largest key:
     -> (klo, khi, need within it, keys within it)."""
@@ -311,15 +289,14 @@ def _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, out_ptr, row, N, seg_len, nseg,
     incl = tl.cumsum(cnt, axis=0)
     seg_off = si * seg_len - (incl - cnt)  # list position - entry position, per segment
     _take_top(BUF, LIST, SCRATCH, out_ptr, row, row * N, tl.sum(cnt, axis=0), incl, seg_off, K - above, inside,
-              0, 0.0, 0.0, K, NB, NBR, BLOCKF, CAP, LOGS, False)
+              K, NBR, BLOCKF, CAP, LOGS)
 
 
 @triton.jit
-def _take_top(BUF, LIST, SCRATCH, out_ptr, row, base, n_entries, incl, seg_off, need, inside, best, fmin, inv,
-              K: tl.constexpr, NB: tl.constexpr, NBR: tl.constexpr, BLOCKF: tl.constexpr, CAP: tl.constexpr,
-              LOGS: tl.constexpr, RAW: tl.constexpr):
-    """Writes the row's top K ascending: every sure entry and the `need` best of its `inside` candidates (by
-    logit, ties to the smaller id). Entries come from _entries_block (the partition list, or RAW the row)."""
+def _take_top(BUF, LIST, SCRATCH, out_ptr, row, base, n_entries, incl, seg_off, need, inside,
+              K: tl.constexpr, NBR: tl.constexpr, BLOCKF: tl.constexpr, CAP: tl.constexpr, LOGS: tl.constexpr):
+    """Writes the row's top K ascending: every sure entry of its partition list and the `need` best of its
+    `inside` candidates (by logit, ties to the smaller id)."""
     # a. many candidates (rare): narrow their key interval by radix passes over the list
     klo = tl.full([], -2147483648, tl.int64)
     khi = tl.full([], 2147483647, tl.int64)
@@ -327,16 +304,14 @@ def _take_top(BUF, LIST, SCRATCH, out_ptr, row, base, n_entries, incl, seg_off, 
         klo = tl.full([], 2147483647, tl.int64)
         khi = tl.full([], -2147483648, tl.int64)
         for p0 in range(0, n_entries, BLOCKF):
-            ids, cand, key, ok = _entries_block(BUF, LIST, base, p0, n_entries, incl, seg_off, best, fmin, inv, NB,
-                                                BLOCKF, LOGS, RAW)
+            ids, cand, key, ok = _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF, LOGS)
             klo = tl.minimum(klo, tl.min(tl.where(cand, key, 2147483647), axis=0))
             khi = tl.maximum(khi, tl.max(tl.where(cand, key, -2147483648), axis=0))
     while (inside > CAP) & (khi > klo):
         shift = _shift_for(klo, khi, NBR)
         hist = tl.zeros([NBR], tl.int32)
         for p0 in range(0, n_entries, BLOCKF):
-            ids, cand, key, ok = _entries_block(BUF, LIST, base, p0, n_entries, incl, seg_off, best, fmin, inv, NB,
-                                                BLOCKF, LOGS, RAW)
+            ids, cand, key, ok = _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF, LOGS)
             member = cand & (key >= klo) & (key <= khi)
             hist += tl.histogram(tl.where(member, (key - klo) >> shift, 0).to(tl.int32), NBR, mask=member)
         klo, khi, need, inside = _narrow(hist, klo, khi, shift, need, NBR)
@@ -347,8 +322,7 @@ def _take_top(BUF, LIST, SCRATCH, out_ptr, row, base, n_entries, incl, seg_off, 
     cut_rank = tl.where(single, need - 1, -1)
     n_member = 0
     for p0 in range(0, n_entries, BLOCKF):
-        ids, cand, key, ok = _entries_block(BUF, LIST, base, p0, n_entries, incl, seg_off, best, fmin, inv, NB,
-                                            BLOCKF, LOGS, RAW)
+        ids, cand, key, ok = _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF, LOGS)
         member = cand & (key >= klo) & (key <= khi)
         rank = n_member + tl.cumsum(member.to(tl.int32), axis=0) - 1
         tl.store(scratch + rank, ids, mask=member & (rank < n_scratch))
@@ -374,37 +348,11 @@ def _take_top(BUF, LIST, SCRATCH, out_ptr, row, base, n_entries, incl, seg_off, 
     # d. write the taken ids in ascending order
     n_out = 0
     for p0 in range(0, n_entries, BLOCKF):
-        ids, cand, key, ok = _entries_block(BUF, LIST, base, p0, n_entries, incl, seg_off, best, fmin, inv, NB,
-                                            BLOCKF, LOGS, RAW)
+        ids, cand, key, ok = _list_block(BUF, LIST, base, p0, n_entries, incl, seg_off, BLOCKF, LOGS)
         take = ok & (~cand | (key > klo) | ((key == klo) & (ids <= cut)))
         rank = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
         tl.store(out_ptr + rank, ids, mask=take & (rank < K))
         n_out += tl.sum(take.to(tl.int32), axis=0)
-
-
-@triton.jit
-def _row_select_kernel(BUF, WS, SCRATCH, OUT, N, T, BH, K: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
-                       NBR: tl.constexpr, WSR: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
-                       PDL: tl.constexpr = False):
-    """CONFIG["select"] = "row": one program per row does the whole select on its logits (one histogram pass,
-    then _take_top's candidate and write passes), in one launch and without the partition list."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    row = tl.program_id(0).to(tl.int64)
-    ws = WS + row * WSR
-    nvis = tl.load(ws + _WS_NVIS)
-    out_ptr = _out_row(OUT, row, T, BH, K)
-    if nvis <= K:  # at most K visible keys: take them all
-        kk = tl.arange(0, KP)
-        tl.store(out_ptr + kk, tl.where(kk < nvis, kk, -1), mask=kk < K)
-    else:
-        fmin, inv = _bin_scale(ws, NB)
-        base = row * N
-        best, above, inside = _pick_bin(_row_hist(BUF + base, 0, nvis, fmin, inv, NB, BLOCK), K, NB)
-        none = tl.zeros([2], tl.int32)  # no list segments
-        _take_top(BUF, BUF, SCRATCH, out_ptr, row, base, nvis, none, none, K - above, inside, best, fmin, inv,
-                  K, NB, NBR, BLOCK, CAP, 1, True)
 
 
 @triton.jit
@@ -653,16 +601,6 @@ def _select_decode(buf, ws, out, topk, cfg, chained):
                                 **chained)
 
 
-def _select_row(buf, ws, out, topk, cfg, chained):
-    """One program per row of buf [T, B*Hs, N] (_row_select_kernel) into out [B*Hs, T, topk]."""
-    T, BH, N = buf.shape
-    cap = _cap(cfg, N)
-    scratch = torch.empty((T * BH, cap), dtype=torch.int32, device=buf.device)
-    _row_select_kernel[(T * BH,)](buf, ws, scratch, out, N, T, BH, K=topk, KP=_pow2(topk), NB=cfg["hist_bins"],
-                                  NBR=cfg["radix_bins"], WSR=ws.shape[1], BLOCK=cfg["finish_block"], CAP=cap,
-                                  num_warps=cfg["select_warps"], **chained)
-
-
 def _select_rows(buf, ws, key_end, S, out, topk, cfg):
     """indexer_triton's row select on the same logits; its stats are the workspace bounds as int32 keys."""
     T = buf.shape[0]
@@ -701,8 +639,6 @@ def indexer_topk_decode_triton(q_i: torch.Tensor, w: torch.Tensor, k_i: torch.Te
     flat = out.view(B * Hs, T, topk)
     if cfg["select"] == "rows":
         _select_rows(buf, ws, key_end, S, flat, topk, cfg)
-    elif cfg["select"] == "row":
-        _select_row(buf, ws, flat, topk, cfg, chained)
     else:
         _select_decode(buf, ws, flat, topk, cfg, chained)
     return out

@@ -32,8 +32,6 @@ RADIX = {"hist_bins": 4, "cap": 8, "radix_bins": 4, "finish_block": 32}
 # Few histogram bins and a cap that holds them: many candidates (and ties) resolved in registers, then
 # the segments' parallel write.
 WIDE = {"hist_bins": 4, "cap": 512, "radix_bins": 4, "segments": 5, "block": 32, "write_block": 32}
-ROW = {"select": "row", "finish_block": 64}  # one program per row
-ROW_RADIX = {**ROW, **RADIX}  # ... with its candidates past the slots: the radix passes over the row
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +87,7 @@ def default_run():
 
 
 @pytest.mark.parametrize("config", [SPLIT, RADIX, WIDE, {"finish": "kernel"}, {"select": "rows"},
-                                    {"whole_wave": True, "programs_per_sm": 3}, ROW, ROW_RADIX])
+                                    {"whole_wave": True, "programs_per_sm": 3}])
 def test_configs_agree(default_run, config):
     """Same logits, so every select path and tiling must return the default's ids exactly."""
     args, want = default_run
@@ -98,7 +96,7 @@ def test_configs_agree(default_run, config):
 
 @pytest.mark.parametrize("config", [{}, SPLIT, RADIX, {"finish": "kernel", **RADIX}, {"max_rows": 4},
                                     {"key_major": False}, {"key_major": False, "max_rows": 4}, WIDE,
-                                    {"finish": "kernel", **WIDE}, ROW, ROW_RADIX])
+                                    {"finish": "kernel", **WIDE}])
 def test_ties_go_to_the_smaller_id(config):
     """Integer inputs: exact logits with many ties; the ids must be the reference's exactly.
     max_rows 4: two (head, query) units per logits program, the second program's group half empty."""
@@ -110,7 +108,7 @@ def test_ties_go_to_the_smaller_id(config):
     assert_same_ids(sel, reference(q, w, k, ends, N, topk))
 
 
-@pytest.mark.parametrize("config", [{}, SPLIT, RADIX, ROW, ROW_RADIX])
+@pytest.mark.parametrize("config", [{}, SPLIT, RADIX])
 def test_all_logits_equal(config):
     """w = 0: every logit is 0 (min = max: one bin, one key value), so each row takes its first topk keys."""
     B, T, N, topk = 1, 2, 300, 20
@@ -132,7 +130,7 @@ def test_rows_with_few_visible_keys():
     assert (sel[:, :, 2] >= 0).all()
 
 
-@pytest.mark.parametrize("m,config", [(1, {}), (4, SPLIT), (1, {"key_major": False, **SPLIT}), (4, ROW)])
+@pytest.mark.parametrize("m,config", [(1, {}), (4, SPLIT), (1, {"key_major": False, **SPLIT})])
 def test_invisible_keys_are_never_selected(m, config):
     """Queries well before the last key: the invisible suffix (-inf in the buffer) must not count, even
     where its logits would win; with S < topk + 1 visible keys some rows take everything."""
@@ -144,16 +142,15 @@ def test_invisible_keys_are_never_selected(m, config):
         assert_matches_reference(run(q, w, k, ends, S, topk, config=config), q, w, k, ends, S, topk)
 
 
-@pytest.mark.parametrize("config", [{}, ROW])
-def test_outlier_stretches_the_bins(config):
+def test_outlier_stretches_the_bins():
     """One huge logit puts every other key of the row in the lowest linear bin (inside > cap): the
-    finish's radix passes over the list (or the row) must still find the exact top-k."""
+    finish's radix passes over the list must still find the exact top-k."""
     B, T, N, topk = 2, 1, 1500, 48
     ends = ends_for(N, 1)
     q, w, k = make_inputs(B, 1, T, 4, 16, N, seed=9)
     w = w.abs()  # logits >= 0, so key 123 scaled up gets the largest by far
     k[:, 123] *= 1e4
-    sel = run(q, w, k, ends, N, topk, config=config)
+    sel = run(q, w, k, ends, N, topk)
     check_format(sel, visible_counts(ends, N, T), topk)
     z = exact_logits(q, w, k, SCALE)
     got, want = selected_scores(sel, z), selected_scores(reference(q, w, k, ends, N, topk), z)
@@ -170,13 +167,11 @@ def test_fp16_inputs():
 
 @settings(max_examples=4)
 @given(B=st.integers(1, 3), Hs=st.integers(1, 2), T=st.integers(1, 3), J=st.integers(1, 8),
-       N=st.integers(20, 700), m=st.sampled_from([1, 2, 4]), topk=st.integers(1, 64), seed=st.integers(0, 2**16),
-       select=st.sampled_from(["decode", "row"]))
-def test_random_shapes(B, Hs, T, J, N, m, topk, seed, select):
+       N=st.integers(20, 700), m=st.sampled_from([1, 2, 4]), topk=st.integers(1, 64), seed=st.integers(0, 2**16))
+def test_random_shapes(B, Hs, T, J, N, m, topk, seed):
     ends = ends_for(N, m)
     q, w, k = make_inputs(B, Hs, T, J, 16, N, seed=seed)
-    sel = run(q, w, k, ends, N * m, topk, config={"select": select})
-    assert_matches_reference(sel, q, w, k, ends, N * m, topk)
+    assert_matches_reference(run(q, w, k, ends, N * m, topk), q, w, k, ends, N * m, topk)
 
 
 def test_dispatch_picks_the_decode_kernel(monkeypatch):
@@ -261,8 +256,7 @@ def test_gpu_bf16_decode_points(B, T, N, m, topk):
     z = exact_logits(q, w, k, SCALE)
     other = indexer_topk_triton(q, w, k, ends, S, topk, SCALE)
     assert torch.allclose(selected_scores(sel, z), selected_scores(other, z), atol=eps, rtol=0)
-    for config in ({"finish": "kernel"}, {"select": "rows"}, {"cap": 64}, {"select": "row"},
-                   {"select": "row", "cap": 64}):  # cap 64: the serial finish (over the row for select 'row')
+    for config in ({"finish": "kernel"}, {"select": "rows"}, {"cap": 64}):  # cap 64: the serial finish
         assert torch.equal(run(q, w, k, ends, S, topk, config=config), sel), config
     for config in ({"BN": 128, "num_stages": 3, "programs_per_sm": 1}, {"key_major": False},
                    {"key_major": False, "BN": 128, "num_warps": 8}):
@@ -271,7 +265,7 @@ def test_gpu_bf16_decode_points(B, T, N, m, topk):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [{}, {"finish": "kernel"}, {"select": "row"}])
+@pytest.mark.parametrize("config", [{}, {"finish": "kernel"}])
 def test_gpu_cuda_graph_capture(config):
     """The launcher captures into a CUDA graph (no host syncs); replays recompute from the inputs in place."""
     dev = torch.device("cuda")

@@ -416,8 +416,7 @@ def test_indexer_topk_nan(backend, where):
 
 INDEXER_KERNELS = [("prefill", {"select_cap": 16}), ("prefill", {"split": 2, "select_cap": 16}),
                    ("decode", {}), ("decode", {"cap": 16}), ("decode", {"finish": "kernel"}),
-                   ("decode", {"select": "rows", "rows_select": {"select_cap": 16}}),
-                   ("decode", {"select": "row", "cap": 16})]
+                   ("decode", {"select": "rows", "rows_select": {"select_cap": 16}})]
 
 
 @pytest.mark.parametrize("where", ["key", "query"])

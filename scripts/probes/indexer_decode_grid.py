@@ -3,7 +3,7 @@ CUDA-graph timed (best of 3), and each kernel's device time. With --zoo DIR, the
 time (if >= 1 us better than the default) is adopted in-process, then benchmarks/zoo.py's dsa and csa decode points
 run into DIR.
 
-    python scripts/probes/indexer_decode_grid.py [--zoo DIR]
+    python scripts/probes/indexer_decode_grid.py [--zoo DIR] [--configs JSON] [--gather-config JSON] [--batches 1,8,32]
 """
 
 import argparse
@@ -22,6 +22,10 @@ from sparsezoo.kernels import indexer_decode_triton as idk  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--zoo", default=None, help="adopt the best config, then run the zoo's dsa/csa decode points here")
+parser.add_argument("--configs", default=None, type=json.loads, help="JSON list of indexer configs (default: the grid)")
+parser.add_argument("--gather-config", default="{}", type=json.loads,
+                    help="gather attention CONFIG overrides for the zoo run (e.g. '{\"SPLITS\": 1}')")
+parser.add_argument("--batches", default="1,8,32", help="the zoo run's decode batches")
 args = parser.parse_args()
 
 bw = copy_bandwidth()
@@ -39,10 +43,9 @@ configs = [
     {**D, "num_stages": 6},
     {**D, "whole_wave": True, "num_stages": 6},
     {**D, "BN": 128},
-    {"select": "row"},  # one program per row for the whole select (one launch)
-    {"select": "row", "select_warps": 16},
-    {"select": "row", "finish_block": 4096},
 ]
+if args.configs is not None:
+    configs = [{}] + [c for c in args.configs if c]  # the default first: the baseline of the adoption rule
 total = {}
 for name in ("csa", "dsa"):
     var = Variant(name, CONFIGS[name]["published"], 8, 1, 131072, False)
@@ -81,9 +84,16 @@ if args.zoo:
     if best and total[0] - total[best] >= 1.0:
         idk.CONFIG.update(configs[best])
         print("adopted", configs[best], flush=True)
+    if args.gather_config:
+        from sparsezoo.kernels import gather_attention_triton as gat
+
+        gat.GATHER_CONFIG.update(args.gather_config)
+        print("gather attention", args.gather_config, flush=True)
     zoo.main(
         [
-            *"--variants dsa,csa --configs equal_budget --modes decode --decode-batches 1,8,32 --no-peers --reps 3".split(),
+            *"--variants dsa,csa --configs equal_budget --modes decode --no-peers --reps 3".split(),
+            "--decode-batches",
+            args.batches,
             "--out",
             args.zoo,
         ]
