@@ -5,8 +5,8 @@
 
 Per point (m3 heads, one layer): the step captured in a CUDA graph and replayed (median ms, decode.py's
 `bench`), then 20 replays under torch.profiler: the mean device time per step of each kernel. The step
-time minus the kernels' sum is what launches and the gaps between kernels cost. Prints one JSON line
-per point; writes nothing.
+time minus the kernels' sum is what launches and the gaps between kernels cost; `timeline_us` lists the last
+replay's kernels with their start and end. Prints one JSON line per point; writes nothing.
 """
 
 from __future__ import annotations
@@ -61,9 +61,18 @@ def profile_point(S: int, B: int, index: str, pdl: bool | None = None, index_con
                step_ms=round(step_ms, 4),
                graphed=graphed, kernels_ms=kernels, kernels_sum_ms=round(total, 4),
                launch_and_gaps_ms=round(step_ms - total, 4), index_splits=list(dec.index_split),
-               attn_splits=list(dec.attn_split))
+               attn_splits=list(dec.attn_split), timeline_us=last_replay(prof, len(kernels)))
     print(json.dumps(rec), flush=True)
     return rec
+
+
+def last_replay(prof, n_kernels: int) -> list:
+    """The last replay's kernels as [name, start, end] in us from its first kernel's start (when each began
+    and ended, so the gaps between them show, and how much consecutive ones overlap under pdl)."""
+    evs = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    last = evs[-n_kernels:] if n_kernels else []
+    t0 = last[0].time_range.start if last else 0
+    return [[e.name[:30], round(e.time_range.start - t0, 1), round(e.time_range.end - t0, 1)] for e in last]
 
 
 def main(argv=None) -> list[dict]:

@@ -1,0 +1,97 @@
+"""How the cache flush between timed replays moves MSA's decode step and dense's, at m3, batch 1, bf16 index keys.
+
+`benchmarks/decode.py` times CUDA-graph replays with triton's do_bench, which zeroes a 256 MB buffer before each
+replay: the L2 then holds dirty lines of that buffer, and the next kernel that streams more than the L2 pays for
+writing them back. This probe times the same replays three ways, one flush before each:
+- `zero`: do_bench's flush (256 MB written);
+- `read`: the same buffer read (a sum), which leaves the L2 cold and clean, as after a layer that streamed its keys;
+- `none`: no flush (each step streams far more than the L2 at these lengths, so its data is cold anyway).
+
+    python scripts/probes/decode_flush.py [--lens 1048576,131072] [--reps 200]
+
+Prints one JSON line per (length, mode): median ms of dense (cuDNN with enable_gqa, the fastest in the decode records
+at batch 1) and of the MSA step, and the ratio.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from decode import SHAPES, contiguous, make_caches, sdpa_decode_candidates  # noqa: E402
+
+from sparsezoo.paged_cache import MSADecoder  # noqa: E402
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph (warmed up on a side stream first); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def timed(replay, flush, reps: int) -> float:
+    """Median ms of `replay` over `reps` runs, `flush` queued before each (outside the events)."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for _ in range(5):
+        flush()
+        replay()
+    for s, e in zip(starts, ends):
+        flush()
+        s.record()
+        replay()
+        e.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[reps // 2]
+
+
+def measure(S: int, flushes: dict, reps: int) -> None:
+    sh, dev = SHAPES["m3"], torch.device("cuda")
+    caches, _, table = make_caches(sh, S, 1, 1, dev, False, seed=S)
+    cache = caches[0]
+    g = torch.Generator(device=dev).manual_seed(2)
+    q = torch.randn(1, sh["hq"], 1, sh["d"], device=dev, dtype=torch.bfloat16, generator=g)
+    q_idx = torch.randn(1, sh["hkv"], 1, sh["di"], device=dev, dtype=torch.bfloat16, generator=g)
+    dec = MSADecoder(num_q_heads=sh["hq"], num_kv_heads=sh["hkv"], head_dim=sh["d"], index_dim=sh["di"],
+                     block_size=sh["block"], topk=sh["topk"])
+    dec.plan(torch.full((1,), S, dtype=torch.int32, device=dev), table, 1, num_pages=cache.num_pages)
+    out = torch.empty_like(q)
+    msa = graphed(lambda: dec.run(q, q_idx, cache, out=out))
+    k, v = contiguous(cache, table, S)
+    dense = graphed(sdpa_decode_candidates(q, k, v, 1)["sdpa_cudnn_gqa"])
+    for mode, flush in flushes.items():
+        d_ms, m_ms = timed(dense, flush, reps), timed(msa, flush, reps)
+        print(json.dumps(dict(card=torch.cuda.get_device_name(), seq_len=S, batch=1, flush=mode,
+                              dense_cudnn_gqa_ms=round(d_ms, 4), msa_ms=round(m_ms, 4), speedup=round(d_ms / m_ms, 3),
+                              pdl=dec.pdl)), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--lens", default="1048576,131072")
+    p.add_argument("--reps", type=int, default=200)
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    buf = torch.empty(256 << 20, dtype=torch.int8, device=dev)
+    total = torch.empty((), dtype=torch.int64, device=dev)
+    flushes = {"zero": buf.zero_, "read": lambda: torch.sum(buf, dim=0, dtype=torch.int64, out=total), "none": lambda: None}
+    for S in (int(x) for x in args.lens.split(",")):
+        measure(S, flushes, args.reps)
+        torch.cuda.empty_cache()
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
+    print(f"flush buffer {buf.numel() / 2**20:.0f} MiB; L2 {l2 / 2**20:.0f} MiB; {args.reps} replays per median")
+
+
+if __name__ == "__main__":
+    main()
