@@ -5,7 +5,8 @@ replay: the L2 then holds dirty lines of that buffer, and the next kernel that s
 writing them back. This probe times the same replays three ways, one flush before each:
 - `zero`: do_bench's flush (256 MB written);
 - `read`: the same buffer read (a sum), which leaves the L2 cold and clean, as after a layer that streamed its keys;
-- `none`: no flush (each step streams far more than the L2 at these lengths, so its data is cold anyway).
+- `none`: no flush (at 1M each step streams far more than the L2, so its data is cold anyway; at 128k part of
+  it may still be in the L2 from the replay before).
 
     python scripts/probes/decode_flush.py [--lens 1048576,131072] [--reps 200]
 

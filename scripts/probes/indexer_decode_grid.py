@@ -24,7 +24,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--zoo", default=None, help="adopt the best config, then run the zoo's dsa/csa decode points here")
 parser.add_argument("--configs", default=None, type=json.loads, help="JSON list of indexer configs (default: the grid)")
 parser.add_argument("--gather-config", default="{}", type=json.loads,
-                    help="gather attention CONFIG overrides for the zoo run (e.g. '{\"SPLITS\": 1}')")
+                    help="GATHER_CONFIG overrides (the gather attention's) for the zoo run (e.g. '{\"SPLITS\": 1}')")
 parser.add_argument("--batches", default="1,8,32", help="the zoo run's decode batches")
 args = parser.parse_args()
 
