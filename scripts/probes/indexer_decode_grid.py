@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import zoo  # noqa: E402
+from indexer_decode_profile import kernel_times  # noqa: E402
 from zoo import CONFIGS, Variant, bench_graph, copy_bandwidth  # noqa: E402  (copy_bandwidth: bytes/s)
 
 from sparsezoo.kernels import indexer_decode_triton as idk  # noqa: E402
@@ -60,19 +61,8 @@ for name in ("csa", "dsa"):
         )
         try:
             us = min(bench_graph(fn)[0] for _ in range(3)) * 1e3
-            fn()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    fn()
-                torch.cuda.synchronize()
-            ks = {
-                ev.key.strip("_").replace("_kernel", ""): round(ev.device_time_total / ev.count, 1)
-                for ev in prof.key_averages()
-                if ev.device_time_total > 0 and "kernel" in ev.key
-            }
             total[i] = total.get(i, 0.0) + us
-            print(f"{name} {json.dumps(cfg)}: op {us:.1f} us; kernels {ks}", flush=True)
+            print(f"{name} {json.dumps(cfg)}: op {us:.1f} us; kernels {kernel_times(fn)}", flush=True)
         except Exception as exc:
             total[i] = total.get(i, 0.0) + 1e9
             print(f"{name} {json.dumps(cfg)}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
