@@ -105,7 +105,8 @@ def print_registers() -> None:
             for kernel in cache[0].values():
                 print(json.dumps(dict(kernel=name, n_regs=getattr(kernel, "n_regs", None),
                                       n_spills=getattr(kernel, "n_spills", None),
-                                      num_warps=kernel.metadata.num_warps)), flush=True)
+                                      num_warps=kernel.metadata.num_warps,
+                                      shared=kernel.metadata.shared)), flush=True)
 
 
 if __name__ == "__main__":

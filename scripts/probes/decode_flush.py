@@ -8,7 +8,7 @@ writing them back. This probe times the same replays three ways, one flush befor
 - `none`: no flush (at 1M each step streams far more than the L2, so its data is cold anyway; at 128k part of
   it may still be in the L2 from the replay before).
 
-    python scripts/probes/decode_flush.py [--lens 1048576,131072] [--reps 200]
+    python scripts/probes/decode_flush.py [--lens 1048576,131072] [--reps 200] [--index-config JSON]
 
 Prints one JSON line per (length, mode): median ms of the fastest dense SDPA path under that flush (flash, cuDNN and
 efficient, each folded and with enable_gqa) and of the MSA step, and the ratio.
@@ -57,7 +57,7 @@ def timed(replay, flush, reps: int) -> float:
     return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[reps // 2]
 
 
-def measure(S: int, flushes: dict, reps: int) -> None:
+def measure(S: int, flushes: dict, reps: int, index_config: dict) -> None:
     sh, dev = SHAPES["m3"], torch.device("cuda")
     caches, _, table = make_caches(sh, S, 1, 1, dev, False, seed=S)
     cache = caches[0]
@@ -65,7 +65,7 @@ def measure(S: int, flushes: dict, reps: int) -> None:
     q = torch.randn(1, sh["hq"], 1, sh["d"], device=dev, dtype=torch.bfloat16, generator=g)
     q_idx = torch.randn(1, sh["hkv"], 1, sh["di"], device=dev, dtype=torch.bfloat16, generator=g)
     dec = MSADecoder(num_q_heads=sh["hq"], num_kv_heads=sh["hkv"], head_dim=sh["d"], index_dim=sh["di"],
-                     block_size=sh["block"], topk=sh["topk"])
+                     block_size=sh["block"], topk=sh["topk"], index_config=index_config)
     dec.plan(torch.full((1,), S, dtype=torch.int32, device=dev), table, 1, num_pages=cache.num_pages)
     out = torch.empty_like(q)
     msa = graphed(lambda: dec.run(q, q_idx, cache, out=out))
@@ -82,20 +82,21 @@ def measure(S: int, flushes: dict, reps: int) -> None:
         d_ms, m_ms = dense_ms[best], timed(msa, flush, reps)
         print(json.dumps(dict(card=torch.cuda.get_device_name(), seq_len=S, batch=1, flush=mode, dense_impl=best,
                               dense_ms=round(d_ms, 4), msa_ms=round(m_ms, 4), speedup=round(d_ms / m_ms, 3),
-                              pdl=dec.pdl)), flush=True)
+                              pdl=dec.pdl, index_config=index_config)), flush=True)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--lens", default="1048576,131072")
     p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--index-config", default="{}", metavar="JSON", help="MSADecoder index_config overrides")
     args = p.parse_args()
     dev = torch.device("cuda")
     buf = torch.empty(256 << 20, dtype=torch.int8, device=dev)
     total = torch.empty((), dtype=torch.int64, device=dev)
     flushes = {"zero": buf.zero_, "read": lambda: torch.sum(buf, dim=0, dtype=torch.int64, out=total), "none": lambda: None}
     for S in (int(x) for x in args.lens.split(",")):
-        measure(S, flushes, args.reps)
+        measure(S, flushes, args.reps, json.loads(args.index_config))
         torch.cuda.empty_cache()
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
     print(f"flush buffer {buf.numel() / 2**20:.0f} MiB; L2 {l2 / 2**20:.0f} MiB; {args.reps} replays per median")
