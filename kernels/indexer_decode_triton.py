@@ -226,20 +226,13 @@ def _hist_kernel(BUF, WS, N, seg_len, K: tl.constexpr, NB: tl.constexpr, WSR: tl
     hi = tl.minimum(lo + seg_len, nvis)
     if (nvis > K) & (lo < hi):
         fmin, inv = _bin_scale(ws, NB)
-        hist = _row_hist(BUF + row * N, lo, hi, fmin, inv, NB, BLOCK)
+        hist = tl.zeros([NB], tl.int32)
+        for start in range(lo, hi, BLOCK):
+            ids = start + tl.arange(0, BLOCK)
+            ok = ids < hi
+            x = tl.load(BUF + row * N + ids, mask=ok, other=0.0)
+            hist += tl.histogram(tl.where(ok, _float_bin(x, fmin, inv, NB), 0), NB, mask=ok)
         tl.atomic_add(ws + _WS_HIST + tl.arange(0, NB), hist, mask=hist > 0)
-
-
-@triton.jit
-def _row_hist(ROW, lo, hi, fmin, inv, NB: tl.constexpr, BLOCK: tl.constexpr):
-    """The NB-bin linear histogram (_float_bin) of logits ROW[lo:hi]."""
-    hist = tl.zeros([NB], tl.int32)
-    for start in range(lo, hi, BLOCK):
-        ids = start + tl.arange(0, BLOCK)
-        ok = ids < hi
-        x = tl.load(ROW + ids, mask=ok, other=0.0)
-        hist += tl.histogram(tl.where(ok, _float_bin(x, fmin, inv, NB), 0), NB, mask=ok)
-    return hist
 
 
 @triton.jit
@@ -283,20 +276,14 @@ def _finish_row(BUF, WS, LIST, COUNTS, SCRATCH, out_ptr, row, N, seg_len, nseg,
                 BLOCKF: tl.constexpr, CAP: tl.constexpr, NSEGP: tl.constexpr, LOGS: tl.constexpr):
     """Exact top-K of one row from its list (sure ids, then flagged candidates), written ascending."""
     ws = WS + row * WSR
+    base = row * N
     _, above, inside = _pick_bin(tl.load(ws + _WS_HIST + tl.arange(0, NB)), K, NB)
+    need = K - above  # candidates to take
     si = tl.arange(0, NSEGP)
     cnt = tl.load(COUNTS + row * nseg + si, mask=si < nseg, other=0, cache_modifier=".cg")
     incl = tl.cumsum(cnt, axis=0)
     seg_off = si * seg_len - (incl - cnt)  # list position - entry position, per segment
-    _take_top(BUF, LIST, SCRATCH, out_ptr, row, row * N, tl.sum(cnt, axis=0), incl, seg_off, K - above, inside,
-              K, NBR, BLOCKF, CAP, LOGS)
-
-
-@triton.jit
-def _take_top(BUF, LIST, SCRATCH, out_ptr, row, base, n_entries, incl, seg_off, need, inside,
-              K: tl.constexpr, NBR: tl.constexpr, BLOCKF: tl.constexpr, CAP: tl.constexpr, LOGS: tl.constexpr):
-    """Writes the row's top K ascending: every sure entry of its partition list and the `need` best of its
-    `inside` candidates (by logit, ties to the smaller id)."""
+    n_entries = tl.sum(cnt, axis=0)
     # a. many candidates (rare): narrow their key interval by radix passes over the list
     klo = tl.full([], -2147483648, tl.int64)
     khi = tl.full([], 2147483647, tl.int64)
