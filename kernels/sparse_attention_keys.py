@@ -212,7 +212,8 @@ def _tiles_fast(Q, POUT, PLSE, ORDER, kt, vt, b, s, blk, start, n_e, tile0, n_t,
     # 128-key blocks: each tile's entries are loaded a tile ahead (loop-carried), so their load overlaps the
     # tile before instead of heading a chain (entries, then rows, then the dots). Measured on an H200 at 128k:
     # the kernel 7-10% faster with 128-key blocks, 20% slower with 64-key ones, which keep the plain loop.
-    n_ok, n_e_id, n_t_id, n_pos = _entries(ORDER, start, tile0 * (BM // G) + r // G, n_e, NK, T, pos0)
+    if BLOCK >= 128:
+        n_ok, n_e_id, n_t_id, n_pos = _entries(ORDER, start, tile0 * (BM // G) + r // G, n_e, NK, T, pos0)
     for i in range(n_t):
         if BLOCK >= 128:
             row_ok, e, t, pos = n_ok, n_e_id, n_t_id, n_pos
