@@ -4,7 +4,9 @@
     python benchmarks/zoo_profile.py --variant moba --mode prefill --len 131072 --config equal_budget
 
 Prints the CUDA kernels of the selection and of the attention (torch.profiler, one warm run each),
-longest first, and in decode the whole step as the zoo times it (NSA's fused op), with its CUDA-graph time.
+longest first, and in decode the whole step as the zoo times it (NSA's fused op), with its CUDA-graph time and
+the timeline of one graph replay: each kernel's start and end and the idle gap before it, so the cost of the
+launches between kernels shows beside the kernels' own time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import argparse
 import torch
 
 import zoo
+from decode_kernels import last_replay
+
+REPLAYS = 5
 
 
 def kernel_table(fn, label: str, rows: int) -> None:
@@ -28,6 +33,35 @@ def kernel_table(fn, label: str, rows: int) -> None:
     print(f"-- {label}: {total:.3f} ms of kernels", flush=True)
     for e in events[:rows]:
         print(f"   {e.device_time_total / 1e3:9.3f} ms  x{e.count:<4d} {e.key[:110]}", flush=True)
+
+
+def graph_timeline(fn) -> None:
+    """One CUDA-graph replay of fn, kernel by kernel (us from the first kernel's start)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPLAYS):
+            graph.replay()
+        torch.cuda.synchronize()
+    n = sum(e.device_type.name == "CUDA" for e in prof.events()) // REPLAYS
+    timeline = last_replay(prof, n)
+    print(f"-- one replay: {n} kernels, {timeline[-1][2]:.1f} us from the first start to the last end", flush=True)
+    prev_end = 0.0
+    for name, start, end in timeline:
+        print(f"   {start:7.1f} -> {end:7.1f} us  ({end - start:5.1f} us, idle {start - prev_end:4.1f} us before)  "
+              f"{name}", flush=True)
+        prev_end = max(prev_end, end)
+    busy = sum(end - start for _, start, end in timeline)
+    print(f"-- kernels busy {busy:.1f} us; idle between them {timeline[-1][2] - busy:.1f} us (negative: overlap)",
+          flush=True)
 
 
 def main(argv=None):
@@ -50,6 +84,7 @@ def main(argv=None):
             kernel_table(var.step, f"{args.variant} {args.mode} step", args.rows)
             ms, graphed = zoo.bench_graph(var.step)
             print(f"-- step {ms:.4f} ms, CUDA graph: {graphed}", flush=True)
+            graph_timeline(var.step)
 
 
 if __name__ == "__main__":
