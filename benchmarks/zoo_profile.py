@@ -84,7 +84,8 @@ def main(argv=None):
             kernel_table(var.step, f"{args.variant} {args.mode} step", args.rows)
             ms, graphed = zoo.bench_graph(var.step)
             print(f"-- step {ms:.4f} ms, CUDA graph: {graphed}", flush=True)
-            graph_timeline(var.step)
+            if graphed:  # (bench_graph said why a capture failed)
+                graph_timeline(var.step)
 
 
 if __name__ == "__main__":
