@@ -25,8 +25,6 @@ REPLAYS = 20
 
 
 def profile_point(S: int, B: int, index: str, pdl: bool | None = None, index_config: dict | None = None) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     from sparsezoo.paged_cache import MSADecoder
 
     sh, dev = SHAPES["m3"], torch.device("cuda")
@@ -42,15 +40,7 @@ def profile_point(S: int, B: int, index: str, pdl: bool | None = None, index_con
     out = torch.empty_like(q)
     step = lambda: dec.run(q, q_idx, cache, out=out)
     step_ms, graphed = bench(step)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPLAYS):
-            graph.replay()
-        torch.cuda.synchronize()
+    prof = profile_replays(step, REPLAYS)
     kernels = {}
     for ev in prof.key_averages():
         if ev.device_type.name == "CUDA" and getattr(ev, "device_time_total", 0) > 0:
@@ -64,6 +54,22 @@ def profile_point(S: int, B: int, index: str, pdl: bool | None = None, index_con
                attn_splits=list(dec.attn_split), timeline_us=last_replay(prof, len(kernels)))
     print(json.dumps(rec), flush=True)
     return rec
+
+
+def profile_replays(fn, reps: int):
+    """The CUDA profile of `reps` replays of fn captured in a CUDA graph (fn already warmed up, e.g. by bench)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    return prof
 
 
 def last_replay(prof, n_kernels: int) -> list:

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import zoo
-from decode_kernels import last_replay
+from decode_kernels import last_replay, profile_replays
 
 REPLAYS = 5
 
@@ -36,21 +36,8 @@ def kernel_table(fn, label: str, rows: int) -> None:
 
 
 def graph_timeline(fn) -> None:
-    """One CUDA-graph replay of fn, kernel by kernel (us from the first kernel's start)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPLAYS):
-            graph.replay()
-        torch.cuda.synchronize()
+    """One CUDA-graph replay of fn (already warmed up), kernel by kernel (us from the first kernel's start)."""
+    prof = profile_replays(fn, REPLAYS)
     n = sum(e.device_type.name == "CUDA" for e in prof.events()) // REPLAYS
     timeline = last_replay(prof, n)
     print(f"-- one replay: {n} kernels, {timeline[-1][2]:.1f} us from the first start to the last end", flush=True)
@@ -84,7 +71,7 @@ def main(argv=None):
             kernel_table(var.step, f"{args.variant} {args.mode} step", args.rows)
             ms, graphed = zoo.bench_graph(var.step)
             print(f"-- step {ms:.4f} ms, CUDA graph: {graphed}", flush=True)
-            if graphed:  # (bench_graph said why a capture failed)
+            if graphed:  # (bench_graph warmed the step up, or said why a capture failed)
                 graph_timeline(var.step)
 
 

@@ -95,8 +95,9 @@ def main():
     buf = torch.empty(256 << 20, dtype=torch.int8, device=dev)
     total = torch.empty((), dtype=torch.int64, device=dev)
     flushes = {"zero": buf.zero_, "read": lambda: torch.sum(buf, dim=0, dtype=torch.int64, out=total), "none": lambda: None}
+    index_config = json.loads(args.index_config)
     for S in (int(x) for x in args.lens.split(",")):
-        measure(S, flushes, args.reps, json.loads(args.index_config))
+        measure(S, flushes, args.reps, index_config)
         torch.cuda.empty_cache()
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
     print(f"flush buffer {buf.numel() / 2**20:.0f} MiB; L2 {l2 / 2**20:.0f} MiB; {args.reps} replays per median")
