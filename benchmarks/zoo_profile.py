@@ -6,7 +6,7 @@
 Prints the CUDA kernels of the selection and of the attention (torch.profiler, one warm run each),
 longest first, and in decode the whole step as the zoo times it (NSA's fused op), with its CUDA-graph time and
 the timeline of one graph replay: each kernel's start and end and the idle gap before it, so the cost of the
-launches between kernels shows beside the kernels' own time.
+launches between kernels shows beside the kernels' own time. --ops adds the step's torch ops by device time.
 """
 
 from __future__ import annotations
@@ -35,6 +35,24 @@ def kernel_table(fn, label: str, rows: int) -> None:
         print(f"   {e.device_time_total / 1e3:9.3f} ms  x{e.count:<4d} {e.key[:110]}", flush=True)
 
 
+def op_table(fn, label: str, rows: int) -> None:
+    """The device time of fn's torch ops (self time, grouped by op and input shapes), longest first: which
+    call launched the elementwise kernels of kernel_table."""
+    fn()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    events = [e for e in events if e.device_type.name == "CPU"]  # the ops, not their kernels again
+    events.sort(key=lambda e: -e.self_device_time_total)
+    print(f"-- {label}: ops by device time", flush=True)
+    for e in events[:rows]:
+        print(f"   {e.self_device_time_total / 1e3:9.3f} ms  x{e.count:<4d} {e.key[:40]:40s} {str(e.input_shapes)[:90]}",
+              flush=True)
+
+
 def graph_timeline(fn) -> None:
     """One CUDA-graph replay of fn (already warmed up), kernel by kernel (us from the first kernel's start)."""
     prof = profile_replays(fn, REPLAYS)
@@ -59,6 +77,7 @@ def main(argv=None):
     p.add_argument("--len", type=int, default=131072, help="sequence length (the cache length in decode)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--ops", action="store_true", help="also the whole step's torch ops by device time")
     args = p.parse_args(argv)
     cfg = zoo.CONFIGS[args.variant].get(args.config, zoo.CONFIGS[args.variant]["published"])
     T = 1 if args.mode == "decode" else args.len
@@ -67,6 +86,8 @@ def main(argv=None):
         sel = var.select()
         kernel_table(lambda: var.select(), f"{args.variant} {args.mode} selection", args.rows)
         kernel_table(lambda: var.attend(sel), f"{args.variant} {args.mode} attention", args.rows)
+        if args.ops:
+            op_table(var.step, f"{args.variant} {args.mode} step", args.rows)
         if args.mode == "decode":
             kernel_table(var.step, f"{args.variant} {args.mode} step", args.rows)
             ms, graphed = zoo.bench_graph(var.step)

@@ -62,3 +62,67 @@ def max_keep_nan(a, b):
     """Combine function for tl.reduce: max that returns NaN if either side is NaN (the GPU's plain max
     drops NaN; this is one max.NaN instruction, no extra compare)."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+# ----------------------------------------------------------------------------- whole tensors (host callable)
+# For the ops that run FlexAttention or SDPA, which cannot track bad rows inside: the rows' flags in one read
+# of x, and the bad output rows set to NaN in place with writes to those rows only (torch's broadcast
+# where / vector_norm took 2.5-2.9 ms each on a [1, 64, 128k, 128] bf16 tensor of an H200).
+
+_ROWS_PER_PROGRAM = 32
+
+
+@triton.jit
+def _row_offsets(r, H, T, sb, sh, st):
+    """Element offsets of rows r of a [B, H, T, D] tensor (row = (b * H + h) * T + t)."""
+    b = (r // (H * T)).to(tl.int64)
+    h = ((r // T) % H).to(tl.int64)
+    t = (r % T).to(tl.int64)
+    return b * sb + h * sh + t * st
+
+
+@triton.jit
+def _row_flags_kernel(X, FLAGS, n_rows, H, T, sb, sh, st, sd, D: tl.constexpr, BD: tl.constexpr,
+                      BR: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = r < n_rows
+    d = tl.arange(0, BD)
+    x = tl.load(X + _row_offsets(r, H, T, sb, sh, st)[:, None] + d[None, :] * sd, mask=ok[:, None] & (d[None, :] < D),
+                other=0.0)
+    tl.store(FLAGS + r, nonfinite_rows(x).to(tl.int8), mask=ok)
+
+
+@triton.jit
+def _poison_rows_kernel(X, BAD, n_rows, H, T, sb, sh, st, sd, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    bad = tl.load(BAD + r, mask=r < n_rows, other=0) != 0
+    if tl.max(bad.to(tl.int32)) > 0:
+        d = tl.arange(0, BD)
+        ptr = X + _row_offsets(r, H, T, sb, sh, st)[:, None] + d[None, :] * sd
+        tl.store(ptr, tl.full([BR, BD], float("nan"), tl.float32).to(X.dtype.element_ty),
+                 mask=bad[:, None] & (d[None, :] < D))
+
+
+def _geometry(x):
+    B, H, T, D = x.shape
+    return B * H * T, dict(D=D, BD=max(16, triton.next_power_of_2(D)), BR=_ROWS_PER_PROGRAM)
+
+
+def row_flags(x):
+    """x [B, H, T, D] (any strides) -> bool [B, H, T]: the row holds a NaN or an infinity."""
+    import torch
+
+    n, consts = _geometry(x)
+    flags = torch.empty(x.shape[:3], dtype=torch.int8, device=x.device)
+    if n:
+        _row_flags_kernel[(triton.cdiv(n, consts["BR"]),)](x, flags, n, x.shape[1], x.shape[2], *x.stride(), **consts)
+    return flags.view(torch.bool)
+
+
+def poison_rows_(x, bad):
+    """Set the rows bad [B, H, T] (bool) of x [B, H, T, D] to NaN, in place; returns x."""
+    n, consts = _geometry(x)
+    if n:
+        bad = bad.expand(x.shape[:3]).contiguous()
+        _poison_rows_kernel[(triton.cdiv(n, consts["BR"]),)](x, bad, n, x.shape[1], x.shape[2], *x.stride(), **consts)
+    return x

@@ -41,9 +41,10 @@ masked). The group shares kc and the selection, so each kc tile feeds one [BM, B
       row's best pow2(topk) blocks as ranking keys (the value's order-preserving bits, then the complemented
       id) in registers, merged with each step's blocks by tl.topk, and writes the selection itself: no
       buffer, no (b).
-   b. The indexer's exact row-wise select (indexer_triton._select_triton) with nvis = L + 1:
-      histogram/radix threshold, ties to the smaller id, ascending ids then -1; rows with
-      <= topk visible blocks take them all; few rows (decode) split into segments. The forced
+   b. An exact row-wise select with nvis = L + 1, ties to the smaller id, ascending ids then -1;
+      rows with <= topk visible blocks take them all. Many rows (prefill): `_row_topk_kernel`,
+      topk rounds of max extraction per row. Few rows (decode): the indexer's histogram/radix
+      select (indexer_triton._select_triton), whose rows split into segments. The forced
       value makes blocks 0, L - 1, L the largest of their row (with topk < 3 the ties among them
       go to the smaller ids: 0, then L - 1, as the reference's stable sort).
 Non-finite values (docs/ops.md; the reference, sparsezoo.ops.nsa_select): a query head whose LSE is NaN (its q
@@ -89,16 +90,27 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # slower where it matters (H200, scripts/probes/nsa_select_schedules.py): 69.9 ms against stream's 57.6 ms at
 # 128k (its merges double the walk: 69 ms against 37 + 19), 5.0 against 5.2 ms at 32k; STREAM_ROWS 64 / 256
 # and 4 warps slower still. So `auto` keeps 'stream'.
+# select: how (b) picks from the buffer. 'rows': `_row_topk_kernel`, one row per program, ROW_BLK blocks of
+# a row per step, topk rounds of max extraction over the blocks of the topk groups of ROW_GROUP blocks with the
+# largest maxima (0: over every block); 'indexer': the indexer's histogram select (its segment split suits few
+# long rows); 'auto': rows where the buffer holds at least `row_min_rows` rows, else indexer. H200, 128k
+# (scripts/probes/nsa_select_schedules.py, examples/results/h200_2026-12-03/nsa_select_rows_h200.log): 6.9 ms
+# at 1 warp with groups of 8 (7.3 with 16, 8.3 with 32, 13.1 without), 9.7 at 2 warps, 14.1 at 4; the
+# indexer's select 19.3 ms.
 NSA_SELECT_CONFIG = {"schedule": "auto", "ROWS": 64, "BE": 64, "STREAM_ROWS": 128, "STREAM_BE": 64,
                      "stream_warps": 8, "stream_stages": 2, "BE_LSE": 128, "CHUNKS": 8, "num_warps": 4,
                      "num_stages": 2, "waves": 2, "lse_min_tiles": 4, "lse_splits": None, "buffer_bytes": 1 << 30,
+                     "select": "auto", "ROW_BLK": 2048, "ROW_GROUP": 8, "row_warps": 1,
+                     "row_min_rows": 4096,
                      "select_block": 1024, "select_bins": 64, "select_cap": 4096, "select_warps": 8, "split": None}
 SCHEDULES = ("auto", "chunks", "stream", "stream_topk")
+SELECTS = ("auto", "rows", "indexer")
 # interpreter: few programs, many chunk and range edges
 _INTERPRET_CONFIG = {"ROWS": 64, "BE": 16, "STREAM_ROWS": 64, "STREAM_BE": 16, "BE_LSE": 64, "CHUNKS": 2,
-                     "select_block": 64}
+                     "select_block": 64, "ROW_BLK": 32, "ROW_GROUP": 2, "row_min_rows": 1}
 _INTERPRET_SMS = 4
-_POW2_KEYS = ("ROWS", "BE", "STREAM_ROWS", "STREAM_BE", "BE_LSE", "select_block", "select_bins", "select_cap")
+_POW2_KEYS = ("ROWS", "BE", "STREAM_ROWS", "STREAM_BE", "BE_LSE", "select_block", "select_bins", "select_cap",
+              "ROW_BLK")
 
 _P_SCALE = tl.constexpr(15.0)  # log2 of the factor on p before the fp16 split (p <= 1 stays finite)
 _P_UNSCALE = tl.constexpr(2.0 ** -15)
@@ -347,9 +359,11 @@ def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, OUT, t0, Tcur, T, S, Sc, n
                 rank = tl.where(write, _rank_key(key, j), _KEY_NONE)
                 # merge only when a block beats a row's current KP-th best (most steps of a long row do not)
                 if tl.max(tl.where(rank > tl.min(best, axis=1)[:, None], 1, 0)) > 0:
-                    if NBX > KP:
-                        rank = tl.topk(rank, KP)
-                    best = tl.topk(tl.reshape(tl.join(best, rank), [TM, 2 * KP]), KP)
+                    if NBX > KP:  # a new name: the GPU compiler refuses a reshaped `rank` in this branch
+                        merged = tl.join(best, tl.topk(rank, KP))
+                    else:
+                        merged = tl.join(best, rank)
+                    best = tl.topk(tl.reshape(merged, [TM, 2 * KP]), KP)
             else:
                 tl.store(BUF + row[:, None] * n_blocks + j, value, mask=write)
                 key_min = tl.minimum(key_min, tl.min(tl.where(write, key, _KEY_HIGH), axis=1))
@@ -363,6 +377,61 @@ def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, OUT, t0, Tcur, T, S, Sc, n
         else:
             tl.store(STATS + row * 2, key_min, mask=tok_ok)
             tl.store(STATS + row * 2 + 1, key_max, mask=tok_ok)
+
+
+@triton.jit
+def _extract_top(x, best, K: tl.constexpr, KP: tl.constexpr):
+    """[R, KP] the K largest of x [R, N] and best [R, KP] (distinct int64 ranking keys; _KEY_NONE pads), by
+    K rounds of max extraction: each round removes one key (keys are distinct)."""
+    slot = tl.arange(0, KP)[None, :]
+    kept = tl.full(best.shape, _KEY_NONE, tl.int64)
+    for s in tl.static_range(K):
+        m = tl.maximum(tl.max(x, axis=1), tl.max(best, axis=1))[:, None]
+        kept = tl.where(slot == s, m, kept)
+        x = tl.where(x == m, _KEY_NONE, x)
+        best = tl.where(best == m, _KEY_NONE, best)
+    return kept
+
+
+@triton.jit
+def _row_topk_kernel(BUF, NVIS, OUT, t0, Tcur, BH, N, sob, sot,
+                     K: tl.constexpr, KP: tl.constexpr, BLK: tl.constexpr, GS: tl.constexpr):
+    """select='rows': one buffer row (row = query * BH + group) per program, as [1, ...] tiles. A row with more than K visible
+    blocks keeps its K best as int64 ranking keys (ties to the smaller id) over steps of BLK blocks. A step
+    splits into groups of GS blocks: the K best keys lie in the K groups with the largest maxima (a group
+    outside them has K larger keys above its maximum), so extraction runs over those K * GS keys, reloaded,
+    and the K kept ones (GS = BLK: over the whole step). A row with at most K visible blocks takes them all
+    without reading. Writes ascending ids, then -1 (OUT: [BH, T, K] at query t0 + t). (Two rows per program
+    picked wrong blocks on an H200 with triton 3.6 where the group step ran, and one is the fastest anyway.)"""
+    r = tl.program_id(0) + tl.arange(0, 1)
+    r_ok = r < Tcur * BH
+    tt = r // BH
+    nv = tl.load(NVIS + t0 + tt, mask=r_ok, other=0)
+    choose = r_ok & (nv > K)
+    row_ptr = BUF + r[:, None].to(tl.int64) * N
+    slot = tl.arange(0, KP)[None, :]
+    best = tl.full([1, KP], _KEY_NONE, tl.int64)
+    n_hi = tl.max(tl.where(choose, nv, 0))
+    for c0 in range(0, n_hi, BLK):
+        j = c0 + tl.arange(0, BLK)[None, :]
+        ok = choose[:, None] & (j < nv[:, None])
+        x = tl.where(ok, _rank_key(_ordered_key(tl.load(row_ptr + j, mask=ok, other=0.0)), j), _KEY_NONE)
+        if GS < BLK:
+            tops = _extract_top(tl.max(tl.reshape(x, [1, BLK // GS, GS]), axis=2),
+                                tl.full([1, KP], _KEY_NONE, tl.int64), K, KP)
+            g_ok = (tops != _KEY_NONE) & (slot < K)
+            j3 = (tl.where(g_ok, _key_ids(tops), 0) // GS * GS)[:, :, None] + tl.arange(0, GS)[None, None, :]
+            ok3 = g_ok[:, :, None] & (j3 < nv[:, None, None])
+            x3 = tl.where(ok3, _rank_key(_ordered_key(tl.load(row_ptr[:, :, None] + j3, mask=ok3, other=0.0)), j3),
+                          _KEY_NONE)
+            x = tl.reshape(x3, [1, KP * GS])
+        best = _extract_top(x, best, K, KP)
+    ids = tl.where(choose[:, None], tl.where(best != _KEY_NONE, _key_ids(best), _ID_PAD),
+                   tl.where(slot < nv[:, None], slot, _ID_PAD))
+    ids = tl.sort(ids, dim=1)
+    bh = (r % BH).to(tl.int64)
+    ptr = OUT + bh[:, None] * sob + (t0 + tt).to(tl.int64)[:, None] * sot + slot
+    tl.store(ptr, tl.where(ids < _ID_PAD, ids, -1), mask=r_ok[:, None] & (slot < K))
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -415,6 +484,10 @@ def _resolve_config(config: dict | None, device: torch.device) -> dict:
             raise ValueError(f"config {key} must be a power of two, got {cfg[key]}")
     if cfg["schedule"] not in SCHEDULES:
         raise ValueError(f"config schedule must be one of {SCHEDULES}, got {cfg['schedule']!r}")
+    if cfg["ROW_GROUP"] < 0 or cfg["ROW_GROUP"] & (cfg["ROW_GROUP"] - 1):
+        raise ValueError(f"config ROW_GROUP must be 0 or a power of two, got {cfg['ROW_GROUP']}")
+    if cfg["select"] not in SELECTS:
+        raise ValueError(f"config select must be one of {SELECTS}, got {cfg['select']!r}")
     for key in ("ROWS", "BE", "STREAM_ROWS", "STREAM_BE", "BE_LSE"):
         if cfg[key] < 16:
             raise ValueError(f"config {key} must be a power of two >= 16 (tensor-core dots), got {cfg[key]}")
@@ -495,6 +568,13 @@ def schedule_for(block_len: int, stride: int, sel_block: int, device, config: di
     return "stream_topk" if cfg["schedule"] == "stream_topk" else "stream"
 
 
+def select_for(rows: int, cfg: dict) -> str:
+    """'rows' or 'indexer': the buffer select that cfg runs over a buffer of `rows` rows."""
+    if cfg["select"] != "auto":
+        return cfg["select"]
+    return "rows" if rows >= cfg["row_min_rows"] else "indexer"
+
+
 @torch.no_grad()
 def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int, stride: int, sel_block: int,
                       topk: int, scale: float, config: dict | None = None,
@@ -546,6 +626,7 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
     sel_cfg["select_cap"] = min(cfg["select_cap"], max(16, _pow2(n_blocks)))
     row_bytes = 4 * (n_blocks + sel_cfg["select_cap"] + 2)  # buffer, scratch, stats
     Tc = max(1, min(T, cfg["buffer_bytes"] // (B * Hkv * row_bytes)))
+    select = select_for(Tc * B * Hkv, cfg)
     buf = torch.empty((Tc, B * Hkv, n_blocks), dtype=torch.float32, device=q.device)
     stats = torch.empty((Tc * B * Hkv, 2), dtype=torch.int32, device=q.device)
     init = stats_init(q.device)
@@ -568,5 +649,13 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
             _importance_kernel[grid](q, kc, lse_parts, buf, stats, t0, Tcur, T, S, Sc, n_blocks, Hkv, topk, cpp,
                                      *values, *strides, BE=BE, NB=NB, HALO=HALO, NBX=max(_pow2(NB + HALO), 16),
                                      SEL=sel_block, **dims, **launch)
-        _select_triton(buf, nvis, stats, flat, t0, Tcur, topk, sel_cfg)
+        if select == "rows":
+            kp = max(2, _pow2(topk))
+            blk = min(cfg["ROW_BLK"], max(16, _pow2(n_blocks)))
+            gs = cfg["ROW_GROUP"] if 0 < cfg["ROW_GROUP"] and kp * cfg["ROW_GROUP"] < blk else blk
+            _row_topk_kernel[(Tcur * B * Hkv,)](
+                buf, nvis, flat, t0, Tcur, B * Hkv, n_blocks, *flat.stride()[:2], K=topk, KP=kp, BLK=blk, GS=gs,
+                num_warps=cfg["row_warps"])
+        else:
+            _select_triton(buf, nvis, stats, flat, t0, Tcur, topk, sel_cfg)
     return out

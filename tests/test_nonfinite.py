@@ -324,6 +324,28 @@ def test_block_sparse_triton_gradients_match_the_reference(case, per_head):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_row_kernels(dtype):
+    """The GPU's helpers for the flex and SDPA ops (kernels.nonfinite.row_flags, poison_rows_), on the GPU or
+    interpreted: the flags of strided rows (NaN, +-inf) equal torch's, and poisoning in place sets exactly
+    the bad rows to NaN and leaves every other value as it was."""
+    pytest.importorskip("triton")
+    from sparsezoo.kernels import nonfinite as kn
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 3, 24, generator=gen).to(DEV, dtype).transpose(1, 2)  # [B, H, T, D], T-major storage
+    for (b, h, t, d), value in zip([(0, 1, 4, 0), (1, 2, 36, 23), (1, 0, 0, 7)], VALUES):
+        x[b, h, t, d] = value
+    want = ~torch.isfinite(x.float()).all(-1)
+    assert torch.equal(kn.row_flags(x), want)
+    bad = torch.zeros(x.shape[:3], dtype=torch.bool, device=DEV)
+    bad[0, :, 5] = bad[1, 2, 30] = True
+    before = x.clone()
+    assert kn.poison_rows_(x, bad) is x
+    assert torch.isnan(x[bad]).all()
+    torch.testing.assert_close(x[~bad], before[~bad], rtol=0, atol=0, equal_nan=True)  # the NaN put above stays
+
+
 # ---- selections --------------------------------------------------------------------------------
 def _unchanged_except(sel, clean, rows):
     """Selections equal outside rows (bool, broadcast over the selection's [B, H, T])."""

@@ -169,20 +169,21 @@ def test_decode_split(geom, G, T, lse_splits, split):
     q, kc = random_inputs(2, 1, G, T, S, 16, block_len, stride, seed=T * 7 + G)
     # small LSE steps, one per split at least: every split holds part of the mass; small select
     # steps: segments of 16 blocks
-    base = {"lse_splits": lse_splits, "lse_min_tiles": 1, "BE_LSE": 16, "select_block": 16}
+    base = {"lse_splits": lse_splits, "lse_min_tiles": 1, "BE_LSE": 16, "select_block": 16, "select": "indexer"}
     one = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={**base, "split": 1})
     got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={**base, "split": split})
     assert torch.equal(got, one)
     assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
 
 
-def test_query_chunks():
+@pytest.mark.parametrize("select", ["rows", "indexer"])
+def test_query_chunks(select):
     """A tiny buffer bound: chunks of 3 queries (the last one partial): same ids as one chunk."""
     block_len, stride, sel_block, S, T, topk = 8, 4, 16, 280, 10, 6  # 18 blocks, select scratch 32 ids
     q, kc = random_inputs(1, 2, 2, T, S, 16, block_len, stride, seed=5)
-    whole = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25)
+    whole = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={"select": select})
     chunked = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25,
-                                config={"buffer_bytes": 3 * 2 * 4 * (18 + 32 + 2)})
+                                config={"buffer_bytes": 3 * 2 * 4 * (18 + 32 + 2), "select": select})
     assert torch.equal(chunked, whole)
     assert_selection_matches(chunked, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
 
@@ -192,7 +193,25 @@ def test_radix_select():
     block_len, stride, sel_block, S, T, topk = 8, 4, 8, 200, 12, 11
     q, kc = random_inputs(1, 2, 2, T, S, 16, block_len, stride, seed=9)
     got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25,
-                            config={"select_bins": 4, "select_cap": 2, "select_block": 32})
+                            config={"select_bins": 4, "select_cap": 2, "select_block": 32, "select": "indexer"})
+    assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
+
+
+@settings(max_examples=6)
+@given(geom=st.sampled_from(GEOMETRIES), G=st.sampled_from([1, 2, 4]), S=st.integers(1, 260), frac=st.floats(0.02, 1.0),
+       topk=st.integers(1, 12), blk=st.sampled_from([16, 32, 64]), group=st.sampled_from([0, 1, 2, 4]),
+       seed=st.integers(0, 2**16))
+def test_row_select_matches_indexer_select(geom, G, S, frac, topk, blk, group, seed):
+    """select='rows' (max extraction, rows longer than ROW_BLK in several steps, over
+    the blocks of the best ROW_GROUP-block groups or every block) picks the same ids as the indexer's histogram
+    select from the same buffer, and the reference's blocks."""
+    block_len, stride, sel_block = geom
+    T = max(1, int(min(S, 40) * frac))
+    q, kc = random_inputs(1, 2, G, T, S, 16, block_len, stride, seed)
+    want = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={"select": "indexer"})
+    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25,
+                            config={"select": "rows", "ROW_BLK": blk, "ROW_GROUP": group})
+    assert torch.equal(got, want)
     assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
 
 
@@ -218,14 +237,15 @@ def test_fp16_and_strided_inputs():
     assert_selection_matches(got, q, kc, 120, block_len, stride, sel_block, 6, 0.25, 1e-4, torch.float32)
 
 
+@pytest.mark.parametrize("select", ["rows", "indexer"])
 @pytest.mark.parametrize("topk", [1, 2, 3, 7])
-def test_ties_and_forced_only(topk):
+def test_ties_and_forced_only(topk, select):
     """No compressed entry yet (Sc = 0): every importance is 0, the free blocks tie and go to the
     smallest ids; topk <= 3 keeps only (a prefix of) the forced blocks. Exact ids."""
     S, T, sel_block = 150, 20, 8
     q = torch.randn(1, 4, T, 16, device=DEV)
     kc = torch.zeros(1, 2, 0, 16, device=DEV)
-    got = nsa_select_triton(q, kc, S, 200, 8, sel_block, topk, 0.25)
+    got = nsa_select_triton(q, kc, S, 200, 8, sel_block, topk, 0.25, config={"select": select})
     want = ops.nsa_select(q, kc, S=S, block_len=200, stride=8, sel_block=sel_block, topk=topk, scale=0.25,
                           backend="reference")
     assert torch.equal(got, ascending(want))
@@ -261,6 +281,10 @@ def test_rejects_what_it_cannot_run():
         nsa_select_triton(q, kc, 40, 5, 3, 8, 4, 0.25, config={"schedule": "stream"})
     with pytest.raises(ValueError, match="schedule must be one of"):
         nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, config={"schedule": "rows"})
+    with pytest.raises(ValueError, match="select must be one of"):
+        nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, config={"select": "stream"})
+    with pytest.raises(ValueError, match="ROW_GROUP must be 0 or a power of two"):
+        nsa_select_triton(q, kc, 40, 8, 4, 16, 4, 0.25, config={"ROW_GROUP": 3})
     with pytest.raises(ValueError, match="stream_topk' keeps at most 16"):  # 32 best of a 16-block step
         nsa_select_triton(q, kc, 40, 8, 4, 16, 17, 0.25, config={"schedule": "stream_topk"})
     with pytest.raises(ValueError, match="unknown"):
@@ -287,6 +311,7 @@ def _gpu_case(B, T, S, seed, config=None, given_lse=False):
 @pytest.mark.parametrize("T,config,given_lse", [(8192, None, False), (8192, None, True),
                                                 (32768, {"buffer_bytes": 1 << 28}, False),
                                                 (8192, {"schedule": "stream"}, True),
+                                                (8192, {"select": "indexer"}, True),
                                                 (32768, {"schedule": "stream", "buffer_bytes": 1 << 28}, False),
                                                 (8192, {"schedule": "stream_topk"}, True),
                                                 (32768, {"schedule": "stream_topk"}, False)])

@@ -1,8 +1,9 @@
 """NSA selection at the zoo's prefill point (m3 heads, bf16, the paper's config, the compressed branch's LSE
-given): the 'stream' schedule (importances to a buffer, then a select pass) against 'stream_topk' (each row's
-running top-k kept during the walk), kernel device times and whether the two selections agree.
+given): kernel device times of each config and whether its selection equals the 'stream' schedule's with the
+indexer's histogram select. Configs: the stream schedule with each buffer select ('indexer', 'rows'), the
+'stream_topk' schedule (each row's running top-k kept during the walk), then the extra ones (over the default).
 
-    python scripts/probes/nsa_select_schedules.py [--lengths 32768,131072] [--configs '{"STREAM_ROWS": 64}' ...]
+    python scripts/probes/nsa_select_schedules.py [--lengths 32768,131072] [--configs '{"ROW_R": 2}' ...]
 """
 
 import argparse
@@ -34,12 +35,14 @@ def probe(T: int, extra: list[dict]) -> None:
     c = var.cfg
     sel_args = (var.q, var.extra["kc"], T, c["l"], c["d"], c["lsel"], c["n"], var.scale)
     run = lambda cfg: nst.nsa_select_triton(*sel_args, config=cfg, lse=var.extra["cmp_lse"])
-    want = run({"schedule": "stream"})
-    for cfg in [{"schedule": "stream"}, {"schedule": "stream_topk"}] + [{"schedule": "stream_topk", **x} for x in extra]:
+    want = run({"schedule": "stream", "select": "indexer"})
+    base = [{"schedule": "stream", "select": "indexer"}, {"schedule": "stream", "select": "rows"},
+            {"schedule": "stream_topk"}]
+    for cfg in base + extra:
         try:
             same = torch.equal(run(cfg), want)
             ms = zoo.bench(lambda: run(cfg))
-            print(f"T {T} {cfg}: {ms:.2f} ms, same selection as 'stream': {same}, kernels (ms) "
+            print(f"T {T} {cfg}: {ms:.2f} ms, same selection: {same}, kernels (ms) "
                   f"{kernel_times(lambda: run(cfg))}", flush=True)
         except Exception as exc:  # a config that does not compile or fit: say so, go on
             print(f"T {T} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
@@ -48,7 +51,7 @@ def probe(T: int, extra: list[dict]) -> None:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", default="32768,131072")
-    p.add_argument("--configs", nargs="*", default=[], help="extra JSON configs (stream_topk unless they say)")
+    p.add_argument("--configs", nargs="*", default=[], help="extra JSON configs (over the default one)")
     args = p.parse_args()
     for T in (int(x) for x in args.lengths.split(",")):
         probe(T, [json.loads(x) for x in args.configs])

@@ -47,12 +47,16 @@ def mask_kv_block(block_size: int) -> int:
     return max(block_size, MASK_KV_BLOCK)
 
 
-def run_flex(q, k, v, block_mask, scale, return_lse, enable_gqa=False, score_mod=None):
+def run_flex(q, k, v, block_mask, scale, return_lse, enable_gqa=False, score_mod=None, tma=False):
+    """tma: ask for TMA loads on Hopper (flex turns them off where it cannot use them)."""
     if return_lse and q.device.type == "cpu":
         raise ValueError("compiled FlexAttention on the CPU cannot return the LSE; "
                          "use backend='reference' there")
+    options = _kernel_options(q, k)
+    if tma and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] == 9:
+        options = {**(options or {}), "USE_TMA": True}
     out = compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                          return_lse=return_lse, kernel_options=_kernel_options(q, k))
+                          return_lse=return_lse, kernel_options=options)
     return out
 
 

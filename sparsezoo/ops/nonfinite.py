@@ -15,16 +15,31 @@ read at each query's key range, or gathered at its selected blocks / ids. No T x
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
+from .dispatch import compiling, kernel_built
+
 NAN = float("nan")
+# CUDA tensors [B, H, T, D] go through sparsezoo.kernels.nonfinite (one read for the flags; NaN written to
+# the bad rows only), where Triton is installed and torch.compile is not tracing the call
+_DEVICE_KERNELS = importlib.util.find_spec("triton") is not None and kernel_built("nonfinite")
+
+
+def _on_device(x: torch.Tensor) -> bool:
+    return _DEVICE_KERNELS and x.is_cuda and x.dim() == 4 and not compiling()
 
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     """bool [...]: row x[..., :] holds a NaN or an infinity (one read of x: the max |x| propagates NaN)."""
     if x.shape[-1] == 0:
         return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    if _on_device(x):
+        from sparsezoo.kernels import nonfinite
+
+        return nonfinite.row_flags(x.detach())
     return ~torch.isfinite(torch.linalg.vector_norm(x.detach(), float("inf"), dim=-1))
 
 
@@ -94,6 +109,12 @@ def per_query_head(rows: torch.Tensor, n_q_heads: int) -> torch.Tensor:
 
 
 def finish(out: torch.Tensor, bad_rows: torch.Tensor, *, lse: torch.Tensor | None = None):
-    """Poison the output rows (and LSE entries) bad_rows [B, Hq, T]; returns out, or (out, lse)."""
-    out = poison_rows(out, bad_rows)
+    """Poison the output rows (and LSE entries) bad_rows [B, Hq, T] of an op's own output; returns out, or
+    (out, lse). Outside autograd on a GPU the rows are set in place (only the bad rows are written)."""
+    if _on_device(out) and not out.requires_grad:
+        from sparsezoo.kernels import nonfinite
+
+        out = nonfinite.poison_rows_(out, bad_rows)
+    else:
+        out = poison_rows(out, bad_rows)
     return out if lse is None else (out, poison_rows(lse, bad_rows))

@@ -32,7 +32,9 @@ def compressed_attention_flex(q, kc, vc, S: int, block_len: int, stride: int, sc
     zero = torch.zeros_like(hi)
     full_hi = n_visible(first) // Q_TILE  # whole tiles of entries visible to the tile's first query, so to all
     mask = range_block_mask(zero, hi, T, Sc, compressed_causal, needs_grad(q, kc, vc), full=(zero, full_hi))
-    out = run_flex(q, kc, vc, mask, scale, return_lse, enable_gqa=Hq != kc.shape[1])
+    # TMA loads: 44.6 against 48.0 ms forward at 128k on an H200 (scripts/probes/flex_kernel_options.py; the
+    # window branch was slower with them); forward only, as measured
+    out = run_flex(q, kc, vc, mask, scale, return_lse, enable_gqa=Hq != kc.shape[1], tma=not needs_grad(q, kc, vc))
     pos = torch.arange(S - T, S, device=q.device)
     bad = q_bad | rows_seeing_key_ranges(kv_bad, torch.zeros_like(pos), n_visible(pos), Hq)
     return finish(out[0], bad, lse=out[1]) if return_lse else finish(out, bad)
