@@ -396,8 +396,9 @@ def _extract_top(x, best, K: tl.constexpr, KP: tl.constexpr):
 @triton.jit
 def _row_topk_kernel(BUF, NVIS, OUT, t0, Tcur, BH, N, sob, sot,
                      K: tl.constexpr, KP: tl.constexpr, BLK: tl.constexpr, GS: tl.constexpr):
-    """select='rows': one buffer row (row = query * BH + group) per program, as [1, ...] tiles. A row with more than K visible
-    blocks keeps its K best as int64 ranking keys (ties to the smaller id) over steps of BLK blocks. A step
+    """select='rows': one buffer row (row = query * BH + group) per program, as [1, ...] tiles. A row with
+    more than K visible blocks keeps its K best as int64 ranking keys (ties to the smaller id) over steps of
+    BLK blocks. A step
     splits into groups of GS blocks: the K best keys lie in the K groups with the largest maxima (a group
     outside them has K larger keys above its maximum), so extraction runs over those K * GS keys, reloaded,
     and the K kept ones (GS = BLK: over the whole step). A row with at most K visible blocks takes them all

@@ -3,7 +3,7 @@ given): kernel device times of each config and whether its selection equals the 
 indexer's histogram select. Configs: the stream schedule with each buffer select ('indexer', 'rows'), the
 'stream_topk' schedule (each row's running top-k kept during the walk), then the extra ones (over the default).
 
-    python scripts/probes/nsa_select_schedules.py [--lengths 32768,131072] [--configs '{"ROW_R": 2}' ...]
+    python scripts/probes/nsa_select_schedules.py [--lengths 32768,131072] [--configs '{"ROW_GROUP": 16}' ...]
 """
 
 import argparse
