@@ -94,8 +94,8 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # a row per step, topk rounds of max extraction over the blocks of the topk groups of ROW_GROUP blocks with the
 # largest maxima (0: over every block); 'indexer': the indexer's histogram select (its segment split suits few
 # long rows); 'auto': rows where the buffer holds at least `row_min_rows` rows, else indexer. H200, 128k
-# (scripts/probes/nsa_select_schedules.py, examples/results/h200_2026-12-03/nsa_select_rows_h200.log): 6.9 ms
-# at 1 warp with groups of 8 (7.3 with 16, 8.3 with 32, 13.1 without), 9.7 at 2 warps, 14.1 at 4; the
+# (scripts/probes/nsa_select_schedules.py, examples/results/h200_2026-12-03/nsa_select_rows_h200.log): 6.3 ms
+# at 1 warp with groups of 8 (6.8 with 16, 21.9 without; an earlier kernel: 2 and 4 warps slower), the
 # indexer's select 19.3 ms.
 NSA_SELECT_CONFIG = {"schedule": "auto", "ROWS": 64, "BE": 64, "STREAM_ROWS": 128, "STREAM_BE": 64,
                      "stream_warps": 8, "stream_stages": 2, "BE_LSE": 128, "CHUNKS": 8, "num_warps": 4,
@@ -381,12 +381,12 @@ def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, OUT, t0, Tcur, T, S, Sc, n
 
 @triton.jit
 def _extract_top(x, best, K: tl.constexpr, KP: tl.constexpr):
-    """[R, KP] the K largest of x [R, N] and best [R, KP] (distinct int64 ranking keys; _KEY_NONE pads), by
-    K rounds of max extraction: each round removes one key (keys are distinct)."""
-    slot = tl.arange(0, KP)[None, :]
-    kept = tl.full(best.shape, _KEY_NONE, tl.int64)
+    """[KP] the K largest of x [A, B] and best [KP] (distinct int64 ranking keys; _KEY_NONE pads), by K rounds
+    of max extraction: each round removes one key (keys are distinct)."""
+    slot = tl.arange(0, KP)
+    kept = tl.full([KP], _KEY_NONE, tl.int64)
     for s in tl.static_range(K):
-        m = tl.maximum(tl.max(x, axis=1), tl.max(best, axis=1))[:, None]
+        m = tl.maximum(tl.max(tl.max(x, axis=1), axis=0), tl.max(best, axis=0))
         kept = tl.where(slot == s, m, kept)
         x = tl.where(x == m, _KEY_NONE, x)
         best = tl.where(best == m, _KEY_NONE, best)
@@ -394,45 +394,43 @@ def _extract_top(x, best, K: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _row_topk_kernel(BUF, NVIS, OUT, t0, Tcur, BH, N, sob, sot,
-                     K: tl.constexpr, KP: tl.constexpr, BLK: tl.constexpr, GS: tl.constexpr):
-    """select='rows': one buffer row (row = query * BH + group) per program, as [1, ...] tiles. A row with
-    more than K visible blocks keeps its K best as int64 ranking keys (ties to the smaller id) over steps of
-    BLK blocks. A step
-    splits into groups of GS blocks: the K best keys lie in the K groups with the largest maxima (a group
-    outside them has K larger keys above its maximum), so extraction runs over those K * GS keys, reloaded,
-    and the K kept ones (GS = BLK: over the whole step). A row with at most K visible blocks takes them all
-    without reading. Writes ascending ids, then -1 (OUT: [BH, T, K] at query t0 + t). (Two rows per program
-    picked wrong blocks on an H200 with triton 3.6 where the group step ran, and one is the fastest anyway.)"""
-    r = tl.program_id(0) + tl.arange(0, 1)
-    r_ok = r < Tcur * BH
+def _row_keys(row_ptr, j, ok):
+    """Ranking keys of the buffer values at blocks j (any shape) of one row; _KEY_NONE where not ok."""
+    return tl.where(ok, _rank_key(_ordered_key(tl.load(row_ptr + j, mask=ok, other=0.0)), j), _KEY_NONE)
+
+
+@triton.jit
+def _row_topk_kernel(BUF, NVIS, OUT, t0, BH, N, sob, sot,
+                     K: tl.constexpr, KP: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, GROUPS: tl.constexpr):
+    """select='rows': one buffer row (row = query * BH + group) per program. A row with more than K visible
+    blocks keeps its K best as int64 ranking keys (ties to the smaller id) over steps of NG groups of GS
+    blocks, loaded as an [NG, GS] tile (no reshapes). GROUPS: the K best keys lie in the K groups with the
+    largest maxima (a group outside them has K larger keys above its maximum), so extraction runs over those
+    groups, reloaded as a [KP, GS] tile, and the K kept keys; else over the whole tile. A row with at most K
+    visible blocks takes them all without reading. Writes ascending ids, then -1 (OUT: [BH, T, K] at query
+    t0 + t)."""
+    r = tl.program_id(0)
     tt = r // BH
-    nv = tl.load(NVIS + t0 + tt, mask=r_ok, other=0)
-    choose = r_ok & (nv > K)
-    row_ptr = BUF + r[:, None].to(tl.int64) * N
-    slot = tl.arange(0, KP)[None, :]
-    best = tl.full([1, KP], _KEY_NONE, tl.int64)
-    n_hi = tl.max(tl.where(choose, nv, 0))
-    for c0 in range(0, n_hi, BLK):
-        j = c0 + tl.arange(0, BLK)[None, :]
-        ok = choose[:, None] & (j < nv[:, None])
-        x = tl.where(ok, _rank_key(_ordered_key(tl.load(row_ptr + j, mask=ok, other=0.0)), j), _KEY_NONE)
-        if GS < BLK:
-            tops = _extract_top(tl.max(tl.reshape(x, [1, BLK // GS, GS]), axis=2),
-                                tl.full([1, KP], _KEY_NONE, tl.int64), K, KP)
-            g_ok = (tops != _KEY_NONE) & (slot < K)
-            j3 = (tl.where(g_ok, _key_ids(tops), 0) // GS * GS)[:, :, None] + tl.arange(0, GS)[None, None, :]
-            ok3 = g_ok[:, :, None] & (j3 < nv[:, None, None])
-            x3 = tl.where(ok3, _rank_key(_ordered_key(tl.load(row_ptr[:, :, None] + j3, mask=ok3, other=0.0)), j3),
-                          _KEY_NONE)
-            x = tl.reshape(x3, [1, KP * GS])
-        best = _extract_top(x, best, K, KP)
-    ids = tl.where(choose[:, None], tl.where(best != _KEY_NONE, _key_ids(best), _ID_PAD),
-                   tl.where(slot < nv[:, None], slot, _ID_PAD))
-    ids = tl.sort(ids, dim=1)
-    bh = (r % BH).to(tl.int64)
-    ptr = OUT + bh[:, None] * sob + (t0 + tt).to(tl.int64)[:, None] * sot + slot
-    tl.store(ptr, tl.where(ids < _ID_PAD, ids, -1), mask=r_ok[:, None] & (slot < K))
+    nv = tl.load(NVIS + t0 + tt)
+    row_ptr = BUF + r.to(tl.int64) * N
+    slot = tl.arange(0, KP)
+    e = tl.arange(0, GS)[None, :]
+    ids = tl.where(slot < nv, slot, _ID_PAD)
+    if nv > K:
+        best = tl.full([KP], _KEY_NONE, tl.int64)
+        for c0 in range(0, nv, NG * GS):
+            j = c0 + tl.arange(0, NG)[:, None] * GS + e
+            x = _row_keys(row_ptr, j, j < nv)
+            if GROUPS:
+                tops = _extract_top(tl.max(x, axis=1)[:, None], tl.full([KP], _KEY_NONE, tl.int64), K, KP)
+                g_ok = (tops != _KEY_NONE) & (slot < K)
+                j = (tl.where(g_ok, _key_ids(tops), 0) // GS * GS)[:, None] + e
+                x = _row_keys(row_ptr, j, g_ok[:, None] & (j < nv))
+            best = _extract_top(x, best, K, KP)
+        ids = tl.where(best != _KEY_NONE, _key_ids(best), _ID_PAD)
+    ids = tl.sort(ids)
+    ptr = OUT + (r % BH).to(tl.int64) * sob + (t0 + tt).to(tl.int64) * sot + slot
+    tl.store(ptr, tl.where(ids < _ID_PAD, ids, -1), mask=slot < K)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -653,10 +651,11 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
         if select == "rows":
             kp = max(2, _pow2(topk))
             blk = min(cfg["ROW_BLK"], max(16, _pow2(n_blocks)))
-            gs = cfg["ROW_GROUP"] if 0 < cfg["ROW_GROUP"] and kp * cfg["ROW_GROUP"] < blk else blk
+            groups = 0 < cfg["ROW_GROUP"] and kp * cfg["ROW_GROUP"] < blk
+            gs = cfg["ROW_GROUP"] if groups else 16 if blk >= 16 else blk  # no groups: a [blk / 16, 16] tile
             _row_topk_kernel[(Tcur * B * Hkv,)](
-                buf, nvis, flat, t0, Tcur, B * Hkv, n_blocks, *flat.stride()[:2], K=topk, KP=kp, BLK=blk, GS=gs,
-                num_warps=cfg["row_warps"])
+                buf, nvis, flat, t0, B * Hkv, n_blocks, *flat.stride()[:2], K=topk, KP=kp, NG=blk // gs, GS=gs,
+                GROUPS=groups, num_warps=cfg["row_warps"])
         else:
             _select_triton(buf, nvis, stats, flat, t0, Tcur, topk, sel_cfg)
     return out
