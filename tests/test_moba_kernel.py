@@ -296,6 +296,24 @@ def test_gpu_moba_select_and_attention_bf16():
         assert err < 3e-2, f"d{name}: max error {err:.3g} of the largest entry"
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("T,S,block", [(1, 45, 8), (3, 200, 16), (2, 70, 32)])
+def test_block_token_list_kernel(T, S, block, dtype):
+    """The decode's token list in one Triton launch (kernels/block_tokens.py) equals the torch expression it
+    replaces: causal, -1 for empty and out-of-range ids, strided selections of either integer dtype."""
+    from sparsezoo.kernels.block_tokens import block_tokens_triton
+    from sparsezoo.ops.block_sparse_attention.triton import block_tokens_torch
+
+    g = torch.Generator().manual_seed(T * S)
+    n_blocks = -(-S // block)
+    sel = torch.randint(-1, n_blocks + 2, (2, 5, T, 3), generator=g).to(DEV, dtype)  # -1, valid, out of range
+    sel = sel.transpose(1, 2).contiguous().transpose(1, 2)  # [B, T, H, k] storage
+    got = block_tokens_triton(sel, block, T, S)
+    want = block_tokens_torch(sel, block, T, S)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    assert (got >= 0).any() and (got < 0).any()
+
+
 @pytest.mark.parametrize("T", [1, 3])
 def test_per_head_decode_runs_the_gather_kernel_exactly(T):
     """Few new queries with per-query-head selections go through the token-gather kernel (split-K

@@ -117,7 +117,17 @@ def _record_dkdv(schedule: str) -> None:
 
 def block_tokens(block_idx, block_size: int, T: int, S: int):
     """Selected blocks [B, H, T, k] -> int32 token ids [B, H, T, k * block_size] each query may see (causal,
-    inside S), -1 elsewhere; ids outside [0, n_blocks) select nothing."""
+    inside S), -1 elsewhere; ids outside [0, n_blocks) select nothing. One Triton launch outside torch.compile
+    (kernels/block_tokens.py), the torch expression under it."""
+    if not compiling():
+        from sparsezoo.kernels import block_tokens as kernel
+
+        return kernel.block_tokens_triton(block_idx, block_size, T, S)
+    return block_tokens_torch(block_idx, block_size, T, S)
+
+
+def block_tokens_torch(block_idx, block_size: int, T: int, S: int):
+    """block_tokens as torch ops (what torch.compile traces)."""
     n_blocks = -(-S // block_size)
     blk = block_idx.long()
     blk = torch.where((blk >= 0) & (blk < n_blocks), blk, -1)
