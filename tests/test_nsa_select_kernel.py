@@ -197,7 +197,7 @@ def test_radix_select():
     assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(geom=st.sampled_from(GEOMETRIES), G=st.sampled_from([1, 2, 4]), S=st.integers(1, 260), frac=st.floats(0.02, 1.0),
        topk=st.integers(1, 12), blk=st.sampled_from([16, 32, 64]), group=st.sampled_from([0, 1, 2, 4]),
        seed=st.integers(0, 2**16))
@@ -206,7 +206,7 @@ def test_row_select_matches_indexer_select(geom, G, S, frac, topk, blk, group, s
     the blocks of the best ROW_GROUP-block groups or every block) picks the same ids as the indexer's histogram
     select from the same buffer, and the reference's blocks."""
     block_len, stride, sel_block = geom
-    T = max(1, int(min(S, 40) * frac))
+    T = max(1, int(min(S, 24) * frac))  # one interpreted program per row and select: few rows
     q, kc = random_inputs(1, 2, G, T, S, 16, block_len, stride, seed)
     want = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={"select": "indexer"})
     got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25,
