@@ -1,6 +1,7 @@
 """NSA's two FlexAttention branches (compressed entries, sliding window) at the zoo's prefill point (m3 heads,
 bf16, the paper's config) under FlexAttention kernel options: device time of each, and the largest output
-difference against the default options.
+difference against the library's own options (the first row: TMA loads for the compressed branch's forward on
+Hopper). Each given option set replaces the library's whole choice; `{}` is flex's plain defaults.
 
     python scripts/probes/flex_kernel_options.py [--len 131072] [--options '{"USE_TMA": true}' ...]
 """
@@ -17,7 +18,7 @@ import zoo  # noqa: E402
 
 from sparsezoo.ops import flex_utils  # noqa: E402
 
-DEFAULT_OPTIONS = ['{"USE_TMA": true}', '{"num_stages": 2}', '{"num_stages": 4}', '{"num_warps": 4}',
+DEFAULT_OPTIONS = ['{}', '{"USE_TMA": true}', '{"num_stages": 2}', '{"num_stages": 4}', '{"num_warps": 4}',
                    '{"BLOCK_N": 128, "num_stages": 2}']
 
 
@@ -32,7 +33,7 @@ def main():
         sel = var.select()
         want = {part: var.attend_part(part, sel) for part in ("compressed", "window")}
         for opts in [None] + [json.loads(x) for x in args.options]:
-            flex_utils._kernel_options = base_options if opts is None else (lambda q, k, o=opts: o)
+            flex_utils._kernel_options = base_options if opts is None else (lambda q, k, tma=False, o=opts: o or None)
             for part in ("compressed", "window"):
                 try:
                     out = var.attend_part(part, sel)

@@ -52,22 +52,22 @@ def run_flex(q, k, v, block_mask, scale, return_lse, enable_gqa=False, score_mod
     if return_lse and q.device.type == "cpu":
         raise ValueError("compiled FlexAttention on the CPU cannot return the LSE; "
                          "use backend='reference' there")
-    options = _kernel_options(q, k)
-    if tma and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] == 9:
-        options = {**(options or {}), "USE_TMA": True}
     out = compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                          return_lse=return_lse, kernel_options=options)
+                          return_lse=return_lse, kernel_options=_kernel_options(q, k, tma))
     return out
 
 
-def _kernel_options(q, k):
+def _kernel_options(q, k, tma=False):
     """Under 128 queries flex picks its decoding kernel, whose tile must hold T x G query rows and
     divide the 128-row BlockMask tile: with T x G > 128 it finds no valid configuration (torch
-    2.11, seen on an H100). Ask for the main kernel there."""
+    2.11, seen on an H100). Ask for the main kernel there. tma: TMA loads on Hopper."""
+    options = {}
     T, G = q.shape[2], q.shape[1] // k.shape[1]
     if q.device.type == "cuda" and T < 128 and T * G > 128:
-        return {"BACKEND": "TRITON"}
-    return None
+        options["BACKEND"] = "TRITON"
+    if tma and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] == 9:
+        options["USE_TMA"] = True
+    return options or None
 
 
 def causal_mask_mod(offset: int):
