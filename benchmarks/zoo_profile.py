@@ -21,12 +21,19 @@ from decode_kernels import last_replay, profile_replays
 REPLAYS = 5
 
 
-def kernel_table(fn, label: str, rows: int) -> None:
+def profile_once(fn, with_ops: bool = False):
+    """The profile of one call of fn after a warm-up call (with_ops: the torch ops too, with input shapes)."""
     fn()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if with_ops else [])
+    with torch.profiler.profile(activities=acts, record_shapes=with_ops) as prof:
         fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def kernel_table(fn, label: str, rows: int) -> None:
+    prof = profile_once(fn)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in events) / 1e3
@@ -38,12 +45,7 @@ def kernel_table(fn, label: str, rows: int) -> None:
 def op_table(fn, label: str, rows: int) -> None:
     """The device time of fn's torch ops (self time, grouped by op and input shapes), longest first: which
     call launched the elementwise kernels of kernel_table."""
-    fn()
-    torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
-        fn()
-        torch.cuda.synchronize()
+    prof = profile_once(fn, with_ops=True)
     events = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
     events = [e for e in events if e.device_type.name == "CPU"]  # the ops, not their kernels again
     events.sort(key=lambda e: -e.self_device_time_total)
