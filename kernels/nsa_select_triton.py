@@ -34,9 +34,11 @@ masked). The group shares kc and the selection, so each kc tile feeds one [BM, B
    a'. or, with config schedule='stream', `_importance_stream_kernel`, grid (token tiles, B*Hkv):
       one program per tile walks the entries from 0 like a flash-attention forward (STREAM_BE per
       step, software-pipelined loads), so q and the LSE are loaded once and no halo is recomputed.
-      It needs sel_block to be a multiple of stride: a step's entries then start in exactly NBS
-      blocks, and their shares of the SPILL blocks after the step (exact fp32 row sums) are carried
-      in registers into the next step. It owns its rows' whole range, so it stores their stats.
+      It needs sel_block to be a power-of-two multiple of stride: a step's entries then start in exactly
+      NBS whole blocks, and their shares of the SPILL blocks after the step (exact fp32 row sums) are
+      carried in registers into the next step. It owns its rows' whole range, so it stores their stats.
+      The steps whose entries every row of the tile sees run unmasked (config stream_diag; H200, 128k:
+      see the config note below).
    a''. or, with config schedule='stream_topk', the same walk over all T queries in one launch keeps each
       row's best pow2(topk) blocks as ranking keys (the value's order-preserving bits, then the complemented
       id) in registers, merged with each step's blocks by tl.topk, and writes the selection itself: no
@@ -80,7 +82,10 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # indexer select's knobs (kernels/indexer_triton.py; split = segments per row, None: automatic).
 # schedule: 'chunks' (programs over token tiles x chunk ranges, BE entries per chunk with a halo) or
 # 'stream' (one program per token tile walks every entry, STREAM_BE at a time, the spill carried in
-# registers; it needs sel_block to be a multiple of stride and says so otherwise); both write the same buffer.
+# registers; it needs sel_block to be a power-of-two multiple of stride and says so otherwise); both write the
+# same buffer. stream_diag: the walk's steps that every row of a tile sees whole run without the visibility mask.
+# stream_maxnreg caps the walk's registers per thread (None: no cap): Triton 3.6 gives the two-loop walk 132, so
+# only one 8-warp program fits an SM; capped at 128, two fit, without spills (scripts/sm90_report.py).
 # 'auto': stream where the geometry allows it, else chunks. H200, 128k, the paper's config with the LSE
 # given: stream 57.8 ms at STREAM_BE 64 (63.5 at 128), chunks 70.2 ms (zoo.py --tune --tune-parts nsa); of the
 # stream's 58 ms, 38 ms write the importances and 20 ms select from them (zoo_profile.py).
@@ -100,6 +105,7 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 NSA_SELECT_CONFIG = {"schedule": "auto", "ROWS": 64, "BE": 64, "STREAM_ROWS": 128, "STREAM_BE": 64,
                      "stream_warps": 8, "stream_stages": 2, "BE_LSE": 128, "CHUNKS": 8, "num_warps": 4,
                      "num_stages": 2, "waves": 2, "lse_min_tiles": 4, "lse_splits": None, "buffer_bytes": 1 << 30,
+                     "stream_diag": True, "stream_maxnreg": 128,
                      "select": "auto", "ROW_BLK": 2048, "ROW_GROUP": 8, "row_warps": 1,
                      "row_min_rows": 4096,
                      "select_block": 1024, "select_bins": 64, "select_cap": 4096, "select_warps": 8, "split": None}
@@ -141,11 +147,15 @@ def _load_q(Q, b, head, t, row_ok, sqb, sqh, sqt, sqd, D: tl.constexpr, BD: tl.c
 
 
 @triton.jit
-def _scores(q, KC_G, i, i_ok, sks, skd, qk2, D: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
-    """[rows, entries] base-2 logits qk2 * q.kc[i] (kc rows i of one group)."""
+def _scores(q, KC_G, i, i_ok, sks, skd, qk2, D: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr,
+            MASKED: tl.constexpr = True):
+    """[rows, entries] base-2 logits qk2 * q.kc[i] (kc rows i of one group; MASKED=False: every i exists)."""
     d = tl.arange(0, BD)
-    kt = tl.load(KC_G + i[:, None].to(tl.int64) * sks + d[None, :] * skd, mask=i_ok[:, None] & (d[None, :] < D),
-                 other=0.0)
+    ptrs = KC_G + i[:, None].to(tl.int64) * sks + d[None, :] * skd
+    if MASKED or BD != D:
+        kt = tl.load(ptrs, mask=i_ok[:, None] & (d[None, :] < D), other=0.0)
+    else:
+        kt = tl.load(ptrs)
     if IEEE:
         s = tl.dot(q, tl.trans(kt), input_precision="ieee")
     else:
@@ -292,18 +302,81 @@ def _importance_kernel(Q, KC, LSE, BUF, STATS, t0, Tcur, T, S, Sc, n_blocks, Hkv
 
 
 @triton.jit
+def _overlap(first, last, c, NBS: tl.constexpr):
+    """fp16 [entries, NBX]: entry e overlaps step block c (< NBS)."""
+    return ((first[:, None] <= c[None, :]) & (c[None, :] <= last[:, None]) & (c[None, :] < NBS)).to(tl.float16)
+
+
+@triton.jit
+def _stream_step(q, KC_G, lse2s, pos, row_ok, k, Sc, qk2, sks, skd, carry, c, e, first, last, overlap,
+                 TM: tl.constexpr, GP: tl.constexpr, BE: tl.constexpr, NBS: tl.constexpr, NBX: tl.constexpr,
+                 SPILL: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                 STRIDE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
+    """One step of the stream walk: ([TM, NBX] importances, columns < NBS complete for blocks k * NBS + c;
+    the carry into the next step). MASKED=False: every entry of the step exists and is visible to every
+    row (rows that are not valid have lse2s = +inf, so p = 0). lse2s = the base-2 LSE - _P_SCALE. Every
+    step's entries overlap its blocks alike (BE * STRIDE is a multiple of SEL): first, last (blocks of the
+    step, from 0) and the overlap matrix are the caller's, computed once."""
+    i = k * BE + e
+    i_ok = i < Sc
+    s = _scores(q, KC_G, i, i_ok, sks, skd, qk2, D, BD, IEEE, MASKED)
+    p = tl.exp2(tl.minimum(s - lse2s[:, None], _P_SCALE))  # p * 2^15, p <= 1 (a poisoned row: lse2s = -inf)
+    if MASKED:
+        p = tl.where(_visible(i, i_ok, pos, row_ok, BLOCK_LEN, STRIDE), p, 0.0)
+    p_hi = p.to(tl.float16)
+    p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
+    imp_rows = tl.dot(p_hi, overlap) + tl.dot(p_lo, overlap)
+    imp = tl.sum(tl.reshape(imp_rows, [TM, GP, NBX]), axis=1) * _P_UNSCALE + carry
+    carry = tl.zeros([TM, NBX], tl.float32)
+    for sp in tl.static_range(SPILL):  # the blocks after the step: exact fp32 row sums
+        hit = (first <= NBS + sp) & (NBS + sp <= last)
+        share = tl.sum(tl.reshape(tl.sum(tl.where(hit[None, :], p, 0.0), axis=1), [TM, GP]), axis=1)
+        carry += tl.where(c[None, :] == sp, share[:, None] * _P_UNSCALE, 0.0)
+    return imp, carry
+
+
+@triton.jit
+def _stream_store(imp, k, c, tok_ok, local, poisoned, row, BUF, n_blocks, forced_value, max_importance,
+                  nan_value, key_min, key_max, best, NBS: tl.constexpr, NBX: tl.constexpr, TM: tl.constexpr,
+                  FUSED: tl.constexpr, KP: tl.constexpr):
+    """Step k's block values: into the buffer (and the row stats), or (FUSED) merged into each row's best."""
+    j = (k * NBS + c)[None, :]
+    write = tok_ok[:, None] & (c[None, :] < NBS) & (j <= local[:, None])
+    forced = (j == 0) | (j >= local[:, None] - 1)
+    nan = poisoned[:, None] & (imp > 0)
+    value = tl.where(forced, forced_value, tl.where(nan, nan_value, tl.minimum(imp, max_importance)))
+    key = _ordered_key(value)
+    if FUSED:
+        rank = tl.where(write, _rank_key(key, j), _KEY_NONE)
+        # merge only when a block beats a row's current KP-th best (most steps of a long row do not)
+        if tl.max(tl.where(rank > tl.min(best, axis=1)[:, None], 1, 0)) > 0:
+            if NBX > KP:  # a new name: the GPU compiler refuses a reshaped `rank` in this branch
+                merged = tl.join(best, tl.topk(rank, KP))
+            else:
+                merged = tl.join(best, rank)
+            best = tl.topk(tl.reshape(merged, [TM, 2 * KP]), KP)
+    else:
+        tl.store(BUF + row[:, None] * n_blocks + j, value, mask=write)
+        key_min = tl.minimum(key_min, tl.min(tl.where(write, key, _KEY_HIGH), axis=1))
+        key_max = tl.maximum(key_max, tl.max(tl.where(write, key, _KEY_LOW), axis=1))
+    return key_min, key_max, best
+
+
+@triton.jit
 def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, OUT, t0, Tcur, T, S, Sc, n_blocks, Hkv, K,
                               qk2, lse_factor, n_splits, forced_value, max_importance, nan_value,
                               sqb, sqh, sqt, sqd, skb, skh, sks, skd, sls, slb, slh, slt, sob, sot,
                               G: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr, BE: tl.constexpr,
                               NBS: tl.constexpr, NBX: tl.constexpr, SPILL: tl.constexpr, D: tl.constexpr,
                               BD: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
-                              IEEE: tl.constexpr, FUSED: tl.constexpr = False, KP: tl.constexpr = 2):
+                              IEEE: tl.constexpr, FUSED: tl.constexpr = False, KP: tl.constexpr = 2,
+                              DIAG: tl.constexpr = True):
     """The 'stream' schedule: one program per (token tile, group) walks every entry once, BE at a time,
     as a flash-attention forward walks its keys. A step's BE entries start in exactly NBS blocks (SEL is
     a multiple of STRIDE and BE * STRIDE of SEL); what its entries add to the SPILL blocks after them is
     carried in registers into the next step. The program owns its rows' whole buffer range, so it
-    stores their stats without atomics.
+    stores their stats without atomics. DIAG: the steps whose entries every row of the tile sees run
+    without the visibility mask (as a flash-attention forward's off-diagonal tiles).
 
     FUSED ('stream_topk'): no buffer; each row keeps its KP best blocks as int64 ranking keys (the value's
     order-preserving bits, then the complemented block id: ties to the smaller id) in registers, merged with
@@ -318,7 +391,7 @@ def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, OUT, t0, Tcur, T, S, Sc, n
         q = _load_q(Q, b, head, t, row_ok, sqb, sqh, sqt, sqd, D, BD)
         lse2 = _merged_lse(LSE, b, head, t, row_ok, n_splits, lse_factor, sls, slb, slh, slt)
         poisoned = tl.max(tl.reshape((lse2 != lse2).to(tl.int32), [TM, GP]), axis=1) > 0
-        lse2 = tl.where(lse2 == lse2, lse2, float("-inf"))
+        lse2s = tl.where(row_ok, tl.where(lse2 == lse2, lse2, float("-inf")) - _P_SCALE, float("inf"))
         KC_G = KC + b * skb + g.to(tl.int64) * skh
         tt = tile * TM + tl.arange(0, TM)
         tok_ok = tt < Tcur
@@ -329,45 +402,26 @@ def _importance_stream_kernel(Q, KC, LSE, BUF, STATS, OUT, t0, Tcur, T, S, Sc, n
         key_min = tl.full([TM], _KEY_HIGH, tl.int32)
         key_max = tl.full([TM], _KEY_LOW, tl.int32)
         carry = tl.zeros([TM, NBX], tl.float32)  # column s: block (k * NBS + s)'s share from earlier steps
+        first = (e * STRIDE) // SEL  # every step's entries start in its blocks [0, NBS)
+        last = (e * STRIDE + BLOCK_LEN - 1) // SEL  # and end before block NBS + SPILL
+        overlap = _overlap(first, last, c, NBS)
         best = tl.full([TM, KP], _KEY_NONE, tl.int64)
-        for k in range(0, last_local // NBS + 1):
-            i = k * BE + e
-            i_ok = i < Sc
-            s = _scores(q, KC_G, i, i_ok, sks, skd, qk2, D, BD, IEEE)
-            p = tl.where(_visible(i, i_ok, pos, row_ok, BLOCK_LEN, STRIDE),
-                         tl.exp2(tl.minimum(s - lse2[:, None], 0.0) + _P_SCALE), 0.0)
-            first = (i * STRIDE) // SEL - k * NBS  # in [0, NBS)
-            last = (i * STRIDE + BLOCK_LEN - 1) // SEL - k * NBS  # < NBS + SPILL
-            overlap = ((first[:, None] <= c[None, :]) & (c[None, :] <= last[:, None]) & (c[None, :] < NBS))
-            overlap = overlap.to(tl.float16)
-            p_hi = p.to(tl.float16)
-            p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
-            imp_rows = tl.dot(p_hi, overlap) + tl.dot(p_lo, overlap)
-            imp = tl.sum(tl.reshape(imp_rows, [TM, GP, NBX]), axis=1) * _P_UNSCALE + carry
-            carry = tl.zeros([TM, NBX], tl.float32)
-            for sp in tl.static_range(SPILL):  # the blocks after the step: exact fp32 row sums
-                hit = (first <= NBS + sp) & (NBS + sp <= last)
-                share = tl.sum(tl.reshape(tl.sum(tl.where(hit[None, :], p, 0.0), axis=1), [TM, GP]), axis=1)
-                carry += tl.where(c[None, :] == sp, share[:, None] * _P_UNSCALE, 0.0)
-            j = (k * NBS + c)[None, :]
-            write = tok_ok[:, None] & (c[None, :] < NBS) & (j <= local[:, None])
-            forced = (j == 0) | (j >= local[:, None] - 1)
-            nan = poisoned[:, None] & (imp > 0)
-            value = tl.where(forced, forced_value, tl.where(nan, nan_value, tl.minimum(imp, max_importance)))
-            key = _ordered_key(value)
-            if FUSED:
-                rank = tl.where(write, _rank_key(key, j), _KEY_NONE)
-                # merge only when a block beats a row's current KP-th best (most steps of a long row do not)
-                if tl.max(tl.where(rank > tl.min(best, axis=1)[:, None], 1, 0)) > 0:
-                    if NBX > KP:  # a new name: the GPU compiler refuses a reshaped `rank` in this branch
-                        merged = tl.join(best, tl.topk(rank, KP))
-                    else:
-                        merged = tl.join(best, rank)
-                    best = tl.topk(tl.reshape(merged, [TM, 2 * KP]), KP)
-            else:
-                tl.store(BUF + row[:, None] * n_blocks + j, value, mask=write)
-                key_min = tl.minimum(key_min, tl.min(tl.where(write, key, _KEY_HIGH), axis=1))
-                key_max = tl.maximum(key_max, tl.max(tl.where(write, key, _KEY_LOW), axis=1))
+        n_steps = last_local // NBS + 1
+        n_open = 0  # steps every row of the tile sees whole (the tile's first query sees the fewest entries)
+        if DIAG:
+            n_open = tl.minimum(_n_visible(S - T + t0 + tile * TM, Sc, BLOCK_LEN, STRIDE) // BE, n_steps)
+        for k in range(0, n_open):
+            imp, carry = _stream_step(q, KC_G, lse2s, pos, row_ok, k, Sc, qk2, sks, skd, carry, c, e, first, last,
+                                      overlap, TM, GP, BE, NBS, NBX, SPILL, D, BD, BLOCK_LEN, STRIDE, IEEE, False)
+            key_min, key_max, best = _stream_store(imp, k, c, tok_ok, local, poisoned, row, BUF, n_blocks,
+                                                   forced_value, max_importance, nan_value, key_min, key_max, best,
+                                                   NBS, NBX, TM, FUSED, KP)
+        for k in range(n_open, n_steps):
+            imp, carry = _stream_step(q, KC_G, lse2s, pos, row_ok, k, Sc, qk2, sks, skd, carry, c, e, first, last,
+                                      overlap, TM, GP, BE, NBS, NBX, SPILL, D, BD, BLOCK_LEN, STRIDE, IEEE, True)
+            key_min, key_max, best = _stream_store(imp, k, c, tok_ok, local, poisoned, row, BUF, n_blocks,
+                                                   forced_value, max_importance, nan_value, key_min, key_max, best,
+                                                   NBS, NBX, TM, FUSED, KP)
         if FUSED:  # the min(K, L + 1) best ids, ascending, then -1
             slot = tl.arange(0, KP)[None, :]
             ids = tl.sort(tl.where(slot < tl.minimum(local + 1, K)[:, None], _key_ids(best), _ID_PAD), dim=1)
@@ -455,11 +509,13 @@ def chunk_geometry(block_len: int, stride: int, sel_block: int, be: int) -> tupl
 
 def stream_geometry(block_len: int, stride: int, sel_block: int, be: int) -> tuple[int, int, int] | str:
     """(BE, NBS, SPILL) of the 'stream' schedule, or why it cannot tile this geometry: a step of BE
-    entries starts in exactly NBS = BE * stride / sel_block blocks (BE grows to make NBS >= 1) and
+    entries starts in exactly NBS = BE * stride / sel_block whole blocks (BE grows to make NBS >= 1) and
     adds to at most SPILL <= NBS blocks after them."""
-    if sel_block % stride:
-        return f"the stream schedule needs sel_block ({sel_block}) to be a multiple of stride ({stride})"
-    be = max(be, _pow2(sel_block // stride))
+    per_block = sel_block // stride
+    if sel_block % stride or per_block & (per_block - 1):
+        return (f"the stream schedule needs sel_block ({sel_block}) to be a power-of-two multiple of stride "
+                f"({stride})")
+    be = max(be, per_block)  # so every step's BE entries start in whole blocks
     if be > MAX_ENTRY_TILE:
         return f"the stream schedule needs {be} entries per step (at most {MAX_ENTRY_TILE})"
     nbs = be * stride // sel_block
@@ -558,6 +614,14 @@ def _fused_topk_or_none(topk: int, stream, cfg: dict) -> int | None:
     return kp
 
 
+def _walk_constants(stream, cfg: dict) -> dict:
+    """The stream walk's tile constants: BE entries per step starting in NBS blocks (NBX padded), SPILL blocks
+    after them; DIAG (open steps unmasked); the register cap (a launch option)."""
+    BE, NBS, SPILL = stream
+    cap = {} if cfg["stream_maxnreg"] is None else {"maxnreg": cfg["stream_maxnreg"]}
+    return dict(BE=BE, NBS=NBS, NBX=max(_pow2(NBS), 16), SPILL=SPILL, DIAG=cfg["stream_diag"], **cap)
+
+
 def schedule_for(block_len: int, stride: int, sel_block: int, device, config: dict | None = None) -> str:
     """'stream_topk', 'stream' or 'chunks': the schedule nsa_select_triton runs for this geometry, device and
     config ('stream_topk' only when asked for)."""
@@ -614,10 +678,9 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
     flat = out.view(B * Hkv, T, topk)
     kp = _fused_topk_or_none(topk, stream, cfg) if stream else None
     if kp:  # 'stream_topk': one launch over every token, no buffer, no select
-        BE, NBS, SPILL = stream
         _importance_stream_kernel[(triton.cdiv(T, TM), B * Hkv)](
             q, kc, lse_parts, flat, flat, flat, 0, T, T, S, Sc, n_blocks, Hkv, topk, *values, *strides,
-            *flat.stride()[:2], BE=BE, NBS=NBS, NBX=max(_pow2(NBS), 16), SPILL=SPILL, SEL=sel_block, **dims,
+            *flat.stride()[:2], SEL=sel_block, **dims, **_walk_constants(stream, cfg),
             FUSED=True, KP=kp, num_warps=cfg["stream_warps"], num_stages=cfg["stream_stages"])
         return out
     # the select: scratch of `cap` ids per row; a row has at most n_blocks candidates
@@ -636,10 +699,9 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
         stats.copy_(init.expand_as(stats))
         n_tiles = triton.cdiv(Tcur, TM)
         if stream:
-            BE, NBS, SPILL = stream
             _importance_stream_kernel[(n_tiles, B * Hkv)](
                 q, kc, lse_parts, buf, stats, flat, t0, Tcur, T, S, Sc, n_blocks, Hkv, topk, *values, *strides,
-                *flat.stride()[:2], BE=BE, NBS=NBS, NBX=max(_pow2(NBS), 16), SPILL=SPILL, SEL=sel_block, **dims,
+                *flat.stride()[:2], SEL=sel_block, **dims, **_walk_constants(stream, cfg),
                 num_warps=cfg["stream_warps"], num_stages=cfg["stream_stages"])
         else:
             n_chunks = triton.cdiv(n_blocks, NB)

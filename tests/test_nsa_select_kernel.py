@@ -24,7 +24,7 @@ from sparsezoo.ops.nsa_select.reference import add_overlaps
 
 triton = pytest.importorskip("triton")
 
-from sparsezoo.kernels.nsa_select_triton import nsa_select_triton  # noqa: E402
+from sparsezoo.kernels.nsa_select_triton import nsa_select_triton, schedule_for  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS_CPU = 2e-5  # fp32 interpreter vs fp64 reference; importances are at most G
@@ -145,6 +145,23 @@ def test_long_and_chunked(geom, G, T, S, topk, schedule):
     assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
 
 
+@pytest.mark.parametrize("geom,G,T,S,topk,config", [
+    ((8, 4, 16), 2, 200, 260, 8, {"schedule": "stream", "stream_diag": False}),
+    ((16, 4, 12), 2, 120, 300, 6, None)])
+def test_walk_options_and_odd_blocks(geom, G, T, S, topk, config):
+    """The stream walk with every step masked (no open steps); blocks of 3 entries (a step of a power of two
+    entries is not whole blocks): the chunk schedule runs them, and the stream schedules refuse them."""
+    block_len, stride, sel_block = geom
+    q, kc = random_inputs(1, 1, G, T, S, 16, block_len, stride, seed=S + G)
+    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config=config)
+    assert_selection_matches(got, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
+    if config is None:
+        assert schedule_for(block_len, stride, sel_block, DEV) == "chunks"
+        for schedule in ("stream", "stream_topk"):
+            with pytest.raises(ValueError, match="power-of-two multiple of stride"):
+                nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={"schedule": schedule})
+
+
 @settings(max_examples=6)
 @given(geom=st.sampled_from(GEOMETRIES[:4] + [(16, 4, 8), (3, 1, 4)]), G=st.sampled_from([1, 2, 3]),
        S=st.integers(1, 200), frac=st.floats(0.02, 1.0), topk=st.integers(1, 10), seed=st.integers(0, 2**16))
@@ -252,10 +269,8 @@ def test_ties_and_forced_only(topk, select):
 
 
 def test_the_schedule_that_ran_is_recorded():
-    """ops.nsa_select records the kernel's schedule: 'stream' where sel_block is a multiple of stride, else
+    """ops.nsa_select records the kernel's schedule: 'stream' where sel_block is a power-of-two multiple of stride, else
     'chunks' (auto); schedule_for says the same as the launcher decides."""
-    from sparsezoo.kernels.nsa_select_triton import schedule_for
-
     for (block_len, stride, sel_block), want in (((8, 4, 16), "stream"), ((5, 3, 8), "chunks")):
         assert schedule_for(block_len, stride, sel_block, DEV) == want
         q, kc = random_inputs(1, 1, 2, 4, 40, 16, block_len, stride, seed=1)
@@ -314,6 +329,7 @@ def _gpu_case(B, T, S, seed, config=None, given_lse=False):
                                                 (8192, {"select": "indexer"}, True),
                                                 (32768, {"schedule": "stream", "buffer_bytes": 1 << 28}, False),
                                                 (8192, {"schedule": "stream_topk"}, True),
+                                                (8192, {"schedule": "stream", "stream_diag": False}, True),
                                                 (32768, {"schedule": "stream_topk"}, False)])
 def test_gpu_prefill_paper_config(T, config, given_lse):
     """bf16 prefill, batch 2 (8k also with the LSE given; 32k in five query chunks): every row

@@ -8,7 +8,7 @@ from .. import checks
 from ..dispatch import Op, Request, needs_grad
 from ..nonfinite import nonfinite_rows, poison_rows
 
-OP = Op("compressed_attention", __package__, ("flex", "reference"))
+OP = Op("compressed_attention", __package__, ("sdpa", "flex", "reference"))
 
 
 def n_compressed(S: int, block_len: int, stride: int) -> int:
@@ -33,7 +33,8 @@ def compressed_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, *,
     checks.check_keys(q, kc, vc)
     for name, value in (("S", S), ("block_len", block_len), ("stride", stride)):
         checks.check_positive_int(name, value)
-    req = Request.of(q, needs_grad(q, kc, vc), return_lse=return_lse)
+    req = Request.of(q, needs_grad(q, kc, vc), return_lse=return_lse, T=q.shape[2], S=S, Sc=kc.shape[2],
+                     block_len=block_len, stride=stride, head_dim=q.shape[3])
     if kc.shape[2] == 0:
         OP.choose(backend, req)  # still validate the request
         q_bad = nonfinite_rows(q)
