@@ -119,3 +119,19 @@ def test_cudnn_bf16_against_reference(T, block_len, stride):
     ref = torch.autograd.grad(want, leaves, g.float())
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=5e-2 * b.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_cudnn_under_torch_compile():
+    """The folded path traced by torch.compile (the cuDNN op and the fold's word copies): forward and gradients
+    as eager's."""
+    q, kc, vc = _inputs(6, 1, 8, 2, 1024, 128, 32, 16, dtype=torch.bfloat16, device="cuda")
+    kw = dict(S=1024, block_len=32, stride=16, scale=1 / math.sqrt(128))
+    fn = lambda q, kc, vc: ops.compressed_attention(q, kc, vc, **kw)
+    leaves = [x.requires_grad_() for x in (q, kc, vc)]
+    want = fn(*leaves)
+    got = torch.compile(fn, fullgraph=True)(*leaves)
+    torch.testing.assert_close(got, want)  # bf16's default tolerance
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(a, b)
