@@ -32,6 +32,9 @@ def _cudnn_reason() -> str | None:
     return None
 
 
+CUDNN_REASON = _cudnn_reason()  # asked once, at import: torch.compile cannot trace the question
+
+
 def supports(req) -> str | None:
     from .api import n_compressed
 
@@ -48,7 +51,7 @@ def supports(req) -> str | None:
     if Sc is not None and Sc != n_compressed(S, req["block_len"], req["stride"]):
         return f"it needs the Sc = n_compressed(S) entries of the sequence, got {Sc}"
     if req.device == "cuda":
-        return _cudnn_reason()
+        return CUDNN_REASON
     return None
 
 
