@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import needs_grad
+from ..dispatch import compiling, needs_grad
 from ..nonfinite import clean_qkv, finish, rows_seeing_key_ranges
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -58,6 +58,8 @@ def supports(req) -> str | None:
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """x with its last dim viewed as 8-byte words where it can be (a copy then moves 8 bytes per element: torch's
     copy of a permuted bf16 view moves 2 and ran at a third of the copy bandwidth on an H200)."""
+    if compiling():  # Inductor writes its own copy kernel (and Dynamo cannot trace storage_offset)
+        return x
     if x.shape[-1] * x.element_size() % 8 or x.stride(-1) != 1 or x.storage_offset() * x.element_size() % 8 \
             or any(st * x.element_size() % 8 for st in x.stride()[:-1]):
         return x
