@@ -87,8 +87,10 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # stream_maxnreg caps the walk's registers per thread (None: no cap): Triton 3.6 gives the two-loop walk 132, so
 # only one 8-warp program fits an SM; capped at 128, two fit, without spills (scripts/sm90_report.py).
 # 'auto': stream where the geometry allows it, else chunks. H200, 128k, the paper's config with the LSE
-# given: stream 57.8 ms at STREAM_BE 64 (63.5 at 128), chunks 70.2 ms (zoo.py --tune --tune-parts nsa); of the
-# stream's 58 ms, 38 ms write the importances and 20 ms select from them (zoo_profile.py).
+# given (scripts/probes/nsa_select_schedules.py, examples/results/h200_2026-12-03/nsa_walk_open_steps_h200.log):
+# the stream walk 31.8 ms (36.6 with every step masked, 48.4 uncapped); STREAM_BE 128, STREAM_ROWS 64 / 256,
+# 4 warps, 3 stages and a cap of 96 tied or slower. Chunks: 70.2 ms for the whole selection against the
+# stream's 57.8 then (zoo.py --tune --tune-parts nsa).
 # 'stream_topk' (asked for only): the stream walk keeps each row's best blocks itself, merging each step's
 # blocks into a running top-k (int64 ranking keys, bitonic), and writes the selection: no buffer and no
 # select. It needs the stream geometry and pow2(topk) <= the step's padded block count. Same selection, but
