@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsezoo.kernels.nonfinite import _row_offsets
+
 _BLOCK = 1024  # output ids per program
 
 
@@ -22,10 +24,8 @@ def _block_tokens_kernel(IDX, OUT, H, T, S, n_blocks, width, sib, sih, sit, sik,
     row = tl.program_id(0)  # (b * H + h) * T + t
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = e < width
-    b = (row // (H * T)).to(tl.int64)
-    h = ((row // T) % H).to(tl.int64)
     t = row % T
-    blk = tl.load(IDX + b * sib + h * sih + t.to(tl.int64) * sit + (e // BLOCK_SIZE).to(tl.int64) * sik, mask=ok,
+    blk = tl.load(IDX + _row_offsets(row, H, T, sib, sih, sit) + (e // BLOCK_SIZE).to(tl.int64) * sik, mask=ok,
                   other=-1).to(tl.int64)
     tok = blk * BLOCK_SIZE + e % BLOCK_SIZE
     keep = (blk >= 0) & (blk < n_blocks) & (tok <= S - T + t)

@@ -19,7 +19,7 @@ masked). The group shares kc and the selection, so each kc tile feeds one [BM, B
    When tiles x groups x batch do not fill the GPU (decode), the entry axis is split over
    `lse_splits` programs writing partial LSEs, merged by whoever reads them.
 2. Per chunk of Tc queries, a bounded fp32 buffer [Tc, B*Hkv, n_blocks] (the indexer's layout;
-   buffer + select scratch <= buffer_bytes):
+   buffer + the histogram select's scratch <= buffer_bytes, `buffer_plan`):
    a. `_importance_kernel`, grid (token tiles, chunk ranges, B*Hkv): a program recomputes the
       scores of CHUNKS consecutive chunks. A chunk is NB blocks [jb, jb + NB) plus a halo of HALO =
       ceil((block_len - 1) / sel_block) blocks before them: it loads every entry starting in
@@ -57,8 +57,8 @@ written as G + 1/2, between the clamp G and the forced G + 1. Both LSE passes ke
 drop it and leave -inf), and a poisoned head's p is 1 on its visible entries, which marks those blocks.
 No loop depends on the data: trip counts follow from shapes and positions only.
 
-Memory: buffer + scratch <= buffer_bytes (1 GiB: at T = 128k, Hkv = 4, 2048 blocks, chunks of 16k
-queries); partial LSEs fp32 [lse_splits, B, Hq, T]. No host syncs: capturable in a CUDA graph.
+Memory: buffer + scratch <= buffer_bytes (1 GiB: at T = 128k, Hkv = 4, 2048 blocks, chunks of 32k
+queries with the row select, 16k with the histogram select's scratch); partial LSEs fp32 [lse_splits, B, Hq, T]. No host syncs: capturable in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -633,11 +633,35 @@ def schedule_for(block_len: int, stride: int, sel_block: int, device, config: di
     return "stream_topk" if cfg["schedule"] == "stream_topk" else "stream"
 
 
-def select_for(rows: int, cfg: dict) -> str:
-    """'rows' or 'indexer': the buffer select that cfg runs over a buffer of `rows` rows."""
+def _select_cap(n_blocks: int, cfg: dict) -> int:
+    """The histogram select's scratch ids per row (a row has at most n_blocks candidates)."""
+    return min(cfg["select_cap"], max(16, _pow2(n_blocks)))
+
+
+def buffer_plan(B: int, Hkv: int, T: int, n_blocks: int, cfg: dict) -> tuple[int, str]:
+    """(Tc, select): queries per buffer chunk and the select that reads the buffer ('rows' or 'indexer'). The
+    buffer plus the histogram select's scratch ids (8 bytes of stats per row aside) fits buffer_bytes, in
+    chunks of equal size; 'auto' takes 'rows' where a chunk holds at least `row_min_rows` rows."""
+    def chunk(select: str) -> int:
+        row_bytes = 4 * (n_blocks + (_select_cap(n_blocks, cfg) if select == "indexer" else 0))
+        most = max(1, min(T, cfg["buffer_bytes"] // (B * Hkv * row_bytes)))
+        return triton.cdiv(T, triton.cdiv(T, most))  # the fewest chunks, evened out
+
     if cfg["select"] != "auto":
-        return cfg["select"]
-    return "rows" if rows >= cfg["row_min_rows"] else "indexer"
+        return chunk(cfg["select"]), cfg["select"]
+    if chunk("rows") * B * Hkv >= cfg["row_min_rows"]:
+        return chunk("rows"), "rows"
+    return chunk("indexer"), "indexer"
+
+
+def buffer_select_for(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int, stride: int, sel_block: int,
+                      topk: int, config: dict | None = None) -> str | None:
+    """The buffer select nsa_select_triton runs for this call ('rows' or 'indexer'), or None without a buffer
+    ('stream_topk')."""
+    cfg = _resolve_config(config, q.device)
+    if schedule_for(block_len, stride, sel_block, q.device, config) == "stream_topk":
+        return None
+    return buffer_plan(q.shape[0], kc.shape[1], q.shape[2], triton.cdiv(S, sel_block), cfg)[1]
 
 
 @torch.no_grad()
@@ -685,12 +709,9 @@ def nsa_select_triton(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int,
             *flat.stride()[:2], SEL=sel_block, **dims, **_walk_constants(stream, cfg),
             FUSED=True, KP=kp, num_warps=cfg["stream_warps"], num_stages=cfg["stream_stages"])
         return out
-    # the select: scratch of `cap` ids per row; a row has at most n_blocks candidates
     sel_cfg = {key: cfg[key] for key in ("select_block", "select_bins", "select_warps", "split")}
-    sel_cfg["select_cap"] = min(cfg["select_cap"], max(16, _pow2(n_blocks)))
-    row_bytes = 4 * (n_blocks + sel_cfg["select_cap"] + 2)  # buffer, scratch, stats
-    Tc = max(1, min(T, cfg["buffer_bytes"] // (B * Hkv * row_bytes)))
-    select = select_for(Tc * B * Hkv, cfg)
+    sel_cfg["select_cap"] = _select_cap(n_blocks, cfg)
+    Tc, select = buffer_plan(B, Hkv, T, n_blocks, cfg)
     buf = torch.empty((Tc, B * Hkv, n_blocks), dtype=torch.float32, device=q.device)
     stats = torch.empty((Tc * B * Hkv, 2), dtype=torch.int32, device=q.device)
     init = stats_init(q.device)

@@ -24,7 +24,8 @@ from sparsezoo.ops.nsa_select.reference import add_overlaps
 
 triton = pytest.importorskip("triton")
 
-from sparsezoo.kernels.nsa_select_triton import nsa_select_triton, schedule_for  # noqa: E402
+from sparsezoo.kernels.nsa_select_triton import (  # noqa: E402
+    NSA_SELECT_CONFIG, buffer_plan, nsa_select_triton, schedule_for)
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS_CPU = 2e-5  # fp32 interpreter vs fp64 reference; importances are at most G
@@ -199,10 +200,22 @@ def test_query_chunks(select):
     block_len, stride, sel_block, S, T, topk = 8, 4, 16, 280, 10, 6  # 18 blocks, select scratch 32 ids
     q, kc = random_inputs(1, 2, 2, T, S, 16, block_len, stride, seed=5)
     whole = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config={"select": select})
-    chunked = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25,
-                                config={"buffer_bytes": 3 * 2 * 4 * (18 + 32 + 2), "select": select})
+    config = {"buffer_bytes": 3 * 2 * 4 * (18 + (32 if select == "indexer" else 0)), "select": select}
+    assert buffer_plan(1, 2, T, 18, {**NSA_SELECT_CONFIG, **config}) == (3, select)
+    chunked = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, config=config)
     assert torch.equal(chunked, whole)
     assert_selection_matches(chunked, q, kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
+
+
+def test_buffer_plan():
+    """The buffer's chunks and select at NSA's 128k prefill (B 1, Hkv 4, 2048 blocks, the 1 GiB bound): the row
+    select needs no scratch, so 4 chunks of 32k queries; the histogram select's scratch halves them. Chunks
+    are evened out, and few rows (decode) take the histogram select."""
+    cfg = dict(NSA_SELECT_CONFIG)
+    assert buffer_plan(1, 4, 131072, 2048, cfg) == (32768, "rows")
+    assert buffer_plan(1, 4, 131072, 2048, {**cfg, "select": "indexer"}) == (16384, "indexer")
+    assert buffer_plan(1, 4, 100000, 2048, cfg) == (25000, "rows")
+    assert buffer_plan(8, 4, 1, 2048, cfg) == (1, "indexer")
 
 
 def test_radix_select():
@@ -277,7 +290,8 @@ def test_the_schedule_that_ran_is_recorded():
         with ops.track_implementations() as used:
             ops.nsa_select(q, kc, S=40, block_len=block_len, stride=stride, sel_block=sel_block, topk=3, scale=0.25,
                            backend="triton")
-        assert used == {"nsa_select_schedule": want, "nsa_select": "triton"}
+        buffer = "rows" if DEV.type == "cpu" else "indexer"  # 4 rows: the interpreter's row_min_rows is 1
+        assert used == {"nsa_select_schedule": want, "nsa_select_buffer": buffer, "nsa_select": "triton"}
     assert schedule_for(8, 4, 16, DEV, {"schedule": "chunks"}) == "chunks"
     assert schedule_for(8, 4, 16, DEV, {"schedule": "stream_topk"}) == "stream_topk"
 
