@@ -6,8 +6,6 @@ indexer's histogram select. Configs: the stream schedule with each buffer select
     python scripts/probes/nsa_select_schedules.py [--lengths 32768,131072] [--configs '{"ROW_GROUP": 16}' ...]
 """
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import zoo  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sweep  # noqa: E402
 
 from sparsezoo.kernels import nsa_select_triton as nst  # noqa: E402
 
@@ -48,15 +49,5 @@ def probe(T: int, extra: list[dict]) -> None:
             print(f"T {T} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--lengths", default="32768,131072")
-    p.add_argument("--configs", nargs="*", default=[], help="extra JSON configs (over the default one)")
-    args = p.parse_args()
-    for T in (int(x) for x in args.lengths.split(",")):
-        probe(T, [json.loads(x) for x in args.configs])
-        torch.cuda.empty_cache()
-
-
 if __name__ == "__main__":
-    main()
+    sweep.main(probe, "32768,131072", "extra JSON configs (over the default one)")

@@ -5,8 +5,6 @@ largest output difference from the default config's.
     python scripts/probes/nsa_selected_tiles.py [--lengths 131072] [--configs '{"TM": 2}' ...]
 """
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -14,6 +12,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import zoo  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sweep  # noqa: E402
 
 from sparsezoo.kernels import sparse_attention_triton as sat  # noqa: E402
 
@@ -33,14 +34,5 @@ def probe(T: int, configs: list[dict]) -> None:
                 print(f"T {T} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--lengths", default="131072")
-    p.add_argument("--configs", nargs="*", default=[], help="JSON configs over ATTN_CONFIG")
-    args = p.parse_args()
-    for T in (int(x) for x in args.lengths.split(",")):
-        probe(T, [json.loads(x) for x in args.configs])
-
-
 if __name__ == "__main__":
-    main()
+    sweep.main(probe, "131072", "JSON configs over ATTN_CONFIG")
