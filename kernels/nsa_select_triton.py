@@ -58,7 +58,8 @@ drop it and leave -inf), and a poisoned head's p is 1 on its visible entries, wh
 No loop depends on the data: trip counts follow from shapes and positions only.
 
 Memory: buffer + scratch <= buffer_bytes (1 GiB: at T = 128k, Hkv = 4, 2048 blocks, chunks of 32k
-queries with the row select, 16k with the histogram select's scratch); partial LSEs fp32 [lse_splits, B, Hq, T]. No host syncs: capturable in a CUDA graph.
+queries with the row select, 16k with the histogram select's scratch); partial LSEs fp32
+[lse_splits, B, Hq, T]. No host syncs: capturable in a CUDA graph.
 """
 
 from __future__ import annotations
