@@ -147,8 +147,8 @@ def test_long_and_chunked(geom, G, T, S, topk, schedule):
 
 
 @pytest.mark.parametrize("geom,G,T,S,topk,config", [
-    ((8, 4, 16), 2, 200, 260, 8, {"schedule": "stream", "stream_diag": False}),
-    ((16, 4, 12), 2, 120, 300, 6, None)])
+    ((8, 4, 16), 2, 48, 200, 8, {"schedule": "stream", "stream_diag": False}),
+    ((16, 4, 12), 2, 40, 150, 6, None)])
 def test_walk_options_and_odd_blocks(geom, G, T, S, topk, config):
     """The stream walk with every step masked (no open steps); blocks of 3 entries (a step of a power of two
     entries is not whole blocks): the chunk schedule runs them, and the stream schedules refuse them."""

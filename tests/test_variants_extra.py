@@ -447,7 +447,7 @@ def test_csa_pooling_brute_force():
 
 # -- configs and errors ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name,bad", [
-    ("nsa", {"sel_topk": 2}), ("nsa", {"cmp_stride": 64}), ("nsa", {"backend": "sdpa"}),
+    ("nsa", {"sel_topk": 2}), ("nsa", {"cmp_stride": 64}), ("nsa", {"select_backend": "flex"}),
     ("dsa", {"select_per": "head"}), ("dsa", {"n_index_heads": 3, "select_per": "group"}), ("dsa", {"topk": 0}),
     ("moba", {"backend": "flex", "block_size": 24}), ("csa", {"compress_ratio": 0}), ("csa", {"routing": "x"}),
 ])
