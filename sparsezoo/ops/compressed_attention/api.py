@@ -16,6 +16,11 @@ def n_compressed(S: int, block_len: int, stride: int) -> int:
     return 0 if S < block_len else (S - block_len) // stride + 1
 
 
+def n_visible(pos: torch.Tensor, n: int, block_len: int, stride: int) -> torch.Tensor:
+    """How many of the n compressed entries each query position sees (entries 0 .. that count - 1)."""
+    return torch.where(pos >= block_len - 1, (pos - block_len + 1) // stride + 1, 0).clamp(max=n)
+
+
 def compressed_visible(pos: torch.Tensor, n: int, block_len: int, stride: int) -> torch.Tensor:
     """bool [Tc, n]: compressed entry i ends at or before the query position."""
     ends = torch.arange(n, device=pos.device) * stride + block_len - 1

@@ -9,6 +9,7 @@ import torch
 from ..dispatch import needs_grad
 from ..flex_utils import Q_TILE, range_block_mask, run_flex, tile_last_positions
 from ..nonfinite import clean_qkv, finish, rows_seeing_key_ranges
+from .api import n_visible
 
 
 def supports(req) -> str | None:
@@ -25,18 +26,16 @@ def compressed_attention_flex(q, kc, vc, S: int, block_len: int, stride: int, sc
 
     first, last = tile_last_positions(T, S, q.device)
 
-    def n_visible(pos):
-        return torch.where(pos >= block_len - 1, (pos - block_len + 1) // stride + 1, 0).clamp(max=Sc)
-
-    hi = (n_visible(last) + Q_TILE - 1) // Q_TILE
+    hi = (n_visible(last, Sc, block_len, stride) + Q_TILE - 1) // Q_TILE
     zero = torch.zeros_like(hi)
-    full_hi = n_visible(first) // Q_TILE  # whole tiles of entries visible to the tile's first query, so to all
+    # whole tiles of entries visible to the tile's first query, so to all
+    full_hi = n_visible(first, Sc, block_len, stride) // Q_TILE
     mask = range_block_mask(zero, hi, T, Sc, compressed_causal, needs_grad(q, kc, vc), full=(zero, full_hi))
     # TMA loads: 44.6 against 48.0 ms forward at 128k on an H200 (scripts/probes/flex_kernel_options.py; the
     # window branch was slower with them); forward only, as measured
     out = run_flex(q, kc, vc, mask, scale, return_lse, enable_gqa=Hq != kc.shape[1], tma=not needs_grad(q, kc, vc))
     pos = torch.arange(S - T, S, device=q.device)
-    bad = q_bad | rows_seeing_key_ranges(kv_bad, torch.zeros_like(pos), n_visible(pos), Hq)
+    bad = q_bad | rows_seeing_key_ranges(kv_bad, torch.zeros_like(pos), n_visible(pos, Sc, block_len, stride), Hq)
     return finish(out[0], bad, lse=out[1]) if return_lse else finish(out, bad)
 
 

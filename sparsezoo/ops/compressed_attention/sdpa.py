@@ -19,6 +19,7 @@ import torch
 
 from ..dispatch import compiling, needs_grad
 from ..nonfinite import clean_qkv, finish, rows_seeing_key_ranges
+from .api import n_compressed, n_visible
 
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
@@ -36,8 +37,6 @@ CUDNN_REASON = _cudnn_reason()  # asked once, at import: torch.compile cannot tr
 
 
 def supports(req) -> str | None:
-    from .api import n_compressed
-
     if req.device is not None and req.device != "cuda":
         return "the folded cuDNN attention runs on CUDA devices only"
     if req.dtype is not None and req.dtype not in DTYPES:
@@ -150,8 +149,7 @@ def compressed_attention_sdpa(q, kc, vc, S: int, block_len: int, stride: int, sc
     out, lse = causal_attention(fold_queries(q, block_len, stride, rows), kc, vc, scale)
     out = unfold_rows(out, Hq, T, block_len, stride)
     pos = torch.arange(T, device=q.device)
-    seen = torch.where(pos >= block_len - 1, (pos - block_len + 1) // stride + 1, 0)
-    bad = q_bad | rows_seeing_key_ranges(kv_bad, torch.zeros_like(pos), seen, Hq)
+    bad = q_bad | rows_seeing_key_ranges(kv_bad, torch.zeros_like(pos), n_visible(pos, rows, block_len, stride), Hq)
     if not return_lse:
         return finish(out, bad)
     return finish(out, bad, lse=_unfold(lse.detach(), Hq, T, block_len - 1, stride, float("-inf")))
