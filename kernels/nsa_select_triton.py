@@ -655,13 +655,10 @@ def buffer_plan(B: int, Hkv: int, T: int, n_blocks: int, cfg: dict) -> tuple[int
     return chunk("indexer"), "indexer"
 
 
-def buffer_select_for(q: torch.Tensor, kc: torch.Tensor, S: int, block_len: int, stride: int, sel_block: int,
-                      topk: int, config: dict | None = None) -> str | None:
-    """The buffer select nsa_select_triton runs for this call ('rows' or 'indexer'), or None without a buffer
-    ('stream_topk')."""
+def buffer_select_for(q: torch.Tensor, kc: torch.Tensor, S: int, sel_block: int, config: dict | None = None) -> str:
+    """The select ('rows' or 'indexer') that reads the importance buffer of this call, for the schedules that
+    write one (all but 'stream_topk')."""
     cfg = _resolve_config(config, q.device)
-    if schedule_for(block_len, stride, sel_block, q.device, config) == "stream_topk":
-        return None
     return buffer_plan(q.shape[0], kc.shape[1], q.shape[2], triton.cdiv(S, sel_block), cfg)[1]
 
 

@@ -39,10 +39,10 @@ BUFFER_OP = "nsa_select_buffer"  # and the select that read its importance buffe
 def run(q, kc, S: int, block_len: int, stride: int, sel_block: int, topk: int, scale: float, lse=None):
     from sparsezoo.kernels import nsa_select_triton
 
-    record(SCHEDULE_OP, nsa_select_triton.schedule_for(block_len, stride, sel_block, q.device))
-    select = nsa_select_triton.buffer_select_for(q, kc, S, block_len, stride, sel_block, topk)
-    if select:
-        record(BUFFER_OP, select)
+    schedule = nsa_select_triton.schedule_for(block_len, stride, sel_block, q.device)
+    record(SCHEDULE_OP, schedule)
+    if schedule != "stream_topk":
+        record(BUFFER_OP, nsa_select_triton.buffer_select_for(q, kc, S, sel_block))
     if compiling():
         return torch.ops.sparsezoo.nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, float(scale), lse)
     return _launch(q, kc, S, block_len, stride, sel_block, topk, scale, lse)
