@@ -17,7 +17,9 @@ launcher sees as 1 (Triton specialises those). Pointers and int32 arguments are 
 Triton marks them at launch when their values are (aligned tensors, strides and sizes of the benchmark
 shapes); --odd NAME,... leaves an int32 argument unmarked. That mark decides vectorised loads, so leaving
 it off reports a kernel the launcher never builds. Prints the kernel's line plus its most frequent SASS
-instructions; --ttgir writes the TritonGPU IR.
+instructions; --ttgir writes the TritonGPU IR. --maxnreg caps the registers per thread (Triton's launch option);
+--loops also prints each loop's body (from a backward branch to its target): instruction count and mix, which
+says what one iteration issues.
 """
 
 from __future__ import annotations
@@ -40,8 +42,23 @@ def _const(value: str):
     return int(value) if re.fullmatch(r"-?\d+", value) else value
 
 
+def loop_bodies(sass: str) -> list[str]:
+    """One line per loop of the SASS: its address range, instruction count and most frequent instructions."""
+    ins = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in
+           re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", sass)]
+    lines = []
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            body = collections.Counter(o for a, o, _ in ins if int(target.group(1), 16) <= a <= addr)
+            top = ", ".join(f"{o} {n}" for o, n in body.most_common(10))
+            lines.append(f"  loop {int(target.group(1), 16):#x}-{addr:#x}: {sum(body.values())} instructions; {top}")
+    return lines
+
+
 def compile_report(target: str, ptrs: dict, fp32: set, unit: set, consts: dict, arch: int, warps: int,
-                   stages: int, odd: set = frozenset(), ttgir: str | None = None) -> str:
+                   stages: int, odd: set = frozenset(), ttgir: str | None = None, maxnreg: int | None = None,
+                   loops: bool = False) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -66,8 +83,8 @@ def compile_report(target: str, ptrs: dict, fp32: set, unit: set, consts: dict, 
             if arg not in odd:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
@@ -84,8 +101,9 @@ def compile_report(target: str, ptrs: dict, fp32: set, unit: set, consts: dict, 
     stack = re.search(r"STACK:(\d+)", usage).group(1)
     ops = collections.Counter(m.group(2) for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass))
     top = ", ".join(f"{op} {n}" for op, n in ops.most_common(12))
-    return (f"{name} sm_{arch} warps {warps} stages {stages}: {regs} registers, {stack} B spill stack, "
-            f"{kernel.metadata.shared} B shared memory, {sum(ops.values())} SASS instructions\n  {top}")
+    report = (f"{name} sm_{arch} warps {warps} stages {stages}: {regs} registers, {stack} B spill stack, "
+              f"{kernel.metadata.shared} B shared memory, {sum(ops.values())} SASS instructions\n  {top}")
+    return "\n".join([report, *loop_bodies(sass)]) if loops else report
 
 
 def main(argv=None) -> None:
@@ -100,10 +118,12 @@ def main(argv=None) -> None:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=1)
     p.add_argument("--ttgir", help="write the TritonGPU IR here")
+    p.add_argument("--maxnreg", type=int, help="cap the registers per thread")
+    p.add_argument("--loops", action="store_true", help="also each loop body's instruction count and mix")
     a = p.parse_args(argv)
     print(compile_report(a.kernel, _pairs(a.ptr), set(filter(None, a.fp32.split(","))),
                          set(filter(None, a.unit.split(","))), _pairs(a.const), a.arch, a.warps, a.stages,
-                         set(filter(None, a.odd.split(","))), a.ttgir))
+                         set(filter(None, a.odd.split(","))), a.ttgir, a.maxnreg, a.loops))
 
 
 if __name__ == "__main__":
