@@ -323,7 +323,10 @@ def _stream_step(q, KC_G, lse2s, pos, row_ok, k, Sc, qk2, sks, skd, carry, c, e,
     i = k * BE + e
     i_ok = i < Sc
     s = _scores(q, KC_G, i, i_ok, sks, skd, qk2, D, BD, IEEE, MASKED)
-    p = tl.exp2(tl.minimum(s - lse2s[:, None], _P_SCALE))  # p * 2^15, p <= 1 (a poisoned row: lse2s = -inf)
+    # p * 2^15 (p <= 1 for a consistent LSE, up to rounding: no clamp per score). A poisoned row (lse2s = -inf)
+    # gets p = inf and NaN importances; an inconsistent LSE may overflow the fp16 split to NaN: _stream_store
+    # maps both
+    p = tl.exp2(s - lse2s[:, None])
     if MASKED:
         p = tl.where(_visible(i, i_ok, pos, row_ok, BLOCK_LEN, STRIDE), p, 0.0)
     p_hi = p.to(tl.float16)
@@ -346,8 +349,9 @@ def _stream_store(imp, k, c, tok_ok, local, poisoned, row, BUF, n_blocks, forced
     j = (k * NBS + c)[None, :]
     write = tok_ok[:, None] & (c[None, :] < NBS) & (j <= local[:, None])
     forced = (j == 0) | (j >= local[:, None] - 1)
-    nan = poisoned[:, None] & (imp > 0)
-    value = tl.where(forced, forced_value, tl.where(nan, nan_value, tl.minimum(imp, max_importance)))
+    nan = poisoned[:, None] & (imp != 0)  # imp >= 0, or NaN (see _stream_step)
+    capped = tl.where(imp < max_importance, imp, max_importance)  # NaN (an overflow) -> the cap
+    value = tl.where(forced, forced_value, tl.where(nan, nan_value, capped))
     key = _ordered_key(value)
     if FUSED:
         rank = tl.where(write, _rank_key(key, j), _KEY_NONE)

@@ -259,6 +259,23 @@ def test_given_lse():
     assert_selection_matches(got, q[:, 0::2], kc, S, block_len, stride, sel_block, topk, 0.25, EPS_CPU)
 
 
+@pytest.mark.parametrize("schedule", ["stream", "chunks"])
+def test_given_lse_far_too_small(schedule):
+    """An LSE far below the true one (p overflows far past 1): every free block's importance saturates at the
+    clamp, so the free slots go to the smallest ids, whatever the overflow does inside the walk."""
+    block_len, stride, sel_block, S, T, topk = 8, 4, 16, 256, 16, 6
+    q, kc = random_inputs(1, 1, 2, T, S, 16, block_len, stride, seed=22)
+    lse = natural_lse(q, kc, S, block_len, stride, 0.25) - 60.0
+    got = nsa_select_triton(q, kc, S, block_len, stride, sel_block, topk, 0.25, lse=lse.float(),
+                            config={"schedule": schedule})
+    local = (S - T + torch.arange(T, device=got.device)) // sel_block
+    for t in range(T):
+        L = int(local[t])
+        forced = {0, L - 1, L} if L >= 2 else set(range(L + 1))
+        free = [j for j in range(L + 1) if j not in forced][:topk - len(forced)]
+        assert got[0, 0, t].tolist() == sorted(forced | set(free)), t
+
+
 def test_fp16_and_strided_inputs():
     block_len, stride, sel_block = 8, 4, 16
     q, kc = random_inputs(2, 2, 2, 16, 120, 16, block_len, stride, seed=3, dtype=torch.float16)
