@@ -397,15 +397,22 @@ def _member(BITS, at, tl_tok, sel, u, FROM_SEL: tl.constexpr):
 
 
 @triton.jit
-def _visible(member, row_ok, pos, keys, kmask):
-    """[rows, keys]: the row's token selected the block, and the key is causal for it and inside S."""
-    return (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
+def _visible(member, row_ok, pos, keys, kmask, WINDOW: tl.constexpr = 0):
+    """[rows, keys]: the row's token selected the block, and the key is causal for it and inside S (and, with
+    WINDOW > 0, among its last WINDOW positions)."""
+    vis = (member & row_ok)[:, None] & (keys[None, :] <= pos[:, None]) & kmask[None, :]
+    if WINDOW > 0:
+        vis = vis & (keys[None, :] > pos[:, None] - WINDOW)
+    return vis
 
 
 @triton.jit
-def _visible_t(member, row_ok, pos, keys, kmask):
+def _visible_t(member, row_ok, pos, keys, kmask, WINDOW: tl.constexpr = 0):
     """_visible laid out [keys, rows], for the key-major kernels."""
-    return (member & row_ok)[None, :] & (keys[:, None] <= pos[None, :]) & kmask[:, None]
+    vis = (member & row_ok)[None, :] & (keys[:, None] <= pos[None, :]) & kmask[:, None]
+    if WINDOW > 0:
+        vis = vis & (keys[:, None] > pos[None, :] - WINDOW)
+    return vis
 
 
 @triton.jit
@@ -475,7 +482,8 @@ def _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS,
               sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
               TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
               BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
-              KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr):
+              KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr,
+              WINDOW: tl.constexpr = 0):
     """Attention of one tile (selection head g, batch b): its out and LSE rows. CHECKED: the flagged k/v
     rows are read as 0 (no 0 * NaN reaches a row that does not see them) and a row is poisoned (NaN out
     and LSE) when its q, a k/v row it attends to, or a score is non-finite. -> whether some row's
@@ -510,7 +518,7 @@ def _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS,
             ok, kb = _key_rows(kbad, keys, kmask, CHECKED)
             kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D)
             s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-            vis = _visible(member, row_ok, pos, keys, kmask)  # after the dot: a [BM, BN] mask live across it spills
+            vis = _visible(member, row_ok, pos, keys, kmask, WINDOW)  # after the dot: a [BM, BN] mask live across it spills
             s = tl.where(vis, s, float("-inf"))
             p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
             if not LSE_ONLY:
@@ -538,7 +546,8 @@ def _fwd_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, TBAD, QUEUE, T, S
                 sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
                 TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                 BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
-                KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr):
+                KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr,
+                WINDOW: tl.constexpr = 0):
     """Every tile, unchecked; queues the tiles that need the checked pass (_fwd_checked_kernel) unless
     _tile_bad_kernel did: on finite inputs, none."""
     n_tiles = tl.num_programs(0)
@@ -548,7 +557,7 @@ def _fwd_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, TBAD, QUEUE, T, S
     needs_check = _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, n_tiles, tl.num_programs(1),
                             T, S, NK, qk_scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                             sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
-                            TM, G, BM, BLOCK, BN, D, BD, LSE_ONLY, KV_DIV, KP, FROM_SEL, PREC, False)
+                            TM, G, BM, BLOCK, BN, D, BD, LSE_ONLY, KV_DIV, KP, FROM_SEL, PREC, False, WINDOW)
     if needs_check:
         _enqueue_if_unflagged(QUEUE, TBAD, (b * tl.num_programs(1) + g) * n_tiles + tile)
 
@@ -559,7 +568,8 @@ def _fwd_checked_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, QUEUE, NT
                         sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
                         TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                         BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, LSE_ONLY: tl.constexpr,
-                        KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr):
+                        KV_DIV: tl.constexpr, KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr,
+                        WINDOW: tl.constexpr = 0):
     """The queued tiles again, checked (a persistent grid: on finite inputs the queue is empty). Every
     tile with a poisoned row is queued."""
     for w in range(tl.program_id(0), tl.load(QUEUE), tl.num_programs(0)):
@@ -567,7 +577,7 @@ def _fwd_checked_kernel(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, QUEUE, NT
         _fwd_tile(Q, K, V, O, L, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS, T, S, NK, qk_scale,
                   sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                   sob, soh, sot, sod, slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
-                  TM, G, BM, BLOCK, BN, D, BD, LSE_ONLY, KV_DIV, KP, FROM_SEL, PREC, True)
+                  TM, G, BM, BLOCK, BN, D, BD, LSE_ONLY, KV_DIV, KP, FROM_SEL, PREC, True, WINDOW)
 
 
 @triton.jit
@@ -576,7 +586,8 @@ def _dq_tile(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, ti
              slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
              TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
              BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
-             KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr):
+             KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr,
+             WINDOW: tl.constexpr = 0):
     """dQ of one tile. CHECKED (the queued tiles: every poisoned row is in one): a poisoned row (NaN LSE)
     attends to nothing (its q, dO are read as 0: dQ = 0) and the flagged k/v rows are read as 0 (only
     poisoned rows attend to them)."""
@@ -604,7 +615,7 @@ def _dq_tile(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, ti
             kt = _load_rows(K, b * skb + kv * skh + keys * sks, d, skd, ok, D)
             vt = _load_rows(V, b * svb + kv * svh + keys * svs, d, svd, ok, D)
             s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-            p = tl.where(_visible(member, row_ok, pos, keys, kmask), tl.exp2(s - lse2[:, None]), 0.0)
+            p = tl.where(_visible(member, row_ok, pos, keys, kmask, WINDOW), tl.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
@@ -635,13 +646,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, T,
                    slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
                    TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                    BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
-                   KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr):
+                   KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr = 0):
     """Every tile, unchecked (the queued ones are redone by _bwd_dq_checked_kernel, which overwrites)."""
     n_tiles = tl.num_programs(0)
     _dq_tile(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, tl.program_id(2), tl.program_id(1),
              n_tiles - 1 - tl.program_id(0), n_tiles, tl.num_programs(1), T, S, NK, qk_scale, scale,
              sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, slb, slh, slt, scb, sch, sct,
-             ssb, ssh, sst, ssk, TM, G, BM, BLOCK, BN, D, BD, KV_DIV, KP, FROM_SEL, PREC, False)
+             ssb, ssh, sst, ssk, TM, G, BM, BLOCK, BN, D, BD, KV_DIV, KP, FROM_SEL, PREC, False, WINDOW)
 
 
 @triton.jit
@@ -650,14 +661,14 @@ def _bwd_dq_checked_kernel(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, 
                            slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk,
                            TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                            BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
-                           KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr):
+                           KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr = 0):
     """The forward's queued tiles again, checked (a persistent grid)."""
     for w in range(tl.program_id(0), tl.load(QUEUE), tl.num_programs(0)):
         b, g, tile = _queued_tile(QUEUE, w, NT, HS)
         _dq_tile(Q, K, V, DO, DQ, L, DELTA, TOK, SEL, CNT, IDS, BITS, KBAD, b, g, tile, NT, HS, T, S, NK,
                  qk_scale, scale, sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                  slb, slh, slt, scb, sch, sct, ssb, ssh, sst, ssk, TM, G, BM, BLOCK, BN, D, BD, KV_DIV, KP,
-                 FROM_SEL, PREC, True)
+                 FROM_SEL, PREC, True, WINDOW)
 
 
 @triton.jit
@@ -666,7 +677,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, SEL, ITEMS, ILEN, ETILE
                      slb, slh, slt, sdb, sdh, sds, sdd, ssb, ssh, sst, ssk,
                      TM: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
                      BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KV_DIV: tl.constexpr,
-                     KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr):
+                     KP: tl.constexpr, FROM_SEL: tl.constexpr, PREC: tl.constexpr, CHECKED: tl.constexpr,
+                     WINDOW: tl.constexpr = 0):
     """dK/dV of one key sub-block over its item's entries. CHECKED (the entries of queued tiles): the
     block's non-finite k/v rows are read as 0 (their gradient is 0: only poisoned rows attend to them)
     and a poisoned row attends to nothing (_row_inputs)."""
@@ -688,7 +700,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, TOK, SEL, ITEMS, ILEN, ETILE
         q, do, lse2, delta = _row_inputs(Q, DO, L, DELTA, b * sqb + head * sqh + t * sqt, b * slb + head * slh + t * slt,
                                          d, sqd, row_ok, D, CHECKED)
         st = tl.dot(kt, tl.trans(q), input_precision=PREC) * qk_scale  # [BN, BM]
-        pt = tl.where(_visible_t(member, row_ok, pos, keys, kmask), tl.exp2(st - lse2[None, :]), 0.0)
+        pt = tl.where(_visible_t(member, row_ok, pos, keys, kmask, WINDOW), tl.exp2(st - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(vt, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
@@ -741,8 +753,9 @@ def forward_plan(block_idx, G: int, block_size: int, S: int, device, cfg: dict):
     return tile_plan(block_idx, TM, cfg["WINDOW"], triton.cdiv(S, block_size), cfg["UNION"])
 
 
-def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None):
-    """-> (out or None, LSE, plan, flags: nonfinite_flags' (per-key flags, queue), for the backward)."""
+def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None, window: int = 0):
+    """-> (out or None, LSE, plan, flags: nonfinite_flags' (per-key flags, queue), for the backward). window > 0:
+    a row also drops the keys before its last `window` positions."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     Hs, NK = block_idx.shape[1], block_idx.shape[3]
@@ -760,8 +773,8 @@ def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None):
     tensors = (q, k, v, out, lse, tok, block_idx, cnt, ids, ids if bits is None else bits, kbad)
     strides = (*q.stride(), *k.stride(), *v.stride(), *so, *lse.stride(), *ids.stride()[:3], *block_idx.stride())
     tiling = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), LSE_ONLY=lse_only,
-                  KV_DIV=KV_DIV, KP=_pow2(NK), FROM_SEL=from_sel, PREC=_precision(q), num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
+                  KV_DIV=KV_DIV, KP=_pow2(NK), FROM_SEL=from_sel, PREC=_precision(q), WINDOW=window,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _fwd_kernel[(NT, Hs, B)](*tensors, tbad, queue, T, S, NK, scale * LOG2E, *strides, **tiling)
     _fwd_checked_kernel[(_checked_programs(queue, q.device),)](*tensors, queue, NT, Hs, T, S, NK, scale * LOG2E,
                                                                *strides, **tiling)
@@ -825,7 +838,8 @@ def backward_delta(do, out, lse, dlse):
     return delta.contiguous(), lse.contiguous()
 
 
-def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, scale, cfg, dkdv=None, on_dkdv=None):
+def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, scale, cfg, dkdv=None, on_dkdv=None,
+              window: int = 0):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     Hs, NK = block_idx.shape[1], block_idx.shape[3]
@@ -837,7 +851,8 @@ def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, s
     q, do = q.contiguous(), do.contiguous()
     delta, lse = backward_delta(do, out, lse, dlse)
     tiling = dict(TM=TM, G=G, BM=BM, BLOCK=block_size, BN=BN, D=D, BD=max(_pow2(D), 16), KV_DIV=KV_DIV,
-                  KP=_pow2(NK), FROM_SEL=from_sel, PREC=_precision(q), num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+                  KP=_pow2(NK), FROM_SEL=from_sel, PREC=_precision(q), WINDOW=window, num_warps=cfg["bwd_warps"],
+                  num_stages=cfg["bwd_stages"])
     kbad, queue = flags
     n_queued = int(queue[0])  # host sync (the dK/dV lists need several anyway): 0 on finite inputs
     dq = torch.empty_like(q)
@@ -852,7 +867,7 @@ def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, s
         queued[queue[1:1 + n_queued].long()] = True
         queued = queued.view(cnt.shape)
         counts = {False: cnt.masked_fill(queued, 0), True: cnt.masked_fill(~queued, 0)}
-    if dkdv is not None and not n_queued:  # another dK/dV schedule, for finite inputs
+    if dkdv is not None and not n_queued and not window:  # another dK/dV schedule, for finite inputs
         dk, dv = dkdv(q, k, v, do, lse, delta, block_idx, block_size, scale)
         if on_dkdv is not None:
             on_dkdv("key_major")
@@ -886,15 +901,17 @@ def _backward_inputs(q, k, v, block_idx, block_size, scale, config, outputs):
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, scale, config, outputs, dkdv, on_dkdv):
+    def forward(ctx, q, k, v, block_idx, block_size, scale, config, outputs, dkdv, on_dkdv, window):
         if outputs is None:
-            out, lse, plan, (kbad, queue) = _forward(q, k, v, block_idx, block_size, scale, False, config)
+            out, lse, plan, (kbad, queue) = _forward(q, k, v, block_idx, block_size, scale, False, config,
+                                                     window=window)
         else:
             out, lse, plan, (kbad, queue) = _backward_inputs(q, k, v, block_idx, block_size, scale, config, outputs)
         tok, cnt, ids, bits = plan
         ctx.save_for_backward(q, k, v, out, lse, block_idx, kbad, queue, tok, cnt, ids,
                               *([] if bits is None else [bits]))
         ctx.block_size, ctx.scale, ctx.config, ctx.dkdv, ctx.on_dkdv = block_size, scale, config, dkdv, on_dkdv
+        ctx.window = window
         return out, lse
 
     @staticmethod
@@ -904,13 +921,13 @@ class _BlockSparseAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         plan = (tok, cnt, ids, bits[0] if bits else None)
         dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, block_idx, plan, (kbad, queue), ctx.block_size,
-                               ctx.scale, ctx.config, ctx.dkdv, ctx.on_dkdv)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                               ctx.scale, ctx.config, ctx.dkdv, ctx.on_dkdv, ctx.window)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: float,
                                   return_lse: bool = False, config: dict | None = None, outputs=None, dkdv=None,
-                                  on_dkdv=None):
+                                  on_dkdv=None, window: int = 0):
     """q [B, Hq, T, D], k/v [B, Hkv, S, D], block_idx int32/int64 [B, Hs, T, k] -> out [B, Hq, T, D]
     (and natural-log LSE [B, Hq, T] fp32). Differentiable w.r.t. q, k, v.
 
@@ -923,11 +940,15 @@ def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: fl
     kernels when no key is NaN/inf (`sparse_attention_keys.dkdv_keys`). on_dkdv: called by the backward with
     the dK/dV schedule that ran: 'key_major' (dkdv), 'query_major', or 'query_major_checked' (the query-major
     kernels with the queued tiles checked: a NaN/inf key or value, or a row without a finite score; dkdv is
-    not used then).
+    not used then). window > 0: each row also drops the keys before its last `window` positions (a sliding
+    window inside the selected blocks: sparsezoo.ops.window_attention's Triton path); not with `outputs` or
+    `dkdv`.
     Host syncs: none in the forward; the backward's dK/dV work lists (entry and item counts) and the count
     of tiles with non-finite values (docs/ops.md)."""
     if q.dtype == torch.float64:
         raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
+    if window < 0 or (window and outputs is not None):
+        raise ValueError(f"window must be >= 0, and 0 with another forward schedule, got {window}")
     out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), config, outputs, dkdv,
-                                           on_dkdv)
+                                           on_dkdv, int(window))
     return (out, lse) if return_lse else out

@@ -1,7 +1,8 @@
 """Every op's Triton path, reached through the public op, against its plain-PyTorch reference.
 
 One registry of cases (op, input maker); each case runs on the CPU under the Triton interpreter in
-fp32 (backend="triton") and, marked gpu, in bf16 under backend="auto", which must pick Triton.
+fp32 (backend="triton") and, marked gpu, in bf16 under backend="auto", which must pick Triton (by name where
+an op prefers another implementation for calls with gradients).
 Attention ops compare outputs and gradients (fp32: 1e-4 relative to the largest reference value;
 bf16: 3e-2); selection ops compare with the reference as sets, allowing a few near-tie swaps
 (fp32: at most 2% of the ids; bf16: 10%), and must keep the selection format.
@@ -40,11 +41,19 @@ def _gather(g, layer_shared: bool):
     return (q, k, v, idx), dict(scale=0.3)
 
 
+def _window(g, G: int):
+    B, Hkv, T, S, D = 2, 2, 40, 90, 16  # a chunk: the last 40 of 90 positions
+    q, k, v = _rand(g, B, Hkv * G, T, D), _rand(g, B, Hkv, S, D), _rand(g, B, Hkv, S, D)
+    return (q, k, v), dict(window=70, scale=0.3)
+
+
 ATTENTION = {
     "block_sparse_attention[group]": ("block_sparse_attention", lambda g: _block_sparse(g, False)),
     "block_sparse_attention[per_head]": ("block_sparse_attention", lambda g: _block_sparse(g, True)),
     "gather_attention[layer]": ("gather_attention", lambda g: _gather(g, True)),
     "gather_attention[group]": ("gather_attention", lambda g: _gather(g, False)),
+    "window_attention[group]": ("window_attention", lambda g: _window(g, 2)),
+    "window_attention[mha]": ("window_attention", lambda g: _window(g, 1)),
 }
 
 
@@ -133,7 +142,10 @@ def test_selection_triton_matches_reference_in_the_interpreter(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(ATTENTION))
 def test_attention_auto_is_triton_and_exact_in_bf16(name):
-    _run_attention(name, torch.bfloat16, "cuda", "auto", seed=3)
+    op = ops.op(ATTENTION[name][0])
+    # an op whose calls with gradients prefer another implementation (grad_order) is asked for triton by name
+    backend = "auto" if (op.grad_order or op.implementations)[0] == "triton" else "triton"
+    _run_attention(name, torch.bfloat16, "cuda", backend, seed=3)
 
 
 @pytest.mark.gpu

@@ -56,6 +56,22 @@ def test_auto_follows_each_implementations_supports_rule():
     assert auto("cuda", torch.float64) == "flex"
 
 
+def test_auto_orders_calls_with_gradients_by_grad_order():
+    """window_attention: the Triton forward first without gradients, flex first with them; an explicit backend
+    runs either way. A grad_order that is not an order of the implementations is refused."""
+    from sparsezoo.ops.dispatch import Op, Request
+
+    op = ops.op("window_attention")
+    auto = lambda device, grad, **kw: op.choose("auto", Request(device, torch.bfloat16, grad, {"window": 8, "group": 4,
+                                                                                             "head_dim": 64, **kw}))
+    assert auto("cuda", False) == "triton" and auto("cuda", True) == "flex"
+    assert auto("cuda", True, group=3) == "flex" and auto("cuda", False, group=3) == "flex"  # no triton for 3
+    assert auto("cpu", True) == auto("cpu", False) == "reference"
+    assert op.choose("triton", Request("cuda", torch.bfloat16, True, {"group": 4})) == "triton"
+    with pytest.raises(ValueError, match="grad_order"):
+        Op("x", "sparsezoo.ops.window_attention", ("triton", "reference"), grad_order=("flex", "reference"))
+
+
 def test_explicit_backend_that_cannot_run_raises_with_the_reason():
     q, k, _, _ = _inputs("cpu")
     sel = torch.zeros(1, 2, 40, 1, dtype=torch.int32)

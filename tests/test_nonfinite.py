@@ -167,6 +167,11 @@ def test_window(backend, case, value, eager_flex):
     _assert_rule(_window_op(backend), _window(), case, value, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("case, value", SLOW_CASES)
+def test_window_triton(case, value):
+    _assert_rule(_window_op("triton"), _window(), case, value, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("value", VALUES)
 @pytest.mark.parametrize("case", CMP_CASES)
 @pytest.mark.parametrize("backend", ["reference", "flex"])

@@ -136,12 +136,17 @@ def platform_reason(impl: str, req: Request) -> str | None:
 
 
 class Op:
-    """One public op: its implementations in `auto` preference order, fastest first."""
+    """One public op: its implementations in `auto` preference order, fastest first. grad_order: another order
+    for calls with gradients, where the fastest forward is not the fastest forward plus backward."""
 
-    def __init__(self, name: str, package: str, implementations: tuple[str, ...], module_prefix: str = ""):
+    def __init__(self, name: str, package: str, implementations: tuple[str, ...], module_prefix: str = "",
+                 grad_order: tuple[str, ...] | None = None):
+        if grad_order is not None and sorted(grad_order) != sorted(implementations):
+            raise ValueError(f"{name}: grad_order {grad_order} must order the implementations {implementations}")
         self.name = name
         self.package = package
         self.implementations = implementations
+        self.grad_order = grad_order
         self.module_prefix = module_prefix  # for packages holding several ops: `{prefix}{impl}.py`
         self._modules: dict[str, Any] = {}
 
@@ -171,7 +176,7 @@ class Op:
                 raise ValueError(f"{self.name}: backend {backend!r} cannot run this call: {why}")
             return backend
         reasons = []
-        for impl in self.implementations:
+        for impl in self.grad_order if req.needs_grad and self.grad_order else self.implementations:
             why = "auto picks fast paths on CUDA devices only" if impl in FAST and req.device != "cuda" else None
             why = why or self.reason(impl, req)
             if why is None:

@@ -75,7 +75,7 @@ class NSAConfig(AttentionConfig):
         if op == "nsa_decode":
             return {"block_len": self.cmp_block, "stride": self.cmp_stride, "sel_block": self.sel_block,
                     "topk": self.sel_topk, "window": self.window, "group": G, "head_dim": self.head_dim}
-        return {"window": self.window}
+        return {"window": self.window, "group": G, "head_dim": self.head_dim}
 
 
 class BlockCompressor(nn.Module):

@@ -139,14 +139,14 @@ def block_tokens_torch(block_idx, block_size: int, T: int, S: int):
 
 # -- the custom ops torch.compile sees ------------------------------------------------------------------
 @torch.library.custom_op("sparsezoo::block_sparse_attention_triton", mutates_args=())
-def _forward_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
-                scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int, scale: float,
+                window: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, lse, token order, union counts, union ids, token bitmasks, non-finite key flags, checked-tile
-    queue)."""
+    queue). window > 0: a sliding window inside the selected blocks (sparse_attention_triton)."""
     from sparsezoo.kernels import sparse_attention_triton as sat
 
     out, lse, (tok, counts, ids, bits), (kbad, queue) = sat._forward(q, k, v, block_idx, block_size, scale, False,
-                                                                     dict(sat.ATTN_CONFIG))
+                                                                     dict(sat.ATTN_CONFIG), window=window)
     unused = torch.arange(ids.shape[-1], device=ids.device) >= counts[..., None]  # slots past a tile's union:
     ids = ids.masked_fill(unused, -1)  # left unwritten by the kernel; a defined value for the compiler's checks
     bits = ids.new_empty(0) if bits is None else bits.masked_fill(unused, 0)  # no bitmask past BITS_MAX_TM
@@ -154,7 +154,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: 
 
 
 @_forward_op.register_fake
-def _forward_fake(q, k, v, block_idx, block_size, scale):
+def _forward_fake(q, k, v, block_idx, block_size, scale, window=0):
     from sparsezoo.kernels import sparse_attention_triton as sat
 
     B, Hq, T, _ = q.shape
@@ -188,24 +188,24 @@ def _keys_fake(q, k, v, block_idx, block_size, scale):
                          tags=(torch.Tag.cudagraph_unsafe,))
 def _backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
                  block_idx: Tensor, tok: Tensor, counts: Tensor, ids: Tensor, bits: Tensor, kbad: Tensor,
-                 queue: Tensor, block_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                 queue: Tensor, block_size: int, scale: float, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     from sparsezoo.kernels import sparse_attention_triton as sat
 
     plan = (tok, counts, ids, bits if bits.numel() else None)
     return sat._backward(q, k, v, out, lse, dout, dlse, block_idx, plan, (kbad, queue), block_size, scale,
-                         dict(sat.ATTN_CONFIG))
+                         dict(sat.ATTN_CONFIG), window=window)
 
 
 @_backward_op.register_fake
 def _backward_fake(q, k, v, out, lse, dout, dlse, block_idx, tok, counts, ids, bits, kbad, queue, block_size,
-                   scale):
+                   scale, window=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block_idx, block_size, scale = inputs
+    q, k, v, block_idx, block_size, scale, window = inputs
     ctx.save_for_backward(q, k, v, block_idx, *output)
-    ctx.block_size, ctx.scale = block_size, scale
+    ctx.block_size, ctx.scale, ctx.window = block_size, scale, window
 
 
 def _backward(ctx, dout, dlse, *_plan_grads):
@@ -213,8 +213,8 @@ def _backward(ctx, dout, dlse, *_plan_grads):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.sparsezoo.block_sparse_attention_triton_backward(
-        q, k, v, out, lse, dout, dlse, block_idx, *plan, ctx.block_size, ctx.scale)
-    return dq, dk, dv, None, None, None
+        q, k, v, out, lse, dout, dlse, block_idx, *plan, ctx.block_size, ctx.scale, ctx.window)
+    return dq, dk, dv, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
