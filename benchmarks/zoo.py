@@ -306,7 +306,7 @@ class Variant:
                                               scale=self.scale, return_lse=True)
         sel = ops.nsa_select(self.q.detach(), e["kc"].detach(), S=self.S, block_len=c["l"], stride=c["d"],
                              sel_block=c["lsel"], topk=c["n"], scale=self.scale, lse=lse)
-        return o_cmp + self.attend(sel, branches=("selected", "window"))
+        return ops.branch_sum([o_cmp] + [self.attend(sel, branches=(b,)) for b in ("selected", "window")])
 
     def attend(self, sel, rows: slice | None = None, backend: str = "auto",
                branches=("compressed", "selected", "window")):
@@ -325,10 +325,10 @@ class Variant:
                 parts.append(ops.block_sparse_attention(q, self.k, self.v, sel, block_size=c["lsel"], backend=backend))
             if "window" in branches:
                 parts.append(ops.window_attention(q, self.k, self.v, window=c["w"], backend=backend))
-            out = parts[0]
-            for part in parts[1:]:  # one pass per added branch (no copy of the first)
-                out = out + part
-            return out
+            if len(parts) == 1:
+                return parts[0]
+            # the branches' sum in one pass (the NSA module's gated sum, with unit gates)
+            return ops.branch_sum(parts, backend="reference" if backend == "reference" else "auto")
         if self.name == "dsa":
             return ops.gather_attention(q, self.k, self.v, sel, scale=self.scale, backend=backend)
         return ops.gather_attention(q, self.k, self.v, sel, scale=self.scale, window=c["w"], extra_ids=True,

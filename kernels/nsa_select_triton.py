@@ -104,12 +104,14 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # long rows); 'auto': rows where the buffer holds at least `row_min_rows` rows, else indexer. H200, 128k
 # (scripts/probes/nsa_select_schedules.py, examples/results/h200_2026-12-03/nsa_select_rows_h200.log): 6.3 ms
 # at 1 warp with groups of 8 (6.8 with 16, 21.9 without; an earlier kernel: 2 and 4 warps slower), the
-# indexer's select 19.3 ms.
+# indexer's select 19.3 ms; later (nsa_row_select_h200.log) 5.05 ms with groups of 4 against 5.94 with 8, 5.42 with
+# groups of 8 over ROW_BLK 1024, 6.3 over 512, 8.0-8.9 on 2 warps; with groups of 4, 4.82 ms over ROW_BLK 1024
+# (8.51 with groups of 2): the defaults.
 NSA_SELECT_CONFIG = {"schedule": "auto", "ROWS": 64, "BE": 64, "STREAM_ROWS": 128, "STREAM_BE": 64,
                      "stream_warps": 8, "stream_stages": 2, "BE_LSE": 128, "CHUNKS": 8, "num_warps": 4,
                      "num_stages": 2, "waves": 2, "lse_min_tiles": 4, "lse_splits": None, "buffer_bytes": 1 << 30,
                      "stream_diag": True, "stream_maxnreg": 128,
-                     "select": "auto", "ROW_BLK": 2048, "ROW_GROUP": 8, "row_warps": 1,
+                     "select": "auto", "ROW_BLK": 1024, "ROW_GROUP": 4, "row_warps": 1,
                      "row_min_rows": 4096,
                      "select_block": 1024, "select_bins": 64, "select_cap": 4096, "select_warps": 8, "split": None}
 SCHEDULES = ("auto", "chunks", "stream", "stream_topk")

@@ -57,6 +57,9 @@ ATTN_CONFIG = {"ROWS": 64, "TM": None, "num_warps": 4, "num_stages": 3, "BN": 12
                "bwd_warps": 8, "bwd_stages": 2, "WINDOW": 1, "UNION": "triton"}
 # Overrides of ATTN_CONFIG when a tile holds one query head (G = 1: MoBA, or MSA without GQA).
 G1_CONFIG: dict = {}
+# Overrides for a sliding window (window > 0: sparsezoo.ops.window_attention's Triton path), whose tiles of
+# consecutive tokens share nearly all their blocks, so more tokens per tile cost no extra blocks.
+WINDOW_CONFIG: dict = {}
 _INTERPRET_ROWS = 16
 BITS_MAX_TM = 16  # tiles of at most this many tokens carry an int32 token bitmask per union entry
 SEL_MAX_K = 64  # in-kernel membership holds a tile's [TM, k] ids in registers: a larger k keeps TM <= BITS_MAX_TM
@@ -66,9 +69,10 @@ FLAG_TILES = 16  # tiles per program of _tile_bad_kernel
 CHECKED_PROGRAMS_PER_SM = 2  # persistent grid of the checked kernels (an empty queue: one load each)
 
 
-def resolve_config(G: int, config: dict | None = None) -> dict:
-    """ATTN_CONFIG, then G1_CONFIG when G = 1, then `config`; idempotent on a resolved config."""
-    return {**ATTN_CONFIG, **(G1_CONFIG if G == 1 else {}), **(config or {})}
+def resolve_config(G: int, config: dict | None = None, window: int = 0) -> dict:
+    """ATTN_CONFIG, then G1_CONFIG when G = 1, then WINDOW_CONFIG when window > 0, then `config`; idempotent on a
+    resolved config."""
+    return {**ATTN_CONFIG, **(G1_CONFIG if G == 1 else {}), **(WINDOW_CONFIG if window else {}), **(config or {})}
 
 
 # ----------------------------------------------------------------------------- tile unions
@@ -760,7 +764,7 @@ def _forward(q, k, v, block_idx, block_size, scale, lse_only, cfg, plan=None, wi
     Hkv, S = k.shape[1], k.shape[2]
     Hs, NK = block_idx.shape[1], block_idx.shape[3]
     G, KV_DIV = _selection_heads(Hq, Hkv, Hs)
-    cfg = resolve_config(G, cfg)
+    cfg = resolve_config(G, cfg, window)
     if plan is None:
         plan = forward_plan(block_idx, G, block_size, S, q.device, cfg)
     TM, BM, BN, from_sel = _plan_tiling(plan, G, block_size, q.device, cfg)
@@ -845,7 +849,7 @@ def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, s
     Hs, NK = block_idx.shape[1], block_idx.shape[3]
     tok, cnt, ids, bits = plan
     G, KV_DIV = _selection_heads(Hq, Hkv, Hs)
-    cfg = resolve_config(G, cfg)
+    cfg = resolve_config(G, cfg, window)
     TM, BM, BN, from_sel = _plan_tiling(plan, G, block_size, q.device, cfg)
     NT = cnt.shape[-1]
     q, do = q.contiguous(), do.contiguous()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from . import checks, references
 from .block_sparse_attention import block_sparse_attention
+from .branch_sum import branch_sum
 from .compressed_attention import compressed_attention
 from .dense_attention import dense_attention
 from .dispatch import implementations_used, last_implementation, record, track_implementations
@@ -37,6 +38,7 @@ from .window_attention import window_attention
 
 OPS = {
     "dense_attention": "dense_attention",
+    "branch_sum": "branch_sum",
     "block_sparse_attention": "block_sparse_attention",
     "gather_attention": "gather_attention",
     "window_attention": "window_attention",
@@ -53,7 +55,7 @@ OPS = {
 }
 
 __all__ = [
-    "block_sparse_attention", "checks", "compressed_attention", "dense_attention", "gated_delta_rule",
+    "block_sparse_attention", "branch_sum", "checks", "compressed_attention", "dense_attention", "gated_delta_rule",
     "gather_attention", "implementations_used", "index_kl", "indexer_topk", "last_implementation",
     "lightning_attention", "moba_select", "msa_index_kl", "msa_select", "nsa_decode", "nsa_select", "op", "record",
     "references", "track_implementations", "window_attention",

@@ -207,8 +207,7 @@ class NSAAttention(AttentionLayer):
                                            backend=c.backend_for("block_sparse_attention"))
         o_win = ops.window_attention(q, k_w, v_w, window=c.window, scale=self.scale,
                                      backend=c.backend_for("window_attention"))
-        g = self.gates(x)
-        return g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
+        return ops.branch_sum([o_cmp, o_slc, o_win], self.gates(x)[..., 0])
 
     # -- static decode: compressed entries in a buffer of every entry, the branches over whole buffers ---
     @property
@@ -261,8 +260,7 @@ class NSAAttention(AttentionLayer):
         slots = torch.arange(L, device=x.device)
         window = causal_slots(L, pos) & (slots > pos - c.window)
         o_win = buffer_attention(q, k_w, v_w, window.view(1, 1, L), self.scale)[0]
-        g = self.gates(x)
-        return g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
+        return ops.branch_sum([o_cmp, o_slc, o_win], self.gates(x)[..., 0])
 
     @torch.no_grad()
     def kv_pattern(self, x: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: 
     from sparsezoo.kernels import sparse_attention_triton as sat
 
     out, lse, (tok, counts, ids, bits), (kbad, queue) = sat._forward(q, k, v, block_idx, block_size, scale, False,
-                                                                     dict(sat.ATTN_CONFIG), window=window)
+                                                                     None, window=window)
     unused = torch.arange(ids.shape[-1], device=ids.device) >= counts[..., None]  # slots past a tile's union:
     ids = ids.masked_fill(unused, -1)  # left unwritten by the kernel; a defined value for the compiler's checks
     bits = ids.new_empty(0) if bits is None else bits.masked_fill(unused, 0)  # no bitmask past BITS_MAX_TM
@@ -159,7 +159,7 @@ def _forward_fake(q, k, v, block_idx, block_size, scale, window=0):
 
     B, Hq, T, _ = q.shape
     Hs, K = block_idx.shape[1], block_idx.shape[3]
-    TM = sat._tiling(Hq // Hs, block_size, q.device, sat.ATTN_CONFIG)[0]
+    TM = sat._tiling(Hq // Hs, block_size, q.device, sat.resolve_config(Hq // Hs, None, window))[0]
     NT = -(-T // TM)
     cap = min(TM * K, -(-k.shape[2] // block_size))
     bits = (B, Hs, NT, cap) if TM <= sat.BITS_MAX_TM else (0,)
@@ -193,7 +193,7 @@ def _backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout
 
     plan = (tok, counts, ids, bits if bits.numel() else None)
     return sat._backward(q, k, v, out, lse, dout, dlse, block_idx, plan, (kbad, queue), block_size, scale,
-                         dict(sat.ATTN_CONFIG), window=window)
+                         None, window=window)
 
 
 @_backward_op.register_fake

@@ -8,6 +8,7 @@ import torch
 
 from .. import checks
 from ..block_sparse_attention import block_sparse_attention
+from ..branch_sum import branch_sum
 from ..compressed_attention import compressed_attention
 from ..dispatch import Op, Request, needs_grad, record
 from ..nsa_select import nsa_select
@@ -62,7 +63,4 @@ def branch_ops(q, kc, vc, k, v, k_win, v_win, block_len: int, stride: int, sel_b
                      topk=topk, scale=scale, lse=lse, backend=backend)
     o_slc = block_sparse_attention(q, k, v, sel, block_size=sel_block, scale=scale, backend=backend)
     o_win = window_attention(q, k_win, v_win, window=window, scale=scale, backend=backend)
-    if gates is None:
-        return o_cmp + o_slc + o_win, sel
-    g = gates[..., None].to(q.dtype)
-    return g[0] * o_cmp + g[1] * o_slc + g[2] * o_win, sel
+    return branch_sum([o_cmp, o_slc, o_win], gates, backend=backend), sel
