@@ -54,7 +54,8 @@ or a visible compressed key holds a NaN, or a visible score is +inf; a given LSE
 makes the importance of every block a visible entry overlaps NaN, for the whole group. NaN ranks after the
 forced blocks and before every finite importance (the reference's finfo.max; ties to the smaller id): it is
 written as G + 1/2, between the clamp G and the forced G + 1. Both LSE passes keep a NaN (the GPU's max would
-drop it and leave -inf), and a poisoned head's p is 1 on its visible entries, which marks those blocks.
+drop it and leave -inf), and a poisoned head's p is 1 (chunks) or +inf (the stream walk, whose importances are then
+NaN) on its visible entries, which marks those blocks.
 No loop depends on the data: trip counts follow from shapes and positions only.
 
 Memory: buffer + scratch <= buffer_bytes (1 GiB: at T = 128k, Hkv = 4, 2048 blocks, chunks of 32k
@@ -89,7 +90,8 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # only one 8-warp program fits an SM; capped at 128, two fit, without spills (scripts/sm90_report.py).
 # 'auto': stream where the geometry allows it, else chunks. H200, 128k, the paper's config with the LSE
 # given (scripts/probes/nsa_select_schedules.py, examples/results/h200_2026-12-03/nsa_walk_open_steps_h200.log):
-# the stream walk 31.8 ms (36.6 with every step masked, 48.4 uncapped); STREAM_BE 128, STREAM_ROWS 64 / 256,
+# the stream walk 31.8 ms (36.6 with every step masked, 48.4 uncapped; 29.9 without the clamp per score,
+# nsa_walk_unclamped_h200.log); STREAM_BE 128, STREAM_ROWS 64 / 256,
 # 4 warps, 3 stages and a cap of 96 tied or slower. Chunks: 70.2 ms for the whole selection against the
 # stream's 57.8 then (zoo.py --tune --tune-parts nsa).
 # 'stream_topk' (asked for only): the stream walk keeps each row's best blocks itself, merging each step's
