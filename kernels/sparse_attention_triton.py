@@ -57,8 +57,8 @@ ATTN_CONFIG = {"ROWS": 64, "TM": None, "num_warps": 4, "num_stages": 3, "BN": 12
                "bwd_warps": 8, "bwd_stages": 2, "WINDOW": 1, "UNION": "triton"}
 # Overrides of ATTN_CONFIG when a tile holds one query head (G = 1: MoBA, or MSA without GQA).
 G1_CONFIG: dict = {}
-# Overrides for a sliding window (window > 0: sparsezoo.ops.window_attention's Triton path), whose tiles of
-# consecutive tokens share nearly all their blocks, so more tokens per tile cost no extra blocks.
+# Overrides for a sliding window (window > 0: sparsezoo.ops.window_attention's Triton path). None: on an H200 at
+# NSA's 128k window, 8 or 16 tokens per tile (8 warps) were slower than the shared tiling (window_backends_h200.log).
 WINDOW_CONFIG: dict = {}
 _INTERPRET_ROWS = 16
 BITS_MAX_TM = 16  # tiles of at most this many tokens carry an int32 token bitmask per union entry

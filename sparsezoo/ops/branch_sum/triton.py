@@ -19,4 +19,3 @@ def run(outs, gates):
     from sparsezoo.kernels import branch_sum_triton
 
     return branch_sum_triton.branch_sum_triton(outs, gates)
-

@@ -3,8 +3,8 @@
 Every query selects the key blocks its window touches (WINDOW_BLOCK keys each; one selection per KV group, so a
 tile packs the group's query heads of consecutive tokens, as NSA's selected branch does), and the kernels drop
 the keys before the window inside them (their `window` option). Forward and backward are the block-sparse
-kernels', and so is the non-finite rule (docs/ops.md). Prefill and chunked prefill only: a decode step's few
-tokens fill too few tiles, and runs flex.
+kernels', and so is the non-finite rule (docs/ops.md). The backward is slower than flex's at NSA's window, so
+`auto` takes this path for calls without gradients only (the op's grad_order).
 """
 
 from __future__ import annotations
