@@ -83,14 +83,15 @@ class _BranchSum(torch.autograd.Function):
             _sum_kernel[(triton.cdiv(n_rows, _ROWS),)](
                 *_pointers(outs), outs[0] if gates is None else gates, out, n_rows, H, T, *gs, N=len(outs),
                 GATED=gates is not None, D=D, BD=BD, BR=_ROWS)
-        ctx.save_for_backward(gates, *outs)
+        ctx.n = len(outs)
+        ctx.save_for_backward(*(() if gates is None else (gates, *outs)))  # unit gates: the backward reads nothing
         return out
 
     @staticmethod
     def backward(ctx, dout):
+        if not ctx.saved_tensors:
+            return (None, *[dout] * ctx.n)
         gates, *outs = ctx.saved_tensors
-        if gates is None:
-            return (None, *[dout] * len(outs))
         n_rows, H, T, D, gs = _layout(outs, gates)
         dout = dout.contiguous()
         dx = torch.empty((len(outs), *outs[0].shape), dtype=outs[0].dtype, device=dout.device)
