@@ -3,8 +3,8 @@ against the fp64 reference, forward and gradients.
 
 On the CPU the kernels run under TRITON_INTERPRET=1 in fp32 on hypothesis-drawn shapes, with blocks of 8 or 16
 keys so that windows span many blocks (tolerance 1e-4 relative to the largest reference value, plus 1e-6 for
-gradients that are 0 in the reference); marked gpu, in
-bf16 with the default blocks, eager and under torch.compile (3e-2).
+gradients that are 0 in the reference); marked gpu, in bf16 with the default blocks, eager and under
+torch.compile (3e-2).
 """
 
 import pytest
