@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparsezoo  # noqa: E402
 from scale import MSA_M3, Stack  # noqa: E402
 
-OWN = ("sparsezoo", "kernels", "scale", "memory_trace")
+OWN = ("sparsezoo", "scale", "memory_trace")
 
 
 def where(block: dict) -> str:

@@ -1,6 +1,6 @@
 """MSA's sparse KL (the index branch's training loss) on one GPU: the query-major Triton kernels
-(`kernels/index_kl_triton.py`, what training runs today) against the key-major ones
-(`kernels/index_kl_keys.py`), loss plus both gradients, m3 heads, bf16, batch 1, MSA's own selections of
+(`sparsezoo/kernels/index_kl_triton.py`, what training runs today) against the key-major ones
+(`sparsezoo/kernels/index_kl_keys.py`), loss plus both gradients, m3 heads, bf16, batch 1, MSA's own selections of
 correlated index queries (as benchmarks/prefill.py builds them), the main LSE given (as the model passes it).
 
     python benchmarks/msa_kl.py --out examples/results [--lengths 32,128] [--tune]

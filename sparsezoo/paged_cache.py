@@ -295,7 +295,7 @@ def _check_table(page_table, seq_lens, B, device):
         _err(f"page_table and seq_lens must be on {device}, got {page_table.device} and {seq_lens.device}")
 
 
-# The decode indexer's launch settings (MSADecoder's index_config; kernels/decode_indexer.decode_select).
+# The decode indexer's launch settings (MSADecoder's index_config; sparsezoo/kernels/decode_indexer.decode_select).
 INDEX_CONFIG = dict(programs_per_sm=2, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2, min_rows=16,
                     merge_warps=0, deferred_topk=False, rank_in_merge=False)
 MERGE_RANKED_BLOCKS = 2048  # batch 1 up to this many blocks: rank_in_merge by default
@@ -333,7 +333,7 @@ class MSADecoder:
     on sm_90 with index_config min_rows=64, the default from batch 2 on; 16 rows unpack to fp16 there); the
     selection then equals the reference on `kernels.decode_indexer.fp8_query_round_trip(q_idx)`.
     pdl (CUDA, compute capability 9.0+): the step's second to fourth kernels are programmatic dependent
-    launches (`kernels/pdl.py`), each started while the one before it runs, so their launch latency and
+    launches (`sparsezoo/kernels/pdl.py`), each started while the one before it runs, so their launch latency and
     their loads of the step's inputs overlap it. Same results. None (the default) turns it on for batch 1
     on such a GPU, where it saves 2-3 us of a 30-100 us step on an H200, and off otherwise (at batch 8 it
     cost 1-6%: the early kernels hold SM slots); `plan()` decides and `run()` records the choice

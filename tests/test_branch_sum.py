@@ -1,4 +1,4 @@
-"""ops.branch_sum: the one-pass Triton kernel (kernels/branch_sum_triton.py) against the reference's torch ops,
+"""ops.branch_sum: the one-pass Triton kernel (sparsezoo/kernels/branch_sum_triton.py) against the reference's torch ops,
 forward and gradients of outs and gates (fp32 under the interpreter, tolerance 1e-5 relative to the largest
 reference value; bf16 on the GPU, 1e-2), and the errors for bad input."""
 

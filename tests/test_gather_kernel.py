@@ -1,4 +1,4 @@
-"""Triton token-gather sparse attention (kernels/gather_attention_triton.py) vs plain-PyTorch fp64 oracles:
+"""Triton token-gather sparse attention (sparsezoo/kernels/gather_attention_triton.py) vs plain-PyTorch fp64 oracles:
 gather_attention_reference (sparsezoo.ops.references) for the output, and a dense masked softmax written here
 for the LSE. Forward (out, LSE) and gradients of loss = <out, w> + <LSE, u> over finite LSE entries (so
 dLSE enters the backward). On the CPU the kernels run in the Triton interpreter (fp32, tiny shapes);

@@ -1,4 +1,4 @@
-"""The Triton indexer KL (DSA/CSA; kernels/index_kl_gather_triton.py) against the fp64 reference: loss and
+"""The Triton indexer KL (DSA/CSA; sparsezoo/kernels/index_kl_gather_triton.py) against the fp64 reference: loss and
 gradients w.r.t. q_i, w, k_i, on the CPU interpreter in fp32 (hypothesis-drawn shapes) and in bf16 on a GPU."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""The key-major MSA sparse KL (kernels/index_kl_keys.py) against the fp64 reference: the loss and its
+"""The key-major MSA sparse KL (sparsezoo/kernels/index_kl_keys.py) against the fp64 reference: the loss and its
 gradients w.r.t. q_idx and k_idx.
 
 On the CPU under TRITON_INTERPRET=1 (fp32, small shapes, hypothesis-drawn): messy selections (repeated

@@ -1,4 +1,4 @@
-"""Decode lightning-indexer top-k (kernels/indexer_decode_triton.py) vs the plain-PyTorch oracle
+"""Decode lightning-indexer top-k (sparsezoo/kernels/indexer_decode_triton.py) vs the plain-PyTorch oracle
 sparsezoo.ops.indexer_topk(backend="reference"). On the CPU the kernels run under TRITON_INTERPRET=1
 (fp32, one fp16 case, tiny shapes); bf16 at the decode points (B = 8, J = 64, D_i = 128, N = 32k CSA
 and 128k DSA) and CUDA-graph capture run on the GPU (marked gpu).

@@ -1,4 +1,4 @@
-"""Triton lightning-indexer top-k (kernels/indexer_triton.py) vs the plain-PyTorch oracle
+"""Triton lightning-indexer top-k (sparsezoo/kernels/indexer_triton.py) vs the plain-PyTorch oracle
 sparsezoo.ops.indexer_topk. On the CPU the kernels run under TRITON_INTERPRET=1 (fp32, one fp16
 case, tiny shapes); bf16 at the published DSA/CSA head sizes runs on the GPU (marked gpu).
 

@@ -1,4 +1,4 @@
-"""The key-major block-sparse attention forward (kernels/sparse_attention_keys.py) against the fp64 reference.
+"""The key-major block-sparse attention forward (sparsezoo/kernels/sparse_attention_keys.py) against the fp64 reference.
 
 On the CPU under TRITON_INTERPRET=1 (fp32, small shapes, hypothesis-drawn): messy selections (repeated ids,
 -1 anywhere, ids past the query's block, out-of-range ids in int32 and int64), per-KV-group (Hs = Hkv) and

@@ -1,4 +1,4 @@
-"""MoBA's decode selection (kernels/moba_select_triton.py, path 4: T <= DECODE_T queries scored into a
+"""MoBA's decode selection (sparsezoo/kernels/moba_select_triton.py, path 4: T <= DECODE_T queries scored into a
 scratch row per (b, head, t), ranked by a top-k over packed (score, id) keys) against the plain-PyTorch
 reference `ops.moba_select(..., means=, backend="reference")`.
 

@@ -1,5 +1,5 @@
-"""MoBA Triton kernels: the block gate + top-k (kernels/moba_select_triton.py) and per-query-head
-selections in the block-sparse attention (kernels/sparse_attention_triton.py), against the plain-PyTorch
+"""MoBA Triton kernels: the block gate + top-k (sparsezoo/kernels/moba_select_triton.py) and per-query-head
+selections in the block-sparse attention (sparsezoo/kernels/sparse_attention_triton.py), against the plain-PyTorch
 references. On the CPU they run under TRITON_INTERPRET=1 (fp32/fp16, tiny shapes); bf16 at the m3
 shape runs on the GPU (marked gpu).
 
@@ -299,7 +299,7 @@ def test_gpu_moba_select_and_attention_bf16():
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("T,S,block", [(1, 45, 8), (3, 200, 16), (2, 70, 32)])
 def test_block_token_list_kernel(T, S, block, dtype):
-    """The decode's token list in one Triton launch (kernels/block_tokens.py) equals the torch expression it
+    """The decode's token list in one Triton launch (sparsezoo/kernels/block_tokens.py) equals the torch expression it
     replaces: causal, -1 for empty and out-of-range ids, strided selections of either integer dtype."""
     from sparsezoo.kernels.block_tokens import block_tokens_triton
     from sparsezoo.ops.block_sparse_attention.triton import block_tokens_torch

@@ -1,4 +1,4 @@
-"""Large per-head tiles in the block-sparse attention (kernels/sparse_attention_triton.py): tiles of TM > 16
+"""Large per-head tiles in the block-sparse attention (sparsezoo/kernels/sparse_attention_triton.py): tiles of TM > 16
 tokens with membership computed in-kernel from the selection, the Triton tile-union kernel, and the dK/dV
 work lists whose columns join the selection heads of one kv head. On the CPU under TRITON_INTERPRET=1
 (fp32/fp16, tiny shapes, large tiles forced with config TM); bf16 at a MoBA-like shape on the GPU (marked gpu).

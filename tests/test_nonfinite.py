@@ -403,7 +403,7 @@ def test_moba_select_nan_key(backend):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_moba_select_inf_key(backend):
     """An inf key (token 20, dim 3, kv head 1) gives block 2 the score +-inf: +inf (q[..., 3] > 0) ranks it first,
-    -inf last (fp32 queries; 16-bit ones rank it first: kernels/moba_select_triton.py)."""
+    -inf last (fp32 queries; 16-bit ones rank it first: sparsezoo/kernels/moba_select_triton.py)."""
     q, k = _rand(B, HQ, T, 16), _rand(B, HKV, S, 16, seed=4)
     k[0, 1, 20, 3] = INF
     sel = ops.moba_select(q, k, block_size=BLOCK, topk=3, backend=backend).cpu()

@@ -1,4 +1,4 @@
-"""The fused NSA decode (kernels/nsa_decode_triton.py, sparsezoo.ops.nsa_decode) against the branch ops'
+"""The fused NSA decode (sparsezoo/kernels/nsa_decode_triton.py, sparsezoo.ops.nsa_decode) against the branch ops'
 references.
 
 On the CPU the kernels run under TRITON_INTERPRET=1 in fp32 (fp16 once) on tiny shapes: T in 1..4, S from

@@ -1,4 +1,4 @@
-"""Triton NSA block selection (kernels/nsa_select_triton.py) vs sparsezoo.ops.nsa_select.
+"""Triton NSA block selection (sparsezoo/kernels/nsa_select_triton.py) vs sparsezoo.ops.nsa_select.
 
 On the CPU the kernels run under TRITON_INTERPRET=1 in fp32 (fp16 once) on tiny shapes; the bf16
 cases at the paper's configuration run on the GPU (marked gpu).

@@ -1,6 +1,6 @@
 """How fast can MSA's decode indexer stream fp8 index-key pages? A stripped split kernel (score dot, per-page
 max, a running maximum instead of the top-k) over the 1M-token, batch-8 point, with the pages loaded through
-pointers (as kernels/decode_indexer.py does) or through a tensor descriptor (TMA, straight to shared memory).
+pointers (as sparsezoo/kernels/decode_indexer.py does) or through a tensor descriptor (TMA, straight to shared memory).
 
     python scripts/probes/index_page_loads.py [--len 1048576] [--batch 8]
 """

@@ -43,7 +43,7 @@ def supports(req) -> str | None:
 GATHER_DECODE_T = 4
 
 
-# Calls without gradients run the key-major schedule (kernels/sparse_attention_keys.py: one program per
+# Calls without gradients run the key-major schedule (sparsezoo/kernels/sparse_attention_keys.py: one program per
 # key block over the rows that chose it, then an LSE merge) where KEY_MAJOR says so, by selection kind:
 # "per_head" (Hs = Hq, MoBA) or "per_group" (Hs = Hkv, MSA), for blocks of at least KEY_MAJOR_MIN_BLOCK
 # keys. Each (row, chosen block) pair costs it a partial output row written and read back, so it wins
@@ -118,7 +118,7 @@ def _record_dkdv(schedule: str) -> None:
 def block_tokens(block_idx, block_size: int, T: int, S: int):
     """Selected blocks [B, H, T, k] -> int32 token ids [B, H, T, k * block_size] each query may see (causal,
     inside S), -1 elsewhere; ids outside [0, n_blocks) select nothing. One Triton launch outside torch.compile
-    (kernels/block_tokens.py), the torch expression under it."""
+    (sparsezoo/kernels/block_tokens.py), the torch expression under it."""
     if not compiling():
         from sparsezoo.kernels import block_tokens as kernel
 

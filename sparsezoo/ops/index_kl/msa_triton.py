@@ -15,7 +15,7 @@ from ..common import full_selection
 from ..dispatch import compiling, record
 
 # Sparse selections (block_idx given) with blocks of at least KEY_MAJOR_MIN_BLOCK keys run the key-major
-# kernels (kernels/index_kl_keys.py: one program per key sub-tile over exactly the entries that chose it;
+# kernels (sparsezoo/kernels/index_kl_keys.py: one program per key sub-tile over exactly the entries that chose it;
 # on an H200 at 128k, 62 against 369 ms for the query-major kernels, which visit each tile's union of
 # blocks). The dense warm-up (block_idx None) runs the query-major ones. SCHEDULE_OP records which ran.
 KEY_MAJOR = True

@@ -20,7 +20,7 @@ causal. Which tokens chose a union block ("membership"):
 Ids outside [0, n_blocks) never enter a union (int64 ids compared before any int32 cast) and never
 equal a union block, so no kernel acts on them; a repeated id counts once.
 
-Non-finite values (docs/ops.md; kernels/nonfinite.py): a row is NaN (out and LSE) iff its q, a k/v row
+Non-finite values (docs/ops.md; sparsezoo/kernels/nonfinite.py): a row is NaN (out and LSE) iff its q, a k/v row
 it attends to or one of its scores is non-finite, and it passes no gradient; the other rows are exact.
 Finite inputs pay no per-tile cost (the main kernels' loops are unchanged):
 - `nonfinite_flags` (one read of K and V) flags the non-finite k/v rows and queues the tiles whose

@@ -74,7 +74,7 @@ LOG2E = 1.4426950408889634  # host side: the kernels write log2(e) and ln(2) as 
 # NF_CHECK, how the forward spots a non-finite score: "sum" adds each row's raw scores (one add per score; a
 # row whose finite scores sum past the fp32 range counts as non-finite, as an overflowing score does), "tile"
 # tests every attended score (about five operations per score). pdl: the split (decode) path's two kernels as
-# programmatic dependent launches (kernels/pdl.py), each waiting for the launch before it before reading
+# programmatic dependent launches (sparsezoo/kernels/pdl.py), each waiting for the launch before it before reading
 # anything; None: at batch 1 where the GPU supports them (as the decode indexer before it: faster at b=1,
 # slower at b=8 on the H200), True / False: always / never.
 GATHER_CONFIG = {"BN": 64, "BN_SHARED": 128, "num_warps": 4, "num_stages": 3, "bwd_BN": 32, "bwd_warps": 8,
@@ -172,7 +172,7 @@ def _fwd_kernel(Q, K, V, K2, V2, IDX, SINK, O, L, PO, PL, T, N, NK, KS, QOFF, PE
     k2_base = K2 + b * sk2b + kv * sk2h
     v2_base = V2 + b * sv2b + kv * sv2h
     idx_row = IDX + b * sib + g * sih + t * sit
-    bad = nonfinite_rows(q)  # rows that saw a NaN/inf (kernels/nonfinite.py: every row attends every loaded key)
+    bad = nonfinite_rows(q)  # rows that saw a NaN/inf (sparsezoo/kernels/nonfinite.py: every row attends every loaded key)
     score_sum = tl.zeros([BM], tl.float32)  # NF_SUM: non-finite iff a score was (empty slots score q.0 = 0)
     m_i = tl.zeros([BM], tl.float32) + float("-inf")
     l_i = tl.zeros([BM], tl.float32)
@@ -476,7 +476,7 @@ def gather_attention_triton(q, k, v, idx, scale: float, return_lse: bool = False
     """q [B, Hq, T, D], k/v [B, Hkv, N, D], idx int [B, Hs, T, K] (Hs in {1, Hkv, Hq}; -1 or any id
     outside [0, N) = empty slot) -> out [B, Hq, T, D] (and natural-log LSE [B, Hq, T] fp32; a query
     with no key gets out 0, LSE -inf). Differentiable w.r.t. q, k, v (through out and LSE).
-    Non-finite values (kernels/nonfinite.py): a row whose q or one of whose keys' k/v rows holds a NaN/inf
+    Non-finite values (sparsezoo/kernels/nonfinite.py): a row whose q or one of whose keys' k/v rows holds a NaN/inf
     is NaN (out and LSE) and passes no gradient; the other rows and gradients are unaffected.
     Optional second pool k2/v2 [B, Hkv, N2, D]: ids in [N, N + N2) read k2/v2[:, :, id - N] (as if
     k2 were concatenated after k, without the copy); differentiable w.r.t. k2, v2 too.

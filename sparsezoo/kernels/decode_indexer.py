@@ -344,7 +344,7 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
     both fp8 operands to fp16 first. 64 rows make it a warpgroup dot, native in fp8 (an offline sm_90
     compile shows QGMMA), for 16x the rows. merge_warps: warps of the merge program that picks a row's
     top-k from every split's candidates (0: 4 up to 2,048 candidates, else 8). pdl: the merge is a
-    programmatic dependent launch (`kernels/pdl.py`) that the split kernel lets start at once; it waits
+    programmatic dependent launch (`sparsezoo/kernels/pdl.py`) that the split kernel lets start at once; it waits
     for the split kernel before reading the candidates. scores (`score_workspace`): rank after the page loop
     (`_index_split_deferred_kernel`) instead of keeping a running top-k in it; rank_in_merge (with scores):
     the split kernel only stores the scores and the merge ranks every block of a row at once (no per-split

@@ -101,7 +101,7 @@ CONFIG = {
     "buffer_bytes": 1 << 30,   # decode_applies: bound of the logits buffer + the select list
     "fp32_ieee": True,         # fp32 inputs: IEEE dots (else tf32)
     "pdl": None,               # decode select: logits, histogram, partition and write as programmatic dependent
-                               # launches (kernels/pdl.py); None: at batch 1 where the GPU supports them (H200,
+                               # launches (sparsezoo/kernels/pdl.py); None: at batch 1 where the GPU supports them (H200,
                                # 128k, with the gather attention after it: CSA 37.7 against 40.1 us at b=1,
                                # 62.9 against 61.2 us at b=8; DSA 64.9 / 65.4 and 136.4 / 130.6 us)
 }

@@ -39,7 +39,7 @@ programmatic dependent launches by default, each waiting for the one before it b
 4. `_combine_kernel`, grid (B * Hkv * T, D / merge_cols): LSE-merges each branch's splits and writes the gated
    sum (and the compressed branch's natural-log LSE).
 
-Non-finite values (kernels/nonfinite.py): output row (b, h, t) is NaN iff q[b, h, t] or a key it reads (its
+Non-finite values (sparsezoo/kernels/nonfinite.py): output row (b, h, t) is NaN iff q[b, h, t] or a key it reads (its
 visible compressed entries, selected tokens, window) holds a NaN/inf in k or v. In (1) rows of different
 queries see different entries, so for T > 1 the non-finite v rows of a tile are zeroed before the PV dot and a
 row that sees one is flagged; for T = 1 every loaded entry is seen by every row. Scores are checked where
@@ -396,7 +396,7 @@ def _sparse_kernel(Q, K, V, KW, VW, CAND, SEL_OUT, PO, PL, T, S, Hkv, n_cand, n_
     V_G = tl.where(win, VW + b * sxb + g * sxh, V + b * svb + g * svh)
     kn, kd = tl.where(win, swn, skn).to(tl.int64), tl.where(win, swd, skd).to(tl.int64)
     vn, vd = tl.where(win, sxn, svn).to(tl.int64), tl.where(win, sxd, svd).to(tl.int64)
-    bad = nonfinite_rows(q)  # every loaded key is attended by every row (kernels/nonfinite.py)
+    bad = nonfinite_rows(q)  # every loaded key is attended by every row (sparsezoo/kernels/nonfinite.py)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
@@ -601,7 +601,7 @@ def nsa_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, k: to
     min(topk, L + 1) selected block ids ascending, then -1; the compressed branch's natural-log LSE [B, Hq, T]
     fp32). Not differentiable (decode is inference-only). config overrides CONFIG. No host syncs.
 
-    pdl: kernels 2-4 as programmatic dependent launches (kernels/pdl.py: each starts while the one before it
+    pdl: kernels 2-4 as programmatic dependent launches (sparsezoo/kernels/pdl.py: each starts while the one before it
     finishes, hiding the launch gaps); None: launch_mode_for decides (on where the GPU supports it), True insists
     (an error without such a GPU), False never."""
     _check_inputs(q, kc, vc, k, v, k_win, v_win, block_len, stride, sel_block, topk, window, gates)

@@ -81,7 +81,7 @@ MAX_ENTRY_TILE = 256  # largest BE the chunking may need (sel_block >> stride ne
 # step; the LSE pass splits its entry axis when tiles x groups x batch give fewer than `waves`
 # programs per SM, each split covering at least `lse_min_tiles` steps (lse_splits forces a count).
 # buffer_bytes bounds the importance buffer plus the select's scratch; select_* and split are the
-# indexer select's knobs (kernels/indexer_triton.py; split = segments per row, None: automatic).
+# indexer select's knobs (sparsezoo/kernels/indexer_triton.py; split = segments per row, None: automatic).
 # schedule: 'chunks' (programs over token tiles x chunk ranges, BE entries per chunk with a halo) or
 # 'stream' (one program per token tile walks every entry, STREAM_BE at a time, the spill carried in
 # registers; it needs sel_block to be a power-of-two multiple of stride and says so otherwise); both write the

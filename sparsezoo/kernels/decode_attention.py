@@ -9,7 +9,7 @@ of its selected blocks (selection int32 [B, Hkv, Q, k], -1 padded), read through
 2. `_attn_merge_kernel`, grid (B * Hkv * Q, head groups): LSE-merges the splits into the output (and the
    LSE), every split of a group of heads loaded at once.
 
-Non-finite values (kernels/nonfinite.py): a program's rows attend to every key it loads (keys past the
+Non-finite values (sparsezoo/kernels/nonfinite.py): a program's rows attend to every key it loads (keys past the
 query's position are never loaded), so a row is NaN (output and LSE) iff its q, one of its scores or its
 accumulator is non-finite; a poisoned split poisons the merged row. Cost: one [G, PAGE] check per block.
 """
@@ -168,7 +168,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """q [B, Hq, Q, D]; k/v cache [P, Hkv, page, D]; page_table int32 [B, n_pages]; seq_lens int32 [B]
     (including the Q new tokens); selection int32 [B, Hkv, Q, k]. Writes out [B, Hq, Q, D] (and lse
     [B, Hq, Q], natural log, when given). pdl: both launches are programmatic dependent launches
-    (`kernels/pdl.py`): each may start while the kernel before it runs, and waits for it before reading
+    (`sparsezoo/kernels/pdl.py`): each may start while the kernel before it runs, and waits for it before reading
     its output. No host syncs: capturable in a CUDA graph."""
     B, Hq, Q, D = q.shape
     _, Hkv, page, _ = k_cache.shape
