@@ -871,7 +871,7 @@ def _backward(q, k, v, out, lse, do, dlse, block_idx, plan, flags, block_size, s
         queued[queue[1:1 + n_queued].long()] = True
         queued = queued.view(cnt.shape)
         counts = {False: cnt.masked_fill(queued, 0), True: cnt.masked_fill(~queued, 0)}
-    if dkdv is not None and not n_queued and not window:  # another dK/dV schedule, for finite inputs
+    if dkdv is not None and not n_queued:  # another dK/dV schedule, for finite inputs
         dk, dv = dkdv(q, k, v, do, lse, delta, block_idx, block_size, scale)
         if on_dkdv is not None:
             on_dkdv("key_major")
@@ -951,8 +951,8 @@ def block_sparse_attention_triton(q, k, v, block_idx, block_size: int, scale: fl
     of tiles with non-finite values (docs/ops.md)."""
     if q.dtype == torch.float64:
         raise ValueError("the triton sparse attention runs fp32/fp16/bf16; use backend='reference' for fp64")
-    if window < 0 or (window and outputs is not None):
-        raise ValueError(f"window must be >= 0, and 0 with another forward schedule, got {window}")
+    if window < 0 or (window and (outputs is not None or dkdv is not None)):
+        raise ValueError(f"window must be >= 0, and 0 with another forward or dK/dV schedule, got {window}")
     out, lse = _BlockSparseAttention.apply(q, k, v, block_idx, block_size, float(scale), config, outputs, dkdv,
                                            on_dkdv, int(window))
     return (out, lse) if return_lse else out

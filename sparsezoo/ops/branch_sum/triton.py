@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 
 
-def supports(req) -> str | None:
-    if req.dtype == torch.float64:
-        return "the Triton kernel runs fp32/fp16/bf16; use backend='reference' for fp64"
+def supports(req) -> str | None:  # fp64: the rule shared by every Triton implementation (dispatch.platform_reason)
     if req.get("contiguous") is False:
         return "the Triton kernel reads contiguous branch outputs"
     if req.get("compiling"):

@@ -11,31 +11,25 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import compiling
+from ..block_sparse_attention import triton as block_sparse_triton
+from ..dispatch import Request, compiling
 
 WINDOW_BLOCK = 64  # keys per selected block: a window of w keys touches ceil((w - 1) / 64) + 1 of them
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def supports(req) -> str | None:
-    if req.dtype == torch.float64:
-        return "the Triton kernels run fp32/fp16/bf16; use backend='reference' for fp64"
-    if req.get("group") is not None and not _pow2(req["group"]):
-        return f"the Triton kernels need a power-of-two GQA group, got {req['group']}"
-    if req.get("head_dim", 0) > 256:
-        return f"the Triton kernels support head_dim <= 256, got {req['head_dim']}"
-    return None
+    """The block-sparse kernels' own rule, for blocks of WINDOW_BLOCK keys (a group not known yet passes)."""
+    params = {**req.params, "block_size": WINDOW_BLOCK, "group": req.get("group") or 1}
+    return block_sparse_triton.supports(Request(req.device, req.dtype, req.needs_grad, params))
 
 
 def window_blocks(B: int, H: int, T: int, S: int, window: int, device) -> torch.Tensor:
     """int32 [B, H, T, n]: the WINDOW_BLOCK-key blocks that query t (position S - T + t) reads, -1 for those
     before position 0; the same for every batch item and head (an expanded view)."""
     n = -(-(window - 1) // WINDOW_BLOCK) + 1
-    last = torch.arange(S - T, S, device=device) // WINDOW_BLOCK
-    first = torch.clamp(torch.arange(S - T, S, device=device) - window + 1, min=0) // WINDOW_BLOCK
+    pos = torch.arange(S - T, S, device=device)
+    last = pos // WINDOW_BLOCK
+    first = torch.clamp(pos - window + 1, min=0) // WINDOW_BLOCK
     ids = last[:, None] - n + 1 + torch.arange(n, device=device)
     ids = torch.where(ids >= first[:, None], ids, -1).to(torch.int32)
     return ids.view(1, 1, T, n).expand(B, H, T, n)
