@@ -297,7 +297,7 @@ def _check_table(page_table, seq_lens, B, device):
 
 # The decode indexer's launch settings (MSADecoder's index_config; sparsezoo/kernels/decode_indexer.decode_select).
 INDEX_CONFIG = dict(programs_per_sm=2, min_blocks=8, num_warps=4, num_stages=3, pages_per_step=2, min_rows=16,
-                    merge_warps=0, deferred_topk=False, rank_in_merge=False)
+                    merge_warps=0, deferred_topk=False, rank_in_merge=False, merge="bound")
 MERGE_RANKED_BLOCKS = 2048  # batch 1 up to this many blocks: rank_in_merge by default
 
 
@@ -361,9 +361,11 @@ class MSADecoder:
         self._key = None  # (B, width, q_len, device) the static buffers were sized for
         # Indexer launch tuning: programs per SM, minimum blocks per split, warps, pipeline stages, pages per
         # step, the score dot's minimum rows (64: a native fp8 warpgroup dot with fp8_index_queries on sm_90),
-        # the top-k merge's warps (0: by candidate count), and whether the split kernel ranks its blocks after
-        # its page loop (deferred_topk) instead of in it, or leaves every block's score to the merge to rank
-        # (rank_in_merge, which overrides deferred_topk). `plan()` resolves the defaults for the batch
+        # the top-k merge's warps (0: one for the bound merge, else by candidate count), whether the split
+        # kernel ranks its blocks after its page loop (deferred_topk) instead of in it, or leaves every block's
+        # score to the merge to rank (rank_in_merge, which overrides deferred_topk and merge), and how the merge
+        # picks a row's top-k from the splits' candidates (merge: "bound", only the k-1 splits with the best
+        # keys, or "extract", k-1 maxima over all of them). `plan()` resolves the defaults for the batch
         # (`index_defaults`); the keys given here override them.
         unknown = set(index_config or {}) - set(INDEX_CONFIG)
         if unknown:
@@ -451,7 +453,8 @@ class MSADecoder:
                                  pages_per_step=self.index_config["pages_per_step"],
                                  fp8_queries=self.fp8_index_queries, min_rows=self.index_config["min_rows"],
                                  merge_warps=self.index_config["merge_warps"], pdl=self.pdl,
-                                 scores=self.index_scores, rank_in_merge=self.index_config["rank_in_merge"])
+                                 scores=self.index_scores, rank_in_merge=self.index_config["rank_in_merge"],
+                                 merge=self.index_config["merge"])
 
     def attend(self, q: torch.Tensor, cache: PagedKVCache, *, return_lse: bool = False,
                out: torch.Tensor | None = None, _checked: bool = False):

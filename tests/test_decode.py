@@ -148,7 +148,8 @@ def test_attention_splits_merge_exactly(n_splits, merge_elements, device, monkey
 @pytest.mark.parametrize("q_len,index_config", [
     (1, dict(pages_per_step=2)), (3, dict(pages_per_step=1)), (2, dict(pages_per_step=4)),
     (1, dict(deferred_topk=True)), (3, dict(deferred_topk=True, pages_per_step=1)),
-    (3, dict(rank_in_merge=True)), (1, dict(rank_in_merge=True, min_blocks=4))])
+    (3, dict(rank_in_merge=True)), (1, dict(rank_in_merge=True, min_blocks=4)), (2, dict(merge="extract")),
+    (3, dict(merge="extract", deferred_topk=True)), (2, dict(merge_warps=2))])
 def test_local_block_boundary_and_short(q_len, index_config, device):
     """Queries straddling a block boundary get different candidate sets; tiny requests keep only
     their visible blocks (both split kernels: top-k in the page loop and after it)."""
@@ -181,6 +182,64 @@ def test_deferred_topk_ranks_in_chunks(blocks_per_split, device, monkeypatch):
     compare_to_reference(lens, Q, cache, alloc, q, q_idx, dec, out, lse, topk=topk,
                          sel_eps=1e-5 if device.type == "cpu" else 5e-2,
                          atol=1e-4 if device.type == "cpu" else 3e-2, exact_sel=device.type == "cpu")
+
+
+@pytest.mark.parametrize("merge", ["bound", "extract"])
+@pytest.mark.parametrize("blocks_per_split,topk,winners", [(1, 16, "spread"), (16, 16, "one split"),
+                                                           (5, 16, "one split"), (3, 5, "spread"),
+                                                           (40, 16, "spread"), (1, 16, "ties"),
+                                                           (5, 16, "ties")])
+def test_index_merges_pick_the_global_top_k(merge, blocks_per_split, topk, winners, device):
+    """Both merges of the per-split candidates give the reference's selection, with more splits than k-1
+    (one block each), the winners crowded into one or two splits, fewer
+    splits than k-1, all scores equal (the smallest ids, across splits), and two queries whose local blocks
+    differ (so a split can be empty for one row only)."""
+    from sparsezoo.kernels import decode_indexer as idx
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    page, n_blocks, Q = 16, 60, 2
+    L = page * n_blocks + 1
+    g = torch.Generator().manual_seed(blocks_per_split + topk)
+    cache = PagedKVCache(n_blocks + 2, 1, 16, 16, page_size=page, dtype=dtype, device=device)
+    ki = torch.randn(L, 16, generator=g)
+    if winners == "one split":  # blocks 17-31 (one split of 16, or three of 5) beat every other block
+        ki[17 * page:32 * page] += 4.0
+    if winners == "ties":  # every block scores the same: the smallest ids win
+        ki = torch.ones(L, 16)
+    pages = list(range(n_blocks + 1, -1, -1))[:n_blocks + 1]
+    cache.fill(pages, torch.randn(1, L, 16, generator=g).to(dtype).to(device),
+               torch.randn(1, L, 16, generator=g).to(dtype).to(device), ki.to(dtype).to(device))
+    table = torch.tensor([pages], dtype=torch.int32, device=device)
+    dec = MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, block_size=page, topk=topk,
+                     index_config=dict(merge=merge, rank_in_merge=False))
+    dec.plan(torch.tensor([L], dtype=torch.int32, device=device), table, Q)
+    n_splits = math.ceil(n_blocks / blocks_per_split)
+    dec.index_split = (blocks_per_split, n_splits)
+    dec.index_ws = idx.index_workspace(1, Q, 1, topk, n_splits, device)
+    q_idx = torch.ones(1, 1, Q, 16, device=device, dtype=dtype) + 0.1 * torch.randn(1, 1, Q, 16, generator=g).to(
+        dtype).to(device)
+    dec.run(torch.randn(1, 2, Q, 16, device=device, dtype=dtype), q_idx, cache)
+    k_all = cache.gather(pages, L)[2]
+    scores, local = ref_scores(q_idx[0], k_all, Q, page, 1.0 / math.sqrt(16))
+    check_selection(dec.selection[0], scores, local, topk, 1e-5 if device.type == "cpu" else 5e-2)
+    if device.type == "cpu":
+        want = R.msa_select_reference(q_idx.float(), k_all[None].float(), page, topk, 0.25)
+        assert torch.equal(torch.sort(dec.selection, -1).values, torch.sort(want, -1).values)
+
+
+def test_index_merge_and_workspace_errors():
+    from sparsezoo.kernels import decode_indexer as idx
+
+    q_idx, cache = torch.randn(1, 1, 1, 16), torch.randn(3, 16, 16)
+    table, lens = torch.zeros((1, 3), dtype=torch.int32), torch.tensor([40], dtype=torch.int32)
+    out = torch.empty((1, 1, 1, 3), dtype=torch.int32)
+    args = dict(topk=3, scale=0.25, blocks_per_split=1, n_splits=3, out=out)
+    with pytest.raises(ValueError, match="merge must be one of"):
+        idx.decode_select(q_idx, cache, None, None, table, lens, **args, merge="sort",
+                          workspace=idx.index_workspace(1, 1, 1, 3, 3, "cpu"))
+    with pytest.raises(ValueError, match="workspace must be int64"):
+        idx.decode_select(q_idx, cache, None, None, table, lens, **args,
+                          workspace=torch.empty((1, 3, 1, 2), dtype=torch.int64))
 
 
 @pytest.mark.parametrize("index_config", [None, dict(deferred_topk=True), dict(rank_in_merge=True)])
@@ -497,14 +556,17 @@ M3 = dict(hq=64, hkv=4, d=128, di=128, page=128)
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_len", [1, 4])
 @pytest.mark.parametrize("index_dtype,mode", [(None, None), (FP8, "token"), (FP8, "page")])
-@pytest.mark.parametrize("deferred", [False, True, "merge"])
-def test_gpu_m3_bf16(q_len, index_dtype, mode, deferred):
-    lens = [40 * 128 + 5, 3 * 128, 17 * 128 + 127, 9000]
+@pytest.mark.parametrize("deferred", [False, True, "merge", "extract"])
+@pytest.mark.parametrize("lens", [[40 * 128 + 5, 3 * 128, 17 * 128 + 127, 9000], [300_000]])
+def test_gpu_m3_bf16(q_len, index_dtype, mode, deferred, lens):
+    """m3 heads on the GPU against the references; 300k tokens split into more splits than k-1 (the bound
+    merge's case). deferred: the top-k after the page loop (True), in the merge ("merge") or the
+    extracting merge over the per-split candidates ("extract")."""
+    config = dict(deferred_topk=deferred is True, rank_in_merge=deferred == "merge",
+                  merge="extract" if deferred == "extract" else "bound")
     cache, alloc, _, q, q_idx, dec, out, lse = decode_case(lens, q_len, topk=16, dtype=torch.bfloat16,
                                                            device=torch.device("cuda"), index_dtype=index_dtype,
-                                                           index_scale=mode, seed=11, **M3,
-                                                           index_config=dict(deferred_topk=deferred is True,
-                                                                             rank_in_merge=deferred == "merge"))
+                                                           index_scale=mode, seed=11, **M3, index_config=config)
     compare_to_reference(lens, q_len, cache, alloc, q, q_idx, dec, out, lse, topk=16, sel_eps=2e-2,
                          atol=3e-2, exact_sel=False)
 

@@ -16,8 +16,10 @@ Two kernels:
    in a per-program scratch and the program ranks them after the loop, so no top-k state holds
    registers through it (at the fp8 64-row dot: 96-128 registers per thread against 203, 4 programs
    per SM instead of 2). With `rank_in_merge` it stops after storing the scores.
-2. `_index_merge_kernel`, grid (B, H_i * Q): picks the global top-(k-1) from the n_splits * (k-1)
-   candidates (or, with `rank_in_merge`, from every block's score) and writes the final selection.
+2. The merge, grid (B, H_i * Q), picks the global top-(k-1) and writes the final selection:
+   `_index_merge_bound_kernel` (the default, one warp) from the candidates of the k-1 splits whose best keys
+   rank highest (`_bound_merge`: the global top-(k-1) lies in those splits), or `_index_merge_kernel` from
+   all n_splits * (k-1) candidates (`merge="extract"`) or, with `rank_in_merge`, from every block's score.
 
 A NaN score counts as +inf (the block max keeps NaN, then maps it to +inf): its block ranks
 first, as in the reference (docs/ops.md, non-finite values). Only full blocks before the query's local
@@ -43,6 +45,8 @@ SCALE_NONE, SCALE_PAGE, SCALE_TOKEN = 0, 1, 2
 RANK_ELEMENTS = 4096
 # rank_in_merge: the most blocks one merge program ranks (n_splits * blocks_per_split).
 MERGE_BLOCKS = 16384
+# The merges over per-split candidates (decode_select's `merge`).
+MERGES = ("bound", "extract")
 _SCALE_MODES = {None: SCALE_NONE, "page": SCALE_PAGE, "token": SCALE_TOKEN}
 
 
@@ -190,8 +194,18 @@ def _index_split_kernel(
                 take = take & (key > worst)
                 top = tl.where((top == worst[:, None]) & take[:, None], key[:, None], top)
 
-    out = ((b * n_splits + s) * (H * Q) + rows[:, None]) * K1 + slot[None, :]
-    tl.store(part_ptr + out, top, mask=row_ok[:, None] & (slot[None, :] < K1))
+    _store_candidates(part_ptr, top, b, s, n_splits, rows, row_ok, slot, H, Q, K1)
+
+
+@triton.jit
+def _store_candidates(part_ptr, top, b, s, n_splits, rows, row_ok, slot, H: tl.constexpr, Q: tl.constexpr,
+                      K1: tl.constexpr):
+    """A split's top-(k-1) keys per row into `part_ptr` [B, n_splits, H * Q, K1 + 1], and in the last
+    column the split's best key (what the bound merge ranks the splits by)."""
+    at = ((b * n_splits + s) * (H * Q) + rows) * (K1 + 1)
+    real = slot[None, :] < K1
+    tl.store(part_ptr + at[:, None] + slot[None, :], top, mask=row_ok[:, None] & real)
+    tl.store(part_ptr + at + K1, tl.max(tl.where(real, top, -9223372036854775807), axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -258,8 +272,7 @@ def _rank_scores(base, part_ptr, b, s, n_splits, start, end, blocks_per_split, s
             top = tl.where((top == worst[:, None]) & take[:, None], best[:, None], top)
             cand = tl.where(cand == best[:, None], -9223372036854775807, cand)
 
-    out = ((b * n_splits + s) * (H * Q) + r[:, None]) * K1 + slot[None, :]
-    tl.store(part_ptr + out, top, mask=r_ok[:, None] & (slot[None, :] < K1))
+    _store_candidates(part_ptr, top, b, s, n_splits, r, r_ok, slot, H, Q, K1)
 
 
 @triton.jit
@@ -289,7 +302,7 @@ def _index_merge_kernel(
         score = tl.load(part_ptr + src, mask=ok, other=0.0)
         keys = tl.where(ok, _pack(score, c), -9223372036854775807)
     else:
-        src = ((b * n_splits + c // K1) * (H * Q) + row) * K1 + c % K1
+        src = ((b * n_splits + c // K1) * (H * Q) + row) * (K1 + 1) + c % K1
         keys = tl.load(part_ptr + src, mask=c < n_splits * K1, other=-9223372036854775807)
 
     kk = tl.arange(0, KP)
@@ -302,6 +315,78 @@ def _index_merge_kernel(
     out = tl.where(kk == n_valid, local, out)
     tl.store(sel_ptr + b * stride_sb + h * stride_sh + t * stride_st + kk, out, mask=kk < K1 + 1)
 
+
+
+@triton.jit
+def _take_best(score, ident, NONE: tl.constexpr):
+    """The best (score, smaller id) of int32 `score` and unique int32 `ident` (two one-warp reductions);
+    returns its id and the inputs with it taken out."""
+    top = tl.max(score, axis=0)
+    win = tl.min(tl.where(score == top, ident, NONE), axis=0)
+    return win, tl.where(ident == win, -2147483648, score)
+
+
+@triton.jit
+def _index_merge_bound_kernel(
+    part_ptr, lens_ptr, sel_ptr,
+    stride_sb, stride_sh, stride_st,
+    n_splits,
+    H: tl.constexpr, Q: tl.constexpr, PAGE: tl.constexpr, K1: tl.constexpr, K1P: tl.constexpr,
+    KP: tl.constexpr, NSP: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """`_bound_merge` for row pid(1) of request pid(0), written to the selection."""
+    b = tl.program_id(0)
+    row = tl.program_id(1)
+    seq_len = tl.load(lens_ptr + b)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    kk = tl.arange(0, KP)
+    sel = _bound_merge(part_ptr, b, row, n_splits, (seq_len - Q + row % Q) // PAGE, H, Q, K1, K1P, KP, NSP)
+    tl.store(sel_ptr + b * stride_sb + (row // Q) * stride_sh + (row % Q) * stride_st + kk, sel, mask=kk < K1 + 1)
+
+
+@triton.jit
+def _bound_merge(part_ptr, b, row, n_splits, local, H: tl.constexpr, Q: tl.constexpr, K1: tl.constexpr,
+                K1P: tl.constexpr, KP: tl.constexpr, NSP: tl.constexpr):
+    """Selection row [KP] (k-1 ranked ids, the local block, -1 padding) of query row `row` (h * Q + t) of
+    request b from the split kernels' candidates (`_store_candidates`), looking only at the k-1 best splits.
+
+    Keys are unique up to empty slots, so the global top-(k-1) lies in the k-1 splits whose best keys rank
+    highest: a split ranked k-1 or lower has its best below k-1 other splits' bests, so k-1 keys beat each of
+    its keys. Takes the k-1 best splits by their best keys, loads only their candidates and takes the k-1
+    best of those: 2(k-1) rounds over a few hundred 32-bit keys (a score's order bits, then the smaller id),
+    where the extracting merge runs k-1 rounds over every split's candidates. Fastest in one warp (no
+    barriers between the rounds)."""
+    n_valid = tl.minimum(local, K1)
+    base = part_ptr + (b * n_splits * (H * Q) + row).to(tl.int64) * (K1 + 1)
+    split_stride = H * Q * (K1 + 1)
+
+    # 1. the k-1 splits with the best best-keys (column K1); an equal score goes to the smaller split, whose
+    # blocks are the smaller ids
+    i = tl.arange(0, NSP)
+    best = tl.load(base + i * split_stride + K1, mask=i < n_splits, other=-9223372036854775807)
+    score = tl.where(i < n_splits, (best >> 32).to(tl.int32), -2147483648)
+    r = tl.arange(0, K1P)
+    top_split = tl.zeros([K1P], tl.int32)
+    for k in tl.static_range(K1):
+        win, score = _take_best(score, i, NSP)
+        top_split = tl.where(r == k, win, top_split)
+    have = (r < K1) & (r < n_splits)
+
+    # 2. their candidates, [K1P, K1P], and the k-1 best of those (an equal score: the smaller block id)
+    key = tl.load(base + top_split[:, None] * split_stride + r[None, :],
+                  mask=have[:, None] & (r[None, :] < K1), other=-9223372036854775807)
+    key = tl.reshape(key, [K1P * K1P])
+    c_score = (key >> 32).to(tl.int32)
+    c_id = 0x7FFFFFFF - (key & 0xFFFFFFFF).to(tl.int32)
+    c_id = tl.where(c_score == -2147483648, 0x7FFFFFFF - tl.arange(0, K1P * K1P), c_id)  # empty: unique ids
+    kk = tl.arange(0, KP)
+    sel = tl.where(kk == n_valid, local, -1)
+    for k in tl.static_range(K1):
+        win, c_score = _take_best(c_score, c_id, 0x7FFFFFFF)
+        sel = tl.where((kk == k) & (k < n_valid), win, sel)
+    return sel
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
@@ -317,9 +402,9 @@ def plan_splits(batch: int, max_blocks: int, num_sms: int, min_blocks: int = 8,
 
 
 def index_workspace(batch: int, q_len: int, heads: int, topk: int, n_splits: int, device):
-    """Scratch for the split kernel: the (k-1) best packed (score, id) keys per split and query row."""
-    k1 = max(1, topk - 1)
-    return torch.empty((batch, n_splits, heads * q_len, k1), dtype=torch.int64, device=device)
+    """Scratch for the split kernel: the (k-1) best packed (score, id) keys per split and query row, then
+    the best of them."""
+    return torch.empty((batch, n_splits, heads * q_len, topk), dtype=torch.int64, device=device)
 
 
 def score_workspace(batch: int, q_len: int, heads: int, blocks_per_split: int, n_splits: int, device):
@@ -334,7 +419,8 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
                   out: torch.Tensor, workspace: torch.Tensor, num_warps: int = 4,
                   num_stages: int = 3, pages_per_step: int = 2, fp8_queries: bool = False,
                   min_rows: int = 16, merge_warps: int = 0, pdl: bool = False,
-                  scores: torch.Tensor | None = None, rank_in_merge: bool = False) -> torch.Tensor:
+                  scores: torch.Tensor | None = None, rank_in_merge: bool = False,
+                  merge: str = "bound") -> torch.Tensor:
     """Launch split + merge. q_idx [B, H_i, Q, D_i]; k_idx_cache [P, page, D_i]; page_table int32
     [B, n_pages]; seq_lens int32 [B] (lengths including the Q new tokens); out int32 [B, H_i, Q, k].
     fp8_queries (fp8 keys only): round each query row to e4m3 (scaled to the row's largest magnitude,
@@ -343,12 +429,14 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
     at least this). On sm_90 a dot of 16 rows is an mma.sync, which has no e4m3 form there: Triton unpacks
     both fp8 operands to fp16 first. 64 rows make it a warpgroup dot, native in fp8 (an offline sm_90
     compile shows QGMMA), for 16x the rows. merge_warps: warps of the merge program that picks a row's
-    top-k from every split's candidates (0: 4 up to 2,048 candidates, else 8). pdl: the merge is a
+    top-k (0: one for the bound merge; for the others 4 up to 2,048 candidates, else 8). pdl: the merge is a
     programmatic dependent launch (`sparsezoo/kernels/pdl.py`) that the split kernel lets start at once; it waits
     for the split kernel before reading the candidates. scores (`score_workspace`): rank after the page loop
     (`_index_split_deferred_kernel`) instead of keeping a running top-k in it; rank_in_merge (with scores):
     the split kernel only stores the scores and the merge ranks every block of a row at once (no per-split
-    candidates: worth it when splits hold few blocks). No host syncs: capturable in a CUDA graph."""
+    candidates: worth it when splits hold few blocks). merge (per-split candidates): "bound" ranks the splits
+    by their best keys and only the k-1 best splits' candidates (`_bound_merge`), "extract" takes k-1 maxima
+    over every candidate. No host syncs: capturable in a CUDA graph."""
     B, H, Q, D = q_idx.shape
     page = k_idx_cache.shape[1]
     if topk < 2:
@@ -373,6 +461,11 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
                                                                                        blocks_per_split)):
         raise ValueError(f"scores must be fp32 {(B, n_splits, H * Q, blocks_per_split)} (score_workspace), got "
                          f"{scores.dtype} {tuple(scores.shape)}")
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    if tuple(workspace.shape) != (B, n_splits, H * Q, topk) or workspace.dtype != torch.int64:
+        raise ValueError(f"workspace must be int64 {(B, n_splits, H * Q, topk)} (index_workspace), got "
+                         f"{workspace.dtype} {tuple(workspace.shape)}")
     if rank_in_merge and scores is None:
         raise ValueError("rank_in_merge needs the scores workspace (score_workspace)")
     if rank_in_merge and n_splits * blocks_per_split > MERGE_BLOCKS:
@@ -395,6 +488,14 @@ def decode_select(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, k_idx_scale: t
         ch = max(16, min(_next_pow2(blocks_per_split), RANK_ELEMENTS // rr))
         _index_split_deferred_kernel[(B, n_splits)](q_idx, k_idx_cache, scale_arg, page_table, seq_lens, part,
                                                     scores, *args, RR=rr, CH=ch, RANK=not rank_in_merge, **meta)
+    if merge == "bound" and not rank_in_merge:
+        k1p = _next_pow2(k1)
+        _index_merge_bound_kernel[(B, H * Q)](
+            part, seq_lens, out, out.stride(0), out.stride(1), out.stride(2), n_splits,
+            H=H, Q=Q, PAGE=page, K1=k1, K1P=k1p, KP=_next_pow2(topk), NSP=_next_pow2(n_splits),
+            num_warps=merge_warps or 1, **pdl_launch(pdl, q_idx.device),
+        )
+        return out
     nc = _next_pow2(n_splits * (blocks_per_split if rank_in_merge else k1))
     _index_merge_kernel[(B, H * Q)](
         scores if rank_in_merge else part, seq_lens, out,
