@@ -188,12 +188,13 @@ def test_deferred_topk_ranks_in_chunks(blocks_per_split, device, monkeypatch):
 @pytest.mark.parametrize("blocks_per_split,topk,winners", [(1, 16, "spread"), (16, 16, "one split"),
                                                            (5, 16, "one split"), (3, 5, "spread"),
                                                            (40, 16, "spread"), (1, 16, "ties"),
-                                                           (5, 16, "ties")])
+                                                           (5, 16, "ties"), (16, 16, "empty splits")])
 def test_index_merges_pick_the_global_top_k(merge, blocks_per_split, topk, winners, device):
     """Both merges of the per-split candidates give the reference's selection, with more splits than k-1
     (one block each), the winners crowded into one or two splits, fewer
-    splits than k-1, all scores equal (the smallest ids, across splits), and two queries whose local blocks
-    differ (so a split can be empty for one row only)."""
+    splits than k-1, all scores equal (the smallest ids, across splits), more splits than k-1 of which only 4
+    hold blocks (the rest lie past the sequence), and two queries whose local blocks differ (so a split can be
+    empty for one row only)."""
     from sparsezoo.kernels import decode_indexer as idx
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -213,7 +214,7 @@ def test_index_merges_pick_the_global_top_k(merge, blocks_per_split, topk, winne
     dec = MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, block_size=page, topk=topk,
                      index_config=dict(merge=merge, rank_in_merge=False))
     dec.plan(torch.tensor([L], dtype=torch.int32, device=device), table, Q)
-    n_splits = math.ceil(n_blocks / blocks_per_split)
+    n_splits = math.ceil(n_blocks / blocks_per_split) + (30 if winners == "empty splits" else 0)
     dec.index_split = (blocks_per_split, n_splits)
     dec.index_ws = idx.index_workspace(1, Q, 1, topk, n_splits, device)
     q_idx = torch.ones(1, 1, Q, 16, device=device, dtype=dtype) + 0.1 * torch.randn(1, 1, Q, 16, generator=g).to(

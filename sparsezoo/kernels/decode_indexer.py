@@ -316,7 +316,6 @@ def _index_merge_kernel(
     tl.store(sel_ptr + b * stride_sb + h * stride_sh + t * stride_st + kk, out, mask=kk < K1 + 1)
 
 
-
 @triton.jit
 def _take_best(score, ident, NONE: tl.constexpr):
     """The best (score, smaller id) of int32 `score` and unique int32 `ident` (two one-warp reductions);
@@ -372,6 +371,8 @@ def _bound_merge(part_ptr, b, row, n_splits, local, H: tl.constexpr, Q: tl.const
     for k in tl.static_range(K1):
         win, score = _take_best(score, i, NSP)
         top_split = tl.where(r == k, win, top_split)
+    # with fewer than k-1 splits holding candidates, the later rounds take taken or empty splits again (all
+    # scored as the minimum): their keys are copies or empty, which step 2 never ranks above a real key
     have = (r < K1) & (r < n_splits)
 
     # 2. their candidates, [K1P, K1P], and the k-1 best of those (an equal score: the smaller block id)
@@ -387,6 +388,7 @@ def _bound_merge(part_ptr, b, row, n_splits, local, H: tl.constexpr, Q: tl.const
         win, c_score = _take_best(c_score, c_id, 0x7FFFFFFF)
         sel = tl.where((kk == k) & (k < n_valid), win, sel)
     return sel
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
