@@ -370,6 +370,10 @@ class MSADecoder:
         unknown = set(index_config or {}) - set(INDEX_CONFIG)
         if unknown:
             _err(f"unknown index_config keys {sorted(unknown)}; valid: {sorted(INDEX_CONFIG)}")
+        from sparsezoo.kernels.decode_indexer import MERGES
+
+        if (index_config or {}).get("merge", "bound") not in MERGES:
+            _err(f"index_config merge must be one of {MERGES}, got {index_config['merge']!r}")
         self.index_overrides = dict(index_config or {})
         self.index_config = {**INDEX_CONFIG, **self.index_overrides}  # plan() resolves it for the batch
 

@@ -473,6 +473,8 @@ def test_decoder_errors():
         bad_rows.run(q, qi, c)
     with pytest.raises(ValueError, match="pdl must be None"):
         MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, pdl="yes")
+    with pytest.raises(ValueError, match=r"index_config merge must be one of \('bound', 'extract'\), got 'sort'"):
+        MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, index_config=dict(merge="sort"))
     if not HAS_CUDA:
         with pytest.raises(ValueError, match="pdl .programmatic dependent launch. needs a CUDA GPU"):
             MSADecoder(num_q_heads=2, num_kv_heads=1, head_dim=16, index_dim=16, pdl=True).plan(
