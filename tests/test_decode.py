@@ -191,10 +191,9 @@ def test_deferred_topk_ranks_in_chunks(blocks_per_split, device, monkeypatch):
                                                            (5, 16, "ties"), (16, 16, "empty splits")])
 def test_index_merges_pick_the_global_top_k(merge, blocks_per_split, topk, winners, device):
     """Both merges of the per-split candidates give the reference's selection, with more splits than k-1
-    (one block each), the winners crowded into one or two splits, fewer
-    splits than k-1, all scores equal (the smallest ids, across splits), more splits than k-1 of which only 4
-    hold blocks (the rest lie past the sequence), and two queries whose local blocks differ (so a split can be
-    empty for one row only)."""
+    (one block each), the winners crowded into one or two splits, fewer splits than k-1, all scores equal
+    (the smallest ids, across splits), more splits than k-1 of which only 4 hold blocks (the rest lie past
+    the sequence), and two queries whose local blocks differ (so a split can be empty for one row only)."""
     from sparsezoo.kernels import decode_indexer as idx
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
