@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def supports(req) -> str | None:  # fp64: the rule shared by every Triton implementation (dispatch.platform_reason)
     if req.get("contiguous") is False:
         return "the Triton kernel reads contiguous branch outputs"
