@@ -13,6 +13,7 @@ copy bandwidth measured in the same run.
 
     python benchmarks/decode.py --out out/decode            # full run (GPU)
     python benchmarks/decode.py --out out/decode --quick    # small smoke run
+    python benchmarks/decode.py --out out/decode --flush read   # each timed call after a read, not a zeroing, flush
 Writes decode_<card>.json (one record per configuration), decode_<card>.md and decode_<card>.png into --out,
 named after the card that ran them (decode_h200.json on an H200); --tune adds decode_tune_<card>.json.
 """
@@ -43,11 +44,52 @@ MAX_ROTATE = 8
 
 
 # ---- timing ---------------------------------------------------------------------------------
-def bench(fn, graph: bool = True, rep: int = 60) -> tuple[float, bool]:
-    """Median ms of fn (captured in a CUDA graph when possible, timed for about `rep` ms); returns
-    (ms, graphed)."""
+# What runs before each timed call (--flush): "zero", triton's do_bench, zeroes a 256 MB buffer, which leaves
+# the L2 full of dirty lines that the timed call then writes back as it streams; "read" sums the same buffer
+# instead, leaving the L2 cold and clean, as after a layer's other kernels (which mostly read).
+FLUSHES = ("zero", "read")
+FLUSH = {"mode": "zero"}
+FLUSH_TEXT = {"zero": "a 256 MB buffer zeroed (do_bench's flush)", "read": "a 256 MB buffer read (a cold, clean L2)"}
+
+
+def _median_after_read_flush(fn, rep: int) -> float:
+    """Median ms of fn over about `rep` ms of calls, each after a read of a 256 MB buffer (outside the events)."""
+    if "buf" not in FLUSH:
+        FLUSH["buf"] = torch.empty(L2_ROTATE_BYTES, dtype=torch.int8, device="cuda")
+        FLUSH["total"] = torch.empty((), dtype=torch.int64, device="cuda")
+    flush = lambda: torch.sum(FLUSH["buf"], dim=0, dtype=torch.int64, out=FLUSH["total"])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(5):
+        flush()
+        fn()
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    n = max(10, min(1000, int(rep / max(start.elapsed_time(end) / 5, 1e-3))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        flush()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[n // 2]
+
+
+def _median(fn, rep: int) -> float:
     import triton
 
+    if FLUSH["mode"] == "read":
+        return _median_after_read_flush(fn, rep)
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def bench(fn, graph: bool = True, rep: int = 60) -> tuple[float, bool]:
+    """Median ms of fn (captured in a CUDA graph when possible, timed for about `rep` ms, each call after the
+    --flush); returns (ms, graphed)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -62,11 +104,11 @@ def bench(fn, graph: bool = True, rep: int = 60) -> tuple[float, bool]:
                 fn()
             g.replay()
             torch.cuda.synchronize()
-            return triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median"), True
+            return _median(g.replay, rep), True
         except Exception as exc:  # recorded, not hidden: the record says graphed=False
             print(f"  (graph capture failed: {type(exc).__name__}: {str(exc)[:120]}; timing eagerly)")
             torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"), False
+    return _median(fn, rep), False
 
 
 def copy_bandwidth() -> float:
@@ -308,7 +350,7 @@ def run_config(name, shape, S, B, Q, args, env, bw):
                    dense_gbps=round(kv_bytes / (dense_ms * 1e-3) / 1e9, 1),
                    sanity_full_ms=None if sanity_ms is None else round(sanity_ms, 4),
                    graphed=graphed, pdl=dec.pdl, rotated_layers=n_rot, index_splits=list(dec.index_split),
-                   attn_splits=list(dec.attn_split), index_config=dict(dec.index_config),
+                   attn_splits=list(dec.attn_split), index_config=dict(dec.index_config), flush=FLUSH["mode"],
                    peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), copy_gbps=round(bw, 1))
         records.append(rec)
         print(f"  {name} S={S} B={B} Q={Q} idx={idx_name}: dense {dense_ms:.4f} ms ({dense_impl}), MSA "
@@ -372,7 +414,7 @@ def write_reports(records, out_dir, env, cmd):
              "dense = fastest of SDPA flash/cuDNN/efficient (and FlexAttention where run); for q_len > 1 "
              "the SDPA baseline attends to every key (a lower bound on exact dense cost). "
              "limit = (index-key bytes + unique selected K/V bytes) moved at the copy bandwidth. "
-             "All steps captured in CUDA graphs.", "",
+             f"All steps captured in CUDA graphs; before each timed call: {FLUSH_TEXT[FLUSH['mode']]}.", "",
              "| shape | seq_len | batch | q_len | index keys | dense ms (impl) | MSA ms | index ms | attn ms | "
              "speedup | bound | limit fraction | MSA GB/s | full-selection ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -443,6 +485,8 @@ def parse(argv=None):
     p.add_argument("--time-budget", type=float, default=420.0, help="stop starting new configs after this many s")
     p.add_argument("--index-config", default="", metavar="JSON",
                    help="MSADecoder index_config overrides for every index dtype (--tune replaces them)")
+    p.add_argument("--flush", choices=FLUSHES, default="zero",
+                   help="before each timed call: zero a 256 MB buffer (do_bench's flush) or read it (a clean L2)")
     p.add_argument("--pdl", choices=tuple(PDL_MODES), default="auto",
                    help="MSADecoder's programmatic dependent launches (auto: the decoder's default, on at batch 1)")
     args = p.parse_args(argv)
@@ -467,6 +511,7 @@ def main(argv=None):
     import triton
 
     env = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    FLUSH["mode"] = args.flush
     bw = copy_bandwidth()
     print(f"{env}; copy bandwidth {bw:.0f} GB/s", flush=True)
     args.index_configs = {idt: json.loads(args.index_config) for idt in INDEX_MODES} if args.index_config else {}

@@ -7,6 +7,9 @@ Prints the CUDA kernels of the selection and of the attention (torch.profiler, o
 longest first, and in decode the whole step as the zoo times it (NSA's fused op), with its CUDA-graph time and
 the timeline of one graph replay: each kernel's start and end and the idle gap before it, so the cost of the
 launches between kernels shows beside the kernels' own time. --ops adds the step's torch ops by device time.
+--gaps profiles one eager step (as the zoo times prefill) and lists the longest idle gaps between its CUDA
+kernels, each with the kernels on either side, the idle total, and the step's own kernels by time (the step
+may run kernels that the selection and attention tables, profiled apart, do not).
 """
 
 from __future__ import annotations
@@ -71,6 +74,36 @@ def graph_timeline(fn) -> None:
           flush=True)
 
 
+def step_gaps(fn, rows: int) -> None:
+    """One eager call of fn (after a warm-up call): its kernels in time order, the `rows` longest idle gaps
+    between consecutive kernels (with the kernels either side), and the idle total from first start to last
+    end."""
+    prof = profile_once(fn)
+    evs = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    if not evs:
+        print("-- no CUDA kernels in the step", flush=True)
+        return
+    t0 = evs[0].time_range.start
+    gaps, end = [], evs[0].time_range.end
+    for prev, ev in zip(evs, evs[1:]):
+        end = max(end, prev.time_range.end)
+        if ev.time_range.start > end:
+            gaps.append((ev.time_range.start - end, (end - t0) / 1e3, prev.name[:40], ev.name[:40]))
+    end = max(end, evs[-1].time_range.end)
+    idle = sum(g[0] for g in gaps)
+    print(f"-- one eager step: {len(evs)} kernels, {(end - t0) / 1e3:.3f} ms from the first start to the last end, "
+          f"{idle / 1e3:.3f} ms idle in {len(gaps)} gaps", flush=True)
+    for us, at, before, after in sorted(gaps, reverse=True)[:rows]:
+        print(f"   {us / 1e3:8.3f} ms idle at {at:8.3f} ms  after {before:40s}  before {after}", flush=True)
+    totals = {}
+    for e in evs:
+        n, t = totals.get(e.name, (0, 0.0))
+        totals[e.name] = (n + 1, t + e.time_range.end - e.time_range.start)
+    print("-- the same step's kernels by time", flush=True)
+    for name, (n, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:rows]:
+        print(f"   {t / 1e3:9.3f} ms  x{n:<4d} {name[:110]}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", required=True, choices=sorted(zoo.CONFIGS))
@@ -80,6 +113,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rows", type=int, default=12)
     p.add_argument("--ops", action="store_true", help="also the whole step's torch ops by device time")
+    p.add_argument("--gaps", action="store_true", help="also one eager step's idle gaps between kernels")
     args = p.parse_args(argv)
     cfg = zoo.CONFIGS[args.variant].get(args.config, zoo.CONFIGS[args.variant]["published"])
     T = 1 if args.mode == "decode" else args.len
@@ -90,6 +124,8 @@ def main(argv=None):
         kernel_table(lambda: var.attend(sel), f"{args.variant} {args.mode} attention", args.rows)
         if args.ops:
             op_table(var.step, f"{args.variant} {args.mode} step", args.rows)
+        if args.gaps:
+            step_gaps(var.step, args.rows)
         if args.mode == "decode":
             kernel_table(var.step, f"{args.variant} {args.mode} step", args.rows)
             ms, graphed = zoo.bench_graph(var.step)

@@ -8,6 +8,8 @@ dims = 256 MiB) once per step. This probe times, on the same shuffled-page cache
 - `stream`: the split kernel's page loop without its top-k (the same grid, page-table loads, score dot and
   block max; each program writes one number), for a few launch settings;
 - `stream_in_order`: the same over pages in storage order (no page-table load before each key load);
+- `stream_evict_first`, `stream_in_order_evict_first`: the same with the keys loaded under the L2 policy
+  evict_first (the stream then replaces its own lines, not the flush's dirty ones);
 - `tma`, `tma_in_order`, `tma_ids_first`: the same loop with each page fetched by a tensor-memory-access copy
   (through the page table, in storage order, or with the split's page ids read before the loop);
 - `chain`: the stream followed by 1 or 3 programmatic dependent launches that only wait, read one value and
@@ -39,7 +41,7 @@ from sparsezoo.kernels.pdl import gdc_launch_dependents, gdc_wait  # noqa: E402
 @triton.jit
 def _stream_kernel(q_ptr, k_ptr, pt_ptr, out_ptr, blocks_per_split, n_blocks, stride_kp,
                    ROWS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NB: tl.constexpr,
-                   IN_ORDER: tl.constexpr, PDL: tl.constexpr = False):
+                   IN_ORDER: tl.constexpr, PDL: tl.constexpr = False, EVICT_FIRST: tl.constexpr = False):
     if PDL:  # a dependent launch may start at once (as after the decode indexer's split kernel)
         gdc_launch_dependents()
     s = tl.program_id(0)
@@ -57,8 +59,11 @@ def _stream_kernel(q_ptr, k_ptr, pt_ptr, out_ptr, blocks_per_split, n_blocks, st
             pages = jj.to(tl.int64)
         else:
             pages = tl.load(pt_ptr + jj, mask=ok, other=0).to(tl.int64)
-        k = tl.load(k_ptr + pages[:, None, None] * stride_kp + tok[None, :, None] * D + d[None, None, :],
-                    mask=ok[:, None, None], other=0.0)
+        offs = pages[:, None, None] * stride_kp + tok[None, :, None] * D + d[None, None, :]
+        if EVICT_FIRST:
+            k = tl.load(k_ptr + offs, mask=ok[:, None, None], other=0.0, eviction_policy="evict_first")
+        else:
+            k = tl.load(k_ptr + offs, mask=ok[:, None, None], other=0.0)
         sc = tl.dot(q, tl.trans(tl.reshape(k, [NB * PAGE, D])))
         best = tl.maximum(best, tl.max(sc, axis=1))
     tl.store(out_ptr + s * ROWS + tl.arange(0, ROWS), best)
@@ -126,12 +131,16 @@ def main():
                                     (2, 2, 8, 3)]:
         per, n = plan_splits(1, n_blocks, sms, min_blocks=8, programs_per_sm=ppsm)
         out = torch.empty(n * 16, dtype=torch.float32, device=dev)
-        for in_order in (False, True):
-            name = f"stream{'_in_order' if in_order else ''} ppsm={ppsm} nb={nb} warps={warps} stages={stages}"
-            variants[name] = (lambda per=per, n=n, out=out, nb=nb, warps=warps, stages=stages, in_order=in_order:
+        for in_order, evict in [(False, False), (True, False), (False, True), (True, True)]:
+            if evict and (ppsm, warps) != (2, 4):
+                continue
+            name = (f"stream{'_in_order' if in_order else ''}{'_evict_first' if evict else ''} ppsm={ppsm} nb={nb} "
+                    f"warps={warps} stages={stages}")
+            variants[name] = (lambda per=per, n=n, out=out, nb=nb, warps=warps, stages=stages, in_order=in_order,
+                              evict=evict:
                               _stream_kernel[(n,)](q, kidx, table, out, per, n_blocks, kidx.stride(0), ROWS=16,
                                                    D=sh["di"], PAGE=sh["block"], NB=nb, IN_ORDER=in_order,
-                                                   num_warps=warps, num_stages=stages))
+                                                   EVICT_FIRST=evict, num_warps=warps, num_stages=stages))
     per, n = plan_splits(1, n_blocks, sms, min_blocks=8, programs_per_sm=2)
     chain_out = [torch.zeros(n * 16, dtype=torch.float32, device=dev) for _ in range(4)]
 
