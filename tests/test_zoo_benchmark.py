@@ -79,3 +79,30 @@ def test_dense_decode_candidates_offer_folded_and_grouped_sdpa_and_agree():
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=name)
         ran += 1
     assert ran >= 2
+
+
+def test_step_gaps_counts_idle_time_between_kernels(monkeypatch, capsys):
+    """zoo_profile --gaps: idle time is what lies between one kernel's end (or the latest end so far, when kernels
+    overlap) and the next kernel's start; the longest gap is listed first with the kernels either side, and the
+    step's kernels are totalled by name."""
+    import types
+
+    import zoo_profile
+
+    def kernel(name, start, end):
+        return types.SimpleNamespace(name=name, time_range=types.SimpleNamespace(start=start, end=end),
+                                     device_type=types.SimpleNamespace(name="CUDA"))
+
+    events = [kernel("b", 150, 300), kernel("a", 0, 100), kernel("c", 250, 400), kernel("a", 1400, 1500),
+              types.SimpleNamespace(name="host op", time_range=types.SimpleNamespace(start=500, end=600),
+                                    device_type=types.SimpleNamespace(name="CPU"))]
+    monkeypatch.setattr(zoo_profile, "profile_once", lambda fn: types.SimpleNamespace(events=lambda: events))
+    zoo_profile.step_gaps(None, rows=5)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("-- one eager step: 4 kernels, 1.500 ms from the first start to the last end, 1.050 ms idle "
+                      "in 2 gaps")
+    assert out[1].split() == ["1.000", "ms", "idle", "at", "0.400", "ms", "after", "c", "before", "a"]
+    assert out[2].split()[:5] == ["0.050", "ms", "idle", "at", "0.100"]
+    assert out[3] == "-- the same step's kernels by time"
+    assert [line.split() for line in out[4:]] == [["0.200", "ms", "x2", "a"], ["0.150", "ms", "x1", "b"],
+                                                   ["0.150", "ms", "x1", "c"]]
