@@ -21,6 +21,7 @@ named after the card that ran them (decode_h200.json on an H200); --tune adds de
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -52,31 +53,42 @@ FLUSH = {"mode": "zero"}
 FLUSH_TEXT = {"zero": "a 256 MB buffer zeroed (do_bench's flush)", "read": "a 256 MB buffer read (a cold, clean L2)"}
 
 
-def _median_after_read_flush(fn, rep: int) -> float:
-    """Median ms of fn over about `rep` ms of calls, each after a read of a 256 MB buffer (outside the events)."""
-    if "buf" not in FLUSH:
-        FLUSH["buf"] = torch.empty(L2_ROTATE_BYTES, dtype=torch.int8, device="cuda")
-        FLUSH["total"] = torch.empty((), dtype=torch.int64, device="cuda")
-    flush = lambda: torch.sum(FLUSH["buf"], dim=0, dtype=torch.int64, out=FLUSH["total"])
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+@functools.cache
+def flushes() -> dict:
+    """The cache flushes over one 256 MB buffer on the current GPU: "zero" (a write, as do_bench's), "read" (a sum,
+    which leaves the L2 clean) and "none"."""
+    buf = torch.empty(L2_ROTATE_BYTES, dtype=torch.int8, device="cuda")
+    total = torch.empty((), dtype=torch.int64, device="cuda")
+    return {"zero": buf.zero_, "read": lambda: torch.sum(buf, dim=0, dtype=torch.int64, out=total),
+            "none": lambda: None}
+
+
+def median_after(fn, flush, reps: int) -> float:
+    """Median ms of `reps` calls of fn, `flush` queued before each (outside the events), after 5 warm-up calls."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for _ in range(5):
         flush()
         fn()
-    start.record()
-    for _ in range(5):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    n = max(10, min(1000, int(rep / max(start.elapsed_time(end) / 5, 1e-3))))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for s, e in zip(starts, ends):
         flush()
         s.record()
         fn()
         e.record()
     torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[n // 2]
+    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[reps // 2]
+
+
+def _median_after_read_flush(fn, rep: int) -> float:
+    """Median ms of fn over about `rep` ms of calls, each after a read of a 256 MB buffer (outside the events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    n = max(10, min(1000, int(rep / max(start.elapsed_time(end) / 5, 1e-3))))
+    return median_after(fn, flushes()["read"], n)
 
 
 def _median(fn, rep: int) -> float:

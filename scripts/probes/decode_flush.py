@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from decode import SHAPES, contiguous, make_caches, sdpa_decode_candidates  # noqa: E402
+from decode import (L2_ROTATE_BYTES, SHAPES, contiguous, flushes, make_caches, median_after,  # noqa: E402
+                    sdpa_decode_candidates)
 
 from sparsezoo.paged_cache import MSADecoder  # noqa: E402
 
@@ -41,23 +42,7 @@ def graphed(fn):
     return g.replay
 
 
-def timed(replay, flush, reps: int) -> float:
-    """Median ms of `replay` over `reps` runs, `flush` queued before each (outside the events)."""
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for _ in range(5):
-        flush()
-        replay()
-    for s, e in zip(starts, ends):
-        flush()
-        s.record()
-        replay()
-        e.record()
-    torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[reps // 2]
-
-
-def measure(S: int, flushes: dict, reps: int, index_config: dict) -> None:
+def measure(S: int, flush_fns: dict, reps: int, index_config: dict) -> None:
     sh, dev = SHAPES["m3"], torch.device("cuda")
     caches, _, table = make_caches(sh, S, 1, 1, dev, False, seed=S)
     cache = caches[0]
@@ -76,10 +61,10 @@ def measure(S: int, flushes: dict, reps: int, index_config: dict) -> None:
             dense[name] = graphed(fn)
         except RuntimeError as exc:  # a backend that does not take these inputs; said, not hidden
             print(f"dense {name}: unavailable ({str(exc)[:80]})", flush=True)
-    for mode, flush in flushes.items():
-        dense_ms = {name: timed(replay, flush, reps) for name, replay in dense.items()}
+    for mode, flush in flush_fns.items():
+        dense_ms = {name: median_after(replay, flush, reps) for name, replay in dense.items()}
         best = min(dense_ms, key=dense_ms.get)
-        d_ms, m_ms = dense_ms[best], timed(msa, flush, reps)
+        d_ms, m_ms = dense_ms[best], median_after(msa, flush, reps)
         print(json.dumps(dict(card=torch.cuda.get_device_name(), seq_len=S, batch=1, flush=mode, dense_impl=best,
                               dense_ms=round(d_ms, 4), msa_ms=round(m_ms, 4), speedup=round(d_ms / m_ms, 3),
                               pdl=dec.pdl, index_config=index_config)), flush=True)
@@ -91,16 +76,12 @@ def main():
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--index-config", default="{}", metavar="JSON", help="MSADecoder index_config overrides")
     args = p.parse_args()
-    dev = torch.device("cuda")
-    buf = torch.empty(256 << 20, dtype=torch.int8, device=dev)
-    total = torch.empty((), dtype=torch.int64, device=dev)
-    flushes = {"zero": buf.zero_, "read": lambda: torch.sum(buf, dim=0, dtype=torch.int64, out=total), "none": lambda: None}
     index_config = json.loads(args.index_config)
     for S in (int(x) for x in args.lens.split(",")):
-        measure(S, flushes, args.reps, index_config)
+        measure(S, flushes(), args.reps, index_config)
         torch.cuda.empty_cache()
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
-    print(f"flush buffer {buf.numel() / 2**20:.0f} MiB; L2 {l2 / 2**20:.0f} MiB; {args.reps} replays per median")
+    print(f"flush buffer {L2_ROTATE_BYTES / 2**20:.0f} MiB; L2 {l2 / 2**20:.0f} MiB; {args.reps} replays per median")
 
 
 if __name__ == "__main__":

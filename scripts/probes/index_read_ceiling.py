@@ -31,8 +31,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import SHAPES, make_caches  # noqa: E402
-from decode_flush import graphed, timed  # noqa: E402
+from decode import SHAPES, flushes, make_caches, median_after  # noqa: E402
+from decode_flush import graphed  # noqa: E402
 
 from sparsezoo.kernels.decode_indexer import plan_splits  # noqa: E402
 from sparsezoo.kernels.pdl import gdc_launch_dependents, gdc_wait  # noqa: E402
@@ -121,10 +121,6 @@ def main():
     n_blocks = (args.len - 1) // sh["block"]
     nbytes = n_blocks * sh["block"] * sh["di"] * kidx.element_size()
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    buf = torch.empty(256 << 20, dtype=torch.int8, device=dev)
-    total = torch.empty((), dtype=torch.int64, device=dev)
-    flushes = {"zero": buf.zero_, "read": lambda: torch.sum(buf, dim=0, dtype=torch.int64, out=total),
-               "none": lambda: None}
     q = torch.randn(16, sh["di"], device=dev, dtype=torch.bfloat16)
     variants = {"torch_sum": lambda: kidx[:n_blocks].sum(dtype=torch.float32)}
     for ppsm, nb, warps, stages in [(2, 2, 4, 3), (2, 1, 4, 3), (2, 4, 4, 2), (1, 2, 4, 3), (4, 1, 4, 2),
@@ -178,8 +174,8 @@ def main():
         except Exception as exc:  # a variant this Triton cannot build: said, not hidden
             print(json.dumps(dict(variant=name, error=f"{type(exc).__name__}: {str(exc)[:200]}")), flush=True)
             continue
-        for mode, flush in flushes.items():
-            ms = timed(replay, flush, args.reps)
+        for mode, flush in flushes().items():
+            ms = median_after(replay, flush, args.reps)
             print(json.dumps(dict(card=torch.cuda.get_device_name(), variant=name, flush=mode, us=round(ms * 1e3, 2),
                                   gb_s=round(nbytes / (ms * 1e-3) / 1e9))), flush=True)
     print(f"index keys {nbytes / 2**20:.0f} MiB over {n_blocks} pages; {args.reps} replays per median")
