@@ -372,10 +372,10 @@ class MSADecoder:
             _err(f"unknown index_config keys {sorted(unknown)}; valid: {sorted(INDEX_CONFIG)}")
         from sparsezoo.kernels.decode_indexer import MERGES
 
-        if (index_config or {}).get("merge", "bound") not in MERGES:
-            _err(f"index_config merge must be one of {MERGES}, got {index_config['merge']!r}")
         self.index_overrides = dict(index_config or {})
         self.index_config = {**INDEX_CONFIG, **self.index_overrides}  # plan() resolves it for the batch
+        if self.index_config["merge"] not in MERGES:
+            _err(f"index_config merge must be one of {MERGES}, got {self.index_config['merge']!r}")
 
     def plan(self, seq_lens: torch.Tensor, page_table: torch.Tensor, q_len: int, *,
              num_pages: int | None = None, check: bool = True) -> None:
