@@ -7,8 +7,10 @@ writing them back. This probe times the same replays three ways, one flush befor
 - `read`: the same buffer read (a sum), which leaves the L2 cold and clean, as after a layer that streamed its keys;
 - `none`: no flush (at 1M each step streams far more than the L2, so its data is cold anyway; at 128k part of
   it may still be in the L2 from the replay before).
+`--then-small` follows each flush with a one-element kernel (`zero+small`, `read+small`), so that the timed call
+starts after a short kernel, as a layer's first kernel does in a model, rather than right after the flush.
 
-    python scripts/probes/decode_flush.py [--lens 1048576,131072] [--reps 200] [--index-config JSON]
+    python scripts/probes/decode_flush.py [--lens 1048576,131072] [--reps 200] [--index-config JSON] [--then-small]
 
 Prints one JSON line per (length, mode): median ms of the fastest dense SDPA path under that flush (flash, cuDNN and
 efficient, each folded and with enable_gqa) and of the MSA step, and the ratio.
@@ -75,10 +77,15 @@ def main():
     p.add_argument("--lens", default="1048576,131072")
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--index-config", default="{}", metavar="JSON", help="MSADecoder index_config overrides")
+    p.add_argument("--then-small", action="store_true", help="a one-element kernel after each flush")
     args = p.parse_args()
     index_config = json.loads(args.index_config)
+    fl = flushes()
+    if args.then_small:  # each flush followed by a one-element kernel, as a layer's kernel follows another one
+        small = torch.zeros(1, device="cuda")
+        fl = {f"{mode}+small": (lambda f=f: (f(), small.zero_())) for mode, f in fl.items() if mode != "none"}
     for S in (int(x) for x in args.lens.split(",")):
-        measure(S, flushes(), args.reps, index_config)
+        measure(S, fl, args.reps, index_config)
         torch.cuda.empty_cache()
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
     print(f"flush buffer {L2_ROTATE_BYTES / 2**20:.0f} MiB; L2 {l2 / 2**20:.0f} MiB; {args.reps} replays per median")

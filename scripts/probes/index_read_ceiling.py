@@ -108,6 +108,20 @@ def _null_kernel(src_ptr, dst_ptr):
     tl.store(dst_ptr + i, tl.load(src_ptr + i) + 1.0)
 
 
+def stream_setup(length: int):
+    """The probes' cache: `length` tokens of bf16 index keys, batch 1, on shuffled pages. Returns (shape, keys
+    [P, page, D_i], page table, full blocks, their bytes, SM count, a 16-row bf16 query)."""
+    dev = torch.device("cuda")
+    sh = SHAPES["m3"]
+    caches, _, table = make_caches(sh, length, 1, 1, dev, False, seed=1)
+    kidx = caches[0].k_idx  # [P, page, D_i] bf16
+    n_blocks = (length - 1) // sh["block"]
+    nbytes = n_blocks * sh["block"] * sh["di"] * kidx.element_size()
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    q = torch.randn(16, sh["di"], device=dev, dtype=torch.bfloat16)
+    return sh, kidx, table, n_blocks, nbytes, sms, q
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--len", type=int, default=1 << 20)
@@ -115,13 +129,7 @@ def main():
     p.add_argument("--only", default="", help="time only the variants whose names start with this")
     args = p.parse_args()
     dev = torch.device("cuda")
-    sh = SHAPES["m3"]
-    caches, _, table = make_caches(sh, args.len, 1, 1, dev, False, seed=1)
-    kidx = caches[0].k_idx  # [P, page, D_i] bf16
-    n_blocks = (args.len - 1) // sh["block"]
-    nbytes = n_blocks * sh["block"] * sh["di"] * kidx.element_size()
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    q = torch.randn(16, sh["di"], device=dev, dtype=torch.bfloat16)
+    sh, kidx, table, n_blocks, nbytes, sms, q = stream_setup(args.len)
     variants = {"torch_sum": lambda: kidx[:n_blocks].sum(dtype=torch.float32)}
     for ppsm, nb, warps, stages in [(2, 2, 4, 3), (2, 1, 4, 3), (2, 4, 4, 2), (1, 2, 4, 3), (4, 1, 4, 2),
                                     (2, 2, 8, 3)]:

@@ -29,8 +29,9 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import SHAPES, flushes, make_caches, median_after  # noqa: E402
+from decode import flushes, median_after  # noqa: E402
 from decode_flush import graphed  # noqa: E402
+from index_read_ceiling import stream_setup  # noqa: E402
 
 from sparsezoo.kernels.decode_indexer import plan_splits  # noqa: E402
 
@@ -108,13 +109,7 @@ def main():
     p.add_argument("--reps", type=int, default=100)
     args = p.parse_args()
     dev = torch.device("cuda")
-    sh = SHAPES["m3"]
-    caches, _, table = make_caches(sh, args.len, 1, 1, dev, False, seed=1)
-    kidx = caches[0].k_idx  # [P, page, D_i] bf16
-    n_blocks = (args.len - 1) // sh["block"]
-    nbytes = n_blocks * sh["block"] * sh["di"] * kidx.element_size()
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    q = torch.randn(16, sh["di"], device=dev, dtype=torch.bfloat16)
+    sh, kidx, table, n_blocks, nbytes, sms, q = stream_setup(args.len)
     ctr = torch.zeros(1, dtype=torch.int32, device=dev)
     flush = flushes()
     per0, n0 = plan_splits(1, n_blocks, sms, min_blocks=8, programs_per_sm=2)
