@@ -4,8 +4,8 @@ only the first layer starts from the flushed L2; the others find what the layer 
 
     python scripts/probes/decode_layers.py [--len 1048576] [--layers 1,2,4] [--reps 60]
 
-Prints one JSON line per (L, flush): per-layer ms of dense (cuDNN with enable_gqa, the fastest path at this point
-in every earlier run) and of the MSA step, and their ratio.
+Prints one JSON line per (L, flush): per-layer ms of dense (the faster of SDPA's cuDNN with enable_gqa, the fastest
+path at this point in every earlier run, and flash) and of the MSA step, and their ratio.
 """
 
 import argparse
