@@ -39,6 +39,26 @@ from sparsezoo.kernels.pdl import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 
 @triton.jit
+def stream_step(q, k_ptr, pt_ptr, j0, end, best, stride_kp, D: tl.constexpr, PAGE: tl.constexpr,
+                NB: tl.constexpr, IN_ORDER: tl.constexpr = False, EVICT_FIRST: tl.constexpr = False):
+    """One step of the split kernel's page loop without its top-k: pages [j0, j0 + NB) below `end` (through the
+    page table, or in storage order), one score dot, the running max per query row."""
+    jj = j0 + tl.arange(0, NB)
+    ok = jj < end
+    if IN_ORDER:
+        pages = jj.to(tl.int64)
+    else:
+        pages = tl.load(pt_ptr + jj, mask=ok, other=0).to(tl.int64)
+    offs = pages[:, None, None] * stride_kp + tl.arange(0, PAGE)[None, :, None] * D + tl.arange(0, D)[None, None, :]
+    if EVICT_FIRST:
+        k = tl.load(k_ptr + offs, mask=ok[:, None, None], other=0.0, eviction_policy="evict_first")
+    else:
+        k = tl.load(k_ptr + offs, mask=ok[:, None, None], other=0.0)
+    sc = tl.dot(q, tl.trans(tl.reshape(k, [NB * PAGE, D])))
+    return tl.maximum(best, tl.max(sc, axis=1))
+
+
+@triton.jit
 def _stream_kernel(q_ptr, k_ptr, pt_ptr, out_ptr, blocks_per_split, n_blocks, stride_kp,
                    ROWS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NB: tl.constexpr,
                    IN_ORDER: tl.constexpr, PDL: tl.constexpr = False, EVICT_FIRST: tl.constexpr = False):
@@ -47,25 +67,10 @@ def _stream_kernel(q_ptr, k_ptr, pt_ptr, out_ptr, blocks_per_split, n_blocks, st
     s = tl.program_id(0)
     start = s * blocks_per_split
     end = tl.minimum(start + blocks_per_split, n_blocks)
-    d = tl.arange(0, D)
-    tok = tl.arange(0, PAGE)
-    nb = tl.arange(0, NB)
-    q = tl.load(q_ptr + tl.arange(0, ROWS)[:, None] * D + d[None, :])
+    q = tl.load(q_ptr + tl.arange(0, ROWS)[:, None] * D + tl.arange(0, D)[None, :])
     best = tl.full([ROWS], float("-inf"), tl.float32)
     for j0 in range(start, end, NB):
-        jj = j0 + nb
-        ok = jj < end
-        if IN_ORDER:
-            pages = jj.to(tl.int64)
-        else:
-            pages = tl.load(pt_ptr + jj, mask=ok, other=0).to(tl.int64)
-        offs = pages[:, None, None] * stride_kp + tok[None, :, None] * D + d[None, None, :]
-        if EVICT_FIRST:
-            k = tl.load(k_ptr + offs, mask=ok[:, None, None], other=0.0, eviction_policy="evict_first")
-        else:
-            k = tl.load(k_ptr + offs, mask=ok[:, None, None], other=0.0)
-        sc = tl.dot(q, tl.trans(tl.reshape(k, [NB * PAGE, D])))
-        best = tl.maximum(best, tl.max(sc, axis=1))
+        best = stream_step(q, k_ptr, pt_ptr, j0, end, best, stride_kp, D, PAGE, NB, IN_ORDER, EVICT_FIRST)
     tl.store(out_ptr + s * ROWS + tl.arange(0, ROWS), best)
 
 

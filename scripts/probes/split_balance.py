@@ -21,6 +21,7 @@ Prints one JSON line per variant.
 import argparse
 import json
 import sys
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import flushes, median_after  # noqa: E402
 from decode_flush import graphed  # noqa: E402
-from index_read_ceiling import stream_setup  # noqa: E402
+from index_read_ceiling import stream_setup, stream_step  # noqa: E402
 
 from sparsezoo.kernels.decode_indexer import plan_splits  # noqa: E402
 
@@ -44,17 +45,6 @@ def _now():
 @triton.jit
 def _sm_id():
     return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _step(q, k_ptr, pt_ptr, j0, end, best, stride_kp, D: tl.constexpr, PAGE: tl.constexpr, NB: tl.constexpr):
-    jj = j0 + tl.arange(0, NB)
-    ok = jj < end
-    pages = tl.load(pt_ptr + jj, mask=ok, other=0).to(tl.int64)
-    offs = pages[:, None, None] * stride_kp + tl.arange(0, PAGE)[None, :, None] * D + tl.arange(0, D)[None, None, :]
-    k = tl.load(k_ptr + offs, mask=ok[:, None, None], other=0.0)
-    sc = tl.dot(q, tl.trans(tl.reshape(k, [NB * PAGE, D])))
-    return tl.maximum(best, tl.max(sc, axis=1))
 
 
 @triton.jit
@@ -71,12 +61,12 @@ def _balance_kernel(q_ptr, k_ptr, pt_ptr, out_ptr, stamp_ptr, ctr_ptr, starts_pt
     start = tl.load(starts_ptr + s)
     end = tl.load(starts_ptr + s + 1)
     for j0 in range(start, end, NB):
-        best = _step(q, k_ptr, pt_ptr, j0, end, best, stride_kp, D, PAGE, NB)
+        best = stream_step(q, k_ptr, pt_ptr, j0, end, best, stride_kp, D, PAGE, NB)
     if TAIL:
         j0 = static_end + tl.atomic_add(ctr_ptr, 1, sem="relaxed") * NB
         while j0 < n_blocks:
             nxt = static_end + tl.atomic_add(ctr_ptr, 1, sem="relaxed") * NB  # the next claim, in flight now
-            best = _step(q, k_ptr, pt_ptr, j0, n_blocks, best, stride_kp, D, PAGE, NB)
+            best = stream_step(q, k_ptr, pt_ptr, j0, n_blocks, best, stride_kp, D, PAGE, NB)
             j0 = nxt
     tl.store(out_ptr + s * ROWS + tl.arange(0, ROWS), best)
     if STAMP:
@@ -115,9 +105,7 @@ def main():
     per0, n0 = plan_splits(1, n_blocks, sms, min_blocks=8, programs_per_sm=2)
 
     def ranges(*parts):  # (programs, pages each), ...: consecutive ranges, the last one cut at n_blocks
-        sizes = [per for n, per in parts for _ in range(n)]
-        starts = [min(sum(sizes[:i]), n_blocks) for i in range(len(sizes) + 1)]
-        return starts
+        return [min(x, n_blocks) for x in accumulate((per for n, per in parts for _ in range(n)), initial=0)]
 
     variants = {"static": (ranges((n0, per0)), False)}
     for frac in (0.05, 0.1, 0.2):
